@@ -1,0 +1,30 @@
+//! Types and constants that the eBPF datapath and the control plane must agree on.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding: hidden padding
+//! would make hash lookups compare garbage and would not show up in BTF dumps.
+//! Addresses are stored as `[u8; 4]` in packet order and ports in host order so
+//! that `bpftool map dump` prints them readably.
+#![no_std]
+
+pub mod csum;
+pub mod flow;
+pub mod stats;
+
+/// bpffs directory under which every map and link of the firewall is pinned.
+pub const PIN_DIR: &str = "/sys/fs/bpf/firewall";
+
+/// Names of the pinned maps (also the names of the statics in firewall-ebpf).
+pub mod map_names {
+    pub const FLOWS: &str = "FLOWS";
+    pub const STATS: &str = "STATS";
+    pub const CSUM_SCRATCH: &str = "CSUM_SCRATCH";
+}
+
+/// Names of the XDP programs in the eBPF object.
+pub mod program_names {
+    pub const XDP_INTERNAL: &str = "xdp_internal";
+    pub const XDP_EXTERNAL: &str = "xdp_external";
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;

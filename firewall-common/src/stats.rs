@@ -1,0 +1,94 @@
+//! Per-CPU counters: one slot per verdict reason, indexed by `Counter`.
+//!
+//! Every packet the datapath sees is counted exactly once, under the reason of
+//! its verdict (Cilium style: every drop has a reason and a counter).
+
+/// Packets and bytes (L2 frame length) counted under one reason, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The XDP verdict a counter belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Drop,
+    Redirect,
+}
+
+impl Verdict {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Drop => "drop",
+            Verdict::Redirect => "redirect",
+        }
+    }
+}
+
+macro_rules! counters {
+    ($($variant:ident = $idx:literal, $verdict:ident, $name:literal, $help:literal;)*) => {
+        /// Why a packet got its verdict. The discriminant is the index in the STATS map.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter { $($variant = $idx,)* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+            pub const fn verdict(self) -> Verdict { match self { $(Counter::$variant => Verdict::$verdict,)* } }
+            /// Stable snake_case name used in CLI/JSON output.
+            pub const fn name(self) -> &'static str { match self { $(Counter::$variant => $name,)* } }
+            pub const fn help(self) -> &'static str { match self { $(Counter::$variant => $help,)* } }
+        }
+    };
+}
+
+counters! {
+    PassNotIpv4 = 0, Pass, "pass_not_ipv4", "not IPv4 (ARP, IPv6, ...): left to the stack";
+    PassVlanUnsupported = 1, Pass, "pass_vlan_unsupported", "more than one VLAN tag, or a tagged frame hitting a flow";
+    PassFragment = 2, Pass, "pass_fragment", "IPv4 fragment: left to the stack";
+    PassNotTcpUdp = 3, Pass, "pass_not_tcp_udp", "IPv4 but neither TCP nor UDP (ICMP, ...)";
+    PassNoFlow = 4, Pass, "pass_no_flow", "TCP/UDP without a flow entry: left to the stack";
+    PassTtlExceeded = 5, Pass, "pass_ttl_exceeded", "TTL <= 1: the stack answers with ICMP time exceeded";
+    PassFragNeeded = 6, Pass, "pass_frag_needed", "larger than the egress MTU with DF set: the stack answers ICMP";
+    Redirected = 7, Redirect, "redirected", "translated and redirected out of the egress interface";
+    DropMalformed = 8, Drop, "drop_malformed", "truncated or inconsistent IPv4/TCP/UDP header";
+    DropFlowAction = 9, Drop, "drop_flow_action", "the flow entry says drop";
+    DropNoNeighbour = 10, Drop, "drop_no_neighbour", "next hop has no resolved neighbour entry";
+    DropNoRoute = 11, Drop, "drop_no_route", "no route (unreachable, blackhole, prohibit) for the translated packet";
+    DropNotForwarded = 12, Drop, "drop_not_forwarded", "translated packet would not be forwarded (local, forwarding off, unsupported)";
+    DropEgressMismatch = 13, Drop, "drop_egress_mismatch", "the route leaves through another interface than the flow allows";
+    DropFragNeeded = 14, Drop, "drop_frag_needed", "larger than the egress MTU without DF (would need fragmenting)";
+    DropChecksum = 15, Drop, "drop_checksum", "checksum could not be recomputed (segment too long)";
+    DropRedirectFailed = 16, Drop, "drop_redirect_failed", "bpf_redirect refused the egress interface";
+}
+
+/// Number of slots in the STATS map.
+pub const COUNTER_SLOTS: u32 = 32;
+const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields only.
+    unsafe impl aya::Pod for super::StatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discriminants_are_dense_and_names_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), d.name());
+            }
+            let prefix = c.verdict().name();
+            assert!(c.name().starts_with(prefix), "{} vs {prefix}", c.name());
+        }
+    }
+}

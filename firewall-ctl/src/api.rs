@@ -1,0 +1,279 @@
+//! The local API: one JSON object per line over a Unix stream socket.
+//!
+//! Every request carries the protocol version `v`; every response is either
+//! `{"ok": ...}` or `{"error": {"kind", "message"}}`. The CLI and the tests are
+//! clients of it.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{config::Config, datapath::AttachMode, netif::Interface};
+
+pub const API_VERSION: u32 = 1;
+pub const DEFAULT_SOCKET: &str = "/run/firewall/ctl.sock";
+/// Requests longer than this are refused (a line is one request).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Interfaces, attach mode, map fill levels and counters.
+    Status,
+    /// Detach, unpin and exit (what `firewall-ctl down` asks a running daemon).
+    Shutdown,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// The kinds of errors the API distinguishes (stable, kebab-case in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request could not be parsed or has the wrong version.
+    BadRequest,
+    InvalidArgument,
+    /// The daemon is shutting down.
+    Terminating,
+    /// Something failed inside the daemon (kernel, maps).
+    Internal,
+    /// No daemon answers on the socket (client side only).
+    NotRunning,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad-request",
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::Terminating => "terminating",
+            ErrorKind::Internal => "internal",
+            ErrorKind::NotRunning => "not-running",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, thiserror::Error, PartialEq)]
+#[error("{}: {message}", kind.as_str())]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(ApiError),
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: String,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub internal_networks: Vec<String>,
+    pub external_addresses: Vec<String>,
+    pub maps: Vec<MapStatus>,
+    pub counters: Vec<CounterStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub side: String,
+    pub name: String,
+    pub ifindex: u32,
+    pub addresses: Vec<String>,
+    pub xdp_program: String,
+    pub xdp_mode: AttachMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub pinned: String,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CounterStatus {
+    pub name: String,
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub help: String,
+}
+
+impl InterfaceStatus {
+    pub fn new(side: crate::datapath::Side, iface: &Interface, mode: AttachMode) -> Self {
+        Self {
+            side: side.name().into(),
+            name: iface.name.clone(),
+            ifindex: iface.index,
+            addresses: iface.networks.iter().map(|n| n.to_string()).collect(),
+            xdp_program: side.program().into(),
+            xdp_mode: mode,
+        }
+    }
+}
+
+impl Status {
+    pub fn config_fields(config: &Config) -> (Vec<String>, Vec<String>) {
+        (
+            config
+                .internal_networks
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            config
+                .external_addresses
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+        )
+    }
+}
+
+/// A blocking client (the CLI needs no runtime).
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a daemon answers on the socket.
+    pub fn is_alive(&self) -> bool {
+        UnixStream::connect(&self.path).is_ok()
+    }
+
+    pub fn call(&self, request: Request) -> Result<serde_json::Value, ApiError> {
+        let not_running = |e: std::io::Error| {
+            ApiError::new(
+                ErrorKind::NotRunning,
+                format!(
+                    "no firewall daemon answers on {} ({e}); start one with `firewall-ctl up`",
+                    self.path.display()
+                ),
+            )
+        };
+        let mut stream = UnixStream::connect(&self.path).map_err(not_running)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut line = serde_json::to_string(&Envelope {
+            v: API_VERSION,
+            request,
+        })
+        .expect("requests serialize");
+        line.push('\n');
+        stream.write_all(line.as_bytes()).map_err(not_running)?;
+        let mut reader = BufReader::new(stream);
+        let mut reply = String::new();
+        reader.read_line(&mut reply).map_err(not_running)?;
+        if reply.is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                "the daemon closed the connection without answering",
+            ));
+        }
+        match serde_json::from_str::<Response>(&reply) {
+            Ok(Response::Ok(v)) => Ok(v),
+            Ok(Response::Error(e)) => Err(e),
+            Err(e) => Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("unreadable reply from the daemon: {e}"),
+            )),
+        }
+    }
+}
+
+/// Parses one request line as the server sees it.
+pub fn parse_request(line: &str) -> Result<Request, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("request is not JSON: {e}")))?;
+    match value.get("v").and_then(|v| v.as_u64()) {
+        Some(v) if v == API_VERSION as u64 => {}
+        Some(v) => {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                format!("API version {v} is not supported (this daemon speaks {API_VERSION})"),
+            ))
+        }
+        None => {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "request has no API version field \"v\"",
+            ))
+        }
+    }
+    let mut obj = value;
+    obj.as_object_mut().map(|o| o.remove("v"));
+    serde_json::from_value(obj)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let line = serde_json::to_string(&Envelope {
+            v: API_VERSION,
+            request: Request::Status,
+        })
+        .unwrap();
+        assert_eq!(line, r#"{"v":1,"op":"status"}"#);
+        assert_eq!(parse_request(&line).unwrap(), Request::Status);
+    }
+
+    #[test]
+    fn bad_requests_are_named() {
+        for (line, want) in [
+            ("nope", "not JSON"),
+            (r#"{"op":"status"}"#, "no API version"),
+            (r#"{"v":9,"op":"status"}"#, "version 9"),
+            (r#"{"v":1,"op":"frobnicate"}"#, "frobnicate"),
+            (r#"{"v":1}"#, "bad request"),
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadRequest);
+            assert!(e.message.contains(want), "{line}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn responses_have_the_documented_shape() {
+        let r = Response::Error(ApiError::new(ErrorKind::InvalidArgument, "x"));
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"error":{"kind":"invalid-argument","message":"x"}}"#
+        );
+    }
+}

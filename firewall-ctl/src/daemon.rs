@@ -1,0 +1,404 @@
+//! The daemon behind `firewall-ctl up`, and the teardown behind `down`.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::watch,
+};
+
+use crate::{
+    api::{
+        self, ApiError, CounterStatus, ErrorKind, InterfaceStatus, MapStatus, Request, Response,
+        Status,
+    },
+    config::Config,
+    datapath::{self, AttachMode, Datapath, FlowTable, PinPaths, Side, Stats},
+    netif::{self, Interface},
+};
+
+/// Where `up` records what it changed, so `down` can undo it even after a crash.
+pub const STATE_FILE: &str = "/run/firewall/state.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub pid: u32,
+    pub internal: String,
+    pub internal_ifindex: u32,
+    pub external: String,
+    pub external_ifindex: u32,
+    pub xdp_mode: AttachMode,
+    pub socket: PathBuf,
+    /// Sysctls `up` changed, with the values they had before.
+    pub saved_sysctls: BTreeMap<String, String>,
+}
+
+impl State {
+    pub fn read() -> Option<State> {
+        let text = fs::read_to_string(STATE_FILE).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    fn write(&self) -> anyhow::Result<()> {
+        let path = Path::new(STATE_FILE);
+        fs::create_dir_all(path.parent().expect("has parent"))?;
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        fs::rename(&tmp, path).with_context(|| format!("writing {STATE_FILE}"))
+    }
+}
+
+pub struct UpOptions {
+    pub internal: String,
+    pub external: String,
+    pub config: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub xdp_mode: AttachMode,
+    /// Leave the datapath attached when the daemon exits (for restarts/upgrades).
+    pub keep_datapath: bool,
+}
+
+/// Shared by the API handlers.
+struct Shared {
+    pins: PinPaths,
+    config: Config,
+    interfaces: Vec<InterfaceStatus>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
+pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
+    if opts.internal == opts.external {
+        bail!(
+            "--internal and --external must be different interfaces (both are {:?})",
+            opts.internal
+        );
+    }
+    let internal = Interface::by_name(&opts.internal).context("--internal")?;
+    let external = Interface::by_name(&opts.external).context("--external")?;
+    let config = match &opts.config {
+        Some(path) => Config::load(path, &internal, &external)?,
+        None => Config::defaults(&internal, &external)
+            .map_err(|e| anyhow::anyhow!("embedded defaults: {e}"))?,
+    };
+
+    let client = api::Client::new(&opts.socket);
+    if client.is_alive() {
+        bail!(
+            "a firewall daemon already answers on {}; stop it with `firewall-ctl down`",
+            opts.socket.display()
+        );
+    }
+
+    let pins = PinPaths::default();
+    datapath::check_bpffs(&pins.dir)?;
+    // Pins left by a daemon that died: re-adopt them if they belong to the same
+    // interfaces (established flows keep forwarding), otherwise clear them.
+    let previous = State::read();
+    let adopt = match &previous {
+        Some(s)
+            if pins.any_exists()
+                && s.internal_ifindex == internal.index
+                && s.external_ifindex == external.index
+                && s.xdp_mode == opts.xdp_mode =>
+        {
+            log::info!("re-adopting the datapath left by daemon pid {}", s.pid);
+            true
+        }
+        _ => {
+            if pins.any_exists() {
+                log::warn!(
+                    "removing stale pins under {} (they belong to other interfaces or mode)",
+                    pins.dir.display()
+                );
+                datapath::unpin_all(&pins)?;
+            }
+            false
+        }
+    };
+
+    let mut saved_sysctls = match &previous {
+        Some(s) if adopt => s.saved_sysctls.clone(),
+        _ => BTreeMap::new(),
+    };
+    for (k, v) in netif::set_sysctls(&netif::forwarding_sysctls(&[&internal, &external]))? {
+        saved_sysctls.entry(k).or_insert(v);
+    }
+
+    let mut state = State {
+        pid: std::process::id(),
+        internal: internal.name.clone(),
+        internal_ifindex: internal.index,
+        external: external.name.clone(),
+        external_ifindex: external.index,
+        xdp_mode: opts.xdp_mode,
+        socket: opts.socket.clone(),
+        saved_sysctls,
+    };
+    // Written before attaching, so that `down` can undo a half-done `up`.
+    state.write()?;
+
+    let mut dp = match start_datapath(&pins, &config, &internal, &external, opts.xdp_mode, adopt) {
+        Ok(dp) => dp,
+        Err(e) => {
+            // Nothing half-allocated stays behind.
+            let _ = teardown(&pins, Some(&state));
+            return Err(e);
+        }
+    };
+    state.pid = std::process::id();
+    state.write()?;
+
+    let listener = bind_socket(&opts.socket)?;
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        pins: pins.clone(),
+        config: config.clone(),
+        interfaces: vec![
+            InterfaceStatus::new(Side::Internal, &internal, opts.xdp_mode),
+            InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
+        ],
+        shutdown: shutdown_tx,
+    });
+    log::info!(
+        "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
+        internal.name,
+        internal.index,
+        external.name,
+        external.index,
+        opts.xdp_mode,
+        opts.socket.display()
+    );
+
+    let log_task = dp
+        .logger
+        .take()
+        .map(|logger| tokio::spawn(poll_ebpf_log(logger)));
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut keep = opts.keep_datapath;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { log::info!("SIGINT"); break; }
+            _ = sigterm.recv() => { log::info!("SIGTERM"); break; }
+            _ = shutdown_rx.changed() => { log::info!("shutdown requested over the API"); keep = false; break; }
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => { tokio::spawn(serve_connection(stream, shared.clone())); }
+                Err(e) => log::warn!("API accept failed: {e}"),
+            },
+        }
+    }
+
+    if let Some(t) = log_task {
+        t.abort();
+    }
+    let _ = fs::remove_file(&opts.socket);
+    if keep {
+        log::info!("leaving the datapath attached and pinned (--keep-datapath); `firewall-ctl down` removes it");
+        drop(dp);
+        return Ok(());
+    }
+    drop(dp);
+    let removed = teardown(&pins, Some(&state))?;
+    log::info!(
+        "firewall down: removed {} pins, restored {} sysctls",
+        removed.len(),
+        state.saved_sysctls.len()
+    );
+    Ok(())
+}
+
+fn start_datapath(
+    pins: &PinPaths,
+    config: &Config,
+    internal: &Interface,
+    external: &Interface,
+    mode: AttachMode,
+    adopt: bool,
+) -> anyhow::Result<Datapath> {
+    let mut dp = Datapath::load(pins, config.flow_table_size)?;
+    dp.attach(Side::Internal, internal, mode, adopt)?;
+    dp.attach(Side::External, external, mode, adopt)?;
+    Ok(dp)
+}
+
+/// Unpins everything, restores sysctls and removes the state file.
+pub fn teardown(pins: &PinPaths, state: Option<&State>) -> anyhow::Result<Vec<PathBuf>> {
+    let removed = datapath::unpin_all(pins)?;
+    if let Some(s) = state {
+        for (k, v) in &s.saved_sysctls {
+            if let Err(e) = netif::write_sysctl(k, v) {
+                // The interface may be gone (a deleted namespace); nothing to restore then.
+                log::debug!("not restoring {k}: {e}");
+            }
+        }
+    }
+    let _ = fs::remove_file(STATE_FILE);
+    Ok(removed)
+}
+
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Nobody answered on it (checked above): a leftover from a crash.
+    let _ = fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the API socket {}", path.display()))?;
+    // The API controls the firewall: root only.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read.take(api::MAX_REQUEST_BYTES as u64 * 64)).lines();
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("API read: {e}");
+                return;
+            }
+        };
+        let response = if line.len() > api::MAX_REQUEST_BYTES {
+            Response::Error(ApiError::new(
+                ErrorKind::BadRequest,
+                format!("request longer than {} bytes", api::MAX_REQUEST_BYTES),
+            ))
+        } else {
+            match api::parse_request(&line) {
+                Ok(req) => match handle(req, &shared) {
+                    Ok(v) => Response::Ok(v),
+                    Err(e) => Response::Error(e),
+                },
+                Err(e) => Response::Error(e),
+            }
+        };
+        let mut out = serde_json::to_string(&response).expect("responses serialize");
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+fn internal(e: anyhow::Error) -> ApiError {
+    ApiError::new(ErrorKind::Internal, format!("{e:#}"))
+}
+
+fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+    match req {
+        Request::Status => {
+            let status = status(shared).map_err(internal)?;
+            Ok(serde_json::to_value(status).expect("status serializes"))
+        }
+        Request::Shutdown => {
+            let _ = shared.shutdown.send(true);
+            Ok(serde_json::json!({ "shutting_down": true }))
+        }
+    }
+}
+
+fn status(shared: &Shared) -> anyhow::Result<Status> {
+    let flows = FlowTable::open(&shared.pins)?;
+    let stats = Stats::open(&shared.pins)?;
+    let (internal_networks, external_addresses) = Status::config_fields(&shared.config);
+    Ok(Status {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        interfaces: shared.interfaces.clone(),
+        internal_networks,
+        external_addresses,
+        maps: vec![MapStatus {
+            name: firewall_common::map_names::FLOWS.into(),
+            pinned: shared
+                .pins
+                .map(firewall_common::map_names::FLOWS)
+                .display()
+                .to_string(),
+            entries: flows.len()? as u64,
+            capacity: flows.capacity() as u64,
+        }],
+        counters: stats
+            .read()?
+            .into_iter()
+            .map(|(c, v)| CounterStatus {
+                name: c.name().into(),
+                verdict: c.verdict().name().into(),
+                packets: v.packets,
+                bytes: v.bytes,
+                help: c.help().into(),
+            })
+            .collect(),
+    })
+}
+
+/// Forwards the datapath's aya-log records to the daemon's logger.
+async fn poll_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: the logger owns the ring buffer fd and moves into the AsyncFd,
+    // which keeps it open for as long as it is registered.
+    let mut fd =
+        match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("cannot poll the eBPF log: {e}");
+                return;
+            }
+        };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// What `down` does: ask a running daemon to stop, then remove whatever is left
+/// (also after a crash), and restore the sysctls `up` changed.
+pub fn down(socket: &Path) -> anyhow::Result<DownReport> {
+    let client = api::Client::new(socket);
+    let mut stopped_daemon = false;
+    if client.is_alive() {
+        client
+            .call(Request::Shutdown)
+            .map_err(|e| anyhow::anyhow!("asking the daemon to stop: {e}"))?;
+        // The daemon removes its socket when it has torn down.
+        for _ in 0..100 {
+            if !socket.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stopped_daemon = true;
+    }
+    let state = State::read();
+    let pins = PinPaths::default();
+    let removed = teardown(&pins, state.as_ref())?;
+    let _ = fs::remove_file(socket);
+    Ok(DownReport {
+        stopped_daemon,
+        removed_pins: removed.iter().map(|p| p.display().to_string()).collect(),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct DownReport {
+    pub stopped_daemon: bool,
+    pub removed_pins: Vec<String>,
+}

@@ -1,0 +1,403 @@
+//! The eBPF datapath: loading, attaching, pinning, and typed access to its maps.
+//!
+//! Maps and XDP links are pinned under `PIN_DIR`, so forwarding of established
+//! flows survives a crash or restart of the daemon: a new daemon re-adopts the
+//! pinned maps and atomically swaps its programs into the pinned links.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::{
+    maps::{HashMap, Map, MapData, MapInfo, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use firewall_common::{
+    flow::{FlowKey, FlowValue},
+    map_names, program_names,
+    stats::{Counter, StatValue, COUNTER_SLOTS},
+    PIN_DIR,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::netif::Interface;
+
+/// The eBPF object built from firewall-ebpf by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Which side of the firewall an interface is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Internal,
+    External,
+}
+
+impl Side {
+    pub const BOTH: [Side; 2] = [Side::Internal, Side::External];
+
+    pub const fn program(self) -> &'static str {
+        match self {
+            Side::Internal => program_names::XDP_INTERNAL,
+            Side::External => program_names::XDP_EXTERNAL,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Side::Internal => "internal",
+            Side::External => "external",
+        }
+    }
+}
+
+/// How XDP is attached: native (in the driver) or generic (in the stack, slower).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    Native,
+    Generic,
+}
+
+impl AttachMode {
+    fn xdp(self) -> XdpMode {
+        match self {
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+/// Where things are pinned.
+#[derive(Clone, Debug)]
+pub struct PinPaths {
+    pub dir: PathBuf,
+}
+
+impl Default for PinPaths {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(PIN_DIR),
+        }
+    }
+}
+
+impl PinPaths {
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    pub fn link(&self, side: Side) -> PathBuf {
+        self.dir.join(format!("link_{}", side.name()))
+    }
+    /// Everything we may have pinned, maps and links.
+    pub fn all(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = MAPS.iter().map(|m| self.map(m.name)).collect();
+        v.extend(Side::BOTH.iter().map(|s| self.link(*s)));
+        v
+    }
+    pub fn any_exists(&self) -> bool {
+        self.all().iter().any(|p| p.exists())
+    }
+}
+
+/// The maps the datapath pins, and the layout a pinned map must have to be re-adopted.
+struct MapSpec {
+    name: &'static str,
+    key_size: u32,
+    value_size: u32,
+}
+
+const MAPS: &[MapSpec] = &[
+    MapSpec {
+        name: map_names::FLOWS,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<FlowValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::STATS,
+        key_size: 4,
+        value_size: size_of::<StatValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::CSUM_SCRATCH,
+        key_size: 4,
+        value_size: 512,
+    },
+];
+
+/// Fails unless `dir` is on a mounted bpffs.
+pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    let st =
+        nix::sys::statfs::statfs(parent).with_context(|| format!("statfs {}", parent.display()))?;
+    if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        bail!(
+            "{} is not a bpffs mount, so maps cannot be pinned: run `mount -t bpf bpf {}` (the README's setup does it)",
+            parent.display(),
+            parent.display()
+        );
+    }
+    Ok(())
+}
+
+/// A pinned map that exists but does not have the layout this build expects
+/// (left by an older version) must not be re-adopted: the datapath would
+/// misread it.
+fn check_pinned_layout(pins: &PinPaths, flow_table_size: u32) -> anyhow::Result<()> {
+    for spec in MAPS {
+        let path = pins.map(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        if info.key_size() != spec.key_size || info.value_size() != spec.value_size {
+            bail!(
+                "pinned map {} has key/value sizes {}/{} but this build uses {}/{}: run `firewall-ctl down` to remove the old datapath first",
+                path.display(), info.key_size(), info.value_size(), spec.key_size, spec.value_size
+            );
+        }
+        if spec.name == map_names::FLOWS && info.max_entries() != flow_table_size {
+            bail!(
+                "pinned flow table {} holds {} entries but the config asks for {}: run `firewall-ctl down` to resize (established flows are lost)",
+                path.display(), info.max_entries(), flow_table_size
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The loaded datapath, owned by the daemon.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: PinPaths,
+    links: BTreeMap<&'static str, PinnedLink>,
+    /// Keeps the eBPF log ring buffer alive; the daemon polls it.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl Datapath {
+    /// Loads the programs, creating or re-adopting the pinned maps.
+    pub fn load(pins: &PinPaths, flow_table_size: u32) -> anyhow::Result<Self> {
+        check_bpffs(&pins.dir)?;
+        fs::create_dir_all(&pins.dir)
+            .with_context(|| format!("creating {}", pins.dir.display()))?;
+        check_pinned_layout(pins, flow_table_size)?;
+
+        let map_paths: Vec<(&str, PathBuf)> =
+            MAPS.iter().map(|m| (m.name, pins.map(m.name))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.map_max_entries(map_names::FLOWS, flow_table_size);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("eBPF log messages are unavailable: {e}");
+                None
+            }
+        };
+        for side in Side::BOTH {
+            let prog: &mut Xdp = program(&mut ebpf, side)?;
+            prog.load().map_err(|e| {
+                let full = format!("{e}");
+                log::debug!("loading {}: {full}", side.program());
+                // The verifier's log is long; its end says what went wrong.
+                let tail: Vec<&str> = full.lines().rev().take(12).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                anyhow!("the kernel refused XDP program {} (RUST_LOG=debug shows the whole verifier log):\n{}", side.program(), tail.join("\n"))
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            pins: pins.clone(),
+            links: BTreeMap::new(),
+            logger,
+        })
+    }
+
+    /// Attaches the program of `side` to `iface` and pins the link. When a
+    /// pinned link from an earlier daemon exists, the new program replaces the
+    /// old one in it atomically (no packet sees no program).
+    pub fn attach(
+        &mut self,
+        side: Side,
+        iface: &Interface,
+        mode: AttachMode,
+        adopt: bool,
+    ) -> anyhow::Result<()> {
+        let path = self.pins.link(side);
+        let prog = program(&mut self.ebpf, side)?;
+        let pinned = if adopt && path.exists() {
+            let pinned = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?;
+            let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
+                .with_context(|| format!("{} is not an XDP link", path.display()))?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("replacing the program in {}", path.display()))?;
+            log::info!("re-adopted the {} XDP link on {}", side.name(), iface.name);
+            // attach_to_link took the fd into the program; reopen the pin to own it here.
+            PinnedLink::from_pin(&path)
+                .with_context(|| format!("reopening pinned link {}", path.display()))?
+        } else {
+            let id = prog
+                .attach_to_if_index(iface.index, mode.xdp())
+                .map_err(|e| {
+                    let hint = match mode {
+                        AttachMode::Native => {
+                            " (if the driver has no native XDP, try --xdp-mode generic)"
+                        }
+                        AttachMode::Generic => "",
+                    };
+                    anyhow!(
+                        "attaching {} to {} in {:?} mode{hint}: {e}",
+                        side.program(),
+                        iface.name,
+                        mode
+                    )
+                })?;
+            let link = prog.take_link(id)?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e| anyhow!("XDP link of {} has no fd: {e:?}", iface.name))?;
+            fd.pin(&path)
+                .with_context(|| format!("pinning link {}", path.display()))?
+        };
+        self.links.insert(side.name(), pinned);
+        Ok(())
+    }
+
+    pub fn pins(&self) -> &PinPaths {
+        &self.pins
+    }
+}
+
+fn program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut Xdp> {
+    ebpf.program_mut(side.program())
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", side.program()))?
+        .try_into()
+        .map_err(|e| anyhow!("program {} is not XDP: {e}", side.program()))
+}
+
+/// Removes every pin under `pins` (links first, so the programs detach before
+/// their maps go). Missing pins are fine: this also cleans up after a crash.
+pub fn unpin_all(pins: &PinPaths) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let mut order: Vec<PathBuf> = Side::BOTH.iter().map(|s| pins.link(*s)).collect();
+    order.extend(MAPS.iter().map(|m| pins.map(m.name)));
+    for p in order {
+        match fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing pin {}", p.display())),
+        }
+    }
+    // The directory goes too when nothing else (another tool's pins) is in it.
+    let _ = fs::remove_dir(&pins.dir);
+    Ok(removed)
+}
+
+/// Typed access to the pinned flow table, the call the engine uses to install,
+/// read and remove flows.
+pub struct FlowTable {
+    map: HashMap<MapData, FlowKey, FlowValue>,
+    capacity: u32,
+}
+
+impl FlowTable {
+    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        let path = pins.map(map_names::FLOWS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        let capacity = data.info()?.max_entries();
+        let map = HashMap::try_from(Map::from_map_data(data)?)?;
+        Ok(Self { map, capacity })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn insert(&mut self, key: &FlowKey, value: &FlowValue) -> anyhow::Result<()> {
+        self.map
+            .insert(key, value, 0)
+            .with_context(|| format!("inserting flow {key:?}"))
+    }
+
+    pub fn get(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// All entries. Entries removed while iterating are skipped.
+    pub fn entries(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let mut out = Vec::new();
+        for r in self.map.iter() {
+            match r {
+                Ok(kv) => out.push(kv),
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> anyhow::Result<usize> {
+        Ok(self.map.keys().filter(|k| k.is_ok()).count())
+    }
+}
+
+/// The per-CPU verdict counters, summed over CPUs.
+pub struct Stats {
+    map: PerCpuArray<MapData, StatValue>,
+}
+
+impl Stats {
+    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        let path = pins.map(map_names::STATS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        Ok(Self {
+            map: PerCpuArray::try_from(Map::from_map_data(data)?)?,
+        })
+    }
+
+    pub fn read(&self) -> anyhow::Result<Vec<(Counter, StatValue)>> {
+        let mut out = Vec::new();
+        for c in Counter::ALL {
+            debug_assert!((*c as u32) < COUNTER_SLOTS);
+            let per_cpu = self.map.get(&(*c as u32), 0)?;
+            let sum = per_cpu.iter().fold(StatValue::default(), |a, v| StatValue {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+            });
+            out.push((*c, sum));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,11 @@
+//! firewall-ctl: the control plane of the secondary-connection firewall.
+//!
+//! The library holds everything the daemon and the CLI share: the datapath
+//! loader and typed map access, configuration, the local API, and the daemon.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod netif;
+pub mod output;

@@ -1,0 +1,127 @@
+//! Network interfaces: index, IPv4 addresses, and the sysctls the datapath needs.
+
+use std::{collections::BTreeMap, fs, net::Ipv4Addr};
+
+use anyhow::{bail, Context as _};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    /// The interface's IPv4 addresses with their prefix length.
+    pub networks: Vec<Ipv4Net>,
+}
+
+impl Interface {
+    /// Looks an interface up by name in the current network namespace.
+    pub fn by_name(name: &str) -> anyhow::Result<Self> {
+        validate_name(name)?;
+        let index = nix::net::if_::if_nametoindex(name).map_err(|_| {
+            anyhow::anyhow!("interface {name:?} does not exist in this network namespace")
+        })?;
+        let mut networks = Vec::new();
+        for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
+            if ifa.interface_name != name {
+                continue;
+            }
+            let (Some(addr), Some(mask)) = (ifa.address, ifa.netmask) else {
+                continue;
+            };
+            let (Some(a), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) else {
+                continue;
+            };
+            let prefix = u32::from(m.ip()).leading_ones() as u8;
+            networks.push(Ipv4Net::new(a.ip(), prefix).expect("prefix <= 32"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            index,
+            networks,
+        })
+    }
+
+    pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.networks.iter().map(|n| n.addr())
+    }
+}
+
+/// Rejects names the kernel could never have (and paths in disguise).
+pub fn validate_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', '\0'])
+        || name == "."
+        || name == ".."
+    {
+        bail!("{name:?} is not a valid interface name (1-15 characters, no '/' or spaces)");
+    }
+    Ok(())
+}
+
+fn sysctl_path(key: &str) -> String {
+    format!("/proc/sys/{}", key.replace('.', "/"))
+}
+
+pub fn read_sysctl(key: &str) -> anyhow::Result<String> {
+    Ok(fs::read_to_string(sysctl_path(key))
+        .with_context(|| format!("reading sysctl {key}"))?
+        .trim()
+        .to_string())
+}
+
+pub fn write_sysctl(key: &str, value: &str) -> anyhow::Result<()> {
+    fs::write(sysctl_path(key), value).with_context(|| format!("setting sysctl {key}={value}"))
+}
+
+/// Sets sysctls and returns the values they had, for restoring later.
+pub fn set_sysctls(wanted: &[(String, String)]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut saved = BTreeMap::new();
+    for (key, value) in wanted {
+        let old = read_sysctl(key)?;
+        if &old != value {
+            write_sysctl(key, value)?;
+            saved.insert(key.clone(), old);
+        }
+    }
+    Ok(saved)
+}
+
+/// The kernel FIB lookup in XDP refuses to route packets that arrive on an
+/// interface with IPv4 forwarding off, so both firewall interfaces need it.
+pub fn forwarding_sysctls(interfaces: &[&Interface]) -> Vec<(String, String)> {
+    interfaces
+        .iter()
+        .map(|i| {
+            (
+                format!("net.ipv4.conf.{}.forwarding", i.name),
+                "1".to_string(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("eth0").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("../etc").is_err());
+        assert!(validate_name("averyveryverylongname").is_err());
+    }
+
+    #[test]
+    fn loopback_exists() {
+        let lo = Interface::by_name("lo").unwrap();
+        assert!(lo.index > 0);
+        assert!(lo.addresses().any(|a| a.is_loopback()));
+        assert!(Interface::by_name("nosuchif0")
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
+    }
+}

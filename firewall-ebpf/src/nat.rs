@@ -1,0 +1,148 @@
+//! Address/port translation with checksum maintenance.
+//!
+//! Final checksums are updated incrementally (RFC 1624). A checksum that only
+//! holds the pseudo-header sum (CHECKSUM_PARTIAL from a local socket, see
+//! `csum::looks_partial`) is recomputed over the whole segment instead, because
+//! XDP_REDIRECT forgets that the kernel was still to finish it.
+
+use aya_ebpf::{
+    btf_maps::PerCpuArray,
+    helpers::generated::{bpf_csum_diff, bpf_xdp_load_bytes},
+    macros::btf_map,
+    programs::XdpContext,
+    EbpfContext as _,
+};
+use firewall_common::{csum, flow::FlowValue, stats::Counter, IPPROTO_TCP};
+
+use crate::parse::Packet;
+
+/// Bytes the checksum helper takes at once (its limit).
+const CHUNK: usize = 512;
+/// Longest segment we recompute in full: jumbo frames up to 9216 bytes.
+const MAX_CHUNKS: usize = 18;
+
+/// Per-CPU scratch buffer for full checksum recomputation.
+#[btf_map]
+static CSUM_SCRATCH: PerCpuArray<[u8; CHUNK], 1> = PerCpuArray::new();
+
+/// Rewrites addresses and ports as the flow says, decrements the TTL and fixes
+/// the IPv4 and L4 checksums.
+#[inline(always)]
+pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+    let key = &pkt.key;
+    let is_tcp = key.protocol == IPPROTO_TCP;
+    let check_ptr = pkt.l4_check;
+    let old_check = u16::from_be_bytes(unsafe { *check_ptr });
+
+    // Ports first: they sit at the same offsets in TCP and UDP.
+    unsafe {
+        *(pkt.l4 as *mut [u8; 2]) = flow.nat_src_port.to_be_bytes();
+        *(pkt.l4.add(2) as *mut [u8; 2]) = flow.nat_dst_port.to_be_bytes();
+    }
+
+    // IPv4 header: addresses and TTL, incremental header checksum.
+    let ip = unsafe { &mut *pkt.ip };
+    let mut ip_check = u16::from_be_bytes(ip.check);
+    ip_check = csum::replace_addr(ip_check, key.src_addr, flow.nat_src_addr);
+    ip_check = csum::replace_addr(ip_check, key.dst_addr, flow.nat_dst_addr);
+    let ttl_proto_old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    ip_check = csum::replace_u16(
+        ip_check,
+        ttl_proto_old,
+        u16::from_be_bytes([ip.ttl, ip.proto]),
+    );
+    ip.src_addr = flow.nat_src_addr;
+    ip.dst_addr = flow.nat_dst_addr;
+    ip.check = ip_check.to_be_bytes();
+
+    if !is_tcp && old_check == 0 {
+        // UDP without checksum stays without checksum.
+        return Ok(());
+    }
+    let new_check = if csum::looks_partial(
+        old_check,
+        key.src_addr,
+        key.dst_addr,
+        key.protocol,
+        pkt.l4_len,
+    ) {
+        full_l4_checksum(ctx, pkt, flow, old_check)?
+    } else {
+        let mut c = csum::replace_addr(old_check, key.src_addr, flow.nat_src_addr);
+        c = csum::replace_addr(c, key.dst_addr, flow.nat_dst_addr);
+        c = csum::replace_u16(c, key.src_port, flow.nat_src_port);
+        csum::replace_u16(c, key.dst_port, flow.nat_dst_port)
+    };
+    let new_check = if is_tcp {
+        new_check
+    } else {
+        csum::udp_final(new_check)
+    };
+    unsafe { *check_ptr = new_check.to_be_bytes() };
+    Ok(())
+}
+
+/// Checksum of the (already translated) segment from scratch. `field` is the
+/// value the checksum field holds while the segment is summed.
+#[inline(always)]
+fn full_l4_checksum(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    flow: &FlowValue,
+    field: u16,
+) -> Result<u16, Counter> {
+    let len = pkt.l4_len as usize;
+    if len > CHUNK * MAX_CHUNKS {
+        return Err(Counter::DropChecksum);
+    }
+    let buf = CSUM_SCRATCH.get_ptr_mut(0).ok_or(Counter::DropChecksum)? as *mut u8;
+    let mut sum = csum::pseudo_header_sum(
+        flow.nat_src_addr,
+        flow.nat_dst_addr,
+        pkt.key.protocol,
+        pkt.l4_len,
+    ) as u64;
+    for i in 0..MAX_CHUNKS {
+        let off = i * CHUNK;
+        if off >= len {
+            break;
+        }
+        let rest = len - off;
+        let n = if rest > CHUNK { CHUNK } else { rest };
+        // n is in 1..=CHUNK here; spell it so the verifier can see it too.
+        let n = ((n - 1) & (CHUNK - 1)) + 1;
+        // The sum helper takes whole 32-bit words: zero the word holding the
+        // last byte first, so the (at most 3) bytes past it are zero padding.
+        unsafe { *(buf.add((n - 1) & (CHUNK - 4)) as *mut u32) = 0 };
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                ctx.as_ptr() as *mut _,
+                (pkt.l4_off + off) as u32,
+                buf as *mut _,
+                n as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(Counter::DropChecksum);
+        }
+        // LLVM knows padded <= CHUNK and would drop the check the verifier
+        // needs; black_box keeps it.
+        let padded = core::hint::black_box((n + 3) & !3);
+        if padded == 0 || padded > CHUNK {
+            return Err(Counter::DropChecksum);
+        }
+        let s =
+            unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf as *mut u32, padded as u32, 0) };
+        if s < 0 {
+            return Err(Counter::DropChecksum);
+        }
+        // The helper adds words as the CPU loads them (little endian); our
+        // convention is big-endian words, and byte-swapping commutes with
+        // ones'-complement addition.
+        sum += csum::fold(s as u64).swap_bytes() as u64;
+    }
+    // Take out what the checksum field contributed to the sum.
+    sum += !field as u64;
+    Ok(!csum::fold(sum))
+}

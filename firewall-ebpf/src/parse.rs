@@ -1,0 +1,171 @@
+//! Bounds-checked, cursor-style parsing of Ethernet (one 802.1Q tag), IPv4, TCP and UDP.
+//!
+//! Every read goes through `Cursor::take`, which proves to the verifier that the
+//! header lies inside the packet before a pointer to it exists.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use firewall_common::{flow::tcp_seen, flow::FlowKey, stats::Counter, IPPROTO_TCP, IPPROTO_UDP};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// IPv4 flags/fragment-offset bits that mark a fragment: MF and the offset.
+const IP_MF_OFFSET: u16 = 0x3fff;
+const IP_DF: u16 = 0x4000;
+
+/// A parsed TCP or UDP over IPv4 packet: where its headers are and its flow key.
+pub struct Packet {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// Offset of the L4 header from the start of the packet.
+    pub l4_off: usize,
+    /// Pointer to the L4 header (at least a full TCP or UDP header is in bounds).
+    pub l4: *mut u8,
+    /// The L4 checksum field, derived where its header was bounds-checked (the
+    /// verifier cannot tie a TCP offset to a later protocol test).
+    pub l4_check: *mut [u8; 2],
+    /// Length of the L4 segment (IPv4 total length minus header length).
+    pub l4_len: u16,
+    pub key: FlowKey,
+    pub ttl: u8,
+    pub dont_fragment: bool,
+    pub vlan_tagged: bool,
+    /// `tcp_seen` bits of this segment (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+struct Cursor {
+    pos: usize,
+    end: usize,
+}
+
+impl Cursor {
+    #[inline(always)]
+    fn take<T>(&mut self) -> Option<*mut T> {
+        let start = self.pos;
+        if start + size_of::<T>() > self.end {
+            return None;
+        }
+        self.pos = start + size_of::<T>();
+        Some(start as *mut T)
+    }
+}
+
+/// Parses the packet, or says which counter (and so which verdict) it gets
+/// without further processing.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let mut cur = Cursor { pos: start, end };
+
+    // A frame too short for Ethernet is not ours to judge.
+    let eth: *mut EthHdr = cur.take().ok_or(Counter::PassNotIpv4)?;
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut vlan_tagged = false;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        let vlan: *mut VlanHdr = cur.take().ok_or(Counter::DropMalformed)?;
+        ether_type = u16::from_be(unsafe { (*vlan).ether_type });
+        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+            return Err(Counter::PassVlanUnsupported);
+        }
+        vlan_tagged = true;
+    }
+    if ether_type != ETH_P_IP {
+        return Err(Counter::PassNotIpv4);
+    }
+
+    let l3_off = cur.pos - start;
+    let ip: *mut Ipv4Hdr = cur.take().ok_or(Counter::DropMalformed)?;
+    let (vihl, tot_len, frags, ttl, protocol, src_addr, dst_addr) = unsafe {
+        let h = &*ip;
+        (
+            h.vihl,
+            u16::from_be_bytes(h.tot_len),
+            u16::from_be_bytes(h.frags),
+            h.ttl,
+            h.proto,
+            h.src_addr,
+            h.dst_addr,
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) << 2;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Counter::DropMalformed);
+    }
+    // The frame may carry Ethernet padding beyond tot_len, never less than tot_len.
+    if (tot_len as usize) < ihl || l3_off + tot_len as usize > end - start {
+        return Err(Counter::DropMalformed);
+    }
+    if frags & IP_MF_OFFSET != 0 {
+        return Err(Counter::PassFragment);
+    }
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return Err(Counter::PassNotTcpUdp);
+    }
+
+    let l4_off = l3_off + ihl;
+    let l4_len = tot_len - ihl as u16;
+    let mut l4cur = Cursor {
+        pos: start + l4_off,
+        end,
+    };
+    let (l4, l4_check, src_port, dst_port, tcp_flags) = if protocol == IPPROTO_TCP {
+        let tcp: *mut TcpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
+        let t = unsafe { &*tcp };
+        let doff = (t.doff() as usize) << 2;
+        if doff < TcpHdr::LEN || doff > l4_len as usize {
+            return Err(Counter::DropMalformed);
+        }
+        let mut seen = 0u8;
+        if t.syn() != 0 {
+            seen |= tcp_seen::SYN;
+        }
+        if t.fin() != 0 {
+            seen |= tcp_seen::FIN;
+        }
+        if t.rst() != 0 {
+            seen |= tcp_seen::RST;
+        }
+        let check = unsafe { &raw mut (*tcp).check };
+        (
+            tcp as *mut u8,
+            check,
+            u16::from_be_bytes(t.source),
+            u16::from_be_bytes(t.dest),
+            seen,
+        )
+    } else {
+        let udp: *mut UdpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
+        let u = unsafe { &*udp };
+        let len = u16::from_be_bytes(u.len) as usize;
+        if len < UdpHdr::LEN || len > l4_len as usize {
+            return Err(Counter::DropMalformed);
+        }
+        let check = unsafe { &raw mut (*udp).check };
+        (
+            udp as *mut u8,
+            check,
+            u16::from_be_bytes(u.src),
+            u16::from_be_bytes(u.dst),
+            0,
+        )
+    };
+
+    Ok(Packet {
+        eth,
+        ip,
+        l4_off,
+        l4,
+        l4_check,
+        l4_len,
+        key: FlowKey::new(protocol, src_addr, src_port, dst_addr, dst_port),
+        ttl,
+        dont_fragment: frags & IP_DF != 0,
+        vlan_tagged,
+        tcp_flags,
+    })
+}

@@ -1,0 +1,18 @@
+//! Per-CPU verdict counters, one slot per `Counter`.
+
+use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
+use firewall_common::stats::{Counter, StatValue, COUNTER_SLOTS};
+
+#[btf_map]
+static STATS: PerCpuArray<StatValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(counter: Counter, bytes: u64) {
+    if let Some(v) = STATS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it, no atomics needed.
+        unsafe {
+            (*v).packets += 1;
+            (*v).bytes += bytes;
+        }
+    }
+}
