@@ -284,6 +284,49 @@ impl Datapath {
     pub fn pins(&self) -> &PinPaths {
         &self.pins
     }
+
+    /// Runs the program of `side` once on `frame` with BPF_PROG_RUN, as if it
+    /// arrived on `ingress_ifindex` (of the calling thread's network
+    /// namespace; 0 for none). Returns the XDP action and the frame after the
+    /// program, for packet fixture tests and per-packet cost measurements.
+    pub fn test_run(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> anyhow::Result<TestRunOutput> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        opts.repeat = repeat.max(1);
+        let prog = program(&mut self.ebpf, side)?;
+        let r = prog
+            .test_run(opts)
+            .with_context(|| format!("BPF_PROG_RUN of {}", side.program()))?;
+        out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: r.return_value,
+            frame: out,
+            duration: r.duration,
+        })
+    }
+}
+
+/// Result of `Datapath::test_run`.
+#[derive(Debug)]
+pub struct TestRunOutput {
+    /// XDP action: 1 drop, 2 pass, 4 redirect (`xdp_action`).
+    pub action: u32,
+    pub frame: Vec<u8>,
+    /// Average run time per repetition, as the kernel measured it.
+    pub duration: std::time::Duration,
 }
 
 fn program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut Xdp> {

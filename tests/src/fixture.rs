@@ -1,0 +1,153 @@
+//! The network the BPF_PROG_RUN fixtures run in.
+//!
+//! The datapath's FIB lookup needs real interfaces, routes and neighbours, so
+//! each fixture gets a private network namespace with an internal and an
+//! external veth (addresses as in the lab) and permanent neighbour entries with
+//! known MACs, and a datapath loaded with its own pin directory (no attach).
+
+use std::process::Command;
+
+use anyhow::Context as _;
+use firewall_ctl::datapath::{Datapath, FlowTable, PinPaths, Side, TestRunOutput};
+
+use crate::netns::in_netns;
+
+pub const FW_INTERNAL: [u8; 4] = [10, 1, 0, 1];
+pub const FW_EXTERNAL: [u8; 4] = [10, 2, 0, 1];
+pub const CLIENT: [u8; 4] = [10, 1, 0, 2];
+pub const SERVER: [u8; 4] = [10, 2, 0, 2];
+/// An external host with no neighbour entry.
+pub const UNRESOLVED: [u8; 4] = [10, 2, 0, 99];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x11, 0, 0, 0, 0x02];
+pub const SERVER_MAC: [u8; 6] = [0x02, 0x22, 0, 0, 0, 0x02];
+pub const IN_MAC: [u8; 6] = [0x02, 0x11, 0, 0, 0, 0x01];
+pub const EX_MAC: [u8; 6] = [0x02, 0x22, 0, 0, 0, 0x01];
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub struct Fixture {
+    netns: String,
+    pub datapath: Datapath,
+    pub flows: FlowTable,
+    pub pins: PinPaths,
+    pub in_ifindex: u32,
+    pub ex_ifindex: u32,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    xtask::run(Command::new("ip").args(args)).map(|_| ())
+}
+
+impl Fixture {
+    /// `name` must be unique among concurrently running fixtures.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        crate::require_root();
+        let netns = format!("fwfx{}-{name}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        ip(&["netns", "add", &netns])?;
+        let mut fx = Self::build(&netns).inspect_err(|_| {
+            let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        })?;
+        fx.netns = netns;
+        Ok(fx)
+    }
+
+    fn build(netns: &str) -> anyhow::Result<Self> {
+        let sh =
+            |s: &str| xtask::run(Command::new("ip").args(["netns", "exec", netns, "sh", "-c", s]));
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        sh(&format!(
+            "set -e
+             ip link set lo up
+             ip link add in0 address {} type veth peer name in0p
+             ip link add ex0 address {} type veth peer name ex0p
+             ip addr add 10.1.0.1/24 dev in0
+             ip addr add 10.2.0.1/24 dev ex0
+             for i in in0 in0p ex0 ex0p; do ip link set $i up; done
+             # BPF_PROG_RUN with an ingress interface needs its XDP rx queue
+             # registered, which veth does when GRO is on.
+             ethtool -K in0 gro on >/dev/null; ethtool -K ex0 gro on >/dev/null
+             sysctl -qw net.ipv4.conf.all.forwarding=1
+             ip neigh add 10.1.0.2 lladdr {} dev in0 nud permanent
+             ip neigh add 10.2.0.2 lladdr {} dev ex0 nud permanent",
+            mac(IN_MAC),
+            mac(EX_MAC),
+            mac(CLIENT_MAC),
+            mac(SERVER_MAC)
+        ))?;
+        let path = format!("/run/netns/{netns}");
+        let (in_ifindex, ex_ifindex) = in_netns(&path, || -> anyhow::Result<(u32, u32)> {
+            Ok((
+                nix::net::if_::if_nametoindex("in0")?,
+                nix::net::if_::if_nametoindex("ex0")?,
+            ))
+        })??;
+        let pins = PinPaths {
+            dir: format!("/sys/fs/bpf/{netns}").into(),
+        };
+        let datapath = Datapath::load(&pins, 4096).context("loading the datapath for fixtures")?;
+        let flows = FlowTable::open(&pins)?;
+        Ok(Self {
+            netns: netns.to_string(),
+            datapath,
+            flows,
+            pins,
+            in_ifindex,
+            ex_ifindex,
+        })
+    }
+
+    /// Runs the program of `side` on `frame` as received on that side's interface.
+    pub fn run(&mut self, side: Side, frame: &[u8]) -> TestRunOutput {
+        let ifindex = match side {
+            Side::Internal => self.in_ifindex,
+            Side::External => self.ex_ifindex,
+        };
+        let path = format!("/run/netns/{}", self.netns);
+        let dp = &mut self.datapath;
+        in_netns(&path, || dp.test_run(side, frame, ifindex, 1))
+            .expect("netns")
+            .expect("BPF_PROG_RUN")
+    }
+
+    /// Runs `repeat` times and returns the kernel's average time per run.
+    pub fn time(&mut self, side: Side, frame: &[u8], repeat: u32) -> TestRunOutput {
+        let ifindex = match side {
+            Side::Internal => self.in_ifindex,
+            Side::External => self.ex_ifindex,
+        };
+        let path = format!("/run/netns/{}", self.netns);
+        let dp = &mut self.datapath;
+        in_netns(&path, || dp.test_run(side, frame, ifindex, repeat))
+            .expect("netns")
+            .expect("BPF_PROG_RUN")
+    }
+
+    /// Sum of a counter over CPUs.
+    pub fn counter(&self, c: firewall_common::stats::Counter) -> u64 {
+        let stats = firewall_ctl::datapath::Stats::open(&self.pins).expect("stats");
+        stats
+            .read()
+            .expect("read")
+            .into_iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, v)| v.packets)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = firewall_ctl::datapath::unpin_all(&self.pins);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}

@@ -1,0 +1,234 @@
+//! Building test frames (Ethernet, optional 802.1Q, IPv4, TCP/UDP) and checking
+//! frames the datapath produced, with checksums computed from scratch.
+
+use firewall_common::{csum, IPPROTO_TCP, IPPROTO_UDP};
+
+pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// Describes a frame to build.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub protocol: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub payload: Vec<u8>,
+    pub ttl: u8,
+    pub vlan: Option<u16>,
+    /// Bytes of IPv4 options (a multiple of 4).
+    pub ip_options: Vec<u8>,
+    /// The flags/fragment-offset field.
+    pub frag: u16,
+    pub tcp_flags: u8,
+    /// Write the checksum a CHECKSUM_PARTIAL skb carries (pseudo header only).
+    pub partial_checksum: bool,
+    /// UDP only: send without checksum (0).
+    pub no_udp_checksum: bool,
+}
+
+impl Spec {
+    pub fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+        Self {
+            protocol: IPPROTO_TCP,
+            src,
+            dst,
+            sport,
+            dport,
+            payload: b"hello through the firewall".to_vec(),
+            ttl: 64,
+            vlan: None,
+            ip_options: vec![],
+            frag: 0x4000, // DF
+            tcp_flags: TCP_ACK,
+            partial_checksum: false,
+            no_udp_checksum: false,
+        }
+    }
+
+    pub fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Self {
+        Self {
+            protocol: IPPROTO_UDP,
+            frag: 0,
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&MAC_B);
+        f.extend_from_slice(&MAC_A);
+        if let Some(vid) = self.vlan {
+            f.extend_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&vid.to_be_bytes());
+        }
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+
+        let mut l4 = Vec::new();
+        if self.protocol == IPPROTO_TCP {
+            l4.extend_from_slice(&self.sport.to_be_bytes());
+            l4.extend_from_slice(&self.dport.to_be_bytes());
+            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&2000u32.to_be_bytes()); // ack
+            l4.push(5 << 4); // data offset
+            l4.push(self.tcp_flags);
+            l4.extend_from_slice(&65535u16.to_be_bytes()); // window
+            l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            l4.extend_from_slice(&self.sport.to_be_bytes());
+            l4.extend_from_slice(&self.dport.to_be_bytes());
+            l4.extend_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend_from_slice(&self.payload);
+        let check_off = if self.protocol == IPPROTO_TCP { 16 } else { 6 };
+        let check = if self.no_udp_checksum && self.protocol == IPPROTO_UDP {
+            0
+        } else if self.partial_checksum {
+            csum::fold(
+                csum::pseudo_header_sum(self.src, self.dst, self.protocol, l4.len() as u16) as u64,
+            )
+        } else {
+            let c = csum::l4_checksum(self.src, self.dst, self.protocol, &l4);
+            if self.protocol == IPPROTO_UDP {
+                csum::udp_final(c)
+            } else {
+                c
+            }
+        };
+        l4[check_off..check_off + 2].copy_from_slice(&check.to_be_bytes());
+
+        let ihl = 20 + self.ip_options.len();
+        assert!(ihl % 4 == 0 && ihl <= 60);
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x40 | (ihl / 4) as u8;
+        ip[2..4].copy_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+        ip[6..8].copy_from_slice(&self.frag.to_be_bytes());
+        ip[8] = self.ttl;
+        ip[9] = self.protocol;
+        ip[12..16].copy_from_slice(&self.src);
+        ip[16..20].copy_from_slice(&self.dst);
+        ip.extend_from_slice(&self.ip_options);
+        let hc = csum::ipv4_header_checksum(&ip);
+        ip[10..12].copy_from_slice(&hc.to_be_bytes());
+
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&l4);
+        f
+    }
+}
+
+/// The fields of a built or transformed frame, for assertions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub ip_check: u16,
+    pub l4_check: u16,
+    pub payload: Vec<u8>,
+}
+
+/// Parses an untagged IPv4 TCP/UDP frame (as the fixtures produce).
+pub fn view(frame: &[u8]) -> View {
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0xf) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let l4 = &ip[ihl..tot];
+    let protocol = ip[9];
+    let (check_off, hdr) = if protocol == IPPROTO_TCP {
+        (16, ((l4[12] >> 4) as usize) * 4)
+    } else {
+        (6, 8)
+    };
+    View {
+        dst_mac: frame[0..6].try_into().unwrap(),
+        src_mac: frame[6..12].try_into().unwrap(),
+        ttl: ip[8],
+        protocol,
+        src: ip[12..16].try_into().unwrap(),
+        dst: ip[16..20].try_into().unwrap(),
+        sport: u16::from_be_bytes([l4[0], l4[1]]),
+        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        ip_check: u16::from_be_bytes([ip[10], ip[11]]),
+        l4_check: u16::from_be_bytes([l4[check_off], l4[check_off + 1]]),
+        payload: l4[hdr..].to_vec(),
+    }
+}
+
+/// Recomputes the IPv4 header and L4 checksums from scratch and compares them
+/// with the ones in the frame.
+pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0xf) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let mut hdr = ip[..ihl].to_vec();
+    let got_ip = u16::from_be_bytes([hdr[10], hdr[11]]);
+    hdr[10] = 0;
+    hdr[11] = 0;
+    let want_ip = csum::ipv4_header_checksum(&hdr);
+    if got_ip != want_ip {
+        return Err(format!(
+            "IPv4 header checksum {got_ip:04x}, from scratch {want_ip:04x}"
+        ));
+    }
+    let protocol = ip[9];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    let mut l4 = ip[ihl..tot].to_vec();
+    let off = if protocol == IPPROTO_TCP { 16 } else { 6 };
+    let got = u16::from_be_bytes([l4[off], l4[off + 1]]);
+    if protocol == IPPROTO_UDP && got == 0 {
+        return Ok(()); // no checksum
+    }
+    l4[off] = 0;
+    l4[off + 1] = 0;
+    let mut want = csum::l4_checksum(src, dst, protocol, &l4);
+    if protocol == IPPROTO_UDP {
+        want = csum::udp_final(want);
+    }
+    if got != want {
+        return Err(format!("L4 checksum {got:04x}, from scratch {want:04x}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_have_valid_checksums() {
+        for spec in [
+            Spec::tcp([10, 1, 0, 2], 40000, [10, 2, 0, 2], 21),
+            Spec::udp([10, 1, 0, 2], 5000, [10, 2, 0, 2], 53),
+        ] {
+            let f = spec.build();
+            check_checksums(&f).unwrap();
+            let v = view(&f);
+            assert_eq!(
+                (v.sport, v.dport, v.src, v.dst),
+                (spec.sport, spec.dport, spec.src, spec.dst)
+            );
+            assert_eq!(v.payload, spec.payload);
+        }
+        let partial = Spec {
+            partial_checksum: true,
+            ..Spec::tcp([10, 1, 0, 2], 1, [10, 2, 0, 2], 2)
+        }
+        .build();
+        assert!(check_checksums(&partial).is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! Idempotent installation of everything the build and the tests need.
+//!
+//! Each step checks first and changes nothing when its part is in place, so
+//! on a prepared machine the whole setup takes a few seconds.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{run, run_stdout};
+
+/// Debian packages: the lab (iproute2, ethtool, ping), inspection (bpftool), and the peers.
+pub const APT_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "socat",
+    "curl",
+    "lftp",
+    "vsftpd",
+    "iperf3",
+    "nftables",
+    "conntrack",
+    "netsniff-ng",
+    "tcpdump",
+    "util-linux",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn setup() -> anyhow::Result<()> {
+    if !crate::is_root() {
+        bail!(
+            "setup needs root (apt-get, bpffs, and later BPF and network namespaces): run as root"
+        );
+    }
+    apt_packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    Ok(())
+}
+
+fn step(name: &str, changed: bool) {
+    println!(
+        "setup: {name}: {}",
+        if changed { "installed" } else { "ok" }
+    );
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        step("apt packages", false);
+        return Ok(());
+    }
+    println!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-qq"]))
+        .context("apt-get update (needs the Debian mirror)")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("apt-get install {}", missing.join(" ")))?;
+    step("apt packages", true);
+    Ok(())
+}
+
+fn nightly_sysroot() -> anyhow::Result<PathBuf> {
+    let out = run_stdout(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the nightly toolchain is missing (`rustup toolchain list`); it cannot be downloaded here, see docs/building.md",
+    )?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let sysroot = nightly_sysroot()?;
+    if sysroot
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .exists()
+    {
+        step("rust-src (nightly)", false);
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("rustup component add rust-src --toolchain nightly")?;
+    step("rust-src (nightly)", true);
+    Ok(())
+}
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
+    home.join("bin").join(name)
+}
+
+/// The LLVM major of the nightly, which bpf-linker must be built against.
+fn nightly_llvm_major() -> anyhow::Result<String> {
+    let vv = run_stdout(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let line = vv
+        .lines()
+        .find(|l| l.starts_with("LLVM version:"))
+        .context("rustc +nightly -vV prints no LLVM version")?;
+    let version = line.trim_start_matches("LLVM version:").trim();
+    Ok(version.split('.').next().unwrap_or_default().to_string())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let bin = cargo_bin("bpf-linker");
+    let works = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works {
+        step("bpf-linker", false);
+        return Ok(());
+    }
+    let sysroot = nightly_sysroot()?;
+    let lib = sysroot.join("lib");
+    let so = fs::read_dir(&lib)
+        .with_context(|| format!("listing {}", lib.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {} (is the nightly complete?)",
+                lib.display()
+            )
+        })?;
+    let link = lib.join("libLLVM.so");
+    if fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(&so, &link)
+            .with_context(|| format!("symlinking {}", link.display()))?;
+    }
+    let llvm = nightly_llvm_major()?;
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm} (about 90 s)");
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{llvm}")])
+        .env("LLVM_PREFIX", &sysroot))
+    .context("cargo install bpf-linker")?;
+    step("bpf-linker", true);
+    Ok(())
+}
+
+fn bpffs_mounted(dir: &Path) -> bool {
+    fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 2 && f[2] == "bpf" && Path::new(f[1]) == dir
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn bpffs() -> anyhow::Result<()> {
+    let dir = Path::new("/sys/fs/bpf");
+    if bpffs_mounted(dir) {
+        step("bpffs on /sys/fs/bpf", false);
+        return Ok(());
+    }
+    fs::create_dir_all(dir).ok();
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+        .context("mounting bpffs on /sys/fs/bpf")?;
+    step("bpffs on /sys/fs/bpf", true);
+    Ok(())
+}
