@@ -202,20 +202,24 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     if let Some(t) = log_task {
         t.abort();
     }
-    let _ = fs::remove_file(&opts.socket);
-    if keep {
-        log::info!("leaving the datapath attached and pinned (--keep-datapath); `firewall-ctl down` removes it");
-        drop(dp);
-        return Ok(());
-    }
+    // Stop accepting; the socket file goes last, so that `down`, which waits
+    // for it to disappear, sees a finished teardown.
+    drop(listener);
     drop(dp);
-    let removed = teardown(&pins, Some(&state))?;
-    log::info!(
-        "firewall down: removed {} pins, restored {} sysctls",
-        removed.len(),
-        state.saved_sysctls.len()
-    );
-    Ok(())
+    let result = if keep {
+        log::info!("leaving the datapath attached and pinned (--keep-datapath); `firewall-ctl down` removes it");
+        Ok(())
+    } else {
+        teardown(&pins, Some(&state)).map(|removed| {
+            log::info!(
+                "firewall down: removed {} pins, restored {} sysctls",
+                removed.len(),
+                state.saved_sysctls.len()
+            );
+        })
+    };
+    let _ = fs::remove_file(&opts.socket);
+    result
 }
 
 fn start_datapath(

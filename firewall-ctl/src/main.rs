@@ -108,10 +108,15 @@ fn run(cli: Cli) -> Result<(), ApiError> {
             let report = daemon::down(&cli.socket).map_err(internal_error)?;
             if cli.json {
                 println!("{}", serde_json::to_string(&report).expect("serializes"));
-            } else if report.removed_pins.is_empty() && !report.stopped_daemon {
+            } else if report.stopped_daemon {
+                println!("firewall down: daemon stopped, programs detached, pins removed");
+            } else if report.removed_pins.is_empty() {
                 println!("firewall was not up; nothing to remove");
             } else {
-                println!("firewall down: {} pins removed", report.removed_pins.len());
+                println!(
+                    "firewall down: no daemon was running; removed {} pins it left",
+                    report.removed_pins.len()
+                );
             }
             Ok(())
         }
