@@ -49,6 +49,8 @@ pub enum ErrorKind {
     Internal,
     /// No daemon answers on the socket (client side only).
     NotRunning,
+    /// `up` while another daemon answers on the socket.
+    AlreadyRunning,
 }
 
 impl ErrorKind {
@@ -59,6 +61,7 @@ impl ErrorKind {
             ErrorKind::Terminating => "terminating",
             ErrorKind::Internal => "internal",
             ErrorKind::NotRunning => "not-running",
+            ErrorKind::AlreadyRunning => "already-running",
         }
     }
 }

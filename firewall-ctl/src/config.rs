@@ -322,6 +322,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let (i, e) = ifs();
+        let c = Config::parse(include_str!("../../docs/firewall.example.toml"), &i, &e).unwrap();
+        assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!(c.timeouts, Timeouts::default());
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let (i, e) = ifs();
         let cases = [

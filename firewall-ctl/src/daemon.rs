@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -78,26 +78,36 @@ struct Shared {
 
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
 pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
+    let invalid = |e: anyhow::Error| {
+        anyhow::Error::new(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))
+    };
     if opts.internal == opts.external {
-        bail!(
+        return Err(invalid(anyhow::anyhow!(
             "--internal and --external must be different interfaces (both are {:?})",
             opts.internal
-        );
+        )));
     }
-    let internal = Interface::by_name(&opts.internal).context("--internal")?;
-    let external = Interface::by_name(&opts.external).context("--external")?;
+    let internal = Interface::by_name(&opts.internal)
+        .context("--internal")
+        .map_err(invalid)?;
+    let external = Interface::by_name(&opts.external)
+        .context("--external")
+        .map_err(invalid)?;
     let config = match &opts.config {
-        Some(path) => Config::load(path, &internal, &external)?,
+        Some(path) => Config::load(path, &internal, &external).map_err(invalid)?,
         None => Config::defaults(&internal, &external)
-            .map_err(|e| anyhow::anyhow!("embedded defaults: {e}"))?,
+            .map_err(|e| invalid(anyhow::anyhow!("embedded defaults: {e}")))?,
     };
 
     let client = api::Client::new(&opts.socket);
     if client.is_alive() {
-        bail!(
-            "a firewall daemon already answers on {}; stop it with `firewall-ctl down`",
-            opts.socket.display()
-        );
+        return Err(anyhow::Error::new(ApiError::new(
+            ErrorKind::AlreadyRunning,
+            format!(
+                "a firewall daemon already answers on {}; stop it with `firewall-ctl down`",
+                opts.socket.display()
+            ),
+        )));
     }
 
     let pins = PinPaths::default();

@@ -99,10 +99,13 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                 keep_datapath,
             };
             let rt = tokio::runtime::Runtime::new().map_err(|e| internal_error(e.into()))?;
-            rt.block_on(daemon::run(opts)).map_err(|e| {
-                // Bad interfaces and configs are the caller's mistake, not ours.
-                ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}"))
-            })
+            // The daemon marks the caller's mistakes (interfaces, config) with
+            // their kind; anything else failed inside (kernel, bpffs).
+            rt.block_on(daemon::run(opts))
+                .map_err(|e| match e.downcast::<ApiError>() {
+                    Ok(api_error) => api_error,
+                    Err(e) => internal_error(e),
+                })
         }
         Command::Down => {
             let report = daemon::down(&cli.socket).map_err(internal_error)?;
