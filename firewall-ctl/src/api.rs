@@ -99,6 +99,8 @@ pub struct Status {
     pub external_addresses: Vec<String>,
     pub maps: Vec<MapStatus>,
     pub counters: Vec<CounterStatus>,
+    /// Flows removed by the sweeper since the daemon started, by reason.
+    pub flows_expired: crate::sweeper::SweepStats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

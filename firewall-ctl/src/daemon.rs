@@ -25,6 +25,7 @@ use crate::{
     config::Config,
     datapath::{self, AttachMode, Datapath, FlowTable, PinPaths, Side, Stats},
     netif::{self, Interface},
+    sweeper::{self, SweepStats},
 };
 
 /// Where `up` records what it changed, so `down` can undo it even after a crash.
@@ -74,6 +75,7 @@ struct Shared {
     config: Config,
     interfaces: Vec<InterfaceStatus>,
     shutdown: watch::Sender<bool>,
+    expired: std::sync::Mutex<SweepStats>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
@@ -179,6 +181,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
         ],
         shutdown: shutdown_tx,
+        expired: Default::default(),
     });
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
@@ -194,6 +197,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         .logger
         .take()
         .map(|logger| tokio::spawn(poll_ebpf_log(logger)));
+    let sweep_task = tokio::spawn(sweep_flows(shared.clone()));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut keep = opts.keep_datapath;
@@ -212,6 +216,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     if let Some(t) = log_task {
         t.abort();
     }
+    sweep_task.abort();
     // Stop accepting; the socket file goes last, so that `down`, which waits
     // for it to disappear, sees a finished teardown.
     drop(listener);
@@ -347,6 +352,7 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             entries: flows.len()? as u64,
             capacity: flows.capacity() as u64,
         }],
+        flows_expired: shared.expired.lock().expect("sweep stats").clone(),
         counters: stats
             .read()?
             .into_iter()
@@ -359,6 +365,37 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             })
             .collect(),
     })
+}
+
+/// Removes expired flows (see `sweeper`), once a second or, for big tables,
+/// at twice the time a scan takes.
+async fn sweep_flows(shared: Arc<Shared>) {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(pause).await;
+        let s = shared.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            let mut flows = FlowTable::open(&s.pins)?;
+            let entries = flows.entries()?;
+            let gone = sweeper::expired(&entries, sweeper::monotonic_ns(), &s.config.timeouts);
+            let mut stats = s.expired.lock().expect("sweep stats");
+            for (key, why) in &gone {
+                if flows.remove(key)? {
+                    stats.add(*why);
+                }
+            }
+            Ok(gone.len())
+        })
+        .await;
+        match result {
+            Ok(Ok(n)) if n > 0 => log::debug!("expired {n} flows"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::warn!("flow sweep failed: {e:#}"),
+            Err(e) => log::warn!("flow sweep panicked: {e}"),
+        }
+        pause = (started.elapsed() * 2).max(Duration::from_secs(1));
+    }
 }
 
 /// Forwards the datapath's aya-log records to the daemon's logger.

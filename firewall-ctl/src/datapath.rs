@@ -375,7 +375,14 @@ impl FlowTable {
         self.capacity
     }
 
+    /// Inserts or replaces an entry. An entry that has not seen a packet is
+    /// stamped as seen now, so that the idle timeout also removes flows that
+    /// are never used.
     pub fn insert(&mut self, key: &FlowKey, value: &FlowValue) -> anyhow::Result<()> {
+        let mut value = *value;
+        if value.last_seen_ns == 0 {
+            value.last_seen_ns = crate::sweeper::monotonic_ns();
+        }
         self.map
             .insert(key, value, 0)
             .with_context(|| format!("inserting flow {key:?}"))

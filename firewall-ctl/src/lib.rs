@@ -9,3 +9,4 @@ pub mod daemon;
 pub mod datapath;
 pub mod netif;
 pub mod output;
+pub mod sweeper;

@@ -42,6 +42,12 @@ pub fn status_text(s: &Status) -> String {
             m.name, m.entries, m.capacity, m.pinned
         );
     }
+    let e = &s.flows_expired;
+    let _ = writeln!(
+        o,
+        "  flows expired: {} tcp closed, {} tcp idle, {} udp idle",
+        e.tcp_closed, e.tcp_idle, e.udp_idle
+    );
     let _ = writeln!(o, "counters (packets, bytes):");
     for c in &s.counters {
         let _ = writeln!(o, "  {:<24} {:>12} {:>16}", c.name, c.packets, c.bytes);

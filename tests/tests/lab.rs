@@ -621,3 +621,72 @@ fn bad_arguments_and_configs_get_clear_errors() {
     assert_eq!(v["error"]["kind"], "invalid-argument");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn idle_and_closed_flows_expire() {
+    require_root();
+    let _g = exclusive();
+    let lab = Lab::create(&unique_prefix("exp")).unwrap();
+    let cfg = std::env::temp_dir().join(format!("{}.toml", lab.prefix));
+    std::fs::write(
+        &cfg,
+        "[timeouts]\nudp_idle = 2\ntcp_closing = 1\ntcp_established = 3600\n",
+    )
+    .unwrap();
+    let fw = Firewall::up(&lab, &["--config", cfg.to_str().unwrap()]).unwrap();
+    prime_neighbours(&lab);
+
+    // A TCP connection that closes normally: FIN both ways, then tcp_closing.
+    let (tout, tback) = install_snat(IPPROTO_TCP, addr::CLIENT, 40030, addr::SERVER, 9030, 61030);
+    // An established-but-open TCP flow pair stays (tcp_established is long).
+    let (open_out, _) = install_snat(IPPROTO_TCP, addr::CLIENT, 40031, addr::SERVER, 9031, 61031);
+    // A UDP pair that is never used: expires after udp_idle.
+    let (uout, uback) = install_snat(IPPROTO_UDP, addr::CLIENT, 40032, addr::SERVER, 9032, 61032);
+
+    let mut srv = lab
+        .server
+        .spawn(&format!(
+            "exec socat -T3 TCP-LISTEN:9030,bind={},reuseaddr SYSTEM:'cat'",
+            addr::SERVER
+        ))
+        .unwrap();
+    wait_listening(&lab.server, 9030);
+    let got = lab
+        .client
+        .sh(&format!(
+            "printf 'bye\\n' | socat -T2 - TCP:{}:9030,bind={}:40030",
+            addr::SERVER,
+            addr::CLIENT
+        ))
+        .unwrap();
+    let _ = srv.wait();
+    assert_eq!(got, "bye\n");
+
+    let table = || FlowTable::open(&PinPaths::default()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = table();
+        let gone = |k: &FlowKey| t.get(k).unwrap().is_none();
+        if gone(&tout) && gone(&tback) && gone(&uout) && gone(&uback) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flows did not expire: {:?}",
+            t.entries().unwrap()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        table().get(&open_out).unwrap().is_some(),
+        "an open, recently installed TCP flow stays"
+    );
+    let s = fw.status();
+    assert_eq!(
+        s["flows_expired"]["tcp_closed"], 2,
+        "{}",
+        s["flows_expired"]
+    );
+    assert_eq!(s["flows_expired"]["udp_idle"], 2, "{}", s["flows_expired"]);
+    std::fs::remove_file(&cfg).ok();
+}

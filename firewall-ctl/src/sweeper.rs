@@ -1,0 +1,203 @@
+//! Expiry of flow entries: idle timeouts and TCP teardown.
+//!
+//! The datapath stamps `last_seen_ns` (CLOCK_MONOTONIC) and accumulates the TCP
+//! flags it saw; the daemon periodically removes what is done. The two
+//! directions of a connection expire together: a one-way UDP stream must not
+//! lose its (idle) reply entry while it is still sending.
+
+use std::collections::HashMap;
+
+use firewall_common::{
+    flow::{tcp_seen, FlowKey, FlowValue},
+    IPPROTO_TCP,
+};
+use serde::Serialize;
+
+use crate::config::Timeouts;
+
+/// Why a flow was removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expiry {
+    /// TCP with RST, or FIN in both directions, and quiet for `tcp_closing`.
+    TcpClosed,
+    /// Established TCP quiet for `tcp_established`.
+    TcpIdle,
+    /// UDP quiet for `udp_idle`.
+    UdpIdle,
+}
+
+/// Counts of removed flows by reason, since the daemon started.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct SweepStats {
+    pub tcp_closed: u64,
+    pub tcp_idle: u64,
+    pub udp_idle: u64,
+}
+
+impl SweepStats {
+    pub fn add(&mut self, e: Expiry) {
+        match e {
+            Expiry::TcpClosed => self.tcp_closed += 1,
+            Expiry::TcpIdle => self.tcp_idle += 1,
+            Expiry::UdpIdle => self.udp_idle += 1,
+        }
+    }
+}
+
+/// The key of the packets that answer `(key, value)`: they come from the
+/// translated destination and go to the translated source.
+pub fn reply_key(key: &FlowKey, value: &FlowValue) -> FlowKey {
+    FlowKey::new(
+        key.protocol,
+        value.nat_dst_addr,
+        value.nat_dst_port,
+        value.nat_src_addr,
+        value.nat_src_port,
+    )
+}
+
+/// The entries to remove at monotonic time `now_ns`, each with its reason.
+pub fn expired(
+    entries: &[(FlowKey, FlowValue)],
+    now_ns: u64,
+    t: &Timeouts,
+) -> Vec<(FlowKey, Expiry)> {
+    let by_key: HashMap<FlowKey, &FlowValue> = entries.iter().map(|(k, v)| (*k, v)).collect();
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        // The pair: this entry and the one for the answers, when it exists and
+        // points back at this one.
+        let rkey = reply_key(key, value);
+        let peer = by_key.get(&rkey).filter(|r| reply_key(&rkey, r) == *key);
+        let last_seen = peer.map_or(value.last_seen_ns, |p| {
+            p.last_seen_ns.max(value.last_seen_ns)
+        });
+        let idle_ns = now_ns.saturating_sub(last_seen);
+        let reason = if key.protocol == IPPROTO_TCP {
+            let rst = value.tcp_flags_seen & tcp_seen::RST != 0
+                || peer.is_some_and(|p| p.tcp_flags_seen & tcp_seen::RST != 0);
+            let fin_both = value.tcp_flags_seen & tcp_seen::FIN != 0
+                && peer.is_some_and(|p| p.tcp_flags_seen & tcp_seen::FIN != 0);
+            if (rst || fin_both) && idle_ns >= t.tcp_closing.as_nanos() as u64 {
+                Some(Expiry::TcpClosed)
+            } else if idle_ns >= t.tcp_established.as_nanos() as u64 {
+                Some(Expiry::TcpIdle)
+            } else {
+                None
+            }
+        } else if idle_ns >= t.udp_idle.as_nanos() as u64 {
+            Some(Expiry::UdpIdle)
+        } else {
+            None
+        };
+        if let Some(r) = reason {
+            out.push((*key, r));
+        }
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_coarse_ns`.
+pub fn monotonic_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use firewall_common::IPPROTO_UDP;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn t() -> Timeouts {
+        Timeouts {
+            tcp_established: Duration::from_secs(100),
+            tcp_closing: Duration::from_secs(10),
+            udp_idle: Duration::from_secs(30),
+        }
+    }
+
+    /// A translated connection: client 10.1.0.2:1000 -> server 10.2.0.2:80 as 10.2.0.1:5000.
+    fn pair(
+        protocol: u8,
+        out_seen: u64,
+        back_seen: u64,
+        out_flags: u8,
+        back_flags: u8,
+    ) -> Vec<(FlowKey, FlowValue)> {
+        let (c, s, f) = ([10, 1, 0, 2], [10, 2, 0, 2], [10, 2, 0, 1]);
+        let mut o = FlowValue::forward(f, 5000, s, 80);
+        o.last_seen_ns = out_seen;
+        o.tcp_flags_seen = out_flags;
+        let mut b = FlowValue::forward(s, 80, c, 1000);
+        b.last_seen_ns = back_seen;
+        b.tcp_flags_seen = back_flags;
+        vec![
+            (FlowKey::new(protocol, c, 1000, s, 80), o),
+            (FlowKey::new(protocol, s, 80, f, 5000), b),
+        ]
+    }
+
+    #[test]
+    fn reply_keys_pair_up() {
+        let p = pair(IPPROTO_TCP, 0, 0, 0, 0);
+        assert_eq!(reply_key(&p[0].0, &p[0].1), p[1].0);
+        assert_eq!(reply_key(&p[1].0, &p[1].1), p[0].0);
+    }
+
+    #[test]
+    fn directions_expire_together() {
+        // Only the outbound direction is active: nothing expires.
+        let p = pair(IPPROTO_UDP, 100 * S, 0, 0, 0);
+        assert!(expired(&p, 110 * S, &t()).is_empty());
+        // Both quiet for 30 s: both go.
+        let gone = expired(&p, 131 * S, &t());
+        assert_eq!(gone.len(), 2);
+        assert!(gone.iter().all(|(_, r)| *r == Expiry::UdpIdle));
+    }
+
+    #[test]
+    fn tcp_teardown_uses_the_short_timeout() {
+        let fin = tcp_seen::FIN;
+        // FIN one way only: still established.
+        assert!(expired(&pair(IPPROTO_TCP, 100 * S, 100 * S, fin, 0), 120 * S, &t()).is_empty());
+        // FIN both ways, 10 s quiet: closed.
+        let gone = expired(
+            &pair(IPPROTO_TCP, 100 * S, 100 * S, fin, fin),
+            111 * S,
+            &t(),
+        );
+        assert_eq!(gone.len(), 2);
+        assert!(gone.iter().all(|(_, r)| *r == Expiry::TcpClosed));
+        // RST in either direction is enough.
+        assert_eq!(
+            expired(
+                &pair(IPPROTO_TCP, 100 * S, 100 * S, 0, tcp_seen::RST),
+                111 * S,
+                &t()
+            )
+            .len(),
+            2
+        );
+        // Established and quiet for the long timeout.
+        let gone = expired(
+            &pair(IPPROTO_TCP, 100 * S, 100 * S, tcp_seen::SYN, 0),
+            201 * S,
+            &t(),
+        );
+        assert!(gone.iter().all(|(_, r)| *r == Expiry::TcpIdle) && gone.len() == 2);
+    }
+
+    #[test]
+    fn a_lone_entry_expires_on_its_own() {
+        let p = pair(IPPROTO_UDP, 100 * S, 0, 0, 0);
+        let gone = expired(&p[..1], 131 * S, &t());
+        assert_eq!(gone.len(), 1);
+    }
+}
