@@ -106,18 +106,10 @@ impl Fixture {
 
     /// Runs the program of `side` on `frame` as received on that side's interface.
     pub fn run(&mut self, side: Side, frame: &[u8]) -> TestRunOutput {
-        let ifindex = match side {
-            Side::Internal => self.in_ifindex,
-            Side::External => self.ex_ifindex,
-        };
-        let path = format!("/run/netns/{}", self.netns);
-        let dp = &mut self.datapath;
-        in_netns(&path, || dp.test_run(side, frame, ifindex, 1))
-            .expect("netns")
-            .expect("BPF_PROG_RUN")
+        self.time(side, frame, 1)
     }
 
-    /// Runs `repeat` times and returns the kernel's average time per run.
+    /// Runs `repeat` times; the output carries the kernel's average time per run.
     pub fn time(&mut self, side: Side, frame: &[u8], repeat: u32) -> TestRunOutput {
         let ifindex = match side {
             Side::Internal => self.in_ifindex,

@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod traffic;
 
 pub use xtask::lab;
 

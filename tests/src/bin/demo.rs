@@ -2,22 +2,13 @@
 //! runs the firewall on it, sends real traffic through a translated flow that
 //! the XDP datapath forwards, shows what the maps and counters say, and cleans up.
 
-use std::{net::Ipv4Addr, thread, time::Duration};
-
 use anyhow::{bail, Context as _};
-use firewall_common::{
-    flow::{FlowKey, FlowValue},
-    IPPROTO_TCP,
-};
-use firewall_ctl::datapath::{FlowTable, PinPaths};
+use firewall_common::IPPROTO_TCP;
 use firewall_tests::{
     daemon::Firewall,
     lab::{addr, unique_prefix, Lab},
+    traffic::{flow, install_snat, prime_neighbours, wait_listening},
 };
-
-fn ip4(s: &str) -> [u8; 4] {
-    s.parse::<Ipv4Addr>().expect("lab address").octets()
-}
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
@@ -74,32 +65,8 @@ fn run() -> anyhow::Result<()> {
         "Installing a translated TCP flow through the firewall-ctl library:\n    {}:{cport} -> {}:{sport} leaves as {}:{nat}, and the reply direction back",
         addr::CLIENT, addr::SERVER, addr::FW_EXTERNAL
     ));
-    let mut flows = FlowTable::open(&PinPaths::default())?;
-    let out = FlowKey::new(
-        IPPROTO_TCP,
-        ip4(addr::CLIENT),
-        cport,
-        ip4(addr::SERVER),
-        sport,
-    );
-    flows.insert(
-        &out,
-        &FlowValue::forward(ip4(addr::FW_EXTERNAL), nat, ip4(addr::SERVER), sport),
-    )?;
-    let back = FlowKey::new(
-        IPPROTO_TCP,
-        ip4(addr::SERVER),
-        sport,
-        ip4(addr::FW_EXTERNAL),
-        nat,
-    );
-    flows.insert(
-        &back,
-        &FlowValue::forward(ip4(addr::SERVER), sport, ip4(addr::CLIENT), cport),
-    )?;
-    // The datapath needs resolved neighbours (it drops and counts otherwise).
-    lab.fw
-        .sh(&format!("ping -c1 -W2 {} >/dev/null", addr::SERVER))?;
+    let (out, back) = install_snat(IPPROTO_TCP, addr::CLIENT, cport, addr::SERVER, sport, nat);
+    prime_neighbours(&lab);
 
     let dir = std::env::temp_dir().join(format!("{}-files", lab.prefix));
     std::fs::create_dir_all(&dir)?;
@@ -122,15 +89,7 @@ fn run() -> anyhow::Result<()> {
         peer.display(),
         recv.display()
     ))?;
-    for _ in 0..100 {
-        if lab
-            .server
-            .try_sh(&format!("ss -Hltn | grep -q ':{sport} '"))
-        {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(&lab.server, sport);
     let started = std::time::Instant::now();
     lab.client.sh(&format!(
         "socat -u -T10 OPEN:{} TCP:{}:{sport},bind={}:{cport}",
@@ -157,7 +116,7 @@ fn run() -> anyhow::Result<()> {
 
     step(6, "The flow entries, forwarded by XDP without the Linux stack (firewall-ctl library; same as bpftool map dump pinned /sys/fs/bpf/firewall/FLOWS):");
     for (name, key) in [("client -> server", &out), ("server -> client", &back)] {
-        let v = flows.get(key)?.context("flow entry vanished")?;
+        let v = flow(key);
         println!("    {name}: {} packets, {} bytes", v.packets, v.bytes);
     }
 
