@@ -173,3 +173,26 @@ impl Drop for Firewall {
         let _ = Command::new("true").status();
     }
 }
+
+/// A lab with the daemon running on it, holding the lab-test lock. Fields drop
+/// in order: the daemon goes down before its namespaces, and the lock last.
+pub struct LabRun {
+    pub fw: Firewall,
+    pub lab: Lab,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl LabRun {
+    /// `tag` names the lab (a few characters); `extra` are more `up` arguments.
+    pub fn start(tag: &str, extra: &[&str]) -> Self {
+        crate::require_root();
+        let turn = crate::exclusive();
+        let lab = Lab::create(&crate::lab::unique_prefix(tag)).expect("creating the lab");
+        let fw = Firewall::up(&lab, extra).expect("firewall-ctl up");
+        Self {
+            fw,
+            lab,
+            _turn: turn,
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::{thread, time::Duration};
 use firewall_common::{flow::FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 use firewall_ctl::datapath::{FlowTable, PinPaths};
 use firewall_tests::{
-    daemon::{ctl_in, Firewall},
+    daemon::{ctl_in, Firewall, LabRun},
     exclusive,
     lab::{addr, unique_prefix, Lab},
     require_root,
@@ -17,10 +17,8 @@ use serde_json::Value;
 
 #[test]
 fn up_attaches_native_xdp_and_down_removes_everything() {
-    require_root();
-    let _g = exclusive();
-    let lab = Lab::create(&unique_prefix("att")).unwrap();
-    let mut fw = Firewall::up(&lab, &[]).unwrap();
+    let mut run = LabRun::start("att", &[]);
+    let LabRun { lab, fw, .. } = &mut run;
 
     // ip and bpftool agree: native ("driver") XDP with our programs on both interfaces.
     for (ifname, prog) in [
@@ -101,10 +99,8 @@ fn up_attaches_native_xdp_and_down_removes_everything() {
 
 #[test]
 fn traffic_the_firewall_does_not_handle_still_works() {
-    require_root();
-    let _g = exclusive();
-    let lab = Lab::create(&unique_prefix("pass")).unwrap();
-    let fw = Firewall::up(&lab, &[]).unwrap();
+    let mut run = LabRun::start("pass", &[]);
+    let LabRun { lab, fw, .. } = &mut run;
 
     // ICMP to the firewall, from both sides.
     lab.client
@@ -146,10 +142,8 @@ fn traffic_the_firewall_does_not_handle_still_works() {
 
 #[test]
 fn a_flow_written_through_the_library_translates_real_traffic() {
-    require_root();
-    let _g = exclusive();
-    let lab = Lab::create(&unique_prefix("nat")).unwrap();
-    let fw = Firewall::up(&lab, &[]).unwrap();
+    let mut run = LabRun::start("nat", &[]);
+    let LabRun { lab, fw, .. } = &mut run;
     prime_neighbours(&lab);
 
     // TCP: the server sees the firewall's external address; data flows both ways.
@@ -233,10 +227,8 @@ fn a_flow_written_through_the_library_translates_real_traffic() {
 
 #[test]
 fn bpftool_dumps_are_readable() {
-    require_root();
-    let _g = exclusive();
-    let lab = Lab::create(&unique_prefix("btf")).unwrap();
-    let _fw = Firewall::up(&lab, &[]).unwrap();
+    let mut run = LabRun::start("btf", &[]);
+    let LabRun { lab, .. } = &mut run;
     install_snat(IPPROTO_TCP, addr::CLIENT, 40010, addr::SERVER, 21, 61010);
 
     let dump: Value = serde_json::from_str(
@@ -303,10 +295,8 @@ fn bpftool_dumps_are_readable() {
 
 #[test]
 fn a_crashed_daemon_leaves_forwarding_up_and_down_or_up_take_over() {
-    require_root();
-    let _g = exclusive();
-    let lab = Lab::create(&unique_prefix("crash")).unwrap();
-    let mut fw = Firewall::up(&lab, &[]).unwrap();
+    let mut run = LabRun::start("crash", &[]);
+    let LabRun { lab, fw, .. } = &mut run;
     prime_neighbours(&lab);
     let (out, _) = install_snat(IPPROTO_UDP, addr::CLIENT, 40020, addr::SERVER, 9020, 61020);
     let send = |tag: &str| exchange(&lab, IPPROTO_UDP, 40020, 9020, tag);
@@ -327,7 +317,7 @@ fn a_crashed_daemon_leaves_forwarding_up_and_down_or_up_take_over() {
 
     // A new daemon re-adopts the datapath: the flow and its counters are still there.
     let before = flow(&out).packets;
-    let mut fw2 = Firewall::up(&lab, &[]).unwrap();
+    let mut fw2 = Firewall::up(lab, &[]).unwrap();
     assert!(fw2.log_text().contains("re-adopt"), "{}", fw2.log_text());
     assert_eq!(flow(&out).packets, before);
     assert!(send("after").ends_with("after\n"));
@@ -351,15 +341,12 @@ fn a_crashed_daemon_leaves_forwarding_up_and_down_or_up_take_over() {
     )
     .unwrap();
     assert!(link[0].get("xdp").is_none(), "{}", link[0]);
-    drop(fw);
 }
 
 #[test]
 fn generic_mode_by_option() {
-    require_root();
-    let _g = exclusive();
-    let lab = Lab::create(&unique_prefix("gen")).unwrap();
-    let fw = Firewall::up(&lab, &["--xdp-mode", "generic"]).unwrap();
+    let mut run = LabRun::start("gen", &["--xdp-mode", "generic"]);
+    let LabRun { lab, fw, .. } = &mut run;
     let net: Value = serde_json::from_str(&lab.fw.sh("bpftool -j net").unwrap()).unwrap();
     for e in net[0]["xdp"].as_array().unwrap() {
         assert_eq!(e["mode"], "generic", "{e}");
