@@ -8,6 +8,7 @@
 
 pub mod csum;
 pub mod flow;
+pub mod pinhole;
 pub mod stats;
 
 /// bpffs directory under which every map and link of the firewall is pinned.
@@ -18,6 +19,9 @@ pub mod map_names {
     pub const FLOWS: &str = "FLOWS";
     pub const STATS: &str = "STATS";
     pub const CSUM_SCRATCH: &str = "CSUM_SCRATCH";
+    pub const PINHOLES: &str = "PINHOLES";
+    pub const PEER_FILTERS: &str = "PEER_FILTERS";
+    pub const EVENTS: &str = "EVENTS";
 }
 
 /// Names of the XDP programs in the eBPF object.

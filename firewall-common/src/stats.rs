@@ -64,6 +64,14 @@ counters! {
     DropFragNeeded = 14, Drop, "drop_frag_needed", "larger than the egress MTU without DF (would need fragmenting)";
     DropChecksum = 15, Drop, "drop_checksum", "checksum could not be recomputed (segment too long)";
     DropRedirectFailed = 16, Drop, "drop_redirect_failed", "bpf_redirect refused the egress interface";
+    PinholeEstablished = 17, Redirect, "redirect_pinhole_established", "first packet of a secondary connection: flows created, then redirected";
+    DropPinholeExpired = 18, Drop, "drop_pinhole_expired", "the pinhole's TIMEOUT deadline has passed";
+    DropPinholeUsed = 19, Drop, "drop_pinhole_used", "a single-use pinhole was already used (no ALLOW_MULTIPLE)";
+    DropPinholeSource = 20, Drop, "drop_pinhole_source", "a redirect used by another host than the session's client";
+    DropPeerFiltered = 21, Drop, "drop_peer_filtered", "the peer is outside the pinhole's IP filter";
+    DropPinholeNoTarget = 22, Drop, "drop_pinhole_no_target", "the client address is still the placeholder (SetClientAddress not called)";
+    DropPinholeNotSyn = 23, Drop, "drop_pinhole_not_syn", "a TCP segment other than SYN tried to open a pinhole";
+    DropNatPortsBusy = 24, Drop, "drop_nat_ports_busy", "all SNAT ports of the pinhole are in use";
 }
 
 /// Number of slots in the STATS map.

@@ -43,6 +43,16 @@ pub enum ErrorKind {
     /// The request could not be parsed or has the wrong version.
     BadRequest,
     InvalidArgument,
+    /// The allowed-address policy refuses a target (FTP-bounce guard).
+    AccessDenied,
+    /// The protocol rules do not allow the session's client this protocol.
+    ProtocolDenied,
+    /// The requested port is taken, or a filter denied the bind.
+    AddressInUse,
+    /// The address is not one of the firewall's (or a routable client's).
+    AddressNotAvailable,
+    /// No port (block) is free.
+    Exhausted,
     /// The daemon is shutting down.
     Terminating,
     /// Something failed inside the daemon (kernel, maps).
@@ -58,6 +68,11 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => "bad-request",
             ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::AccessDenied => "access-denied",
+            ErrorKind::ProtocolDenied => "protocol-denied",
+            ErrorKind::AddressInUse => "address-in-use",
+            ErrorKind::AddressNotAvailable => "address-not-available",
+            ErrorKind::Exhausted => "exhausted",
             ErrorKind::Terminating => "terminating",
             ErrorKind::Internal => "internal",
             ErrorKind::NotRunning => "not-running",

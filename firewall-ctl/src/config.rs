@@ -4,12 +4,16 @@
 //! with addresses and networks read from the two interfaces. Errors name the
 //! key and the problem.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{net::Ipv4Addr, ops::RangeInclusive, path::Path, time::Duration};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::netif::Interface;
+use crate::{
+    flags::ConnFlags,
+    netif::Interface,
+    policy::{NetworkObject, ProtocolRule, Transport},
+};
 
 /// The file as written by the operator. Unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
@@ -21,6 +25,12 @@ struct File {
     maps: MapsFile,
     #[serde(default)]
     timeouts: TimeoutsFile,
+    #[serde(default)]
+    ports: PortsFile,
+    #[serde(default)]
+    policy: PolicyFile,
+    protocols: Option<Vec<ProtocolFile>>,
+    networks: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +44,7 @@ struct AddressesFile {
 #[serde(deny_unknown_fields)]
 struct MapsFile {
     flows: Option<u64>,
+    pinholes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -42,6 +53,31 @@ struct TimeoutsFile {
     tcp_established: Option<u64>,
     tcp_closing: Option<u64>,
     udp_idle: Option<u64>,
+    pinhole: Option<u64>,
+    udp_pinhole_idle: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortsFile {
+    range: Option<String>,
+    snat_block: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    default_allowed_addresses: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProtocolFile {
+    name: String,
+    transport: String,
+    #[serde(default)]
+    ports: Vec<u16>,
+    clients: Option<Vec<String>>,
 }
 
 /// The validated configuration the daemon runs with.
@@ -53,7 +89,19 @@ pub struct Config {
     pub external_addresses: Vec<Ipv4Addr>,
     /// Capacity of the flow table (entries, one per direction).
     pub flow_table_size: u32,
+    /// Capacity of the pinhole table.
+    pub pinhole_table_size: u32,
     pub timeouts: Timeouts,
+    /// Ports handed out when a call asks for any port.
+    pub port_range: RangeInclusive<u16>,
+    /// SNAT ports reserved per ALLOW_MULTIPLE redirect or proxy-mode bind.
+    pub snat_block: u16,
+    /// Allowed-address flags OR-ed into every BindForClient
+    /// (DefaultAllowedAddressesInBindForClient).
+    pub default_allowed_addresses: ConnFlags,
+    pub protocols: Vec<ProtocolRule>,
+    /// Network objects for ALLOW_ADDRESSES_IN_NETWORK.
+    pub networks: Vec<NetworkObject>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -67,15 +115,24 @@ pub struct Timeouts {
     /// Idle time after which a UDP flow is removed.
     #[serde(with = "secs")]
     pub udp_idle: Duration,
+    /// TIMEOUT flag: an unused pinhole (TCP listener) closes after this.
+    #[serde(with = "secs")]
+    pub pinhole: Duration,
+    /// TIMEOUT flag on UDP: the connection closes after this much quiet.
+    #[serde(with = "secs")]
+    pub udp_pinhole_idle: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        // The same orders of magnitude as netfilter's conntrack defaults.
+        // The same orders of magnitude as netfilter's conntrack defaults; the
+        // pinhole TIMEOUT is the spec's "about one minute".
         Self {
             tcp_established: Duration::from_secs(7200),
             tcp_closing: Duration::from_secs(10),
             udp_idle: Duration::from_secs(60),
+            pinhole: Duration::from_secs(60),
+            udp_pinhole_idle: Duration::from_secs(60),
         }
     }
 }
@@ -90,8 +147,12 @@ mod secs {
 }
 
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
-const FLOW_TABLE_RANGE: std::ops::RangeInclusive<u64> = 1024..=16_777_216;
-const TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=604_800;
+pub const DEFAULT_PINHOLE_TABLE_SIZE: u32 = 65_536;
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=59999;
+pub const DEFAULT_SNAT_BLOCK: u16 = 64;
+const FLOW_TABLE_RANGE: RangeInclusive<u64> = 1024..=16_777_216;
+const PINHOLE_TABLE_RANGE: RangeInclusive<u64> = 64..=16_777_216;
+const TIMEOUT_RANGE: RangeInclusive<u64> = 1..=604_800;
 
 /// A configuration error: which key, and what is wrong with it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,6 +166,43 @@ fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
         problem: problem.into(),
+    }
+}
+
+fn parse_cidr(key: String, s: &str) -> Result<Ipv4Net, ConfigError> {
+    let net: Ipv4Net = s.parse().map_err(|_| {
+        err(
+            &key,
+            format!("{s:?} is not an IPv4 network in CIDR form (like 10.1.0.0/24)"),
+        )
+    })?;
+    if net != net.trunc() {
+        return Err(err(
+            key,
+            format!("{s:?} has host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn ranged(
+    key: &str,
+    v: Option<u64>,
+    range: RangeInclusive<u64>,
+    default: u64,
+    unit: &str,
+) -> Result<u64, ConfigError> {
+    match v {
+        Some(n) if !range.contains(&n) => Err(err(
+            key,
+            format!(
+                "{n}{unit} is out of range {}..={}{unit}",
+                range.start(),
+                range.end()
+            ),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
     }
 }
 
@@ -140,22 +238,11 @@ impl Config {
 
         let internal_networks = match file.addresses.internal_networks {
             Some(list) => {
-                let mut nets = Vec::new();
-                for (i, s) in list.iter().enumerate() {
-                    let net: Ipv4Net = s.parse().map_err(|_| {
-                        err(
-                            format!("addresses.internal_networks[{i}]"),
-                            format!("{s:?} is not an IPv4 network in CIDR form (like 10.1.0.0/24)"),
-                        )
-                    })?;
-                    if net != net.trunc() {
-                        return Err(err(
-                            format!("addresses.internal_networks[{i}]"),
-                            format!("{s:?} has host bits set; did you mean {}?", net.trunc()),
-                        ));
-                    }
-                    nets.push(net);
-                }
+                let nets = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| parse_cidr(format!("addresses.internal_networks[{i}]"), s))
+                    .collect::<Result<Vec<_>, _>>()?;
                 if nets.is_empty() {
                     return Err(err(
                         "addresses.internal_networks",
@@ -183,15 +270,13 @@ impl Config {
             Some(list) => {
                 let mut addrs = Vec::new();
                 for (i, s) in list.iter().enumerate() {
-                    let a: Ipv4Addr = s.parse().map_err(|_| {
-                        err(
-                            format!("addresses.external_addresses[{i}]"),
-                            format!("{s:?} is not an IPv4 address"),
-                        )
-                    })?;
+                    let key = format!("addresses.external_addresses[{i}]");
+                    let a: Ipv4Addr = s
+                        .parse()
+                        .map_err(|_| err(&key, format!("{s:?} is not an IPv4 address")))?;
                     if !external.networks.iter().any(|n| n.addr() == a) {
                         return Err(err(
-                            format!("addresses.external_addresses[{i}]"),
+                            key,
                             format!("{a} is not an address of interface {}", external.name),
                         ));
                     }
@@ -220,52 +305,181 @@ impl Config {
             }
         };
 
-        let flow_table_size = match file.maps.flows {
-            Some(n) if !FLOW_TABLE_RANGE.contains(&n) => {
-                return Err(err(
-                    "maps.flows",
-                    format!(
-                        "{n} is out of range {}..={}",
-                        FLOW_TABLE_RANGE.start(),
-                        FLOW_TABLE_RANGE.end()
-                    ),
-                ));
-            }
-            Some(n) => n as u32,
-            None => DEFAULT_FLOW_TABLE_SIZE,
-        };
+        let flow_table_size = ranged(
+            "maps.flows",
+            file.maps.flows,
+            FLOW_TABLE_RANGE,
+            DEFAULT_FLOW_TABLE_SIZE as u64,
+            "",
+        )? as u32;
+        let pinhole_table_size = ranged(
+            "maps.pinholes",
+            file.maps.pinholes,
+            PINHOLE_TABLE_RANGE,
+            DEFAULT_PINHOLE_TABLE_SIZE as u64,
+            "",
+        )? as u32;
 
         let d = Timeouts::default();
-        let timeout =
+        let t = &file.timeouts;
+        let secs =
             |key: &str, v: Option<u64>, default: Duration| -> Result<Duration, ConfigError> {
-                match v {
-                    Some(s) if !TIMEOUT_RANGE.contains(&s) => Err(err(
-                        format!("timeouts.{key}"),
-                        format!(
-                            "{s} s is out of range {}..={} s",
-                            TIMEOUT_RANGE.start(),
-                            TIMEOUT_RANGE.end()
-                        ),
-                    )),
-                    Some(s) => Ok(Duration::from_secs(s)),
-                    None => Ok(default),
-                }
+                Ok(Duration::from_secs(ranged(
+                    &format!("timeouts.{key}"),
+                    v,
+                    TIMEOUT_RANGE,
+                    default.as_secs(),
+                    " s",
+                )?))
             };
         let timeouts = Timeouts {
-            tcp_established: timeout(
-                "tcp_established",
-                file.timeouts.tcp_established,
-                d.tcp_established,
-            )?,
-            tcp_closing: timeout("tcp_closing", file.timeouts.tcp_closing, d.tcp_closing)?,
-            udp_idle: timeout("udp_idle", file.timeouts.udp_idle, d.udp_idle)?,
+            tcp_established: secs("tcp_established", t.tcp_established, d.tcp_established)?,
+            tcp_closing: secs("tcp_closing", t.tcp_closing, d.tcp_closing)?,
+            udp_idle: secs("udp_idle", t.udp_idle, d.udp_idle)?,
+            pinhole: secs("pinhole", t.pinhole, d.pinhole)?,
+            udp_pinhole_idle: secs("udp_pinhole_idle", t.udp_pinhole_idle, d.udp_pinhole_idle)?,
+        };
+
+        let port_range = match &file.ports.range {
+            None => DEFAULT_PORT_RANGE,
+            Some(s) => {
+                let bad = || {
+                    err(
+                        "ports.range",
+                        format!("{s:?} is not a port range like \"20000-59999\""),
+                    )
+                };
+                let (a, b) = s.split_once('-').ok_or_else(bad)?;
+                let (a, b): (u16, u16) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
+                if a < 1024 {
+                    return Err(err(
+                        "ports.range",
+                        format!("starts at {a}: ports below 1024 are never handed out"),
+                    ));
+                }
+                if b < a {
+                    return Err(err("ports.range", format!("{s:?} ends before it starts")));
+                }
+                a..=b
+            }
+        };
+        let snat_block = ranged(
+            "ports.snat_block",
+            file.ports.snat_block,
+            1..=4096,
+            DEFAULT_SNAT_BLOCK as u64,
+            "",
+        )? as u16;
+
+        let mut default_allowed_addresses = ConnFlags::empty();
+        for (i, name) in file
+            .policy
+            .default_allowed_addresses
+            .iter()
+            .flatten()
+            .enumerate()
+        {
+            let key = format!("policy.default_allowed_addresses[{i}]");
+            let f = ConnFlags::from_kebab(name).map_err(|e| err(&key, e))?;
+            if !ConnFlags::ALLOWED_ADDRESSES.contains(f) {
+                return Err(err(key, format!("{name:?} is not an allowed-address flag (allow-addresses-in-class-c-network, allow-addresses-in-network, allow-addresses-all)")));
+            }
+            default_allowed_addresses |= f;
+        }
+
+        let protocols = match file.protocols {
+            None => vec![ProtocolRule {
+                name: "ftp".into(),
+                transport: Transport::Tcp,
+                ports: vec![21],
+                clients: internal_networks.clone(),
+            }],
+            Some(list) => {
+                let mut rules: Vec<ProtocolRule> = Vec::new();
+                for (i, p) in list.into_iter().enumerate() {
+                    let key = |f: &str| format!("protocols[{i}].{f}");
+                    if p.name.is_empty()
+                        || !p
+                            .name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    {
+                        return Err(err(
+                            key("name"),
+                            format!("{:?} must be a non-empty name of [A-Za-z0-9_-]", p.name),
+                        ));
+                    }
+                    if rules.iter().any(|r| r.name == p.name) {
+                        return Err(err(
+                            key("name"),
+                            format!("protocol {:?} is defined twice", p.name),
+                        ));
+                    }
+                    let transport = match p.transport.as_str() {
+                        "tcp" => Transport::Tcp,
+                        "udp" => Transport::Udp,
+                        other => {
+                            return Err(err(
+                                key("transport"),
+                                format!("{other:?} is not \"tcp\" or \"udp\""),
+                            ))
+                        }
+                    };
+                    if p.ports.contains(&0) {
+                        return Err(err(key("ports"), "port 0 is not a port"));
+                    }
+                    let clients = match p.clients {
+                        None => internal_networks.clone(),
+                        Some(c) => c
+                            .iter()
+                            .enumerate()
+                            .map(|(j, s)| parse_cidr(format!("protocols[{i}].clients[{j}]"), s))
+                            .collect::<Result<Vec<_>, _>>()?,
+                    };
+                    rules.push(ProtocolRule {
+                        name: p.name,
+                        transport,
+                        ports: p.ports,
+                        clients,
+                    });
+                }
+                rules
+            }
+        };
+
+        let networks = match file.networks {
+            None => vec![NetworkObject {
+                name: "internal".into(),
+                ranges: internal_networks.clone(),
+            }],
+            Some(map) => {
+                let mut objs = Vec::new();
+                for (name, ranges) in map {
+                    let ranges = ranges
+                        .iter()
+                        .enumerate()
+                        .map(|(j, s)| parse_cidr(format!("networks.{name}[{j}]"), s))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    objs.push(NetworkObject { name, ranges });
+                }
+                objs
+            }
         };
 
         Ok(Config {
             internal_networks,
             external_addresses,
             flow_table_size,
+            pinhole_table_size,
             timeouts,
+            port_range,
+            snat_block,
+            default_allowed_addresses,
+            protocols,
+            networks,
         })
     }
 }
@@ -305,20 +519,59 @@ mod tests {
         );
         assert_eq!(c.external_addresses, vec![Ipv4Addr::new(10, 2, 0, 1)]);
         assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
+        assert_eq!(c.port_range, DEFAULT_PORT_RANGE);
+        assert_eq!(c.protocols[0].name, "ftp");
+        assert_eq!(c.protocols[0].clients, c.internal_networks);
+        assert_eq!(c.networks[0].ranges, c.internal_networks);
+        assert!(c.default_allowed_addresses.is_empty());
     }
 
     #[test]
     fn full_file() {
         let (i, e) = ifs();
         let c = Config::parse(
-            "[addresses]\ninternal_networks = [\"10.1.0.0/16\", \"192.168.0.0/24\"]\nexternal_addresses = [\"10.2.0.1\"]\n[maps]\nflows = 4096\n[timeouts]\nudp_idle = 30\n",
+            r#"
+[addresses]
+internal_networks = ["10.1.0.0/16", "192.168.0.0/24"]
+external_addresses = ["10.2.0.1"]
+[maps]
+flows = 4096
+pinholes = 1024
+[timeouts]
+udp_idle = 30
+pinhole = 20
+[ports]
+range = "30000-30099"
+snat_block = 8
+[policy]
+default_allowed_addresses = ["allow-addresses-in-class-c-network"]
+[[protocols]]
+name = "sip"
+transport = "udp"
+ports = [5060]
+clients = ["10.1.0.0/24"]
+[networks]
+lan = ["10.1.0.0/23"]
+dmz = ["192.168.0.0/24"]
+"#,
             &i,
             &e,
         )
         .unwrap();
         assert_eq!(c.internal_networks.len(), 2);
         assert_eq!(c.flow_table_size, 4096);
+        assert_eq!(c.pinhole_table_size, 1024);
         assert_eq!(c.timeouts.udp_idle, Duration::from_secs(30));
+        assert_eq!(c.timeouts.pinhole, Duration::from_secs(20));
+        assert_eq!(c.port_range, 30000..=30099);
+        assert_eq!(c.snat_block, 8);
+        assert_eq!(
+            c.default_allowed_addresses,
+            ConnFlags::ALLOW_ADDRESSES_IN_CLASS_C_NETWORK
+        );
+        assert_eq!(c.protocols.len(), 1);
+        assert_eq!(c.protocols[0].transport, Transport::Udp);
+        assert_eq!(c.networks.len(), 2);
     }
 
     #[test]
@@ -327,29 +580,32 @@ mod tests {
         let c = Config::parse(include_str!("../../docs/firewall.example.toml"), &i, &e).unwrap();
         assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
         assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.port_range, DEFAULT_PORT_RANGE);
     }
 
     #[test]
     fn errors_name_the_key() {
         let (i, e) = ifs();
         let cases = [
-            (
-                "[addresses]\ninternal_networks = [\"10.1.0.0/24\", \"nope\"]",
-                "addresses.internal_networks[1]",
-            ),
-            (
-                "[addresses]\ninternal_networks = [\"10.1.0.1/24\"]",
-                "host bits",
-            ),
-            (
-                "[addresses]\nexternal_addresses = [\"10.9.9.9\"]",
-                "not an address of interface ex0",
-            ),
+            ("[addresses]\ninternal_networks = [\"10.1.0.0/24\", \"nope\"]", "addresses.internal_networks[1]"),
+            ("[addresses]\ninternal_networks = [\"10.1.0.1/24\"]", "host bits"),
+            ("[addresses]\nexternal_addresses = [\"10.9.9.9\"]", "not an address of interface ex0"),
             ("[maps]\nflows = 3", "maps.flows"),
+            ("[maps]\npinholes = 3", "maps.pinholes"),
             ("[timeouts]\nudp_idle = 0", "timeouts.udp_idle"),
+            ("[timeouts]\npinhole = 9999999", "timeouts.pinhole"),
             ("[maps]\nflowz = 3", "unknown field `flowz`"),
             ("[maps]\nflows = \"many\"", "line 2"),
             ("[addresses]\ninternal_networks = []", "at least one"),
+            ("[ports]\nrange = \"80-90\"", "below 1024"),
+            ("[ports]\nrange = \"9000\"", "ports.range"),
+            ("[ports]\nrange = \"9000-2000\"", "ends before it starts"),
+            ("[policy]\ndefault_allowed_addresses = [\"timeout\"]", "not an allowed-address flag"),
+            ("[policy]\ndefault_allowed_addresses = [\"lots\"]", "policy.default_allowed_addresses[0]"),
+            ("[[protocols]]\nname = \"x\"\ntransport = \"sctp\"", "protocols[0].transport"),
+            ("[[protocols]]\nname = \"x y\"\ntransport = \"tcp\"", "protocols[0].name"),
+            ("[[protocols]]\nname = \"x\"\ntransport = \"tcp\"\n[[protocols]]\nname = \"x\"\ntransport = \"udp\"", "defined twice"),
+            ("[networks]\nlan = [\"10.0.0.0/99\"]", "networks.lan[0]"),
         ];
         for (text, want) in cases {
             let got = Config::parse(text, &i, &e).unwrap_err().to_string();

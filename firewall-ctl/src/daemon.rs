@@ -245,7 +245,13 @@ fn start_datapath(
     mode: AttachMode,
     adopt: bool,
 ) -> anyhow::Result<Datapath> {
-    let mut dp = Datapath::load(pins, config.flow_table_size)?;
+    let mut dp = Datapath::load(
+        pins,
+        datapath::MapSizes {
+            flows: config.flow_table_size,
+            pinholes: config.pinhole_table_size,
+        },
+    )?;
     dp.attach(Side::Internal, internal, mode, adopt)?;
     dp.attach(Side::External, external, mode, adopt)?;
     Ok(dp)

@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::{
-    maps::{HashMap, Map, MapData, MapInfo, PerCpuArray},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        HashMap, Map, MapData, MapInfo, PerCpuArray, RingBuf,
+    },
     programs::{
         links::{FdLink, PinnedLink},
         Xdp, XdpMode,
@@ -21,7 +24,9 @@ use aya::{
 };
 use firewall_common::{
     flow::{FlowKey, FlowValue},
-    map_names, program_names,
+    map_names,
+    pinhole::{DatapathEvent, PeerFilterKey, PeerFilterValue, PinholeKey, PinholeValue},
+    program_names,
     stats::{Counter, StatValue, COUNTER_SLOTS},
     PIN_DIR,
 };
@@ -128,11 +133,24 @@ const MAPS: &[MapSpec] = &[
         value_size: size_of::<StatValue>() as u32,
     },
     MapSpec {
-        name: map_names::CSUM_SCRATCH,
-        key_size: 4,
-        value_size: 512,
+        name: map_names::PINHOLES,
+        key_size: size_of::<PinholeKey>() as u32,
+        value_size: size_of::<PinholeValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::PEER_FILTERS,
+        // struct bpf_lpm_trie_key: prefix length, then the data.
+        key_size: 4 + size_of::<PeerFilterKey>() as u32,
+        value_size: size_of::<PeerFilterValue>() as u32,
     },
 ];
+
+/// Capacities of the maps the configuration sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub flows: u32,
+    pub pinholes: u32,
+}
 
 /// Fails unless `dir` is on a mounted bpffs.
 pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
@@ -152,7 +170,7 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 /// A pinned map that exists but does not have the layout this build expects
 /// (left by an older version) must not be re-adopted: the datapath would
 /// misread it.
-fn check_pinned_layout(pins: &PinPaths, flow_table_size: u32) -> anyhow::Result<()> {
+fn check_pinned_layout(pins: &PinPaths, sizes: MapSizes) -> anyhow::Result<()> {
     for spec in MAPS {
         let path = pins.map(spec.name);
         if !path.exists() {
@@ -166,10 +184,15 @@ fn check_pinned_layout(pins: &PinPaths, flow_table_size: u32) -> anyhow::Result<
                 path.display(), info.key_size(), info.value_size(), spec.key_size, spec.value_size
             );
         }
-        if spec.name == map_names::FLOWS && info.max_entries() != flow_table_size {
+        let wanted = match spec.name {
+            map_names::FLOWS => Some(sizes.flows),
+            map_names::PINHOLES => Some(sizes.pinholes),
+            _ => None,
+        };
+        if let Some(wanted) = wanted.filter(|w| *w != info.max_entries()) {
             bail!(
-                "pinned flow table {} holds {} entries but the config asks for {}: run `firewall-ctl down` to resize (established flows are lost)",
-                path.display(), info.max_entries(), flow_table_size
+                "pinned map {} holds {} entries but the config asks for {wanted}: run `firewall-ctl down` to resize (established flows are lost)",
+                path.display(), info.max_entries()
             );
         }
     }
@@ -183,15 +206,17 @@ pub struct Datapath {
     links: BTreeMap<&'static str, PinnedLink>,
     /// Keeps the eBPF log ring buffer alive; the daemon polls it.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Establishment events from the datapath; the daemon takes and polls it.
+    pub events: Option<RingBuf<MapData>>,
 }
 
 impl Datapath {
     /// Loads the programs, creating or re-adopting the pinned maps.
-    pub fn load(pins: &PinPaths, flow_table_size: u32) -> anyhow::Result<Self> {
+    pub fn load(pins: &PinPaths, sizes: MapSizes) -> anyhow::Result<Self> {
         check_bpffs(&pins.dir)?;
         fs::create_dir_all(&pins.dir)
             .with_context(|| format!("creating {}", pins.dir.display()))?;
-        check_pinned_layout(pins, flow_table_size)?;
+        check_pinned_layout(pins, sizes)?;
 
         let map_paths: Vec<(&str, PathBuf)> =
             MAPS.iter().map(|m| (m.name, pins.map(m.name))).collect();
@@ -199,7 +224,8 @@ impl Datapath {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        loader.map_max_entries(map_names::FLOWS, flow_table_size);
+        loader.map_max_entries(map_names::FLOWS, sizes.flows);
+        loader.map_max_entries(map_names::PINHOLES, sizes.pinholes);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
@@ -222,11 +248,16 @@ impl Datapath {
                 anyhow!("the kernel refused XDP program {} (RUST_LOG=debug shows the whole verifier log):\n{}", side.program(), tail.join("\n"))
             })?;
         }
+        let events = match ebpf.take_map(map_names::EVENTS) {
+            Some(m) => Some(RingBuf::try_from(m).context("the EVENTS map is not a ring buffer")?),
+            None => bail!("the eBPF object has no EVENTS map"),
+        };
         Ok(Self {
             ebpf,
             pins: pins.clone(),
             links: BTreeMap::new(),
             logger,
+            events,
         })
     }
 
@@ -450,4 +481,108 @@ impl Stats {
         }
         Ok(out)
     }
+}
+
+/// Typed access to the pinned pinhole table.
+pub struct PinholeTable {
+    map: HashMap<MapData, PinholeKey, PinholeValue>,
+}
+
+impl PinholeTable {
+    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        let path = pins.map(map_names::PINHOLES);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        Ok(Self {
+            map: HashMap::try_from(Map::from_map_data(data)?)?,
+        })
+    }
+
+    pub fn insert(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
+        self.map
+            .insert(key, value, 0)
+            .with_context(|| format!("inserting pinhole {key:?}"))
+    }
+
+    pub fn get(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+        match self.map.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn remove(&mut self, key: &PinholeKey) -> anyhow::Result<bool> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn entries(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
+        let mut out = Vec::new();
+        for r in self.map.iter() {
+            match r {
+                Ok(kv) => out.push(kv),
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Typed access to the pinned peer filters (an LPM trie of (filter id, network) -> allow).
+pub struct PeerFilters {
+    map: LpmTrie<MapData, PeerFilterKey, PeerFilterValue>,
+}
+
+impl PeerFilters {
+    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        let path = pins.map(map_names::PEER_FILTERS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        Ok(Self {
+            map: LpmTrie::try_from(Map::from_map_data(data)?)?,
+        })
+    }
+
+    fn key(filter: u32, net: ipnet::Ipv4Net) -> LpmKey<PeerFilterKey> {
+        LpmKey::new(
+            32 + net.prefix_len() as u32,
+            PeerFilterKey {
+                filter: filter.to_be_bytes(),
+                addr: net.network().octets(),
+            },
+        )
+    }
+
+    pub fn insert(&mut self, filter: u32, net: ipnet::Ipv4Net, allow: bool) -> anyhow::Result<()> {
+        self.map
+            .insert(
+                &Self::key(filter, net),
+                PeerFilterValue {
+                    allow: allow as u32,
+                },
+                0,
+            )
+            .with_context(|| format!("inserting peer filter {filter} {net}"))
+    }
+
+    pub fn remove(&mut self, filter: u32, net: ipnet::Ipv4Net) -> anyhow::Result<()> {
+        match self.map.remove(&Self::key(filter, net)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Decodes one record of the EVENTS ring buffer.
+pub fn decode_event(bytes: &[u8]) -> Option<DatapathEvent> {
+    if bytes.len() < size_of::<DatapathEvent>() {
+        return None;
+    }
+    // SAFETY: DatapathEvent is plain old data and the length was checked.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DatapathEvent>()) })
 }

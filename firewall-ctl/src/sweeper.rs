@@ -120,6 +120,7 @@ mod tests {
             tcp_established: Duration::from_secs(100),
             tcp_closing: Duration::from_secs(10),
             udp_idle: Duration::from_secs(30),
+            ..Timeouts::default()
         }
     }
 

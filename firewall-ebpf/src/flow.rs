@@ -33,3 +33,11 @@ pub fn account(flow: *mut FlowValue, bytes: u64, tcp_flags: u8) {
         }
     }
 }
+
+/// Creates or replaces an entry (the datapath does so for pinholes).
+#[inline(always)]
+pub fn insert(key: &FlowKey, value: &FlowValue) -> Result<(), firewall_common::stats::Counter> {
+    FLOWS
+        .insert(key, value, 0)
+        .map_err(|_| firewall_common::stats::Counter::DropNatPortsBusy)
+}

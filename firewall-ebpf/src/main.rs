@@ -11,6 +11,7 @@ mod fib;
 mod flow;
 mod nat;
 mod parse;
+mod pinhole;
 mod stats;
 
 use aya_ebpf::{
@@ -18,19 +19,20 @@ use aya_ebpf::{
 };
 use firewall_common::{
     flow::FlowAction,
+    pinhole::side,
     stats::{Counter, Verdict},
 };
 
 /// Attached to the interface facing the internal networks.
 #[xdp]
 pub fn xdp_internal(ctx: XdpContext) -> u32 {
-    finish(&ctx, process(&ctx))
+    finish(&ctx, process(&ctx, side::INTERNAL))
 }
 
 /// Attached to the interface facing the external networks.
 #[xdp]
 pub fn xdp_external(ctx: XdpContext) -> u32 {
-    finish(&ctx, process(&ctx))
+    finish(&ctx, process(&ctx, side::EXTERNAL))
 }
 
 /// Outcome of processing: the counter, and for redirects the egress interface.
@@ -50,13 +52,18 @@ impl From<Counter> for Outcome {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Outcome {
+fn process(ctx: &XdpContext, side: u8) -> Outcome {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
         Err(c) => return c.into(),
     };
-    let Some(flow_ptr) = flow::lookup(&pkt.key) else {
-        return Counter::PassNoFlow.into();
+    // An existing flow first; otherwise a pinhole may create one.
+    let (flow_ptr, counter) = match flow::lookup(&pkt.key) {
+        Some(f) => (f, Counter::Redirected),
+        None => match pinhole::admit(&pkt, side) {
+            Ok(f) => (f, Counter::PinholeEstablished),
+            Err(c) => return c.into(),
+        },
     };
     if pkt.vlan_tagged {
         // XDP cannot transmit on VLAN sub-interfaces; leave such flows to the stack.
@@ -86,7 +93,7 @@ fn process(ctx: &XdpContext) -> Outcome {
     }
     flow::account(flow_ptr, frame_len(ctx), pkt.tcp_flags);
     Outcome {
-        counter: Counter::Redirected,
+        counter,
         ifindex: hop.ifindex,
     }
 }
@@ -111,7 +118,7 @@ fn finish(ctx: &XdpContext, out: Outcome) -> u32 {
         Verdict::Redirect => {
             let action = unsafe { bpf_redirect(out.ifindex, 0) } as u32;
             if action == xdp_action::XDP_REDIRECT {
-                stats::count(Counter::Redirected, len);
+                stats::count(out.counter, len);
                 action
             } else {
                 // Rare (a vanished interface); worth a line in the daemon's log.

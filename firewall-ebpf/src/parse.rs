@@ -35,6 +35,8 @@ pub struct Packet {
     pub vlan_tagged: bool,
     /// `tcp_seen` bits of this segment (0 for UDP).
     pub tcp_flags: u8,
+    /// A TCP SYN without ACK: the only segment that may open a pinhole.
+    pub syn_only: bool,
 }
 
 struct Cursor {
@@ -113,7 +115,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
         pos: start + l4_off,
         end,
     };
-    let (l4, l4_check, src_port, dst_port, tcp_flags) = if protocol == IPPROTO_TCP {
+    let (l4, l4_check, src_port, dst_port, tcp_flags, syn_only) = if protocol == IPPROTO_TCP {
         let tcp: *mut TcpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
         let t = unsafe { &*tcp };
         let doff = (t.doff() as usize) << 2;
@@ -131,12 +133,14 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
             seen |= tcp_seen::RST;
         }
         let check = unsafe { &raw mut (*tcp).check };
+        let syn_only = t.syn() != 0 && t.ack() == 0;
         (
             tcp as *mut u8,
             check,
             u16::from_be_bytes(t.source),
             u16::from_be_bytes(t.dest),
             seen,
+            syn_only,
         )
     } else {
         let udp: *mut UdpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
@@ -152,6 +156,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
             u16::from_be_bytes(u.src),
             u16::from_be_bytes(u.dst),
             0,
+            false,
         )
     };
 
@@ -167,5 +172,6 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
         dont_fragment: frags & IP_DF != 0,
         vlan_tagged,
         tcp_flags,
+        syn_only,
     })
 }

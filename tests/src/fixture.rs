@@ -92,7 +92,14 @@ impl Fixture {
         let pins = PinPaths {
             dir: format!("/sys/fs/bpf/{netns}").into(),
         };
-        let datapath = Datapath::load(&pins, 4096).context("loading the datapath for fixtures")?;
+        let datapath = Datapath::load(
+            &pins,
+            firewall_ctl::datapath::MapSizes {
+                flows: 4096,
+                pinholes: 1024,
+            },
+        )
+        .context("loading the datapath for fixtures")?;
         let flows = FlowTable::open(&pins)?;
         Ok(Self {
             netns: netns.to_string(),

@@ -1,0 +1,140 @@
+//! Pinholes ("expectations"): permissions for the first packet of a secondary
+//! connection, keyed by the firewall endpoint that packet targets.
+//!
+//! The XDP program that sees a matching, allowed first packet creates both flow
+//! entries itself, consumes a single-use pinhole and reports the establishment
+//! through the EVENTS ring buffer.
+
+use crate::flow::FlowKey;
+
+/// Which interface a pinhole's first packet arrives on.
+pub mod side {
+    /// From the internal networks (RedirectConnections: the client dials the firewall's internal address).
+    pub const INTERNAL: u8 = 0;
+    /// From the external networks (BindForClient: a peer connects to the external address).
+    pub const EXTERNAL: u8 = 1;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PinholeKey {
+    /// The endpoint the first packet is addressed to.
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    /// `side::INTERNAL` or `side::EXTERNAL`.
+    pub side: u8,
+}
+
+impl PinholeKey {
+    pub const fn new(protocol: u8, addr: [u8; 4], port: u16, side: u8) -> Self {
+        Self {
+            addr,
+            port,
+            protocol,
+            side,
+        }
+    }
+}
+
+/// Bits of `PinholeValue::flags`.
+pub mod pinhole_flags {
+    /// Serve many connections (peers); without it, the first one consumes the pinhole.
+    pub const MULTIPLE: u16 = 1 << 0;
+    /// UDP: once used, other peers that send still get a reply path (no delivery).
+    pub const BIDIRECTIONAL: u16 = 1 << 1;
+    /// Only `allowed_src` may use it (RedirectConnections: the session's client).
+    pub const CLIENT_ONLY: u16 = 1 << 2;
+    /// The target is not known yet (BindForClient placeholder): refuse.
+    pub const NO_TARGET: u16 = 1 << 3;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinholeValue {
+    /// Where the first packet's direction is sent (DNAT).
+    pub target_addr: [u8; 4],
+    /// Host byte order.
+    pub target_port: u16,
+    /// `pinhole_flags` bits.
+    pub flags: u16,
+    /// Source address the first packet's direction gets (SNAT); used when
+    /// `snat_port_count` > 0, otherwise the peer's own source is kept.
+    pub snat_addr: [u8; 4],
+    /// First of `snat_port_count` ports reserved for SNAT, host byte order.
+    pub snat_port_base: u16,
+    pub snat_port_count: u16,
+    /// With `CLIENT_ONLY`: the only source allowed.
+    pub allowed_src: [u8; 4],
+    /// Peer filter in PEER_FILTERS (0: any peer).
+    pub peer_filter: u32,
+    /// Interface the created flows must leave by (0: any).
+    pub egress_ifindex: u32,
+    pub _pad: u32,
+    /// Uses left without `MULTIPLE` (1, then 0); changed atomically (the
+    /// atomics of the baseline BPF instruction set are 64-bit).
+    pub remaining: u64,
+    pub _reserved: u64,
+    /// Connection object (or firewall action) that owns the pinhole and its flows.
+    pub owner: u64,
+    /// CLOCK_MONOTONIC deadline in ns (0: none).
+    pub deadline_ns: u64,
+    /// Connections established through it; changed atomically.
+    pub uses: u64,
+}
+
+/// Key of PEER_FILTERS, an LPM trie: (filter id, peer address). The prefix
+/// length covers the 32 bits of the id plus the network's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerFilterKey {
+    /// Big-endian, so the id is the leading bits of the prefix.
+    pub filter: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Value of PEER_FILTERS: 1 allows, 0 denies (the longest prefix decides).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PeerFilterValue {
+    pub allow: u32,
+}
+
+/// Kinds of `DatapathEvent`.
+pub mod event_kind {
+    /// A pinhole admitted a connection and the XDP program created its flows.
+    pub const ESTABLISHED: u32 = 1;
+    /// A UDP BIDIRECTIONAL pinhole gave a reply path to another peer.
+    pub const REPLY_PATH: u32 = 2;
+}
+
+/// What the datapath tells the control plane through the EVENTS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathEvent {
+    pub kind: u32,
+    pub _pad: u32,
+    pub owner: u64,
+    /// The entry for the first packet's direction (peer -> firewall endpoint).
+    pub forward: FlowKey,
+    /// The entry for the answers.
+    pub reply: FlowKey,
+    /// The pinhole that matched.
+    pub pinhole: PinholeKey,
+    pub timestamp_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: repr(C), integer fields only, padding explicit.
+    unsafe impl aya::Pod for super::PinholeKey {}
+    unsafe impl aya::Pod for super::PinholeValue {}
+    unsafe impl aya::Pod for super::PeerFilterKey {}
+    unsafe impl aya::Pod for super::PeerFilterValue {}
+    unsafe impl aya::Pod for super::DatapathEvent {}
+}
+
+const _: () = assert!(core::mem::size_of::<PinholeKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PinholeValue>() == 72);
+const _: () = assert!(core::mem::size_of::<DatapathEvent>() == 64);

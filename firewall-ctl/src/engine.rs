@@ -1,0 +1,1295 @@
+//! The engine: sessions, connection objects and firewall actions, and the two
+//! calls of the filter API, BindForClient and RedirectConnections.
+//!
+//! Data flows one way: a call validates, reserves ports, and writes pinholes
+//! (and peer filters) into the maps; the datapath turns the first packet of an
+//! expected connection into flow entries and reports it back (`on_datapath_event`);
+//! `tick` runs the timers (TIMEOUT, idle, TCP teardown). Every failing call is
+//! atomic: nothing it reserved or wrote stays behind.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use firewall_common::{
+    flow::{FlowKey, FlowValue},
+    pinhole::{event_kind, pinhole_flags, side, DatapathEvent, PinholeKey, PinholeValue},
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    api::{ApiError, ErrorKind},
+    config::{Config, Timeouts},
+    flags::ConnFlags,
+    netif::Interface,
+    policy::{self, IpFilter, NetworkObject, ProtocolRule, Transport},
+    ports::{Lease, PortPool},
+    sweeper::{self, SweepStats},
+};
+
+/// Most addresses one call may ask for.
+pub const MAX_ADDRESSES: usize = 64;
+
+/// What the engine writes to and reads from the datapath.
+pub trait Maps: Send {
+    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()>;
+    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>>;
+    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()>;
+    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>>;
+    fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()>;
+    fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()>;
+    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>>;
+    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool>;
+    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>>;
+}
+
+/// What the engine needs to know about the firewall.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub internal_addrs: Vec<Ipv4Addr>,
+    pub external_addrs: Vec<Ipv4Addr>,
+    pub internal_networks: Vec<Ipv4Net>,
+    pub internal_ifindex: u32,
+    pub external_ifindex: u32,
+    pub timeouts: Timeouts,
+    pub snat_block: u16,
+    pub default_allowed: ConnFlags,
+    pub protocols: Vec<ProtocolRule>,
+    pub networks: Vec<NetworkObject>,
+}
+
+impl EngineConfig {
+    pub fn new(config: &Config, internal: &Interface, external: &Interface) -> Self {
+        Self {
+            internal_addrs: internal.addresses().collect(),
+            external_addrs: config.external_addresses.clone(),
+            internal_networks: config.internal_networks.clone(),
+            internal_ifindex: internal.index,
+            external_ifindex: external.index,
+            timeouts: config.timeouts,
+            snat_block: config.snat_block,
+            default_allowed: config.default_allowed_addresses,
+            protocols: config.protocols.clone(),
+            networks: config.networks.clone(),
+        }
+    }
+
+    fn own_addrs(&self) -> Vec<Ipv4Addr> {
+        self.internal_addrs
+            .iter()
+            .chain(&self.external_addrs)
+            .copied()
+            .collect()
+    }
+
+    fn is_internal(&self, ip: Ipv4Addr) -> bool {
+        self.internal_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// BindForClient's arguments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BindRequest {
+    pub session: u64,
+    /// Where connection i is delivered; 0.0.0.0:0 is a placeholder set later with SetClientAddress.
+    pub clients: Vec<SocketAddrV4>,
+    /// The firewall address to bind (port 0: any); default: the first external address.
+    #[serde(default)]
+    pub proxy: Option<SocketAddrV4>,
+    pub protocol: Transport,
+    #[serde(default)]
+    pub flags: ConnFlags,
+    /// TCP listen backlog (used in user mode).
+    #[serde(default)]
+    pub backlog: Option<u32>,
+    pub protocol_name: String,
+    /// Remote peers allowed to connect; none: anyone.
+    #[serde(default)]
+    pub ip_filter: Option<IpFilter>,
+    /// Deliver "established" events for these connections (pSessionFilter).
+    #[serde(default)]
+    pub notify: bool,
+    /// Handed back in the "established" events (punkContext).
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BindResult {
+    /// The bound address of connection 0 (the lowest port).
+    pub proxy_address: SocketAddrV4,
+    pub connections: Vec<BoundConnection>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BoundConnection {
+    pub id: u64,
+    pub external: SocketAddrV4,
+    pub client: SocketAddrV4,
+}
+
+/// RedirectConnections' arguments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectRequest {
+    pub session: u64,
+    /// Where connection i really goes.
+    pub connects: Vec<SocketAddrV4>,
+    /// External source of the relayed connections (same external IP as the
+    /// primary); none or 0.0.0.0: the first external address; port 0: any.
+    #[serde(default)]
+    pub proxy_external: Option<SocketAddrV4>,
+    pub protocol: Transport,
+    #[serde(default)]
+    pub flags: ConnFlags,
+    pub protocol_name: String,
+    #[serde(default)]
+    pub notify: bool,
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RedirectResult {
+    /// The firewall's internal address to dial instead (the lowest port).
+    pub internal_address: SocketAddrV4,
+    pub actions: Vec<RedirectAction>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RedirectAction {
+    pub id: u64,
+    pub internal: SocketAddrV4,
+    pub connect: SocketAddrV4,
+}
+
+/// What an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// A BindForClient connection object (one bound port).
+    Bind,
+    /// A connection accepted through an ALLOW_MULTIPLE bind.
+    Accepted,
+    /// A RedirectConnections firewall action.
+    Redirect,
+    /// A connection made through an ALLOW_MULTIPLE redirect.
+    Redirected,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// The pinhole waits for its connection(s).
+    Listening,
+    /// A connection was made (single use), or this is one (child).
+    Established,
+    /// Killed, cancelled, closed, timed out, or its session ended.
+    Terminated,
+}
+
+/// Events for the callers (and `firewall-ctl events`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A connection made through a pinhole (fwx_EstablishedConnection); only
+    /// for calls that asked to be notified.
+    Established {
+        connection: u64,
+        parent: Option<u64>,
+        session: u64,
+        protocol: Transport,
+        /// Who opened it: the external peer (bind) or the client (redirect).
+        from: SocketAddrV4,
+        /// Where it goes: the client (bind) or the real destination (redirect).
+        to: SocketAddrV4,
+        context: Option<String>,
+    },
+    /// An object ends (fwx_ConnectionTerminating); raised once per object.
+    Terminating {
+        connection: u64,
+        session: u64,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub client: Ipv4Addr,
+    pub terminated: bool,
+    pub objects: usize,
+}
+
+/// A connection object or firewall action, as listed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ObjectInfo {
+    pub id: u64,
+    pub session: u64,
+    pub kind: Kind,
+    pub state: State,
+    pub parent: Option<u64>,
+    pub protocol: Transport,
+    pub protocol_name: String,
+    pub flags: ConnFlags,
+    /// Kernel (flows in XDP) or user (relay); always kernel in this version.
+    pub mode: &'static str,
+    /// The firewall endpoint the pinhole listens on.
+    pub endpoint: SocketAddrV4,
+    /// Bind: the client address (0.0.0.0:0 while a placeholder); redirect: the destination.
+    pub target: SocketAddrV4,
+    pub peer: Option<SocketAddrV4>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reason: Option<String>,
+}
+
+struct Session {
+    client: Ipv4Addr,
+    terminated: bool,
+}
+
+struct Object {
+    session: u64,
+    kind: Kind,
+    parent: Option<u64>,
+    state: State,
+    reason: Option<String>,
+    transport: Transport,
+    protocol_name: String,
+    flags: ConnFlags,
+    endpoint: SocketAddrV4,
+    target: Option<SocketAddrV4>,
+    pinhole: Option<PinholeKey>,
+    peer_filter: Option<u32>,
+    leases: Vec<Lease>,
+    flows: Vec<FlowKey>,
+    peer: Option<SocketAddrV4>,
+    notify: bool,
+    context: Option<String>,
+}
+
+fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
+    ApiError::new(kind, msg)
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    err(ErrorKind::InvalidArgument, msg)
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    err(ErrorKind::Internal, format!("{e:#}"))
+}
+
+fn ipproto(t: Transport) -> u8 {
+    match t {
+        Transport::Tcp => IPPROTO_TCP,
+        Transport::Udp => IPPROTO_UDP,
+    }
+}
+
+fn sa(addr: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(addr.into(), port)
+}
+
+/// Everything a call has written so far, to undo it if a later step fails.
+#[derive(Default)]
+struct Undo {
+    leases: Vec<Lease>,
+    pinholes: Vec<PinholeKey>,
+    rules: Vec<(u32, Ipv4Net)>,
+}
+
+pub struct Engine<M: Maps> {
+    cfg: EngineConfig,
+    maps: M,
+    ports: PortPool,
+    sessions: BTreeMap<u64, Session>,
+    by_client: HashMap<Ipv4Addr, u64>,
+    objects: BTreeMap<u64, Object>,
+    /// Which object a flow entry belongs to.
+    flow_owner: HashMap<FlowKey, u64>,
+    /// Peer filters: their rules and how many objects use them.
+    filters: HashMap<u32, (Vec<(Ipv4Net, bool)>, usize)>,
+    next_id: u64,
+    next_filter: u32,
+    events: Vec<Event>,
+    expired: SweepStats,
+}
+
+impl<M: Maps> Engine<M> {
+    /// A new engine. Pinholes left in the maps by an earlier daemon belong to
+    /// objects that no longer exist (and whose ports are no longer reserved),
+    /// so they are removed; established flows stay and expire normally.
+    pub fn new(cfg: EngineConfig, mut maps: M, ports: PortPool) -> anyhow::Result<Self> {
+        for (k, _) in maps.pinholes()? {
+            maps.del_pinhole(&k)?;
+        }
+        // Owners in the surviving flows must not be reused.
+        let next_id = maps
+            .flows()?
+            .iter()
+            .map(|(_, v)| v.owner)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        Ok(Self {
+            cfg,
+            maps,
+            ports,
+            sessions: BTreeMap::new(),
+            by_client: HashMap::new(),
+            objects: BTreeMap::new(),
+            flow_owner: HashMap::new(),
+            filters: HashMap::new(),
+            next_id,
+            next_filter: 1,
+            events: Vec::new(),
+            expired: SweepStats::default(),
+        })
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Events raised since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub fn expired(&self) -> &SweepStats {
+        &self.expired
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    // ----- sessions -----
+
+    /// The session of a SecureNAT client (one per client address): the open
+    /// one if there is one, else a new one.
+    pub fn open_session(&mut self, client: Ipv4Addr) -> Result<u64, ApiError> {
+        policy::check_unicast("client", client, &self.cfg.own_addrs())?;
+        if !self.cfg.is_internal(client) {
+            return Err(invalid(format!(
+                "client {client} is not on an internal network ({})",
+                nets(&self.cfg.internal_networks)
+            )));
+        }
+        if let Some(id) = self.by_client.get(&client) {
+            return Ok(*id);
+        }
+        let id = self.new_id();
+        self.sessions.insert(
+            id,
+            Session {
+                client,
+                terminated: false,
+            },
+        );
+        self.by_client.insert(client, id);
+        Ok(id)
+    }
+
+    /// Ends a session and everything it owns. Closing it again is fine.
+    pub fn close_session(&mut self, id: u64) -> Result<(), ApiError> {
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| invalid(format!("no session {id}")))?;
+        if s.terminated {
+            return Ok(());
+        }
+        s.terminated = true;
+        let client = s.client;
+        self.by_client.remove(&client);
+        let owned: Vec<u64> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.session == id && o.parent.is_none())
+            .map(|(k, _)| *k)
+            .collect();
+        for o in owned {
+            self.terminate(o, "session closed");
+        }
+        Ok(())
+    }
+
+    fn live_session(&self, id: u64) -> Result<Ipv4Addr, ApiError> {
+        match self.sessions.get(&id) {
+            None => Err(invalid(format!("no session {id}"))),
+            Some(s) if s.terminated => Err(err(
+                ErrorKind::Terminating,
+                format!("session {id} is terminated"),
+            )),
+            Some(s) => Ok(s.client),
+        }
+    }
+
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.sessions
+            .iter()
+            .map(|(id, s)| SessionInfo {
+                id: *id,
+                client: s.client,
+                terminated: s.terminated,
+                objects: self.objects.values().filter(|o| o.session == *id).count(),
+            })
+            .collect()
+    }
+
+    // ----- BindForClient -----
+
+    pub fn bind_for_client(&mut self, req: &BindRequest) -> Result<BindResult, ApiError> {
+        let client_ip = self.live_session(req.session)?;
+        let n = req.clients.len();
+        if n == 0 {
+            return Err(invalid(
+                "no client address: BindForClient needs at least one (N >= 1)",
+            ));
+        }
+        if n > MAX_ADDRESSES {
+            return Err(invalid(format!(
+                "{n} client addresses: at most {MAX_ADDRESSES}"
+            )));
+        }
+        let f = req.flags;
+        if f.contains(ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE) {
+            return Err(invalid(
+                "flags timeout and allow-multiple cannot be combined",
+            ));
+        }
+        if req.protocol == Transport::Tcp {
+            for only_udp in [ConnFlags::BIDIRECTIONAL, ConnFlags::INCREASE_RECEIVE_BUFFER] {
+                if f.contains(only_udp) {
+                    return Err(invalid(format!(
+                        "flag {} is valid only for UDP",
+                        only_udp.names()[0]
+                    )));
+                }
+            }
+        }
+        if f.contains(ConnFlags::NO_KERNEL_MODE) {
+            return Err(no_user_mode());
+        }
+        if req.backlog.is_some_and(|b| b > 65535) {
+            return Err(invalid(format!(
+                "backlog {} is above 65535",
+                req.backlog.unwrap_or_default()
+            )));
+        }
+        let own = self.cfg.own_addrs();
+        let clients: Vec<Option<SocketAddrV4>> = req
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, a)| policy::check_client_endpoint(i, *a, &own))
+            .collect::<Result<_, _>>()?;
+
+        let proxy = req
+            .proxy
+            .unwrap_or(SocketAddrV4::new(self.cfg.external_addrs[0], 0));
+        if proxy.port() != 0 && n > 1 {
+            return Err(invalid(format!(
+                "an explicit proxy port ({proxy}) is allowed only with one client address, not {n}"
+            )));
+        }
+        let (pside, routed) = if self.cfg.external_addrs.contains(proxy.ip()) {
+            (side::EXTERNAL, false)
+        } else if self.cfg.internal_addrs.contains(proxy.ip()) {
+            (side::INTERNAL, false)
+        } else if self.cfg.is_internal(*proxy.ip()) && !proxy.ip().is_unspecified() {
+            (side::EXTERNAL, true)
+        } else {
+            return Err(err(
+                ErrorKind::AddressNotAvailable,
+                format!("proxy address {} is neither an address of the firewall nor an internal client (routed network)", proxy.ip()),
+            ));
+        };
+        if routed {
+            for (i, c) in clients.iter().enumerate() {
+                match c {
+                    Some(c) if c.ip() == proxy.ip() && (proxy.port() == 0 || proxy.port() == c.port()) => {}
+                    _ => return Err(invalid(format!("with a routed proxy address ({proxy}), client address {i} must be that host itself (and the same port)"))),
+                }
+            }
+        }
+
+        // The FTP-bounce guard: all targets must pass, or the call fails whole.
+        let effective = f | self.cfg.default_allowed;
+        for c in clients.iter().flatten() {
+            policy::check_allowed_target(client_ip, *c.ip(), effective, &self.cfg.networks).inspect_err(|e| {
+                log::warn!("bounce attempt refused: session {} (client {client_ip}) asked to bind for {c}: {}", req.session, e.message);
+            })?;
+        }
+        policy::check_protocol(&self.cfg.protocols, &req.protocol_name, client_ip)?;
+
+        let mut undo = Undo::default();
+        match self.bind_apply(req, &clients, proxy, pside, routed, effective, &mut undo) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.rollback(undo);
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_apply(
+        &mut self,
+        req: &BindRequest,
+        clients: &[Option<SocketAddrV4>],
+        proxy: SocketAddrV4,
+        pside: u8,
+        routed: bool,
+        effective: ConnFlags,
+        undo: &mut Undo,
+    ) -> Result<BindResult, ApiError> {
+        let n = clients.len();
+        let endpoints: Vec<SocketAddrV4> = if routed {
+            clients
+                .iter()
+                .map(|c| c.expect("checked: routed has no placeholder"))
+                .collect()
+        } else if proxy.port() != 0 {
+            let l = self
+                .ports
+                .reserve_exact(*proxy.ip(), req.protocol, proxy.port())?;
+            undo.leases.push(l);
+            vec![l.endpoint()]
+        } else {
+            let block = self
+                .ports
+                .reserve_block(*proxy.ip(), req.protocol, n as u16)?;
+            undo.leases.extend(&block);
+            block.iter().map(|l| l.endpoint()).collect()
+        };
+        // PROXY_MODE: the client sees the firewall's internal address as the source.
+        let mut snat = Vec::new();
+        if req.flags.contains(ConnFlags::PROXY_MODE) {
+            let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
+                err(
+                    ErrorKind::AddressNotAvailable,
+                    "the internal interface has no address for proxy-mode",
+                )
+            })?;
+            let count = if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+                self.cfg.snat_block
+            } else {
+                1
+            };
+            for _ in 0..n {
+                let block = self.ports.reserve_block(int, req.protocol, count)?;
+                undo.leases.extend(&block);
+                snat.push(block);
+            }
+        }
+        let filter = self.install_peer_filter(req.ip_filter.as_ref(), undo)?;
+        let deadline = self.deadline(req.flags, req.protocol);
+
+        let mut out = Vec::new();
+        let mut created = Vec::new();
+        for (i, ep) in endpoints.iter().enumerate() {
+            let id = self.new_id();
+            let key = PinholeKey::new(ipproto(req.protocol), ep.ip().octets(), ep.port(), pside);
+            let mut flags = 0u16;
+            if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+                flags |= pinhole_flags::MULTIPLE;
+            }
+            if req.flags.contains(ConnFlags::BIDIRECTIONAL) {
+                flags |= pinhole_flags::BIDIRECTIONAL;
+            }
+            let target = clients[i];
+            if target.is_none() {
+                flags |= pinhole_flags::NO_TARGET;
+            }
+            let t = target.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            let (snat_addr, snat_base, snat_count) =
+                snat.get(i).map_or(([0; 4], 0, 0), |b: &Vec<Lease>| {
+                    (b[0].addr.octets(), b[0].port, b.len() as u16)
+                });
+            let value = PinholeValue {
+                target_addr: t.ip().octets(),
+                target_port: t.port(),
+                flags,
+                snat_addr,
+                snat_port_base: snat_base,
+                snat_port_count: snat_count,
+                peer_filter: filter.unwrap_or(0),
+                egress_ifindex: self.cfg.internal_ifindex,
+                remaining: 1,
+                owner: id,
+                deadline_ns: deadline,
+                ..Default::default()
+            };
+            self.maps.put_pinhole(&key, &value).map_err(internal)?;
+            undo.pinholes.push(key);
+            let mut leases: Vec<Lease> = undo
+                .leases
+                .iter()
+                .filter(|l| l.endpoint() == *ep && l.transport == req.protocol)
+                .copied()
+                .collect();
+            if let Some(b) = snat.get(i) {
+                leases.extend(b);
+            }
+            created.push((
+                id,
+                Object {
+                    session: req.session,
+                    kind: Kind::Bind,
+                    parent: None,
+                    state: State::Listening,
+                    reason: None,
+                    transport: req.protocol,
+                    protocol_name: req.protocol_name.clone(),
+                    flags: effective,
+                    endpoint: *ep,
+                    target,
+                    pinhole: Some(key),
+                    peer_filter: filter,
+                    leases,
+                    flows: Vec::new(),
+                    peer: None,
+                    notify: req.notify,
+                    context: req.context.clone(),
+                },
+            ));
+            out.push(BoundConnection {
+                id,
+                external: *ep,
+                client: t,
+            });
+        }
+        // Committed: from here on nothing fails.
+        if let Some(fid) = filter {
+            self.filters.insert(
+                fid,
+                (
+                    req.ip_filter
+                        .as_ref()
+                        .map(|f| f.rules())
+                        .unwrap_or_default(),
+                    created.len(),
+                ),
+            );
+        }
+        for (id, o) in created {
+            self.objects.insert(id, o);
+        }
+        Ok(BindResult {
+            proxy_address: endpoints[0],
+            connections: out,
+        })
+    }
+
+    // ----- RedirectConnections -----
+
+    pub fn redirect_connections(
+        &mut self,
+        req: &RedirectRequest,
+    ) -> Result<RedirectResult, ApiError> {
+        let client_ip = self.live_session(req.session)?;
+        let n = req.connects.len();
+        if n == 0 {
+            return Err(invalid(
+                "no connect address: RedirectConnections needs at least one (N >= 1)",
+            ));
+        }
+        if n > MAX_ADDRESSES {
+            return Err(invalid(format!(
+                "{n} connect addresses: at most {MAX_ADDRESSES}"
+            )));
+        }
+        let f = req.flags;
+        let foreign =
+            f - (ConnFlags::ALLOW_MULTIPLE | ConnFlags::TIMEOUT | ConnFlags::NO_KERNEL_MODE);
+        if !foreign.is_empty() {
+            return Err(invalid(format!("flag(s) {} do not apply to RedirectConnections (allow-multiple, timeout, no-kernel-mode)", foreign.names().join(", "))));
+        }
+        if f.contains(ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE) {
+            return Err(invalid(
+                "flags timeout and allow-multiple cannot be combined",
+            ));
+        }
+        if f.contains(ConnFlags::NO_KERNEL_MODE) {
+            return Err(no_user_mode());
+        }
+        let own = self.cfg.own_addrs();
+        for (i, c) in req.connects.iter().enumerate() {
+            if c.port() == 0 {
+                return Err(invalid(format!("connect address {i} ({c}) has port 0")));
+            }
+            policy::check_unicast(&format!("connect address {i}"), *c.ip(), &own)?;
+            if self.cfg.is_internal(*c.ip()) {
+                return Err(invalid(format!("connect address {i} ({c}) is on an internal network; RedirectConnections relays outward")));
+            }
+        }
+        let ext = match req.proxy_external {
+            None => SocketAddrV4::new(self.cfg.external_addrs[0], 0),
+            Some(p) if p.ip().is_unspecified() => {
+                SocketAddrV4::new(self.cfg.external_addrs[0], p.port())
+            }
+            Some(p) if self.cfg.external_addrs.contains(p.ip()) => p,
+            Some(p) => {
+                return Err(err(
+                    ErrorKind::AddressNotAvailable,
+                    format!(
+                        "proxy external address {} is not an external address of the firewall",
+                        p.ip()
+                    ),
+                ))
+            }
+        };
+        if ext.port() != 0 && (n > 1 || f.contains(ConnFlags::ALLOW_MULTIPLE)) {
+            return Err(invalid(format!("an explicit proxy external port ({ext}) is allowed only for one single-use redirect")));
+        }
+        policy::check_protocol(&self.cfg.protocols, &req.protocol_name, client_ip)?;
+        let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
+            err(
+                ErrorKind::AddressNotAvailable,
+                "the internal interface has no IPv4 address",
+            )
+        })?;
+
+        let mut undo = Undo::default();
+        match self.redirect_apply(req, client_ip, int, ext, &mut undo) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.rollback(undo);
+                Err(e)
+            }
+        }
+    }
+
+    fn redirect_apply(
+        &mut self,
+        req: &RedirectRequest,
+        client_ip: Ipv4Addr,
+        int: Ipv4Addr,
+        ext: SocketAddrV4,
+        undo: &mut Undo,
+    ) -> Result<RedirectResult, ApiError> {
+        let n = req.connects.len();
+        let int_block = self.ports.reserve_block(int, req.protocol, n as u16)?;
+        undo.leases.extend(&int_block);
+        let mut snat = Vec::new();
+        for _ in 0..n {
+            let block = if ext.port() != 0 {
+                vec![self
+                    .ports
+                    .reserve_exact(*ext.ip(), req.protocol, ext.port())?]
+            } else {
+                let count = if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+                    self.cfg.snat_block
+                } else {
+                    1
+                };
+                self.ports.reserve_block(*ext.ip(), req.protocol, count)?
+            };
+            undo.leases.extend(&block);
+            snat.push(block);
+        }
+        let deadline = self.deadline(req.flags, req.protocol);
+        let mut created = Vec::new();
+        let mut out = Vec::new();
+        for i in 0..n {
+            let id = self.new_id();
+            let ep = int_block[i].endpoint();
+            let key = PinholeKey::new(
+                ipproto(req.protocol),
+                ep.ip().octets(),
+                ep.port(),
+                side::INTERNAL,
+            );
+            let connect = req.connects[i];
+            let mut flags = pinhole_flags::CLIENT_ONLY;
+            if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+                flags |= pinhole_flags::MULTIPLE;
+            }
+            let value = PinholeValue {
+                target_addr: connect.ip().octets(),
+                target_port: connect.port(),
+                flags,
+                snat_addr: snat[i][0].addr.octets(),
+                snat_port_base: snat[i][0].port,
+                snat_port_count: snat[i].len() as u16,
+                allowed_src: client_ip.octets(),
+                egress_ifindex: self.cfg.external_ifindex,
+                remaining: 1,
+                owner: id,
+                deadline_ns: deadline,
+                ..Default::default()
+            };
+            self.maps.put_pinhole(&key, &value).map_err(internal)?;
+            undo.pinholes.push(key);
+            let mut leases = vec![int_block[i]];
+            leases.extend(&snat[i]);
+            created.push((
+                id,
+                Object {
+                    session: req.session,
+                    kind: Kind::Redirect,
+                    parent: None,
+                    state: State::Listening,
+                    reason: None,
+                    transport: req.protocol,
+                    protocol_name: req.protocol_name.clone(),
+                    flags: req.flags,
+                    endpoint: ep,
+                    target: Some(connect),
+                    pinhole: Some(key),
+                    peer_filter: None,
+                    leases,
+                    flows: Vec::new(),
+                    peer: None,
+                    notify: req.notify,
+                    context: req.context.clone(),
+                },
+            ));
+            out.push(RedirectAction {
+                id,
+                internal: ep,
+                connect,
+            });
+        }
+        for (id, o) in created {
+            self.objects.insert(id, o);
+        }
+        Ok(RedirectResult {
+            internal_address: int_block[0].endpoint(),
+            actions: out,
+        })
+    }
+
+    fn deadline(&self, flags: ConnFlags, t: Transport) -> u64 {
+        if !flags.contains(ConnFlags::TIMEOUT) {
+            return 0;
+        }
+        let after = match t {
+            Transport::Tcp => self.cfg.timeouts.pinhole,
+            Transport::Udp => self.cfg.timeouts.udp_pinhole_idle,
+        };
+        sweeper::monotonic_ns() + after.as_nanos() as u64
+    }
+
+    /// Writes a peer filter's rules; the caller records it once committed.
+    fn install_peer_filter(
+        &mut self,
+        f: Option<&IpFilter>,
+        undo: &mut Undo,
+    ) -> Result<Option<u32>, ApiError> {
+        let Some(f) = f else { return Ok(None) };
+        let id = self.next_filter;
+        self.next_filter = self.next_filter.wrapping_add(1).max(1);
+        for (net, allow) in f.rules() {
+            self.maps.put_peer_rule(id, net, allow).map_err(internal)?;
+            undo.rules.push((id, net));
+        }
+        Ok(Some(id))
+    }
+
+    fn rollback(&mut self, undo: Undo) {
+        for k in undo.pinholes {
+            let _ = self.maps.del_pinhole(&k);
+        }
+        for (id, net) in undo.rules {
+            let _ = self.maps.del_peer_rule(id, net);
+        }
+        for l in undo.leases {
+            self.ports.release(&l);
+        }
+    }
+
+    // ----- connection objects and actions -----
+
+    fn object(&self, id: u64) -> Result<&Object, ApiError> {
+        self.objects
+            .get(&id)
+            .ok_or_else(|| invalid(format!("no connection or action {id}")))
+    }
+
+    /// Ends a connection (Kill). Always succeeds once the object exists; a
+    /// second Kill changes nothing.
+    pub fn kill(&mut self, id: u64) -> Result<(), ApiError> {
+        let o = self.object(id)?;
+        if o.kind == Kind::Redirect {
+            return Err(invalid(format!(
+                "{id} is a firewall action (RedirectConnections): use cancel"
+            )));
+        }
+        if o.state != State::Terminated {
+            self.terminate(id, "killed");
+        }
+        Ok(())
+    }
+
+    /// Withdraws a redirect (Cancel). An action that was already used (single
+    /// use), cancelled, or timed out answers `terminating`.
+    pub fn cancel(&mut self, id: u64) -> Result<(), ApiError> {
+        let o = self.object(id)?;
+        if o.kind != Kind::Redirect {
+            return Err(invalid(format!(
+                "{id} is a connection, not a firewall action: use kill"
+            )));
+        }
+        match o.state {
+            State::Listening => {
+                self.terminate(id, "cancelled");
+                Ok(())
+            }
+            State::Established => Err(err(
+                ErrorKind::Terminating,
+                format!("action {id} was used and cancelled itself"),
+            )),
+            State::Terminated => Err(err(
+                ErrorKind::Terminating,
+                format!(
+                    "action {id} is already {}",
+                    o.reason.as_deref().unwrap_or("cancelled")
+                ),
+            )),
+        }
+    }
+
+    /// Supplies the real client address of a placeholder connection, once.
+    pub fn set_client_address(&mut self, id: u64, addr: SocketAddrV4) -> Result<(), ApiError> {
+        let o = self.object(id)?;
+        if o.kind != Kind::Bind {
+            return Err(invalid(format!("{id} is not a BindForClient connection")));
+        }
+        if o.state == State::Terminated {
+            return Err(err(
+                ErrorKind::Terminating,
+                format!("connection {id} is terminated"),
+            ));
+        }
+        if let Some(t) = o.target {
+            return Err(invalid(format!(
+                "the client address of connection {id} is already set ({t})"
+            )));
+        }
+        let own = self.cfg.own_addrs();
+        let Some(addr) = policy::check_client_endpoint(0, addr, &own)? else {
+            return Err(invalid(
+                "the client address must not be the placeholder 0.0.0.0:0",
+            ));
+        };
+        let client = self.sessions[&o.session].client;
+        policy::check_allowed_target(client, *addr.ip(), o.flags, &self.cfg.networks).inspect_err(
+            |e| {
+                log::warn!(
+                    "bounce attempt refused: connection {id} asked for client address {addr}: {}",
+                    e.message
+                );
+            },
+        )?;
+        let key = o.pinhole.expect("a listening bind has its pinhole");
+        let mut v = self
+            .maps
+            .get_pinhole(&key)
+            .map_err(internal)?
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::Internal,
+                    format!("pinhole of connection {id} vanished"),
+                )
+            })?;
+        v.target_addr = addr.ip().octets();
+        v.target_port = addr.port();
+        v.flags &= !pinhole_flags::NO_TARGET;
+        self.maps.put_pinhole(&key, &v).map_err(internal)?;
+        self.objects.get_mut(&id).expect("exists").target = Some(addr);
+        Ok(())
+    }
+
+    /// Removes everything an object holds and raises its terminating event
+    /// (once). Children go first.
+    fn terminate(&mut self, id: u64, reason: &str) {
+        let children: Vec<u64> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.parent == Some(id) && o.state != State::Terminated)
+            .map(|(k, _)| *k)
+            .collect();
+        for c in children {
+            self.terminate(c, reason);
+        }
+        let Some(o) = self.objects.get_mut(&id) else {
+            return;
+        };
+        if o.state == State::Terminated {
+            return;
+        }
+        o.state = State::Terminated;
+        o.reason = Some(reason.to_string());
+        let (pinhole, filter, leases, flows, session) = (
+            o.pinhole.take(),
+            o.peer_filter.take(),
+            std::mem::take(&mut o.leases),
+            std::mem::take(&mut o.flows),
+            o.session,
+        );
+        if let Some(k) = pinhole {
+            if let Err(e) = self.maps.del_pinhole(&k) {
+                log::warn!("removing the pinhole of {id}: {e:#}");
+            }
+        }
+        if let Some(fid) = filter {
+            let last = self.filters.get_mut(&fid).is_some_and(|(_, users)| {
+                *users -= 1;
+                *users == 0
+            });
+            if last {
+                for (net, _) in self
+                    .filters
+                    .remove(&fid)
+                    .map(|(r, _)| r)
+                    .unwrap_or_default()
+                {
+                    let _ = self.maps.del_peer_rule(fid, net);
+                }
+            }
+        }
+        for k in flows {
+            self.flow_owner.remove(&k);
+            let _ = self.maps.del_flow(&k);
+        }
+        for l in leases {
+            self.ports.release(&l);
+        }
+        self.events.push(Event::Terminating {
+            connection: id,
+            session,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Learns of connections the datapath established.
+    pub fn on_datapath_event(&mut self, ev: &DatapathEvent) {
+        let owner = ev.owner;
+        let Some(o) = self.objects.get(&owner) else {
+            log::debug!("datapath event for unknown owner {owner}");
+            return;
+        };
+        if o.state == State::Terminated {
+            // The packet matched just before the pinhole went: its flows are stale.
+            let _ = self.maps.del_flow(&ev.forward);
+            let _ = self.maps.del_flow(&ev.reply);
+            return;
+        }
+        match ev.kind {
+            event_kind::ESTABLISHED => {
+                let (from, to) = match o.kind {
+                    Kind::Redirect => (
+                        sa(ev.forward.src_addr, ev.forward.src_port),
+                        o.target.expect("redirects have a target"),
+                    ),
+                    _ => (
+                        sa(ev.forward.src_addr, ev.forward.src_port),
+                        o.target
+                            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+                    ),
+                };
+                let (session, notify, context, transport) =
+                    (o.session, o.notify, o.context.clone(), o.transport);
+                let id = if o.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+                    let child = Object {
+                        session,
+                        kind: if o.kind == Kind::Redirect {
+                            Kind::Redirected
+                        } else {
+                            Kind::Accepted
+                        },
+                        parent: Some(owner),
+                        state: State::Established,
+                        reason: None,
+                        transport,
+                        protocol_name: o.protocol_name.clone(),
+                        flags: o.flags,
+                        endpoint: o.endpoint,
+                        target: o.target,
+                        pinhole: None,
+                        peer_filter: None,
+                        leases: Vec::new(),
+                        flows: vec![ev.forward, ev.reply],
+                        peer: Some(from),
+                        notify,
+                        context: context.clone(),
+                    };
+                    let id = self.new_id();
+                    self.objects.insert(id, child);
+                    id
+                } else {
+                    let o = self.objects.get_mut(&owner).expect("exists");
+                    o.state = State::Established;
+                    o.peer = Some(from);
+                    o.flows.extend([ev.forward, ev.reply]);
+                    owner
+                };
+                self.flow_owner.insert(ev.forward, id);
+                self.flow_owner.insert(ev.reply, id);
+                if notify {
+                    self.events.push(Event::Established {
+                        connection: id,
+                        parent: (id != owner).then_some(owner),
+                        session,
+                        protocol: transport,
+                        from,
+                        to,
+                        context,
+                    });
+                }
+            }
+            event_kind::REPLY_PATH => {
+                self.objects
+                    .get_mut(&owner)
+                    .expect("exists")
+                    .flows
+                    .push(ev.reply);
+                self.flow_owner.insert(ev.reply, owner);
+            }
+            k => log::debug!("unknown datapath event kind {k}"),
+        }
+    }
+
+    /// Timers: TIMEOUT deadlines, and the flow sweep (idle, TCP teardown),
+    /// ending the connections whose flows are gone.
+    pub fn tick(&mut self, now_ns: u64) -> Result<(), ApiError> {
+        // Unused pinholes past their TIMEOUT deadline.
+        let mut expired: Vec<u64> = Vec::new();
+        for (id, o) in &self.objects {
+            if o.state != State::Listening {
+                continue;
+            }
+            if let Some(k) = o.pinhole {
+                if let Some(v) = self.maps.get_pinhole(&k).map_err(internal)? {
+                    if v.deadline_ns != 0 && now_ns > v.deadline_ns && v.uses == 0 {
+                        expired.push(*id);
+                    }
+                }
+            }
+        }
+        for id in expired {
+            self.terminate(id, "timeout");
+        }
+
+        let entries = self.maps.flows().map_err(internal)?;
+        let t = self.cfg.timeouts;
+        let mut gone: Vec<(FlowKey, sweeper::Expiry)> = Vec::new();
+        for (key, why) in sweeper::expired(&entries, now_ns, &t) {
+            // A UDP connection made through a pinhole lives until Kill, unless
+            // it was opened with TIMEOUT (then its own idle time applies).
+            let owned_by = self
+                .flow_owner
+                .get(&key)
+                .and_then(|id| self.objects.get(id));
+            if why == sweeper::Expiry::UdpIdle
+                && owned_by.is_some_and(|o| !o.flags.contains(ConnFlags::TIMEOUT))
+            {
+                continue;
+            }
+            gone.push((key, why));
+        }
+        // UDP connections with TIMEOUT: their own idle time.
+        let by_key: HashMap<FlowKey, &FlowValue> = entries.iter().map(|(k, v)| (*k, v)).collect();
+        for (id, o) in &self.objects {
+            if o.state != State::Established
+                || o.transport != Transport::Udp
+                || !o.flags.contains(ConnFlags::TIMEOUT)
+                || o.flows.is_empty()
+            {
+                continue;
+            }
+            let last = o
+                .flows
+                .iter()
+                .filter_map(|k| by_key.get(k))
+                .map(|v| v.last_seen_ns)
+                .max()
+                .unwrap_or(0);
+            if now_ns.saturating_sub(last) >= t.udp_pinhole_idle.as_nanos() as u64 {
+                for k in &o.flows {
+                    if !gone.iter().any(|(g, _)| g == k) {
+                        gone.push((*k, sweeper::Expiry::UdpIdle));
+                    }
+                }
+                log::debug!("connection {id} idle");
+            }
+        }
+        let mut ended: Vec<u64> = Vec::new();
+        for (key, why) in gone {
+            if self.maps.del_flow(&key).map_err(internal)? {
+                self.expired.add(why);
+            }
+            if let Some(id) = self.flow_owner.remove(&key) {
+                if let Some(o) = self.objects.get_mut(&id) {
+                    o.flows.retain(|k| *k != key);
+                    if o.flows.is_empty() && o.state == State::Established && !ended.contains(&id) {
+                        ended.push(id);
+                    }
+                }
+            }
+        }
+        for id in ended {
+            self.terminate(id, "closed");
+        }
+        Ok(())
+    }
+
+    // ----- listing -----
+
+    pub fn objects(&self) -> Vec<ObjectInfo> {
+        self.objects
+            .iter()
+            .map(|(id, o)| {
+                let (packets, bytes) = o
+                    .flows
+                    .iter()
+                    .filter_map(|k| self.maps.get_flow(k).ok().flatten())
+                    .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+                ObjectInfo {
+                    id: *id,
+                    session: o.session,
+                    kind: o.kind,
+                    state: o.state,
+                    parent: o.parent,
+                    protocol: o.transport,
+                    protocol_name: o.protocol_name.clone(),
+                    flags: o.flags,
+                    mode: "kernel",
+                    endpoint: o.endpoint,
+                    target: o
+                        .target
+                        .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+                    peer: o.peer,
+                    packets,
+                    bytes,
+                    reason: o.reason.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+fn nets(n: &[Ipv4Net]) -> String {
+    n.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn no_user_mode() -> ApiError {
+    invalid("flag no-kernel-mode needs the user-mode relay, which this version does not have yet; connections are kernel mode")
+}
+
+#[cfg(test)]
+mod tests;

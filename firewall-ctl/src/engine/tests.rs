@@ -1,0 +1,903 @@
+//! Engine rules without BPF: the maps are in memory.
+
+use std::{collections::HashMap, time::Duration};
+
+use super::*;
+
+#[derive(Default)]
+pub struct MemMaps {
+    pub pinholes: HashMap<PinholeKey, PinholeValue>,
+    pub rules: HashMap<(u32, Ipv4Net), bool>,
+    pub flows: HashMap<FlowKey, FlowValue>,
+}
+
+impl Maps for MemMaps {
+    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
+        self.pinholes.insert(*key, *value);
+        Ok(())
+    }
+    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+        Ok(self.pinholes.get(key).copied())
+    }
+    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()> {
+        self.pinholes.remove(key);
+        Ok(())
+    }
+    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
+        Ok(self.pinholes.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()> {
+        self.rules.insert((filter, net), allow);
+        Ok(())
+    }
+    fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()> {
+        self.rules.remove(&(filter, net));
+        Ok(())
+    }
+    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
+        Ok(self.flows.get(key).copied())
+    }
+    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
+        Ok(self.flows.remove(key).is_some())
+    }
+    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        Ok(self.flows.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+}
+
+const CLIENT: &str = "10.1.0.2";
+const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        internal_addrs: vec![INT],
+        external_addrs: vec![EXT],
+        internal_networks: vec!["10.1.0.0/16".parse().unwrap()],
+        internal_ifindex: 2,
+        external_ifindex: 3,
+        timeouts: Timeouts {
+            pinhole: Duration::from_secs(60),
+            ..Timeouts::default()
+        },
+        snat_block: 4,
+        default_allowed: ConnFlags::empty(),
+        protocols: vec![ProtocolRule {
+            name: "ftp".into(),
+            transport: Transport::Tcp,
+            ports: vec![21],
+            clients: vec!["10.1.0.0/24".parse().unwrap()],
+        }],
+        networks: vec![NetworkObject {
+            name: "lan".into(),
+            ranges: vec!["10.1.0.0/23".parse().unwrap()],
+        }],
+    }
+}
+
+fn engine_with(cfg: EngineConfig, range: std::ops::RangeInclusive<u16>) -> (Engine<MemMaps>, u64) {
+    let mut e = Engine::new(cfg, MemMaps::default(), PortPool::new(range, false)).unwrap();
+    let s = e.open_session(CLIENT.parse().unwrap()).unwrap();
+    (e, s)
+}
+
+fn engine() -> (Engine<MemMaps>, u64) {
+    engine_with(cfg(), 20000..=20999)
+}
+
+fn a(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+fn bind(session: u64, clients: &[&str]) -> BindRequest {
+    BindRequest {
+        session,
+        clients: clients.iter().map(|c| a(c)).collect(),
+        proxy: None,
+        protocol: Transport::Tcp,
+        flags: ConnFlags::empty(),
+        backlog: None,
+        protocol_name: "ftp".into(),
+        ip_filter: None,
+        notify: true,
+        context: Some("ctx".into()),
+    }
+}
+
+fn redirect(session: u64, connects: &[&str]) -> RedirectRequest {
+    RedirectRequest {
+        session,
+        connects: connects.iter().map(|c| a(c)).collect(),
+        proxy_external: None,
+        protocol: Transport::Tcp,
+        flags: ConnFlags::empty(),
+        protocol_name: "ftp".into(),
+        notify: true,
+        context: None,
+    }
+}
+
+fn kind(r: Result<impl std::fmt::Debug, ApiError>) -> ErrorKind {
+    r.expect_err("should fail").kind
+}
+
+/// Nothing reserved, written or created.
+fn assert_clean(e: &Engine<MemMaps>) {
+    assert!(
+        e.maps.pinholes.is_empty(),
+        "pinholes left: {:?}",
+        e.maps.pinholes
+    );
+    assert!(e.maps.rules.is_empty(), "peer rules left");
+    assert_eq!(
+        e.ports.in_use(EXT, Transport::Tcp) + e.ports.in_use(INT, Transport::Tcp),
+        0,
+        "ports left"
+    );
+    assert!(
+        e.objects.values().all(|o| o.state == State::Terminated),
+        "live objects left"
+    );
+}
+
+fn established(e: &mut Engine<MemMaps>, id: u64, peer: &str, peer_port: u16) -> (FlowKey, FlowKey) {
+    // What the datapath does on the first packet: two flow entries and an event.
+    let o = &e.objects[&id];
+    let k = o.pinhole.unwrap();
+    let v = e.maps.pinholes[&k];
+    let proto = k.protocol;
+    let pip: Ipv4Addr = peer.parse().unwrap();
+    let forward = FlowKey::new(proto, pip.octets(), peer_port, k.addr, k.port);
+    let reply = FlowKey::new(proto, v.target_addr, v.target_port, pip.octets(), peer_port);
+    let mut fv = FlowValue::forward(pip.octets(), peer_port, v.target_addr, v.target_port);
+    fv.owner = id;
+    fv.last_seen_ns = sweeper::monotonic_ns();
+    let mut rv = FlowValue::forward(k.addr, k.port, pip.octets(), peer_port);
+    rv.owner = id;
+    rv.last_seen_ns = fv.last_seen_ns;
+    e.maps.flows.insert(forward, fv);
+    e.maps.flows.insert(reply, rv);
+    e.on_datapath_event(&DatapathEvent {
+        kind: event_kind::ESTABLISHED,
+        owner: id,
+        forward,
+        reply,
+        pinhole: k,
+        ..Default::default()
+    });
+    (forward, reply)
+}
+
+#[test]
+fn bind_for_client_installs_a_pinhole_per_address() {
+    let (mut e, s) = engine();
+    let r = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    assert_eq!(*r.proxy_address.ip(), EXT);
+    assert_ne!(r.proxy_address.port(), 0);
+    assert_eq!(r.connections.len(), 1);
+    let c = &r.connections[0];
+    assert_eq!(
+        (c.external, c.client),
+        (r.proxy_address, a("10.1.0.2:5001"))
+    );
+    let key = PinholeKey::new(
+        IPPROTO_TCP,
+        EXT.octets(),
+        r.proxy_address.port(),
+        side::EXTERNAL,
+    );
+    let v = e.maps.pinholes[&key];
+    assert_eq!((v.target_addr, v.target_port), ([10, 1, 0, 2], 5001));
+    assert_eq!(v.flags & pinhole_flags::MULTIPLE, 0);
+    assert_eq!(
+        (v.remaining, v.owner, v.deadline_ns, v.egress_ifindex),
+        (1, c.id, 0, 2)
+    );
+    assert_eq!(e.ports.in_use(EXT, Transport::Tcp), 1);
+}
+
+#[test]
+fn consecutive_aligned_ports_for_n_addresses() {
+    for n in [2usize, 3, 4] {
+        let (mut e, s) = engine();
+        let clients: Vec<String> = (0..n).map(|i| format!("10.1.0.2:{}", 5000 + i)).collect();
+        let refs: Vec<&str> = clients.iter().map(String::as_str).collect();
+        let r = e.bind_for_client(&bind(s, &refs)).unwrap();
+        let p = r.proxy_address.port();
+        assert_eq!(p as usize % n, 0, "lowest port a multiple of {n}");
+        for (i, c) in r.connections.iter().enumerate() {
+            assert_eq!(c.external.port(), p + i as u16, "consecutive");
+            assert_eq!(
+                c.client.port(),
+                5000 + i as u16,
+                "connection i goes to client address i"
+            );
+        }
+    }
+}
+
+#[test]
+fn argument_errors_are_invalid_argument_and_leave_nothing() {
+    let (mut e, s) = engine();
+    let mut cases: Vec<(&str, BindRequest)> = Vec::new();
+    cases.push(("N = 0", bind(s, &[])));
+    let many: Vec<String> = (0..65).map(|i| format!("10.1.0.2:{}", 5000 + i)).collect();
+    cases.push((
+        "N = 65",
+        bind(s, &many.iter().map(String::as_str).collect::<Vec<_>>()),
+    ));
+    cases.push((
+        "timeout + allow-multiple",
+        BindRequest {
+            flags: ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE,
+            ..bind(s, &["10.1.0.2:5001"])
+        },
+    ));
+    cases.push((
+        "bidirectional with TCP",
+        BindRequest {
+            flags: ConnFlags::BIDIRECTIONAL,
+            ..bind(s, &["10.1.0.2:5001"])
+        },
+    ));
+    cases.push((
+        "increase-receive-buffer with TCP",
+        BindRequest {
+            flags: ConnFlags::INCREASE_RECEIVE_BUFFER,
+            ..bind(s, &["10.1.0.2:5001"])
+        },
+    ));
+    cases.push((
+        "no-kernel-mode (no relay yet)",
+        BindRequest {
+            flags: ConnFlags::NO_KERNEL_MODE,
+            ..bind(s, &["10.1.0.2:5001"])
+        },
+    ));
+    cases.push(("client port 0", bind(s, &["10.1.0.2:0"])));
+    cases.push(("IP 0 with a port", bind(s, &["0.0.0.0:21"])));
+    for bad in [
+        "255.255.255.255:1",
+        "127.0.0.1:1",
+        "224.0.0.1:1",
+        "10.1.0.1:1",
+        "10.2.0.1:1",
+    ] {
+        cases.push(("not a unicast client", bind(s, &[bad])));
+    }
+    cases.push((
+        "explicit port with N > 1",
+        BindRequest {
+            proxy: Some(a("10.2.0.1:45002")),
+            ..bind(s, &["10.1.0.2:5001", "10.1.0.2:5002"])
+        },
+    ));
+    cases.push((
+        "unknown protocol",
+        BindRequest {
+            protocol_name: "gopher".into(),
+            ..bind(s, &["10.1.0.2:5001"])
+        },
+    ));
+    cases.push((
+        "backlog",
+        BindRequest {
+            backlog: Some(1 << 20),
+            ..bind(s, &["10.1.0.2:5001"])
+        },
+    ));
+    for (what, req) in cases {
+        assert_eq!(
+            kind(e.bind_for_client(&req)),
+            ErrorKind::InvalidArgument,
+            "{what}"
+        );
+        assert_clean(&e);
+    }
+    assert!(e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::NO_KERNEL_MODE,
+            ..bind(s, &["10.1.0.2:5001"])
+        })
+        .unwrap_err()
+        .message
+        .contains("user-mode relay"));
+    assert_eq!(
+        kind(e.bind_for_client(&bind(999, &["10.1.0.2:5001"]))),
+        ErrorKind::InvalidArgument,
+        "unknown session"
+    );
+}
+
+#[test]
+fn the_bounce_guard_and_its_widening_flags() {
+    let (mut e, s) = engine();
+    let deny = |e: &mut Engine<MemMaps>, clients: &[&str], f: ConnFlags| {
+        kind(e.bind_for_client(&BindRequest {
+            flags: f,
+            ..bind(s, clients)
+        }))
+    };
+    assert_eq!(
+        deny(&mut e, &["10.1.0.9:25"], ConnFlags::empty()),
+        ErrorKind::AccessDenied
+    );
+    assert_eq!(
+        deny(
+            &mut e,
+            &["10.1.1.9:5001"],
+            ConnFlags::ALLOW_ADDRESSES_IN_CLASS_C_NETWORK
+        ),
+        ErrorKind::AccessDenied
+    );
+    assert_eq!(
+        deny(
+            &mut e,
+            &["10.1.2.9:5001"],
+            ConnFlags::ALLOW_ADDRESSES_IN_NETWORK
+        ),
+        ErrorKind::AccessDenied
+    );
+    // A mixed array fails whole: neither port stays bound.
+    assert_eq!(
+        deny(
+            &mut e,
+            &["10.1.0.2:5001", "10.1.0.9:5002"],
+            ConnFlags::empty()
+        ),
+        ErrorKind::AccessDenied
+    );
+    assert_clean(&e);
+    for (c, f) in [
+        (
+            "10.1.0.9:5001",
+            ConnFlags::ALLOW_ADDRESSES_IN_CLASS_C_NETWORK,
+        ),
+        ("10.1.1.9:5001", ConnFlags::ALLOW_ADDRESSES_IN_NETWORK),
+        ("172.16.9.9:5001", ConnFlags::ALLOW_ADDRESSES_ALL),
+        ("10.1.0.2:21", ConnFlags::empty()),
+    ] {
+        e.bind_for_client(&BindRequest {
+            flags: f,
+            ..bind(s, &[c])
+        })
+        .unwrap_or_else(|e| panic!("{c}: {e}"));
+    }
+    // The administrator's default is OR-ed in.
+    let (mut e, s) = engine_with(
+        EngineConfig {
+            default_allowed: ConnFlags::ALLOW_ADDRESSES_IN_CLASS_C_NETWORK,
+            ..cfg()
+        },
+        20000..=20999,
+    );
+    e.bind_for_client(&bind(s, &["10.1.0.9:5001"])).unwrap();
+}
+
+#[test]
+fn protocol_rules_and_addresses() {
+    let (mut e, _) = engine();
+    // 10.1.1.5 is internal but not allowed FTP by the rules (10.1.0.0/24 only).
+    let s2 = e.open_session("10.1.1.5".parse().unwrap()).unwrap();
+    assert_eq!(
+        kind(e.bind_for_client(&bind(s2, &["10.1.1.5:5001"]))),
+        ErrorKind::ProtocolDenied
+    );
+    let (mut e, s) = engine();
+    assert_eq!(
+        kind(e.bind_for_client(&BindRequest {
+            proxy: Some(a("192.0.2.1:0")),
+            ..bind(s, &["10.1.0.2:5001"])
+        })),
+        ErrorKind::AddressNotAvailable
+    );
+    // An internal client address as the proxy (routed): no firewall port is allocated.
+    let r = e
+        .bind_for_client(&BindRequest {
+            proxy: Some(a("10.1.0.2:0")),
+            ..bind(s, &["10.1.0.2:5001"])
+        })
+        .unwrap();
+    assert_eq!(r.proxy_address, a("10.1.0.2:5001"));
+    assert_eq!(e.ports.in_use(EXT, Transport::Tcp), 0);
+    assert_eq!(
+        kind(e.bind_for_client(&BindRequest {
+            proxy: Some(a("10.1.0.2:0")),
+            ..bind(s, &["10.1.0.3:5001"])
+        })),
+        ErrorKind::InvalidArgument
+    );
+    // Sessions only for internal clients.
+    assert_eq!(
+        kind(e.open_session("192.0.2.9".parse().unwrap())),
+        ErrorKind::InvalidArgument
+    );
+}
+
+#[test]
+fn explicit_ports_conflicts_and_exhaustion() {
+    let (mut e, s) = engine_with(cfg(), 30000..=30009);
+    let one = |p: &str| BindRequest {
+        proxy: Some(a(p)),
+        ..bind(s, &["10.1.0.2:5001"])
+    };
+    assert_eq!(
+        e.bind_for_client(&one("10.2.0.1:45000"))
+            .unwrap()
+            .proxy_address,
+        a("10.2.0.1:45000")
+    );
+    assert_eq!(
+        kind(e.bind_for_client(&one("10.2.0.1:45000"))),
+        ErrorKind::AddressInUse
+    );
+    // The other protocol is a separate space.
+    e.bind_for_client(&BindRequest {
+        protocol: Transport::Udp,
+        ..one("10.2.0.1:45000")
+    })
+    .unwrap();
+    // Ten ports in the pool: ten binds, then exhausted; a Kill frees one.
+    let ids: Vec<u64> = (0..10)
+        .map(|_| {
+            e.bind_for_client(&bind(s, &["10.1.0.2:5001"]))
+                .unwrap()
+                .connections[0]
+                .id
+        })
+        .collect();
+    assert_eq!(
+        kind(e.bind_for_client(&bind(s, &["10.1.0.2:5001"]))),
+        ErrorKind::Exhausted
+    );
+    e.kill(ids[4]).unwrap();
+    e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    // A redirect's port on the same address/protocol conflicts too.
+    let (mut e, s) = engine();
+    let r = e
+        .redirect_connections(&RedirectRequest {
+            proxy_external: Some(a("10.2.0.1:45100")),
+            ..redirect(s, &["198.51.100.7:2000"])
+        })
+        .unwrap();
+    assert_eq!(
+        kind(e.bind_for_client(&one("10.2.0.1:45100"))),
+        ErrorKind::AddressInUse
+    );
+    e.cancel(r.actions[0].id).unwrap();
+    e.bind_for_client(&one("10.2.0.1:45100")).unwrap();
+}
+
+#[test]
+fn a_failure_at_the_last_allocation_leaves_nothing() {
+    // Proxy mode needs a SNAT port on the internal address per connection;
+    // with 2 internal ports free, N = 4 fails after the external block was taken.
+    let (mut e, s) = engine_with(cfg(), 30000..=30003);
+    let req = BindRequest {
+        flags: ConnFlags::PROXY_MODE,
+        ..bind(s, &["10.1.0.2:1", "10.1.0.2:2", "10.1.0.2:3", "10.1.0.2:4"])
+    };
+    for p in [30000, 30001] {
+        e.ports.reserve_exact(INT, Transport::Tcp, p).unwrap();
+    }
+    assert_eq!(kind(e.bind_for_client(&req)), ErrorKind::Exhausted);
+    assert!(e.maps.pinholes.is_empty());
+    assert_eq!(e.ports.in_use(EXT, Transport::Tcp), 0);
+    assert_eq!(
+        e.ports.in_use(INT, Transport::Tcp),
+        2,
+        "only what was taken before"
+    );
+    assert!(e.take_events().is_empty(), "no events for a failed call");
+}
+
+#[test]
+fn flags_reach_the_pinholes() {
+    let (mut e, s) = engine();
+    let r = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::ALLOW_MULTIPLE | ConnFlags::PROXY_MODE,
+            ..bind(s, &["10.1.0.2:5001"])
+        })
+        .unwrap();
+    let v = *e.maps.pinholes.values().next().unwrap();
+    assert_ne!(v.flags & pinhole_flags::MULTIPLE, 0);
+    assert_eq!(
+        (v.snat_addr, v.snat_port_count),
+        (INT.octets(), 4),
+        "proxy-mode: SNAT to the internal address, a block for multiple"
+    );
+    e.kill(r.connections[0].id).unwrap();
+    let r = e
+        .bind_for_client(&BindRequest {
+            protocol: Transport::Udp,
+            flags: ConnFlags::TIMEOUT
+                | ConnFlags::BIDIRECTIONAL
+                | ConnFlags::INCREASE_RECEIVE_BUFFER,
+            ..bind(s, &["10.1.0.2:6000"])
+        })
+        .unwrap();
+    let v = e.maps.pinholes.values().next().unwrap();
+    assert_ne!(v.flags & pinhole_flags::BIDIRECTIONAL, 0);
+    assert!(
+        v.deadline_ns > sweeper::monotonic_ns(),
+        "TIMEOUT sets a deadline"
+    );
+    assert_eq!(v.remaining, 1);
+    e.kill(r.connections[0].id).unwrap();
+    // The IP filter becomes peer rules, removed with the last connection using them.
+    let f = IpFilter {
+        include: vec!["10.2.0.2/32".parse().unwrap()],
+        exclude: vec![],
+    };
+    let r = e
+        .bind_for_client(&BindRequest {
+            ip_filter: Some(f),
+            ..bind(s, &["10.1.0.2:1", "10.1.0.2:2"])
+        })
+        .unwrap();
+    let fid = e.maps.pinholes.values().next().unwrap().peer_filter;
+    assert_ne!(fid, 0);
+    assert_eq!(
+        e.maps.rules.get(&(fid, "10.2.0.2/32".parse().unwrap())),
+        Some(&true)
+    );
+    e.kill(r.connections[0].id).unwrap();
+    assert_eq!(e.maps.rules.len(), 1, "still used by connection 1");
+    e.kill(r.connections[1].id).unwrap();
+    assert!(e.maps.rules.is_empty());
+    // An empty filter: a filter id with no rules (nobody matches).
+    e.bind_for_client(&BindRequest {
+        ip_filter: Some(IpFilter::default()),
+        ..bind(s, &["10.1.0.2:1"])
+    })
+    .unwrap();
+    assert_ne!(e.maps.pinholes.values().next().unwrap().peer_filter, 0);
+}
+
+#[test]
+fn kill_is_idempotent_and_raises_terminating_once() {
+    let (mut e, s) = engine();
+    let id = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    e.take_events();
+    e.kill(id).unwrap();
+    e.kill(id).unwrap();
+    let ev = e.take_events();
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(matches!(ev[0], Event::Terminating { connection, .. } if connection == id));
+    assert_clean(&e);
+    assert_eq!(
+        kind(e.set_client_address(id, a("10.1.0.2:1"))),
+        ErrorKind::Terminating
+    );
+    assert_eq!(kind(e.kill(12345)), ErrorKind::InvalidArgument);
+}
+
+#[test]
+fn placeholders_and_set_client_address() {
+    let (mut e, s) = engine();
+    let id = e
+        .bind_for_client(&bind(s, &["0.0.0.0:0"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    let v = *e.maps.pinholes.values().next().unwrap();
+    assert_ne!(
+        v.flags & pinhole_flags::NO_TARGET,
+        0,
+        "refuses connections until the address is known"
+    );
+    assert_eq!(
+        kind(e.set_client_address(id, a("10.1.0.9:25"))),
+        ErrorKind::AccessDenied,
+        "the bounce guard applies"
+    );
+    assert_ne!(
+        e.maps.pinholes.values().next().unwrap().flags & pinhole_flags::NO_TARGET,
+        0,
+        "still unusable"
+    );
+    e.set_client_address(id, a("10.1.0.2:5001")).unwrap();
+    let v = *e.maps.pinholes.values().next().unwrap();
+    assert_eq!(
+        (
+            v.flags & pinhole_flags::NO_TARGET,
+            v.target_addr,
+            v.target_port
+        ),
+        (0, [10, 1, 0, 2], 5001)
+    );
+    assert_eq!(
+        kind(e.set_client_address(id, a("10.1.0.2:5002"))),
+        ErrorKind::InvalidArgument,
+        "only once"
+    );
+}
+
+#[test]
+fn established_single_and_multiple() {
+    let (mut e, s) = engine();
+    let id = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    established(&mut e, id, "198.51.100.7", 20);
+    let ev = e.take_events();
+    assert!(
+        matches!(&ev[0], Event::Established { connection, from, to, context: Some(c), parent: None, .. }
+        if *connection == id && *from == a("198.51.100.7:20") && *to == a("10.1.0.2:5001") && c == "ctx"),
+        "{ev:?}"
+    );
+    assert_eq!(e.objects[&id].state, State::Established);
+
+    // ALLOW_MULTIPLE: each connection gets its own object and event.
+    let m = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::ALLOW_MULTIPLE,
+            ..bind(s, &["10.1.0.2:5002"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    for port in [1000, 1001, 1002] {
+        established(&mut e, m, "198.51.100.7", port);
+    }
+    let ev = e.take_events();
+    assert_eq!(ev.len(), 3);
+    let children: Vec<u64> = e
+        .objects
+        .iter()
+        .filter(|(_, o)| o.parent == Some(m))
+        .map(|(k, _)| *k)
+        .collect();
+    assert_eq!(children.len(), 3);
+    assert_eq!(e.objects[&m].state, State::Listening, "still accepting");
+    // Killing the parent ends the children and removes their flows.
+    e.kill(m).unwrap();
+    assert!(children
+        .iter()
+        .all(|c| e.objects[c].state == State::Terminated));
+
+    // Without notify there is no established event (pSessionFilter = NULL).
+    let q = e
+        .bind_for_client(&BindRequest {
+            notify: false,
+            ..bind(s, &["10.1.0.2:5003"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    e.take_events();
+    established(&mut e, q, "198.51.100.7", 21);
+    assert!(e.take_events().is_empty());
+}
+
+#[test]
+fn timers_end_unused_and_closed_connections() {
+    let (mut e, s) = engine();
+    let t = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::TIMEOUT,
+            ..bind(s, &["10.1.0.2:5001"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    let keep = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5002"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    let now = sweeper::monotonic_ns();
+    e.tick(now + 30_000_000_000).unwrap();
+    assert_eq!(e.objects[&t].state, State::Listening, "at 30 s still there");
+    e.tick(now + 61_000_000_000).unwrap();
+    assert_eq!(e.objects[&t].state, State::Terminated, "at 61 s closed");
+    assert_eq!(e.objects[&t].reason.as_deref(), Some("timeout"));
+    assert_eq!(
+        e.objects[&keep].state,
+        State::Listening,
+        "no TIMEOUT: lives until Kill"
+    );
+
+    // A TCP connection whose flows saw FIN both ways ends after tcp_closing.
+    let (f, r) = established(&mut e, keep, "198.51.100.7", 20);
+    for k in [f, r] {
+        e.maps.flows.get_mut(&k).unwrap().tcp_flags_seen = firewall_common::flow::tcp_seen::FIN;
+    }
+    e.take_events();
+    e.tick(sweeper::monotonic_ns() + 11_000_000_000).unwrap();
+    assert_eq!(e.objects[&keep].state, State::Terminated);
+    assert!(e.maps.flows.is_empty());
+    assert!(
+        matches!(e.take_events()[..], [Event::Terminating { ref reason, .. }] if reason == "closed")
+    );
+    assert_clean(&e);
+}
+
+#[test]
+fn udp_without_timeout_lives_until_kill() {
+    let (mut e, s) = engine();
+    let id = e
+        .bind_for_client(&BindRequest {
+            protocol: Transport::Udp,
+            ..bind(s, &["10.1.0.2:6000"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    established(&mut e, id, "198.51.100.7", 7000);
+    e.tick(sweeper::monotonic_ns() + 3_600_000_000_000).unwrap();
+    assert_eq!(e.objects[&id].state, State::Established);
+    assert_eq!(e.maps.flows.len(), 2);
+    // With TIMEOUT it ends when idle.
+    let t = e
+        .bind_for_client(&BindRequest {
+            protocol: Transport::Udp,
+            flags: ConnFlags::TIMEOUT,
+            ..bind(s, &["10.1.0.2:6001"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    established(&mut e, t, "198.51.100.7", 7001);
+    e.tick(sweeper::monotonic_ns() + 61_000_000_000).unwrap();
+    assert_eq!(e.objects[&t].state, State::Terminated);
+    assert_eq!(e.objects[&id].state, State::Established);
+}
+
+#[test]
+fn sessions_close_everything() {
+    let (mut e, s) = engine();
+    e.bind_for_client(&bind(s, &["10.1.0.2:5001", "10.1.0.2:5002"]))
+        .unwrap();
+    e.redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
+        .unwrap();
+    assert_eq!(
+        e.open_session(CLIENT.parse().unwrap()).unwrap(),
+        s,
+        "one session per client"
+    );
+    e.close_session(s).unwrap();
+    e.close_session(s).unwrap();
+    assert_clean(&e);
+    assert_eq!(
+        kind(e.bind_for_client(&bind(s, &["10.1.0.2:5001"]))),
+        ErrorKind::Terminating
+    );
+    assert_eq!(
+        kind(e.redirect_connections(&redirect(s, &["198.51.100.7:2000"]))),
+        ErrorKind::Terminating
+    );
+    assert_ne!(
+        e.open_session(CLIENT.parse().unwrap()).unwrap(),
+        s,
+        "a new session after close"
+    );
+}
+
+#[test]
+fn redirect_connections() {
+    let (mut e, s) = engine();
+    let r = e
+        .redirect_connections(&redirect(s, &["198.51.100.7:2000", "198.51.100.7:2001"]))
+        .unwrap();
+    assert_eq!(*r.internal_address.ip(), INT);
+    assert_eq!(r.internal_address.port() % 2, 0);
+    assert_eq!(r.actions[1].internal.port(), r.internal_address.port() + 1);
+    for (i, act) in r.actions.iter().enumerate() {
+        let k = PinholeKey::new(
+            IPPROTO_TCP,
+            INT.octets(),
+            act.internal.port(),
+            side::INTERNAL,
+        );
+        let v = e.maps.pinholes[&k];
+        assert_eq!(
+            (v.target_addr, v.target_port),
+            ([198, 51, 100, 7], 2000 + i as u16)
+        );
+        assert_eq!(v.allowed_src, [10, 1, 0, 2], "only the session's client");
+        assert_ne!(v.flags & pinhole_flags::CLIENT_ONLY, 0);
+        assert_eq!(
+            (v.snat_addr, v.snat_port_count, v.egress_ifindex),
+            (EXT.octets(), 1, 3)
+        );
+    }
+    // Cancel: once; again → terminating; a used single-use action cancels itself.
+    e.cancel(r.actions[0].id).unwrap();
+    assert_eq!(kind(e.cancel(r.actions[0].id)), ErrorKind::Terminating);
+    established(&mut e, r.actions[1].id, "10.1.0.2", 40000);
+    assert_eq!(kind(e.cancel(r.actions[1].id)), ErrorKind::Terminating);
+    assert_eq!(
+        kind(e.kill(r.actions[1].id)),
+        ErrorKind::InvalidArgument,
+        "actions are cancelled, not killed"
+    );
+
+    for (what, req) in [
+        (
+            "bidirectional",
+            RedirectRequest {
+                flags: ConnFlags::BIDIRECTIONAL,
+                ..redirect(s, &["198.51.100.7:1"])
+            },
+        ),
+        (
+            "timeout + multiple",
+            RedirectRequest {
+                flags: ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE,
+                ..redirect(s, &["198.51.100.7:1"])
+            },
+        ),
+        ("N = 0", redirect(s, &[])),
+        ("port 0", redirect(s, &["198.51.100.7:0"])),
+        ("internal destination", redirect(s, &["10.1.0.9:21"])),
+        (
+            "explicit port with multiple",
+            RedirectRequest {
+                flags: ConnFlags::ALLOW_MULTIPLE,
+                proxy_external: Some(a("10.2.0.1:45000")),
+                ..redirect(s, &["198.51.100.7:1"])
+            },
+        ),
+    ] {
+        assert_eq!(
+            kind(e.redirect_connections(&req)),
+            ErrorKind::InvalidArgument,
+            "{what}"
+        );
+    }
+    assert_eq!(
+        kind(e.redirect_connections(&RedirectRequest {
+            proxy_external: Some(a("10.9.9.9:0")),
+            ..redirect(s, &["198.51.100.7:1"])
+        })),
+        ErrorKind::AddressNotAvailable
+    );
+    // No proxy external address: any (the first external one).
+    let r = e
+        .redirect_connections(&RedirectRequest {
+            proxy_external: None,
+            flags: ConnFlags::ALLOW_MULTIPLE,
+            ..redirect(s, &["198.51.100.7:3000"])
+        })
+        .unwrap();
+    let k = PinholeKey::new(
+        IPPROTO_TCP,
+        INT.octets(),
+        r.internal_address.port(),
+        side::INTERNAL,
+    );
+    assert_eq!(
+        e.maps.pinholes[&k].snat_port_count, 4,
+        "a SNAT block for multiple connections"
+    );
+}
+
+#[test]
+fn a_restarted_engine_clears_orphaned_pinholes_and_keeps_flows() {
+    let mut maps = MemMaps::default();
+    maps.pinholes.insert(
+        PinholeKey::new(6, EXT.octets(), 20000, 1),
+        PinholeValue {
+            owner: 7,
+            ..Default::default()
+        },
+    );
+    let mut v = FlowValue::forward([1; 4], 1, [2; 4], 2);
+    v.owner = 41;
+    maps.flows.insert(FlowKey::new(6, [1; 4], 1, [2; 4], 2), v);
+    let mut e = Engine::new(cfg(), maps, PortPool::new(20000..=20999, false)).unwrap();
+    assert!(e.maps.pinholes.is_empty());
+    assert_eq!(e.maps.flows.len(), 1);
+    assert!(
+        e.open_session(CLIENT.parse().unwrap()).unwrap() > 41,
+        "ids after the surviving owners"
+    );
+}

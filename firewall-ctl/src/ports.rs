@@ -1,0 +1,333 @@
+//! Port allocation on the firewall's addresses, per (address, protocol).
+//!
+//! Blocks of N consecutive ports start at a multiple of N (RTP/RTCP pairs on
+//! even ports, and the spec's rule for any N). Every port handed out is also
+//! reserved in the kernel's own port space by binding a socket to it (not
+//! listening), so a local service can never take a pinhole's port, and a port
+//! a local service holds is never handed out.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    ops::RangeInclusive,
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::{
+    api::{ApiError, ErrorKind},
+    policy::Transport,
+};
+
+/// One reserved port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lease {
+    pub addr: Ipv4Addr,
+    pub transport: Transport,
+    pub port: u16,
+}
+
+impl Lease {
+    pub fn endpoint(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.addr, self.port)
+    }
+}
+
+#[derive(Default)]
+struct Space {
+    /// Reserved ports, with the socket that holds each in the kernel.
+    used: BTreeMap<u16, Option<Socket>>,
+    /// Where the next search starts, so that released ports are not reused at once.
+    cursor: u32,
+}
+
+pub struct PortPool {
+    range: RangeInclusive<u16>,
+    /// Reserve in the kernel too (false only in unit tests).
+    kernel: bool,
+    spaces: HashMap<(Ipv4Addr, Transport), Space>,
+}
+
+fn in_use(lease: &Lease, why: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::AddressInUse,
+        format!(
+            "{} port {} on {} is {why}",
+            proto_name(lease.transport),
+            lease.port,
+            lease.addr
+        ),
+    )
+}
+
+fn proto_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tcp => "TCP",
+        Transport::Udp => "UDP",
+    }
+}
+
+/// Binds (without listening) to hold the port in the kernel.
+fn kernel_reserve(lease: &Lease) -> std::io::Result<Socket> {
+    let (ty, proto) = match lease.transport {
+        Transport::Tcp => (Type::STREAM, Protocol::TCP),
+        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let s = Socket::new(Domain::IPV4, ty.cloexec(), Some(proto))?;
+    if lease.transport == Transport::Udp {
+        // Nobody reads it: datagrams the stack delivers here must not pile up.
+        let _ = s.set_recv_buffer_size(0);
+    }
+    s.bind(&lease.endpoint().into())?;
+    Ok(s)
+}
+
+impl PortPool {
+    pub fn new(range: RangeInclusive<u16>, kernel: bool) -> Self {
+        Self {
+            range,
+            kernel,
+            spaces: HashMap::new(),
+        }
+    }
+
+    pub fn range(&self) -> &RangeInclusive<u16> {
+        &self.range
+    }
+
+    /// Ports reserved on (addr, transport).
+    pub fn in_use(&self, addr: Ipv4Addr, transport: Transport) -> usize {
+        self.spaces
+            .get(&(addr, transport))
+            .map_or(0, |s| s.used.len())
+    }
+
+    fn take(&mut self, lease: Lease) -> Result<(), ApiError> {
+        let space = self
+            .spaces
+            .entry((lease.addr, lease.transport))
+            .or_default();
+        if space.used.contains_key(&lease.port) {
+            return Err(in_use(&lease, "already used by another pinhole"));
+        }
+        let socket = if self.kernel {
+            Some(kernel_reserve(&lease).map_err(|e| match e.raw_os_error() {
+                Some(libc::EADDRINUSE) => in_use(&lease, "in use by a local service"),
+                Some(libc::EADDRNOTAVAIL) => ApiError::new(
+                    ErrorKind::AddressNotAvailable,
+                    format!("{} is not an address of this machine", lease.addr),
+                ),
+                _ => ApiError::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "reserving {} port {} on {}: {e}",
+                        proto_name(lease.transport),
+                        lease.port,
+                        lease.addr
+                    ),
+                ),
+            })?)
+        } else {
+            None
+        };
+        space.used.insert(lease.port, socket);
+        Ok(())
+    }
+
+    /// Exactly this port.
+    pub fn reserve_exact(
+        &mut self,
+        addr: Ipv4Addr,
+        transport: Transport,
+        port: u16,
+    ) -> Result<Lease, ApiError> {
+        if port == 0 {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "port 0 cannot be reserved",
+            ));
+        }
+        let lease = Lease {
+            addr,
+            transport,
+            port,
+        };
+        self.take(lease)?;
+        Ok(lease)
+    }
+
+    /// N consecutive ports from the pool whose lowest is a multiple of N; all or nothing.
+    pub fn reserve_block(
+        &mut self,
+        addr: Ipv4Addr,
+        transport: Transport,
+        n: u16,
+    ) -> Result<Vec<Lease>, ApiError> {
+        if n == 0 {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                "a block of 0 ports",
+            ));
+        }
+        let (lo, hi, n32) = (
+            *self.range.start() as u32,
+            *self.range.end() as u32,
+            n as u32,
+        );
+        let first = lo.div_ceil(n32) * n32;
+        if first + n32 - 1 > hi {
+            return Err(self.exhausted(addr, transport, n));
+        }
+        let blocks = (hi + 1 - n32 - first) / n32 + 1;
+        let start = self.spaces.get(&(addr, transport)).map_or(0, |s| s.cursor) % blocks;
+        for i in 0..blocks {
+            let base = first + ((start + i) % blocks) * n32;
+            let free = self
+                .spaces
+                .get(&(addr, transport))
+                .is_none_or(|s| (base..base + n32).all(|p| !s.used.contains_key(&(p as u16))));
+            if !free {
+                continue;
+            }
+            let mut taken = Vec::new();
+            for p in base..base + n32 {
+                let lease = Lease {
+                    addr,
+                    transport,
+                    port: p as u16,
+                };
+                match self.take(lease) {
+                    Ok(()) => taken.push(lease),
+                    Err(e) if e.kind == ErrorKind::AddressInUse => break,
+                    Err(e) => {
+                        taken.iter().for_each(|l| self.release(l));
+                        return Err(e);
+                    }
+                }
+            }
+            if taken.len() == n as usize {
+                self.spaces.entry((addr, transport)).or_default().cursor = (start + i + 1) % blocks;
+                return Ok(taken);
+            }
+            // A local service holds a port of this block: release and go on.
+            taken.iter().for_each(|l| self.release(l));
+        }
+        Err(self.exhausted(addr, transport, n))
+    }
+
+    fn exhausted(&self, addr: Ipv4Addr, transport: Transport, n: u16) -> ApiError {
+        ApiError::new(
+            ErrorKind::Exhausted,
+            format!(
+                "no free block of {n} {} port(s) aligned to {n} on {addr} in the pool {}-{}",
+                proto_name(transport),
+                self.range.start(),
+                self.range.end()
+            ),
+        )
+    }
+
+    pub fn release(&mut self, lease: &Lease) {
+        if let Some(space) = self.spaces.get_mut(&(lease.addr, lease.transport)) {
+            space.used.remove(&lease.port);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+
+    #[test]
+    fn aligned_blocks() {
+        let mut p = PortPool::new(20001..=20100, false);
+        for n in [1u16, 2, 3, 4, 7] {
+            let b = p.reserve_block(A, Transport::Tcp, n).unwrap();
+            assert_eq!(b.len(), n as usize);
+            assert_eq!(b[0].port % n, 0, "lowest port is a multiple of {n}");
+            for w in b.windows(2) {
+                assert_eq!(w[1].port, w[0].port + 1);
+            }
+            assert!(b.iter().all(|l| p.range().contains(&l.port)));
+        }
+    }
+
+    #[test]
+    fn exhaustion_and_reuse() {
+        let mut p = PortPool::new(30000..=30009, false);
+        let leases: Vec<Lease> = (0..10)
+            .map(|_| p.reserve_block(A, Transport::Tcp, 1).unwrap()[0])
+            .collect();
+        assert_eq!(
+            p.reserve_block(A, Transport::Tcp, 1).unwrap_err().kind,
+            ErrorKind::Exhausted
+        );
+        // Protocols are separate spaces.
+        p.reserve_block(A, Transport::Udp, 1).unwrap();
+        p.release(&leases[3]);
+        assert_eq!(
+            p.reserve_block(A, Transport::Tcp, 1).unwrap()[0].port,
+            leases[3].port
+        );
+    }
+
+    #[test]
+    fn misaligned_free_space_is_not_used() {
+        // Pool 45000..=45007; leave only 45001..=45003 free: no aligned pair but 45002-45003.
+        let mut p = PortPool::new(45000..=45007, false);
+        for port in [45000, 45004, 45005, 45006, 45007] {
+            p.reserve_exact(A, Transport::Tcp, port).unwrap();
+        }
+        let b = p.reserve_block(A, Transport::Tcp, 2).unwrap();
+        assert_eq!((b[0].port, b[1].port), (45002, 45003));
+        assert_eq!(
+            p.reserve_block(A, Transport::Tcp, 2).unwrap_err().kind,
+            ErrorKind::Exhausted
+        );
+        assert_eq!(
+            p.in_use(A, Transport::Tcp),
+            7,
+            "the failed call left nothing reserved"
+        );
+    }
+
+    #[test]
+    fn explicit_ports() {
+        let mut p = PortPool::new(20000..=20010, false);
+        p.reserve_exact(A, Transport::Tcp, 45000).unwrap();
+        assert_eq!(
+            p.reserve_exact(A, Transport::Tcp, 45000).unwrap_err().kind,
+            ErrorKind::AddressInUse
+        );
+        p.reserve_exact(A, Transport::Udp, 45000).unwrap();
+    }
+
+    #[test]
+    fn kernel_reservation_blocks_local_services_and_is_released() {
+        // Loopback exists everywhere; ports from a high, random-ish range.
+        let lo = Ipv4Addr::LOCALHOST;
+        let base = 40000 + (std::process::id() % 1000) as u16 * 16;
+        let mut p = PortPool::new(base..=base + 15, true);
+        let l = p.reserve_block(lo, Transport::Tcp, 1).unwrap()[0];
+        assert!(
+            std::net::TcpListener::bind(l.endpoint()).is_err(),
+            "the port is held in the kernel"
+        );
+        p.release(&l);
+        assert!(
+            std::net::TcpListener::bind(l.endpoint()).is_ok(),
+            "released"
+        );
+        // A port a local service holds is skipped.
+        let held = std::net::TcpListener::bind(SocketAddrV4::new(lo, base + 4)).unwrap();
+        assert_eq!(
+            p.reserve_exact(lo, Transport::Tcp, base + 4)
+                .unwrap_err()
+                .kind,
+            ErrorKind::AddressInUse
+        );
+        drop(held);
+    }
+}

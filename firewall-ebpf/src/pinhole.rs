@@ -1,0 +1,209 @@
+//! Pinholes: the first packet of an expected secondary connection creates the
+//! connection's two flow entries here, in the kernel, and is then forwarded
+//! like any flow packet. The control plane learns of it through EVENTS.
+
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, RingBuf},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+    macros::btf_map,
+};
+use firewall_common::{
+    flow::{FlowKey, FlowValue},
+    pinhole::{
+        event_kind, pinhole_flags, DatapathEvent, PeerFilterKey, PeerFilterValue, PinholeKey,
+        PinholeValue,
+    },
+    stats::Counter,
+    IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{flow, parse::Packet};
+
+pub const DEFAULT_PINHOLES: usize = 65_536;
+
+#[btf_map]
+static PINHOLES: HashMap<PinholeKey, PinholeValue, DEFAULT_PINHOLES> = HashMap::new();
+
+#[btf_map]
+static PEER_FILTERS: LpmTrie<PeerFilterKey, PeerFilterValue, 65_536> = LpmTrie::new();
+
+#[btf_map]
+static EVENTS: RingBuf<DatapathEvent, { 256 * 1024 }> = RingBuf::new();
+
+/// How many SNAT ports a first packet tries before giving up.
+const SNAT_TRIES: u32 = 8;
+
+/// For a packet without a flow entry: if it opens a pinhole, creates the flow
+/// entries and returns the one for this packet; otherwise the counter that
+/// decides its fate (`PassNoFlow` when no pinhole matches).
+#[inline(always)]
+pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
+    let key = &pkt.key;
+    let pkey = PinholeKey::new(key.protocol, key.dst_addr, key.dst_port, side);
+    let p = PINHOLES.get_ptr_mut(&pkey).ok_or(Counter::PassNoFlow)?;
+    if pkt.vlan_tagged {
+        return Err(Counter::PassVlanUnsupported);
+    }
+    let (deadline, flags, allowed_src, peer_filter) = unsafe {
+        (
+            (*p).deadline_ns,
+            (*p).flags,
+            (*p).allowed_src,
+            (*p).peer_filter,
+        )
+    };
+    if deadline != 0 && unsafe { bpf_ktime_get_coarse_ns() } > deadline {
+        return Err(Counter::DropPinholeExpired);
+    }
+    if flags & pinhole_flags::CLIENT_ONLY != 0 && key.src_addr != allowed_src {
+        return Err(Counter::DropPinholeSource);
+    }
+    if peer_filter != 0 && !peer_allowed(peer_filter, key.src_addr) {
+        return Err(Counter::DropPeerFiltered);
+    }
+    if flags & pinhole_flags::NO_TARGET != 0 {
+        return Err(Counter::DropPinholeNoTarget);
+    }
+    if key.protocol == IPPROTO_TCP && !pkt.syn_only {
+        return Err(Counter::DropPinholeNotSyn);
+    }
+    let single = flags & pinhole_flags::MULTIPLE == 0;
+    if single {
+        // Two first packets may race on two CPUs: exactly one wins the use.
+        let (_, won) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                &raw mut (*p).remaining,
+                1,
+                0,
+            )
+        };
+        if !won {
+            if key.protocol == IPPROTO_UDP && flags & pinhole_flags::BIDIRECTIONAL != 0 {
+                reply_path(pkt, p, &pkey);
+            }
+            return Err(Counter::DropPinholeUsed);
+        }
+    }
+    let created = create_flows(pkt, p, &pkey);
+    if created.is_err() && single {
+        // Nothing was established: the use is not spent.
+        unsafe { (*p).remaining = 1 };
+    }
+    created
+}
+
+#[inline(always)]
+fn peer_allowed(filter: u32, addr: [u8; 4]) -> bool {
+    let k = Key::new(
+        64,
+        PeerFilterKey {
+            filter: filter.to_be_bytes(),
+            addr,
+        },
+    );
+    PEER_FILTERS.get(&k).is_some_and(|v| v.allow != 0)
+}
+
+#[inline(always)]
+fn create_flows(
+    pkt: &Packet,
+    p: *mut PinholeValue,
+    pkey: &PinholeKey,
+) -> Result<*mut FlowValue, Counter> {
+    let key = &pkt.key;
+    let v = unsafe { &*p };
+    let (src_addr, src_port) = if v.snat_port_count > 0 {
+        (
+            v.snat_addr,
+            pick_snat_port(key, p).ok_or(Counter::DropNatPortsBusy)?,
+        )
+    } else {
+        (key.src_addr, key.src_port)
+    };
+    let mut fwd = FlowValue::forward(src_addr, src_port, v.target_addr, v.target_port);
+    fwd.owner = v.owner;
+    fwd.egress_ifindex = v.egress_ifindex;
+    let reply_key = FlowKey::new(
+        key.protocol,
+        v.target_addr,
+        v.target_port,
+        src_addr,
+        src_port,
+    );
+    let mut back = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
+    back.owner = v.owner;
+    flow::insert(&reply_key, &back)?;
+    flow::insert(key, &fwd)?;
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).uses, 1) };
+    emit(event_kind::ESTABLISHED, v.owner, key, &reply_key, pkey);
+    flow::lookup(key).ok_or(Counter::DropNatPortsBusy)
+}
+
+/// A SNAT port of the pinhole's block whose reply entry is free. The search
+/// starts at a hash of the connection's source, so concurrent first packets of
+/// different connections start apart without shared state.
+#[inline(always)]
+fn pick_snat_port(key: &FlowKey, p: *mut PinholeValue) -> Option<u16> {
+    let (base, count, addr, taddr, tport) = unsafe {
+        (
+            (*p).snat_port_base,
+            (*p).snat_port_count as u32,
+            (*p).snat_addr,
+            (*p).target_addr,
+            (*p).target_port,
+        )
+    };
+    if count == 0 {
+        return None;
+    }
+    let start = u32::from_be_bytes(key.src_addr).wrapping_mul(0x9e37_79b1)
+        ^ (key.src_port as u32).wrapping_mul(0x85eb_ca6b);
+    for i in 0..SNAT_TRIES {
+        let port = base.wrapping_add((start.wrapping_add(i) % count) as u16);
+        if flow::lookup(&FlowKey::new(key.protocol, taddr, tport, addr, port)).is_none() {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// UDP BIDIRECTIONAL after the single use: the client may send to this other
+/// peer too (its own datagram is still not delivered).
+#[inline(always)]
+fn reply_path(pkt: &Packet, p: *mut PinholeValue, pkey: &PinholeKey) {
+    let key = &pkt.key;
+    let v = unsafe { &*p };
+    if v.snat_port_count > 0 {
+        return;
+    }
+    let client_to_peer = FlowKey::new(
+        key.protocol,
+        v.target_addr,
+        v.target_port,
+        key.src_addr,
+        key.src_port,
+    );
+    let mut val = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
+    val.owner = v.owner;
+    if flow::lookup(&client_to_peer).is_none() && flow::insert(&client_to_peer, &val).is_ok() {
+        emit(event_kind::REPLY_PATH, v.owner, key, &client_to_peer, pkey);
+    }
+}
+
+#[inline(always)]
+fn emit(kind: u32, owner: u64, forward: &FlowKey, reply: &FlowKey, pinhole: &PinholeKey) {
+    if let Some(mut e) = EVENTS.reserve(0) {
+        e.write(DatapathEvent {
+            kind,
+            _pad: 0,
+            owner,
+            forward: *forward,
+            reply: *reply,
+            pinhole: *pinhole,
+            timestamp_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        });
+        e.submit(0);
+    }
+}
