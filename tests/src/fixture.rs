@@ -8,7 +8,9 @@
 use std::process::Command;
 
 use anyhow::Context as _;
-use firewall_ctl::datapath::{Datapath, FlowTable, PinPaths, Side, TestRunOutput};
+use firewall_ctl::datapath::{
+    Datapath, FlowTable, PeerFilters, PinPaths, PinholeTable, Side, TestRunOutput,
+};
 
 use crate::netns::in_netns;
 
@@ -31,6 +33,8 @@ pub struct Fixture {
     netns: String,
     pub datapath: Datapath,
     pub flows: FlowTable,
+    pub pinholes: PinholeTable,
+    pub peers: PeerFilters,
     pub pins: PinPaths,
     pub in_ifindex: u32,
     pub ex_ifindex: u32,
@@ -101,10 +105,14 @@ impl Fixture {
         )
         .context("loading the datapath for fixtures")?;
         let flows = FlowTable::open(&pins)?;
+        let pinholes = PinholeTable::open(&pins)?;
+        let peers = PeerFilters::open(&pins)?;
         Ok(Self {
             netns: netns.to_string(),
             datapath,
             flows,
+            pinholes,
+            peers,
             pins,
             in_ifindex,
             ex_ifindex,
@@ -127,6 +135,17 @@ impl Fixture {
         in_netns(&path, || dp.test_run(side, frame, ifindex, repeat))
             .expect("netns")
             .expect("BPF_PROG_RUN")
+    }
+
+    /// Datapath events produced so far (drains the ring buffer).
+    pub fn events(&mut self) -> Vec<firewall_common::pinhole::DatapathEvent> {
+        let mut out = Vec::new();
+        if let Some(rb) = self.datapath.events.as_mut() {
+            while let Some(item) = rb.next() {
+                out.extend(firewall_ctl::datapath::decode_event(&item));
+            }
+        }
+        out
     }
 
     /// Sum of a counter over CPUs.
