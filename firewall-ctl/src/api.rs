@@ -13,7 +13,20 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Config, datapath::AttachMode, netif::Interface};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use firewall_common::{
+    flow::{FlowKey, FlowValue},
+    pinhole::{pinhole_flags, side, PinholeKey, PinholeValue},
+    IPPROTO_TCP,
+};
+
+use crate::{
+    config::Config,
+    datapath::AttachMode,
+    engine::{BindRequest, RedirectRequest},
+    netif::Interface,
+};
 
 pub const API_VERSION: u32 = 1;
 pub const DEFAULT_SOCKET: &str = "/run/firewall/ctl.sock";
@@ -27,6 +40,43 @@ pub enum Request {
     Status,
     /// Detach, unpin and exit (what `firewall-ctl down` asks a running daemon).
     Shutdown,
+    /// The session of a client address (opened if needed).
+    SessionOpen {
+        client: Ipv4Addr,
+    },
+    /// Ends a session and everything it owns.
+    SessionClose {
+        session: u64,
+    },
+    BindForClient(BindRequest),
+    RedirectConnections(RedirectRequest),
+    /// Ends a connection (idempotent).
+    Kill {
+        id: u64,
+    },
+    /// Withdraws a redirect.
+    Cancel {
+        id: u64,
+    },
+    /// Supplies a placeholder connection's client address.
+    SetClientAddress {
+        id: u64,
+        address: SocketAddrV4,
+    },
+    List {
+        what: ListWhat,
+    },
+    /// Follow events: the answer is followed by one event per line.
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ListWhat {
+    Sessions,
+    Connections,
+    Pinholes,
+    Flows,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -175,6 +225,108 @@ impl Status {
     }
 }
 
+fn proto_name(p: u8) -> &'static str {
+    if p == IPPROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    }
+}
+
+fn sa(addr: [u8; 4], port: u16) -> String {
+    SocketAddrV4::new(addr.into(), port).to_string()
+}
+
+/// A pinhole as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PinholeView {
+    pub protocol: String,
+    /// The firewall endpoint the first packet targets.
+    pub address: String,
+    pub side: String,
+    pub target: String,
+    pub flags: Vec<String>,
+    pub snat: Option<String>,
+    pub peer_filter: u32,
+    pub remaining: u64,
+    pub uses: u64,
+    pub owner: u64,
+    /// Milliseconds until the TIMEOUT deadline (None: no deadline).
+    pub expires_in_ms: Option<i64>,
+}
+
+impl PinholeView {
+    pub fn new(k: &PinholeKey, v: &PinholeValue, now_ns: u64) -> Self {
+        let names = [
+            (pinhole_flags::MULTIPLE, "multiple"),
+            (pinhole_flags::BIDIRECTIONAL, "bidirectional"),
+            (pinhole_flags::CLIENT_ONLY, "client-only"),
+            (pinhole_flags::NO_TARGET, "no-target"),
+        ];
+        Self {
+            protocol: proto_name(k.protocol).into(),
+            address: sa(k.addr, k.port),
+            side: if k.side == side::INTERNAL {
+                "internal"
+            } else {
+                "external"
+            }
+            .into(),
+            target: sa(v.target_addr, v.target_port),
+            flags: names
+                .iter()
+                .filter(|(b, _)| v.flags & b != 0)
+                .map(|(_, n)| n.to_string())
+                .collect(),
+            snat: (v.snat_port_count > 0).then(|| {
+                format!(
+                    "{}:{}-{}",
+                    Ipv4Addr::from(v.snat_addr),
+                    v.snat_port_base,
+                    v.snat_port_base as u32 + v.snat_port_count as u32 - 1
+                )
+            }),
+            peer_filter: v.peer_filter,
+            remaining: v.remaining,
+            uses: v.uses,
+            owner: v.owner,
+            expires_in_ms: (v.deadline_ns != 0)
+                .then(|| (v.deadline_ns as i64 - now_ns as i64) / 1_000_000),
+        }
+    }
+}
+
+/// A flow entry as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowView {
+    pub protocol: String,
+    pub from: String,
+    pub to: String,
+    /// After translation.
+    pub nat_from: String,
+    pub nat_to: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub idle_ms: u64,
+    pub owner: u64,
+}
+
+impl FlowView {
+    pub fn new(k: &FlowKey, v: &FlowValue, now_ns: u64) -> Self {
+        Self {
+            protocol: proto_name(k.protocol).into(),
+            from: sa(k.src_addr, k.src_port),
+            to: sa(k.dst_addr, k.dst_port),
+            nat_from: sa(v.nat_src_addr, v.nat_src_port),
+            nat_to: sa(v.nat_dst_addr, v.nat_dst_port),
+            packets: v.packets,
+            bytes: v.bytes,
+            idle_ms: now_ns.saturating_sub(v.last_seen_ns) / 1_000_000,
+            owner: v.owner,
+        }
+    }
+}
+
 /// A blocking client (the CLI needs no runtime).
 pub struct Client {
     path: PathBuf,
@@ -230,6 +382,67 @@ impl Client {
                 format!("unreadable reply from the daemon: {e}"),
             )),
         }
+    }
+}
+
+impl Client {
+    /// Sends `Events` and calls `each` for every event line until it returns
+    /// false or the daemon goes away.
+    pub fn follow(&self, mut each: impl FnMut(serde_json::Value) -> bool) -> Result<(), ApiError> {
+        let not_running = |e: std::io::Error| {
+            ApiError::new(
+                ErrorKind::NotRunning,
+                format!(
+                    "no firewall daemon answers on {} ({e})",
+                    self.path.display()
+                ),
+            )
+        };
+        let mut stream = UnixStream::connect(&self.path).map_err(not_running)?;
+        let mut line = serde_json::to_string(&Envelope {
+            v: API_VERSION,
+            request: Request::Events,
+        })
+        .expect("requests serialize");
+        line.push('\n');
+        stream.write_all(line.as_bytes()).map_err(not_running)?;
+        let reader = BufReader::new(stream);
+        let mut lines = reader.lines();
+        match lines.next() {
+            Some(Ok(first)) => match serde_json::from_str::<Response>(&first) {
+                Ok(Response::Ok(_)) => {}
+                Ok(Response::Error(e)) => return Err(e),
+                Err(e) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Internal,
+                        format!("unreadable reply: {e}"),
+                    ))
+                }
+            },
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::Internal,
+                    "the daemon closed the event stream",
+                ))
+            }
+        }
+        for l in lines {
+            let Ok(l) = l else { break };
+            match serde_json::from_str(&l) {
+                Ok(v) => {
+                    if !each(v) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        ErrorKind::Internal,
+                        format!("unreadable event: {e}"),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -295,5 +508,37 @@ mod tests {
             serde_json::to_string(&r).unwrap(),
             r#"{"error":{"kind":"invalid-argument","message":"x"}}"#
         );
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    #[test]
+    fn call_requests_parse_with_their_fields() {
+        let line = r#"{"v":1,"op":"bind-for-client","session":3,"clients":["10.1.0.2:5001"],"protocol":"tcp","flags":["timeout"],"protocol_name":"ftp"}"#;
+        match parse_request(line).unwrap() {
+            Request::BindForClient(b) => {
+                assert_eq!(b.session, 3);
+                assert_eq!(b.clients, vec!["10.1.0.2:5001".parse().unwrap()]);
+                assert_eq!(b.flags, crate::flags::ConnFlags::TIMEOUT);
+            }
+            r => panic!("{r:?}"),
+        }
+        let e = parse_request(r#"{"v":1,"op":"bind-for-client","session":3,"clients":["10.1.0.2:5001"],"protocol":"tcp","flags":["warp"],"protocol_name":"ftp"}"#).unwrap_err();
+        assert!(e.message.contains("unknown flag \"warp\""), "{}", e.message);
+        let e = parse_request(r#"{"v":1,"op":"bind-for-client","session":3,"clients":["10.1.0.2"],"protocol":"tcp","protocol_name":"ftp"}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::BadRequest);
+        assert!(matches!(
+            parse_request(r#"{"v":1,"op":"kill","id":9}"#).unwrap(),
+            Request::Kill { id: 9 }
+        ));
+        assert!(matches!(
+            parse_request(r#"{"v":1,"op":"list","what":"flows"}"#).unwrap(),
+            Request::List {
+                what: ListWhat::Flows
+            }
+        ));
     }
 }

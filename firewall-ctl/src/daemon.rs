@@ -14,18 +14,20 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::watch,
+    sync::{broadcast, watch},
 };
 
 use crate::{
     api::{
-        self, ApiError, CounterStatus, ErrorKind, InterfaceStatus, MapStatus, Request, Response,
-        Status,
+        self, ApiError, CounterStatus, ErrorKind, FlowView, InterfaceStatus, ListWhat, MapStatus,
+        PinholeView, Request, Response, Status,
     },
     config::Config,
-    datapath::{self, AttachMode, Datapath, FlowTable, PinPaths, Side, Stats},
+    datapath::{self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, Side, Stats},
+    engine::{Engine, EngineConfig, Event},
     netif::{self, Interface},
-    sweeper::{self, SweepStats},
+    ports::PortPool,
+    sweeper,
 };
 
 /// Where `up` records what it changed, so `down` can undo it even after a crash.
@@ -69,13 +71,30 @@ pub struct UpOptions {
     pub keep_datapath: bool,
 }
 
-/// Shared by the API handlers.
+/// Shared by the API handlers and the daemon's tasks.
 struct Shared {
     pins: PinPaths,
     config: Config,
     interfaces: Vec<InterfaceStatus>,
     shutdown: watch::Sender<bool>,
-    expired: std::sync::Mutex<SweepStats>,
+    engine: std::sync::Mutex<Engine<KernelMaps>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Shared {
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine<KernelMaps>> {
+        // A panic while holding the lock is a bug; the engine's state is
+        // still consistent (every step commits or rolls back), so go on.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends what the engine raised to the event followers.
+    fn publish(&self, engine: &mut Engine<KernelMaps>) {
+        for e in engine.take_events() {
+            log::info!("event: {}", serde_json::to_string(&e).unwrap_or_default());
+            let _ = self.events.send(e);
+        }
+    }
 }
 
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
@@ -171,6 +190,20 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     state.pid = std::process::id();
     state.write()?;
 
+    let engine = match KernelMaps::open(&pins).and_then(|maps| {
+        Engine::new(
+            EngineConfig::new(&config, &internal, &external),
+            maps,
+            PortPool::new(config.port_range.clone(), true),
+        )
+    }) {
+        Ok(e) => e,
+        Err(e) => {
+            drop(dp);
+            let _ = teardown(&pins, Some(&state));
+            return Err(e.context("starting the engine"));
+        }
+    };
     let listener = bind_socket(&opts.socket)?;
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -181,7 +214,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
         ],
         shutdown: shutdown_tx,
-        expired: Default::default(),
+        engine: std::sync::Mutex::new(engine),
+        events: broadcast::channel(1024).0,
     });
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
@@ -197,7 +231,11 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         .logger
         .take()
         .map(|logger| tokio::spawn(poll_ebpf_log(logger)));
-    let sweep_task = tokio::spawn(sweep_flows(shared.clone()));
+    let tick_task = tokio::spawn(tick(shared.clone()));
+    let events_task = dp
+        .events
+        .take()
+        .map(|rb| tokio::spawn(read_datapath_events(rb, shared.clone())));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut keep = opts.keep_datapath;
@@ -216,7 +254,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     if let Some(t) = log_task {
         t.abort();
     }
-    sweep_task.abort();
+    tick_task.abort();
+    if let Some(t) = events_task {
+        t.abort();
+    }
     // Stop accepting; the socket file goes last, so that `down`, which waits
     // for it to disappear, sees a finished teardown.
     drop(listener);
@@ -304,10 +345,22 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
             ))
         } else {
             match api::parse_request(&line) {
-                Ok(req) => match handle(req, &shared) {
-                    Ok(v) => Response::Ok(v),
-                    Err(e) => Response::Error(e),
-                },
+                Ok(Request::Events) => {
+                    follow_events(&mut write, &shared).await;
+                    return;
+                }
+                Ok(req) => {
+                    let s = shared.clone();
+                    // Map syscalls may block briefly: keep them off the reactor.
+                    match tokio::task::spawn_blocking(move || handle(req, &s)).await {
+                        Ok(Ok(v)) => Response::Ok(v),
+                        Ok(Err(e)) => Response::Error(e),
+                        Err(e) => Response::Error(ApiError::new(
+                            ErrorKind::Internal,
+                            format!("the request handler failed: {e}"),
+                        )),
+                    }
+                }
                 Err(e) => Response::Error(e),
             }
         };
@@ -321,19 +374,100 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
 
 use tokio::io::AsyncReadExt as _;
 
+/// Streams events to a follower until it disconnects.
+async fn follow_events(write: &mut tokio::net::unix::OwnedWriteHalf, shared: &Arc<Shared>) {
+    let mut rx = shared.events.subscribe();
+    if write
+        .write_all(b"{\"ok\":{\"following\":true}}\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        let line = match rx.recv().await {
+            Ok(e) => serde_json::to_string(&e).expect("events serialize"),
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                serde_json::json!({ "event": "lost", "count": n }).to_string()
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if write
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 fn internal(e: anyhow::Error) -> ApiError {
     ApiError::new(ErrorKind::Internal, format!("{e:#}"))
 }
 
+fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, ApiError> {
+    serde_json::to_value(v)
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("serializing the answer: {e}")))
+}
+
 fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, ApiError> {
-    match req {
+    let mut engine = shared.engine();
+    let result = match req {
         Request::Status => {
-            let status = status(shared).map_err(internal)?;
-            Ok(serde_json::to_value(status).expect("status serializes"))
+            drop(engine);
+            return to_json(status(shared).map_err(internal)?);
         }
         Request::Shutdown => {
             let _ = shared.shutdown.send(true);
             Ok(serde_json::json!({ "shutting_down": true }))
+        }
+        Request::Events => unreachable!("served by serve_connection"),
+        Request::SessionOpen { client } => engine
+            .open_session(client)
+            .map(|id| serde_json::json!({ "session": id, "client": client })),
+        Request::SessionClose { session } => engine
+            .close_session(session)
+            .map(|()| serde_json::json!({ "closed": session })),
+        Request::BindForClient(req) => engine.bind_for_client(&req).and_then(to_json),
+        Request::RedirectConnections(req) => engine.redirect_connections(&req).and_then(to_json),
+        Request::Kill { id } => engine
+            .kill(id)
+            .map(|()| serde_json::json!({ "killed": id })),
+        Request::Cancel { id } => engine
+            .cancel(id)
+            .map(|()| serde_json::json!({ "cancelled": id })),
+        Request::SetClientAddress { id, address } => engine
+            .set_client_address(id, address)
+            .map(|()| serde_json::json!({ "id": id, "client": address })),
+        Request::List { what } => list(&engine, what),
+    };
+    shared.publish(&mut engine);
+    result
+}
+
+fn list(engine: &Engine<KernelMaps>, what: ListWhat) -> Result<serde_json::Value, ApiError> {
+    let now = sweeper::monotonic_ns();
+    match what {
+        ListWhat::Sessions => to_json(engine.sessions()),
+        ListWhat::Connections => to_json(engine.objects()),
+        ListWhat::Pinholes => {
+            let entries = engine.maps().pinholes.entries().map_err(internal)?;
+            to_json(
+                entries
+                    .iter()
+                    .map(|(k, v)| PinholeView::new(k, v, now))
+                    .collect::<Vec<_>>(),
+            )
+        }
+        ListWhat::Flows => {
+            let entries = engine.maps().flows.entries().map_err(internal)?;
+            to_json(
+                entries
+                    .iter()
+                    .map(|(k, v)| FlowView::new(k, v, now))
+                    .collect::<Vec<_>>(),
+            )
         }
     }
 }
@@ -358,7 +492,7 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             entries: flows.len()? as u64,
             capacity: flows.capacity() as u64,
         }],
-        flows_expired: shared.expired.lock().expect("sweep stats").clone(),
+        flows_expired: shared.engine().expired().clone(),
         counters: stats
             .read()?
             .into_iter()
@@ -373,34 +507,58 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
     })
 }
 
-/// Removes expired flows (see `sweeper`), once a second or, for big tables,
-/// at twice the time a scan takes.
-async fn sweep_flows(shared: Arc<Shared>) {
+/// The engine's timers (TIMEOUT deadlines, flow expiry), once a second or,
+/// for big tables, at twice the time a pass takes.
+async fn tick(shared: Arc<Shared>) {
     let mut pause = Duration::from_secs(1);
     loop {
         tokio::time::sleep(pause).await;
         let s = shared.clone();
         let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-            let mut flows = FlowTable::open(&s.pins)?;
-            let entries = flows.entries()?;
-            let gone = sweeper::expired(&entries, sweeper::monotonic_ns(), &s.config.timeouts);
-            let mut stats = s.expired.lock().expect("sweep stats");
-            for (key, why) in &gone {
-                if flows.remove(key)? {
-                    stats.add(*why);
-                }
-            }
-            Ok(gone.len())
+        let result = tokio::task::spawn_blocking(move || {
+            let mut engine = s.engine();
+            let r = engine.tick(sweeper::monotonic_ns());
+            s.publish(&mut engine);
+            r
         })
         .await;
         match result {
-            Ok(Ok(n)) if n > 0 => log::debug!("expired {n} flows"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => log::warn!("flow sweep failed: {e:#}"),
-            Err(e) => log::warn!("flow sweep panicked: {e}"),
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("engine timers: {e}"),
+            Err(e) => log::warn!("engine timers panicked: {e}"),
         }
         pause = (started.elapsed() * 2).max(Duration::from_secs(1));
+    }
+}
+
+/// Hands the datapath's establishment events to the engine.
+async fn read_datapath_events(rb: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>) {
+    use tokio::io::unix::AsyncFd;
+    // SAFETY: the ring buffer owns its fd and moves into the AsyncFd.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) }
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("cannot poll the datapath events: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let mut batch = Vec::new();
+        while let Some(item) = guard.get_inner_mut().next() {
+            batch.extend(datapath::decode_event(&item));
+        }
+        guard.clear_ready();
+        if !batch.is_empty() {
+            let mut engine = shared.engine();
+            for ev in &batch {
+                engine.on_datapath_event(ev);
+            }
+            shared.publish(&mut engine);
+        }
     }
 }
 

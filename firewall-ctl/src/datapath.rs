@@ -586,3 +586,55 @@ pub fn decode_event(bytes: &[u8]) -> Option<DatapathEvent> {
     // SAFETY: DatapathEvent is plain old data and the length was checked.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DatapathEvent>()) })
 }
+
+/// The engine's view of the pinned maps.
+pub struct KernelMaps {
+    pub flows: FlowTable,
+    pub pinholes: PinholeTable,
+    pub peers: PeerFilters,
+}
+
+impl KernelMaps {
+    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        Ok(Self {
+            flows: FlowTable::open(pins)?,
+            pinholes: PinholeTable::open(pins)?,
+            peers: PeerFilters::open(pins)?,
+        })
+    }
+}
+
+impl crate::engine::Maps for KernelMaps {
+    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
+        self.pinholes.insert(key, value)
+    }
+    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+        self.pinholes.get(key)
+    }
+    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()> {
+        self.pinholes.remove(key).map(|_| ())
+    }
+    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
+        self.pinholes.entries()
+    }
+    fn put_peer_rule(
+        &mut self,
+        filter: u32,
+        net: ipnet::Ipv4Net,
+        allow: bool,
+    ) -> anyhow::Result<()> {
+        self.peers.insert(filter, net, allow)
+    }
+    fn del_peer_rule(&mut self, filter: u32, net: ipnet::Ipv4Net) -> anyhow::Result<()> {
+        self.peers.remove(filter, net)
+    }
+    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
+        self.flows.get(key)
+    }
+    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
+        self.flows.remove(key)
+    }
+    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        self.flows.entries()
+    }
+}

@@ -54,3 +54,192 @@ pub fn status_text(s: &Status) -> String {
     }
     o
 }
+
+/// One event as a line a person reads.
+pub fn event_text(ev: &serde_json::Value) -> String {
+    let s = |k: &str| {
+        ev.get(k)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .unwrap_or_default()
+    };
+    match ev.get("event").and_then(|e| e.as_str()) {
+        Some("established") => format!(
+            "established  connection {} (session {}, {}): {} -> {}{}",
+            s("connection"),
+            s("session"),
+            s("protocol"),
+            s("from"),
+            s("to"),
+            ev.get("context")
+                .and_then(|c| c.as_str())
+                .map(|c| format!("  context {c:?}"))
+                .unwrap_or_default()
+        ),
+        Some("terminating") => format!(
+            "terminating  connection {} (session {}): {}",
+            s("connection"),
+            s("session"),
+            s("reason")
+        ),
+        _ => ev.to_string(),
+    }
+}
+
+/// The answer of a call, for people.
+pub fn answer_text(v: &serde_json::Value, list: Option<crate::api::ListWhat>) -> String {
+    use crate::api::ListWhat;
+    let mut o = String::new();
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let rows = v.as_array().cloned().unwrap_or_default();
+    match list {
+        Some(ListWhat::Sessions) => {
+            let _ = writeln!(o, "{:>6}  {:<15}  {:<10}  objects", "id", "client", "state");
+            for r in &rows {
+                let state = if r["terminated"].as_bool().unwrap_or(false) {
+                    "terminated"
+                } else {
+                    "open"
+                };
+                let _ = writeln!(
+                    o,
+                    "{:>6}  {:<15}  {:<10}  {}",
+                    s(r, "id"),
+                    s(r, "client"),
+                    state,
+                    s(r, "objects")
+                );
+            }
+        }
+        Some(ListWhat::Connections) => {
+            let _ = writeln!(
+                o,
+                "{:>6} {:>5}  {:<10} {:<11} {:<4} {:<21} {:<21} {:<21} {:>8} {:>10}  flags",
+                "id",
+                "sess",
+                "kind",
+                "state",
+                "prot",
+                "endpoint",
+                "target",
+                "peer",
+                "packets",
+                "bytes"
+            );
+            for r in &rows {
+                let flags: Vec<String> = r["flags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect();
+                let peer = r["peer"].as_str().unwrap_or("-").to_string();
+                let _ = writeln!(
+                    o,
+                    "{:>6} {:>5}  {:<10} {:<11} {:<4} {:<21} {:<21} {:<21} {:>8} {:>10}  {}",
+                    s(r, "id"),
+                    s(r, "session"),
+                    s(r, "kind"),
+                    s(r, "state"),
+                    s(r, "protocol"),
+                    s(r, "endpoint"),
+                    s(r, "target"),
+                    peer,
+                    s(r, "packets"),
+                    s(r, "bytes"),
+                    flags.join(",")
+                );
+            }
+        }
+        Some(ListWhat::Pinholes) => {
+            let _ = writeln!(
+                o,
+                "{:<4} {:<21} {:<8} {:<21} {:>5} {:>5} {:>6}  flags",
+                "prot", "address", "side", "target", "left", "uses", "owner"
+            );
+            for r in &rows {
+                let flags: Vec<String> = r["flags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "{:<4} {:<21} {:<8} {:<21} {:>5} {:>5} {:>6}  {}",
+                    s(r, "protocol"),
+                    s(r, "address"),
+                    s(r, "side"),
+                    s(r, "target"),
+                    s(r, "remaining"),
+                    s(r, "uses"),
+                    s(r, "owner"),
+                    flags.join(",")
+                );
+            }
+        }
+        Some(ListWhat::Flows) => {
+            let _ = writeln!(
+                o,
+                "{:<4} {:<21} {:<21} => {:<21} {:<21} {:>9} {:>12} {:>8} {:>6}",
+                "prot", "from", "to", "as from", "as to", "packets", "bytes", "idle ms", "owner"
+            );
+            for r in &rows {
+                let _ = writeln!(
+                    o,
+                    "{:<4} {:<21} {:<21} => {:<21} {:<21} {:>9} {:>12} {:>8} {:>6}",
+                    s(r, "protocol"),
+                    s(r, "from"),
+                    s(r, "to"),
+                    s(r, "nat_from"),
+                    s(r, "nat_to"),
+                    s(r, "packets"),
+                    s(r, "bytes"),
+                    s(r, "idle_ms"),
+                    s(r, "owner")
+                );
+            }
+        }
+        None => {
+            if let Some(p) = v.get("proxy_address") {
+                let _ = writeln!(o, "proxy address {}", p.as_str().unwrap_or_default());
+                for c in v["connections"].as_array().into_iter().flatten() {
+                    let _ = writeln!(
+                        o,
+                        "  connection {}: {} -> {}",
+                        s(c, "id"),
+                        s(c, "external"),
+                        s(c, "client")
+                    );
+                }
+            } else if let Some(p) = v.get("internal_address") {
+                let _ = writeln!(o, "internal address {}", p.as_str().unwrap_or_default());
+                for c in v["actions"].as_array().into_iter().flatten() {
+                    let _ = writeln!(
+                        o,
+                        "  action {}: {} -> {}",
+                        s(c, "id"),
+                        s(c, "internal"),
+                        s(c, "connect")
+                    );
+                }
+            } else if let Some(id) = v.get("session") {
+                let _ = writeln!(o, "session {id} (client {})", s(v, "client"));
+            } else {
+                let _ = writeln!(o, "{v}");
+            }
+        }
+    }
+    o
+}

@@ -196,3 +196,148 @@ impl LabRun {
         }
     }
 }
+
+impl LabRun {
+    /// Like `start`, with a configuration file of the given text.
+    pub fn with_config(tag: &str, toml: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("{}-{tag}.toml", crate::lab::unique_prefix("cfg")));
+        std::fs::write(&path, toml).expect("writing the config");
+        let run = Self::start(tag, &["--config", path.to_str().expect("utf-8")]);
+        std::fs::remove_file(&path).ok();
+        run
+    }
+}
+
+impl Firewall {
+    /// Runs a subcommand with `-j`; Ok(answer) or Err((kind, message)).
+    pub fn call(&self, args: &[&str]) -> Result<serde_json::Value, (String, String)> {
+        let mut all = vec!["-j"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "firewall-ctl {args:?}: no JSON ({e}): {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if out.status.success() {
+            Ok(v)
+        } else {
+            let e = &v["error"];
+            Err((
+                e["kind"].as_str().unwrap_or_default().to_string(),
+                e["message"].as_str().unwrap_or_default().to_string(),
+            ))
+        }
+    }
+
+    /// `call` that must succeed.
+    pub fn ok(&self, args: &[&str]) -> serde_json::Value {
+        self.call(args)
+            .unwrap_or_else(|(k, m)| panic!("firewall-ctl {args:?} failed: {k}: {m}"))
+    }
+
+    /// `call` that must fail; returns the error kind.
+    pub fn fails(&self, args: &[&str]) -> String {
+        match self.call(args) {
+            Ok(v) => panic!("firewall-ctl {args:?} should fail, got {v}"),
+            Err((kind, _)) => kind,
+        }
+    }
+
+    /// Opens the session of a client.
+    pub fn session(&self, client: &str) -> String {
+        self.ok(&["session", "open", "--client", client])["session"].to_string()
+    }
+
+    pub fn list(&self, what: &str) -> Vec<serde_json::Value> {
+        self.ok(&["list", what])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A `firewall-ctl events` follower running in the background.
+pub struct EventLog {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Firewall {
+    /// Follows events for at most `secs` seconds, into a file.
+    pub fn follow_events(&self, secs: u64) -> EventLog {
+        let path = std::env::temp_dir().join(format!(
+            "fwev-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ rand_u64()
+        ));
+        let file = std::fs::File::create(&path).expect("event log");
+        let bin = ctl_binary();
+        let child = self
+            .fw
+            .cmd(bin.to_str().expect("utf-8"))
+            .args([
+                "-j",
+                "--socket",
+                &self.socket,
+                "events",
+                "--timeout",
+                &secs.to_string(),
+            ])
+            .stdout(file)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("events follower");
+        // Let it subscribe before the test causes events.
+        thread::sleep(Duration::from_millis(300));
+        EventLog { child, path }
+    }
+}
+
+fn rand_u64() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl EventLog {
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until an event matching `pred` was seen (at most 10 s).
+    pub fn wait_for(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no {what} event; saw {:?}",
+                self.events()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

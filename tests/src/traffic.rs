@@ -124,3 +124,16 @@ pub fn prime_neighbours(lab: &Lab) {
         ))
         .expect("ping from the firewall");
 }
+
+/// Whether a TCP connection from `ns` to `to` gets through (1 s to connect).
+pub fn tcp_connects(ns: &Ns, to: &str) -> bool {
+    ns.try_sh(&format!("socat -T1 /dev/null TCP:{to},connect-timeout=1"))
+}
+
+/// Port of an "IP:PORT" string.
+pub fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr:?}"))
+}
