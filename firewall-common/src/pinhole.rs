@@ -107,6 +107,9 @@ pub mod event_kind {
     pub const ESTABLISHED: u32 = 1;
     /// A UDP BIDIRECTIONAL pinhole gave a reply path to another peer.
     pub const REPLY_PATH: u32 = 2;
+    /// A packet was dropped because its next hop has no neighbour entry:
+    /// `owner` holds the egress ifindex, `forward.dst_addr` the next hop.
+    pub const NEED_NEIGHBOUR: u32 = 3;
 }
 
 /// What the datapath tells the control plane through the EVENTS ring buffer.

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
+use std::net::Ipv4Addr;
+
 use anyhow::Context as _;
+use firewall_common::pinhole::event_kind;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -25,6 +28,7 @@ use crate::{
     config::Config,
     datapath::{self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, Side, Stats},
     engine::{Engine, EngineConfig, Event},
+    neighbours::Resolver,
     netif::{self, Interface},
     ports::PortPool,
     sweeper,
@@ -79,6 +83,8 @@ struct Shared {
     shutdown: watch::Sender<bool>,
     engine: std::sync::Mutex<Engine<KernelMaps>>,
     events: broadcast::Sender<Event>,
+    neighbours: Resolver,
+    internal_ifindex: u32,
 }
 
 impl Shared {
@@ -216,6 +222,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         shutdown: shutdown_tx,
         engine: std::sync::Mutex::new(engine),
         events: broadcast::channel(1024).0,
+        neighbours: Resolver::new(),
+        internal_ifindex: internal.index,
     });
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
@@ -429,7 +437,19 @@ fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, ApiError> 
         Request::SessionClose { session } => engine
             .close_session(session)
             .map(|()| serde_json::json!({ "closed": session })),
-        Request::BindForClient(req) => engine.bind_for_client(&req).and_then(to_json),
+        Request::BindForClient(req) => engine.bind_for_client(&req).and_then(|r| {
+            // The targets are known now: resolve them before the first packet.
+            for c in r
+                .connections
+                .iter()
+                .filter(|c| !c.client.ip().is_unspecified())
+            {
+                shared
+                    .neighbours
+                    .resolve(shared.internal_ifindex, *c.client.ip());
+            }
+            to_json(r)
+        }),
         Request::RedirectConnections(req) => engine.redirect_connections(&req).and_then(to_json),
         Request::Kill { id } => engine
             .kill(id)
@@ -552,9 +572,17 @@ async fn read_datapath_events(rb: aya::maps::RingBuf<aya::maps::MapData>, shared
             batch.extend(datapath::decode_event(&item));
         }
         guard.clear_ready();
-        if !batch.is_empty() {
+        let (neigh, conns): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|e| e.kind == event_kind::NEED_NEIGHBOUR);
+        for e in neigh {
+            shared
+                .neighbours
+                .resolve(e.owner as u32, Ipv4Addr::from(e.forward.dst_addr));
+        }
+        if !conns.is_empty() {
             let mut engine = shared.engine();
-            for ev in &batch {
+            for ev in &conns {
                 engine.on_datapath_event(ev);
             }
             shared.publish(&mut engine);

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod engine;
 pub mod flags;
+pub mod neighbours;
 pub mod netif;
 pub mod output;
 pub mod policy;

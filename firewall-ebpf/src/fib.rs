@@ -52,7 +52,14 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<NextHo
             smac: p.smac,
             dmac: p.dmac,
         }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Counter::DropNoNeighbour),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The lookup left the egress interface and the next hop in `p`.
+            crate::events::need_neighbour(
+                p.ifindex,
+                unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
+            );
+            Err(Counter::DropNoNeighbour)
+        }
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             Err(Counter::DropNoRoute)
         }

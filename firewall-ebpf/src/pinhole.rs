@@ -5,21 +5,20 @@
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, RingBuf},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie},
     helpers::generated::bpf_ktime_get_coarse_ns,
     macros::btf_map,
 };
 use firewall_common::{
     flow::{FlowKey, FlowValue},
     pinhole::{
-        event_kind, pinhole_flags, DatapathEvent, PeerFilterKey, PeerFilterValue, PinholeKey,
-        PinholeValue,
+        event_kind, pinhole_flags, PeerFilterKey, PeerFilterValue, PinholeKey, PinholeValue,
     },
     stats::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
 
-use crate::{flow, parse::Packet};
+use crate::{events::emit, flow, parse::Packet};
 
 pub const DEFAULT_PINHOLES: usize = 65_536;
 
@@ -28,9 +27,6 @@ static PINHOLES: HashMap<PinholeKey, PinholeValue, DEFAULT_PINHOLES> = HashMap::
 
 #[btf_map]
 static PEER_FILTERS: LpmTrie<PeerFilterKey, PeerFilterValue, 65_536> = LpmTrie::new();
-
-#[btf_map]
-static EVENTS: RingBuf<DatapathEvent, { 256 * 1024 }> = RingBuf::new();
 
 /// How many SNAT ports a first packet tries before giving up.
 const SNAT_TRIES: u32 = 8;
@@ -189,21 +185,5 @@ fn reply_path(pkt: &Packet, p: *mut PinholeValue, pkey: &PinholeKey) {
     val.owner = v.owner;
     if flow::lookup(&client_to_peer).is_none() && flow::insert(&client_to_peer, &val).is_ok() {
         emit(event_kind::REPLY_PATH, v.owner, key, &client_to_peer, pkey);
-    }
-}
-
-#[inline(always)]
-fn emit(kind: u32, owner: u64, forward: &FlowKey, reply: &FlowKey, pinhole: &PinholeKey) {
-    if let Some(mut e) = EVENTS.reserve(0) {
-        e.write(DatapathEvent {
-            kind,
-            _pad: 0,
-            owner,
-            forward: *forward,
-            reply: *reply,
-            pinhole: *pinhole,
-            timestamp_ns: unsafe { bpf_ktime_get_coarse_ns() },
-        });
-        e.submit(0);
     }
 }

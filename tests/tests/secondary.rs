@@ -933,3 +933,63 @@ fn redirect_connections_relay_through_the_internal_address() {
     assert!(!tcp_connects(&r.lab.client, &i2), "cancelled");
     assert_eq!(r.fw.fails(&["cancel", &aid]), "terminating");
 }
+
+#[test]
+fn unresolved_neighbours_are_resolved_on_demand() {
+    // Nothing primed: the firewall has never talked to the client or to the
+    // second external host.
+    let r = LabRun::with_config("neigh", FAST);
+    let neigh = |ip: &str| r.lab.fw.sh(&format!("ip neigh show {ip}")).unwrap();
+    let sess = r.fw.session(addr::CLIENT);
+    // BindForClient knows its target: it is resolved at once.
+    r.fw.ok(&[
+        "bind-for-client",
+        "--session",
+        &sess,
+        "--client",
+        "10.1.0.2:5801",
+        "--protocol",
+        "tcp",
+    ]);
+    let start = std::time::Instant::now();
+    while !neigh(addr::CLIENT).contains("lladdr") {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "client not resolved: {}",
+            neigh(addr::CLIENT)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // A redirect to a host with no neighbour entry: the first SYN is dropped
+    // and reported, the daemon resolves it, the retransmission gets through.
+    assert!(!neigh(addr::EXTERNAL2).contains("lladdr"));
+    let rc = r.fw.ok(&[
+        "redirect-connections",
+        "--session",
+        &sess,
+        "--connect",
+        "10.2.0.3:2100",
+        "--protocol",
+        "tcp",
+    ]);
+    let mut srv = echo_server(&r.lab.external2, IPPROTO_TCP, addr::EXTERNAL2, 2100);
+    let got = r
+        .lab
+        .client
+        .sh(&format!(
+            "printf 'late\\n' | socat -T5 - TCP:{},connect-timeout=5",
+            s(&rc["internal_address"])
+        ))
+        .unwrap();
+    let _ = srv.wait();
+    assert!(got.ends_with("late\n"), "{got}");
+    assert!(
+        counter(&r, "drop_no_neighbour") >= 1,
+        "the first SYN met no neighbour"
+    );
+    assert!(
+        neigh(addr::EXTERNAL2).contains("lladdr"),
+        "{}",
+        neigh(addr::EXTERNAL2)
+    );
+}
