@@ -341,3 +341,11 @@ impl Drop for EventLog {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+impl Firewall {
+    /// `call` as an anyhow result (for the demo).
+    pub fn try_ok(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        self.call(args)
+            .map_err(|(k, m)| anyhow::anyhow!("firewall-ctl {}: {k}: {m}", args.join(" ")))
+    }
+}

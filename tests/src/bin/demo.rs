@@ -1,17 +1,26 @@
 //! The self-contained demo behind `cargo xtask demo`: builds the namespace lab,
-//! runs the firewall on it, sends real traffic through a translated flow that
-//! the XDP datapath forwards, shows what the maps and counters say, and cleans up.
+//! runs the firewall on it, opens secondary connections with BindForClient and
+//! RedirectConnections through the CLI, sends real traffic through them (the
+//! XDP datapath forwards it in the kernel), shows what the firewall saw and
+//! refused, and cleans up.
 
 use anyhow::{bail, Context as _};
 use firewall_common::IPPROTO_TCP;
 use firewall_tests::{
     daemon::Firewall,
     lab::{addr, unique_prefix, Lab},
-    traffic::{flow, install_snat, prime_neighbours, wait_listening},
+    traffic::{echo_server, port_of, prime_neighbours, send, tcp_connects, wait_listening},
 };
+use serde_json::Value;
 
 fn step(n: u32, text: &str) {
     println!("\n[{n}] {text}");
+}
+
+fn s(v: &Value) -> String {
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
 }
 
 fn main() {
@@ -28,15 +37,12 @@ fn run() -> anyhow::Result<()> {
     let lab = Lab::create(&unique_prefix("demo")).context("creating the lab")?;
     step(1, "Lab (network namespaces, veth pairs):");
     println!(
-        "    client {}  ── [{} {} | firewall | {} {}] ──  server {}",
-        addr::CLIENT,
-        addr::IF_INTERNAL,
-        addr::FW_INTERNAL,
-        addr::IF_EXTERNAL,
-        addr::FW_EXTERNAL,
-        addr::SERVER
+        "    client {} ({} is another internal host) ── [{} {} | firewall | {} {}] ── server {} ({} another external host)",
+        addr::CLIENT, addr::CLIENT2, addr::IF_INTERNAL, addr::FW_INTERNAL, addr::IF_EXTERNAL, addr::FW_EXTERNAL, addr::SERVER, addr::EXTERNAL2
     );
-    println!("    The server has no route back to 10.1.0.0/24: only correctly translated packets get answers.");
+    println!(
+        "    The server has no route back to 10.1.0.0/24: only translated packets get answers."
+    );
 
     step(
         2,
@@ -47,96 +53,174 @@ fn run() -> anyhow::Result<()> {
         ),
     );
     let fw = Firewall::up(&lab, &[])?;
-    let net = lab.fw.sh("bpftool net show | sed -n '/xdp:/,/^$/p'")?;
-    for l in net.lines().filter(|l| !l.trim().is_empty()) {
+    for l in lab
+        .fw
+        .sh("bpftool net show | sed -n '/xdp:/,/^$/p'")?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
         println!("    bpftool net: {l}");
     }
+    prime_neighbours(&lab);
 
     step(
         3,
-        "Unhandled traffic still reaches the firewall itself (ping 10.1.0.1):",
+        "A session for the client, and BindForClient for its listening socket 10.1.0.2:5001",
     );
-    lab.client
-        .sh(&format!("ping -c1 -W2 {}", addr::FW_INTERNAL))?;
-    println!("    ok");
+    println!("    (what an FTP filter does for `PORT 10,1,0,2,19,137`; only the server may connect, single use):");
+    let sess = fw.session(addr::CLIENT);
+    let b = fw.try_ok(&[
+        "bind-for-client",
+        "--session",
+        &sess,
+        "--client",
+        "10.1.0.2:5001",
+        "--protocol",
+        "tcp",
+        "--allow-peer",
+        addr::SERVER,
+        "--context",
+        "demo-transfer",
+    ])?;
+    let proxy = s(&b["proxy_address"]);
+    let id = s(&b["connections"][0]["id"]);
+    println!(
+        "    → proxy address {proxy} (connection {id}); the FTP filter would rewrite PORT to it"
+    );
 
-    let (cport, sport, nat) = (40000u16, 8080u16, 61000u16);
-    step(4, &format!(
-        "Installing a translated TCP flow through the firewall-ctl library:\n    {}:{cport} -> {}:{sport} leaves as {}:{nat}, and the reply direction back",
-        addr::CLIENT, addr::SERVER, addr::FW_EXTERNAL
-    ));
-    let (out, back) = install_snat(IPPROTO_TCP, addr::CLIENT, cport, addr::SERVER, sport, nat);
-    prime_neighbours(&lab);
-
+    let size = 16 * 1024 * 1024;
     let dir = std::env::temp_dir().join(format!("{}-files", lab.prefix));
     std::fs::create_dir_all(&dir)?;
-    let (send, recv, peer) = (dir.join("send"), dir.join("recv"), dir.join("peer"));
-    let size = 16 * 1024 * 1024;
+    let (file, recv) = (dir.join("data"), dir.join("recv"));
     let data: Vec<u8> = (0..size as u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
         .collect();
-    std::fs::write(&send, &data)?;
+    std::fs::write(&file, &data)?;
     step(
-        5,
+        4,
         &format!(
-            "Sending {} MiB from the client to the server with socat...",
+            "The server connects to {proxy} and sends {} MiB to the client:",
             size >> 20
         ),
     );
-    let mut server = lab.server.spawn(&format!(
-        "exec socat -u -T10 TCP-LISTEN:{sport},bind={},reuseaddr SYSTEM:'echo $SOCAT_PEERADDR $SOCAT_PEERPORT >{}; cat >{}'",
-        addr::SERVER,
-        peer.display(),
+    let mut client = lab.client.spawn(&format!(
+        "exec socat -u -T10 TCP-LISTEN:5001,bind={} CREATE:{}",
+        addr::CLIENT,
         recv.display()
     ))?;
-    wait_listening(&lab.server, sport);
+    wait_listening(&lab.client, 5001);
     let started = std::time::Instant::now();
-    lab.client.sh(&format!(
-        "socat -u -T10 OPEN:{} TCP:{}:{sport},bind={}:{cport}",
-        send.display(),
-        addr::SERVER,
-        addr::CLIENT
+    lab.server.sh(&format!(
+        "socat -u -T10 OPEN:{} TCP:{proxy}",
+        file.display()
     ))?;
-    server.wait()?;
+    client.wait()?;
     let secs = started.elapsed().as_secs_f64();
     let got = std::fs::read(&recv)?;
-    let seen = std::fs::read_to_string(&peer)?;
+    std::fs::remove_dir_all(&dir).ok();
     println!(
-        "    arrived intact: {} ({} of {} bytes, {:.2} Gbit/s)",
+        "    arrived intact: {} ({} bytes, {:.2} Gbit/s)",
         got == data,
         got.len(),
-        data.len(),
         size as f64 * 8.0 / secs / 1e9
     );
+    let conn = fw
+        .list("connections")
+        .into_iter()
+        .find(|c| s(&c["id"]) == id)
+        .context("connection listed")?;
     println!(
-        "    the server saw the connection come from: {}",
-        seen.trim()
+        "    connection {id}: state {}, mode {}, peer {}, {} packets / {} bytes in its flows",
+        s(&conn["state"]),
+        s(&conn["mode"]),
+        s(&conn["peer"]),
+        conn["packets"],
+        conn["bytes"]
     );
-    std::fs::remove_dir_all(&dir).ok();
+    println!(
+        "    sockets in the firewall carrying it: {}",
+        if lab.fw.sh("ss -Htn state established")?.trim().is_empty() {
+            "none (the bytes never left the kernel's XDP path)"
+        } else {
+            "some"
+        }
+    );
 
-    step(6, "The flow entries, forwarded by XDP without the Linux stack (firewall-ctl library; same as bpftool map dump pinned /sys/fs/bpf/firewall/FLOWS):");
-    for (name, key) in [("client -> server", &out), ("server -> client", &back)] {
-        let v = flow(key);
-        println!("    {name}: {} packets, {} bytes", v.packets, v.bytes);
+    step(5, "What was refused:");
+    let _again = echo_server(&lab.client, IPPROTO_TCP, addr::CLIENT, 5001);
+    println!(
+        "    a second connection to {proxy} (single use): {}",
+        if tcp_connects(&lab.server, &proxy) {
+            "ACCEPTED?!"
+        } else {
+            "refused"
+        }
+    );
+    match fw.call(&["bind-for-client", "--session", &sess, "--client", "10.1.0.3:25", "--protocol", "tcp"]) {
+        Err((kind, msg)) => println!("    BindForClient for another internal host (an FTP bounce through the firewall): {kind}\n      {msg}"),
+        Ok(v) => println!("    bounce ACCEPTED?! {v}"),
     }
 
-    step(7, "Datapath counters (firewall-ctl status):");
-    let s = fw.status();
-    for c in s["counters"]
+    step(6, "RedirectConnections: the client reaches the server's 2000 through the firewall's internal address");
+    println!("    (what an FTP filter does for a `227` reply, so the data connection leaves from the same external address):");
+    let rc = fw.try_ok(&[
+        "redirect-connections",
+        "--session",
+        &sess,
+        "--connect",
+        "10.2.0.2:2000",
+        "--protocol",
+        "tcp",
+    ])?;
+    let internal = s(&rc["internal_address"]);
+    println!("    → internal address {internal}");
+    let mut srv = echo_server(&lab.server, IPPROTO_TCP, addr::SERVER, 2000);
+    let answer = send(
+        &lab.client,
+        IPPROTO_TCP,
+        (addr::CLIENT, 40999),
+        (addr::FW_INTERNAL, port_of(&internal)),
+        "hello over the redirect",
+    );
+    let _ = srv.wait();
+    let (seen, echoed) = answer.split_once('\n').unwrap_or((&answer, ""));
+    println!(
+        "    the server saw the connection come from {} and echoed {:?}",
+        seen,
+        echoed.trim()
+    );
+
+    step(7, "The flow table (firewall-ctl list flows; bpftool map dump pinned /sys/fs/bpf/firewall/FLOWS):");
+    for f in fw.list("flows") {
+        println!(
+            "    {} {:>21} → {:<21} as {:>21} → {:<21} {:>6} packets  (connection {})",
+            s(&f["protocol"]),
+            s(&f["from"]),
+            s(&f["to"]),
+            s(&f["nat_from"]),
+            s(&f["nat_to"]),
+            f["packets"],
+            f["owner"]
+        );
+    }
+
+    step(8, "Datapath counters (firewall-ctl status):");
+    let st = fw.status();
+    for c in st["counters"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|c| c["packets"].as_u64().unwrap_or(0) > 0)
     {
         println!(
-            "    {:<22} {:>9} packets  {}",
-            c["name"].as_str().unwrap_or(""),
+            "    {:<30} {:>9} packets  {}",
+            s(&c["name"]),
             c["packets"],
-            c["help"].as_str().unwrap_or("")
+            s(&c["help"])
         );
     }
 
-    step(8, "firewall-ctl down");
+    step(9, "firewall-ctl down");
     drop(fw);
     println!("    programs detached, pins removed; deleting the lab");
     drop(lab);
