@@ -26,7 +26,9 @@ use crate::{
         PinholeView, Request, Response, Status,
     },
     config::Config,
-    datapath::{self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, Side, Stats},
+    datapath::{
+        self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, PinholeTable, Side, Stats,
+    },
     engine::{Engine, EngineConfig, Event},
     neighbours::Resolver,
     netif::{self, Interface},
@@ -494,6 +496,7 @@ fn list(engine: &Engine<KernelMaps>, what: ListWhat) -> Result<serde_json::Value
 
 fn status(shared: &Shared) -> anyhow::Result<Status> {
     let flows = FlowTable::open(&shared.pins)?;
+    let pinholes = PinholeTable::open(&shared.pins)?;
     let stats = Stats::open(&shared.pins)?;
     let (internal_networks, external_addresses) = Status::config_fields(&shared.config);
     Ok(Status {
@@ -502,16 +505,28 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         interfaces: shared.interfaces.clone(),
         internal_networks,
         external_addresses,
-        maps: vec![MapStatus {
-            name: firewall_common::map_names::FLOWS.into(),
-            pinned: shared
-                .pins
-                .map(firewall_common::map_names::FLOWS)
-                .display()
-                .to_string(),
-            entries: flows.len()? as u64,
-            capacity: flows.capacity() as u64,
-        }],
+        maps: vec![
+            MapStatus {
+                name: firewall_common::map_names::FLOWS.into(),
+                pinned: shared
+                    .pins
+                    .map(firewall_common::map_names::FLOWS)
+                    .display()
+                    .to_string(),
+                entries: flows.count()? as u64,
+                capacity: flows.capacity() as u64,
+            },
+            MapStatus {
+                name: firewall_common::map_names::PINHOLES.into(),
+                pinned: shared
+                    .pins
+                    .map(firewall_common::map_names::PINHOLES)
+                    .display()
+                    .to_string(),
+                entries: pinholes.entries()?.len() as u64,
+                capacity: pinholes.capacity() as u64,
+            },
+        ],
         flows_expired: shared.engine().expired().clone(),
         counters: stats
             .read()?

@@ -385,74 +385,6 @@ pub fn unpin_all(pins: &PinPaths) -> anyhow::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// Typed access to the pinned flow table, the call the engine uses to install,
-/// read and remove flows.
-pub struct FlowTable {
-    map: HashMap<MapData, FlowKey, FlowValue>,
-    capacity: u32,
-}
-
-impl FlowTable {
-    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let path = pins.map(map_names::FLOWS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
-        let capacity = data.info()?.max_entries();
-        let map = HashMap::try_from(Map::from_map_data(data)?)?;
-        Ok(Self { map, capacity })
-    }
-
-    pub fn capacity(&self) -> u32 {
-        self.capacity
-    }
-
-    /// Inserts or replaces an entry. An entry that has not seen a packet is
-    /// stamped as seen now, so that the idle timeout also removes flows that
-    /// are never used.
-    pub fn insert(&mut self, key: &FlowKey, value: &FlowValue) -> anyhow::Result<()> {
-        let mut value = *value;
-        if value.last_seen_ns == 0 {
-            value.last_seen_ns = crate::sweeper::monotonic_ns();
-        }
-        self.map
-            .insert(key, value, 0)
-            .with_context(|| format!("inserting flow {key:?}"))
-    }
-
-    pub fn get(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
-        match self.map.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub fn remove(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
-        match self.map.remove(key) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// All entries. Entries removed while iterating are skipped.
-    pub fn entries(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        let mut out = Vec::new();
-        for r in self.map.iter() {
-            match r {
-                Ok(kv) => out.push(kv),
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn len(&self) -> anyhow::Result<usize> {
-        Ok(self.map.keys().filter(|k| k.is_ok()).count())
-    }
-}
-
 /// The per-CPU verdict counters, summed over CPUs.
 pub struct Stats {
     map: PerCpuArray<MapData, StatValue>,
@@ -483,28 +415,77 @@ impl Stats {
     }
 }
 
-/// Typed access to the pinned pinhole table.
-pub struct PinholeTable {
-    map: HashMap<MapData, PinholeKey, PinholeValue>,
+/// Typed access to a pinned hash map.
+pub struct Table<K, V> {
+    map: HashMap<MapData, K, V>,
+    capacity: u32,
 }
 
-impl PinholeTable {
+/// A value of a `Table`, with what inserting it implies.
+pub trait TableValue: aya::Pod {
+    /// Adjusts the value as it is inserted.
+    fn on_insert(&mut self) {}
+}
+
+impl TableValue for FlowValue {
+    /// An entry that has not seen a packet counts as seen when installed, so
+    /// that the idle timeout also removes flows that are never used.
+    fn on_insert(&mut self) {
+        if self.last_seen_ns == 0 {
+            self.last_seen_ns = crate::sweeper::monotonic_ns();
+        }
+    }
+}
+
+impl TableValue for PinholeValue {}
+
+/// The flow table: the call the engine uses to install, read and remove flows.
+pub type FlowTable = Table<FlowKey, FlowValue>;
+/// The pinhole table.
+pub type PinholeTable = Table<PinholeKey, PinholeValue>;
+
+/// Map name of each table type.
+pub trait TableName {
+    const NAME: &'static str;
+}
+
+impl TableName for Table<FlowKey, FlowValue> {
+    const NAME: &'static str = map_names::FLOWS;
+}
+
+impl TableName for Table<PinholeKey, PinholeValue> {
+    const NAME: &'static str = map_names::PINHOLES;
+}
+
+impl<K: aya::Pod + std::fmt::Debug, V: TableValue> Table<K, V>
+where
+    Self: TableName,
+{
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let path = pins.map(map_names::PINHOLES);
+        let path = pins.map(Self::NAME);
         let data = MapData::from_pin(&path)
             .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        let capacity = data.info()?.max_entries();
         Ok(Self {
             map: HashMap::try_from(Map::from_map_data(data)?)?,
+            capacity,
         })
     }
 
-    pub fn insert(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
-        self.map
-            .insert(key, value, 0)
-            .with_context(|| format!("inserting pinhole {key:?}"))
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
-    pub fn get(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+    /// Inserts or replaces an entry.
+    pub fn insert(&mut self, key: &K, value: &V) -> anyhow::Result<()> {
+        let mut value = *value;
+        value.on_insert();
+        self.map
+            .insert(key, value, 0)
+            .with_context(|| format!("inserting {key:?} into {}", Self::NAME))
+    }
+
+    pub fn get(&self, key: &K) -> anyhow::Result<Option<V>> {
         match self.map.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -512,7 +493,8 @@ impl PinholeTable {
         }
     }
 
-    pub fn remove(&mut self, key: &PinholeKey) -> anyhow::Result<bool> {
+    /// Whether it was there.
+    pub fn remove(&mut self, key: &K) -> anyhow::Result<bool> {
         match self.map.remove(key) {
             Ok(()) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
@@ -520,7 +502,8 @@ impl PinholeTable {
         }
     }
 
-    pub fn entries(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
+    /// All entries. Entries removed while iterating are skipped.
+    pub fn entries(&self) -> anyhow::Result<Vec<(K, V)>> {
         let mut out = Vec::new();
         for r in self.map.iter() {
             match r {
@@ -530,6 +513,11 @@ impl PinholeTable {
             }
         }
         Ok(out)
+    }
+
+    /// Entries in the table (a full scan).
+    pub fn count(&self) -> anyhow::Result<usize> {
+        Ok(self.map.keys().filter(|k| k.is_ok()).count())
     }
 }
 

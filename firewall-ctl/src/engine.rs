@@ -273,6 +273,38 @@ struct Object {
     context: Option<String>,
 }
 
+impl Object {
+    /// A listening object with nothing attached yet.
+    fn new(
+        session: u64,
+        kind: Kind,
+        transport: Transport,
+        protocol_name: &str,
+        flags: ConnFlags,
+        endpoint: SocketAddrV4,
+    ) -> Self {
+        Self {
+            session,
+            kind,
+            parent: None,
+            state: State::Listening,
+            reason: None,
+            transport,
+            protocol_name: protocol_name.to_string(),
+            flags,
+            endpoint,
+            target: None,
+            pinhole: None,
+            peer_filter: None,
+            leases: Vec::new(),
+            flows: Vec::new(),
+            peer: None,
+            notify: false,
+            context: None,
+        }
+    }
+}
+
 fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
     ApiError::new(kind, msg)
 }
@@ -644,23 +676,20 @@ impl<M: Maps> Engine<M> {
             created.push((
                 id,
                 Object {
-                    session: req.session,
-                    kind: Kind::Bind,
-                    parent: None,
-                    state: State::Listening,
-                    reason: None,
-                    transport: req.protocol,
-                    protocol_name: req.protocol_name.clone(),
-                    flags: effective,
-                    endpoint: *ep,
                     target,
                     pinhole: Some(key),
                     peer_filter: filter,
                     leases,
-                    flows: Vec::new(),
-                    peer: None,
                     notify: req.notify,
                     context: req.context.clone(),
+                    ..Object::new(
+                        req.session,
+                        Kind::Bind,
+                        req.protocol,
+                        &req.protocol_name,
+                        effective,
+                        *ep,
+                    )
                 },
             ));
             out.push(BoundConnection {
@@ -836,23 +865,19 @@ impl<M: Maps> Engine<M> {
             created.push((
                 id,
                 Object {
-                    session: req.session,
-                    kind: Kind::Redirect,
-                    parent: None,
-                    state: State::Listening,
-                    reason: None,
-                    transport: req.protocol,
-                    protocol_name: req.protocol_name.clone(),
-                    flags: req.flags,
-                    endpoint: ep,
                     target: Some(connect),
                     pinhole: Some(key),
-                    peer_filter: None,
                     leases,
-                    flows: Vec::new(),
-                    peer: None,
                     notify: req.notify,
                     context: req.context.clone(),
+                    ..Object::new(
+                        req.session,
+                        Kind::Redirect,
+                        req.protocol,
+                        &req.protocol_name,
+                        req.flags,
+                        ep,
+                    )
                 },
             ));
             out.push(RedirectAction {
@@ -1103,27 +1128,25 @@ impl<M: Maps> Engine<M> {
                     (o.session, o.notify, o.context.clone(), o.transport);
                 let id = if o.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
                     let child = Object {
-                        session,
-                        kind: if o.kind == Kind::Redirect {
-                            Kind::Redirected
-                        } else {
-                            Kind::Accepted
-                        },
                         parent: Some(owner),
                         state: State::Established,
-                        reason: None,
-                        transport,
-                        protocol_name: o.protocol_name.clone(),
-                        flags: o.flags,
-                        endpoint: o.endpoint,
                         target: o.target,
-                        pinhole: None,
-                        peer_filter: None,
-                        leases: Vec::new(),
                         flows: vec![ev.forward, ev.reply],
                         peer: Some(from),
                         notify,
                         context: context.clone(),
+                        ..Object::new(
+                            session,
+                            if o.kind == Kind::Redirect {
+                                Kind::Redirected
+                            } else {
+                                Kind::Accepted
+                            },
+                            transport,
+                            &o.protocol_name,
+                            o.flags,
+                            o.endpoint,
+                        )
                     };
                     let id = self.new_id();
                     self.objects.insert(id, child);
@@ -1180,6 +1203,7 @@ impl<M: Maps> Engine<M> {
         }
         for id in expired {
             self.terminate(id, "timeout");
+            self.expired.pinholes_timed_out += 1;
         }
 
         let entries = self.maps.flows().map_err(internal)?;

@@ -45,8 +45,8 @@ pub fn status_text(s: &Status) -> String {
     let e = &s.flows_expired;
     let _ = writeln!(
         o,
-        "  flows expired: {} tcp closed, {} tcp idle, {} udp idle",
-        e.tcp_closed, e.tcp_idle, e.udp_idle
+        "  flows expired: {} tcp closed, {} tcp idle, {} udp idle; {} unused pinholes timed out",
+        e.tcp_closed, e.tcp_idle, e.udp_idle, e.pinholes_timed_out
     );
     let _ = writeln!(o, "counters (packets, bytes):");
     for c in &s.counters {

@@ -33,6 +33,9 @@ pub struct SweepStats {
     pub tcp_closed: u64,
     pub tcp_idle: u64,
     pub udp_idle: u64,
+    /// Pinholes closed unused at their TIMEOUT deadline.
+    #[serde(default)]
+    pub pinholes_timed_out: u64,
 }
 
 impl SweepStats {

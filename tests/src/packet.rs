@@ -105,7 +105,7 @@ impl Spec {
         l4[check_off..check_off + 2].copy_from_slice(&check.to_be_bytes());
 
         let ihl = 20 + self.ip_options.len();
-        assert!(ihl % 4 == 0 && ihl <= 60);
+        assert!(ihl.is_multiple_of(4) && ihl <= 60);
         let mut ip = vec![0u8; 20];
         ip[0] = 0x40 | (ihl / 4) as u8;
         ip[2..4].copy_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());

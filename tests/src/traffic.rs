@@ -34,15 +34,36 @@ pub fn wait_listening(ns: &Ns, port: u16) {
     panic!("nothing listens on port {port} in {}", ns.name);
 }
 
+/// A peer process in the lab; killed and reaped when dropped.
+pub struct Peer(Child);
+
+impl Peer {
+    pub fn new(child: Child) -> Self {
+        Self(child)
+    }
+
+    /// Waits for the peer to finish by itself.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A one-shot server on `bind:port` that answers with the peer's address and
 /// port on one line, then echoes what it receives.
-pub fn echo_server(ns: &Ns, protocol: u8, bind: &str, port: u16) -> Child {
+pub fn echo_server(ns: &Ns, protocol: u8, bind: &str, port: u16) -> Peer {
     let (listen, _) = socat_proto(protocol);
     let child = ns
         .spawn(&format!("exec socat -T3 {listen}:{port},bind={bind},reuseaddr SYSTEM:'echo $SOCAT_PEERADDR $SOCAT_PEERPORT; cat'"))
         .expect("echo server");
     wait_listening(ns, port);
-    child
+    Peer(child)
 }
 
 /// Sends `msg` from `from` to `to` and returns what came back.

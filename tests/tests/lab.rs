@@ -144,11 +144,11 @@ fn traffic_the_firewall_does_not_handle_still_works() {
 fn a_flow_written_through_the_library_translates_real_traffic() {
     let mut run = LabRun::start("nat", &[]);
     let LabRun { lab, fw, .. } = &mut run;
-    prime_neighbours(&lab);
+    prime_neighbours(lab);
 
     // TCP: the server sees the firewall's external address; data flows both ways.
     let (out, back) = install_snat(IPPROTO_TCP, addr::CLIENT, 40001, addr::SERVER, 9000, 61001);
-    let got = exchange(&lab, IPPROTO_TCP, 40001, 9000, "ping-over-tcp");
+    let got = exchange(lab, IPPROTO_TCP, 40001, 9000, "ping-over-tcp");
     assert_eq!(
         got,
         format!("{} 61001\nping-over-tcp\n", addr::FW_EXTERNAL),
@@ -168,7 +168,7 @@ fn a_flow_written_through_the_library_translates_real_traffic() {
 
     // UDP, the same.
     let (uout, uback) = install_snat(IPPROTO_UDP, addr::CLIENT, 40002, addr::SERVER, 9001, 61002);
-    let got = exchange(&lab, IPPROTO_UDP, 40002, 9001, "ping-over-udp");
+    let got = exchange(lab, IPPROTO_UDP, 40002, 9001, "ping-over-udp");
     assert_eq!(got, format!("{} 61002\nping-over-udp\n", addr::FW_EXTERNAL));
     assert!(flow(&uout).packets >= 1 && flow(&uback).packets >= 1);
 
@@ -297,9 +297,9 @@ fn bpftool_dumps_are_readable() {
 fn a_crashed_daemon_leaves_forwarding_up_and_down_or_up_take_over() {
     let mut run = LabRun::start("crash", &[]);
     let LabRun { lab, fw, .. } = &mut run;
-    prime_neighbours(&lab);
+    prime_neighbours(lab);
     let (out, _) = install_snat(IPPROTO_UDP, addr::CLIENT, 40020, addr::SERVER, 9020, 61020);
-    let send = |tag: &str| exchange(&lab, IPPROTO_UDP, 40020, 9020, tag);
+    let send = |tag: &str| exchange(lab, IPPROTO_UDP, 40020, 9020, tag);
     assert_eq!(
         send("before"),
         format!("{} 61020\nbefore\n", addr::FW_EXTERNAL)

@@ -10,7 +10,7 @@ use firewall_common::IPPROTO_UDP;
 use firewall_tests::{
     daemon::LabRun,
     lab::{addr, Lab},
-    traffic::{echo_server, port_of, prime_neighbours, send, tcp_connects},
+    traffic::{echo_server, port_of, prime_neighbours, send, tcp_connects, Peer},
 };
 use serde_json::Value;
 
@@ -24,7 +24,7 @@ fn run(tag: &str) -> LabRun {
 }
 
 /// A server on the client that names itself, then echoes.
-fn client_server(lab: &Lab, protocol: u8, port: u16) -> std::process::Child {
+fn client_server(lab: &Lab, protocol: u8, port: u16) -> Peer {
     let (listen, _) = if protocol == IPPROTO_TCP {
         ("TCP-LISTEN", "")
     } else {
@@ -35,7 +35,7 @@ fn client_server(lab: &Lab, protocol: u8, port: u16) -> std::process::Child {
         .spawn(&format!("exec socat -T3 {listen}:{port},bind={},reuseaddr SYSTEM:'echo client-{port} $SOCAT_PEERADDR; cat'", addr::CLIENT))
         .unwrap();
     firewall_tests::traffic::wait_listening(&lab.client, port);
-    c
+    Peer::new(c)
 }
 
 fn counter(r: &LabRun, name: &str) -> u64 {
@@ -885,7 +885,10 @@ fn redirect_connections_relay_through_the_internal_address() {
     ]);
     let internal = s(&rc["internal_address"]);
     let q = port_of(&internal);
-    assert!(internal.starts_with("10.1.0.1:") && q % 2 == 0, "{rc}");
+    assert!(
+        internal.starts_with("10.1.0.1:") && q.is_multiple_of(2),
+        "{rc}"
+    );
     for i in 0..2u16 {
         let mut srv = echo_server(&r.lab.server, IPPROTO_TCP, addr::SERVER, 2000 + i);
         let got = send(
