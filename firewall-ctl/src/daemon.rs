@@ -29,10 +29,11 @@ use crate::{
     datapath::{
         self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, PinholeTable, Side, Stats,
     },
-    engine::{Engine, EngineConfig, Event},
+    engine::{Engine, EngineConfig, Event, RelayCmd},
     neighbours::Resolver,
     netif::{self, Interface},
     ports::PortPool,
+    relay::{Relay, RelayEvent},
     sweeper,
 };
 
@@ -87,6 +88,7 @@ struct Shared {
     events: broadcast::Sender<Event>,
     neighbours: Resolver,
     internal_ifindex: u32,
+    relay: Relay,
 }
 
 impl Shared {
@@ -96,8 +98,23 @@ impl Shared {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends what the engine raised to the event followers.
+    /// Carries out what the engine decided: relay work, and events to the
+    /// followers.
     fn publish(&self, engine: &mut Engine<KernelMaps>) {
+        for cmd in engine.take_relay_cmds() {
+            match cmd {
+                RelayCmd::Start(job) => {
+                    let owner = job.owner;
+                    if let Err(e) = self.relay.start(job) {
+                        log::error!("relay for {owner} failed to start: {e}");
+                        let _ = engine.kill(owner).or_else(|_| engine.cancel(owner));
+                    }
+                }
+                RelayCmd::SetTarget { owner, target } => self.relay.set_target(owner, target),
+                RelayCmd::Stop { owner } => self.relay.stop(owner),
+                RelayCmd::StopConn { owner, conn } => self.relay.stop_conn(owner, conn),
+            }
+        }
         for e in engine.take_events() {
             log::info!("event: {}", serde_json::to_string(&e).unwrap_or_default());
             let _ = self.events.send(e);
@@ -213,6 +230,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         }
     };
     let listener = bind_socket(&opts.socket)?;
+    let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         pins: pins.clone(),
@@ -226,7 +244,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         events: broadcast::channel(1024).0,
         neighbours: Resolver::new(),
         internal_ifindex: internal.index,
+        relay: Relay::new(relay_tx),
     });
+    let relay_task = tokio::spawn(read_relay_events(relay_rx, shared.clone()));
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
         internal.name,
@@ -265,6 +285,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         t.abort();
     }
     tick_task.abort();
+    relay_task.abort();
     if let Some(t) = events_task {
         t.abort();
     }
@@ -563,6 +584,22 @@ async fn tick(shared: Arc<Shared>) {
             Err(e) => log::warn!("engine timers panicked: {e}"),
         }
         pause = (started.elapsed() * 2).max(Duration::from_secs(1));
+    }
+}
+
+/// Hands the relay's connection events to the engine.
+async fn read_relay_events(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<RelayEvent>,
+    shared: Arc<Shared>,
+) {
+    while let Some(ev) = rx.recv().await {
+        let mut engine = shared.engine();
+        engine.on_relay_event(ev);
+        // Whatever else queued up meanwhile, in one go.
+        while let Ok(ev) = rx.try_recv() {
+            engine.on_relay_event(ev);
+        }
+        shared.publish(&mut engine);
     }
 }
 

@@ -10,6 +10,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use firewall_common::{
@@ -27,6 +31,7 @@ use crate::{
     netif::Interface,
     policy::{self, IpFilter, NetworkObject, ProtocolRule, Transport},
     ports::{Lease, PortPool},
+    relay::{Admit, Job, RelayEvent},
     sweeper::{self, SweepStats},
 };
 
@@ -237,7 +242,7 @@ pub struct ObjectInfo {
     pub protocol_name: String,
     pub flags: ConnFlags,
     /// Kernel (flows in XDP) or user (relay); always kernel in this version.
-    pub mode: &'static str,
+    pub mode: Mode,
     /// The firewall endpoint the pinhole listens on.
     pub endpoint: SocketAddrV4,
     /// Bind: the client address (0.0.0.0:0 while a placeholder); redirect: the destination.
@@ -271,6 +276,13 @@ struct Object {
     peer: Option<SocketAddrV4>,
     notify: bool,
     context: Option<String>,
+    mode: Mode,
+    /// User mode: the deadline of an unused endpoint (TIMEOUT), 0: none.
+    deadline_ns: u64,
+    /// User mode: the relay's id of this connection.
+    relay_conn: Option<u64>,
+    /// User mode: bytes relayed.
+    relayed: Option<Arc<AtomicU64>>,
 }
 
 impl Object {
@@ -301,6 +313,10 @@ impl Object {
             peer: None,
             notify: false,
             context: None,
+            mode: Mode::Kernel,
+            deadline_ns: 0,
+            relay_conn: None,
+            relayed: None,
         }
     }
 }
@@ -351,6 +367,8 @@ pub struct Engine<M: Maps> {
     next_filter: u32,
     events: Vec<Event>,
     expired: SweepStats,
+    /// Work for the user-mode relay, taken by the daemon.
+    relay: Vec<RelayCmd>,
 }
 
 impl<M: Maps> Engine<M> {
@@ -382,6 +400,7 @@ impl<M: Maps> Engine<M> {
             next_filter: 1,
             events: Vec::new(),
             expired: SweepStats::default(),
+            relay: Vec::new(),
         })
     }
 
@@ -392,6 +411,11 @@ impl<M: Maps> Engine<M> {
     /// Events raised since the last call.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
+    }
+
+    /// Relay work decided since the last call.
+    pub fn take_relay_cmds(&mut self) -> Vec<RelayCmd> {
+        std::mem::take(&mut self.relay)
     }
 
     pub fn expired(&self) -> &SweepStats {
@@ -509,9 +533,6 @@ impl<M: Maps> Engine<M> {
                 }
             }
         }
-        if f.contains(ConnFlags::NO_KERNEL_MODE) {
-            return Err(no_user_mode());
-        }
         if req.backlog.is_some_and(|b| b > 65535) {
             return Err(invalid(format!(
                 "backlog {} is above 65535",
@@ -546,6 +567,9 @@ impl<M: Maps> Engine<M> {
                 format!("proxy address {} is neither an address of the firewall nor an internal client (routed network)", proxy.ip()),
             ));
         };
+        if routed && user_mode(f) {
+            return Err(invalid(format!("a routed proxy address ({proxy}) is the client's own: the firewall has no socket to relay it in user mode")));
+        }
         if routed {
             for (i, c) in clients.iter().enumerate() {
                 match c {
@@ -604,9 +628,11 @@ impl<M: Maps> Engine<M> {
             undo.leases.extend(&block);
             block.iter().map(|l| l.endpoint()).collect()
         };
-        // PROXY_MODE: the client sees the firewall's internal address as the source.
+        // PROXY_MODE: the client sees the firewall's internal address as the
+        // source (the relay always connects from it).
+        let user = user_mode(req.flags);
         let mut snat = Vec::new();
-        if req.flags.contains(ConnFlags::PROXY_MODE) {
+        if req.flags.contains(ConnFlags::PROXY_MODE) && !user {
             let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
                 err(
                     ErrorKind::AddressNotAvailable,
@@ -624,11 +650,24 @@ impl<M: Maps> Engine<M> {
                 snat.push(block);
             }
         }
-        let filter = self.install_peer_filter(req.ip_filter.as_ref(), undo)?;
+        let filter = if user {
+            None
+        } else {
+            self.install_peer_filter(req.ip_filter.as_ref(), undo)?
+        };
         let deadline = self.deadline(req.flags, req.protocol);
+        let source = SocketAddrV4::new(
+            self.cfg
+                .internal_addrs
+                .first()
+                .copied()
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            0,
+        );
 
         let mut out = Vec::new();
         let mut created = Vec::new();
+        let mut jobs = Vec::new();
         for (i, ep) in endpoints.iter().enumerate() {
             let id = self.new_id();
             let key = PinholeKey::new(ipproto(req.protocol), ep.ip().octets(), ep.port(), pside);
@@ -662,14 +701,34 @@ impl<M: Maps> Engine<M> {
                 deadline_ns: deadline,
                 ..Default::default()
             };
-            self.maps.put_pinhole(&key, &value).map_err(internal)?;
-            undo.pinholes.push(key);
             let mut leases: Vec<Lease> = undo
                 .leases
                 .iter()
                 .filter(|l| l.endpoint() == *ep && l.transport == req.protocol)
                 .copied()
                 .collect();
+            if user {
+                jobs.push(Job {
+                    owner: id,
+                    transport: req.protocol,
+                    socket: leases.first().and_then(|l| self.ports.take_socket(l)),
+                    backlog: req.backlog.unwrap_or(DEFAULT_BACKLOG),
+                    admit: Admit::Peers(req.ip_filter.clone()),
+                    target,
+                    source,
+                    multiple: req.flags.contains(ConnFlags::ALLOW_MULTIPLE),
+                    idle: (req.protocol == Transport::Udp
+                        && req.flags.contains(ConnFlags::TIMEOUT))
+                    .then_some(self.cfg.timeouts.udp_pinhole_idle),
+                    recv_buffer: req
+                        .flags
+                        .contains(ConnFlags::INCREASE_RECEIVE_BUFFER)
+                        .then_some(INCREASED_RECEIVE_BUFFER),
+                });
+            } else {
+                self.maps.put_pinhole(&key, &value).map_err(internal)?;
+                undo.pinholes.push(key);
+            }
             if let Some(b) = snat.get(i) {
                 leases.extend(b);
             }
@@ -677,11 +736,14 @@ impl<M: Maps> Engine<M> {
                 id,
                 Object {
                     target,
-                    pinhole: Some(key),
+                    pinhole: (!user).then_some(key),
                     peer_filter: filter,
                     leases,
                     notify: req.notify,
                     context: req.context.clone(),
+                    mode: if user { Mode::User } else { Mode::Kernel },
+                    deadline_ns: if user { deadline } else { 0 },
+
                     ..Object::new(
                         req.session,
                         Kind::Bind,
@@ -714,6 +776,7 @@ impl<M: Maps> Engine<M> {
         for (id, o) in created {
             self.objects.insert(id, o);
         }
+        self.relay.extend(jobs.into_iter().map(RelayCmd::Start));
         Ok(BindResult {
             proxy_address: endpoints[0],
             connections: out,
@@ -749,9 +812,7 @@ impl<M: Maps> Engine<M> {
                 "flags timeout and allow-multiple cannot be combined",
             ));
         }
-        if f.contains(ConnFlags::NO_KERNEL_MODE) {
-            return Err(no_user_mode());
-        }
+
         let own = self.cfg.own_addrs();
         for (i, c) in req.connects.iter().enumerate() {
             if c.port() == 0 {
@@ -778,6 +839,9 @@ impl<M: Maps> Engine<M> {
                 ))
             }
         };
+        if ext.port() != 0 && user_mode(f) {
+            return Err(invalid(format!("an explicit proxy external port ({ext}) is not supported in user mode (no-kernel-mode): the relay uses any port of that address")));
+        }
         if ext.port() != 0 && (n > 1 || f.contains(ConnFlags::ALLOW_MULTIPLE)) {
             return Err(invalid(format!("an explicit proxy external port ({ext}) is allowed only for one single-use redirect")));
         }
@@ -810,8 +874,11 @@ impl<M: Maps> Engine<M> {
         let n = req.connects.len();
         let int_block = self.ports.reserve_block(int, req.protocol, n as u16)?;
         undo.leases.extend(&int_block);
+        // User mode: the relay's outward sockets take ephemeral ports of the
+        // external address; no SNAT block is needed.
+        let user = user_mode(req.flags);
         let mut snat = Vec::new();
-        for _ in 0..n {
+        for _ in 0..if user { 0 } else { n } {
             let block = if ext.port() != 0 {
                 vec![self
                     .ports
@@ -830,6 +897,7 @@ impl<M: Maps> Engine<M> {
         let deadline = self.deadline(req.flags, req.protocol);
         let mut created = Vec::new();
         let mut out = Vec::new();
+        let mut jobs = Vec::new();
         for i in 0..n {
             let id = self.new_id();
             let ep = int_block[i].endpoint();
@@ -844,32 +912,49 @@ impl<M: Maps> Engine<M> {
             if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
                 flags |= pinhole_flags::MULTIPLE;
             }
-            let value = PinholeValue {
-                target_addr: connect.ip().octets(),
-                target_port: connect.port(),
-                flags,
-                snat_addr: snat[i][0].addr.octets(),
-                snat_port_base: snat[i][0].port,
-                snat_port_count: snat[i].len() as u16,
-                allowed_src: client_ip.octets(),
-                egress_ifindex: self.cfg.external_ifindex,
-                remaining: 1,
-                owner: id,
-                deadline_ns: deadline,
-                ..Default::default()
-            };
-            self.maps.put_pinhole(&key, &value).map_err(internal)?;
-            undo.pinholes.push(key);
             let mut leases = vec![int_block[i]];
-            leases.extend(&snat[i]);
+            if user {
+                jobs.push(Job {
+                    owner: id,
+                    transport: req.protocol,
+                    socket: self.ports.take_socket(&int_block[i]),
+                    backlog: DEFAULT_BACKLOG,
+                    admit: Admit::Client(client_ip),
+                    target: Some(connect),
+                    source: SocketAddrV4::new(*ext.ip(), 0),
+                    multiple: req.flags.contains(ConnFlags::ALLOW_MULTIPLE),
+                    idle: None,
+                    recv_buffer: None,
+                });
+            } else {
+                let value = PinholeValue {
+                    target_addr: connect.ip().octets(),
+                    target_port: connect.port(),
+                    flags,
+                    snat_addr: snat[i][0].addr.octets(),
+                    snat_port_base: snat[i][0].port,
+                    snat_port_count: snat[i].len() as u16,
+                    allowed_src: client_ip.octets(),
+                    egress_ifindex: self.cfg.external_ifindex,
+                    remaining: 1,
+                    owner: id,
+                    deadline_ns: deadline,
+                    ..Default::default()
+                };
+                self.maps.put_pinhole(&key, &value).map_err(internal)?;
+                undo.pinholes.push(key);
+                leases.extend(&snat[i]);
+            }
             created.push((
                 id,
                 Object {
                     target: Some(connect),
-                    pinhole: Some(key),
+                    pinhole: (!user).then_some(key),
                     leases,
                     notify: req.notify,
                     context: req.context.clone(),
+                    mode: if user { Mode::User } else { Mode::Kernel },
+                    deadline_ns: if user { deadline } else { 0 },
                     ..Object::new(
                         req.session,
                         Kind::Redirect,
@@ -889,6 +974,7 @@ impl<M: Maps> Engine<M> {
         for (id, o) in created {
             self.objects.insert(id, o);
         }
+        self.relay.extend(jobs.into_iter().map(RelayCmd::Start));
         Ok(RedirectResult {
             internal_address: int_block[0].endpoint(),
             actions: out,
@@ -1017,7 +1103,17 @@ impl<M: Maps> Engine<M> {
                 );
             },
         )?;
-        let key = o.pinhole.expect("a listening bind has its pinhole");
+        if o.mode == Mode::User {
+            self.relay.push(RelayCmd::SetTarget {
+                owner: id,
+                target: addr,
+            });
+            self.objects.get_mut(&id).expect("exists").target = Some(addr);
+            return Ok(());
+        }
+        let key = o
+            .pinhole
+            .expect("a listening kernel-mode bind has its pinhole");
         let mut v = self
             .maps
             .get_pinhole(&key)
@@ -1063,6 +1159,18 @@ impl<M: Maps> Engine<M> {
             std::mem::take(&mut o.flows),
             o.session,
         );
+        if o.mode == Mode::User {
+            // Before the leases go: the relay closes the sockets it holds.
+            match (o.parent, o.relay_conn) {
+                (Some(parent), Some(conn)) => self.relay.push(RelayCmd::StopConn {
+                    owner: parent,
+                    conn,
+                }),
+                (None, _) => self.relay.push(RelayCmd::Stop { owner: id }),
+                (Some(_), None) => {}
+            }
+        }
+
         if let Some(k) = pinhole {
             if let Err(e) = self.maps.del_pinhole(&k) {
                 log::warn!("removing the pinhole of {id}: {e:#}");
@@ -1184,15 +1292,108 @@ impl<M: Maps> Engine<M> {
         }
     }
 
+    /// Learns of connections the user-mode relay made and ended.
+    pub fn on_relay_event(&mut self, ev: RelayEvent) {
+        match ev {
+            RelayEvent::Established {
+                owner,
+                conn,
+                from,
+                to,
+                bytes,
+            } => {
+                let Some(o) = self.objects.get(&owner) else {
+                    return;
+                };
+                if o.state == State::Terminated {
+                    self.relay.push(RelayCmd::StopConn { owner, conn });
+                    return;
+                }
+                let (session, notify, context, transport) =
+                    (o.session, o.notify, o.context.clone(), o.transport);
+                let id = if o.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+                    let child = Object {
+                        parent: Some(owner),
+                        state: State::Established,
+                        target: o.target,
+                        peer: Some(from),
+                        notify,
+                        context: context.clone(),
+                        mode: Mode::User,
+                        relay_conn: Some(conn),
+                        relayed: Some(bytes),
+                        ..Object::new(
+                            session,
+                            if o.kind == Kind::Redirect {
+                                Kind::Redirected
+                            } else {
+                                Kind::Accepted
+                            },
+                            transport,
+                            &o.protocol_name,
+                            o.flags,
+                            o.endpoint,
+                        )
+                    };
+                    let id = self.new_id();
+                    self.objects.insert(id, child);
+                    id
+                } else {
+                    let o = self.objects.get_mut(&owner).expect("exists");
+                    o.state = State::Established;
+                    o.peer = Some(from);
+                    o.relay_conn = Some(conn);
+                    o.relayed = Some(bytes);
+                    owner
+                };
+                if notify {
+                    self.events.push(Event::Established {
+                        connection: id,
+                        parent: (id != owner).then_some(owner),
+                        session,
+                        protocol: transport,
+                        from,
+                        to,
+                        context,
+                    });
+                }
+            }
+            RelayEvent::Closed { owner, conn } => {
+                let ended = self
+                    .objects
+                    .iter()
+                    .find(|(id, o)| {
+                        o.relay_conn == Some(conn) && (**id == owner || o.parent == Some(owner))
+                    })
+                    .map(|(id, _)| *id);
+                if let Some(id) = ended {
+                    let o = self.objects.get_mut(&id).expect("exists");
+                    // The relay has closed it already.
+                    o.relay_conn = None;
+                    // A single-use object, or a child, ends with its connection.
+                    self.terminate(id, "closed");
+                }
+            }
+            RelayEvent::Refused { .. } => self.expired.relay_refused += 1,
+        }
+    }
+
     /// Timers: TIMEOUT deadlines, and the flow sweep (idle, TCP teardown),
     /// ending the connections whose flows are gone.
     pub fn tick(&mut self, now_ns: u64) -> Result<(), ApiError> {
-        // Unused pinholes past their TIMEOUT deadline.
+        // Unused pinholes (and user-mode endpoints) past their TIMEOUT deadline.
         let mut expired: Vec<u64> = Vec::new();
         for (id, o) in &self.objects {
             if o.state != State::Listening {
                 continue;
             }
+            if o.mode == Mode::User {
+                if o.deadline_ns != 0 && now_ns > o.deadline_ns {
+                    expired.push(*id);
+                }
+                continue;
+            }
+
             if let Some(k) = o.pinhole {
                 if let Some(v) = self.maps.get_pinhole(&k).map_err(internal)? {
                     if v.deadline_ns != 0 && now_ns > v.deadline_ns && v.uses == 0 {
@@ -1275,11 +1476,16 @@ impl<M: Maps> Engine<M> {
         self.objects
             .iter()
             .map(|(id, o)| {
-                let (packets, bytes) = o
+                let (packets, mut bytes) = o
                     .flows
                     .iter()
                     .filter_map(|k| self.maps.get_flow(k).ok().flatten())
                     .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+                // User mode counts payload bytes relayed (no packets).
+                if let Some(r) = &o.relayed {
+                    bytes += r.load(Ordering::Relaxed);
+                }
+
                 ObjectInfo {
                     id: *id,
                     session: o.session,
@@ -1289,7 +1495,7 @@ impl<M: Maps> Engine<M> {
                     protocol: o.transport,
                     protocol_name: o.protocol_name.clone(),
                     flags: o.flags,
-                    mode: "kernel",
+                    mode: o.mode,
                     endpoint: o.endpoint,
                     target: o
                         .target
@@ -1311,8 +1517,31 @@ fn nets(n: &[Ipv4Net]) -> String {
         .join(", ")
 }
 
-fn no_user_mode() -> ApiError {
-    invalid("flag no-kernel-mode needs the user-mode relay, which this version does not have yet; connections are kernel mode")
+/// User mode: the connection passes through the relay. (Data filters and
+/// filters registered for the resulting events will decide it too.)
+fn user_mode(flags: ConnFlags) -> bool {
+    flags.contains(ConnFlags::NO_KERNEL_MODE)
+}
+
+const DEFAULT_BACKLOG: u32 = 16;
+const INCREASED_RECEIVE_BUFFER: usize = 64 * 1024;
+
+/// Where a connection is forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Flows in the XDP datapath.
+    Kernel,
+    /// Sockets of the user-mode relay.
+    User,
+}
+
+/// Work for the user-mode relay, in the order the engine decided it.
+pub enum RelayCmd {
+    Start(Job),
+    SetTarget { owner: u64, target: SocketAddrV4 },
+    Stop { owner: u64 },
+    StopConn { owner: u64, conn: u64 },
 }
 
 #[cfg(test)]

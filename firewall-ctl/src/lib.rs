@@ -14,4 +14,5 @@ pub mod netif;
 pub mod output;
 pub mod policy;
 pub mod ports;
+pub mod relay;
 pub mod sweeper;

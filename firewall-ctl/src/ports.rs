@@ -227,6 +227,17 @@ impl PortPool {
         )
     }
 
+    /// Hands over the socket that holds `lease` in the kernel (the user-mode
+    /// relay listens on it, so the port never leaves the pool's hands). The
+    /// lease stays reserved until `release`.
+    pub fn take_socket(&mut self, lease: &Lease) -> Option<Socket> {
+        self.spaces
+            .get_mut(&(lease.addr, lease.transport))?
+            .used
+            .get_mut(&lease.port)?
+            .take()
+    }
+
     pub fn release(&mut self, lease: &Lease) {
         if let Some(space) = self.spaces.get_mut(&(lease.addr, lease.transport)) {
             space.used.remove(&lease.port);

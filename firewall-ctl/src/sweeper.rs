@@ -36,6 +36,9 @@ pub struct SweepStats {
     /// Pinholes closed unused at their TIMEOUT deadline.
     #[serde(default)]
     pub pinholes_timed_out: u64,
+    /// Connection attempts the user-mode relay turned away.
+    #[serde(default)]
+    pub relay_refused: u64,
 }
 
 impl SweepStats {

@@ -60,7 +60,10 @@ impl Firewall {
                 addr::IF_EXTERNAL,
             ])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("FIREWALL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(logfile.try_clone()?)
             .stderr(logfile)

@@ -686,8 +686,15 @@ fn every_error_kind_is_reachable_and_leaves_nothing() {
             "invalid-argument",
         ),
         (
-            "no-kernel-mode (no relay yet)",
-            vec!["--client", "10.1.0.2:1", "--flags", "no-kernel-mode"],
+            "no-kernel-mode with a routed proxy",
+            vec![
+                "--client",
+                "10.1.0.2:1",
+                "--flags",
+                "no-kernel-mode",
+                "--proxy",
+                "10.1.0.2",
+            ],
             "invalid-argument",
         ),
         (

@@ -248,9 +248,10 @@ fn argument_errors_are_invalid_argument_and_leave_nothing() {
         },
     ));
     cases.push((
-        "no-kernel-mode (no relay yet)",
+        "a routed proxy in user mode",
         BindRequest {
             flags: ConnFlags::NO_KERNEL_MODE,
+            proxy: Some(a("10.1.0.2:0")),
             ..bind(s, &["10.1.0.2:5001"])
         },
     ));
@@ -294,14 +295,7 @@ fn argument_errors_are_invalid_argument_and_leave_nothing() {
         );
         assert_clean(&e);
     }
-    assert!(e
-        .bind_for_client(&BindRequest {
-            flags: ConnFlags::NO_KERNEL_MODE,
-            ..bind(s, &["10.1.0.2:5001"])
-        })
-        .unwrap_err()
-        .message
-        .contains("user-mode relay"));
+
     assert_eq!(
         kind(e.bind_for_client(&bind(999, &["10.1.0.2:5001"]))),
         ErrorKind::InvalidArgument,
@@ -899,5 +893,106 @@ fn a_restarted_engine_clears_orphaned_pinholes_and_keeps_flows() {
     assert!(
         e.open_session(CLIENT.parse().unwrap()).unwrap() > 41,
         "ids after the surviving owners"
+    );
+}
+
+#[test]
+fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
+    let (mut e, s) = engine();
+    let r = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::NO_KERNEL_MODE | ConnFlags::TIMEOUT,
+            ..bind(s, &["0.0.0.0:0"])
+        })
+        .unwrap();
+    let id = r.connections[0].id;
+    assert!(e.maps.pinholes.is_empty(), "user mode writes no pinhole");
+    assert!(e.maps.rules.is_empty());
+    let cmds = e.take_relay_cmds();
+    assert!(
+        matches!(&cmds[..], [RelayCmd::Start(j)] if j.owner == id && j.transport == Transport::Tcp && j.target.is_none())
+    );
+    assert_eq!(e.objects()[0].mode, Mode::User);
+    // The placeholder is set in the relay, not in a pinhole.
+    e.set_client_address(id, a("10.1.0.2:5001")).unwrap();
+    assert!(
+        matches!(e.take_relay_cmds()[..], [RelayCmd::SetTarget { owner, target }] if owner == id && target == a("10.1.0.2:5001"))
+    );
+    // A connection through the relay: established, then closed.
+    e.take_events();
+    let bytes = Arc::new(AtomicU64::new(42));
+    e.on_relay_event(RelayEvent::Established {
+        owner: id,
+        conn: 9,
+        from: a("198.51.100.7:20"),
+        to: a("10.1.0.2:5001"),
+        bytes,
+    });
+    assert!(
+        matches!(e.take_events()[..], [Event::Established { connection, .. }] if connection == id)
+    );
+    assert_eq!(e.objects()[0].bytes, 42);
+    assert!(e.maps.flows.is_empty(), "never in the flow table");
+    e.on_relay_event(RelayEvent::Closed { owner: id, conn: 9 });
+    assert_eq!(e.objects[&id].state, State::Terminated);
+    assert!(matches!(e.take_relay_cmds()[..], [RelayCmd::Stop { owner }] if owner == id));
+    assert_clean(&e);
+
+    // TIMEOUT on an unused user-mode endpoint; kill of a multiple's child.
+    let t = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::NO_KERNEL_MODE | ConnFlags::TIMEOUT,
+            ..bind(s, &["10.1.0.2:5002"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    e.tick(sweeper::monotonic_ns() + 61_000_000_000).unwrap();
+    assert_eq!(e.objects[&t].reason.as_deref(), Some("timeout"));
+    let m = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::NO_KERNEL_MODE | ConnFlags::ALLOW_MULTIPLE,
+            ..bind(s, &["10.1.0.2:5003"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    e.take_relay_cmds();
+    e.on_relay_event(RelayEvent::Established {
+        owner: m,
+        conn: 1,
+        from: a("198.51.100.7:21"),
+        to: a("10.1.0.2:5003"),
+        bytes: Arc::default(),
+    });
+    let child = e
+        .objects
+        .iter()
+        .find(|(_, o)| o.parent == Some(m))
+        .map(|(k, _)| *k)
+        .unwrap();
+    e.kill(child).unwrap();
+    assert!(
+        matches!(e.take_relay_cmds()[..], [RelayCmd::StopConn { owner, conn: 1 }] if owner == m)
+    );
+    assert_eq!(e.objects[&m].state, State::Listening);
+    // Redirects too; an explicit external port is not supported in user mode.
+    let rr = e
+        .redirect_connections(&RedirectRequest {
+            flags: ConnFlags::NO_KERNEL_MODE,
+            ..redirect(s, &["198.51.100.7:2000"])
+        })
+        .unwrap();
+    assert!(e.maps.pinholes.is_empty());
+    assert!(
+        matches!(&e.take_relay_cmds()[..], [RelayCmd::Start(j)] if j.owner == rr.actions[0].id && matches!(j.admit, Admit::Client(c) if c == Ipv4Addr::new(10, 1, 0, 2)))
+    );
+    assert_eq!(
+        kind(e.redirect_connections(&RedirectRequest {
+            flags: ConnFlags::NO_KERNEL_MODE,
+            proxy_external: Some(a("10.2.0.1:45000")),
+            ..redirect(s, &["198.51.100.7:1"])
+        })),
+        ErrorKind::InvalidArgument
     );
 }

@@ -1,0 +1,607 @@
+//! The user-mode relay: connections that must pass through user space
+//! (NO_KERNEL_MODE now; data filters later) are terminated on real sockets of
+//! the firewall and their bytes pumped between the two sides.
+//!
+//! The engine decides and describes the work (`Job`); the relay runs it on the
+//! tokio runtime and reports back (`RelayEvent`). The XDP datapath has no
+//! pinhole and no flow for these connections, so their packets reach the
+//! stack and these sockets.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use socket2::{SockRef, Socket, TcpKeepalive};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpListener, TcpSocket, TcpStream, UdpSocket,
+    },
+    sync::{mpsc, watch},
+    task::AbortHandle,
+};
+
+use crate::policy::{IpFilter, Transport};
+
+/// Bytes a pump holds per direction: a slow reader stops the other side
+/// (TCP back-pressure) instead of growing a buffer.
+const PUMP_BUFFER: usize = 64 * 1024;
+/// Largest datagram relayed.
+const DATAGRAM: usize = 65_535;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive buffer of a relayed UDP endpoint without INCREASE_RECEIVE_BUFFER.
+const DEFAULT_UDP_BUFFER: usize = 16 * 1024;
+
+/// Who may open connections through a relayed endpoint.
+#[derive(Clone, Debug)]
+pub enum Admit {
+    /// BindForClient: remote peers, limited by the IP filter (None: anyone).
+    Peers(Option<IpFilter>),
+    /// RedirectConnections: only the session's client.
+    Client(Ipv4Addr),
+}
+
+impl Admit {
+    fn allows(&self, ip: Ipv4Addr) -> bool {
+        match self {
+            Admit::Peers(None) => true,
+            Admit::Peers(Some(f)) => f.allows(ip),
+            Admit::Client(c) => *c == ip,
+        }
+    }
+}
+
+/// A relayed endpoint: connections arriving on `socket` go to the target.
+pub struct Job {
+    /// The connection object (or action) that owns it.
+    pub owner: u64,
+    pub transport: Transport,
+    /// Bound to the firewall endpoint (the pool's reservation socket; None
+    /// only where the pool reserves nothing in the kernel, in unit tests).
+    pub socket: Option<Socket>,
+    pub backlog: u32,
+    pub admit: Admit,
+    /// Where connections go; None: a placeholder (refused until set).
+    pub target: Option<SocketAddrV4>,
+    /// Local address the relay connects to the target from (port 0: any).
+    pub source: SocketAddrV4,
+    pub multiple: bool,
+    /// UDP: close a peer's mapping after this much quiet (TIMEOUT).
+    pub idle: Option<Duration>,
+    /// UDP: receive buffer of the bound socket (INCREASE_RECEIVE_BUFFER).
+    pub recv_buffer: Option<usize>,
+}
+
+/// What the relay reports to the engine.
+#[derive(Clone, Debug)]
+pub enum RelayEvent {
+    Established {
+        owner: u64,
+        conn: u64,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        bytes: Arc<AtomicU64>,
+    },
+    Closed {
+        owner: u64,
+        conn: u64,
+    },
+    /// A connection attempt that was turned away (logged and counted).
+    Refused {
+        owner: u64,
+        from: SocketAddrV4,
+        why: &'static str,
+    },
+}
+
+struct Endpoint {
+    task: AbortHandle,
+    target: watch::Sender<Option<SocketAddrV4>>,
+}
+
+#[derive(Default)]
+struct Tasks {
+    endpoints: HashMap<u64, Endpoint>,
+    conns: HashMap<(u64, u64), AbortHandle>,
+}
+
+/// Runs relay jobs; cheap to clone.
+#[derive(Clone)]
+pub struct Relay {
+    events: mpsc::UnboundedSender<RelayEvent>,
+    tasks: Arc<Mutex<Tasks>>,
+    next_conn: Arc<AtomicU64>,
+}
+
+fn v4(a: SocketAddr) -> SocketAddrV4 {
+    match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => SocketAddrV4::new(
+            a.ip().to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            a.port(),
+        ),
+    }
+}
+
+/// Closes a TCP socket with a reset (SO_LINGER 0), as an abort should.
+fn reset(s: SockRef<'_>) {
+    let _ = s.set_linger(Some(Duration::ZERO));
+}
+
+fn keepalive(s: &TcpStream) {
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    let _ = SockRef::from(s).set_tcp_keepalive(&ka);
+}
+
+impl Relay {
+    pub fn new(events: mpsc::UnboundedSender<RelayEvent>) -> Self {
+        Self {
+            events,
+            tasks: Arc::default(),
+            next_conn: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts serving an endpoint (in the current tokio runtime).
+    pub fn start(&self, job: Job) -> io::Result<()> {
+        let owner = job.owner;
+        let (target_tx, target_rx) = watch::channel(job.target);
+        let relay = self.clone();
+        let socket = job.socket.ok_or_else(|| {
+            io::Error::other(format!("no reserved socket for endpoint of {owner}"))
+        })?;
+        let task = match job.transport {
+            Transport::Tcp => {
+                socket.listen(job.backlog.clamp(1, 65535) as i32)?;
+                socket.set_nonblocking(true)?;
+                let listener = TcpListener::from_std(std::net::TcpListener::from(socket))?;
+                tokio::spawn(async move {
+                    relay
+                        .serve_tcp(
+                            listener,
+                            job.owner,
+                            job.admit,
+                            target_rx,
+                            job.source,
+                            job.multiple,
+                        )
+                        .await
+                })
+            }
+            Transport::Udp => {
+                // The reservation kept the buffer minimal; a relayed endpoint
+                // gets a small default, or 64 KiB with INCREASE_RECEIVE_BUFFER.
+                socket.set_recv_buffer_size(job.recv_buffer.unwrap_or(DEFAULT_UDP_BUFFER))?;
+                socket.set_nonblocking(true)?;
+                let socket = UdpSocket::from_std(std::net::UdpSocket::from(socket))?;
+
+                tokio::spawn(async move {
+                    relay
+                        .serve_udp(
+                            Arc::new(socket),
+                            job.owner,
+                            job.admit,
+                            target_rx,
+                            job.source,
+                            job.multiple,
+                            job.idle,
+                        )
+                        .await
+                })
+            }
+        };
+        self.tasks().endpoints.insert(
+            owner,
+            Endpoint {
+                task: task.abort_handle(),
+                target: target_tx,
+            },
+        );
+        Ok(())
+    }
+
+    /// Sets the target of a placeholder endpoint.
+    pub fn set_target(&self, owner: u64, target: SocketAddrV4) {
+        if let Some(e) = self.tasks().endpoints.get(&owner) {
+            let _ = e.target.send(Some(target));
+        }
+    }
+
+    /// Stops an endpoint and every connection made through it.
+    pub fn stop(&self, owner: u64) {
+        let mut t = self.tasks();
+        if let Some(e) = t.endpoints.remove(&owner) {
+            e.task.abort();
+        }
+        let conns: Vec<(u64, u64)> = t
+            .conns
+            .keys()
+            .filter(|(o, _)| *o == owner)
+            .copied()
+            .collect();
+        for k in conns {
+            if let Some(a) = t.conns.remove(&k) {
+                a.abort();
+            }
+        }
+    }
+
+    /// Stops one connection.
+    pub fn stop_conn(&self, owner: u64, conn: u64) {
+        if let Some(a) = self.tasks().conns.remove(&(owner, conn)) {
+            a.abort();
+        }
+    }
+
+    fn send(&self, e: RelayEvent) {
+        let _ = self.events.send(e);
+    }
+
+    fn refuse(&self, owner: u64, from: SocketAddrV4, why: &'static str) {
+        log::info!("relay {owner}: refused {from}: {why}");
+        self.send(RelayEvent::Refused { owner, from, why });
+    }
+
+    async fn serve_tcp(
+        self,
+        listener: TcpListener,
+        owner: u64,
+        admit: Admit,
+        target: watch::Receiver<Option<SocketAddrV4>>,
+        source: SocketAddrV4,
+        multiple: bool,
+    ) {
+        loop {
+            let (peer, from) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    log::warn!("relay {owner}: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let from = v4(from);
+            if !admit.allows(*from.ip()) {
+                reset(SockRef::from(&peer));
+                self.refuse(owner, from, "not an allowed peer");
+                continue;
+            }
+            let Some(to) = *target.borrow() else {
+                reset(SockRef::from(&peer));
+                self.refuse(owner, from, "the client address is still the placeholder");
+                continue;
+            };
+            let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            let relay = self.clone();
+            let task = tokio::spawn(async move {
+                relay
+                    .tcp_connection(owner, conn, peer, from, to, source)
+                    .await
+            });
+            self.tasks()
+                .conns
+                .insert((owner, conn), task.abort_handle());
+            if !multiple {
+                // Single use: stop listening but keep the port bound (reserved);
+                // later SYNs are answered with a reset.
+                let _ = SockRef::from(&listener).shutdown(std::net::Shutdown::Read);
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    async fn tcp_connection(
+        self,
+        owner: u64,
+        conn: u64,
+        peer: TcpStream,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        source: SocketAddrV4,
+    ) {
+        let connected = async {
+            let s = TcpSocket::new_v4()?;
+            s.bind(SocketAddr::V4(source))?;
+            tokio::time::timeout(CONNECT_TIMEOUT, s.connect(SocketAddr::V4(to)))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+        }
+        .await;
+        let client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                log::info!("relay {owner}: connecting {from} to {to} failed: {e}");
+                reset(SockRef::from(&peer));
+                self.send(RelayEvent::Closed { owner, conn });
+                return;
+            }
+        };
+        keepalive(&peer);
+        keepalive(&client);
+        let bytes = Arc::new(AtomicU64::new(0));
+        self.send(RelayEvent::Established {
+            owner,
+            conn,
+            from,
+            to,
+            bytes: bytes.clone(),
+        });
+        pump(peer, client, bytes).await;
+        self.tasks().conns.remove(&(owner, conn));
+        self.send(RelayEvent::Closed { owner, conn });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_udp(
+        self,
+        socket: Arc<UdpSocket>,
+        owner: u64,
+        admit: Admit,
+        target: watch::Receiver<Option<SocketAddrV4>>,
+        source: SocketAddrV4,
+        multiple: bool,
+        idle: Option<Duration>,
+    ) {
+        // One connected socket toward the target per peer.
+        let mut peers: HashMap<SocketAddrV4, (Arc<UdpSocket>, u64)> = HashMap::new();
+        let mut used = false;
+        let mut buf = vec![0u8; DATAGRAM];
+        loop {
+            let (n, from) = match socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    log::debug!("relay {owner}: recv: {e}");
+                    continue;
+                }
+            };
+            let from = v4(from);
+            peers.retain(|_, (_, c)| self.tasks().conns.contains_key(&(owner, *c)));
+            if let Some((inner, _)) = peers.get(&from) {
+                let _ = inner.send(&buf[..n]).await;
+                continue;
+            }
+            if !admit.allows(*from.ip()) {
+                self.refuse(owner, from, "not an allowed peer");
+                continue;
+            }
+            if used && !multiple {
+                self.refuse(owner, from, "single use: another peer was admitted");
+                continue;
+            }
+            let Some(to) = *target.borrow() else {
+                self.refuse(owner, from, "the client address is still the placeholder");
+                continue;
+            };
+            let inner = match async {
+                let s = UdpSocket::bind(SocketAddr::V4(source)).await?;
+                s.connect(SocketAddr::V4(to)).await?;
+                Ok::<_, io::Error>(Arc::new(s))
+            }
+            .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("relay {owner}: UDP socket toward {to}: {e}");
+                    continue;
+                }
+            };
+            used = true;
+            let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            let bytes = Arc::new(AtomicU64::new(n as u64));
+            let _ = inner.send(&buf[..n]).await;
+            self.send(RelayEvent::Established {
+                owner,
+                conn,
+                from,
+                to,
+                bytes: bytes.clone(),
+            });
+            let relay = self.clone();
+            let (out, back) = (socket.clone(), inner.clone());
+            let task = tokio::spawn(async move {
+                let mut buf = vec![0u8; DATAGRAM];
+                loop {
+                    let got = match idle {
+                        Some(d) => match tokio::time::timeout(d, back.recv(&mut buf)).await {
+                            Ok(r) => r,
+                            Err(_) => break,
+                        },
+                        None => back.recv(&mut buf).await,
+                    };
+                    match got {
+                        Ok(n) => {
+                            bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            let _ = out.send_to(&buf[..n], SocketAddr::V4(from)).await;
+                        }
+                        // ICMP errors from the target (port unreachable) are not fatal.
+                        Err(_) => continue,
+                    }
+                }
+                relay.tasks().conns.remove(&(owner, conn));
+                relay.send(RelayEvent::Closed { owner, conn });
+            });
+            self.tasks()
+                .conns
+                .insert((owner, conn), task.abort_handle());
+            peers.insert(from, (inner, conn));
+        }
+    }
+}
+
+/// Moves bytes both ways until both sides are done. A half-close (FIN) is
+/// passed on as one; a reset on either side resets the other.
+pub async fn pump(a: TcpStream, b: TcpStream, bytes: Arc<AtomicU64>) {
+    // Both directions run in this task: cancelling it (Kill) closes both
+    // sockets at once.
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let ab = one_way(ar, bw, bytes.clone());
+    let ba = one_way(br, aw, bytes);
+    tokio::pin!(ab, ba);
+    let (first, other) = tokio::select! {
+        r = &mut ab => (r, ba),
+        r = &mut ba => (r, ab),
+    };
+    log::debug!("relay pump: first direction ended: {first:?}");
+    if first.is_ok() {
+        let _ = other.await;
+    }
+    // On an error the other direction is dropped here, unfinished: its
+    // socket closes too (with a reset where one was set).
+}
+
+async fn one_way(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    bytes: Arc<AtomicU64>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; PUMP_BUFFER];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => {
+                // Half-close: the other side gets our FIN and may still send.
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) => {
+                reset(SockRef::from(to.as_ref()));
+                // Dropping a write half sends a FIN first; the close must be the reset.
+                to.forget();
+                return Err(e);
+            }
+        };
+        if let Err(e) = to.write_all(&buf[..n]).await {
+            reset(SockRef::from(from.as_ref()));
+            reset(SockRef::from(to.as_ref()));
+            to.forget();
+            return Err(e);
+        }
+
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap());
+        let (a, b) = tokio::join!(l.accept(), c);
+        (a.unwrap().0, b.unwrap())
+    }
+
+    /// peer <-> [x | pump | y] <-> client
+    async fn relayed() -> (TcpStream, TcpStream, Arc<AtomicU64>) {
+        let (peer, x) = pair().await;
+        let (y, client) = pair().await;
+        let bytes = Arc::new(AtomicU64::new(0));
+        tokio::spawn(pump(x, y, bytes.clone()));
+        (peer, client, bytes)
+    }
+
+    #[tokio::test]
+    async fn bytes_both_ways_and_half_close() {
+        let (mut peer, mut client, bytes) = relayed().await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let d2 = data.clone();
+        let writer = tokio::spawn(async move {
+            peer.write_all(&d2).await.unwrap();
+            peer.shutdown().await.unwrap(); // half-close
+            let mut back = Vec::new();
+            peer.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "byte for byte");
+        // After the peer's FIN the client can still answer.
+        client.write_all(b"after half-close").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"after half-close");
+        assert_eq!(bytes.load(Ordering::Relaxed), data.len() as u64 + 16);
+    }
+
+    #[tokio::test]
+    async fn a_reset_is_passed_on() {
+        let (peer, mut client, _) = relayed().await;
+        reset(SockRef::from(&peer));
+        drop(peer);
+        let mut buf = [0u8; 16];
+        let r = client.read(&mut buf).await;
+        assert!(
+            matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_from_the_client_side_is_passed_on_too() {
+        let (mut peer, client, _) = relayed().await;
+        reset(SockRef::from(&client));
+        drop(client);
+        let mut buf = [0u8; 16];
+        let r = peer.read(&mut buf).await;
+        assert!(
+            matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_holds_the_sender_back() {
+        let (mut peer, mut client, bytes) = relayed().await;
+        // The client reads nothing: the peer can only get so far ahead
+        // (socket buffers plus the pump's bounded buffer), then blocks.
+        let sent = Arc::new(AtomicU64::new(0));
+        let s2 = sent.clone();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            loop {
+                if peer.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                s2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stalled = sent.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            sent.load(Ordering::Relaxed),
+            stalled,
+            "the sender is blocked"
+        );
+        assert!(
+            stalled < 64 * 1024 * 1024,
+            "bounded: {stalled} bytes in flight"
+        );
+        // Reading drains it and nothing is lost.
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        while total < stalled {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(buf[..n].iter().all(|b| *b == 7));
+            total += n as u64;
+        }
+        writer.abort();
+        assert!(bytes.load(Ordering::Relaxed) >= stalled);
+    }
+}
