@@ -166,6 +166,9 @@ pub struct Status {
     pub counters: Vec<CounterStatus>,
     /// Flows removed by the sweeper since the daemon started, by reason.
     pub flows_expired: crate::sweeper::SweepStats,
+    /// Transfers the executable blocker stopped.
+    #[serde(default)]
+    pub executables_blocked: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -31,6 +31,14 @@ struct File {
     policy: PolicyFile,
     protocols: Option<Vec<ProtocolFile>>,
     networks: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    #[serde(default)]
+    scan: ScanFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanFile {
+    block_executables: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +110,9 @@ pub struct Config {
     pub protocols: Vec<ProtocolRule>,
     /// Network objects for ALLOW_ADDRESSES_IN_NETWORK.
     pub networks: Vec<NetworkObject>,
+    /// Protocols whose secondary connections are scanned for Windows
+    /// executables (they go through the user-mode relay).
+    pub block_executables: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -469,7 +480,23 @@ impl Config {
             }
         };
 
+        let mut block_executables = Vec::new();
+        for (i, name) in file.scan.block_executables.iter().flatten().enumerate() {
+            if !protocols.iter().any(|p| &p.name == name) {
+                let known: Vec<&str> = protocols.iter().map(|p| p.name.as_str()).collect();
+                return Err(err(
+                    format!("scan.block_executables[{i}]"),
+                    format!(
+                        "{name:?} is not a configured protocol ({})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            block_executables.push(name.clone());
+        }
+
         Ok(Config {
+            block_executables,
             internal_networks,
             external_addresses,
             flow_table_size,
@@ -606,6 +633,8 @@ dmz = ["192.168.0.0/24"]
             ("[[protocols]]\nname = \"x y\"\ntransport = \"tcp\"", "protocols[0].name"),
             ("[[protocols]]\nname = \"x\"\ntransport = \"tcp\"\n[[protocols]]\nname = \"x\"\ntransport = \"udp\"", "defined twice"),
             ("[networks]\nlan = [\"10.0.0.0/99\"]", "networks.lan[0]"),
+            ("[scan]\nblock_executables = [\"gopher\"]", "scan.block_executables[0]"),
+            ("[scan]\nblock_everything = true", "unknown field `block_everything`"),
         ];
         for (text, want) in cases {
             let got = Config::parse(text, &i, &e).unwrap_err().to_string();

@@ -30,6 +30,7 @@ use crate::{
         self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, PinholeTable, Side, Stats,
     },
     engine::{Engine, EngineConfig, Event, RelayCmd},
+    filters::{DataFilterFactory, ExecutableBlockerFactory},
     neighbours::Resolver,
     netif::{self, Interface},
     ports::PortPool,
@@ -89,6 +90,7 @@ struct Shared {
     neighbours: Resolver,
     internal_ifindex: u32,
     relay: Relay,
+    executables_blocked: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
@@ -215,12 +217,21 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     state.pid = std::process::id();
     state.write()?;
 
+    let executables_blocked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let engine = match KernelMaps::open(&pins).and_then(|maps| {
-        Engine::new(
+        let mut engine = Engine::new(
             EngineConfig::new(&config, &internal, &external),
             maps,
             PortPool::new(config.port_range.clone(), true),
-        )
+        )?;
+        for protocol in &config.block_executables {
+            let f: Arc<dyn DataFilterFactory> = Arc::new(ExecutableBlockerFactory {
+                blocked: executables_blocked.clone(),
+            });
+            engine.register_data_filter(protocol, f);
+            log::info!("scanning {protocol} secondary connections for executables (user mode)");
+        }
+        Ok(engine)
     }) {
         Ok(e) => e,
         Err(e) => {
@@ -245,6 +256,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         neighbours: Resolver::new(),
         internal_ifindex: internal.index,
         relay: Relay::new(relay_tx),
+        executables_blocked,
     });
     let relay_task = tokio::spawn(read_relay_events(relay_rx, shared.clone()));
     log::info!(
@@ -549,6 +561,9 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             },
         ],
         flows_expired: shared.engine().expired().clone(),
+        executables_blocked: shared
+            .executables_blocked
+            .load(std::sync::atomic::Ordering::Relaxed),
         counters: stats
             .read()?
             .into_iter()

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::{ApiError, ErrorKind},
     config::{Config, Timeouts},
+    filters::DataFilterFactory,
     flags::ConnFlags,
     netif::Interface,
     policy::{self, IpFilter, NetworkObject, ProtocolRule, Transport},
@@ -369,6 +370,8 @@ pub struct Engine<M: Maps> {
     expired: SweepStats,
     /// Work for the user-mode relay, taken by the daemon.
     relay: Vec<RelayCmd>,
+    /// Data-filter factories by protocol name.
+    data_filters: HashMap<String, Vec<Arc<dyn DataFilterFactory>>>,
 }
 
 impl<M: Maps> Engine<M> {
@@ -401,6 +404,7 @@ impl<M: Maps> Engine<M> {
             events: Vec::new(),
             expired: SweepStats::default(),
             relay: Vec::new(),
+            data_filters: HashMap::new(),
         })
     }
 
@@ -416,6 +420,26 @@ impl<M: Maps> Engine<M> {
     /// Relay work decided since the last call.
     pub fn take_relay_cmds(&mut self) -> Vec<RelayCmd> {
         std::mem::take(&mut self.relay)
+    }
+
+    /// A data filter for every future connection of `protocol`
+    /// (SetDataFilterFactory by protocol): those connections go through the
+    /// user-mode relay.
+    pub fn register_data_filter(&mut self, protocol: &str, factory: Arc<dyn DataFilterFactory>) {
+        self.data_filters
+            .entry(protocol.to_string())
+            .or_default()
+            .push(factory);
+    }
+
+    fn filters_for(&self, protocol: &str) -> Vec<Arc<dyn DataFilterFactory>> {
+        self.data_filters.get(protocol).cloned().unwrap_or_default()
+    }
+
+    /// The kernel/user decision, made when the call is: user mode when asked
+    /// (NO_KERNEL_MODE) or when a data filter is expected for the connection.
+    fn user_mode(&self, flags: ConnFlags, protocol: &str) -> bool {
+        flags.contains(ConnFlags::NO_KERNEL_MODE) || !self.filters_for(protocol).is_empty()
     }
 
     pub fn expired(&self) -> &SweepStats {
@@ -567,7 +591,7 @@ impl<M: Maps> Engine<M> {
                 format!("proxy address {} is neither an address of the firewall nor an internal client (routed network)", proxy.ip()),
             ));
         };
-        if routed && user_mode(f) {
+        if routed && self.user_mode(f, &req.protocol_name) {
             return Err(invalid(format!("a routed proxy address ({proxy}) is the client's own: the firewall has no socket to relay it in user mode")));
         }
         if routed {
@@ -630,7 +654,7 @@ impl<M: Maps> Engine<M> {
         };
         // PROXY_MODE: the client sees the firewall's internal address as the
         // source (the relay always connects from it).
-        let user = user_mode(req.flags);
+        let user = self.user_mode(req.flags, &req.protocol_name);
         let mut snat = Vec::new();
         if req.flags.contains(ConnFlags::PROXY_MODE) && !user {
             let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
@@ -724,6 +748,7 @@ impl<M: Maps> Engine<M> {
                         .flags
                         .contains(ConnFlags::INCREASE_RECEIVE_BUFFER)
                         .then_some(INCREASED_RECEIVE_BUFFER),
+                    filters: self.filters_for(&req.protocol_name),
                 });
             } else {
                 self.maps.put_pinhole(&key, &value).map_err(internal)?;
@@ -839,7 +864,7 @@ impl<M: Maps> Engine<M> {
                 ))
             }
         };
-        if ext.port() != 0 && user_mode(f) {
+        if ext.port() != 0 && self.user_mode(f, &req.protocol_name) {
             return Err(invalid(format!("an explicit proxy external port ({ext}) is not supported in user mode (no-kernel-mode): the relay uses any port of that address")));
         }
         if ext.port() != 0 && (n > 1 || f.contains(ConnFlags::ALLOW_MULTIPLE)) {
@@ -876,7 +901,7 @@ impl<M: Maps> Engine<M> {
         undo.leases.extend(&int_block);
         // User mode: the relay's outward sockets take ephemeral ports of the
         // external address; no SNAT block is needed.
-        let user = user_mode(req.flags);
+        let user = self.user_mode(req.flags, &req.protocol_name);
         let mut snat = Vec::new();
         for _ in 0..if user { 0 } else { n } {
             let block = if ext.port() != 0 {
@@ -925,6 +950,7 @@ impl<M: Maps> Engine<M> {
                     multiple: req.flags.contains(ConnFlags::ALLOW_MULTIPLE),
                     idle: None,
                     recv_buffer: None,
+                    filters: self.filters_for(&req.protocol_name),
                 });
             } else {
                 let value = PinholeValue {
@@ -1375,6 +1401,7 @@ impl<M: Maps> Engine<M> {
                 }
             }
             RelayEvent::Refused { .. } => self.expired.relay_refused += 1,
+            RelayEvent::Blocked { .. } => self.expired.relay_blocked += 1,
         }
     }
 
@@ -1515,12 +1542,6 @@ fn nets(n: &[Ipv4Net]) -> String {
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// User mode: the connection passes through the relay. (Data filters and
-/// filters registered for the resulting events will decide it too.)
-fn user_mode(flags: ConnFlags) -> bool {
-    flags.contains(ConnFlags::NO_KERNEL_MODE)
 }
 
 const DEFAULT_BACKLOG: u32 = 16;

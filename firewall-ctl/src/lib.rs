@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod engine;
+pub mod filters;
 pub mod flags;
 pub mod neighbours;
 pub mod netif;

@@ -29,7 +29,10 @@ use tokio::{
     task::AbortHandle,
 };
 
-use crate::policy::{IpFilter, Transport};
+use crate::{
+    filters::{Action, Chain, DataFilterFactory, Direction},
+    policy::{IpFilter, Transport},
+};
 
 /// Bytes a pump holds per direction: a slow reader stops the other side
 /// (TCP back-pressure) instead of growing a buffer.
@@ -78,6 +81,8 @@ pub struct Job {
     pub idle: Option<Duration>,
     /// UDP: receive buffer of the bound socket (INCREASE_RECEIVE_BUFFER).
     pub recv_buffer: Option<usize>,
+    /// Data filters each connection gets (a chain per connection).
+    pub filters: Vec<Arc<dyn DataFilterFactory>>,
 }
 
 /// What the relay reports to the engine.
@@ -93,6 +98,12 @@ pub enum RelayEvent {
     Closed {
         owner: u64,
         conn: u64,
+    },
+    /// A data filter ended a connection.
+    Blocked {
+        owner: u64,
+        conn: u64,
+        reason: String,
     },
     /// A connection attempt that was turned away (logged and counted).
     Refused {
@@ -179,6 +190,7 @@ impl Relay {
                             target_rx,
                             job.source,
                             job.multiple,
+                            job.filters,
                         )
                         .await
                 })
@@ -200,6 +212,7 @@ impl Relay {
                             job.source,
                             job.multiple,
                             job.idle,
+                            job.filters,
                         )
                         .await
                 })
@@ -257,6 +270,7 @@ impl Relay {
         self.send(RelayEvent::Refused { owner, from, why });
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve_tcp(
         self,
         listener: TcpListener,
@@ -265,7 +279,13 @@ impl Relay {
         target: watch::Receiver<Option<SocketAddrV4>>,
         source: SocketAddrV4,
         multiple: bool,
+        filters: Vec<Arc<dyn DataFilterFactory>>,
     ) {
+        // Bytes read from the accepted socket come from this side.
+        let accepted_from = match admit {
+            Admit::Peers(_) => Direction::FromExternal,
+            Admit::Client(_) => Direction::FromInternal,
+        };
         loop {
             let (peer, from) = match listener.accept().await {
                 Ok(x) => x,
@@ -288,9 +308,10 @@ impl Relay {
             };
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let relay = self.clone();
+            let chain = Chain::new(&filters);
             let task = tokio::spawn(async move {
                 relay
-                    .tcp_connection(owner, conn, peer, from, to, source)
+                    .tcp_connection(owner, conn, peer, from, to, source, chain, accepted_from)
                     .await
             });
             self.tasks()
@@ -305,6 +326,7 @@ impl Relay {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn tcp_connection(
         self,
         owner: u64,
@@ -313,6 +335,8 @@ impl Relay {
         from: SocketAddrV4,
         to: SocketAddrV4,
         source: SocketAddrV4,
+        chain: Chain,
+        accepted_from: Direction,
     ) {
         let connected = async {
             let s = TcpSocket::new_v4()?;
@@ -341,7 +365,16 @@ impl Relay {
             to,
             bytes: bytes.clone(),
         });
-        pump(peer, client, bytes).await;
+        if chain.is_empty() {
+            pump(peer, client, bytes).await;
+        } else if let Err(reason) = pump_filtered(peer, client, bytes, chain, accepted_from).await {
+            log::warn!("relay {owner}: a data filter ended the connection from {from}: {reason}");
+            self.send(RelayEvent::Blocked {
+                owner,
+                conn,
+                reason,
+            });
+        }
         self.tasks().conns.remove(&(owner, conn));
         self.send(RelayEvent::Closed { owner, conn });
     }
@@ -356,9 +389,19 @@ impl Relay {
         source: SocketAddrV4,
         multiple: bool,
         idle: Option<Duration>,
+        filters: Vec<Arc<dyn DataFilterFactory>>,
     ) {
-        // One connected socket toward the target per peer.
-        let mut peers: HashMap<SocketAddrV4, (Arc<UdpSocket>, u64)> = HashMap::new();
+        let peer_side = match admit {
+            Admit::Peers(_) => Direction::FromExternal,
+            Admit::Client(_) => Direction::FromInternal,
+        };
+        let target_side = match peer_side {
+            Direction::FromExternal => Direction::FromInternal,
+            Direction::FromInternal => Direction::FromExternal,
+        };
+        // One connected socket toward the target per peer, with its filters.
+        type Mapping = (Arc<UdpSocket>, u64, Option<Arc<Mutex<Chain>>>);
+        let mut peers: HashMap<SocketAddrV4, Mapping> = HashMap::new();
         let mut used = false;
         let mut buf = vec![0u8; DATAGRAM];
         loop {
@@ -370,9 +413,23 @@ impl Relay {
                 }
             };
             let from = v4(from);
-            peers.retain(|_, (_, c)| self.tasks().conns.contains_key(&(owner, *c)));
-            if let Some((inner, _)) = peers.get(&from) {
-                let _ = inner.send(&buf[..n]).await;
+            peers.retain(|_, (_, c, _)| self.tasks().conns.contains_key(&(owner, *c)));
+            if let Some((inner, conn, chain)) = peers.get(&from) {
+                match filter_datagram(chain.as_ref(), peer_side, &buf[..n]) {
+                    Ok(d) if d.is_empty() => {}
+                    Ok(d) => {
+                        let _ = inner.send(&d).await;
+                    }
+                    Err(reason) => {
+                        self.send(RelayEvent::Blocked {
+                            owner,
+                            conn: *conn,
+                            reason,
+                        });
+                        self.stop_conn(owner, *conn);
+                        self.send(RelayEvent::Closed { owner, conn: *conn });
+                    }
+                }
                 continue;
             }
             if !admit.allows(*from.ip()) {
@@ -403,7 +460,13 @@ impl Relay {
             used = true;
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let bytes = Arc::new(AtomicU64::new(n as u64));
-            let _ = inner.send(&buf[..n]).await;
+            let chain = (!filters.is_empty()).then(|| Arc::new(Mutex::new(Chain::new(&filters))));
+            let first = filter_datagram(chain.as_ref(), peer_side, &buf[..n]);
+            if let Ok(d) = &first {
+                if !d.is_empty() {
+                    let _ = inner.send(d).await;
+                }
+            }
             self.send(RelayEvent::Established {
                 owner,
                 conn,
@@ -411,8 +474,17 @@ impl Relay {
                 to,
                 bytes: bytes.clone(),
             });
+            if let Err(reason) = first {
+                self.send(RelayEvent::Blocked {
+                    owner,
+                    conn,
+                    reason,
+                });
+                self.send(RelayEvent::Closed { owner, conn });
+                continue;
+            }
             let relay = self.clone();
-            let (out, back) = (socket.clone(), inner.clone());
+            let (out, back, back_chain) = (socket.clone(), inner.clone(), chain.clone());
             let task = tokio::spawn(async move {
                 let mut buf = vec![0u8; DATAGRAM];
                 loop {
@@ -424,10 +496,23 @@ impl Relay {
                         None => back.recv(&mut buf).await,
                     };
                     match got {
-                        Ok(n) => {
-                            bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            let _ = out.send_to(&buf[..n], SocketAddr::V4(from)).await;
-                        }
+                        Ok(n) => match filter_datagram(back_chain.as_ref(), target_side, &buf[..n])
+                        {
+                            Ok(d) => {
+                                bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                                if !d.is_empty() {
+                                    let _ = out.send_to(&d, SocketAddr::V4(from)).await;
+                                }
+                            }
+                            Err(reason) => {
+                                relay.send(RelayEvent::Blocked {
+                                    owner,
+                                    conn,
+                                    reason,
+                                });
+                                break;
+                            }
+                        },
                         // ICMP errors from the target (port unreachable) are not fatal.
                         Err(_) => continue,
                     }
@@ -438,7 +523,113 @@ impl Relay {
             self.tasks()
                 .conns
                 .insert((owner, conn), task.abort_handle());
-            peers.insert(from, (inner, conn));
+            peers.insert(from, (inner, conn, chain));
+        }
+    }
+}
+
+/// A datagram through a connection's filters (none: unchanged).
+fn filter_datagram(
+    chain: Option<&Arc<Mutex<Chain>>>,
+    dir: Direction,
+    data: &[u8],
+) -> Result<Vec<u8>, String> {
+    match chain {
+        None => Ok(data.to_vec()),
+        Some(c) => match c
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .data(dir, data.to_vec())
+        {
+            Action::Forward(d) => Ok(d),
+            Action::Close(reason) => Err(reason),
+        },
+    }
+}
+
+/// `pump` with a data-filter chain between the sides: every byte passes the
+/// filters, which may change, hold or end the stream. `accepted_from` says
+/// which side `a` is. Ends with the reason when a filter closed it.
+pub async fn pump_filtered(
+    a: TcpStream,
+    b: TcpStream,
+    bytes: Arc<AtomicU64>,
+    chain: Chain,
+    accepted_from: Direction,
+) -> Result<(), String> {
+    let other_side = match accepted_from {
+        Direction::FromExternal => Direction::FromInternal,
+        Direction::FromInternal => Direction::FromExternal,
+    };
+    let chain = Mutex::new(chain);
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let ab = one_way_filtered(ar, bw, accepted_from, &chain, bytes.clone());
+    let ba = one_way_filtered(br, aw, other_side, &chain, bytes);
+    tokio::pin!(ab, ba);
+    let (first, other) = tokio::select! {
+        r = &mut ab => (r, ba),
+        r = &mut ba => (r, ab),
+    };
+    let end = match first {
+        Ok(()) => other.await,
+        e => e,
+    };
+    match end {
+        Ok(()) => Ok(()),
+        Err(Stop::Filter(reason)) => Err(reason),
+        Err(Stop::Io(e)) => {
+            log::debug!("relay pump ended: {e}");
+            Ok(())
+        }
+    }
+}
+
+enum Stop {
+    Io(io::Error),
+    Filter(String),
+}
+
+async fn one_way_filtered(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    dir: Direction,
+    chain: &Mutex<Chain>,
+    bytes: Arc<AtomicU64>,
+) -> Result<(), Stop> {
+    let mut buf = vec![0u8; PUMP_BUFFER];
+    let lock = || chain.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let (action, eof) = match from.read(&mut buf).await {
+            Ok(0) => (lock().end(dir), true),
+            Ok(n) => (lock().data(dir, buf[..n].to_vec()), false),
+            Err(e) => {
+                reset(SockRef::from(to.as_ref()));
+                to.forget();
+                return Err(Stop::Io(e));
+            }
+        };
+        match action {
+            Action::Forward(out) => {
+                if let Err(e) = to.write_all(&out).await {
+                    reset(SockRef::from(from.as_ref()));
+                    reset(SockRef::from(to.as_ref()));
+                    to.forget();
+                    return Err(Stop::Io(e));
+                }
+                bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
+            }
+            Action::Close(reason) => {
+                // A filter ends the connection: both sides are reset.
+                reset(SockRef::from(from.as_ref()));
+                reset(SockRef::from(to.as_ref()));
+                to.forget();
+                return Err(Stop::Filter(reason));
+            }
+        }
+        if eof {
+            let _ = to.shutdown().await;
+            return Ok(());
         }
     }
 }

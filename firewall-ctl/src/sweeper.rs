@@ -39,6 +39,9 @@ pub struct SweepStats {
     /// Connection attempts the user-mode relay turned away.
     #[serde(default)]
     pub relay_refused: u64,
+    /// Connections a data filter ended.
+    #[serde(default)]
+    pub relay_blocked: u64,
 }
 
 impl SweepStats {

@@ -348,3 +348,137 @@ fn user_mode_refusals_resets_and_kill() {
     let _ = talker.kill();
     let _ = talker.wait();
 }
+
+#[test]
+fn scanned_connections_stop_executables_and_pass_text() {
+    // Issue 4: the sample data filter, switched on for FTP in the config.
+    let r = LabRun::with_config(
+        "umexe",
+        &format!("{FAST}[scan]\nblock_executables = [\"ftp\"]\n"),
+    );
+    prime_neighbours(&r.lab);
+    let sess = r.fw.session(addr::CLIENT);
+    let dir = std::env::temp_dir().join(format!("{}-exe", r.lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe: Vec<u8> = b"MZ\x90\x00\x03\x00\x00\x00"
+        .iter()
+        .copied()
+        .chain((0..200_000u32).map(|i| i as u8))
+        .collect();
+    let text: Vec<u8> = b"just text\n".repeat(50_000);
+    let (exe_file, text_file) = (dir.join("setup.exe"), dir.join("readme.txt"));
+    std::fs::write(&exe_file, &exe).unwrap();
+    std::fs::write(&text_file, &text).unwrap();
+
+    // The server sends a file to the client through a BindForClient (like an
+    // active-mode FTP download); returns what the client received.
+    let download = |file: &std::path::Path, port: u16| -> Vec<u8> {
+        let b = r.fw.ok(&[
+            "bind-for-client",
+            "--session",
+            &sess,
+            "--client",
+            &format!("10.1.0.2:{port}"),
+            "--protocol",
+            "tcp",
+        ]);
+        let conn =
+            r.fw.list("connections")
+                .into_iter()
+                .find(|c| c["id"] == b["connections"][0]["id"])
+                .unwrap();
+        assert_eq!(
+            conn["mode"], "user",
+            "a scanned protocol goes through the relay"
+        );
+        let got = dir.join(format!("got-{port}"));
+        let mut client = r
+            .lab
+            .client
+            .spawn(&format!(
+                "exec socat -u -T5 TCP-LISTEN:{port},bind={} CREATE:{}",
+                addr::CLIENT,
+                got.display()
+            ))
+            .unwrap();
+        wait_listening(&r.lab.client, port);
+        let _ = r
+            .lab
+            .server
+            .cmd("sh")
+            .args([
+                "-c",
+                &format!(
+                    "socat -u -T5 OPEN:{} TCP:{}",
+                    file.display(),
+                    s(&b["proxy_address"])
+                ),
+            ])
+            .status();
+        let _ = client.wait();
+        std::fs::read(&got).unwrap_or_default()
+    };
+    let got = download(&text_file, 5301);
+    assert!(
+        got == text,
+        "the text file passed byte for byte ({} of {} bytes)",
+        got.len(),
+        text.len()
+    );
+    let got = download(&exe_file, 5302);
+    assert!(
+        got.len() < 2 || &got[..2] != b"MZ",
+        "the executable did not reach the client ({} bytes)",
+        got.len()
+    );
+    assert_eq!(r.fw.status()["executables_blocked"], 1);
+    assert!(
+        r.fw.status()["flows_expired"]["relay_blocked"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    // The same through a RedirectConnections (like a passive-mode download).
+    let rc = r.fw.ok(&[
+        "redirect-connections",
+        "--session",
+        &sess,
+        "--connect",
+        "10.2.0.2:2100",
+        "--protocol",
+        "tcp",
+    ]);
+    let mut srv = r
+        .lab
+        .server
+        .spawn(&format!(
+            "exec socat -u -T5 OPEN:{} TCP-LISTEN:2100,bind={},reuseaddr",
+            exe_file.display(),
+            addr::SERVER
+        ))
+        .unwrap();
+    wait_listening(&r.lab.server, 2100);
+    let out = r
+        .lab
+        .client
+        .cmd("sh")
+        .args([
+            "-c",
+            &format!(
+                "socat -u -T5 TCP:{} - | head -c 2",
+                s(&rc["internal_address"])
+            ),
+        ])
+        .output()
+        .unwrap();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert_ne!(&out.stdout[..], b"MZ", "blocked through the redirect too");
+    assert_eq!(r.fw.status()["executables_blocked"], 2);
+    assert!(
+        r.fw.list("flows").is_empty(),
+        "scanned connections never enter the flow table"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
