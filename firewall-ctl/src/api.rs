@@ -103,6 +103,10 @@ pub enum ErrorKind {
     AddressNotAvailable,
     /// No port (block) is free.
     Exhausted,
+    /// A call outside the event contexts it supports.
+    BadContext,
+    /// A connection is already emulated by a filter.
+    AlreadyEmulated,
     /// The daemon is shutting down.
     Terminating,
     /// Something failed inside the daemon (kernel, maps).
@@ -123,6 +127,8 @@ impl ErrorKind {
             ErrorKind::AddressInUse => "address-in-use",
             ErrorKind::AddressNotAvailable => "address-not-available",
             ErrorKind::Exhausted => "exhausted",
+            ErrorKind::BadContext => "bad-context",
+            ErrorKind::AlreadyEmulated => "already-emulated",
             ErrorKind::Terminating => "terminating",
             ErrorKind::Internal => "internal",
             ErrorKind::NotRunning => "not-running",

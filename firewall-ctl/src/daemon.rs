@@ -85,7 +85,7 @@ struct Shared {
     config: Config,
     interfaces: Vec<InterfaceStatus>,
     shutdown: watch::Sender<bool>,
-    engine: std::sync::Mutex<Engine<KernelMaps>>,
+    engine: Arc<std::sync::Mutex<Engine<KernelMaps>>>,
     events: broadcast::Sender<Event>,
     neighbours: Resolver,
     internal_ifindex: u32,
@@ -105,8 +105,17 @@ impl Shared {
     fn publish(&self, engine: &mut Engine<KernelMaps>) {
         for cmd in engine.take_relay_cmds() {
             match cmd {
-                RelayCmd::Start(job) => {
+                RelayCmd::Start(mut job) => {
                     let owner = job.owner;
+                    if job.event.is_some() {
+                        let engine = self.engine.clone();
+                        job.hook = Some(Arc::new(move |owner, kind, address| {
+                            engine
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .on_connection_event(owner, kind, address)
+                        }));
+                    }
                     if let Err(e) = self.relay.start(job) {
                         log::error!("relay for {owner} failed to start: {e}");
                         let _ = engine.kill(owner).or_else(|_| engine.cancel(owner));
@@ -251,7 +260,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
         ],
         shutdown: shutdown_tx,
-        engine: std::sync::Mutex::new(engine),
+        engine: Arc::new(std::sync::Mutex::new(engine)),
         events: broadcast::channel(1024).0,
         neighbours: Resolver::new(),
         internal_ifindex: internal.index,

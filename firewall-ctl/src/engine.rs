@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     api::{ApiError, ErrorKind},
     config::{Config, Timeouts},
-    filters::DataFilterFactory,
+    filters::{self, AppFilter, DataFilterFactory, EventKind},
     flags::ConnFlags,
     netif::Interface,
     policy::{self, IpFilter, NetworkObject, ProtocolRule, Transport},
@@ -372,6 +372,8 @@ pub struct Engine<M: Maps> {
     relay: Vec<RelayCmd>,
     /// Data-filter factories by protocol name.
     data_filters: HashMap<String, Vec<Arc<dyn DataFilterFactory>>>,
+    /// Application filters, in registration order.
+    app_filters: Vec<Arc<dyn AppFilter>>,
 }
 
 impl<M: Maps> Engine<M> {
@@ -405,6 +407,7 @@ impl<M: Maps> Engine<M> {
             expired: SweepStats::default(),
             relay: Vec::new(),
             data_filters: HashMap::new(),
+            app_filters: Vec::new(),
         })
     }
 
@@ -432,14 +435,55 @@ impl<M: Maps> Engine<M> {
             .push(factory);
     }
 
+    /// An application filter: it gets the events it registered for.
+    pub fn register_filter(&mut self, filter: Arc<dyn AppFilter>) {
+        self.app_filters.push(filter);
+    }
+
     fn filters_for(&self, protocol: &str) -> Vec<Arc<dyn DataFilterFactory>> {
         self.data_filters.get(protocol).cloned().unwrap_or_default()
     }
 
     /// The kernel/user decision, made when the call is: user mode when asked
-    /// (NO_KERNEL_MODE) or when a data filter is expected for the connection.
-    fn user_mode(&self, flags: ConnFlags, protocol: &str) -> bool {
-        flags.contains(ConnFlags::NO_KERNEL_MODE) || !self.filters_for(protocol).is_empty()
+    /// (NO_KERNEL_MODE), when a data filter is expected for the connection, or
+    /// when a filter is registered for the event the connection will raise
+    /// (it may attach a data filter then). Bind-time attachments decide per
+    /// connection (see `bind_apply`).
+    fn user_mode(&self, flags: ConnFlags, protocol: &str, resulting: Option<EventKind>) -> bool {
+        flags.contains(ConnFlags::NO_KERNEL_MODE)
+            || !self.filters_for(protocol).is_empty()
+            || resulting.is_some_and(|k| filters::registered(&self.app_filters, k))
+    }
+
+    /// The event a connection raises when it is made: accept (TCP bind),
+    /// connect (TCP redirect), destination (UDP redirect).
+    fn resulting_event(kind: Kind, t: Transport) -> Option<EventKind> {
+        match (kind, t) {
+            (Kind::Bind, Transport::Tcp) => Some(EventKind::AcceptedConnection),
+            (Kind::Bind, Transport::Udp) => None,
+            (_, Transport::Tcp) => Some(EventKind::ConnectTcp),
+            (_, Transport::Udp) => Some(EventKind::UdpDestination),
+        }
+    }
+
+    /// Raises the event of a connection the relay is making (accept or
+    /// connect), for the relay's hook: a deny aborts it, attached data filters
+    /// join its chain.
+    pub fn on_connection_event(
+        &mut self,
+        owner: u64,
+        kind: EventKind,
+        address: SocketAddrV4,
+    ) -> Result<filters::Decision, ApiError> {
+        let o = self.object(owner)?;
+        if o.state == State::Terminated {
+            return Err(err(
+                ErrorKind::Terminating,
+                format!("connection {owner} is terminated"),
+            ));
+        }
+        let (session, protocol) = (o.session, o.protocol_name.clone());
+        filters::raise(&self.app_filters, kind, owner, session, address, &protocol)
     }
 
     pub fn expired(&self) -> &SweepStats {
@@ -591,7 +635,13 @@ impl<M: Maps> Engine<M> {
                 format!("proxy address {} is neither an address of the firewall nor an internal client (routed network)", proxy.ip()),
             ));
         };
-        if routed && self.user_mode(f, &req.protocol_name) {
+        if routed
+            && self.user_mode(
+                f,
+                &req.protocol_name,
+                Self::resulting_event(Kind::Bind, req.protocol),
+            )
+        {
             return Err(invalid(format!("a routed proxy address ({proxy}) is the client's own: the firewall has no socket to relay it in user mode")));
         }
         if routed {
@@ -654,7 +704,11 @@ impl<M: Maps> Engine<M> {
         };
         // PROXY_MODE: the client sees the firewall's internal address as the
         // source (the relay always connects from it).
-        let user = self.user_mode(req.flags, &req.protocol_name);
+        let user = self.user_mode(
+            req.flags,
+            &req.protocol_name,
+            Self::resulting_event(Kind::Bind, req.protocol),
+        );
         let mut snat = Vec::new();
         if req.flags.contains(ConnFlags::PROXY_MODE) && !user {
             let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
@@ -731,7 +785,33 @@ impl<M: Maps> Engine<M> {
                 .filter(|l| l.endpoint() == *ep && l.transport == req.protocol)
                 .copied()
                 .collect();
+            // fwx_Bind_Tcp / fwx_Bind_Udp: a filter may deny the bind (the whole
+            // call fails), attach a data filter (UDP) or emulate it.
+            let bind_event = if req.protocol == Transport::Tcp {
+                EventKind::BindTcp
+            } else {
+                EventKind::BindUdp
+            };
+            let decision = filters::raise(
+                &self.app_filters,
+                bind_event,
+                id,
+                req.session,
+                *ep,
+                &req.protocol_name,
+            )?;
+            if let Some(by) = decision.denied_by {
+                return Err(err(
+                    ErrorKind::AddressInUse,
+                    format!("the bind of {ep} was denied by filter {by}"),
+                ));
+            }
+            let user = user || !decision.data_filters.is_empty() || decision.emulated_by.is_some();
             if user {
+                let mut factories = self.filters_for(&req.protocol_name);
+                factories.extend(decision.data_filters.into_iter().map(|(p, f)| {
+                    Arc::new(filters::Attached::new(p, f)) as Arc<dyn DataFilterFactory>
+                }));
                 jobs.push(Job {
                     owner: id,
                     transport: req.protocol,
@@ -748,7 +828,9 @@ impl<M: Maps> Engine<M> {
                         .flags
                         .contains(ConnFlags::INCREASE_RECEIVE_BUFFER)
                         .then_some(INCREASED_RECEIVE_BUFFER),
-                    filters: self.filters_for(&req.protocol_name),
+                    filters: factories,
+                    event: Self::resulting_event(Kind::Bind, req.protocol),
+                    hook: None,
                 });
             } else {
                 self.maps.put_pinhole(&key, &value).map_err(internal)?;
@@ -802,6 +884,21 @@ impl<M: Maps> Engine<M> {
             self.objects.insert(id, o);
         }
         self.relay.extend(jobs.into_iter().map(RelayCmd::Start));
+        // fwx_Listen: filters hear of it but cannot refuse it.
+        if req.protocol == Transport::Tcp {
+            for c in &out {
+                if let Err(e) = filters::raise(
+                    &self.app_filters,
+                    EventKind::Listen,
+                    c.id,
+                    req.session,
+                    c.external,
+                    &req.protocol_name,
+                ) {
+                    log::warn!("{}", e.message);
+                }
+            }
+        }
         Ok(BindResult {
             proxy_address: endpoints[0],
             connections: out,
@@ -864,7 +961,13 @@ impl<M: Maps> Engine<M> {
                 ))
             }
         };
-        if ext.port() != 0 && self.user_mode(f, &req.protocol_name) {
+        if ext.port() != 0
+            && self.user_mode(
+                f,
+                &req.protocol_name,
+                Self::resulting_event(Kind::Redirect, req.protocol),
+            )
+        {
             return Err(invalid(format!("an explicit proxy external port ({ext}) is not supported in user mode (no-kernel-mode): the relay uses any port of that address")));
         }
         if ext.port() != 0 && (n > 1 || f.contains(ConnFlags::ALLOW_MULTIPLE)) {
@@ -901,7 +1004,11 @@ impl<M: Maps> Engine<M> {
         undo.leases.extend(&int_block);
         // User mode: the relay's outward sockets take ephemeral ports of the
         // external address; no SNAT block is needed.
-        let user = self.user_mode(req.flags, &req.protocol_name);
+        let user = self.user_mode(
+            req.flags,
+            &req.protocol_name,
+            Self::resulting_event(Kind::Redirect, req.protocol),
+        );
         let mut snat = Vec::new();
         for _ in 0..if user { 0 } else { n } {
             let block = if ext.port() != 0 {
@@ -951,6 +1058,8 @@ impl<M: Maps> Engine<M> {
                     idle: None,
                     recv_buffer: None,
                     filters: self.filters_for(&req.protocol_name),
+                    event: Self::resulting_event(Kind::Redirect, req.protocol),
+                    hook: None,
                 });
             } else {
                 let value = PinholeValue {
@@ -1224,6 +1333,9 @@ impl<M: Maps> Engine<M> {
         }
         for l in leases {
             self.ports.release(&l);
+        }
+        for f in &self.app_filters {
+            f.on_terminating(id);
         }
         self.events.push(Event::Terminating {
             connection: id,

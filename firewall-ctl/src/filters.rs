@@ -319,3 +319,304 @@ mod tests {
         );
     }
 }
+
+// ----- application filters and their events -----
+
+use std::net::SocketAddrV4;
+
+use bitflags::bitflags;
+
+use crate::api::{ApiError, ErrorKind};
+
+bitflags! {
+    /// Event kinds a filter registers for (FwxFirewallEventType).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct EventMask: u32 {
+        const CONNECT_TCP = 0x001;
+        const UDP_DESTINATION = 0x002;
+        const BIND_TCP = 0x004;
+        const BIND_UDP = 0x008;
+        const LISTEN = 0x010;
+        const ACCEPTED_CONNECTION = 0x020;
+    }
+}
+
+/// The event a filter is handling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    ConnectTcp,
+    UdpDestination,
+    BindTcp,
+    BindUdp,
+    Listen,
+    AcceptedConnection,
+}
+
+impl EventKind {
+    pub fn mask(self) -> EventMask {
+        match self {
+            EventKind::ConnectTcp => EventMask::CONNECT_TCP,
+            EventKind::UdpDestination => EventMask::UDP_DESTINATION,
+            EventKind::BindTcp => EventMask::BIND_TCP,
+            EventKind::BindUdp => EventMask::BIND_UDP,
+            EventKind::Listen => EventMask::LISTEN,
+            EventKind::AcceptedConnection => EventMask::ACCEPTED_CONNECTION,
+        }
+    }
+
+    /// Where `Deny` works (bind, connect, accept; never listen).
+    fn can_deny(self) -> bool {
+        matches!(
+            self,
+            EventKind::AcceptedConnection
+                | EventKind::BindUdp
+                | EventKind::BindTcp
+                | EventKind::ConnectTcp
+        )
+    }
+
+    /// Where a data filter may be attached (TCP data filters attach at accept time, not at bind).
+    fn can_attach(self) -> bool {
+        matches!(
+            self,
+            EventKind::AcceptedConnection
+                | EventKind::BindUdp
+                | EventKind::ConnectTcp
+                | EventKind::UdpDestination
+        )
+    }
+
+    /// Where a filter may take over a bind (EmulateForBind).
+    fn can_emulate(self) -> bool {
+        matches!(
+            self,
+            EventKind::BindTcp | EventKind::BindUdp | EventKind::AcceptedConnection
+        )
+    }
+}
+
+/// What the handlers of one event decided.
+#[derive(Default)]
+pub struct Decision {
+    pub denied_by: Option<String>,
+    pub data_filters: Vec<(PriorityClass, Box<dyn DataFilter>)>,
+    pub emulated_by: Option<String>,
+}
+
+impl std::fmt::Debug for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decision")
+            .field("denied_by", &self.denied_by)
+            .field(
+                "data_filters",
+                &self
+                    .data_filters
+                    .iter()
+                    .map(|(p, d)| (p, d.name().to_string()))
+                    .collect::<Vec<_>>(),
+            )
+            .field("emulated_by", &self.emulated_by)
+            .finish()
+    }
+}
+
+/// An event as a filter's handler sees it (FirewallEventHandler's argument),
+/// with the calls that are valid only while it is handled. The context only
+/// exists during the handler, so calling them "outside any handler" cannot
+/// happen.
+pub struct EventContext<'a> {
+    pub kind: EventKind,
+    /// The connection object the event is about.
+    pub connection: u64,
+    pub session: u64,
+    /// Bind and listen: the firewall endpoint; accept: the remote peer;
+    /// connect: the destination.
+    pub address: SocketAddrV4,
+    pub protocol_name: &'a str,
+    /// Raised by the secondary-connection machinery (BindForClient, RedirectConnections).
+    pub is_secondary: bool,
+    filter: &'a str,
+    decision: &'a mut Decision,
+}
+
+fn bad_context(what: &str, kind: EventKind) -> ApiError {
+    ApiError::new(
+        ErrorKind::BadContext,
+        format!("{what} is not valid while handling {kind:?}"),
+    )
+}
+
+impl<'a> EventContext<'a> {
+    pub(crate) fn new(
+        kind: EventKind,
+        connection: u64,
+        session: u64,
+        address: SocketAddrV4,
+        protocol_name: &'a str,
+        filter: &'a str,
+        decision: &'a mut Decision,
+    ) -> Self {
+        Self {
+            kind,
+            connection,
+            session,
+            address,
+            protocol_name,
+            is_secondary: true,
+            filter,
+            decision,
+        }
+    }
+
+    /// Refuses what the event is about (IFWXConnection::Deny): a bind fails
+    /// with `address-in-use`, an accepted connection is aborted. `reserved`
+    /// must be 0.
+    pub fn deny(&mut self, reserved: u32) -> Result<(), ApiError> {
+        if !self.kind.can_deny() {
+            return Err(bad_context("Deny", self.kind));
+        }
+        if reserved != 0 {
+            return Err(ApiError::new(
+                ErrorKind::InvalidArgument,
+                format!("Deny's reserved argument must be 0, not {reserved}"),
+            ));
+        }
+        self.decision
+            .denied_by
+            .get_or_insert_with(|| self.filter.to_string());
+        Ok(())
+    }
+
+    /// Attaches a data filter to the resulting connection (which is then user mode).
+    pub fn attach_data_filter(
+        &mut self,
+        filter: Box<dyn DataFilter>,
+        priority: PriorityClass,
+    ) -> Result<(), ApiError> {
+        if !self.kind.can_attach() {
+            return Err(bad_context("AttachDataFilter", self.kind));
+        }
+        self.decision.data_filters.push((priority, filter));
+        Ok(())
+    }
+
+    /// Takes the bind over (EmulateForBind): no connection may be emulated twice.
+    pub fn emulate_for_bind(&mut self) -> Result<(), ApiError> {
+        if !self.kind.can_emulate() {
+            return Err(bad_context("EmulateForBind", self.kind));
+        }
+        if let Some(by) = &self.decision.emulated_by {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyEmulated,
+                format!("connection {} is already emulated by {by}", self.connection),
+            ));
+        }
+        self.decision.emulated_by = Some(self.filter.to_string());
+        Ok(())
+    }
+}
+
+/// An application filter living in the daemon (IFWXFilter plus its session
+/// filters): it registers for event kinds and handles them.
+pub trait AppFilter: Send + Sync {
+    fn name(&self) -> &str;
+    fn events(&self) -> EventMask;
+    /// Handles an event it registered for. An error fails the request that
+    /// raised the event (the spec's E_OUTOFMEMORY case).
+    fn on_event(&self, ev: &mut EventContext<'_>) -> Result<(), ApiError>;
+    /// A connection it saw is ending (no registration needed).
+    fn on_terminating(&self, _connection: u64) {}
+    /// A connection made through one of its own calls was established.
+    fn on_established(&self, _connection: u64, _context: Option<&str>) {}
+}
+
+/// Runs the handlers registered for `kind`, in registration order; a deny
+/// from any of them wins.
+pub fn raise(
+    filters: &[Arc<dyn AppFilter>],
+    kind: EventKind,
+    connection: u64,
+    session: u64,
+    address: SocketAddrV4,
+    protocol_name: &str,
+) -> Result<Decision, ApiError> {
+    let mut decision = Decision::default();
+    for f in filters.iter().filter(|f| f.events().contains(kind.mask())) {
+        let name = f.name().to_string();
+        let mut ctx = EventContext::new(
+            kind,
+            connection,
+            session,
+            address,
+            protocol_name,
+            &name,
+            &mut decision,
+        );
+        f.on_event(&mut ctx).map_err(|e| {
+            ApiError::new(
+                e.kind,
+                format!("filter {name} failed handling {kind:?}: {}", e.message),
+            )
+        })?;
+    }
+    Ok(decision)
+}
+
+/// Whether any filter is registered for `kind` (the kernel/user decision).
+pub fn registered(filters: &[Arc<dyn AppFilter>], kind: EventKind) -> bool {
+    filters.iter().any(|f| f.events().contains(kind.mask()))
+}
+
+/// A data filter attached in an event handler, as a factory for the one
+/// connection it belongs to (later connections of the same endpoint get none).
+pub struct Attached {
+    priority: PriorityClass,
+    filter: std::sync::Mutex<Option<Box<dyn DataFilter>>>,
+}
+
+impl Attached {
+    pub fn new(priority: PriorityClass, filter: Box<dyn DataFilter>) -> Self {
+        Self {
+            priority,
+            filter: std::sync::Mutex::new(Some(filter)),
+        }
+    }
+}
+
+/// Passes everything (what `Attached` makes once its filter was used).
+struct PassThrough;
+
+impl DataFilter for PassThrough {
+    fn name(&self) -> &str {
+        "pass-through"
+    }
+    fn on_data(&mut self, _dir: Direction, data: Vec<u8>) -> Action {
+        Action::Forward(data)
+    }
+}
+
+impl DataFilterFactory for Attached {
+    fn name(&self) -> &str {
+        "attached"
+    }
+    fn priority(&self) -> PriorityClass {
+        self.priority
+    }
+    fn create(&self) -> Box<dyn DataFilter> {
+        self.filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| Box::new(PassThrough))
+    }
+}
+
+impl Chain {
+    /// The chain with more filters (attached in an accept or connect event).
+    pub fn with(mut self, extra: Vec<(PriorityClass, Box<dyn DataFilter>)>) -> Self {
+        self.filters.extend(extra);
+        self.filters.sort_by_key(|(p, _)| *p);
+        self
+    }
+}

@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use crate::{
-    filters::{Action, Chain, DataFilterFactory, Direction},
+    filters::{Action, Chain, DataFilterFactory, Decision, Direction, EventKind},
     policy::{IpFilter, Transport},
 };
 
@@ -83,7 +83,17 @@ pub struct Job {
     pub recv_buffer: Option<usize>,
     /// Data filters each connection gets (a chain per connection).
     pub filters: Vec<Arc<dyn DataFilterFactory>>,
+    /// The event each TCP connection raises (accept or connect), through `hook`.
+    pub event: Option<EventKind>,
+    /// Raises `event` for a connection (set by the daemon): its decision may
+    /// abort the connection or add data filters.
+    pub hook: Option<ConnectionHook>,
 }
+
+/// Raises a connection's event in the engine: (owner, event, peer) → decision.
+pub type ConnectionHook = Arc<
+    dyn Fn(u64, EventKind, SocketAddrV4) -> Result<Decision, crate::api::ApiError> + Send + Sync,
+>;
 
 /// What the relay reports to the engine.
 #[derive(Clone, Debug)]
@@ -191,6 +201,7 @@ impl Relay {
                             job.source,
                             job.multiple,
                             job.filters,
+                            job.event.zip(job.hook),
                         )
                         .await
                 })
@@ -280,6 +291,7 @@ impl Relay {
         source: SocketAddrV4,
         multiple: bool,
         filters: Vec<Arc<dyn DataFilterFactory>>,
+        event: Option<(EventKind, ConnectionHook)>,
     ) {
         // Bytes read from the accepted socket come from this side.
         let accepted_from = match admit {
@@ -306,9 +318,33 @@ impl Relay {
                 self.refuse(owner, from, "the client address is still the placeholder");
                 continue;
             };
+            // The accept (bind) or connect (redirect) event: filters may abort
+            // the connection or attach data filters to it.
+            let mut attached = Vec::new();
+            if let Some((kind, hook)) = &event {
+                let address = if matches!(admit, Admit::Peers(_)) {
+                    from
+                } else {
+                    to
+                };
+                match hook(owner, *kind, address) {
+                    Ok(d) if d.denied_by.is_some() => {
+                        reset(SockRef::from(&peer));
+                        self.refuse(owner, from, "denied by a filter");
+                        continue;
+                    }
+                    Ok(d) => attached = d.data_filters,
+                    Err(e) => {
+                        log::warn!("relay {owner}: {}", e.message);
+                        reset(SockRef::from(&peer));
+                        self.refuse(owner, from, "a filter failed handling the connection");
+                        continue;
+                    }
+                }
+            }
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let relay = self.clone();
-            let chain = Chain::new(&filters);
+            let chain = Chain::new(&filters).with(attached);
             let task = tokio::spawn(async move {
                 relay
                     .tcp_connection(owner, conn, peer, from, to, source, chain, accepted_from)

@@ -996,3 +996,226 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
         ErrorKind::InvalidArgument
     );
 }
+
+/// What a scripted step returned: (event, step, result).
+type StepResult = (EventKind, &'static str, Result<(), ErrorKind>);
+
+/// A filter whose handler runs a script of calls and records the results.
+struct Scripted {
+    name: &'static str,
+    mask: filters::EventMask,
+    script: std::sync::Mutex<Vec<(EventKind, &'static str)>>,
+    results: std::sync::Mutex<Vec<StepResult>>,
+    terminated: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Scripted {
+    fn new(
+        name: &'static str,
+        mask: filters::EventMask,
+        script: &[(EventKind, &'static str)],
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            mask,
+            script: std::sync::Mutex::new(script.to_vec()),
+            results: Default::default(),
+            terminated: Default::default(),
+        })
+    }
+    fn results(&self) -> Vec<StepResult> {
+        self.results.lock().unwrap().clone()
+    }
+}
+
+struct Nop;
+impl filters::DataFilter for Nop {
+    fn name(&self) -> &str {
+        "nop"
+    }
+    fn on_data(&mut self, _d: filters::Direction, data: Vec<u8>) -> filters::Action {
+        filters::Action::Forward(data)
+    }
+}
+
+impl AppFilter for Scripted {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn events(&self) -> filters::EventMask {
+        self.mask
+    }
+    fn on_event(&self, ev: &mut filters::EventContext<'_>) -> Result<(), ApiError> {
+        let steps: Vec<&'static str> = self
+            .script
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k == ev.kind)
+            .map(|(_, s)| *s)
+            .collect();
+        for step in steps {
+            let r = match step {
+                "deny" => ev.deny(0),
+                "deny1" => ev.deny(1),
+                "attach" => ev.attach_data_filter(Box::new(Nop), filters::PriorityClass::Middle),
+                "emulate" => ev.emulate_for_bind(),
+                "fail" => return Err(ApiError::new(ErrorKind::Internal, "out of memory")),
+                _ => Ok(()),
+            };
+            self.results
+                .lock()
+                .unwrap()
+                .push((ev.kind, step, r.map_err(|e| e.kind)));
+        }
+        Ok(())
+    }
+    fn on_terminating(&self, connection: u64) {
+        self.terminated.lock().unwrap().push(connection);
+    }
+}
+
+#[test]
+fn a_deny_in_the_bind_event_fails_the_call_with_nothing_left() {
+    // §15 60.
+    let (mut e, s) = engine();
+    let f = Scripted::new(
+        "denier",
+        filters::EventMask::BIND_TCP,
+        &[(EventKind::BindTcp, "deny")],
+    );
+    e.register_filter(f.clone());
+    let err = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5001", "10.1.0.2:5002"]))
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::AddressInUse);
+    assert!(
+        err.message.contains("denied by filter denier"),
+        "{}",
+        err.message
+    );
+    assert_clean(&e);
+    assert!(e.take_relay_cmds().is_empty());
+}
+
+#[test]
+fn calls_are_valid_only_in_their_events() {
+    // §15 62, 63, 65, 66.
+    let (mut e, s) = engine();
+    let f = Scripted::new(
+        "checker",
+        filters::EventMask::BIND_TCP | filters::EventMask::BIND_UDP | filters::EventMask::LISTEN,
+        &[
+            (EventKind::Listen, "deny"),
+            (EventKind::BindTcp, "deny1"),
+            (EventKind::BindTcp, "attach"),
+            (EventKind::BindUdp, "attach"),
+            (EventKind::BindUdp, "emulate"),
+            (EventKind::BindUdp, "emulate"),
+        ],
+    );
+    e.register_filter(f.clone());
+    let t = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    assert_eq!(
+        e.objects[&t.connections[0].id].state,
+        State::Listening,
+        "a deny in listen has no effect"
+    );
+    let u = e
+        .bind_for_client(&BindRequest {
+            protocol: Transport::Udp,
+            ..bind(s, &["10.1.0.2:6000"])
+        })
+        .unwrap();
+    let r = f.results();
+    let get = |k: EventKind, step: &str| {
+        r.iter()
+            .filter(|(kk, ss, _)| *kk == k && *ss == step)
+            .map(|(_, _, res)| *res)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        get(EventKind::Listen, "deny"),
+        vec![Err(ErrorKind::BadContext)],
+        "listen cannot be refused"
+    );
+    assert_eq!(
+        get(EventKind::BindTcp, "deny1"),
+        vec![Err(ErrorKind::InvalidArgument)],
+        "Deny(1)"
+    );
+    assert_eq!(
+        get(EventKind::BindTcp, "attach"),
+        vec![Err(ErrorKind::BadContext)],
+        "TCP data filters attach at accept, not bind"
+    );
+    assert_eq!(get(EventKind::BindUdp, "attach"), vec![Ok(())]);
+    assert_eq!(
+        get(EventKind::BindUdp, "emulate"),
+        vec![Ok(()), Err(ErrorKind::AlreadyEmulated)]
+    );
+    // The UDP bind with a data filter attached is user mode; the TCP one is kernel.
+    let mode = |id: u64| e.objects[&id].mode;
+    assert_eq!(mode(t.connections[0].id), Mode::Kernel);
+    assert_eq!(mode(u.connections[0].id), Mode::User);
+    // Terminating reaches the filters without registration.
+    e.kill(t.connections[0].id).unwrap();
+    assert_eq!(*f.terminated.lock().unwrap(), vec![t.connections[0].id]);
+}
+
+#[test]
+fn a_filter_registered_for_the_resulting_event_keeps_connections_in_user_mode() {
+    // The decision rule: registered for accepts (TCP binds) or connects (TCP redirects).
+    let (mut e, s) = engine();
+    let k = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    assert_eq!(
+        e.objects[&k.connections[0].id].mode,
+        Mode::Kernel,
+        "nobody registered"
+    );
+    e.register_filter(Scripted::new(
+        "watcher",
+        filters::EventMask::ACCEPTED_CONNECTION,
+        &[],
+    ));
+    let u = e.bind_for_client(&bind(s, &["10.1.0.2:5002"])).unwrap();
+    assert_eq!(e.objects[&u.connections[0].id].mode, Mode::User);
+    let r = e
+        .redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
+        .unwrap();
+    assert_eq!(
+        e.objects[&r.actions[0].id].mode,
+        Mode::Kernel,
+        "redirects raise connect, not accept"
+    );
+    // The accept event through the relay's hook: a deny aborts, an attach adds a data filter.
+    e.register_filter(Scripted::new(
+        "gate",
+        filters::EventMask::ACCEPTED_CONNECTION,
+        &[(EventKind::AcceptedConnection, "deny")],
+    ));
+    let d = e
+        .on_connection_event(
+            u.connections[0].id,
+            EventKind::AcceptedConnection,
+            a("198.51.100.7:20"),
+        )
+        .unwrap();
+    assert_eq!(d.denied_by.as_deref(), Some("gate"));
+    // A failing handler fails the accept.
+    e.register_filter(Scripted::new(
+        "broken",
+        filters::EventMask::ACCEPTED_CONNECTION,
+        &[(EventKind::AcceptedConnection, "fail")],
+    ));
+    assert_eq!(
+        e.on_connection_event(
+            u.connections[0].id,
+            EventKind::AcceptedConnection,
+            a("198.51.100.7:20")
+        )
+        .unwrap_err()
+        .kind,
+        ErrorKind::Internal
+    );
+}
