@@ -284,6 +284,8 @@ struct Object {
     relay_conn: Option<u64>,
     /// User mode: bytes relayed.
     relayed: Option<Arc<AtomicU64>>,
+    /// The filter that made the call: the only one told of establishments.
+    caller: Option<Arc<dyn AppFilter>>,
 }
 
 impl Object {
@@ -318,6 +320,7 @@ impl Object {
             deadline_ns: 0,
             relay_conn: None,
             relayed: None,
+            caller: None,
         }
     }
 }
@@ -571,6 +574,20 @@ impl<M: Maps> Engine<M> {
     }
 
     // ----- BindForClient -----
+
+    /// BindForClient made by an in-process filter: it alone is told when a
+    /// connection is established (with `req.notify`).
+    pub fn bind_for_client_by(
+        &mut self,
+        caller: Arc<dyn AppFilter>,
+        req: &BindRequest,
+    ) -> Result<BindResult, ApiError> {
+        let r = self.bind_for_client(req)?;
+        for c in &r.connections {
+            self.objects.get_mut(&c.id).expect("just made").caller = Some(caller.clone());
+        }
+        Ok(r)
+    }
 
     pub fn bind_for_client(&mut self, req: &BindRequest) -> Result<BindResult, ApiError> {
         let client_ip = self.live_session(req.session)?;
@@ -906,6 +923,19 @@ impl<M: Maps> Engine<M> {
     }
 
     // ----- RedirectConnections -----
+
+    /// RedirectConnections made by an in-process filter (see `bind_for_client_by`).
+    pub fn redirect_connections_by(
+        &mut self,
+        caller: Arc<dyn AppFilter>,
+        req: &RedirectRequest,
+    ) -> Result<RedirectResult, ApiError> {
+        let r = self.redirect_connections(req)?;
+        for a in &r.actions {
+            self.objects.get_mut(&a.id).expect("just made").caller = Some(caller.clone());
+        }
+        Ok(r)
+    }
 
     pub fn redirect_connections(
         &mut self,
@@ -1344,6 +1374,73 @@ impl<M: Maps> Engine<M> {
         });
     }
 
+    /// Records a connection made through `owner`'s pinhole or relay endpoint:
+    /// a child object with `allow-multiple`, else the object itself becomes
+    /// established. `fill` adds what the path knows (flows, relay handle).
+    /// Raises "established" for calls that asked, and tells the calling
+    /// filter (only it). Returns the connection's object id.
+    fn connection_made(
+        &mut self,
+        owner: u64,
+        from: SocketAddrV4,
+        fill: impl FnOnce(&mut Object),
+    ) -> u64 {
+        let o = self.objects.get(&owner).expect("checked by the caller");
+        let to = o
+            .target
+            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let id = if o.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+            let mut child = Object {
+                parent: Some(owner),
+                state: State::Established,
+                target: o.target,
+                peer: Some(from),
+                notify: o.notify,
+                context: o.context.clone(),
+                caller: o.caller.clone(),
+                mode: o.mode,
+                ..Object::new(
+                    o.session,
+                    if o.kind == Kind::Redirect {
+                        Kind::Redirected
+                    } else {
+                        Kind::Accepted
+                    },
+                    o.transport,
+                    &o.protocol_name,
+                    o.flags,
+                    o.endpoint,
+                )
+            };
+            fill(&mut child);
+            let id = self.new_id();
+            self.objects.insert(id, child);
+            id
+        } else {
+            let o = self.objects.get_mut(&owner).expect("exists");
+            o.state = State::Established;
+            o.peer = Some(from);
+            fill(o);
+            owner
+        };
+        let o = &self.objects[&id];
+        if o.notify {
+            if let Some(c) = &o.caller {
+                c.on_established(id, o.context.as_deref());
+            }
+            self.events.push(Event::Established {
+                connection: id,
+                parent: (id != owner).then_some(owner),
+                session: o.session,
+                protocol: o.transport,
+                from,
+                to,
+                context: o.context.clone(),
+            });
+        }
+        id
+    }
+
     /// Learns of connections the datapath established.
     pub fn on_datapath_event(&mut self, ev: &DatapathEvent) {
         let owner = ev.owner;
@@ -1359,64 +1456,11 @@ impl<M: Maps> Engine<M> {
         }
         match ev.kind {
             event_kind::ESTABLISHED => {
-                let (from, to) = match o.kind {
-                    Kind::Redirect => (
-                        sa(ev.forward.src_addr, ev.forward.src_port),
-                        o.target.expect("redirects have a target"),
-                    ),
-                    _ => (
-                        sa(ev.forward.src_addr, ev.forward.src_port),
-                        o.target
-                            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
-                    ),
-                };
-                let (session, notify, context, transport) =
-                    (o.session, o.notify, o.context.clone(), o.transport);
-                let id = if o.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
-                    let child = Object {
-                        parent: Some(owner),
-                        state: State::Established,
-                        target: o.target,
-                        flows: vec![ev.forward, ev.reply],
-                        peer: Some(from),
-                        notify,
-                        context: context.clone(),
-                        ..Object::new(
-                            session,
-                            if o.kind == Kind::Redirect {
-                                Kind::Redirected
-                            } else {
-                                Kind::Accepted
-                            },
-                            transport,
-                            &o.protocol_name,
-                            o.flags,
-                            o.endpoint,
-                        )
-                    };
-                    let id = self.new_id();
-                    self.objects.insert(id, child);
-                    id
-                } else {
-                    let o = self.objects.get_mut(&owner).expect("exists");
-                    o.state = State::Established;
-                    o.peer = Some(from);
-                    o.flows.extend([ev.forward, ev.reply]);
-                    owner
-                };
+                let from = sa(ev.forward.src_addr, ev.forward.src_port);
+                let id =
+                    self.connection_made(owner, from, |o| o.flows.extend([ev.forward, ev.reply]));
                 self.flow_owner.insert(ev.forward, id);
                 self.flow_owner.insert(ev.reply, id);
-                if notify {
-                    self.events.push(Event::Established {
-                        connection: id,
-                        parent: (id != owner).then_some(owner),
-                        session,
-                        protocol: transport,
-                        from,
-                        to,
-                        context,
-                    });
-                }
             }
             event_kind::REPLY_PATH => {
                 self.objects
@@ -1437,7 +1481,7 @@ impl<M: Maps> Engine<M> {
                 owner,
                 conn,
                 from,
-                to,
+                to: _,
                 bytes,
             } => {
                 let Some(o) = self.objects.get(&owner) else {
@@ -1447,54 +1491,11 @@ impl<M: Maps> Engine<M> {
                     self.relay.push(RelayCmd::StopConn { owner, conn });
                     return;
                 }
-                let (session, notify, context, transport) =
-                    (o.session, o.notify, o.context.clone(), o.transport);
-                let id = if o.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
-                    let child = Object {
-                        parent: Some(owner),
-                        state: State::Established,
-                        target: o.target,
-                        peer: Some(from),
-                        notify,
-                        context: context.clone(),
-                        mode: Mode::User,
-                        relay_conn: Some(conn),
-                        relayed: Some(bytes),
-                        ..Object::new(
-                            session,
-                            if o.kind == Kind::Redirect {
-                                Kind::Redirected
-                            } else {
-                                Kind::Accepted
-                            },
-                            transport,
-                            &o.protocol_name,
-                            o.flags,
-                            o.endpoint,
-                        )
-                    };
-                    let id = self.new_id();
-                    self.objects.insert(id, child);
-                    id
-                } else {
-                    let o = self.objects.get_mut(&owner).expect("exists");
-                    o.state = State::Established;
-                    o.peer = Some(from);
+                self.connection_made(owner, from, |o| {
+                    o.mode = Mode::User;
                     o.relay_conn = Some(conn);
                     o.relayed = Some(bytes);
-                    owner
-                };
-                if notify {
-                    self.events.push(Event::Established {
-                        connection: id,
-                        parent: (id != owner).then_some(owner),
-                        session,
-                        protocol: transport,
-                        from,
-                        to,
-                        context,
-                    });
-                }
+                });
             }
             RelayEvent::Closed { owner, conn } => {
                 let ended = self
@@ -1513,6 +1514,16 @@ impl<M: Maps> Engine<M> {
                 }
             }
             RelayEvent::Refused { .. } => self.expired.relay_refused += 1,
+            RelayEvent::Denied { owner, from } => {
+                log::info!("connection {owner}: the connection from {from} was denied by a filter; the single-use opening is used up");
+                if self
+                    .objects
+                    .get(&owner)
+                    .is_some_and(|o| o.state == State::Listening)
+                {
+                    self.terminate(owner, "denied");
+                }
+            }
             RelayEvent::Blocked { .. } => self.expired.relay_blocked += 1,
         }
     }
@@ -1675,6 +1686,49 @@ pub enum RelayCmd {
     SetTarget { owner: u64, target: SocketAddrV4 },
     Stop { owner: u64 },
     StopConn { owner: u64, conn: u64 },
+}
+
+/// Maps in memory instead of the kernel: for running the engine in-process
+/// without BPF (tests, control-plane benchmarks). Nothing forwards packets.
+#[derive(Default)]
+pub struct MemMaps {
+    pub pinholes: HashMap<PinholeKey, PinholeValue>,
+    pub rules: HashMap<(u32, Ipv4Net), bool>,
+    pub flows: HashMap<FlowKey, FlowValue>,
+}
+
+impl Maps for MemMaps {
+    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
+        self.pinholes.insert(*key, *value);
+        Ok(())
+    }
+    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+        Ok(self.pinholes.get(key).copied())
+    }
+    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()> {
+        self.pinholes.remove(key);
+        Ok(())
+    }
+    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
+        Ok(self.pinholes.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()> {
+        self.rules.insert((filter, net), allow);
+        Ok(())
+    }
+    fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()> {
+        self.rules.remove(&(filter, net));
+        Ok(())
+    }
+    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
+        Ok(self.flows.get(key).copied())
+    }
+    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
+        Ok(self.flows.remove(key).is_some())
+    }
+    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        Ok(self.flows.iter().map(|(k, v)| (*k, *v)).collect())
+    }
 }
 
 #[cfg(test)]

@@ -109,6 +109,12 @@ pub enum RelayEvent {
         owner: u64,
         conn: u64,
     },
+    /// A single-use endpoint's connection was denied by a filter: the
+    /// opening is used up (the endpoint stopped listening).
+    Denied {
+        owner: u64,
+        from: SocketAddrV4,
+    },
     /// A data filter ended a connection.
     Blocked {
         owner: u64,
@@ -331,6 +337,11 @@ impl Relay {
                     Ok(d) if d.denied_by.is_some() => {
                         reset(SockRef::from(&peer));
                         self.refuse(owner, from, "denied by a filter");
+                        if !multiple {
+                            let _ = SockRef::from(&listener).shutdown(std::net::Shutdown::Read);
+                            self.send(RelayEvent::Denied { owner, from });
+                            std::future::pending::<()>().await;
+                        }
                         continue;
                     }
                     Ok(d) => attached = d.data_filters,

@@ -1,49 +1,8 @@
 //! Engine rules without BPF: the maps are in memory.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use super::*;
-
-#[derive(Default)]
-pub struct MemMaps {
-    pub pinholes: HashMap<PinholeKey, PinholeValue>,
-    pub rules: HashMap<(u32, Ipv4Net), bool>,
-    pub flows: HashMap<FlowKey, FlowValue>,
-}
-
-impl Maps for MemMaps {
-    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
-        self.pinholes.insert(*key, *value);
-        Ok(())
-    }
-    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
-        Ok(self.pinholes.get(key).copied())
-    }
-    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()> {
-        self.pinholes.remove(key);
-        Ok(())
-    }
-    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
-        Ok(self.pinholes.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-    fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()> {
-        self.rules.insert((filter, net), allow);
-        Ok(())
-    }
-    fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()> {
-        self.rules.remove(&(filter, net));
-        Ok(())
-    }
-    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
-        Ok(self.flows.get(key).copied())
-    }
-    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
-        Ok(self.flows.remove(key).is_some())
-    }
-    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        Ok(self.flows.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-}
 
 const CLIENT: &str = "10.1.0.2";
 const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
@@ -1218,4 +1177,75 @@ fn a_filter_registered_for_the_resulting_event_keeps_connections_in_user_mode() 
         .kind,
         ErrorKind::Internal
     );
+}
+
+/// Records establishments it is told of.
+struct Caller(&'static str, std::sync::Mutex<Vec<(u64, Option<String>)>>);
+
+impl AppFilter for Caller {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn events(&self) -> filters::EventMask {
+        filters::EventMask::all()
+    }
+    fn on_event(&self, _ev: &mut filters::EventContext<'_>) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn on_established(&self, connection: u64, context: Option<&str>) {
+        self.1
+            .lock()
+            .unwrap()
+            .push((connection, context.map(str::to_string)));
+    }
+}
+
+#[test]
+fn established_goes_only_to_the_calling_filter() {
+    // §15 2, 4, 5. A filter registered for every event makes the connection
+    // user mode (it could attach at accept), so the relay reports it.
+    let (mut e, s) = engine();
+    let caller = Arc::new(Caller("ftp", Default::default()));
+    let other = Arc::new(Caller("other", Default::default()));
+    e.register_filter(other.clone());
+    e.register_filter(caller.clone());
+    let made = |e: &mut Engine<MemMaps>, id: u64, conn: u64| {
+        e.on_relay_event(RelayEvent::Established {
+            owner: id,
+            conn,
+            from: a("198.51.100.7:20"),
+            to: a("10.1.0.2:5001"),
+            bytes: Arc::default(),
+        });
+    };
+    let id = e
+        .bind_for_client_by(caller.clone(), &bind(s, &["10.1.0.2:5001"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    assert_eq!(e.objects[&id].mode, Mode::User);
+    made(&mut e, id, 1);
+    assert_eq!(
+        *caller.1.lock().unwrap(),
+        vec![(id, Some("ctx".to_string()))],
+        "the caller, with its context"
+    );
+    assert!(
+        other.1.lock().unwrap().is_empty(),
+        "never another filter, even one registered for everything"
+    );
+    // Without a session filter to notify (pSessionFilter = NULL), nobody hears of it.
+    let q = e
+        .bind_for_client_by(
+            caller.clone(),
+            &BindRequest {
+                notify: false,
+                ..bind(s, &["10.1.0.2:5002"])
+            },
+        )
+        .unwrap()
+        .connections[0]
+        .id;
+    made(&mut e, q, 2);
+    assert_eq!(caller.1.lock().unwrap().len(), 1);
 }

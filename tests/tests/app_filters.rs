@@ -1,0 +1,245 @@
+//! Application filters with real connections: the engine and the user-mode
+//! relay run in-process inside the lab's firewall namespace (no BPF needed:
+//! user-mode connections never use the datapath), with filters registered
+//! the way in-process filters are. Peers are real processes (socat).
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use firewall_common::IPPROTO_TCP;
+use firewall_ctl::{
+    api::ApiError,
+    config::Timeouts,
+    engine::{BindRequest, Engine, EngineConfig, MemMaps, RelayCmd},
+    filters::{
+        Action, AppFilter, DataFilter, Direction, EventContext, EventKind, EventMask, PriorityClass,
+    },
+    flags::ConnFlags,
+    policy::{NetworkObject, ProtocolRule, Transport},
+    ports::PortPool,
+    relay::Relay,
+};
+use firewall_tests::{
+    lab::{addr, unique_prefix, Lab},
+    netns::in_netns,
+    require_root,
+    traffic::{echo_server, send},
+};
+
+/// Upper-cases what comes from the external side.
+struct Shout;
+impl DataFilter for Shout {
+    fn name(&self) -> &str {
+        "shout"
+    }
+    fn on_data(&mut self, dir: Direction, data: Vec<u8>) -> Action {
+        match dir {
+            Direction::FromExternal => Action::Forward(data.to_ascii_uppercase()),
+            Direction::FromInternal => Action::Forward(data),
+        }
+    }
+}
+
+/// Attaches `Shout` to accepted connections from the server, denies the
+/// second external host.
+struct Gate;
+impl AppFilter for Gate {
+    fn name(&self) -> &str {
+        "gate"
+    }
+    fn events(&self) -> EventMask {
+        EventMask::ACCEPTED_CONNECTION
+    }
+    fn on_event(&self, ev: &mut EventContext<'_>) -> Result<(), ApiError> {
+        assert_eq!(ev.kind, EventKind::AcceptedConnection);
+        assert!(ev.is_secondary);
+        assert_eq!(ev.protocol_name, "ftp", "the protocol reaches the events");
+        if *ev.address.ip() == addr::EXTERNAL2.parse::<Ipv4Addr>().unwrap() {
+            ev.deny(0)
+        } else {
+            ev.attach_data_filter(Box::new(Shout), PriorityClass::Middle)
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Engine<MemMaps>>>;
+
+/// Carries out the engine's relay work, giving jobs the accept hook.
+fn run_relay_cmds(engine: &Shared, relay: &Relay) {
+    let cmds = engine.lock().unwrap().take_relay_cmds();
+    for cmd in cmds {
+        match cmd {
+            RelayCmd::Start(mut job) => {
+                let e = engine.clone();
+                job.hook = Some(Arc::new(move |owner, kind, address| {
+                    e.lock().unwrap().on_connection_event(owner, kind, address)
+                }));
+                relay.start(job).expect("relay start");
+            }
+            RelayCmd::SetTarget { owner, target } => relay.set_target(owner, target),
+            RelayCmd::Stop { owner } => relay.stop(owner),
+            RelayCmd::StopConn { owner, conn } => relay.stop_conn(owner, conn),
+        }
+    }
+}
+
+#[test]
+fn accept_events_deny_or_attach_data_filters_on_real_connections() {
+    // §15 26 (attach at accept: user mode, the data filter sees the bytes) and
+    // 61 (deny at accept: aborted, the single-use opening is used up).
+    require_root();
+    let _turn = firewall_tests::exclusive();
+    let lab = Lab::create(&unique_prefix("apf")).unwrap();
+    let fw_path = lab.fw.path();
+    let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+    let sa = |s: &str| s.parse::<SocketAddrV4>().unwrap();
+
+    in_netns(&fw_path, || {
+        // Threads the runtime starts from here live in the firewall's namespace too.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = EngineConfig {
+            internal_addrs: vec![ip(addr::FW_INTERNAL)],
+            external_addrs: vec![ip(addr::FW_EXTERNAL)],
+            internal_networks: vec!["10.1.0.0/24".parse().unwrap()],
+            internal_ifindex: nix::net::if_::if_nametoindex(addr::IF_INTERNAL).unwrap(),
+            external_ifindex: nix::net::if_::if_nametoindex(addr::IF_EXTERNAL).unwrap(),
+            timeouts: Timeouts::default(),
+            snat_block: 4,
+            default_allowed: ConnFlags::empty(),
+            protocols: vec![ProtocolRule {
+                name: "ftp".into(),
+                transport: Transport::Tcp,
+                ports: vec![21],
+                clients: vec!["10.1.0.0/24".parse().unwrap()],
+            }],
+            networks: vec![NetworkObject {
+                name: "internal".into(),
+                ranges: vec!["10.1.0.0/24".parse().unwrap()],
+            }],
+        };
+        let mut engine =
+            Engine::new(cfg, MemMaps::default(), PortPool::new(30000..=30099, true)).unwrap();
+        engine.register_filter(Arc::new(Gate));
+        let engine: Shared = Arc::new(Mutex::new(engine));
+        rt.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let relay = Relay::new(tx);
+            let (e2, r2) = (engine.clone(), relay.clone());
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    e2.lock().unwrap().on_relay_event(ev);
+                    run_relay_cmds(&e2, &r2);
+                }
+            });
+            let session = engine
+                .lock()
+                .unwrap()
+                .open_session(ip(addr::CLIENT))
+                .unwrap();
+            let bind = |client: &str| BindRequest {
+                session,
+                clients: vec![sa(client)],
+                proxy: None,
+                protocol: Transport::Tcp,
+                flags: ConnFlags::empty(),
+                backlog: None,
+                protocol_name: "ftp".into(),
+                ip_filter: None,
+                notify: true,
+                context: None,
+            };
+
+            // Attach: the registered accept filter makes it user mode; bytes from the server are shouted.
+            let b = engine
+                .lock()
+                .unwrap()
+                .bind_for_client(&bind("10.1.0.2:5001"))
+                .unwrap();
+            run_relay_cmds(&engine, &relay);
+            let port = b.proxy_address.port();
+            let got = tokio::task::spawn_blocking({
+                let lab_client = lab.client.clone();
+                let lab_server = lab.server.clone();
+                move || {
+                    let mut c = echo_server(&lab_client, IPPROTO_TCP, addr::CLIENT, 5001);
+                    let got = send(
+                        &lab_server,
+                        IPPROTO_TCP,
+                        (addr::SERVER, 25001),
+                        (addr::FW_EXTERNAL, port),
+                        "quiet words",
+                    );
+                    let _ = c.wait();
+                    got
+                }
+            })
+            .await
+            .unwrap();
+            // The client echoes what it received (upper-cased on the way in);
+            // the echo travels back unchanged (FromInternal).
+            assert!(
+                got.ends_with("QUIET WORDS\n"),
+                "the attached data filter saw the bytes: {got:?}"
+            );
+
+            // Deny: the second external host is aborted, and the single-use opening is used up.
+            let d = engine
+                .lock()
+                .unwrap()
+                .bind_for_client(&bind("10.1.0.2:5002"))
+                .unwrap();
+            let id = d.connections[0].id;
+            run_relay_cmds(&engine, &relay);
+            let dport = d.proxy_address.port();
+            let (denied, after) = tokio::task::spawn_blocking({
+                let (client, ext2, server) = (
+                    lab.client.clone(),
+                    lab.external2.clone(),
+                    lab.server.clone(),
+                );
+                move || {
+                    let _c = echo_server(&client, IPPROTO_TCP, addr::CLIENT, 5002);
+                    let probe = |ns: &firewall_tests::lab::Ns| {
+                        let o = ns
+                            .cmd("sh")
+                            .args([
+                                "-c",
+                                &format!(
+                                    "printf hi | socat -T2 - TCP:{}:{dport},connect-timeout=2",
+                                    addr::FW_EXTERNAL
+                                ),
+                            ])
+                            .output()
+                            .unwrap();
+                        String::from_utf8_lossy(&o.stdout).into_owned()
+                    };
+                    let denied = probe(&ext2);
+                    std::thread::sleep(Duration::from_millis(300));
+                    (denied, probe(&server))
+                }
+            })
+            .await
+            .unwrap();
+            assert!(
+                !denied.contains("hi"),
+                "the denied peer got nothing: {denied:?}"
+            );
+            assert!(
+                !after.contains("hi"),
+                "the opening was used up by the denied connection: {after:?}"
+            );
+            let objects = engine.lock().unwrap().objects();
+            let o = objects.iter().find(|o| o.id == id).unwrap();
+            assert_eq!(o.reason.as_deref(), Some("denied"), "{o:?}");
+        });
+        rt.shutdown_timeout(Duration::from_secs(1));
+    })
+    .unwrap();
+}
