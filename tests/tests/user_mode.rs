@@ -482,3 +482,52 @@ fn scanned_connections_stop_executables_and_pass_text() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn increase_receive_buffer_gives_the_relayed_socket_64_kib() {
+    // §15 29.
+    let r = run("umbuf");
+    let sess = r.fw.session(addr::CLIENT);
+    let rcvbuf = |port: u16| -> u64 {
+        // `ss -m` shows the socket memory: rb<bytes> (the kernel doubles what was set).
+        let out = r
+            .lab
+            .fw
+            .sh(&format!("ss -Huamn 'sport = :{port}'"))
+            .unwrap();
+        let rb = out
+            .split(|c: char| c == ',' || c == '(' || c == ')')
+            .find_map(|f| f.strip_prefix("rb"))
+            .unwrap_or_else(|| panic!("no rb in {out:?}"));
+        rb.parse().unwrap()
+    };
+    let big = r.fw.ok(&[
+        "bind-for-client",
+        "--session",
+        &sess,
+        "--client",
+        "10.1.0.2:6100",
+        "--protocol",
+        "udp",
+        "--flags",
+        "no-kernel-mode,increase-receive-buffer",
+    ]);
+    let small = r.fw.ok(&[
+        "bind-for-client",
+        "--session",
+        &sess,
+        "--client",
+        "10.1.0.2:6101",
+        "--protocol",
+        "udp",
+        "--flags",
+        "no-kernel-mode",
+    ]);
+    thread::sleep(Duration::from_millis(200));
+    let (b, sm) = (
+        rcvbuf(port_of(&s(&big["proxy_address"]))),
+        rcvbuf(port_of(&s(&small["proxy_address"]))),
+    );
+    assert!(b >= 64 * 1024, "with the flag: {b}");
+    assert!(sm < b, "without it the buffer is smaller: {sm} vs {b}");
+}
