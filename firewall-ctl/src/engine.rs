@@ -592,22 +592,8 @@ impl<M: Maps> Engine<M> {
     pub fn bind_for_client(&mut self, req: &BindRequest) -> Result<BindResult, ApiError> {
         let client_ip = self.live_session(req.session)?;
         let n = req.clients.len();
-        if n == 0 {
-            return Err(invalid(
-                "no client address: BindForClient needs at least one (N >= 1)",
-            ));
-        }
-        if n > MAX_ADDRESSES {
-            return Err(invalid(format!(
-                "{n} client addresses: at most {MAX_ADDRESSES}"
-            )));
-        }
+        check_shape("BindForClient", "client", n, req.flags)?;
         let f = req.flags;
-        if f.contains(ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE) {
-            return Err(invalid(
-                "flags timeout and allow-multiple cannot be combined",
-            ));
-        }
         if req.protocol == Transport::Tcp {
             for only_udp in [ConnFlags::BIDIRECTIONAL, ConnFlags::INCREASE_RECEIVE_BUFFER] {
                 if f.contains(only_udp) {
@@ -943,28 +929,13 @@ impl<M: Maps> Engine<M> {
     ) -> Result<RedirectResult, ApiError> {
         let client_ip = self.live_session(req.session)?;
         let n = req.connects.len();
-        if n == 0 {
-            return Err(invalid(
-                "no connect address: RedirectConnections needs at least one (N >= 1)",
-            ));
-        }
-        if n > MAX_ADDRESSES {
-            return Err(invalid(format!(
-                "{n} connect addresses: at most {MAX_ADDRESSES}"
-            )));
-        }
+        check_shape("RedirectConnections", "connect", n, req.flags)?;
         let f = req.flags;
         let foreign =
             f - (ConnFlags::ALLOW_MULTIPLE | ConnFlags::TIMEOUT | ConnFlags::NO_KERNEL_MODE);
         if !foreign.is_empty() {
             return Err(invalid(format!("flag(s) {} do not apply to RedirectConnections (allow-multiple, timeout, no-kernel-mode)", foreign.names().join(", "))));
         }
-        if f.contains(ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE) {
-            return Err(invalid(
-                "flags timeout and allow-multiple cannot be combined",
-            ));
-        }
-
         let own = self.cfg.own_addrs();
         for (i, c) in req.connects.iter().enumerate() {
             if c.port() == 0 {
@@ -1658,6 +1629,27 @@ impl<M: Maps> Engine<M> {
             })
             .collect()
     }
+}
+
+/// What both calls check first: 1..=MAX_ADDRESSES addresses, and not
+/// TIMEOUT together with ALLOW_MULTIPLE.
+fn check_shape(call: &str, what: &str, n: usize, flags: ConnFlags) -> Result<(), ApiError> {
+    if n == 0 {
+        return Err(invalid(format!(
+            "no {what} address: {call} needs at least one (N >= 1)"
+        )));
+    }
+    if n > MAX_ADDRESSES {
+        return Err(invalid(format!(
+            "{n} {what} addresses: at most {MAX_ADDRESSES}"
+        )));
+    }
+    if flags.contains(ConnFlags::TIMEOUT | ConnFlags::ALLOW_MULTIPLE) {
+        return Err(invalid(
+            "flags timeout and allow-multiple cannot be combined",
+        ));
+    }
+    Ok(())
 }
 
 fn nets(n: &[Ipv4Net]) -> String {

@@ -778,29 +778,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reset_is_passed_on() {
-        let (peer, mut client, _) = relayed().await;
-        reset(SockRef::from(&peer));
-        drop(peer);
-        let mut buf = [0u8; 16];
-        let r = client.read(&mut buf).await;
-        assert!(
-            matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
-            "{r:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_reset_from_the_client_side_is_passed_on_too() {
-        let (mut peer, client, _) = relayed().await;
-        reset(SockRef::from(&client));
-        drop(client);
-        let mut buf = [0u8; 16];
-        let r = peer.read(&mut buf).await;
-        assert!(
-            matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
-            "{r:?}"
-        );
+    async fn a_reset_on_either_side_reaches_the_other() {
+        for peer_resets in [true, false] {
+            let (peer, client, _) = relayed().await;
+            let (resetting, mut other) = if peer_resets {
+                (peer, client)
+            } else {
+                (client, peer)
+            };
+            reset(SockRef::from(&resetting));
+            drop(resetting);
+            let mut buf = [0u8; 16];
+            let r = other.read(&mut buf).await;
+            assert!(
+                matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "peer resets: {peer_resets}: {r:?}"
+            );
+        }
     }
 
     #[tokio::test]

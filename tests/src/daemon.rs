@@ -352,3 +352,15 @@ impl Firewall {
             .map_err(|(k, m)| anyhow::anyhow!("firewall-ctl {}: {k}: {m}", args.join(" ")))
     }
 }
+
+/// Short timers, so TIMEOUT and teardown cases run in seconds.
+pub const FAST_TIMERS: &str = "[timeouts]\npinhole = 2\nudp_pinhole_idle = 2\ntcp_closing = 1\n";
+
+impl LabRun {
+    /// A lab run with `FAST_TIMERS` and the firewall's neighbours resolved.
+    pub fn fast(tag: &str) -> Self {
+        let r = Self::with_config(tag, FAST_TIMERS);
+        crate::traffic::prime_neighbours(&r.lab);
+        r
+    }
+}

@@ -10,17 +10,12 @@ use firewall_common::IPPROTO_UDP;
 use firewall_tests::{
     daemon::LabRun,
     lab::{addr, Lab},
-    traffic::{echo_server, port_of, prime_neighbours, send, tcp_connects, Peer},
+    traffic::{echo_server, port_of, send, tcp_connects, Peer},
 };
 use serde_json::Value;
 
-/// Short timers so the TIMEOUT and teardown cases run in seconds.
-const FAST: &str = "[timeouts]\npinhole = 2\nudp_pinhole_idle = 2\ntcp_closing = 1\n";
-
 fn run(tag: &str) -> LabRun {
-    let r = LabRun::with_config(tag, FAST);
-    prime_neighbours(&r.lab);
-    r
+    LabRun::fast(tag)
 }
 
 /// A server on the client that names itself, then echoes.
@@ -948,7 +943,7 @@ fn redirect_connections_relay_through_the_internal_address() {
 fn unresolved_neighbours_are_resolved_on_demand() {
     // Nothing primed: the firewall has never talked to the client or to the
     // second external host.
-    let r = LabRun::with_config("neigh", FAST);
+    let r = LabRun::with_config("neigh", firewall_tests::daemon::FAST_TIMERS);
     let neigh = |ip: &str| r.lab.fw.sh(&format!("ip neigh show {ip}")).unwrap();
     let sess = r.fw.session(addr::CLIENT);
     // BindForClient knows its target: it is resolved at once.

@@ -12,12 +12,8 @@ use firewall_tests::{
 };
 use serde_json::Value;
 
-const FAST: &str = "[timeouts]\npinhole = 2\nudp_pinhole_idle = 2\ntcp_closing = 1\n";
-
 fn run(tag: &str) -> LabRun {
-    let r = LabRun::with_config(tag, FAST);
-    prime_neighbours(&r.lab);
-    r
+    LabRun::fast(tag)
 }
 
 /// Whether a message sent from `ns` to `to` comes back echoed (user-mode
@@ -354,7 +350,10 @@ fn scanned_connections_stop_executables_and_pass_text() {
     // Issue 4: the sample data filter, switched on for FTP in the config.
     let r = LabRun::with_config(
         "umexe",
-        &format!("{FAST}[scan]\nblock_executables = [\"ftp\"]\n"),
+        &format!(
+            "{}[scan]\nblock_executables = [\"ftp\"]\n",
+            firewall_tests::daemon::FAST_TIMERS
+        ),
     );
     prime_neighbours(&r.lab);
     let sess = r.fw.session(addr::CLIENT);
@@ -496,7 +495,7 @@ fn increase_receive_buffer_gives_the_relayed_socket_64_kib() {
             .sh(&format!("ss -Huamn 'sport = :{port}'"))
             .unwrap();
         let rb = out
-            .split(|c: char| c == ',' || c == '(' || c == ')')
+            .split([',', '(', ')'])
             .find_map(|f| f.strip_prefix("rb"))
             .unwrap_or_else(|| panic!("no rb in {out:?}"));
         rb.parse().unwrap()
