@@ -377,6 +377,23 @@ pub struct Engine<M: Maps> {
     data_filters: HashMap<String, Vec<Arc<dyn DataFilterFactory>>>,
     /// Application filters, in registration order.
     app_filters: Vec<Arc<dyn AppFilter>>,
+    /// Data-filter factories keyed by event and address (SetDataFilterFactory),
+    /// by action id; each serves one connection.
+    factories: BTreeMap<u64, AddressFactory>,
+}
+
+/// A SetDataFilterFactory registration.
+struct AddressFactory {
+    event: EventKind,
+    /// Bind address (bind, accept) or remote address (connect, destination);
+    /// IP 0.0.0.0 or port 0 match any.
+    address: SocketAddrV4,
+    factory: Arc<dyn DataFilterFactory>,
+}
+
+fn address_matches(pattern: SocketAddrV4, a: SocketAddrV4) -> bool {
+    (pattern.ip().is_unspecified() || pattern.ip() == a.ip())
+        && (pattern.port() == 0 || pattern.port() == a.port())
 }
 
 impl<M: Maps> Engine<M> {
@@ -411,6 +428,7 @@ impl<M: Maps> Engine<M> {
             relay: Vec::new(),
             data_filters: HashMap::new(),
             app_filters: Vec::new(),
+            factories: BTreeMap::new(),
         })
     }
 
@@ -441,6 +459,53 @@ impl<M: Maps> Engine<M> {
     /// An application filter: it gets the events it registered for.
     pub fn register_filter(&mut self, filter: Arc<dyn AppFilter>) {
         self.app_filters.push(filter);
+    }
+
+    /// SetDataFilterFactory: a data filter for the next connection whose
+    /// `event` matches `address` (the bind address for `BindUdp` and
+    /// `AcceptedConnection`, the remote address for `ConnectTcp` and
+    /// `UdpDestination`). Returns a firewall action that `cancel` withdraws.
+    /// The kernel/user decision of a call is taken when the call is made: a
+    /// factory registered before the call makes its connections user mode; one
+    /// registered (or cancelled) later only changes which data filters a
+    /// user-mode connection gets.
+    pub fn set_data_filter_factory(
+        &mut self,
+        event: EventKind,
+        address: SocketAddrV4,
+        factory: Arc<dyn DataFilterFactory>,
+    ) -> Result<u64, ApiError> {
+        if matches!(event, EventKind::BindTcp | EventKind::Listen) {
+            return Err(invalid(format!("no data filter can be created for {event:?} events (TCP data filters attach at accept)")));
+        }
+        let id = self.new_id();
+        self.factories.insert(
+            id,
+            AddressFactory {
+                event,
+                address,
+                factory,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The factory registered for `event` at `address`, if any (not consumed).
+    fn factory_for(&self, event: EventKind, address: SocketAddrV4) -> Option<u64> {
+        self.factories
+            .iter()
+            .find(|(_, f)| f.event == event && address_matches(f.address, address))
+            .map(|(id, _)| *id)
+    }
+
+    /// Takes the factory for `event` at `address` (it serves one connection).
+    fn take_factory(
+        &mut self,
+        event: EventKind,
+        address: SocketAddrV4,
+    ) -> Option<Arc<dyn DataFilterFactory>> {
+        let id = self.factory_for(event, address)?;
+        self.factories.remove(&id).map(|f| f.factory)
     }
 
     fn filters_for(&self, protocol: &str) -> Vec<Arc<dyn DataFilterFactory>> {
@@ -485,8 +550,22 @@ impl<M: Maps> Engine<M> {
                 format!("connection {owner} is terminated"),
             ));
         }
-        let (session, protocol) = (o.session, o.protocol_name.clone());
-        filters::raise(&self.app_filters, kind, owner, session, address, &protocol)
+        let (session, protocol, endpoint) = (o.session, o.protocol_name.clone(), o.endpoint);
+        let mut decision =
+            filters::raise(&self.app_filters, kind, owner, session, address, &protocol)?;
+        // A factory registered for this connection's event: accepts are keyed
+        // by the bind address, connects by the destination.
+        let key = if kind == EventKind::AcceptedConnection {
+            endpoint
+        } else {
+            address
+        };
+        if decision.denied_by.is_none() {
+            if let Some(f) = self.take_factory(kind, key) {
+                decision.data_filters.push((f.priority(), f.create()));
+            }
+        }
+        Ok(decision)
     }
 
     pub fn expired(&self) -> &SweepStats {
@@ -809,9 +888,22 @@ impl<M: Maps> Engine<M> {
                     format!("the bind of {ep} was denied by filter {by}"),
                 ));
             }
-            let user = user || !decision.data_filters.is_empty() || decision.emulated_by.is_some();
+            // A factory registered before the call for this endpoint expects a
+            // data filter: user mode (UDP takes it now, TCP at the accept).
+            let expected = if req.protocol == Transport::Tcp {
+                EventKind::AcceptedConnection
+            } else {
+                EventKind::BindUdp
+            };
+            let user = user
+                || !decision.data_filters.is_empty()
+                || decision.emulated_by.is_some()
+                || self.factory_for(expected, *ep).is_some();
             if user {
                 let mut factories = self.filters_for(&req.protocol_name);
+                if req.protocol == Transport::Udp {
+                    factories.extend(self.take_factory(EventKind::BindUdp, *ep));
+                }
                 factories.extend(decision.data_filters.into_iter().map(|(p, f)| {
                     Arc::new(filters::Attached::new(p, f)) as Arc<dyn DataFilterFactory>
                 }));
@@ -1005,11 +1097,12 @@ impl<M: Maps> Engine<M> {
         undo.leases.extend(&int_block);
         // User mode: the relay's outward sockets take ephemeral ports of the
         // external address; no SNAT block is needed.
-        let user = self.user_mode(
-            req.flags,
-            &req.protocol_name,
-            Self::resulting_event(Kind::Redirect, req.protocol),
-        );
+        let expected = Self::resulting_event(Kind::Redirect, req.protocol);
+        let user = self.user_mode(req.flags, &req.protocol_name, expected)
+            || req
+                .connects
+                .iter()
+                .any(|c| expected.is_some_and(|e| self.factory_for(e, *c).is_some()));
         let mut snat = Vec::new();
         for _ in 0..if user { 0 } else { n } {
             let block = if ext.port() != 0 {
@@ -1182,6 +1275,17 @@ impl<M: Maps> Engine<M> {
     /// Withdraws a redirect (Cancel). An action that was already used (single
     /// use), cancelled, or timed out answers `terminating`.
     pub fn cancel(&mut self, id: u64) -> Result<(), ApiError> {
+        if self.factories.remove(&id).is_some() {
+            return Ok(());
+        }
+        if id < self.next_id && !self.objects.contains_key(&id) && !self.sessions.contains_key(&id)
+        {
+            // A factory that was used or cancelled (ids of other kinds live in `objects`).
+            return Err(err(
+                ErrorKind::Terminating,
+                format!("action {id} was already used or cancelled"),
+            ));
+        }
         let o = self.object(id)?;
         if o.kind != Kind::Redirect {
             return Err(invalid(format!(

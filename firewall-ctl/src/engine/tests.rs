@@ -1249,3 +1249,124 @@ fn established_goes_only_to_the_calling_filter() {
     made(&mut e, q, 2);
     assert_eq!(caller.1.lock().unwrap().len(), 1);
 }
+
+struct NopFactory;
+impl filters::DataFilterFactory for NopFactory {
+    fn name(&self) -> &str {
+        "nop"
+    }
+    fn priority(&self) -> filters::PriorityClass {
+        filters::PriorityClass::Middle
+    }
+    fn create(&self) -> Box<dyn filters::DataFilter> {
+        Box::new(Nop)
+    }
+}
+
+#[test]
+fn data_filter_factories_by_address() {
+    // §15 27, read with the seed: the kernel/user decision is taken at the
+    // call; a factory only decides which data filter a connection gets.
+    let (mut e, s) = engine();
+    let f = || Arc::new(NopFactory) as Arc<dyn filters::DataFilterFactory>;
+    // Registered before the call for the endpoint: user mode, and the accept gets the filter once.
+    let fid = e
+        .set_data_filter_factory(EventKind::AcceptedConnection, a("10.2.0.1:45000"), f())
+        .unwrap();
+    let id = e
+        .bind_for_client(&BindRequest {
+            proxy: Some(a("10.2.0.1:45000")),
+            flags: ConnFlags::ALLOW_MULTIPLE,
+            ..bind(s, &["10.1.0.2:5001"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    assert_eq!(e.objects[&id].mode, Mode::User);
+    let d = e
+        .on_connection_event(id, EventKind::AcceptedConnection, a("198.51.100.7:20"))
+        .unwrap();
+    assert_eq!(d.data_filters.len(), 1, "created automatically");
+    let d = e
+        .on_connection_event(id, EventKind::AcceptedConnection, a("198.51.100.7:21"))
+        .unwrap();
+    assert!(d.data_filters.is_empty(), "one connection per factory");
+    assert_eq!(
+        kind(e.cancel(fid)),
+        ErrorKind::Terminating,
+        "used: cancelling again says so"
+    );
+
+    // Cancelled before the accept: no data filter; the connection stays user mode (the decision stands).
+    let fid = e
+        .set_data_filter_factory(EventKind::AcceptedConnection, a("10.2.0.1:45001"), f())
+        .unwrap();
+    let id = e
+        .bind_for_client(&BindRequest {
+            proxy: Some(a("10.2.0.1:45001")),
+            ..bind(s, &["10.1.0.2:5002"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    e.cancel(fid).unwrap();
+    assert_eq!(kind(e.cancel(fid)), ErrorKind::Terminating);
+    assert!(e
+        .on_connection_event(id, EventKind::AcceptedConnection, a("198.51.100.7:22"))
+        .unwrap()
+        .data_filters
+        .is_empty());
+    assert_eq!(e.objects[&id].mode, Mode::User);
+
+    // Without a factory at call time: kernel mode, and a later factory cannot change that.
+    let k = e
+        .bind_for_client(&BindRequest {
+            proxy: Some(a("10.2.0.1:45002")),
+            ..bind(s, &["10.1.0.2:5003"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    e.set_data_filter_factory(EventKind::AcceptedConnection, a("10.2.0.1:45002"), f())
+        .unwrap();
+    assert_eq!(e.objects[&k].mode, Mode::Kernel);
+
+    // UDP binds take theirs at bind time; redirects are keyed by the destination; any port with port 0.
+    e.set_data_filter_factory(EventKind::BindUdp, a("10.2.0.1:0"), f())
+        .unwrap();
+    let u = e
+        .bind_for_client(&BindRequest {
+            protocol: Transport::Udp,
+            ..bind(s, &["10.1.0.2:6000"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    assert_eq!(e.objects[&u].mode, Mode::User);
+    let cmds = e.take_relay_cmds();
+    assert!(cmds
+        .iter()
+        .any(|c| matches!(c, RelayCmd::Start(j) if j.owner == u && j.filters.len() == 1)));
+    e.set_data_filter_factory(EventKind::ConnectTcp, a("198.51.100.7:2000"), f())
+        .unwrap();
+    let r = e
+        .redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
+        .unwrap();
+    assert_eq!(e.objects[&r.actions[0].id].mode, Mode::User);
+    assert_eq!(
+        e.on_connection_event(
+            r.actions[0].id,
+            EventKind::ConnectTcp,
+            a("198.51.100.7:2000")
+        )
+        .unwrap()
+        .data_filters
+        .len(),
+        1
+    );
+    // TCP binds have no data filter at bind time.
+    assert_eq!(
+        kind(e.set_data_filter_factory(EventKind::BindTcp, a("10.2.0.1:0"), f())),
+        ErrorKind::InvalidArgument
+    );
+}
