@@ -367,12 +367,14 @@ impl EventKind {
 
     /// Where `Deny` works (bind, connect, accept; never listen).
     fn can_deny(self) -> bool {
+        // For UDP destinations this is IFWXUdpDestination::Deny: datagrams are dropped.
         matches!(
             self,
             EventKind::AcceptedConnection
                 | EventKind::BindUdp
                 | EventKind::BindTcp
                 | EventKind::ConnectTcp
+                | EventKind::UdpDestination
         )
     }
 

@@ -230,6 +230,7 @@ impl Relay {
                             job.multiple,
                             job.idle,
                             job.filters,
+                            job.event.zip(job.hook),
                         )
                         .await
                 })
@@ -437,6 +438,7 @@ impl Relay {
         multiple: bool,
         idle: Option<Duration>,
         filters: Vec<Arc<dyn DataFilterFactory>>,
+        event: Option<(EventKind, ConnectionHook)>,
     ) {
         let peer_side = match admit {
             Admit::Peers(_) => Direction::FromExternal,
@@ -491,6 +493,23 @@ impl Relay {
                 self.refuse(owner, from, "the client address is still the placeholder");
                 continue;
             };
+            // A new destination (redirects: fwx_Udp_Destination): filters may
+            // refuse it (its datagrams are dropped) or attach data filters.
+            let mut attached = Vec::new();
+            if let Some((kind, hook)) = &event {
+                match hook(owner, *kind, to) {
+                    Ok(d) if d.denied_by.is_some() => {
+                        self.refuse(owner, from, "denied by a filter");
+                        continue;
+                    }
+                    Ok(d) => attached = d.data_filters,
+                    Err(e) => {
+                        log::warn!("relay {owner}: {}", e.message);
+                        self.refuse(owner, from, "a filter failed handling the destination");
+                        continue;
+                    }
+                }
+            }
             let inner = match async {
                 let s = UdpSocket::bind(SocketAddr::V4(source)).await?;
                 s.connect(SocketAddr::V4(to)).await?;
@@ -507,7 +526,8 @@ impl Relay {
             used = true;
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let bytes = Arc::new(AtomicU64::new(n as u64));
-            let chain = (!filters.is_empty()).then(|| Arc::new(Mutex::new(Chain::new(&filters))));
+            let chain = (!filters.is_empty() || !attached.is_empty())
+                .then(|| Arc::new(Mutex::new(Chain::new(&filters).with(attached))));
             let first = filter_datagram(chain.as_ref(), peer_side, &buf[..n]);
             if let Ok(d) = &first {
                 if !d.is_empty() {

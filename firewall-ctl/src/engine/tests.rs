@@ -1370,3 +1370,41 @@ fn data_filter_factories_by_address() {
         ErrorKind::InvalidArgument
     );
 }
+
+#[test]
+fn udp_destination_events_of_redirects() {
+    // A filter registered for UDP destinations makes UDP redirects user mode;
+    // in the event it may refuse the destination (IFWXUdpDestination::Deny)
+    // or attach a data filter.
+    let (mut e, s) = engine();
+    let f = Scripted::new(
+        "udp-gate",
+        filters::EventMask::UDP_DESTINATION,
+        &[
+            (EventKind::UdpDestination, "deny"),
+            (EventKind::UdpDestination, "attach"),
+        ],
+    );
+    e.register_filter(f.clone());
+    let r = e
+        .redirect_connections(&RedirectRequest {
+            protocol: Transport::Udp,
+            ..redirect(s, &["198.51.100.7:2200"])
+        })
+        .unwrap();
+    let id = r.actions[0].id;
+    assert_eq!(e.objects[&id].mode, Mode::User);
+    assert!(
+        matches!(&e.take_relay_cmds()[..], [RelayCmd::Start(j)] if j.event == Some(EventKind::UdpDestination))
+    );
+    let d = e
+        .on_connection_event(id, EventKind::UdpDestination, a("198.51.100.7:2200"))
+        .unwrap();
+    assert_eq!(d.denied_by.as_deref(), Some("udp-gate"));
+    assert_eq!(d.data_filters.len(), 1);
+    assert!(
+        f.results().iter().all(|(_, _, r)| r.is_ok()),
+        "{:?}",
+        f.results()
+    );
+}
