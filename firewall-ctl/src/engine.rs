@@ -1589,14 +1589,18 @@ impl<M: Maps> Engine<M> {
                 }
             }
             RelayEvent::Refused { .. } => self.expired.relay_refused += 1,
-            RelayEvent::Denied { owner, from } => {
-                log::info!("connection {owner}: the connection from {from} was denied by a filter; the single-use opening is used up");
+            RelayEvent::Denied {
+                owner,
+                from,
+                reason,
+            } => {
+                log::info!("connection {owner}: the connection from {from} was refused ({reason}); the single-use opening is used up");
                 if self
                     .objects
                     .get(&owner)
                     .is_some_and(|o| o.state == State::Listening)
                 {
-                    self.terminate(owner, "denied");
+                    self.terminate(owner, reason);
                 }
             }
             RelayEvent::Blocked { .. } => self.expired.relay_blocked += 1,

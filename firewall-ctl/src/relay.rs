@@ -109,11 +109,13 @@ pub enum RelayEvent {
         owner: u64,
         conn: u64,
     },
-    /// A single-use endpoint's connection was denied by a filter: the
-    /// opening is used up (the endpoint stopped listening).
+    /// A single-use endpoint's connection was denied by a filter, or a filter
+    /// failed handling it: the opening is used up (the endpoint stopped
+    /// listening). `reason` is "denied" or "filter-failed".
     Denied {
         owner: u64,
         from: SocketAddrV4,
+        reason: &'static str,
     },
     /// A data filter ended a connection.
     Blocked {
@@ -335,21 +337,28 @@ impl Relay {
                     to
                 };
                 match hook(owner, *kind, address) {
-                    Ok(d) if d.denied_by.is_some() => {
+                    Ok(d) if d.denied_by.is_none() => attached = d.data_filters,
+                    outcome => {
+                        // Denied, or a handler failed (§15 68): the accept fails
+                        // either way, and uses up a single-use opening.
+                        let (reason, why) = match outcome {
+                            Err(e) => {
+                                log::warn!("relay {owner}: {}", e.message);
+                                ("filter-failed", "a filter failed handling the connection")
+                            }
+                            Ok(_) => ("denied", "denied by a filter"),
+                        };
                         reset(SockRef::from(&peer));
-                        self.refuse(owner, from, "denied by a filter");
+                        self.refuse(owner, from, why);
                         if !multiple {
                             let _ = SockRef::from(&listener).shutdown(std::net::Shutdown::Read);
-                            self.send(RelayEvent::Denied { owner, from });
+                            self.send(RelayEvent::Denied {
+                                owner,
+                                from,
+                                reason,
+                            });
                             std::future::pending::<()>().await;
                         }
-                        continue;
-                    }
-                    Ok(d) => attached = d.data_filters,
-                    Err(e) => {
-                        log::warn!("relay {owner}: {}", e.message);
-                        reset(SockRef::from(&peer));
-                        self.refuse(owner, from, "a filter failed handling the connection");
                         continue;
                     }
                 }

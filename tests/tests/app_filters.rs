@@ -5,13 +5,16 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
 use firewall_common::IPPROTO_TCP;
 use firewall_ctl::{
-    api::ApiError,
+    api::{ApiError, ErrorKind},
     config::Timeouts,
     engine::{BindRequest, Engine, EngineConfig, MemMaps, RelayCmd},
     filters::{
@@ -44,8 +47,13 @@ impl DataFilter for Shout {
 }
 
 /// Attaches `Shout` to accepted connections from the server, denies the
-/// second external host.
-struct Gate;
+/// second external host; once `failing` is set its handler fails (the way an
+/// out-of-memory handler would). Records the terminating events it sees.
+#[derive(Default)]
+struct Gate {
+    failing: AtomicBool,
+    terminated: Mutex<Vec<u64>>,
+}
 impl AppFilter for Gate {
     fn name(&self) -> &str {
         "gate"
@@ -57,11 +65,20 @@ impl AppFilter for Gate {
         assert_eq!(ev.kind, EventKind::AcceptedConnection);
         assert!(ev.is_secondary);
         assert_eq!(ev.protocol_name, "ftp", "the protocol reaches the events");
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(ApiError {
+                kind: ErrorKind::Exhausted,
+                message: "gate: out of memory".into(),
+            });
+        }
         if *ev.address.ip() == addr::EXTERNAL2.parse::<Ipv4Addr>().unwrap() {
             ev.deny(0)
         } else {
             ev.attach_data_filter(Box::new(Shout), PriorityClass::Middle)
         }
+    }
+    fn on_terminating(&self, connection: u64) {
+        self.terminated.lock().unwrap().push(connection);
     }
 }
 
@@ -126,7 +143,8 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
         };
         let mut engine =
             Engine::new(cfg, MemMaps::default(), PortPool::new(30000..=30099, true)).unwrap();
-        engine.register_filter(Arc::new(Gate));
+        let gate = Arc::new(Gate::default());
+        engine.register_filter(gate.clone());
         let engine: Shared = Arc::new(Mutex::new(engine));
         rt.block_on(async {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -206,23 +224,9 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
                 );
                 move || {
                     let _c = echo_server(&client, IPPROTO_TCP, addr::CLIENT, 5002);
-                    let probe = |ns: &firewall_tests::lab::Ns| {
-                        let o = ns
-                            .cmd("sh")
-                            .args([
-                                "-c",
-                                &format!(
-                                    "printf hi | socat -T2 - TCP:{}:{dport},connect-timeout=2",
-                                    addr::FW_EXTERNAL
-                                ),
-                            ])
-                            .output()
-                            .unwrap();
-                        String::from_utf8_lossy(&o.stdout).into_owned()
-                    };
-                    let denied = probe(&ext2);
+                    let denied = probe(&ext2, dport);
                     std::thread::sleep(Duration::from_millis(300));
-                    (denied, probe(&server))
+                    (denied, probe(&server, dport))
                 }
             })
             .await
@@ -238,8 +242,68 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             let objects = engine.lock().unwrap().objects();
             let o = objects.iter().find(|o| o.id == id).unwrap();
             assert_eq!(o.reason.as_deref(), Some("denied"), "{o:?}");
+            assert!(gate.terminated.lock().unwrap().contains(&id));
+
+            // §15 68: a handler that fails at accept → the accept fails, the
+            // single-use opening is used up, and terminating is still delivered.
+            gate.failing.store(true, Ordering::Relaxed);
+            let f = engine
+                .lock()
+                .unwrap()
+                .bind_for_client(&bind("10.1.0.2:5003"))
+                .unwrap();
+            let fid = f.connections[0].id;
+            run_relay_cmds(&engine, &relay);
+            let fport = f.proxy_address.port();
+            let failed = tokio::task::spawn_blocking({
+                let (client, server) = (lab.client.clone(), lab.server.clone());
+                move || {
+                    let _c = echo_server(&client, IPPROTO_TCP, addr::CLIENT, 5003);
+                    probe(&server, fport)
+                }
+            })
+            .await
+            .unwrap();
+            assert!(
+                !failed.contains("hi"),
+                "the failed accept carried nothing: {failed:?}"
+            );
+            // The relay's event reaches the engine asynchronously.
+            let mut reason = None;
+            for _ in 0..50 {
+                let objects = engine.lock().unwrap().objects();
+                reason = objects
+                    .iter()
+                    .find(|o| o.id == fid)
+                    .and_then(|o| o.reason.clone());
+                if reason.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(reason.as_deref(), Some("filter-failed"));
+            assert!(
+                gate.terminated.lock().unwrap().contains(&fid),
+                "terminating delivered for the failed accept"
+            );
         });
         rt.shutdown_timeout(Duration::from_secs(1));
     })
     .unwrap();
+}
+
+/// Sends "hi" from `ns` to the firewall's external address and returns what came back.
+fn probe(ns: &firewall_tests::lab::Ns, port: u16) -> String {
+    let o = ns
+        .cmd("sh")
+        .args([
+            "-c",
+            &format!(
+                "printf hi | socat -T2 - TCP:{}:{port},connect-timeout=2",
+                addr::FW_EXTERNAL
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
