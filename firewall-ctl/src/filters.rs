@@ -50,9 +50,26 @@ pub enum Action {
     Close(String),
 }
 
+/// The sockets of a relayed connection, given to its data filters once both
+/// exist (IFWXDataFilter::SetSockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sockets {
+    /// The external socket's own address (getsockname: GetExternalSocketName).
+    pub external_name: SocketAddrV4,
+    /// The external socket's peer (getpeername: GetExternalPeerName).
+    pub external_peer: SocketAddrV4,
+    /// The internal socket's own address and its peer (the client).
+    pub internal_name: SocketAddrV4,
+    pub internal_peer: SocketAddrV4,
+}
+
 /// A data filter of one connection.
 pub trait DataFilter: Send {
     fn name(&self) -> &str;
+    /// Called once, before any data, when both sockets of the connection
+    /// exist: the place to learn the external address (the spec's timing rule
+    /// for GetExternalSocketName). UDP redirects: once per destination.
+    fn set_sockets(&mut self, _sockets: &Sockets) {}
     /// Bytes travelling `dir`.
     fn on_data(&mut self, dir: Direction, data: Vec<u8>) -> Action;
     /// The `dir` side finished sending: a last chance to pass held bytes.
@@ -96,6 +113,13 @@ impl Chain {
         match dir {
             Direction::FromInternal => Box::new(self.filters.iter_mut()),
             Direction::FromExternal => Box::new(self.filters.iter_mut().rev()),
+        }
+    }
+
+    /// Tells every filter the connection's sockets.
+    pub fn set_sockets(&mut self, sockets: &Sockets) {
+        for (_, f) in &mut self.filters {
+            f.set_sockets(sockets);
         }
     }
 
@@ -501,6 +525,20 @@ impl<'a> EventContext<'a> {
         }
         self.decision.data_filters.push((priority, filter));
         Ok(())
+    }
+
+    /// GetExternalSocketName during event handling: the connection does not
+    /// exist yet (it may still be denied), so this always fails; data filters
+    /// get the names in `DataFilter::set_sockets`.
+    pub fn external_socket_name(&self) -> Result<SocketAddrV4, ApiError> {
+        Err(ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "connection {} has no external socket while handling {:?}; \
+                 a data filter learns it in set_sockets",
+                self.connection, self.kind
+            ),
+        ))
     }
 
     /// Takes the bind over (EmulateForBind): no connection may be emulated twice.

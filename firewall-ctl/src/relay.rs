@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use crate::{
-    filters::{Action, Chain, DataFilterFactory, Decision, Direction, EventKind},
+    filters::{Action, Chain, DataFilterFactory, Decision, Direction, EventKind, Sockets},
     policy::{IpFilter, Transport},
 };
 
@@ -392,7 +392,7 @@ impl Relay {
         from: SocketAddrV4,
         to: SocketAddrV4,
         source: SocketAddrV4,
-        chain: Chain,
+        mut chain: Chain,
         accepted_from: Direction,
     ) {
         let connected = async {
@@ -422,6 +422,11 @@ impl Relay {
             to,
             bytes: bytes.clone(),
         });
+        if !chain.is_empty() {
+            if let Some(sockets) = sockets_of(&peer, &client, accepted_from) {
+                chain.set_sockets(&sockets);
+            }
+        }
         if chain.is_empty() {
             pump(peer, client, bytes).await;
         } else if let Err(reason) = pump_filtered(peer, client, bytes, chain, accepted_from).await {
@@ -535,8 +540,29 @@ impl Relay {
             used = true;
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let bytes = Arc::new(AtomicU64::new(n as u64));
-            let chain = (!filters.is_empty() || !attached.is_empty())
-                .then(|| Arc::new(Mutex::new(Chain::new(&filters).with(attached))));
+            let chain = (!filters.is_empty() || !attached.is_empty()).then(|| {
+                let mut chain = Chain::new(&filters).with(attached);
+                // The socket that received is external for binds, internal for redirects.
+                let (here, there) = (socket.local_addr().ok(), inner.local_addr().ok());
+                if let (Some(here), Some(there)) = (here, there) {
+                    let (here, there) = (v4(here), v4(there));
+                    chain.set_sockets(&match peer_side {
+                        Direction::FromExternal => Sockets {
+                            external_name: here,
+                            external_peer: from,
+                            internal_name: there,
+                            internal_peer: to,
+                        },
+                        Direction::FromInternal => Sockets {
+                            external_name: there,
+                            external_peer: to,
+                            internal_name: here,
+                            internal_peer: from,
+                        },
+                    });
+                }
+                Arc::new(Mutex::new(chain))
+            });
             let first = filter_datagram(chain.as_ref(), peer_side, &buf[..n]);
             if let Ok(d) = &first {
                 if !d.is_empty() {
@@ -708,6 +734,21 @@ async fn one_way_filtered(
             return Ok(());
         }
     }
+}
+
+/// The sockets of a relayed TCP connection as its data filters see them: the
+/// accepted socket is external for binds, internal for redirects.
+fn sockets_of(accepted: &TcpStream, made: &TcpStream, accepted_from: Direction) -> Option<Sockets> {
+    let (ext, int) = match accepted_from {
+        Direction::FromExternal => (accepted, made),
+        Direction::FromInternal => (made, accepted),
+    };
+    Some(Sockets {
+        external_name: v4(ext.local_addr().ok()?),
+        external_peer: v4(ext.peer_addr().ok()?),
+        internal_name: v4(int.local_addr().ok()?),
+        internal_peer: v4(int.peer_addr().ok()?),
+    })
 }
 
 /// Moves bytes both ways until both sides are done. A half-close (FIN) is

@@ -18,7 +18,8 @@ use firewall_ctl::{
     config::Timeouts,
     engine::{BindRequest, Engine, EngineConfig, MemMaps, RelayCmd},
     filters::{
-        Action, AppFilter, DataFilter, Direction, EventContext, EventKind, EventMask, PriorityClass,
+        Action, AppFilter, DataFilter, Direction, EventContext, EventKind, EventMask,
+        PriorityClass, Sockets,
     },
     flags::ConnFlags,
     policy::{NetworkObject, ProtocolRule, Transport},
@@ -32,11 +33,14 @@ use firewall_tests::{
     traffic::{echo_server, send},
 };
 
-/// Upper-cases what comes from the external side.
-struct Shout;
+/// Upper-cases what comes from the external side; records its sockets.
+struct Shout(Arc<Mutex<Option<Sockets>>>);
 impl DataFilter for Shout {
     fn name(&self) -> &str {
         "shout"
+    }
+    fn set_sockets(&mut self, sockets: &Sockets) {
+        *self.0.lock().unwrap() = Some(*sockets);
     }
     fn on_data(&mut self, dir: Direction, data: Vec<u8>) -> Action {
         match dir {
@@ -53,6 +57,7 @@ impl DataFilter for Shout {
 struct Gate {
     failing: AtomicBool,
     terminated: Mutex<Vec<u64>>,
+    sockets: Arc<Mutex<Option<Sockets>>>,
 }
 impl AppFilter for Gate {
     fn name(&self) -> &str {
@@ -65,6 +70,11 @@ impl AppFilter for Gate {
         assert_eq!(ev.kind, EventKind::AcceptedConnection);
         assert!(ev.is_secondary);
         assert_eq!(ev.protocol_name, "ftp", "the protocol reaches the events");
+        // §15 67: no external socket name before the connection exists.
+        assert_eq!(
+            ev.external_socket_name().unwrap_err().kind,
+            ErrorKind::InvalidArgument
+        );
         if self.failing.load(Ordering::Relaxed) {
             return Err(ApiError {
                 kind: ErrorKind::Exhausted,
@@ -74,7 +84,7 @@ impl AppFilter for Gate {
         if *ev.address.ip() == addr::EXTERNAL2.parse::<Ipv4Addr>().unwrap() {
             ev.deny(0)
         } else {
-            ev.attach_data_filter(Box::new(Shout), PriorityClass::Middle)
+            ev.attach_data_filter(Box::new(Shout(self.sockets.clone())), PriorityClass::Middle)
         }
     }
     fn on_terminating(&self, connection: u64) {
@@ -206,6 +216,19 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
                 got.ends_with("QUIET WORDS\n"),
                 "the attached data filter saw the bytes: {got:?}"
             );
+            // §15 67: the data filter learnt the external socket's name (E:p) and peer.
+            let sockets = gate
+                .sockets
+                .lock()
+                .unwrap()
+                .expect("set_sockets was called");
+            assert_eq!(
+                sockets.external_name,
+                SocketAddrV4::new(ip(addr::FW_EXTERNAL), port)
+            );
+            assert_eq!(sockets.external_peer, sa("10.2.0.2:25001"));
+            assert_eq!(sockets.internal_peer, sa("10.1.0.2:5001"));
+            assert_eq!(*sockets.internal_name.ip(), ip(addr::FW_INTERNAL));
 
             // Deny: the second external host is aborted, and the single-use opening is used up.
             let d = engine
