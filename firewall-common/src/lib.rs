@@ -21,6 +21,7 @@ pub mod map_names {
     pub const CSUM_SCRATCH: &str = "CSUM_SCRATCH";
     pub const PINHOLES: &str = "PINHOLES";
     pub const PEER_FILTERS: &str = "PEER_FILTERS";
+    pub const BUSY_CLIENTS: &str = "BUSY_CLIENTS";
     pub const EVENTS: &str = "EVENTS";
 }
 

@@ -101,6 +101,23 @@ pub struct PeerFilterValue {
     pub allow: u32,
 }
 
+/// Key of BUSY_CLIENTS: an internal client that has reached its quota of
+/// concurrent secondary TCP connections (spec §15 59). While its entry
+/// exists, pinholes refuse new TCP connections for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BusyClientKey {
+    pub addr: [u8; 4],
+}
+
+/// Value of BUSY_CLIENTS: what the control plane counted when it set the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct BusyClientValue {
+    pub established_tcp: u32,
+    pub quota: u32,
+}
+
 /// Kinds of `DatapathEvent`.
 pub mod event_kind {
     /// A pinhole admitted a connection and the XDP program created its flows.
@@ -135,6 +152,8 @@ mod pod {
     unsafe impl aya::Pod for super::PinholeValue {}
     unsafe impl aya::Pod for super::PeerFilterKey {}
     unsafe impl aya::Pod for super::PeerFilterValue {}
+    unsafe impl aya::Pod for super::BusyClientKey {}
+    unsafe impl aya::Pod for super::BusyClientValue {}
     unsafe impl aya::Pod for super::DatapathEvent {}
 }
 

@@ -72,6 +72,7 @@ counters! {
     DropPinholeNoTarget = 22, Drop, "drop_pinhole_no_target", "the client address is still the placeholder (SetClientAddress not called)";
     DropPinholeNotSyn = 23, Drop, "drop_pinhole_not_syn", "a TCP segment other than SYN tried to open a pinhole";
     DropNatPortsBusy = 24, Drop, "drop_nat_ports_busy", "all SNAT ports of the pinhole are in use";
+    DropClientQuota = 25, Drop, "drop_client_quota", "the client has its quota of concurrent secondary TCP connections";
 }
 
 /// Number of slots in the STATS map.

@@ -76,6 +76,7 @@ struct PortsFile {
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     default_allowed_addresses: Option<Vec<String>>,
+    client_quota: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +105,9 @@ pub struct Config {
     pub port_range: RangeInclusive<u16>,
     /// SNAT ports reserved per ALLOW_MULTIPLE redirect or proxy-mode bind.
     pub snat_block: u16,
+    /// Concurrent secondary connections per client and transport: a new TCP
+    /// one beyond it is refused, a new UDP one replaces the client's oldest.
+    pub client_quota: u32,
     /// Allowed-address flags OR-ed into every BindForClient
     /// (DefaultAllowedAddressesInBindForClient).
     pub default_allowed_addresses: ConnFlags,
@@ -161,6 +165,8 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 pub const DEFAULT_PINHOLE_TABLE_SIZE: u32 = 65_536;
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=59999;
 pub const DEFAULT_SNAT_BLOCK: u16 = 64;
+/// ISA Server 2004's per-client connection limit (KB 838706).
+pub const DEFAULT_CLIENT_QUOTA: u32 = 160;
 const FLOW_TABLE_RANGE: RangeInclusive<u64> = 1024..=16_777_216;
 const PINHOLE_TABLE_RANGE: RangeInclusive<u64> = 64..=16_777_216;
 const TIMEOUT_RANGE: RangeInclusive<u64> = 1..=604_800;
@@ -385,6 +391,14 @@ impl Config {
             "",
         )? as u16;
 
+        let client_quota = ranged(
+            "policy.client_quota",
+            file.policy.client_quota,
+            1..=1_000_000,
+            DEFAULT_CLIENT_QUOTA as u64,
+            "",
+        )? as u32;
+
         let mut default_allowed_addresses = ConnFlags::empty();
         for (i, name) in file
             .policy
@@ -504,6 +518,7 @@ impl Config {
             timeouts,
             port_range,
             snat_block,
+            client_quota,
             default_allowed_addresses,
             protocols,
             networks,
@@ -608,6 +623,7 @@ dmz = ["192.168.0.0/24"]
         assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
         assert_eq!(c.timeouts, Timeouts::default());
         assert_eq!(c.port_range, DEFAULT_PORT_RANGE);
+        assert_eq!(c.client_quota, DEFAULT_CLIENT_QUOTA);
     }
 
     #[test]
@@ -635,6 +651,7 @@ dmz = ["192.168.0.0/24"]
             ("[networks]\nlan = [\"10.0.0.0/99\"]", "networks.lan[0]"),
             ("[scan]\nblock_executables = [\"gopher\"]", "scan.block_executables[0]"),
             ("[scan]\nblock_everything = true", "unknown field `block_everything`"),
+            ("[policy]\nclient_quota = 0", "policy.client_quota"),
         ];
         for (text, want) in cases {
             let got = Config::parse(text, &i, &e).unwrap_err().to_string();

@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -25,7 +26,10 @@ use aya::{
 use firewall_common::{
     flow::{FlowKey, FlowValue},
     map_names,
-    pinhole::{DatapathEvent, PeerFilterKey, PeerFilterValue, PinholeKey, PinholeValue},
+    pinhole::{
+        BusyClientKey, BusyClientValue, DatapathEvent, PeerFilterKey, PeerFilterValue, PinholeKey,
+        PinholeValue,
+    },
     program_names,
     stats::{Counter, StatValue, COUNTER_SLOTS},
     PIN_DIR,
@@ -136,6 +140,11 @@ const MAPS: &[MapSpec] = &[
         name: map_names::PINHOLES,
         key_size: size_of::<PinholeKey>() as u32,
         value_size: size_of::<PinholeValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::BUSY_CLIENTS,
+        key_size: size_of::<BusyClientKey>() as u32,
+        value_size: size_of::<BusyClientValue>() as u32,
     },
     MapSpec {
         name: map_names::PEER_FILTERS,
@@ -438,6 +447,7 @@ impl TableValue for FlowValue {
 }
 
 impl TableValue for PinholeValue {}
+impl TableValue for BusyClientValue {}
 
 /// The flow table: the call the engine uses to install, read and remove flows.
 pub type FlowTable = Table<FlowKey, FlowValue>;
@@ -455,6 +465,13 @@ impl TableName for Table<FlowKey, FlowValue> {
 
 impl TableName for Table<PinholeKey, PinholeValue> {
     const NAME: &'static str = map_names::PINHOLES;
+}
+
+/// Clients at their quota of concurrent TCP secondaries.
+pub type BusyClients = Table<BusyClientKey, BusyClientValue>;
+
+impl TableName for Table<BusyClientKey, BusyClientValue> {
+    const NAME: &'static str = map_names::BUSY_CLIENTS;
 }
 
 impl<K: aya::Pod + std::fmt::Debug, V: TableValue> Table<K, V>
@@ -580,6 +597,7 @@ pub struct KernelMaps {
     pub flows: FlowTable,
     pub pinholes: PinholeTable,
     pub peers: PeerFilters,
+    pub busy: BusyClients,
 }
 
 impl KernelMaps {
@@ -588,6 +606,7 @@ impl KernelMaps {
             flows: FlowTable::open(pins)?,
             pinholes: PinholeTable::open(pins)?,
             peers: PeerFilters::open(pins)?,
+            busy: BusyClients::open(pins)?,
         })
     }
 }
@@ -624,5 +643,26 @@ impl crate::engine::Maps for KernelMaps {
     }
     fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
         self.flows.entries()
+    }
+    fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
+        Ok(self
+            .busy
+            .entries()?
+            .into_iter()
+            .map(|(k, _)| Ipv4Addr::from(k.addr))
+            .collect())
+    }
+    fn set_client_busy(
+        &mut self,
+        client: Ipv4Addr,
+        busy: Option<BusyClientValue>,
+    ) -> anyhow::Result<()> {
+        let key = BusyClientKey {
+            addr: client.octets(),
+        };
+        match busy {
+            Some(v) => self.busy.insert(&key, &v),
+            None => self.busy.remove(&key).map(|_| ()),
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! atomic: nothing it reserved or wrote stays behind.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -18,7 +18,9 @@ use std::{
 
 use firewall_common::{
     flow::{FlowKey, FlowValue},
-    pinhole::{event_kind, pinhole_flags, side, DatapathEvent, PinholeKey, PinholeValue},
+    pinhole::{
+        event_kind, pinhole_flags, side, BusyClientValue, DatapathEvent, PinholeKey, PinholeValue,
+    },
     IPPROTO_TCP, IPPROTO_UDP,
 };
 use ipnet::Ipv4Net;
@@ -50,6 +52,13 @@ pub trait Maps: Send {
     fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>>;
     fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool>;
     fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>>;
+    fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>>;
+    /// Marks a client as at its TCP quota (`Some`) or not (`None`).
+    fn set_client_busy(
+        &mut self,
+        client: Ipv4Addr,
+        busy: Option<BusyClientValue>,
+    ) -> anyhow::Result<()>;
 }
 
 /// What the engine needs to know about the firewall.
@@ -62,6 +71,8 @@ pub struct EngineConfig {
     pub external_ifindex: u32,
     pub timeouts: Timeouts,
     pub snat_block: u16,
+    /// Concurrent secondary connections per client and transport.
+    pub client_quota: u32,
     pub default_allowed: ConnFlags,
     pub protocols: Vec<ProtocolRule>,
     pub networks: Vec<NetworkObject>,
@@ -77,6 +88,7 @@ impl EngineConfig {
             external_ifindex: external.index,
             timeouts: config.timeouts,
             snat_block: config.snat_block,
+            client_quota: config.client_quota,
             default_allowed: config.default_allowed_addresses,
             protocols: config.protocols.clone(),
             networks: config.networks.clone(),
@@ -282,6 +294,8 @@ struct Object {
     deadline_ns: u64,
     /// User mode: the relay's id of this connection.
     relay_conn: Option<u64>,
+    /// Order of establishment (for the UDP quota: the oldest goes first).
+    established_seq: u64,
     /// User mode: bytes relayed.
     relayed: Option<Arc<AtomicU64>>,
     /// The filter that made the call: the only one told of establishments.
@@ -319,6 +333,7 @@ impl Object {
             mode: Mode::Kernel,
             deadline_ns: 0,
             relay_conn: None,
+            established_seq: 0,
             relayed: None,
             caller: None,
         }
@@ -380,6 +395,9 @@ pub struct Engine<M: Maps> {
     /// Data-filter factories keyed by event and address (SetDataFilterFactory),
     /// by action id; each serves one connection.
     factories: BTreeMap<u64, AddressFactory>,
+    /// Clients at their TCP quota (also in BUSY_CLIENTS and told to the relay).
+    busy_clients: HashSet<Ipv4Addr>,
+    next_established: u64,
 }
 
 /// A SetDataFilterFactory registration.
@@ -399,10 +417,14 @@ fn address_matches(pattern: SocketAddrV4, a: SocketAddrV4) -> bool {
 impl<M: Maps> Engine<M> {
     /// A new engine. Pinholes left in the maps by an earlier daemon belong to
     /// objects that no longer exist (and whose ports are no longer reserved),
-    /// so they are removed; established flows stay and expire normally.
+    /// so they are removed, as are the quota marks (the new engine counts
+    /// afresh); established flows stay and expire normally.
     pub fn new(cfg: EngineConfig, mut maps: M, ports: PortPool) -> anyhow::Result<Self> {
         for (k, _) in maps.pinholes()? {
             maps.del_pinhole(&k)?;
+        }
+        for client in maps.busy_clients()? {
+            maps.set_client_busy(client, None)?;
         }
         // Owners in the surviving flows must not be reused.
         let next_id = maps
@@ -429,6 +451,8 @@ impl<M: Maps> Engine<M> {
             data_filters: HashMap::new(),
             app_filters: Vec::new(),
             factories: BTreeMap::new(),
+            busy_clients: HashSet::new(),
+            next_established: 1,
         })
     }
 
@@ -1447,6 +1471,64 @@ impl<M: Maps> Engine<M> {
             session,
             reason: reason.to_string(),
         });
+        let transport = self.objects[&id].transport;
+        self.check_quota(session, transport);
+    }
+
+    /// The per-client quota (spec §15 59): a client with `client_quota`
+    /// established TCP secondaries is marked busy, so the datapath and the
+    /// relay refuse its next ones until one ends; a UDP secondary beyond the
+    /// quota ends the client's oldest UDP one instead.
+    fn check_quota(&mut self, session: u64, transport: Transport) {
+        let Some(client) = self.sessions.get(&session).map(|s| s.client) else {
+            return;
+        };
+        let mut established: Vec<(u64, u64)> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o.state == State::Established
+                    && o.transport == transport
+                    && self.sessions.get(&o.session).map(|s| s.client) == Some(client)
+            })
+            .map(|(id, o)| (o.established_seq, *id))
+            .collect();
+        let quota = self.cfg.client_quota as usize;
+        match transport {
+            Transport::Udp => {
+                if established.len() > quota {
+                    established.sort_unstable();
+                    let excess = established.len() - quota;
+                    for (_, id) in established.into_iter().take(excess) {
+                        log::info!("client {client}: UDP quota of {quota} reached; ending its oldest mapping, connection {id}");
+                        self.expired.client_quota += 1;
+                        self.terminate(id, "client-quota");
+                    }
+                }
+            }
+            Transport::Tcp => {
+                let busy = established.len() >= quota;
+                if busy == self.busy_clients.contains(&client) {
+                    return;
+                }
+                let value = busy.then_some(BusyClientValue {
+                    established_tcp: established.len() as u32,
+                    quota: self.cfg.client_quota,
+                });
+                if let Err(e) = self.maps.set_client_busy(client, value) {
+                    log::warn!("client {client}: updating BUSY_CLIENTS: {e:#}");
+                    return;
+                }
+                if busy {
+                    log::info!("client {client}: TCP quota of {quota} concurrent secondary connections reached; refusing new ones");
+                    self.busy_clients.insert(client);
+                } else {
+                    log::info!("client {client}: below its TCP quota again");
+                    self.busy_clients.remove(&client);
+                }
+                self.relay.push(RelayCmd::ClientBusy { client, busy });
+            }
+        }
     }
 
     /// Records a connection made through `owner`'s pinhole or relay endpoint:
@@ -1498,6 +1580,15 @@ impl<M: Maps> Engine<M> {
             fill(o);
             owner
         };
+        let seq = self.next_established;
+        self.next_established += 1;
+        let o = self.objects.get_mut(&id).expect("exists");
+        o.established_seq = seq;
+        let (session, transport) = (o.session, o.transport);
+        self.check_quota(session, transport);
+        if self.objects[&id].state == State::Terminated {
+            return id;
+        }
         let o = &self.objects[&id];
         if o.notify {
             if let Some(c) = &o.caller {
@@ -1783,9 +1874,22 @@ pub enum Mode {
 /// Work for the user-mode relay, in the order the engine decided it.
 pub enum RelayCmd {
     Start(Job),
-    SetTarget { owner: u64, target: SocketAddrV4 },
-    Stop { owner: u64 },
-    StopConn { owner: u64, conn: u64 },
+    SetTarget {
+        owner: u64,
+        target: SocketAddrV4,
+    },
+    Stop {
+        owner: u64,
+    },
+    StopConn {
+        owner: u64,
+        conn: u64,
+    },
+    /// A client reached its TCP quota (or is below it again).
+    ClientBusy {
+        client: Ipv4Addr,
+        busy: bool,
+    },
 }
 
 /// Maps in memory instead of the kernel: for running the engine in-process
@@ -1795,6 +1899,7 @@ pub struct MemMaps {
     pub pinholes: HashMap<PinholeKey, PinholeValue>,
     pub rules: HashMap<(u32, Ipv4Net), bool>,
     pub flows: HashMap<FlowKey, FlowValue>,
+    pub busy: HashMap<Ipv4Addr, BusyClientValue>,
 }
 
 impl Maps for MemMaps {
@@ -1828,6 +1933,20 @@ impl Maps for MemMaps {
     }
     fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
         Ok(self.flows.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
+        Ok(self.busy.keys().copied().collect())
+    }
+    fn set_client_busy(
+        &mut self,
+        client: Ipv4Addr,
+        busy: Option<BusyClientValue>,
+    ) -> anyhow::Result<()> {
+        match busy {
+            Some(v) => self.busy.insert(client, v),
+            None => self.busy.remove(&client),
+        };
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@
 //! stack and these sockets.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
@@ -140,6 +140,8 @@ struct Endpoint {
 struct Tasks {
     endpoints: HashMap<u64, Endpoint>,
     conns: HashMap<(u64, u64), AbortHandle>,
+    /// Clients at their TCP quota: their new TCP connections are refused.
+    busy: HashSet<Ipv4Addr>,
 }
 
 /// Runs relay jobs; cheap to clone.
@@ -249,6 +251,16 @@ impl Relay {
     }
 
     /// Sets the target of a placeholder endpoint.
+    /// Marks a client as at its TCP quota, or below it again.
+    pub fn set_client_busy(&self, client: Ipv4Addr, busy: bool) {
+        let mut t = self.tasks();
+        if busy {
+            t.busy.insert(client);
+        } else {
+            t.busy.remove(&client);
+        }
+    }
+
     pub fn set_target(&self, owner: u64, target: SocketAddrV4) {
         if let Some(e) = self.tasks().endpoints.get(&owner) {
             let _ = e.target.send(Some(target));
@@ -327,6 +339,15 @@ impl Relay {
                 self.refuse(owner, from, "the client address is still the placeholder");
                 continue;
             };
+            let client = match admit {
+                Admit::Peers(_) => *to.ip(),
+                Admit::Client(_) => *from.ip(),
+            };
+            if self.tasks().busy.contains(&client) {
+                reset(SockRef::from(&peer));
+                self.refuse(owner, from, "the client is at its connection quota");
+                continue;
+            }
             // The accept (bind) or connect (redirect) event: filters may abort
             // the connection or attach data filters to it.
             let mut attached = Vec::new();

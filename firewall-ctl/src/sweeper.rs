@@ -42,6 +42,9 @@ pub struct SweepStats {
     /// Connections a data filter ended.
     #[serde(default)]
     pub relay_blocked: u64,
+    /// UDP mappings ended because their client went over its quota.
+    #[serde(default)]
+    pub client_quota: u64,
 }
 
 impl SweepStats {

@@ -12,7 +12,8 @@ use aya_ebpf::{
 use firewall_common::{
     flow::{FlowKey, FlowValue},
     pinhole::{
-        event_kind, pinhole_flags, PeerFilterKey, PeerFilterValue, PinholeKey, PinholeValue,
+        event_kind, pinhole_flags, BusyClientKey, BusyClientValue, PeerFilterKey, PeerFilterValue,
+        PinholeKey, PinholeValue,
     },
     stats::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
@@ -27,6 +28,11 @@ static PINHOLES: HashMap<PinholeKey, PinholeValue, DEFAULT_PINHOLES> = HashMap::
 
 #[btf_map]
 static PEER_FILTERS: LpmTrie<PeerFilterKey, PeerFilterValue, 65_536> = LpmTrie::new();
+
+/// Clients at their quota of concurrent TCP secondaries (kept by the control
+/// plane, which counts established connections).
+#[btf_map]
+static BUSY_CLIENTS: HashMap<BusyClientKey, BusyClientValue, 16_384> = HashMap::new();
 
 /// How many SNAT ports a first packet tries before giving up.
 const SNAT_TRIES: u32 = 8;
@@ -64,6 +70,17 @@ pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
     }
     if key.protocol == IPPROTO_TCP && !pkt.syn_only {
         return Err(Counter::DropPinholeNotSyn);
+    }
+    if key.protocol == IPPROTO_TCP {
+        // The client a binding delivers to, or the one a redirect serves.
+        let client = if flags & pinhole_flags::CLIENT_ONLY != 0 {
+            allowed_src
+        } else {
+            unsafe { (*p).target_addr }
+        };
+        if unsafe { BUSY_CLIENTS.get(&BusyClientKey { addr: client }) }.is_some() {
+            return Err(Counter::DropClientQuota);
+        }
     }
     let single = flags & pinhole_flags::MULTIPLE == 0;
     if single {

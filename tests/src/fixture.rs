@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 use firewall_ctl::datapath::{
-    Datapath, FlowTable, PeerFilters, PinPaths, PinholeTable, Side, TestRunOutput,
+    BusyClients, Datapath, FlowTable, PeerFilters, PinPaths, PinholeTable, Side, TestRunOutput,
 };
 
 use crate::netns::in_netns;
@@ -35,6 +35,7 @@ pub struct Fixture {
     pub flows: FlowTable,
     pub pinholes: PinholeTable,
     pub peers: PeerFilters,
+    pub busy: BusyClients,
     pub pins: PinPaths,
     pub in_ifindex: u32,
     pub ex_ifindex: u32,
@@ -107,12 +108,14 @@ impl Fixture {
         let flows = FlowTable::open(&pins)?;
         let pinholes = PinholeTable::open(&pins)?;
         let peers = PeerFilters::open(&pins)?;
+        let busy = BusyClients::open(&pins)?;
         Ok(Self {
             netns: netns.to_string(),
             datapath,
             flows,
             pinholes,
             peers,
+            busy,
             pins,
             in_ifindex,
             ex_ifindex,

@@ -108,6 +108,7 @@ fn run_relay_cmds(engine: &Shared, relay: &Relay) {
             }
             RelayCmd::SetTarget { owner, target } => relay.set_target(owner, target),
             RelayCmd::Stop { owner } => relay.stop(owner),
+            RelayCmd::ClientBusy { client, busy } => relay.set_client_busy(client, busy),
             RelayCmd::StopConn { owner, conn } => relay.stop_conn(owner, conn),
         }
     }
@@ -139,6 +140,7 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             external_ifindex: nix::net::if_::if_nametoindex(addr::IF_EXTERNAL).unwrap(),
             timeouts: Timeouts::default(),
             snat_block: 4,
+            client_quota: 160,
             default_allowed: ConnFlags::empty(),
             protocols: vec![ProtocolRule {
                 name: "ftp".into(),

@@ -4,7 +4,9 @@
 
 use firewall_common::{
     flow::FlowKey,
-    pinhole::{event_kind, pinhole_flags, side, PinholeKey, PinholeValue},
+    pinhole::{
+        event_kind, pinhole_flags, side, BusyClientKey, BusyClientValue, PinholeKey, PinholeValue,
+    },
     stats::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -419,4 +421,47 @@ fn udp_bidirectional_gives_other_senders_a_reply_path_only() {
             .action,
         XDP_PASS
     );
+}
+
+#[test]
+fn a_client_at_its_quota_gets_no_new_tcp_connections() {
+    // §15 59: while the control plane marks the client busy, both a binding
+    // delivering to it and its own redirect refuse new TCP connections,
+    // unconsumed; UDP is not refused here (the oldest mapping goes instead).
+    let mut fx = Fixture::new("phquota").unwrap();
+    let bkey = bind_pinhole(&mut fx, IPPROTO_TCP, 0);
+    let rkey = redirect_pinhole(&mut fx, 0, 1);
+    let ukey = PinholeKey::new(IPPROTO_UDP, FW_EXTERNAL, EXT_PORT + 1, side::EXTERNAL);
+    let mut u = fx.pinholes.get(&bkey).unwrap().unwrap();
+    u.remaining = 1;
+    fx.pinholes.insert(&ukey, &u).unwrap();
+    let client = BusyClientKey { addr: CLIENT };
+    fx.busy
+        .insert(
+            &client,
+            &BusyClientValue {
+                established_tcp: 160,
+                quota: 160,
+            },
+        )
+        .unwrap();
+
+    let bind_syn = syn(SERVER, 20, FW_EXTERNAL, EXT_PORT).build();
+    let redirect_syn = syn(CLIENT, 40000, FW_INTERNAL, 30000).build();
+    assert_eq!(fx.run(Side::External, &bind_syn).action, XDP_DROP);
+    assert_eq!(fx.run(Side::Internal, &redirect_syn).action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropClientQuota), 2);
+    for k in [bkey, rkey] {
+        assert_eq!(fx.pinholes.get(&k).unwrap().unwrap().remaining, 1, "unused");
+    }
+    let r = fx.run(
+        Side::External,
+        &Spec::udp(SERVER, 69, FW_EXTERNAL, EXT_PORT + 1).build(),
+    );
+    assert_eq!(r.action, XDP_REDIRECT, "UDP is not refused");
+
+    // Below the quota again: the same SYNs get through.
+    fx.busy.remove(&client).unwrap();
+    assert_eq!(fx.run(Side::External, &bind_syn).action, XDP_REDIRECT);
+    assert_eq!(fx.run(Side::Internal, &redirect_syn).action, XDP_REDIRECT);
 }

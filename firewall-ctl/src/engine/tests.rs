@@ -20,6 +20,7 @@ fn cfg() -> EngineConfig {
             ..Timeouts::default()
         },
         snat_block: 4,
+        client_quota: 160,
         default_allowed: ConnFlags::empty(),
         protocols: vec![ProtocolRule {
             name: "ftp".into(),
@@ -1407,4 +1408,86 @@ fn udp_destination_events_of_redirects() {
         "{:?}",
         f.results()
     );
+}
+
+#[test]
+fn the_per_client_quota() {
+    // §15 59, with a quota of 2: the client's second established TCP
+    // secondary marks it busy (datapath map and relay); an end clears it.
+    let (mut e, s) = engine_with(
+        EngineConfig {
+            client_quota: 2,
+            ..cfg()
+        },
+        20000..=20999,
+    );
+    let client: Ipv4Addr = CLIENT.parse().unwrap();
+    let m = e
+        .bind_for_client(&BindRequest {
+            flags: ConnFlags::ALLOW_MULTIPLE,
+            ..bind(s, &["10.1.0.2:5002"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    e.take_relay_cmds();
+    established(&mut e, m, "198.51.100.7", 1000);
+    assert!(e.maps.busy.is_empty());
+    established(&mut e, m, "198.51.100.7", 1001);
+    assert_eq!(
+        e.maps.busy.get(&client),
+        Some(&BusyClientValue {
+            established_tcp: 2,
+            quota: 2
+        })
+    );
+    assert!(e
+        .take_relay_cmds()
+        .iter()
+        .any(|c| matches!(c, RelayCmd::ClientBusy { client: c, busy: true } if *c == client)));
+    let first = e
+        .objects
+        .iter()
+        .find(|(_, o)| o.parent == Some(m))
+        .map(|(k, _)| *k)
+        .unwrap();
+    e.kill(first).unwrap();
+    assert!(e.maps.busy.is_empty(), "below the quota again");
+    assert!(e
+        .take_relay_cmds()
+        .iter()
+        .any(|c| matches!(c, RelayCmd::ClientBusy { busy: false, .. })));
+
+    // UDP: a mapping beyond the quota ends the client's oldest one.
+    let u = e
+        .bind_for_client(&BindRequest {
+            protocol: Transport::Udp,
+            flags: ConnFlags::ALLOW_MULTIPLE,
+            ..bind(s, &["10.1.0.2:6000"])
+        })
+        .unwrap()
+        .connections[0]
+        .id;
+    for port in [2000, 2001, 2002] {
+        established(&mut e, u, "198.51.100.7", port);
+    }
+    let udp: Vec<&Object> = e.objects.values().filter(|o| o.parent == Some(u)).collect();
+    assert_eq!(udp.len(), 3);
+    let ended: Vec<_> = udp
+        .iter()
+        .filter(|o| o.state == State::Terminated)
+        .map(|o| (o.peer.unwrap().port(), o.reason.clone()))
+        .collect();
+    assert_eq!(ended, [(2000, Some("client-quota".to_string()))]);
+    assert!(e.maps.busy.is_empty(), "UDP never marks the client busy");
+
+    // A restarted engine starts counting afresh.
+    e.maps.busy.insert(client, BusyClientValue::default());
+    let e2 = Engine::new(
+        cfg(),
+        std::mem::take(&mut e.maps),
+        PortPool::new(20000..=20999, false),
+    )
+    .unwrap();
+    assert!(e2.maps.busy.is_empty());
 }
