@@ -998,3 +998,87 @@ fn unresolved_neighbours_are_resolved_on_demand() {
         neigh(addr::EXTERNAL2)
     );
 }
+
+#[test]
+fn the_per_client_quota_refuses_tcp_beyond_it() {
+    // §15 59 with `policy.client_quota = 2`, in kernel mode: two held
+    // connections fill the quota, the third first packet is dropped in XDP
+    // (counted), and ending one lets the next in.
+    let r = LabRun::with_config(
+        "quota",
+        &format!(
+            "{}[policy]\nclient_quota = 2\n",
+            firewall_tests::daemon::FAST_TIMERS
+        ),
+    );
+    firewall_tests::traffic::prime_neighbours(&r.lab);
+    let sess = r.fw.session(addr::CLIENT);
+    let b = r.fw.ok(&[
+        "bind-for-client",
+        "--session",
+        &sess,
+        "--client",
+        "10.1.0.2:5301",
+        "--protocol",
+        "tcp",
+        "--flags",
+        "allow-multiple",
+    ]);
+    let (port, id) = (
+        port_of(&s(&b["proxy_address"])),
+        b["connections"][0]["id"].as_u64().unwrap(),
+    );
+    let _listener = Peer::new(
+        r.lab
+            .client
+            .spawn(&format!(
+                "exec socat TCP-LISTEN:5301,bind={},reuseaddr,fork SYSTEM:cat",
+                addr::CLIENT
+            ))
+            .unwrap(),
+    );
+    firewall_tests::traffic::wait_listening(&r.lab.client, 5301);
+    // Two connections held open from the server.
+    let _held: Vec<Peer> = (0..2u16)
+        .map(|i| {
+            Peer::new(
+                r.lab
+                    .server
+                    .spawn(&format!(
+                        "sleep 30 | exec socat - TCP:{}:{port},bind={}:{}",
+                        addr::FW_EXTERNAL,
+                        addr::SERVER,
+                        23000 + i
+                    ))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let children = || -> Vec<Value> {
+        r.fw.list("connections")
+            .into_iter()
+            .filter(|c| c["parent"] == id && c["state"] == "established")
+            .collect()
+    };
+    for _ in 0..50 {
+        if children().len() == 2 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(children().len(), 2, "both held connections are established");
+    let to = format!("{}:{port}", addr::FW_EXTERNAL);
+    assert!(
+        !tcp_connects(&r.lab.server, &to),
+        "the third connection is refused"
+    );
+    assert!(counter(&r, "drop_client_quota") >= 1);
+
+    // Ending one brings the client below its quota again.
+    let first = s(&children()[0]["id"]);
+    r.fw.ok(&["kill", &first]);
+    assert!(
+        tcp_connects(&r.lab.server, &to),
+        "below the quota, connections get in again"
+    );
+}
