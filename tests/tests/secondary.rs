@@ -1001,11 +1001,21 @@ fn unresolved_neighbours_are_resolved_on_demand() {
 
 #[test]
 fn the_per_client_quota_refuses_tcp_beyond_it() {
-    // §15 59 with `policy.client_quota = 2`, in kernel mode: two held
-    // connections fill the quota, the third first packet is dropped in XDP
-    // (counted), and ending one lets the next in.
+    quota_case("allow-multiple");
+}
+
+#[test]
+fn the_per_client_quota_in_user_mode() {
+    quota_case("allow-multiple,no-kernel-mode");
+}
+
+/// §15 59 with `policy.client_quota = 2`: two held connections fill the
+/// quota, the third is refused (kernel mode: dropped in XDP and counted; user
+/// mode: reset by the relay and logged), and ending one lets the next in.
+fn quota_case(flags: &str) {
+    let user = flags.contains("no-kernel-mode");
     let r = LabRun::with_config(
-        "quota",
+        if user { "uquota" } else { "quota" },
         &format!(
             "{}[policy]\nclient_quota = 2\n",
             firewall_tests::daemon::FAST_TIMERS
@@ -1022,7 +1032,7 @@ fn the_per_client_quota_refuses_tcp_beyond_it() {
         "--protocol",
         "tcp",
         "--flags",
-        "allow-multiple",
+        flags,
     ]);
     let (port, id) = (
         port_of(&s(&b["proxy_address"])),
@@ -1068,11 +1078,33 @@ fn the_per_client_quota_refuses_tcp_beyond_it() {
     }
     assert_eq!(children().len(), 2, "both held connections are established");
     let to = format!("{}:{port}", addr::FW_EXTERNAL);
-    assert!(
-        !tcp_connects(&r.lab.server, &to),
-        "the third connection is refused"
-    );
-    assert!(counter(&r, "drop_client_quota") >= 1);
+    if user {
+        // The relay accepts, then resets: the client is never connected.
+        let got = r
+            .lab
+            .server
+            .sh(&format!(
+                "printf x | socat -T1 - TCP:{to},connect-timeout=1 || true"
+            ))
+            .unwrap();
+        assert!(
+            got.is_empty(),
+            "the third connection carried nothing: {got:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+        assert!(
+            r.fw.log_text().contains("at its connection quota"),
+            "{}",
+            r.fw.log_text()
+        );
+        assert_eq!(children().len(), 2, "no third connection object");
+    } else {
+        assert!(
+            !tcp_connects(&r.lab.server, &to),
+            "the third connection is refused"
+        );
+        assert!(counter(&r, "drop_client_quota") >= 1);
+    }
 
     // Ending one brings the client below its quota again.
     let first = s(&children()[0]["id"]);
