@@ -11,6 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -18,9 +19,13 @@ use std::{
     time::Duration,
 };
 
+use nix::{
+    fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
+    unistd::pipe2,
+};
 use socket2::{SockRef, Socket, TcpKeepalive};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpListener, TcpSocket, TcpStream, UdpSocket,
@@ -779,8 +784,8 @@ pub async fn pump(a: TcpStream, b: TcpStream, bytes: Arc<AtomicU64>) {
     // sockets at once.
     let (ar, aw) = a.into_split();
     let (br, bw) = b.into_split();
-    let ab = one_way(ar, bw, bytes.clone());
-    let ba = one_way(br, aw, bytes);
+    let ab = one_way_spliced(ar, bw, bytes.clone());
+    let ba = one_way_spliced(br, aw, bytes);
     tokio::pin!(ab, ba);
     let (first, other) = tokio::select! {
         r = &mut ab => (r, ba),
@@ -794,6 +799,74 @@ pub async fn pump(a: TcpStream, b: TcpStream, bytes: Arc<AtomicU64>) {
     // socket closes too (with a reset where one was set).
 }
 
+/// One direction without copying through user space: splice(2) moves the
+/// bytes socket → pipe → socket inside the kernel. Same half-close and reset
+/// handling as `one_way`, which it falls back to if no pipe can be made.
+async fn one_way_spliced(
+    from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    bytes: Arc<AtomicU64>,
+) -> io::Result<()> {
+    let Ok((pipe_out, pipe_in)) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
+        return one_way(from, to, bytes).await;
+    };
+    // A pipe holds 64 KiB by default; asking for more is only an optimisation.
+    let _ = fcntl(
+        pipe_in.as_raw_fd(),
+        FcntlArg::F_SETPIPE_SZ(PUMP_BUFFER as i32),
+    );
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let src = from.as_ref();
+        let filled = loop {
+            if let Err(e) = src.readable().await {
+                break Err(e);
+            }
+            match src.try_io(Interest::READABLE, || {
+                splice(src, None, &pipe_in, None, PUMP_BUFFER, flags).map_err(io::Error::from)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r,
+            }
+        };
+        let n = match filled {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) => {
+                reset(SockRef::from(to.as_ref()));
+                to.forget();
+                return Err(e);
+            }
+        };
+        // The pipe is drained completely before the next fill.
+        let mut left = n;
+        while left > 0 {
+            let dst = to.as_ref();
+            let r = match dst.writable().await {
+                Ok(()) => dst.try_io(Interest::WRITABLE, || {
+                    splice(&pipe_out, None, dst, None, left, flags).map_err(io::Error::from)
+                }),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    reset(SockRef::from(from.as_ref()));
+                    reset(SockRef::from(to.as_ref()));
+                    to.forget();
+                    return Err(e);
+                }
+            }
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// One direction, copying through a buffer.
 async fn one_way(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
