@@ -118,6 +118,24 @@ impl PinPaths {
     }
 }
 
+/// Why the kernel refused a program: the errno, and the end of the
+/// verifier's log (which says what went wrong when the verifier did).
+fn load_error(side: Side, e: aya::programs::ProgramError) -> anyhow::Error {
+    let full = format!("{e}");
+    log::debug!("loading {}: {full}", side.program());
+    let errno = match &e {
+        aya::programs::ProgramError::LoadError { io_error, .. } => format!(" ({io_error})"),
+        _ => String::new(),
+    };
+    let tail: Vec<&str> = full.lines().rev().take(12).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    anyhow!(
+        "the kernel refused XDP program {}{errno} (RUST_LOG=debug shows the whole verifier log):\n{}",
+        side.program(),
+        tail.join("\n")
+    )
+}
+
 /// The maps the datapath pins, and the layout a pinned map must have to be re-adopted.
 struct MapSpec {
     name: &'static str,
@@ -248,14 +266,25 @@ impl Datapath {
         };
         for side in Side::BOTH {
             let prog: &mut Xdp = program(&mut ebpf, side)?;
-            prog.load().map_err(|e| {
-                let full = format!("{e}");
-                log::debug!("loading {}: {full}", side.program());
-                // The verifier's log is long; its end says what went wrong.
-                let tail: Vec<&str> = full.lines().rev().take(12).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                anyhow!("the kernel refused XDP program {} (RUST_LOG=debug shows the whole verifier log):\n{}", side.program(), tail.join("\n"))
-            })?;
+            // The verifier gives up with EAGAIN when a signal is pending
+            // (children exiting, a terminal resize…); like libbpf, try again.
+            let mut attempts = 0;
+            loop {
+                match prog.load() {
+                    Ok(()) => break,
+                    Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                        if attempts < 5
+                            && matches!(
+                                io_error.raw_os_error().map(nix::errno::Errno::from_raw),
+                                Some(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)
+                            ) =>
+                    {
+                        attempts += 1;
+                        log::debug!("loading {}: {io_error}; trying again", side.program());
+                    }
+                    Err(e) => return Err(load_error(side, e)),
+                }
+            }
         }
         let events = match ebpf.take_map(map_names::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).context("the EVENTS map is not a ring buffer")?),
