@@ -804,7 +804,7 @@ pub async fn pump(a: TcpStream, b: TcpStream, bytes: Arc<AtomicU64>) {
 /// handling as `one_way`, which it falls back to if no pipe can be made.
 async fn one_way_spliced(
     from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    to: OwnedWriteHalf,
     bytes: Arc<AtomicU64>,
 ) -> io::Result<()> {
     let Ok((pipe_out, pipe_in)) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) else {
@@ -830,16 +830,9 @@ async fn one_way_spliced(
             }
         };
         let n = match filled {
-            Ok(0) => {
-                let _ = to.shutdown().await;
-                return Ok(());
-            }
+            Ok(0) => return reading_ended(to, Ok(())).await,
             Ok(n) => n,
-            Err(e) => {
-                reset(SockRef::from(to.as_ref()));
-                to.forget();
-                return Err(e);
-            }
+            Err(e) => return reading_ended(to, Err(e)).await,
         };
         // The pipe is drained completely before the next fill.
         let mut left = n;
@@ -854,16 +847,36 @@ async fn one_way_spliced(
             match r {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    reset(SockRef::from(from.as_ref()));
-                    reset(SockRef::from(to.as_ref()));
-                    to.forget();
-                    return Err(e);
-                }
+                Err(e) => return writing_failed(&from, to, e),
             }
         }
         bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// The read side of a direction ended: a FIN is passed on as a half-close
+/// (the other side may still send); an error resets the other side.
+async fn reading_ended(mut to: OwnedWriteHalf, read: io::Result<()>) -> io::Result<()> {
+    match read {
+        Ok(()) => {
+            let _ = to.shutdown().await;
+            Ok(())
+        }
+        Err(e) => {
+            reset(SockRef::from(to.as_ref()));
+            // Dropping a write half sends a FIN first; the close must be the reset.
+            to.forget();
+            Err(e)
+        }
+    }
+}
+
+/// Writing failed: both sockets are reset.
+fn writing_failed(from: &OwnedReadHalf, to: OwnedWriteHalf, e: io::Error) -> io::Result<()> {
+    reset(SockRef::from(from.as_ref()));
+    reset(SockRef::from(to.as_ref()));
+    to.forget();
+    Err(e)
 }
 
 /// One direction, copying through a buffer.
@@ -875,24 +888,12 @@ async fn one_way(
     let mut buf = vec![0u8; PUMP_BUFFER];
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) => {
-                // Half-close: the other side gets our FIN and may still send.
-                let _ = to.shutdown().await;
-                return Ok(());
-            }
+            Ok(0) => return reading_ended(to, Ok(())).await,
             Ok(n) => n,
-            Err(e) => {
-                reset(SockRef::from(to.as_ref()));
-                // Dropping a write half sends a FIN first; the close must be the reset.
-                to.forget();
-                return Err(e);
-            }
+            Err(e) => return reading_ended(to, Err(e)).await,
         };
         if let Err(e) = to.write_all(&buf[..n]).await {
-            reset(SockRef::from(from.as_ref()));
-            reset(SockRef::from(to.as_ref()));
-            to.forget();
-            return Err(e);
+            return writing_failed(&from, to, e);
         }
 
         bytes.fetch_add(n as u64, Ordering::Relaxed);
