@@ -107,6 +107,8 @@ pub enum ErrorKind {
     BadContext,
     /// A connection is already emulated by a filter.
     AlreadyEmulated,
+    /// EmulateConnection on a connection whose bind was not emulated.
+    NotEmulated,
     /// The daemon is shutting down.
     Terminating,
     /// Something failed inside the daemon (kernel, maps).
@@ -129,6 +131,7 @@ impl ErrorKind {
             ErrorKind::Exhausted => "exhausted",
             ErrorKind::BadContext => "bad-context",
             ErrorKind::AlreadyEmulated => "already-emulated",
+            ErrorKind::NotEmulated => "not-emulated",
             ErrorKind::Terminating => "terminating",
             ErrorKind::Internal => "internal",
             ErrorKind::NotRunning => "not-running",

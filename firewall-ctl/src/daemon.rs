@@ -124,6 +124,7 @@ impl Shared {
                 RelayCmd::SetTarget { owner, target } => self.relay.set_target(owner, target),
                 RelayCmd::Stop { owner } => self.relay.stop(owner),
                 RelayCmd::ClientBusy { client, busy } => self.relay.set_client_busy(client, busy),
+                RelayCmd::Emulate(job) => self.relay.emulate(job),
                 RelayCmd::StopConn { owner, conn } => self.relay.stop_conn(owner, conn),
             }
         }

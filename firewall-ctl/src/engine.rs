@@ -296,6 +296,10 @@ struct Object {
     relay_conn: Option<u64>,
     /// Order of establishment (for the UDP quota: the oldest goes first).
     established_seq: u64,
+    /// The filter that emulated the bind: nothing listens; connections come
+    /// only from `emulate_connection`.
+    emulated_by: Option<String>,
+    emulation_started: bool,
     /// User mode: bytes relayed.
     relayed: Option<Arc<AtomicU64>>,
     /// The filter that made the call: the only one told of establishments.
@@ -334,6 +338,8 @@ impl Object {
             deadline_ns: 0,
             relay_conn: None,
             established_seq: 0,
+            emulated_by: None,
+            emulation_started: false,
             relayed: None,
             caller: None,
         }
@@ -923,7 +929,11 @@ impl<M: Maps> Engine<M> {
                 || !decision.data_filters.is_empty()
                 || decision.emulated_by.is_some()
                 || self.factory_for(expected, *ep).is_some();
-            if user {
+            let emulated_by = decision.emulated_by.clone();
+            if emulated_by.is_some() {
+                // Nothing listens: the emulating filter is the data source
+                // (emulate_connection); the port stays reserved by its lease.
+            } else if user {
                 let mut factories = self.filters_for(&req.protocol_name);
                 if req.protocol == Transport::Udp {
                     factories.extend(self.take_factory(EventKind::BindUdp, *ep));
@@ -969,6 +979,7 @@ impl<M: Maps> Engine<M> {
                     context: req.context.clone(),
                     mode: if user { Mode::User } else { Mode::Kernel },
                     deadline_ns: if user { deadline } else { 0 },
+                    emulated_by,
 
                     ..Object::new(
                         req.session,
@@ -1293,6 +1304,61 @@ impl<M: Maps> Engine<M> {
         if o.state != State::Terminated {
             self.terminate(id, "killed");
         }
+        Ok(())
+    }
+
+    /// EmulateConnection: for a bind a filter emulated, connects to the client
+    /// (from the firewall's internal address) with `peer` as the data source
+    /// standing for the external `remote`. The connection is the bind's own
+    /// object (or a child with `allow-multiple`); its established and
+    /// terminating events follow as for relayed connections. A single-use
+    /// bind is used up by the call, also if the client cannot be reached.
+    pub fn emulate_connection(
+        &mut self,
+        id: u64,
+        remote: SocketAddrV4,
+        peer: Box<dyn filters::EmulatedPeer>,
+    ) -> Result<(), ApiError> {
+        let o = self.object(id)?;
+        if o.state == State::Terminated {
+            return Err(err(
+                ErrorKind::Terminating,
+                format!("connection {id} is terminated"),
+            ));
+        }
+        if o.emulated_by.is_none() {
+            return Err(err(
+                ErrorKind::NotEmulated,
+                format!("the bind of connection {id} was not emulated by a filter"),
+            ));
+        }
+        if o.transport != Transport::Tcp {
+            return Err(invalid(format!(
+                "connection {id} is UDP: emulated connections are TCP streams"
+            )));
+        }
+        let multiple = o.flags.contains(ConnFlags::ALLOW_MULTIPLE);
+        if o.state != State::Listening || (o.emulation_started && !multiple) {
+            return Err(err(
+                ErrorKind::Terminating,
+                format!("connection {id} was already used (no allow-multiple)"),
+            ));
+        }
+        let Some(target) = o.target else {
+            return Err(invalid(format!(
+                "connection {id} has no client address yet (SetClientAddress)"
+            )));
+        };
+        let source = SocketAddrV4::new(self.cfg.internal_addrs[0], 0);
+        self.objects.get_mut(&id).expect("exists").emulation_started = true;
+        self.relay.push(RelayCmd::Emulate(crate::relay::Emulation {
+            owner: id,
+            multiple,
+            remote,
+            target,
+            source,
+            peer,
+        }));
         Ok(())
     }
 
@@ -1885,6 +1951,8 @@ pub enum RelayCmd {
         owner: u64,
         conn: u64,
     },
+    /// An emulated connection to start.
+    Emulate(crate::relay::Emulation),
     /// A client reached its TCP quota (or is below it again).
     ClientBusy {
         client: Ipv4Addr,

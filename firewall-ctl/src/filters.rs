@@ -78,6 +78,23 @@ pub trait DataFilter: Send {
     }
 }
 
+/// The data source of an emulated connection (EmulateConnection): it plays
+/// the external side, at the emulation priority class; the client's socket is
+/// the only real one.
+pub trait EmulatedPeer: Send {
+    fn name(&self) -> &str;
+    /// What the client gets as soon as it is connected.
+    fn on_connected(&mut self) -> Action {
+        Action::Forward(Vec::new())
+    }
+    /// The client sent `data`: the answer (or the end of the connection).
+    fn on_client_data(&mut self, data: Vec<u8>) -> Action;
+    /// The client finished sending: last bytes, then the connection closes.
+    fn on_client_end(&mut self) -> Action {
+        Action::Forward(Vec::new())
+    }
+}
+
 /// Creates a data filter for each connection it is attached to (the
 /// factories registered for a protocol, as `SetDataFilterFactory` does).
 pub trait DataFilterFactory: Send + Sync {

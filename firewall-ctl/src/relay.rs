@@ -35,7 +35,9 @@ use tokio::{
 };
 
 use crate::{
-    filters::{Action, Chain, DataFilterFactory, Decision, Direction, EventKind, Sockets},
+    filters::{
+        Action, Chain, DataFilterFactory, Decision, Direction, EmulatedPeer, EventKind, Sockets,
+    },
     policy::{IpFilter, Transport},
 };
 
@@ -93,6 +95,20 @@ pub struct Job {
     /// Raises `event` for a connection (set by the daemon): its decision may
     /// abort the connection or add data filters.
     pub hook: Option<ConnectionHook>,
+}
+
+/// An emulated connection to start (see `Relay::emulate`).
+pub struct Emulation {
+    pub owner: u64,
+    /// Without it, a failed connect still uses up the bind.
+    pub multiple: bool,
+    /// The external peer the emulator stands for (what the client is told).
+    pub remote: SocketAddrV4,
+    /// The client.
+    pub target: SocketAddrV4,
+    /// The firewall's internal address the connection comes from (port 0: any).
+    pub source: SocketAddrV4,
+    pub peer: Box<dyn EmulatedPeer>,
 }
 
 /// Raises a connection's event in the engine: (owner, event, peer) → decision.
@@ -256,6 +272,63 @@ impl Relay {
     }
 
     /// Sets the target of a placeholder endpoint.
+    /// Starts an emulated connection (EmulateConnection): connects to the
+    /// client and lets the filter's emulator answer in place of `remote`.
+    pub fn emulate(&self, job: Emulation) {
+        let (owner, conn) = (job.owner, self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let relay = self.clone();
+        let mut t = self.tasks();
+        let task = tokio::spawn(async move { relay.emulated_connection(conn, job).await });
+        t.conns.insert((owner, conn), task.abort_handle());
+    }
+
+    async fn emulated_connection(self, conn: u64, job: Emulation) {
+        let Emulation {
+            owner,
+            multiple,
+            remote,
+            target,
+            source,
+            mut peer,
+        } = job;
+        match connect_from(source, target).await {
+            Err(e) => {
+                log::info!("relay {owner}: emulation: connecting to {target} failed: {e}");
+                if !multiple {
+                    self.send(RelayEvent::Denied {
+                        owner,
+                        from: remote,
+                        reason: "emulation-failed",
+                    });
+                }
+            }
+            Ok(mut client) => {
+                let bytes = Arc::new(AtomicU64::new(0));
+                self.send(RelayEvent::Established {
+                    owner,
+                    conn,
+                    from: remote,
+                    to: target,
+                    bytes: bytes.clone(),
+                });
+                match emulate_exchange(&mut client, peer.as_mut(), &bytes).await {
+                    Ok(()) => {
+                        let _ = client.shutdown().await;
+                    }
+                    Err(reason) => {
+                        log::info!(
+                            "relay {owner}: emulator {} ended the connection: {reason}",
+                            peer.name()
+                        );
+                        reset(SockRef::from(&client));
+                    }
+                }
+            }
+        }
+        self.tasks().conns.remove(&(owner, conn));
+        self.send(RelayEvent::Closed { owner, conn });
+    }
+
     /// Marks a client as at its TCP quota, or below it again.
     pub fn set_client_busy(&self, client: Ipv4Addr, busy: bool) {
         let mut t = self.tasks();
@@ -421,15 +494,7 @@ impl Relay {
         mut chain: Chain,
         accepted_from: Direction,
     ) {
-        let connected = async {
-            let s = TcpSocket::new_v4()?;
-            s.bind(SocketAddr::V4(source))?;
-            tokio::time::timeout(CONNECT_TIMEOUT, s.connect(SocketAddr::V4(to)))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
-        }
-        .await;
-        let client = match connected {
+        let client = match connect_from(source, to).await {
             Ok(c) => c,
             Err(e) => {
                 log::info!("relay {owner}: connecting {from} to {to} failed: {e}");
@@ -759,6 +824,49 @@ async fn one_way_filtered(
             let _ = to.shutdown().await;
             return Ok(());
         }
+    }
+}
+
+/// Connects to `to` from `source` (port 0: any), within CONNECT_TIMEOUT.
+async fn connect_from(source: SocketAddrV4, to: SocketAddrV4) -> io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(SocketAddr::V4(source))?;
+    tokio::time::timeout(CONNECT_TIMEOUT, s.connect(SocketAddr::V4(to)))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Plays an emulated connection: the emulator's answers go to the client,
+/// the client's bytes to the emulator. `Err` carries why it ended abnormally.
+async fn emulate_exchange(
+    client: &mut TcpStream,
+    peer: &mut dyn EmulatedPeer,
+    bytes: &AtomicU64,
+) -> Result<(), String> {
+    let mut answer = peer.on_connected();
+    let mut buf = vec![0u8; PUMP_BUFFER];
+    loop {
+        let out = match answer {
+            Action::Forward(b) => b,
+            Action::Close(reason) => return Err(reason),
+        };
+        if !out.is_empty() {
+            client.write_all(&out).await.map_err(|e| e.to_string())?;
+            bytes.fetch_add(out.len() as u64, Ordering::Relaxed);
+        }
+        let n = client.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return match peer.on_client_end() {
+                Action::Forward(b) => {
+                    client.write_all(&b).await.map_err(|e| e.to_string())?;
+                    bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                }
+                Action::Close(reason) => Err(reason),
+            };
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        answer = peer.on_client_data(buf[..n].to_vec());
     }
 }
 

@@ -18,7 +18,7 @@ use firewall_ctl::{
     config::Timeouts,
     engine::{BindRequest, Engine, EngineConfig, MemMaps, RelayCmd},
     filters::{
-        Action, AppFilter, DataFilter, Direction, EventContext, EventKind, EventMask,
+        Action, AppFilter, DataFilter, Direction, EmulatedPeer, EventContext, EventKind, EventMask,
         PriorityClass, Sockets,
     },
     flags::ConnFlags,
@@ -92,6 +92,47 @@ impl AppFilter for Gate {
     }
 }
 
+/// Emulates TCP binds while `on` is set (EmulateForBind in fwx_Bind_Tcp).
+#[derive(Default)]
+struct Emulator {
+    on: AtomicBool,
+}
+impl AppFilter for Emulator {
+    fn name(&self) -> &str {
+        "emulator"
+    }
+    fn events(&self) -> EventMask {
+        EventMask::BIND_TCP
+    }
+    fn on_event(&self, ev: &mut EventContext<'_>) -> Result<(), ApiError> {
+        if self.on.load(Ordering::Relaxed) {
+            ev.emulate_for_bind()?;
+        }
+        Ok(())
+    }
+}
+
+/// The data source of an emulated connection: greets the client and ends
+/// once the client has echoed the greeting.
+struct Greeter(Arc<Mutex<Vec<u8>>>);
+impl EmulatedPeer for Greeter {
+    fn name(&self) -> &str {
+        "greeter"
+    }
+    fn on_connected(&mut self) -> Action {
+        Action::Forward(b"hello from the emulator\n".to_vec())
+    }
+    fn on_client_data(&mut self, data: Vec<u8>) -> Action {
+        let mut got = self.0.lock().unwrap();
+        got.extend(data);
+        if String::from_utf8_lossy(&got).contains("hello from the emulator\n") {
+            Action::Close("done".into())
+        } else {
+            Action::Forward(Vec::new())
+        }
+    }
+}
+
 type Shared = Arc<Mutex<Engine<MemMaps>>>;
 
 /// Carries out the engine's relay work, giving jobs the accept hook.
@@ -109,6 +150,7 @@ fn run_relay_cmds(engine: &Shared, relay: &Relay) {
             RelayCmd::SetTarget { owner, target } => relay.set_target(owner, target),
             RelayCmd::Stop { owner } => relay.stop(owner),
             RelayCmd::ClientBusy { client, busy } => relay.set_client_busy(client, busy),
+            RelayCmd::Emulate(job) => relay.emulate(job),
             RelayCmd::StopConn { owner, conn } => relay.stop_conn(owner, conn),
         }
     }
@@ -157,6 +199,8 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             Engine::new(cfg, MemMaps::default(), PortPool::new(30000..=30099, true)).unwrap();
         let gate = Arc::new(Gate::default());
         engine.register_filter(gate.clone());
+        let emulator = Arc::new(Emulator::default());
+        engine.register_filter(emulator.clone());
         let engine: Shared = Arc::new(Mutex::new(engine));
         rt.block_on(async {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -311,6 +355,96 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
                 gate.terminated.lock().unwrap().contains(&fid),
                 "terminating delivered for the failed accept"
             );
+
+            // Emulation: the bind is emulated (nothing listens), and
+            // EmulateConnection connects the client to the filter's data source.
+            gate.failing.store(false, Ordering::Relaxed);
+            emulator.on.store(true, Ordering::Relaxed);
+            let e = engine
+                .lock()
+                .unwrap()
+                .bind_for_client(&bind("10.1.0.2:5004"))
+                .unwrap();
+            let eid = e.connections[0].id;
+            emulator.on.store(false, Ordering::Relaxed);
+            run_relay_cmds(&engine, &relay);
+            let eport = e.proxy_address.port();
+            let nothing = tokio::task::spawn_blocking({
+                let server = lab.server.clone();
+                move || probe(&server, eport)
+            })
+            .await
+            .unwrap();
+            assert!(
+                nothing.is_empty(),
+                "an emulated bind listens nowhere: {nothing:?}"
+            );
+            let plain = engine
+                .lock()
+                .unwrap()
+                .bind_for_client(&bind("10.1.0.2:5005"))
+                .unwrap()
+                .connections[0]
+                .id;
+            assert_eq!(
+                engine
+                    .lock()
+                    .unwrap()
+                    .emulate_connection(
+                        plain,
+                        sa("198.51.100.9:20"),
+                        Box::new(Greeter(Default::default()))
+                    )
+                    .unwrap_err()
+                    .kind,
+                ErrorKind::NotEmulated
+            );
+            let _echo = tokio::task::spawn_blocking({
+                let client = lab.client.clone();
+                move || echo_server(&client, IPPROTO_TCP, addr::CLIENT, 5004)
+            })
+            .await
+            .unwrap();
+            let heard = Arc::new(Mutex::new(Vec::new()));
+            engine
+                .lock()
+                .unwrap()
+                .emulate_connection(eid, sa("198.51.100.9:20"), Box::new(Greeter(heard.clone())))
+                .unwrap();
+            assert_eq!(
+                engine
+                    .lock()
+                    .unwrap()
+                    .emulate_connection(
+                        eid,
+                        sa("198.51.100.9:20"),
+                        Box::new(Greeter(Default::default()))
+                    )
+                    .unwrap_err()
+                    .kind,
+                ErrorKind::Terminating,
+                "a single-use bind is used up by the call"
+            );
+            run_relay_cmds(&engine, &relay);
+            let mut reason = None;
+            for _ in 0..60 {
+                let objects = engine.lock().unwrap().objects();
+                reason = objects
+                    .iter()
+                    .find(|o| o.id == eid)
+                    .and_then(|o| o.reason.clone());
+                if reason.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let heard = String::from_utf8_lossy(&heard.lock().unwrap()).into_owned();
+            assert!(
+                heard.starts_with(addr::FW_INTERNAL),
+                "the client was connected from the firewall's internal address: {heard:?}"
+            );
+            assert!(heard.ends_with("hello from the emulator\n"), "{heard:?}");
+            assert_eq!(reason.as_deref(), Some("closed"), "established, then ended");
         });
         rt.shutdown_timeout(Duration::from_secs(1));
     })
