@@ -445,6 +445,8 @@ pub struct Decision {
     pub denied_by: Option<String>,
     pub data_filters: Vec<(PriorityClass, Box<dyn DataFilter>)>,
     pub emulated_by: Option<String>,
+    /// Accept-time emulation: the data source that answers the external peer.
+    pub emulator: Option<Box<dyn EmulatedPeer>>,
 }
 
 impl std::fmt::Debug for Decision {
@@ -556,6 +558,18 @@ impl<'a> EventContext<'a> {
                 self.connection, self.kind
             ),
         ))
+    }
+
+    /// EmulateForBind while handling an accepted connection, with the data
+    /// source (the emulation-class data filter of the spec): the client is
+    /// never connected; `peer` answers the external side instead.
+    pub fn emulate_accepted(&mut self, peer: Box<dyn EmulatedPeer>) -> Result<(), ApiError> {
+        if self.kind != EventKind::AcceptedConnection {
+            return Err(bad_context("an emulated accept", self.kind));
+        }
+        self.emulate_for_bind()?;
+        self.decision.emulator = Some(peer);
+        Ok(())
     }
 
     /// Takes the bind over (EmulateForBind): no connection may be emulated twice.

@@ -289,7 +289,7 @@ impl Relay {
             remote,
             target,
             source,
-            mut peer,
+            peer,
         } = job;
         match connect_from(source, target).await {
             Err(e) => {
@@ -302,27 +302,45 @@ impl Relay {
                     });
                 }
             }
-            Ok(mut client) => {
-                let bytes = Arc::new(AtomicU64::new(0));
-                self.send(RelayEvent::Established {
-                    owner,
-                    conn,
-                    from: remote,
-                    to: target,
-                    bytes: bytes.clone(),
-                });
-                match emulate_exchange(&mut client, peer.as_mut(), &bytes).await {
-                    Ok(()) => {
-                        let _ = client.shutdown().await;
-                    }
-                    Err(reason) => {
-                        log::info!(
-                            "relay {owner}: emulator {} ended the connection: {reason}",
-                            peer.name()
-                        );
-                        reset(SockRef::from(&client));
-                    }
-                }
+            Ok(client) => {
+                return self
+                    .run_emulation(owner, conn, client, remote, target, peer)
+                    .await
+            }
+        }
+        self.tasks().conns.remove(&(owner, conn));
+        self.send(RelayEvent::Closed { owner, conn });
+    }
+
+    /// An emulator talking to the one real socket of an emulated connection
+    /// (the client's, or the external peer's for an emulated accept).
+    async fn run_emulation(
+        self,
+        owner: u64,
+        conn: u64,
+        mut stream: TcpStream,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+        mut peer: Box<dyn EmulatedPeer>,
+    ) {
+        let bytes = Arc::new(AtomicU64::new(0));
+        self.send(RelayEvent::Established {
+            owner,
+            conn,
+            from,
+            to,
+            bytes: bytes.clone(),
+        });
+        match emulate_exchange(&mut stream, peer.as_mut(), &bytes).await {
+            Ok(()) => {
+                let _ = stream.shutdown().await;
+            }
+            Err(reason) => {
+                log::info!(
+                    "relay {owner}: emulator {} ended the connection: {reason}",
+                    peer.name()
+                );
+                reset(SockRef::from(&stream));
             }
         }
         self.tasks().conns.remove(&(owner, conn));
@@ -429,6 +447,7 @@ impl Relay {
             // The accept (bind) or connect (redirect) event: filters may abort
             // the connection or attach data filters to it.
             let mut attached = Vec::new();
+            let mut emulator = None;
             if let Some((kind, hook)) = &event {
                 let address = if matches!(admit, Admit::Peers(_)) {
                     from
@@ -436,7 +455,10 @@ impl Relay {
                     to
                 };
                 match hook(owner, *kind, address) {
-                    Ok(d) if d.denied_by.is_none() => attached = d.data_filters,
+                    Ok(d) if d.denied_by.is_none() && d.emulated_by.is_none() => {
+                        attached = d.data_filters
+                    }
+                    Ok(d) if d.denied_by.is_none() && d.emulator.is_some() => emulator = d.emulator,
                     outcome => {
                         // Denied, or a handler failed (§15 68): the accept fails
                         // either way, and uses up a single-use opening.
@@ -445,6 +467,10 @@ impl Relay {
                                 log::warn!("relay {owner}: {}", e.message);
                                 ("filter-failed", "a filter failed handling the connection")
                             }
+                            Ok(d) if d.denied_by.is_none() => (
+                                "emulated-without-source",
+                                "emulated by a filter that gave no data source",
+                            ),
                             Ok(_) => ("denied", "denied by a filter"),
                         };
                         reset(SockRef::from(&peer));
@@ -466,9 +492,24 @@ impl Relay {
             let relay = self.clone();
             let chain = Chain::new(&filters).with(attached);
             let task = tokio::spawn(async move {
-                relay
-                    .tcp_connection(owner, conn, peer, from, to, source, chain, accepted_from)
-                    .await
+                match emulator {
+                    // An emulated accept: the client is never connected.
+                    Some(e) => relay.run_emulation(owner, conn, peer, from, to, e).await,
+                    None => {
+                        relay
+                            .tcp_connection(
+                                owner,
+                                conn,
+                                peer,
+                                from,
+                                to,
+                                source,
+                                chain,
+                                accepted_from,
+                            )
+                            .await
+                    }
+                }
             });
             self.tasks()
                 .conns

@@ -58,6 +58,9 @@ struct Gate {
     failing: AtomicBool,
     terminated: Mutex<Vec<u64>>,
     sockets: Arc<Mutex<Option<Sockets>>>,
+    /// Emulate accepted connections (EmulateForBind at accept, with a source).
+    emulating: AtomicBool,
+    heard: Arc<Mutex<Vec<u8>>>,
 }
 impl AppFilter for Gate {
     fn name(&self) -> &str {
@@ -75,6 +78,9 @@ impl AppFilter for Gate {
             ev.external_socket_name().unwrap_err().kind,
             ErrorKind::InvalidArgument
         );
+        if self.emulating.load(Ordering::Relaxed) {
+            return ev.emulate_accepted(Box::new(Greeter(self.heard.clone())));
+        }
         if self.failing.load(Ordering::Relaxed) {
             return Err(ApiError {
                 kind: ErrorKind::Exhausted,
@@ -445,6 +451,36 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             );
             assert!(heard.ends_with("hello from the emulator\n"), "{heard:?}");
             assert_eq!(reason.as_deref(), Some("closed"), "established, then ended");
+
+            // Emulation at accept: the external peer is answered by the
+            // filter's data source; the client is never connected.
+            gate.emulating.store(true, Ordering::Relaxed);
+            let a = engine
+                .lock()
+                .unwrap()
+                .bind_for_client(&bind("10.1.0.2:5006"))
+                .unwrap();
+            run_relay_cmds(&engine, &relay);
+            let aport = a.proxy_address.port();
+            let answered = tokio::task::spawn_blocking({
+                let server = lab.server.clone();
+                move || {
+                    send(
+                        &server,
+                        IPPROTO_TCP,
+                        (addr::SERVER, 25006),
+                        (addr::FW_EXTERNAL, aport),
+                        "knock knock",
+                    )
+                }
+            })
+            .await
+            .unwrap();
+            assert_eq!(answered, "hello from the emulator\n");
+            assert_eq!(
+                String::from_utf8_lossy(&gate.heard.lock().unwrap()),
+                "knock knock\n"
+            );
         });
         rt.shutdown_timeout(Duration::from_secs(1));
     })
