@@ -147,6 +147,11 @@ fn create_flows(
     );
     let mut back = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
     back.owner = v.owner;
+    // Created counts as seen: an entry whose first packet is then dropped (no
+    // neighbour yet) must not look idle since boot to the sweeper.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    fwd.last_seen_ns = now;
+    back.last_seen_ns = now;
     flow::insert(&reply_key, &back)?;
     flow::insert(key, &fwd)?;
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).uses, 1) };

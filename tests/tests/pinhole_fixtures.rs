@@ -79,6 +79,9 @@ fn bind_pinhole_admits_one_connection_and_creates_both_flows() {
         .expect("reply flow");
     assert_eq!((fwd.owner, back.owner), (OWNER, OWNER));
     assert_eq!(fwd.packets, 1);
+    // Created counts as seen, also for the reply entry no packet has used yet:
+    // a timestamp of 0 would look idle since boot to the sweeper.
+    assert!(back.last_seen_ns > 0 && back.last_seen_ns <= fwd.last_seen_ns);
     let p = fx.pinholes.get(&key).unwrap().unwrap();
     assert_eq!((p.remaining, p.uses), (0, 1), "single use consumed");
 
