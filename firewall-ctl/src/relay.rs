@@ -323,14 +323,7 @@ impl Relay {
         to: SocketAddrV4,
         mut peer: Box<dyn EmulatedPeer>,
     ) {
-        let bytes = Arc::new(AtomicU64::new(0));
-        self.send(RelayEvent::Established {
-            owner,
-            conn,
-            from,
-            to,
-            bytes: bytes.clone(),
-        });
+        let bytes = self.established(owner, conn, from, to);
         match emulate_exchange(&mut stream, peer.as_mut(), &bytes).await {
             Ok(()) => {
                 let _ = stream.shutdown().await;
@@ -345,6 +338,25 @@ impl Relay {
         }
         self.tasks().conns.remove(&(owner, conn));
         self.send(RelayEvent::Closed { owner, conn });
+    }
+
+    /// Reports a connection made; returns its relayed-bytes counter.
+    fn established(
+        &self,
+        owner: u64,
+        conn: u64,
+        from: SocketAddrV4,
+        to: SocketAddrV4,
+    ) -> Arc<AtomicU64> {
+        let bytes = Arc::new(AtomicU64::new(0));
+        self.send(RelayEvent::Established {
+            owner,
+            conn,
+            from,
+            to,
+            bytes: bytes.clone(),
+        });
+        bytes
     }
 
     /// Marks a client as at its TCP quota, or below it again.
@@ -546,14 +558,7 @@ impl Relay {
         };
         keepalive(&peer);
         keepalive(&client);
-        let bytes = Arc::new(AtomicU64::new(0));
-        self.send(RelayEvent::Established {
-            owner,
-            conn,
-            from,
-            to,
-            bytes: bytes.clone(),
-        });
+        let bytes = self.established(owner, conn, from, to);
         if !chain.is_empty() {
             if let Some(sockets) = sockets_of(&peer, &client, accepted_from) {
                 chain.set_sockets(&sockets);
