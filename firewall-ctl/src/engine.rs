@@ -403,6 +403,8 @@ pub struct Engine<M: Maps> {
     factories: BTreeMap<u64, AddressFactory>,
     /// Clients at their TCP quota (also in BUSY_CLIENTS and told to the relay).
     busy_clients: HashSet<Ipv4Addr>,
+    /// Established connections per (client, transport).
+    established_count: HashMap<(Ipv4Addr, Transport), usize>,
     next_established: u64,
 }
 
@@ -458,6 +460,7 @@ impl<M: Maps> Engine<M> {
             app_filters: Vec::new(),
             factories: BTreeMap::new(),
             busy_clients: HashSet::new(),
+            established_count: HashMap::new(),
             next_established: 1,
         })
     }
@@ -1480,8 +1483,14 @@ impl<M: Maps> Engine<M> {
         if o.state == State::Terminated {
             return;
         }
+        let was_established = o.state == State::Established;
         o.state = State::Terminated;
         o.reason = Some(reason.to_string());
+        if was_established {
+            let (session, transport) = (o.session, o.transport);
+            self.count_established(session, transport, false);
+        }
+        let o = self.objects.get_mut(&id).expect("exists");
         let (pinhole, filter, leases, flows, session) = (
             o.pinhole.take(),
             o.peer_filter.take(),
@@ -1541,6 +1550,24 @@ impl<M: Maps> Engine<M> {
         self.check_quota(session, transport);
     }
 
+    /// Keeps the number of established connections per client and transport
+    /// (what the quota compares), so no check has to scan the objects.
+    fn count_established(&mut self, session: u64, transport: Transport, up: bool) {
+        let Some(client) = self.sessions.get(&session).map(|s| s.client) else {
+            return;
+        };
+        let key = (client, transport);
+        let n = self.established_count.entry(key).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.established_count.remove(&key);
+            }
+        }
+    }
+
     /// The per-client quota (spec §15 59): a client with `client_quota`
     /// established TCP secondaries is marked busy, so the datapath and the
     /// relay refuse its next ones until one ends; a UDP secondary beyond the
@@ -1549,20 +1576,26 @@ impl<M: Maps> Engine<M> {
         let Some(client) = self.sessions.get(&session).map(|s| s.client) else {
             return;
         };
-        let mut established: Vec<(u64, u64)> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| {
-                o.state == State::Established
-                    && o.transport == transport
-                    && self.sessions.get(&o.session).map(|s| s.client) == Some(client)
-            })
-            .map(|(id, o)| (o.established_seq, *id))
-            .collect();
+        let count = self
+            .established_count
+            .get(&(client, transport))
+            .copied()
+            .unwrap_or(0);
         let quota = self.cfg.client_quota as usize;
         match transport {
             Transport::Udp => {
-                if established.len() > quota {
+                if count > quota {
+                    // Rare (only beyond the quota): find the oldest.
+                    let mut established: Vec<(u64, u64)> = self
+                        .objects
+                        .iter()
+                        .filter(|(_, o)| {
+                            o.state == State::Established
+                                && o.transport == transport
+                                && self.sessions.get(&o.session).map(|s| s.client) == Some(client)
+                        })
+                        .map(|(id, o)| (o.established_seq, *id))
+                        .collect();
                     established.sort_unstable();
                     let excess = established.len() - quota;
                     for (_, id) in established.into_iter().take(excess) {
@@ -1573,12 +1606,12 @@ impl<M: Maps> Engine<M> {
                 }
             }
             Transport::Tcp => {
-                let busy = established.len() >= quota;
+                let busy = count >= quota;
                 if busy == self.busy_clients.contains(&client) {
                     return;
                 }
                 let value = busy.then_some(BusyClientValue {
-                    established_tcp: established.len() as u32,
+                    established_tcp: count as u32,
                     quota: self.cfg.client_quota,
                 });
                 if let Err(e) = self.maps.set_client_busy(client, value) {
@@ -1651,6 +1684,7 @@ impl<M: Maps> Engine<M> {
         let o = self.objects.get_mut(&id).expect("exists");
         o.established_seq = seq;
         let (session, transport) = (o.session, o.transport);
+        self.count_established(session, transport, true);
         self.check_quota(session, transport);
         if self.objects[&id].state == State::Terminated {
             return id;
