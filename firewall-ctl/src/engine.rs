@@ -296,9 +296,9 @@ struct Object {
     relay_conn: Option<u64>,
     /// Order of establishment (for the UDP quota: the oldest goes first).
     established_seq: u64,
-    /// The filter that emulated the bind: nothing listens; connections come
+    /// A filter emulated the bind: nothing listens; connections come
     /// only from `emulate_connection`.
-    emulated_by: Option<String>,
+    emulated: bool,
     emulation_started: bool,
     /// User mode: bytes relayed.
     relayed: Option<Arc<AtomicU64>>,
@@ -338,7 +338,7 @@ impl Object {
             deadline_ns: 0,
             relay_conn: None,
             established_seq: 0,
-            emulated_by: None,
+            emulated: false,
             emulation_started: false,
             relayed: None,
             caller: None,
@@ -932,8 +932,8 @@ impl<M: Maps> Engine<M> {
                 || !decision.data_filters.is_empty()
                 || decision.emulated_by.is_some()
                 || self.factory_for(expected, *ep).is_some();
-            let emulated_by = decision.emulated_by.clone();
-            if emulated_by.is_some() {
+            let emulated = decision.emulated_by.is_some();
+            if emulated {
                 // Nothing listens: the emulating filter is the data source
                 // (emulate_connection); the port stays reserved by its lease.
             } else if user {
@@ -982,7 +982,7 @@ impl<M: Maps> Engine<M> {
                     context: req.context.clone(),
                     mode: if user { Mode::User } else { Mode::Kernel },
                     deadline_ns: if user { deadline } else { 0 },
-                    emulated_by,
+                    emulated,
 
                     ..Object::new(
                         req.session,
@@ -1329,7 +1329,7 @@ impl<M: Maps> Engine<M> {
                 format!("connection {id} is terminated"),
             ));
         }
-        if o.emulated_by.is_none() {
+        if !o.emulated {
             return Err(err(
                 ErrorKind::NotEmulated,
                 format!("the bind of connection {id} was not emulated by a filter"),

@@ -676,27 +676,10 @@ impl Relay {
             };
             used = true;
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-            let bytes = Arc::new(AtomicU64::new(n as u64));
             let chain = (!filters.is_empty() || !attached.is_empty()).then(|| {
                 let mut chain = Chain::new(&filters).with(attached);
-                // The socket that received is external for binds, internal for redirects.
-                let (here, there) = (socket.local_addr().ok(), inner.local_addr().ok());
-                if let (Some(here), Some(there)) = (here, there) {
-                    let (here, there) = (v4(here), v4(there));
-                    chain.set_sockets(&match peer_side {
-                        Direction::FromExternal => Sockets {
-                            external_name: here,
-                            external_peer: from,
-                            internal_name: there,
-                            internal_peer: to,
-                        },
-                        Direction::FromInternal => Sockets {
-                            external_name: there,
-                            external_peer: to,
-                            internal_name: here,
-                            internal_peer: from,
-                        },
-                    });
+                if let (Ok(here), Ok(there)) = (socket.local_addr(), inner.local_addr()) {
+                    chain.set_sockets(&oriented(peer_side, (v4(here), from), (v4(there), to)));
                 }
                 Arc::new(Mutex::new(chain))
             });
@@ -706,13 +689,8 @@ impl Relay {
                     let _ = inner.send(d).await;
                 }
             }
-            self.send(RelayEvent::Established {
-                owner,
-                conn,
-                from,
-                to,
-                bytes: bytes.clone(),
-            });
+            let bytes = self.established(owner, conn, from, to);
+            bytes.fetch_add(n as u64, Ordering::Relaxed);
             if let Err(reason) = first {
                 self.send(RelayEvent::Blocked {
                     owner,
@@ -919,16 +897,34 @@ async fn emulate_exchange(
 /// The sockets of a relayed TCP connection as its data filters see them: the
 /// accepted socket is external for binds, internal for redirects.
 fn sockets_of(accepted: &TcpStream, made: &TcpStream, accepted_from: Direction) -> Option<Sockets> {
-    let (ext, int) = match accepted_from {
-        Direction::FromExternal => (accepted, made),
-        Direction::FromInternal => (made, accepted),
+    Some(oriented(
+        accepted_from,
+        (
+            v4(accepted.local_addr().ok()?),
+            v4(accepted.peer_addr().ok()?),
+        ),
+        (v4(made.local_addr().ok()?), v4(made.peer_addr().ok()?)),
+    ))
+}
+
+/// Sockets from the (own address, peer) of the socket that received the
+/// connection and of the one the relay made: the receiving one is external
+/// for binds (`FromExternal`), internal for redirects.
+fn oriented(
+    received_from: Direction,
+    received: (SocketAddrV4, SocketAddrV4),
+    made: (SocketAddrV4, SocketAddrV4),
+) -> Sockets {
+    let (ext, int) = match received_from {
+        Direction::FromExternal => (received, made),
+        Direction::FromInternal => (made, received),
     };
-    Some(Sockets {
-        external_name: v4(ext.local_addr().ok()?),
-        external_peer: v4(ext.peer_addr().ok()?),
-        internal_name: v4(int.local_addr().ok()?),
-        internal_peer: v4(int.peer_addr().ok()?),
-    })
+    Sockets {
+        external_name: ext.0,
+        external_peer: ext.1,
+        internal_name: int.0,
+        internal_peer: int.1,
+    }
 }
 
 /// Moves bytes both ways until both sides are done. A half-close (FIN) is
