@@ -8,6 +8,7 @@
 
 pub mod csum;
 pub mod flow;
+pub mod intercept;
 pub mod pinhole;
 pub mod stats;
 
@@ -23,12 +24,16 @@ pub mod map_names {
     pub const PEER_FILTERS: &str = "PEER_FILTERS";
     pub const BUSY_CLIENTS: &str = "BUSY_CLIENTS";
     pub const EVENTS: &str = "EVENTS";
+    pub const INTERCEPT: &str = "INTERCEPT";
+    pub const INTERCEPT_CONF: &str = "INTERCEPT_CONF";
 }
 
-/// Names of the XDP programs in the eBPF object.
+/// Names of the programs in the eBPF object.
 pub mod program_names {
     pub const XDP_INTERNAL: &str = "xdp_internal";
     pub const XDP_EXTERNAL: &str = "xdp_external";
+    /// TC (tcx) ingress on the internal interface: transparent interception.
+    pub const TC_INTERNAL: &str = "tc_internal";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

@@ -73,6 +73,9 @@ counters! {
     DropPinholeNotSyn = 23, Drop, "drop_pinhole_not_syn", "a TCP segment other than SYN tried to open a pinhole";
     DropNatPortsBusy = 24, Drop, "drop_nat_ports_busy", "all SNAT ports of the pinhole are in use";
     DropClientQuota = 25, Drop, "drop_client_quota", "the client has its quota of concurrent secondary TCP connections";
+    PassIntercepted = 26, Pass, "pass_intercepted", "TC: a primary connection's SYN handed to the daemon (also counted by XDP as it passed)";
+    PassTransparent = 27, Pass, "pass_transparent", "TC: a segment for a socket the daemon answers for transparently, delivered locally";
+    DropNoInterceptor = 28, Drop, "drop_no_interceptor", "TC: a primary connection to intercept, but the daemon's listener is gone";
 }
 
 /// Number of slots in the STATS map.

@@ -33,6 +33,24 @@ struct File {
     networks: Option<std::collections::BTreeMap<String, Vec<String>>>,
     #[serde(default)]
     scan: ScanFile,
+    #[serde(default)]
+    ftp: FtpFile,
+    #[serde(default)]
+    interception: InterceptionFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FtpFile {
+    enabled: Option<bool>,
+    ports: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterceptionFile {
+    fwmark: Option<u32>,
+    route_table: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,7 +135,19 @@ pub struct Config {
     /// Protocols whose secondary connections are scanned for Windows
     /// executables (they go through the user-mode relay).
     pub block_executables: Vec<String>,
+    /// Destination ports of FTP control connections that the built-in FTP
+    /// filter intercepts; empty: the filter is off.
+    pub ftp_ports: Vec<u16>,
+    /// Mark that makes policy routing deliver intercepted segments locally.
+    pub fwmark: u32,
+    /// The routing table holding the local route for marked segments.
+    pub route_table: u32,
 }
+
+pub const DEFAULT_FTP_PORTS: &[u16] = &[21];
+/// "FW" and 0x21 (FTP's port); any value no other software on the machine uses.
+pub const DEFAULT_FWMARK: u32 = 0x4657_0021;
+pub const DEFAULT_ROUTE_TABLE: u32 = 18_007;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Timeouts {
@@ -509,7 +539,51 @@ impl Config {
             block_executables.push(name.clone());
         }
 
+        let ftp_ports = if file.ftp.enabled.unwrap_or(true) {
+            let ports = file
+                .ftp
+                .ports
+                .unwrap_or_else(|| DEFAULT_FTP_PORTS.to_vec());
+            if ports.is_empty() || ports.len() > 16 {
+                return Err(err(
+                    "ftp.ports",
+                    "give 1 to 16 ports (or enabled = false to turn the FTP filter off)",
+                ));
+            }
+            for (i, p) in ports.iter().enumerate() {
+                if *p == 0 || ports[..i].contains(p) {
+                    return Err(err(
+                        format!("ftp.ports[{i}]"),
+                        format!("{p} is 0 or listed twice"),
+                    ));
+                }
+            }
+            if !protocols.iter().any(|p| p.name == "ftp") {
+                return Err(err(
+                    "ftp.enabled",
+                    "the FTP filter needs a protocol named \"ftp\" in [[protocols]] (or enabled = false)",
+                ));
+            }
+            ports
+        } else {
+            Vec::new()
+        };
+        let fwmark = file.interception.fwmark.unwrap_or(DEFAULT_FWMARK);
+        if fwmark == 0 {
+            return Err(err("interception.fwmark", "0 means no mark; pick another value"));
+        }
+        let route_table = file.interception.route_table.unwrap_or(DEFAULT_ROUTE_TABLE);
+        if matches!(route_table, 0 | 253..=255) {
+            return Err(err(
+                "interception.route_table",
+                format!("{route_table} is reserved (unspec, default, main, local)"),
+            ));
+        }
+
         Ok(Config {
+            ftp_ports,
+            fwmark,
+            route_table,
             block_executables,
             internal_networks,
             external_addresses,
@@ -595,6 +669,8 @@ clients = ["10.1.0.0/24"]
 [networks]
 lan = ["10.1.0.0/23"]
 dmz = ["192.168.0.0/24"]
+[ftp]
+enabled = false
 "#,
             &i,
             &e,
@@ -614,6 +690,7 @@ dmz = ["192.168.0.0/24"]
         assert_eq!(c.protocols.len(), 1);
         assert_eq!(c.protocols[0].transport, Transport::Udp);
         assert_eq!(c.networks.len(), 2);
+        assert!(c.ftp_ports.is_empty());
     }
 
     #[test]
@@ -624,6 +701,18 @@ dmz = ["192.168.0.0/24"]
         assert_eq!(c.timeouts, Timeouts::default());
         assert_eq!(c.port_range, DEFAULT_PORT_RANGE);
         assert_eq!(c.client_quota, DEFAULT_CLIENT_QUOTA);
+        assert_eq!(c.ftp_ports, DEFAULT_FTP_PORTS);
+        assert_eq!(c.fwmark, DEFAULT_FWMARK);
+    }
+
+    #[test]
+    fn ftp_filter_is_on_by_default_and_can_be_turned_off() {
+        let (i, e) = ifs();
+        assert_eq!(Config::defaults(&i, &e).unwrap().ftp_ports, vec![21]);
+        let off = Config::parse("[ftp]\nenabled = false", &i, &e).unwrap();
+        assert!(off.ftp_ports.is_empty());
+        let other = Config::parse("[ftp]\nports = [21, 2121]", &i, &e).unwrap();
+        assert_eq!(other.ftp_ports, vec![21, 2121]);
     }
 
     #[test]
@@ -652,6 +741,13 @@ dmz = ["192.168.0.0/24"]
             ("[scan]\nblock_executables = [\"gopher\"]", "scan.block_executables[0]"),
             ("[scan]\nblock_everything = true", "unknown field `block_everything`"),
             ("[policy]\nclient_quota = 0", "policy.client_quota"),
+            ("[ftp]\nports = [21, 21]", "ftp.ports[1]"),
+            ("[ftp]\nports = []", "ftp.ports"),
+            ("[ftp]\nports = [0]", "ftp.ports[0]"),
+            ("[ftp]\nport = 21", "unknown field `port`"),
+            ("[[protocols]]\nname = \"tftp\"\ntransport = \"udp\"", "ftp.enabled"),
+            ("[interception]\nfwmark = 0", "interception.fwmark"),
+            ("[interception]\nroute_table = 254", "interception.route_table"),
         ];
         for (text, want) in cases {
             let got = Config::parse(text, &i, &e).unwrap_err().to_string();

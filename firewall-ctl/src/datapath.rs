@@ -15,16 +15,18 @@ use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        HashMap, Map, MapData, MapInfo, PerCpuArray, RingBuf,
+        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, RingBuf,
     },
     programs::{
         links::{FdLink, PinnedLink},
-        Xdp, XdpMode,
+        tc::{TcAttachOptions, TcAttachType},
+        LinkOrder, SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
 use firewall_common::{
     flow::{FlowKey, FlowValue},
+    intercept::{InterceptConf, InterceptKey, InterceptValue},
     map_names,
     pinhole::{
         BusyClientKey, BusyClientValue, DatapathEvent, PeerFilterKey, PeerFilterValue, PinholeKey,
@@ -120,9 +122,34 @@ impl PinPaths {
 
 /// Why the kernel refused a program: the errno, and the end of the
 /// verifier's log (which says what went wrong when the verifier did).
-fn load_error(side: Side, e: aya::programs::ProgramError) -> anyhow::Error {
+/// Loads a program; the verifier gives up with EAGAIN when a signal is
+/// pending (children exiting, a terminal resize…): like libbpf, try again.
+fn load_retrying(
+    name: &str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> anyhow::Result<()> {
+    let mut attempts = 0;
+    loop {
+        match load() {
+            Ok(()) => return Ok(()),
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if attempts < 5
+                    && matches!(
+                        io_error.raw_os_error().map(nix::errno::Errno::from_raw),
+                        Some(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)
+                    ) =>
+            {
+                attempts += 1;
+                log::debug!("loading {name}: {io_error}; trying again");
+            }
+            Err(e) => return Err(load_error(name, e)),
+        }
+    }
+}
+
+fn load_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
     let full = format!("{e}");
-    log::debug!("loading {}: {full}", side.program());
+    log::debug!("loading {name}: {full}");
     let errno = match &e {
         aya::programs::ProgramError::LoadError { io_error, .. } => format!(" ({io_error})"),
         _ => String::new(),
@@ -130,8 +157,7 @@ fn load_error(side: Side, e: aya::programs::ProgramError) -> anyhow::Error {
     let tail: Vec<&str> = full.lines().rev().take(12).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
     anyhow!(
-        "the kernel refused XDP program {}{errno} (RUST_LOG=debug shows the whole verifier log):\n{}",
-        side.program(),
+        "the kernel refused program {name}{errno} (RUST_LOG=debug shows the whole verifier log):\n{}",
         tail.join("\n")
     )
 }
@@ -169,6 +195,16 @@ const MAPS: &[MapSpec] = &[
         // struct bpf_lpm_trie_key: prefix length, then the data.
         key_size: 4 + size_of::<PeerFilterKey>() as u32,
         value_size: size_of::<PeerFilterValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::INTERCEPT,
+        key_size: size_of::<InterceptKey>() as u32,
+        value_size: size_of::<InterceptValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::INTERCEPT_CONF,
+        key_size: 4,
+        value_size: size_of::<InterceptConf>() as u32,
     },
 ];
 
@@ -266,26 +302,14 @@ impl Datapath {
         };
         for side in Side::BOTH {
             let prog: &mut Xdp = program(&mut ebpf, side)?;
-            // The verifier gives up with EAGAIN when a signal is pending
-            // (children exiting, a terminal resize…); like libbpf, try again.
-            let mut attempts = 0;
-            loop {
-                match prog.load() {
-                    Ok(()) => break,
-                    Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                        if attempts < 5
-                            && matches!(
-                                io_error.raw_os_error().map(nix::errno::Errno::from_raw),
-                                Some(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)
-                            ) =>
-                    {
-                        attempts += 1;
-                        log::debug!("loading {}: {io_error}; trying again", side.program());
-                    }
-                    Err(e) => return Err(load_error(side, e)),
-                }
-            }
+            load_retrying(side.program(), || prog.load())?;
         }
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(program_names::TC_INTERNAL)
+            .ok_or_else(|| anyhow!("program {} missing from the eBPF object", program_names::TC_INTERNAL))?
+            .try_into()
+            .map_err(|e| anyhow!("program {} is not TC: {e}", program_names::TC_INTERNAL))?;
+        load_retrying(program_names::TC_INTERNAL, || tc.load())?;
         let events = match ebpf.take_map(map_names::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).context("the EVENTS map is not a ring buffer")?),
             None => bail!("the eBPF object has no EVENTS map"),
@@ -352,6 +376,31 @@ impl Datapath {
 
     pub fn pins(&self) -> &PinPaths {
         &self.pins
+    }
+
+    /// Attaches the interception program (tcx ingress) to the internal
+    /// interface. Its link is not pinned: intercepted connections end with
+    /// the daemon that terminated them, and so does the interception.
+    pub fn attach_interception(&mut self, iface: &Interface) -> anyhow::Result<()> {
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program_names::TC_INTERNAL)
+            .ok_or_else(|| anyhow!("program {} missing", program_names::TC_INTERNAL))?
+            .try_into()
+            .map_err(|e| anyhow!("program {} is not TC: {e}", program_names::TC_INTERNAL))?;
+        tc.attach_with_options(
+            &iface.name,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| {
+            anyhow!(
+                "attaching {} (tcx ingress) to {}: {e}",
+                program_names::TC_INTERNAL,
+                iface.name
+            )
+        })?;
+        Ok(())
     }
 
     /// Runs the program of `side` once on `frame` with BPF_PROG_RUN, as if it
@@ -450,6 +499,50 @@ impl Stats {
             out.push((*c, sum));
         }
         Ok(out)
+    }
+}
+
+/// The interception tables: which ports, where to, and the mark.
+pub struct InterceptTables {
+    ports: HashMap<MapData, InterceptKey, InterceptValue>,
+    conf: Array<MapData, InterceptConf>,
+}
+
+impl InterceptTables {
+    pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        let open = |name: &str| -> anyhow::Result<Map> {
+            let path = pins.map(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            ports: HashMap::try_from(open(map_names::INTERCEPT)?)?,
+            conf: Array::try_from(open(map_names::INTERCEPT_CONF)?)?,
+        })
+    }
+
+    /// Replaces the intercepted ports and turns interception on (mark ≠ 0) or off.
+    pub fn set(
+        &mut self,
+        conf: InterceptConf,
+        ports: &[(InterceptKey, InterceptValue)],
+    ) -> anyhow::Result<()> {
+        // Off while the ports change, so no SYN sees half a configuration.
+        self.conf.set(0, InterceptConf::default(), 0)?;
+        let old: Vec<InterceptKey> = self.ports.keys().collect::<Result<_, _>>()?;
+        for k in old {
+            self.ports.remove(&k)?;
+        }
+        for (k, v) in ports {
+            self.ports.insert(k, v, 0)?;
+        }
+        self.conf.set(0, conf, 0)?;
+        Ok(())
+    }
+
+    pub fn ports(&self) -> anyhow::Result<Vec<(InterceptKey, InterceptValue)>> {
+        Ok(self.ports.iter().collect::<Result<_, _>>()?)
     }
 }
 

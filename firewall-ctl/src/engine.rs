@@ -161,6 +161,13 @@ pub struct RedirectRequest {
     /// primary); none or 0.0.0.0: the first external address; port 0: any.
     #[serde(default)]
     pub proxy_external: Option<SocketAddrV4>,
+    /// The address the client dials (ISA 2000 took InternalAddress as an
+    /// input); none: the firewall's first internal address. Another address
+    /// is answered for transparently: the client dials an external host (the
+    /// server of an intercepted primary connection) and the firewall takes
+    /// the connection, as for EPSV, whose reply carries only a port.
+    #[serde(default)]
+    pub internal: Option<Ipv4Addr>,
     pub protocol: Transport,
     #[serde(default)]
     pub flags: ConnFlags,
@@ -1105,12 +1112,23 @@ impl<M: Maps> Engine<M> {
             return Err(invalid(format!("an explicit proxy external port ({ext}) is allowed only for one single-use redirect")));
         }
         policy::check_protocol(&self.cfg.protocols, &req.protocol_name, client_ip)?;
-        let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
-            err(
-                ErrorKind::AddressNotAvailable,
-                "the internal interface has no IPv4 address",
-            )
-        })?;
+        let int = match req.internal {
+            None => *self.cfg.internal_addrs.first().ok_or_else(|| {
+                err(
+                    ErrorKind::AddressNotAvailable,
+                    "the internal interface has no IPv4 address",
+                )
+            })?,
+            Some(a) if self.cfg.internal_addrs.contains(&a) => a,
+            Some(a) => {
+                policy::check_unicast("internal address", a, &own)?;
+                if self.cfg.is_internal(a) {
+                    return Err(invalid(format!("internal address {a} is on an internal network: a transparent internal address stands for an external host")));
+                }
+                self.ports.answer_transparently(a, req.protocol);
+                a
+            }
+        };
 
         let mut undo = Undo::default();
         match self.redirect_apply(req, client_ip, int, ext, &mut undo) {
@@ -1363,6 +1381,18 @@ impl<M: Maps> Engine<M> {
             peer,
         }));
         Ok(())
+    }
+
+    /// Ends those of `ids` that still wait for their connection (a primary
+    /// connection ended, or made them void): listening binds are killed,
+    /// unused redirects cancelled. Established connections go on; unknown or
+    /// ended ids are skipped.
+    pub fn withdraw_unused(&mut self, ids: &[u64], reason: &str) {
+        for id in ids {
+            if self.objects.get(id).is_some_and(|o| o.state == State::Listening) {
+                self.terminate(*id, reason);
+            }
+        }
     }
 
     /// Withdraws a redirect (Cancel). An action that was already used (single

@@ -167,6 +167,10 @@ struct RedirectArgs {
     /// External source address (and port) of the relayed connections; default: any.
     #[arg(long, value_parser = addr_opt_port)]
     proxy_external: Option<SocketAddrV4>,
+    /// The address the client dials; default: the firewall's first internal
+    /// address. Another (external) address is answered for transparently.
+    #[arg(long)]
+    internal: Option<std::net::Ipv4Addr>,
     #[arg(long, value_enum)]
     protocol: TransportArg,
     /// Comma-separated: allow-multiple, timeout, no-kernel-mode.
@@ -332,6 +336,7 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                     session: a.session,
                     connects: a.connects,
                     proxy_external: a.proxy_external,
+                    internal: a.internal,
                     protocol: a.protocol.into(),
                     flags: ConnFlags::parse(&[a.flags])
                         .map_err(|e| ApiError::new(ErrorKind::InvalidArgument, e))?,

@@ -39,6 +39,9 @@ struct Space {
     used: BTreeMap<u16, Option<Socket>>,
     /// Where the next search starts, so that released ports are not reused at once.
     cursor: u32,
+    /// Not an address of this machine: one the firewall answers for
+    /// (IP_TRANSPARENT sockets); forgotten when its last port is released.
+    transparent: bool,
 }
 
 pub struct PortPool {
@@ -68,7 +71,7 @@ fn proto_name(t: Transport) -> &'static str {
 }
 
 /// Binds (without listening) to hold the port in the kernel.
-fn kernel_reserve(lease: &Lease) -> std::io::Result<Socket> {
+fn kernel_reserve(lease: &Lease, transparent: bool) -> std::io::Result<Socket> {
     let (ty, proto) = match lease.transport {
         Transport::Tcp => (Type::STREAM, Protocol::TCP),
         Transport::Udp => (Type::DGRAM, Protocol::UDP),
@@ -77,6 +80,9 @@ fn kernel_reserve(lease: &Lease) -> std::io::Result<Socket> {
     if lease.transport == Transport::Udp {
         // Nobody reads it: datagrams the stack delivers here must not pile up.
         let _ = s.set_recv_buffer_size(0);
+    }
+    if transparent {
+        s.set_ip_transparent(true)?;
     }
     s.bind(&lease.endpoint().into())?;
     Ok(s)
@@ -111,7 +117,7 @@ impl PortPool {
             return Err(in_use(&lease, "already used by another pinhole"));
         }
         let socket = if self.kernel {
-            Some(kernel_reserve(&lease).map_err(|e| match e.raw_os_error() {
+            Some(kernel_reserve(&lease, space.transparent).map_err(|e| match e.raw_os_error() {
                 Some(libc::EADDRINUSE) => in_use(&lease, "in use by a local service"),
                 Some(libc::EADDRNOTAVAIL) => ApiError::new(
                     ErrorKind::AddressNotAvailable,
@@ -239,9 +245,20 @@ impl PortPool {
     }
 
     pub fn release(&mut self, lease: &Lease) {
-        if let Some(space) = self.spaces.get_mut(&(lease.addr, lease.transport)) {
+        let key = (lease.addr, lease.transport);
+        if let Some(space) = self.spaces.get_mut(&key) {
             space.used.remove(&lease.port);
+            if space.transparent && space.used.is_empty() {
+                self.spaces.remove(&key);
+            }
         }
+    }
+
+    /// Ports on `addr`, which is not this machine's, are reserved with
+    /// transparent sockets (IP_TRANSPARENT): the firewall answers for that
+    /// address, as for the server of an intercepted FTP control connection.
+    pub fn answer_transparently(&mut self, addr: Ipv4Addr, transport: Transport) {
+        self.spaces.entry((addr, transport)).or_default().transparent = true;
     }
 }
 

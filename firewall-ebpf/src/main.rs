@@ -10,13 +10,17 @@
 mod events;
 mod fib;
 mod flow;
+mod intercept;
 mod nat;
 mod parse;
 mod pinhole;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::generated::bpf_redirect,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use firewall_common::{
     flow::FlowAction,
@@ -34,6 +38,13 @@ pub fn xdp_internal(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_external(ctx: XdpContext) -> u32 {
     finish(&ctx, process(&ctx, side::EXTERNAL))
+}
+
+/// TC (tcx) ingress on the internal interface: hands primary connections of
+/// intercepted protocols to the daemon (see `intercept`).
+#[classifier]
+pub fn tc_internal(ctx: TcContext) -> i32 {
+    intercept::process(&ctx)
 }
 
 /// Outcome of processing: the counter, and for redirects the egress interface.

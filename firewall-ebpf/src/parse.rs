@@ -60,8 +60,12 @@ impl Cursor {
 /// without further processing.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    parse_range(ctx.data(), ctx.data_end())
+}
+
+/// `parse` over the packet bytes `start..end` (XDP, or the linear part of an skb).
+#[inline(always)]
+pub fn parse_range(start: usize, end: usize) -> Result<Packet, Counter> {
     let mut cur = Cursor { pos: start, end };
 
     // A frame too short for Ethernet is not ours to judge.

@@ -69,6 +69,7 @@ fn redirect(session: u64, connects: &[&str]) -> RedirectRequest {
         session,
         connects: connects.iter().map(|c| a(c)).collect(),
         proxy_external: None,
+        internal: None,
         protocol: Transport::Tcp,
         flags: ConnFlags::empty(),
         protocol_name: "ftp".into(),
@@ -1490,4 +1491,51 @@ fn the_per_client_quota() {
     )
     .unwrap();
     assert!(e2.maps.busy.is_empty());
+}
+
+#[test]
+fn a_redirect_can_answer_for_an_external_address_transparently() {
+    // EPSV through an intercepted FTP control connection: the client dials
+    // the server's address, and the pinhole waits there.
+    let (mut e, s) = engine();
+    let server: Ipv4Addr = "198.51.100.7".parse().unwrap();
+    let r = e
+        .redirect_connections(&RedirectRequest {
+            internal: Some(server),
+            ..redirect(s, &["198.51.100.7:40000"])
+        })
+        .unwrap();
+    assert_eq!(*r.internal_address.ip(), server);
+    let key = PinholeKey::new(6, server.octets(), r.internal_address.port(), side::INTERNAL);
+    assert!(e.maps.pinholes.contains_key(&key));
+    e.cancel(r.actions[0].id).unwrap();
+    assert!(e.maps.pinholes.is_empty());
+    // An address on an internal network, or the firewall's external one, cannot stand in.
+    for bad in ["10.1.0.7", "10.2.0.1", "224.0.0.1", "0.0.0.0"] {
+        assert_eq!(
+            kind(e.redirect_connections(&RedirectRequest {
+                internal: Some(bad.parse().unwrap()),
+                ..redirect(s, &["198.51.100.7:40000"])
+            })),
+            ErrorKind::InvalidArgument,
+            "{bad}"
+        );
+    }
+    assert_clean(&e);
+}
+
+#[test]
+fn withdraw_unused_keeps_established_connections() {
+    let (mut e, s) = engine();
+    let b1 = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    let b2 = e.bind_for_client(&bind(s, &["10.1.0.2:5002"])).unwrap();
+    let r = e.redirect_connections(&redirect(s, &["198.51.100.7:2000"])).unwrap();
+    let used = b1.connections[0].id;
+    established(&mut e, used, "198.51.100.7", 20);
+    let ids = [used, b2.connections[0].id, r.actions[0].id, 999_999];
+    e.withdraw_unused(&ids, "control connection ended");
+    let state = |id| e.objects().into_iter().find(|o| o.id == id).map(|o| o.state);
+    assert_eq!(state(used), Some(State::Established));
+    assert_eq!(state(b2.connections[0].id), Some(State::Terminated));
+    assert_eq!(state(r.actions[0].id), Some(State::Terminated));
 }

@@ -1,0 +1,294 @@
+use std::sync::Mutex;
+
+use super::*;
+use crate::{
+    api::ErrorKind,
+    engine::{BoundConnection, RedirectAction},
+};
+
+const CLIENT: &str = "10.1.0.2:40000";
+const SERVER: &str = "10.2.0.2:21";
+const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+
+/// Records the calls; answers like the engine would.
+#[derive(Default)]
+struct Fake {
+    binds: Mutex<Vec<BindRequest>>,
+    redirects: Mutex<Vec<RedirectRequest>>,
+    withdrawn: Mutex<Vec<u64>>,
+    fail: Mutex<bool>,
+}
+
+impl Secondaries for Fake {
+    fn session(&self, _client: Ipv4Addr) -> Result<u64, ApiError> {
+        Ok(7)
+    }
+    fn bind_for_client(&self, req: &BindRequest) -> Result<BindResult, ApiError> {
+        if *self.fail.lock().unwrap() {
+            return Err(ApiError::new(ErrorKind::Exhausted, "no free port"));
+        }
+        let mut binds = self.binds.lock().unwrap();
+        binds.push(req.clone());
+        let external = SocketAddrV4::new(EXT, 40000 + binds.len() as u16);
+        Ok(BindResult {
+            proxy_address: external,
+            connections: vec![BoundConnection {
+                id: 100 + binds.len() as u64,
+                external,
+                client: req.clients[0],
+            }],
+        })
+    }
+    fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError> {
+        let mut redirects = self.redirects.lock().unwrap();
+        redirects.push(req.clone());
+        let internal = SocketAddrV4::new(req.internal.unwrap_or(INT), 50000 + redirects.len() as u16);
+        Ok(RedirectResult {
+            internal_address: internal,
+            actions: vec![RedirectAction {
+                id: 200 + redirects.len() as u64,
+                internal,
+                connect: req.connects[0],
+            }],
+        })
+    }
+    fn withdraw_unused(&self, ids: &[u64]) {
+        self.withdrawn.lock().unwrap().extend_from_slice(ids);
+    }
+}
+
+fn control() -> (Control, Arc<Fake>, Arc<FtpStats>) {
+    let fake = Arc::new(Fake::default());
+    let stats = Arc::new(FtpStats::default());
+    let c = Control::new(
+        fake.clone(),
+        stats.clone(),
+        CLIENT.parse().unwrap(),
+        SERVER.parse().unwrap(),
+        EXT,
+    )
+    .unwrap();
+    (c, fake, stats)
+}
+
+fn from_client(c: &mut Control, data: &[u8]) -> Output {
+    let mut out = Output::default();
+    c.client_data(data, &mut out);
+    out
+}
+
+fn from_server(c: &mut Control, data: &[u8]) -> Output {
+    let mut out = Output::default();
+    c.server_data(data, &mut out);
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn port_opens_a_bind_for_the_client_and_is_rewritten() {
+    let (mut c, fake, stats) = control();
+    let out = from_client(&mut c, b"PORT 10,1,0,2,19,137\r\n");
+    assert_eq!(text(&out.to_server), "PORT 10,2,0,1,156,65\r\n");
+    assert!(out.to_client.is_empty());
+    let req = &fake.binds.lock().unwrap()[0];
+    assert_eq!(req.clients, vec!["10.1.0.2:5001".parse().unwrap()]);
+    assert_eq!(req.proxy, Some(SocketAddrV4::new(EXT, 0)));
+    assert_eq!(req.flags, ConnFlags::TIMEOUT);
+    assert_eq!(req.protocol, Transport::Tcp);
+    assert_eq!(req.protocol_name, "ftp");
+    let filter = req.ip_filter.as_ref().unwrap();
+    assert!(filter.allows("10.2.0.2".parse().unwrap()));
+    assert!(!filter.allows("10.2.0.3".parse().unwrap()));
+    assert_eq!(stats.view().active_opened, 1);
+}
+
+#[test]
+fn eprt_is_rewritten_in_its_own_syntax() {
+    let (mut c, fake, _) = control();
+    let out = from_client(&mut c, b"eprt !1!10.1.0.2!6000!\r\n");
+    assert_eq!(text(&out.to_server), "EPRT |1|10.2.0.1|40001|\r\n");
+    assert_eq!(fake.binds.lock().unwrap()[0].clients[0].port(), 6000);
+}
+
+#[test]
+fn bounces_are_answered_locally_and_never_forwarded() {
+    let cases: &[(&[u8], &str)] = &[
+        (b"PORT 10,1,0,9,0,25\r\n", "500 Illegal PORT command"),
+        (b"PORT 198,51,100,99,0,25\r\n", "500 Illegal PORT command"),
+        (b"EPRT |1|10.1.0.9|2500|\r\n", "500 Illegal EPRT command"),
+        (b"PORT 10,1,0,2,0,25\r\n", "below 1024"),
+        (b"PORT 10,1,0,2,0,0\r\n", "port 0 is below 1024"),
+        (b"EPRT |1|10.1.0.2|80|\r\n", "port 80 is below 1024"),
+        (b"PORT 10,1,0,2,19\r\n", "501 Syntax error in PORT"),
+        (b"PORT 10,1,0,256,19,137\r\n", "501"),
+        (b"PORT\r\n", "501"),
+        (b"EPRT |1|10.1.0.2|\r\n", "501 Syntax error in EPRT"),
+        (b"EPRT |2|::1|5000|\r\n", "522"),
+    ];
+    for (cmd, want) in cases {
+        let (mut c, fake, stats) = control();
+        let out = from_client(&mut c, cmd);
+        assert!(out.to_server.is_empty(), "{}", text(cmd));
+        let reply = text(&out.to_client);
+        assert!(reply.contains(want) && reply.ends_with("\r\n"), "{}: {reply}", text(cmd));
+        assert!(reply.starts_with('5'), "{reply}");
+        assert!(fake.binds.lock().unwrap().is_empty());
+        let v = stats.view();
+        assert_eq!(v.bounces_refused + v.commands_refused, 1, "{}", text(cmd));
+    }
+    let (mut c, _, stats) = control();
+    from_client(&mut c, b"PORT 10,1,0,9,0,25\r\n");
+    assert_eq!(stats.view().bounces_refused, 1);
+}
+
+#[test]
+fn passive_replies_are_redirected_through_the_firewall() {
+    let (mut c, fake, stats) = control();
+    let out = from_server(&mut c, b"227 Entering Passive Mode (10,2,0,2,156,64).\r\n");
+    assert_eq!(
+        text(&out.to_client),
+        "227 Entering Passive Mode (10,1,0,1,195,81).\r\n"
+    );
+    let req = fake.redirects.lock().unwrap()[0].clone();
+    assert_eq!(req.connects, vec!["10.2.0.2:40000".parse().unwrap()]);
+    assert_eq!(req.proxy_external, Some(SocketAddrV4::new(EXT, 0)));
+    assert_eq!(req.internal, None);
+    assert_eq!(req.flags, ConnFlags::TIMEOUT);
+    // Without parentheses (RFC 1123 asks clients to scan for the numbers).
+    let out = from_server(&mut c, b"227 =10,2,0,2,4,1\r\n");
+    assert!(text(&out.to_client).contains("(10,1,0,1,195,82)"));
+    assert_eq!(stats.view().passive_opened, 2);
+}
+
+#[test]
+fn epsv_is_answered_at_the_servers_address() {
+    let (mut c, fake, _) = control();
+    let out = from_server(&mut c, b"229 Entering Extended Passive Mode (|||40000|)\r\n");
+    assert_eq!(
+        text(&out.to_client),
+        "229 Entering Extended Passive Mode (|||50001|)\r\n"
+    );
+    let req = fake.redirects.lock().unwrap()[0].clone();
+    assert_eq!(req.internal, Some("10.2.0.2".parse().unwrap()));
+    assert_eq!(req.connects, vec!["10.2.0.2:40000".parse().unwrap()]);
+}
+
+#[test]
+fn a_passive_reply_naming_a_third_host_is_refused() {
+    for reply in [
+        &b"227 Entering Passive Mode (10,1,0,9,0,25).\r\n"[..],
+        b"227 Entering Passive Mode (198,51,100,99,156,64).\r\n",
+        b"227 nonsense\r\n",
+        b"229 Entering Extended Passive Mode (|1|10.2.0.2|40000|)\r\n",
+        b"229 Entering Extended Passive Mode (|||0|)\r\n",
+    ] {
+        let (mut c, fake, stats) = control();
+        let out = from_server(&mut c, reply);
+        let got = text(&out.to_client);
+        assert!(got.starts_with("500 Firewall refused"), "{}: {got}", text(reply));
+        assert!(fake.redirects.lock().unwrap().is_empty());
+        let v = stats.view();
+        assert_eq!(v.bounces_refused + v.commands_refused, 1);
+    }
+}
+
+#[test]
+fn lines_are_found_however_tcp_splits_them() {
+    let stream = b"USER anonymous\r\nPASS x@\r\nTYPE I\r\nPORT 10,1,0,2,19,137\r\nRETR f\r\n";
+    let want = "USER anonymous\r\nPASS x@\r\nTYPE I\r\nPORT 10,2,0,1,156,65\r\nRETR f\r\n";
+    // One byte at a time, all at once, and in odd pieces.
+    for size in [1, 3, 7, stream.len()] {
+        let (mut c, _, _) = control();
+        let mut to_server = Vec::new();
+        for piece in stream.chunks(size) {
+            to_server.extend(from_client(&mut c, piece).to_server);
+        }
+        assert_eq!(text(&to_server), want, "pieces of {size}");
+    }
+    let replies = b"150 Here comes\r\n226 Done\r\n227 Entering Passive Mode (10,2,0,2,156,64)\r\n";
+    let (mut c, _, _) = control();
+    let mut to_client = Vec::new();
+    for piece in replies.chunks(5) {
+        to_client.extend(from_server(&mut c, piece).to_client);
+    }
+    assert_eq!(
+        text(&to_client),
+        "150 Here comes\r\n226 Done\r\n227 Entering Passive Mode (10,1,0,1,195,81).\r\n"
+    );
+}
+
+#[test]
+fn unknown_commands_abor_rest_and_bare_newlines_pass_unchanged() {
+    let (mut c, fake, _) = control();
+    let stream: &[u8] = b"XYZZY plugh\r\nREST 1000\r\n\xff\xf4\xff\xf2ABOR\r\nNOOP\n\r\n\xff\xfb\x01SITE x\r\n";
+    let out = from_client(&mut c, stream);
+    assert_eq!(out.to_server, stream);
+    assert!(out.to_client.is_empty());
+    assert!(fake.binds.lock().unwrap().is_empty());
+    // A PORT behind Telnet commands is still a PORT.
+    let out = from_client(&mut c, b"\xff\xf4PORT 10,1,0,2,19,137\r\n");
+    assert_eq!(text(&out.to_server), "PORT 10,2,0,1,156,65\r\n");
+    // Multi-line replies, a 227 continuation line among them, pass unchanged.
+    let replies: &[u8] = b"211-Features:\r\n EPSV\r\n227-not final\r\n211 End\r\n";
+    assert_eq!(from_server(&mut c, replies).to_client, replies);
+}
+
+#[test]
+fn long_lines_pass_unless_they_carry_an_address() {
+    let (mut c, fake, stats) = control();
+    let mut long = b"SITE ".to_vec();
+    long.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
+    long.extend_from_slice(b"\r\nNOOP\r\n");
+    let mut to_server = Vec::new();
+    for piece in long.chunks(1000) {
+        to_server.extend(from_client(&mut c, piece).to_server);
+    }
+    assert_eq!(to_server, long);
+
+    let mut port = b"PORT 10,1,0,2,19,137".to_vec();
+    port.extend(std::iter::repeat_n(b' ', 2 * MAX_LINE));
+    port.extend_from_slice(b"\r\nNOOP\r\n");
+    let out = from_client(&mut c, &port);
+    assert_eq!(text(&out.to_server), "NOOP\r\n");
+    assert!(text(&out.to_client).starts_with("500 Command line too long"));
+    assert!(fake.binds.lock().unwrap().is_empty());
+
+    let mut reply = b"227 Entering Passive Mode (10,2,0,2,156,64)".to_vec();
+    reply.extend(std::iter::repeat_n(b' ', 2 * MAX_LINE));
+    reply.extend_from_slice(b"\r\n");
+    let out = from_server(&mut c, &reply);
+    assert!(text(&out.to_client).starts_with("500 Firewall refused an overlong"));
+    assert!(fake.redirects.lock().unwrap().is_empty());
+    assert_eq!(stats.view().commands_refused, 2);
+}
+
+#[test]
+fn unused_pinholes_go_with_the_next_transfer_and_the_control_connection() {
+    let (mut c, fake, _) = control();
+    from_client(&mut c, b"PORT 10,1,0,2,19,137\r\n");
+    assert!(fake.withdrawn.lock().unwrap().is_empty());
+    // The next transfer's PORT voids the first one's pinhole if still unused.
+    from_client(&mut c, b"PORT 10,1,0,2,19,138\r\n");
+    assert_eq!(*fake.withdrawn.lock().unwrap(), vec![101]);
+    from_server(&mut c, b"227 Entering Passive Mode (10,2,0,2,156,64).\r\n");
+    assert_eq!(*fake.withdrawn.lock().unwrap(), vec![101, 102]);
+    drop(c);
+    assert_eq!(*fake.withdrawn.lock().unwrap(), vec![101, 102, 201]);
+}
+
+#[test]
+fn a_failed_call_answers_425() {
+    let (mut c, fake, stats) = control();
+    *fake.fail.lock().unwrap() = true;
+    let out = from_client(&mut c, b"PORT 10,1,0,2,19,137\r\n");
+    assert!(out.to_server.is_empty());
+    assert_eq!(
+        text(&out.to_client),
+        "425 Can't open data connection: no free port.\r\n"
+    );
+    assert_eq!(stats.view().failed_calls, 1);
+}
