@@ -178,6 +178,11 @@ pub struct Status {
     /// Transfers the executable blocker stopped.
     #[serde(default)]
     pub executables_blocked: u64,
+    /// The FTP filter: ports intercepted (none: off) and its counters.
+    #[serde(default)]
+    pub ftp_ports: Vec<u16>,
+    #[serde(default)]
+    pub ftp: crate::ftp::FtpStatsView,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -540,10 +540,7 @@ impl Config {
         }
 
         let ftp_ports = if file.ftp.enabled.unwrap_or(true) {
-            let ports = file
-                .ftp
-                .ports
-                .unwrap_or_else(|| DEFAULT_FTP_PORTS.to_vec());
+            let ports = file.ftp.ports.unwrap_or_else(|| DEFAULT_FTP_PORTS.to_vec());
             if ports.is_empty() || ports.len() > 16 {
                 return Err(err(
                     "ftp.ports",
@@ -570,7 +567,10 @@ impl Config {
         };
         let fwmark = file.interception.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
-            return Err(err("interception.fwmark", "0 means no mark; pick another value"));
+            return Err(err(
+                "interception.fwmark",
+                "0 means no mark; pick another value",
+            ));
         }
         let route_table = file.interception.route_table.unwrap_or(DEFAULT_ROUTE_TABLE);
         if matches!(route_table, 0 | 253..=255) {

@@ -12,7 +12,10 @@ use std::{
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
-use firewall_common::pinhole::event_kind;
+use firewall_common::{
+    intercept::{InterceptConf, InterceptKey, InterceptValue},
+    pinhole::event_kind,
+};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
@@ -27,13 +30,16 @@ use crate::{
     },
     config::Config,
     datapath::{
-        self, AttachMode, Datapath, FlowTable, KernelMaps, PinPaths, PinholeTable, Side, Stats,
+        self, AttachMode, Datapath, FlowTable, InterceptTables, KernelMaps, PinPaths, PinholeTable,
+        Side, Stats,
     },
     engine::{Engine, EngineConfig, Event, RelayCmd},
     filters::{DataFilterFactory, ExecutableBlockerFactory},
+    ftp::{FtpStats, Secondaries},
     neighbours::Resolver,
     netif::{self, Interface},
     ports::PortPool,
+    primary::{self, Interception, LocalDelivery},
     relay::{Relay, RelayEvent},
     sweeper,
 };
@@ -52,6 +58,9 @@ pub struct State {
     pub socket: PathBuf,
     /// Sysctls `up` changed, with the values they had before.
     pub saved_sysctls: BTreeMap<String, String>,
+    /// The policy routing `up` added for intercepted connections.
+    #[serde(default)]
+    pub local_delivery: Option<LocalDelivery>,
 }
 
 impl State {
@@ -91,6 +100,7 @@ struct Shared {
     internal_ifindex: u32,
     relay: Relay,
     executables_blocked: Arc<std::sync::atomic::AtomicU64>,
+    ftp: Arc<FtpStats>,
 }
 
 impl Shared {
@@ -213,6 +223,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         xdp_mode: opts.xdp_mode,
         socket: opts.socket.clone(),
         saved_sysctls,
+        local_delivery: None,
     };
     // Written before attaching, so that `down` can undo a half-done `up`.
     state.write()?;
@@ -268,7 +279,18 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         internal_ifindex: internal.index,
         relay: Relay::new(relay_tx),
         executables_blocked,
+        ftp: Arc::new(FtpStats::default()),
     });
+    let interception_task =
+        match start_interception(&mut dp, &config, &internal, &external, &shared, &mut state) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(dp);
+                let _ = teardown(&pins, Some(&state));
+                let _ = fs::remove_file(&opts.socket);
+                return Err(e.context("starting the interception of primary connections"));
+            }
+        };
     let relay_task = tokio::spawn(read_relay_events(relay_rx, shared.clone()));
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
@@ -309,6 +331,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     }
     tick_task.abort();
     relay_task.abort();
+    if let Some(t) = interception_task {
+        t.abort();
+    }
     if let Some(t) = events_task {
         t.abort();
     }
@@ -352,8 +377,113 @@ fn start_datapath(
     Ok(dp)
 }
 
+/// Intercepts the primary connections of the FTP filter's ports (or turns
+/// interception off when the filter is off).
+fn start_interception(
+    dp: &mut Datapath,
+    config: &Config,
+    internal: &Interface,
+    external: &Interface,
+    shared: &Arc<Shared>,
+    state: &mut State,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let mut tables = InterceptTables::open(dp.pins())?;
+    if config.ftp_ports.is_empty() {
+        tables.set(InterceptConf::default(), &[])?;
+        log::info!("FTP filter off: no interception");
+        return Ok(None);
+    }
+    let delivery = LocalDelivery {
+        fwmark: config.fwmark,
+        table: config.route_table,
+    };
+    // Recorded first, so that `down` removes it even if `up` dies halfway.
+    state.local_delivery = Some(delivery);
+    state.write()?;
+    delivery.install()?;
+    let (listener, at) = primary::listener()?;
+    let ports: Vec<(InterceptKey, InterceptValue)> = config
+        .ftp_ports
+        .iter()
+        .map(|p| {
+            (
+                InterceptKey::new(firewall_common::IPPROTO_TCP, *p),
+                InterceptValue {
+                    listener_addr: at.ip().octets(),
+                    listener_port: at.port(),
+                    _pad: 0,
+                },
+            )
+        })
+        .collect();
+    tables.set(
+        InterceptConf {
+            mark: config.fwmark,
+            egress_ifindex: external.index,
+        },
+        &ports,
+    )?;
+    dp.attach_interception(internal)?;
+    let ctx = Arc::new(Interception {
+        api: shared.clone(),
+        stats: shared.ftp.clone(),
+        external: config.external_addresses[0],
+        ftp_ports: config.ftp_ports.clone(),
+    });
+    log::info!(
+        "FTP filter on: TCP ports {:?} from {} intercepted (listener {at}, fwmark {:#x}, table {})",
+        config.ftp_ports,
+        internal.name,
+        config.fwmark,
+        config.route_table
+    );
+    Ok(Some(tokio::spawn(primary::serve(listener, ctx))))
+}
+
+/// The FTP filter's calls go to the engine like the API's.
+impl Secondaries for Shared {
+    fn session(&self, client: Ipv4Addr) -> Result<u64, ApiError> {
+        self.engine().open_session(client)
+    }
+
+    fn bind_for_client(
+        &self,
+        req: &crate::engine::BindRequest,
+    ) -> Result<crate::engine::BindResult, ApiError> {
+        let mut engine = self.engine();
+        let r = engine.bind_for_client(req);
+        if let Ok(r) = &r {
+            for c in &r.connections {
+                self.neighbours
+                    .resolve(self.internal_ifindex, *c.client.ip());
+            }
+        }
+        self.publish(&mut engine);
+        r
+    }
+
+    fn redirect_connections(
+        &self,
+        req: &crate::engine::RedirectRequest,
+    ) -> Result<crate::engine::RedirectResult, ApiError> {
+        let mut engine = self.engine();
+        let r = engine.redirect_connections(req);
+        self.publish(&mut engine);
+        r
+    }
+
+    fn withdraw_unused(&self, ids: &[u64]) {
+        let mut engine = self.engine();
+        engine.withdraw_unused(ids, "control connection ended");
+        self.publish(&mut engine);
+    }
+}
+
 /// Unpins everything, restores sysctls and removes the state file.
 pub fn teardown(pins: &PinPaths, state: Option<&State>) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(d) = state.and_then(|s| s.local_delivery) {
+        d.remove();
+    }
     let removed = datapath::unpin_all(pins)?;
     if let Some(s) = state {
         for (k, v) in &s.saved_sysctls {
@@ -575,6 +705,8 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         executables_blocked: shared
             .executables_blocked
             .load(std::sync::atomic::Ordering::Relaxed),
+        ftp_ports: shared.config.ftp_ports.clone(),
+        ftp: shared.ftp.view(),
         counters: stats
             .read()?
             .into_iter()

@@ -306,7 +306,12 @@ impl Datapath {
         }
         let tc: &mut SchedClassifier = ebpf
             .program_mut(program_names::TC_INTERNAL)
-            .ok_or_else(|| anyhow!("program {} missing from the eBPF object", program_names::TC_INTERNAL))?
+            .ok_or_else(|| {
+                anyhow!(
+                    "program {} missing from the eBPF object",
+                    program_names::TC_INTERNAL
+                )
+            })?
             .try_into()
             .map_err(|e| anyhow!("program {} is not TC: {e}", program_names::TC_INTERNAL))?;
         load_retrying(program_names::TC_INTERNAL, || tc.load())?;

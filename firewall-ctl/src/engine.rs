@@ -1389,7 +1389,11 @@ impl<M: Maps> Engine<M> {
     /// ended ids are skipped.
     pub fn withdraw_unused(&mut self, ids: &[u64], reason: &str) {
         for id in ids {
-            if self.objects.get(id).is_some_and(|o| o.state == State::Listening) {
+            if self
+                .objects
+                .get(id)
+                .is_some_and(|o| o.state == State::Listening)
+            {
                 self.terminate(*id, reason);
             }
         }

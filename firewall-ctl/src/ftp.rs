@@ -6,9 +6,10 @@
 //!   rewritten to the firewall's external address and port.
 //! - `227`/`229` from the server: RedirectConnections to the server's data
 //!   address from the control connection's external address, and the reply
-//!   rewritten to the firewall's internal address and port (229: the port
-//!   only, so the client dials the server's address, which the firewall
-//!   answers for transparently).
+//!   rewritten to the address and port where the firewall takes the data
+//!   connection (229: the port only). That address is the server's own, which
+//!   the firewall answers for transparently, as it does for the control
+//!   connection: EPSV carries no address, and curl ignores 227's.
 //! - Anti-bounce: a PORT/EPRT naming another address than the client's own,
 //!   or a port below 1024, is answered with a 5xx reply and never forwarded;
 //!   a 227/229 naming another address than the server's is refused.
@@ -508,9 +509,11 @@ impl Control {
             session: self.session,
             connects: vec![a],
             proxy_external: Some(SocketAddrV4::new(self.external, 0)),
-            // EPSV names no address: the client dials the server's, which
-            // the firewall answers for.
-            internal: extended.then_some(*self.server.ip()),
+            // The client believes it talks to the server: the firewall
+            // answers at the server's address. EPSV names no address, and
+            // curl ignores 227's by default (--ftp-skip-pasv-ip), so any
+            // other address would not be dialled.
+            internal: Some(*self.server.ip()),
             protocol: Transport::Tcp,
             flags: ConnFlags::TIMEOUT,
             protocol_name: PROTOCOL.into(),

@@ -48,6 +48,23 @@ pub fn status_text(s: &Status) -> String {
         "  flows expired: {} tcp closed, {} tcp idle, {} udp idle; {} unused pinholes timed out",
         e.tcp_closed, e.tcp_idle, e.udp_idle, e.pinholes_timed_out
     );
+    if s.ftp_ports.is_empty() {
+        let _ = writeln!(o, "ftp filter: off");
+    } else {
+        let f = &s.ftp;
+        let ports: Vec<String> = s.ftp_ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(
+            o,
+            "ftp filter: tcp port {}: {} control connections, {} active and {} passive data connections opened, {} bounces and {} other commands refused, {} failed",
+            ports.join(","),
+            f.control_connections,
+            f.active_opened,
+            f.passive_opened,
+            f.bounces_refused,
+            f.commands_refused,
+            f.failed_calls
+        );
+    }
     let _ = writeln!(o, "counters (packets, bytes):");
     for c in &s.counters {
         let _ = writeln!(o, "  {:<24} {:>12} {:>16}", c.name, c.packets, c.bytes);

@@ -117,22 +117,24 @@ impl PortPool {
             return Err(in_use(&lease, "already used by another pinhole"));
         }
         let socket = if self.kernel {
-            Some(kernel_reserve(&lease, space.transparent).map_err(|e| match e.raw_os_error() {
-                Some(libc::EADDRINUSE) => in_use(&lease, "in use by a local service"),
-                Some(libc::EADDRNOTAVAIL) => ApiError::new(
-                    ErrorKind::AddressNotAvailable,
-                    format!("{} is not an address of this machine", lease.addr),
-                ),
-                _ => ApiError::new(
-                    ErrorKind::Internal,
-                    format!(
-                        "reserving {} port {} on {}: {e}",
-                        proto_name(lease.transport),
-                        lease.port,
-                        lease.addr
+            Some(
+                kernel_reserve(&lease, space.transparent).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EADDRINUSE) => in_use(&lease, "in use by a local service"),
+                    Some(libc::EADDRNOTAVAIL) => ApiError::new(
+                        ErrorKind::AddressNotAvailable,
+                        format!("{} is not an address of this machine", lease.addr),
                     ),
-                ),
-            })?)
+                    _ => ApiError::new(
+                        ErrorKind::Internal,
+                        format!(
+                            "reserving {} port {} on {}: {e}",
+                            proto_name(lease.transport),
+                            lease.port,
+                            lease.addr
+                        ),
+                    ),
+                })?,
+            )
         } else {
             None
         };
@@ -258,7 +260,10 @@ impl PortPool {
     /// transparent sockets (IP_TRANSPARENT): the firewall answers for that
     /// address, as for the server of an intercepted FTP control connection.
     pub fn answer_transparently(&mut self, addr: Ipv4Addr, transport: Transport) {
-        self.spaces.entry((addr, transport)).or_default().transparent = true;
+        self.spaces
+            .entry((addr, transport))
+            .or_default()
+            .transparent = true;
     }
 }
 

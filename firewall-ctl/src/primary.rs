@@ -61,7 +61,15 @@ impl LocalDelivery {
     pub fn install(&self) -> anyhow::Result<()> {
         let (mark, table) = (format!("{:#x}", self.fwmark), self.table.to_string());
         ip(&[
-            "-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table,
+            "-4",
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table,
         ])?;
         self.remove_rules();
         ip(&[

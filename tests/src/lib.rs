@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod fixture;
+pub mod ftp;
 pub mod netns;
 pub mod packet;
 pub mod traffic;

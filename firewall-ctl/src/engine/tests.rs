@@ -1506,7 +1506,12 @@ fn a_redirect_can_answer_for_an_external_address_transparently() {
         })
         .unwrap();
     assert_eq!(*r.internal_address.ip(), server);
-    let key = PinholeKey::new(6, server.octets(), r.internal_address.port(), side::INTERNAL);
+    let key = PinholeKey::new(
+        6,
+        server.octets(),
+        r.internal_address.port(),
+        side::INTERNAL,
+    );
     assert!(e.maps.pinholes.contains_key(&key));
     e.cancel(r.actions[0].id).unwrap();
     assert!(e.maps.pinholes.is_empty());
@@ -1529,12 +1534,19 @@ fn withdraw_unused_keeps_established_connections() {
     let (mut e, s) = engine();
     let b1 = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
     let b2 = e.bind_for_client(&bind(s, &["10.1.0.2:5002"])).unwrap();
-    let r = e.redirect_connections(&redirect(s, &["198.51.100.7:2000"])).unwrap();
+    let r = e
+        .redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
+        .unwrap();
     let used = b1.connections[0].id;
     established(&mut e, used, "198.51.100.7", 20);
     let ids = [used, b2.connections[0].id, r.actions[0].id, 999_999];
     e.withdraw_unused(&ids, "control connection ended");
-    let state = |id| e.objects().into_iter().find(|o| o.id == id).map(|o| o.state);
+    let state = |id| {
+        e.objects()
+            .into_iter()
+            .find(|o| o.id == id)
+            .map(|o| o.state)
+    };
     assert_eq!(state(used), Some(State::Established));
     assert_eq!(state(b2.connections[0].id), Some(State::Terminated));
     assert_eq!(state(r.actions[0].id), Some(State::Terminated));

@@ -43,7 +43,8 @@ impl Secondaries for Fake {
     fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError> {
         let mut redirects = self.redirects.lock().unwrap();
         redirects.push(req.clone());
-        let internal = SocketAddrV4::new(req.internal.unwrap_or(INT), 50000 + redirects.len() as u16);
+        let internal =
+            SocketAddrV4::new(req.internal.unwrap_or(INT), 50000 + redirects.len() as u16);
         Ok(RedirectResult {
             internal_address: internal,
             actions: vec![RedirectAction {
@@ -134,7 +135,11 @@ fn bounces_are_answered_locally_and_never_forwarded() {
         let out = from_client(&mut c, cmd);
         assert!(out.to_server.is_empty(), "{}", text(cmd));
         let reply = text(&out.to_client);
-        assert!(reply.contains(want) && reply.ends_with("\r\n"), "{}: {reply}", text(cmd));
+        assert!(
+            reply.contains(want) && reply.ends_with("\r\n"),
+            "{}: {reply}",
+            text(cmd)
+        );
         assert!(reply.starts_with('5'), "{reply}");
         assert!(fake.binds.lock().unwrap().is_empty());
         let v = stats.view();
@@ -151,23 +156,26 @@ fn passive_replies_are_redirected_through_the_firewall() {
     let out = from_server(&mut c, b"227 Entering Passive Mode (10,2,0,2,156,64).\r\n");
     assert_eq!(
         text(&out.to_client),
-        "227 Entering Passive Mode (10,1,0,1,195,81).\r\n"
+        "227 Entering Passive Mode (10,2,0,2,195,81).\r\n"
     );
     let req = fake.redirects.lock().unwrap()[0].clone();
     assert_eq!(req.connects, vec!["10.2.0.2:40000".parse().unwrap()]);
     assert_eq!(req.proxy_external, Some(SocketAddrV4::new(EXT, 0)));
-    assert_eq!(req.internal, None);
+    assert_eq!(req.internal, Some("10.2.0.2".parse().unwrap()));
     assert_eq!(req.flags, ConnFlags::TIMEOUT);
     // Without parentheses (RFC 1123 asks clients to scan for the numbers).
     let out = from_server(&mut c, b"227 =10,2,0,2,4,1\r\n");
-    assert!(text(&out.to_client).contains("(10,1,0,1,195,82)"));
+    assert!(text(&out.to_client).contains("(10,2,0,2,195,82)"));
     assert_eq!(stats.view().passive_opened, 2);
 }
 
 #[test]
 fn epsv_is_answered_at_the_servers_address() {
     let (mut c, fake, _) = control();
-    let out = from_server(&mut c, b"229 Entering Extended Passive Mode (|||40000|)\r\n");
+    let out = from_server(
+        &mut c,
+        b"229 Entering Extended Passive Mode (|||40000|)\r\n",
+    );
     assert_eq!(
         text(&out.to_client),
         "229 Entering Extended Passive Mode (|||50001|)\r\n"
@@ -189,7 +197,11 @@ fn a_passive_reply_naming_a_third_host_is_refused() {
         let (mut c, fake, stats) = control();
         let out = from_server(&mut c, reply);
         let got = text(&out.to_client);
-        assert!(got.starts_with("500 Firewall refused"), "{}: {got}", text(reply));
+        assert!(
+            got.starts_with("500 Firewall refused"),
+            "{}: {got}",
+            text(reply)
+        );
         assert!(fake.redirects.lock().unwrap().is_empty());
         let v = stats.view();
         assert_eq!(v.bounces_refused + v.commands_refused, 1);
@@ -217,14 +229,15 @@ fn lines_are_found_however_tcp_splits_them() {
     }
     assert_eq!(
         text(&to_client),
-        "150 Here comes\r\n226 Done\r\n227 Entering Passive Mode (10,1,0,1,195,81).\r\n"
+        "150 Here comes\r\n226 Done\r\n227 Entering Passive Mode (10,2,0,2,195,81).\r\n"
     );
 }
 
 #[test]
 fn unknown_commands_abor_rest_and_bare_newlines_pass_unchanged() {
     let (mut c, fake, _) = control();
-    let stream: &[u8] = b"XYZZY plugh\r\nREST 1000\r\n\xff\xf4\xff\xf2ABOR\r\nNOOP\n\r\n\xff\xfb\x01SITE x\r\n";
+    let stream: &[u8] =
+        b"XYZZY plugh\r\nREST 1000\r\n\xff\xf4\xff\xf2ABOR\r\nNOOP\n\r\n\xff\xfb\x01SITE x\r\n";
     let out = from_client(&mut c, stream);
     assert_eq!(out.to_server, stream);
     assert!(out.to_client.is_empty());

@@ -1,0 +1,306 @@
+//! Real FTP peers in the lab: vsftpd on the server, and curl, lftp and
+//! Python's ftplib on the client.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    lab::{addr, Ns},
+    traffic::{wait_listening, Peer},
+};
+
+/// vsftpd on the lab's server (anonymous, downloads from `root`, uploads to
+/// `root/incoming`, active and passive mode); stopped when dropped.
+pub struct FtpServer {
+    pub dir: PathBuf,
+    /// The anonymous root: files to download go here.
+    pub root: PathBuf,
+    _daemon: Peer,
+}
+
+impl FtpServer {
+    pub fn start(ns: &Ns, tag: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{tag}-vsftpd"));
+        let _ = fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        fs::create_dir_all(root.join("incoming"))?;
+        fs::create_dir_all(dir.join("empty"))?;
+        // vsftpd refuses a writable anonymous root; uploads go to a subdirectory.
+        chmod(&dir, 0o755)?;
+        chmod(&root, 0o755)?;
+        chmod(&root.join("incoming"), 0o777)?;
+        let conf = dir.join("vsftpd.conf");
+        fs::write(
+            &conf,
+            format!(
+                "listen=YES\nlisten_ipv6=NO\nlisten_address={server}\nlisten_port=21\n\
+                 background=NO\nanonymous_enable=YES\nlocal_enable=NO\nno_anon_password=YES\n\
+                 anon_root={root}\nwrite_enable=YES\nanon_upload_enable=YES\nanon_umask=022\n\
+                 anon_other_write_enable=YES\nseccomp_sandbox=NO\npasv_enable=YES\nport_enable=YES\n\
+                 pasv_min_port=40000\npasv_max_port=40999\nsecure_chroot_dir={empty}\n\
+                 xferlog_enable=NO\nuse_sendfile=YES\nftp_username=ftp\nidle_session_timeout=120\n\
+                 data_connection_timeout=120\n",
+                server = addr::SERVER,
+                root = root.display(),
+                empty = dir.join("empty").display(),
+            ),
+        )?;
+        let daemon = ns
+            .cmd("vsftpd")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting vsftpd (apt package vsftpd)")?;
+        let daemon = Peer::new(daemon);
+        wait_listening(ns, 21);
+        Ok(Self {
+            dir,
+            root,
+            _daemon: daemon,
+        })
+    }
+
+    /// A file of `bytes` random bytes in the server's root; its path.
+    pub fn random_file(&self, name: &str, bytes: u64) -> anyhow::Result<PathBuf> {
+        let path = self.root.join(name);
+        let status = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "head -c {bytes} /dev/urandom > '{}' && chmod 644 '{}'",
+                    path.display(),
+                    path.display()
+                ),
+            ])
+            .status()?;
+        if !status.success() {
+            bail!("writing {}", path.display());
+        }
+        Ok(path)
+    }
+
+    pub fn uploaded(&self, name: &str) -> PathBuf {
+        self.root.join("incoming").join(name)
+    }
+}
+
+impl Drop for FtpServer {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn chmod(p: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+}
+
+/// SHA-256 of a file, for byte-for-byte comparisons of big transfers.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// An FTP client run in the client namespace.
+pub enum Client {
+    /// curl, passive (EPSV, then PASV).
+    CurlPassive,
+    /// curl with `--disable-epsv`: PASV only.
+    CurlPasv,
+    /// curl `-P -`: active (EPRT, then PORT).
+    CurlActive,
+    /// curl `-P - --disable-eprt`: PORT only.
+    CurlPort,
+    LftpPassive,
+    LftpActive,
+    /// Python's ftplib (PASV).
+    FtplibPassive,
+    /// Python's ftplib with `set_pasv(False)` (PORT).
+    FtplibActive,
+}
+
+impl Client {
+    pub const ALL: [Client; 8] = [
+        Client::CurlPassive,
+        Client::CurlPasv,
+        Client::CurlActive,
+        Client::CurlPort,
+        Client::LftpPassive,
+        Client::LftpActive,
+        Client::FtplibPassive,
+        Client::FtplibActive,
+    ];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Client::CurlPassive => "curl (passive, EPSV)",
+            Client::CurlPasv => "curl (passive, PASV)",
+            Client::CurlActive => "curl -P - (active, EPRT)",
+            Client::CurlPort => "curl -P - (active, PORT)",
+            Client::LftpPassive => "lftp (passive)",
+            Client::LftpActive => "lftp (active)",
+            Client::FtplibPassive => "ftplib (passive)",
+            Client::FtplibActive => "ftplib set_pasv(False) (active)",
+        }
+    }
+
+    pub fn active(&self) -> bool {
+        matches!(
+            self,
+            Client::CurlActive | Client::CurlPort | Client::LftpActive | Client::FtplibActive
+        )
+    }
+
+    fn curl_flags(&self) -> &'static str {
+        match self {
+            Client::CurlPasv => "--disable-epsv",
+            Client::CurlActive => "-P -",
+            Client::CurlPort => "-P - --disable-eprt",
+            _ => "",
+        }
+    }
+
+    fn lftp_mode(&self) -> &'static str {
+        if self.active() {
+            "set ftp:passive-mode off;"
+        } else {
+            "set ftp:passive-mode on;"
+        }
+    }
+
+    /// Downloads `name` from the server into `to`.
+    pub fn download(&self, ns: &Ns, name: &str, to: &Path) -> Output {
+        let url = format!("ftp://{}/{name}", addr::SERVER);
+        let to = to.display();
+        match self {
+            Client::CurlPassive | Client::CurlPasv | Client::CurlActive | Client::CurlPort => {
+                sh(ns, &format!("curl -sS --connect-timeout 15 --max-time 300 {} -o '{to}' '{url}'", self.curl_flags()))
+            }
+            Client::LftpPassive | Client::LftpActive => sh(
+                ns,
+                &format!(
+                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; get {name} -o {to}'",
+                    self.lftp_mode(),
+                    addr::SERVER
+                ),
+            ),
+            Client::FtplibPassive | Client::FtplibActive => python(
+                ns,
+                &format!(
+                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({}); \
+                     out=open('{to}','wb'); f.retrbinary('RETR {name}', out.write); out.close(); f.quit()",
+                    addr::SERVER,
+                    if self.active() { "False" } else { "True" }
+                ),
+            ),
+        }
+    }
+
+    /// Uploads `from` to the server's `incoming/name`.
+    pub fn upload(&self, ns: &Ns, from: &Path, name: &str) -> Output {
+        let url = format!("ftp://{}/incoming/{name}", addr::SERVER);
+        let from = from.display();
+        match self {
+            Client::CurlPassive | Client::CurlPasv | Client::CurlActive | Client::CurlPort => {
+                sh(ns, &format!("curl -sS --connect-timeout 15 --max-time 300 {} -T '{from}' '{url}'", self.curl_flags()))
+            }
+            Client::LftpPassive | Client::LftpActive => sh(
+                ns,
+                &format!(
+                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; put {from} -o incoming/{name}'",
+                    self.lftp_mode(),
+                    addr::SERVER
+                ),
+            ),
+            Client::FtplibPassive | Client::FtplibActive => python(
+                ns,
+                &format!(
+                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({}); \
+                     src=open('{from}','rb'); f.storbinary('STOR incoming/{name}', src); src.close(); f.quit()",
+                    addr::SERVER,
+                    if self.active() { "False" } else { "True" }
+                ),
+            ),
+        }
+    }
+
+    /// The directory listing of the server's root.
+    pub fn list(&self, ns: &Ns) -> Output {
+        match self {
+            Client::CurlPassive | Client::CurlPasv | Client::CurlActive | Client::CurlPort => sh(
+                ns,
+                &format!("curl -sS --connect-timeout 15 --max-time 60 {} 'ftp://{}/'", self.curl_flags(), addr::SERVER),
+            ),
+            Client::LftpPassive | Client::LftpActive => sh(
+                ns,
+                &format!(
+                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; ls'",
+                    self.lftp_mode(),
+                    addr::SERVER
+                ),
+            ),
+            Client::FtplibPassive | Client::FtplibActive => python(
+                ns,
+                &format!(
+                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({}); f.retrlines('LIST'); f.quit()",
+                    addr::SERVER,
+                    if self.active() { "False" } else { "True" }
+                ),
+            ),
+        }
+    }
+}
+
+fn sh(ns: &Ns, script: &str) -> Output {
+    ns.cmd("sh")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running a client")
+}
+
+/// Runs Python code with ftplib imported.
+pub fn python(ns: &Ns, code: &str) -> Output {
+    ns.cmd("python3")
+        .args(["-c", &format!("import ftplib, sys\n{code}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("running python3")
+}
+
+/// Succeeded, or panics with what the client said.
+pub fn check(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits for `cond`, polling.
+pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..secs * 10 {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
