@@ -99,6 +99,9 @@ impl FtpStats {
 pub struct Output {
     pub to_server: Vec<u8>,
     pub to_client: Vec<u8>,
+    /// The byte of `to_server` at this index goes as TCP urgent data (an
+    /// ABOR, which makes a busy server read its control connection).
+    pub urgent_at: Option<usize>,
 }
 
 /// A piece of a line-oriented stream.
@@ -385,6 +388,14 @@ impl Control {
                 ),
                 None => self.refuse(&verb, None, "501 Syntax error in EPRT parameters.", out),
             },
+            "ABOR" => {
+                // Clients send ABOR as urgent data (RFC 959 4.1.3) so that
+                // a busy server reads it; we read urgent data in line, so
+                // the urgency is sent afresh, on the line's last byte (as
+                // ftplib does).
+                out.to_server.extend_from_slice(line);
+                out.urgent_at = Some(out.to_server.len() - 1);
+            }
             _ => out.to_server.extend_from_slice(line),
         }
     }

@@ -156,6 +156,47 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Interception>) {
     }
 }
 
+/// Reads what is queued beyond an urgent mark. A read stops at the mark
+/// (urgent data read in line), and tokio takes a short read for a drained
+/// socket and waits for the next edge, which never comes for bytes already
+/// queued: ABOR (urgent data) would wait until the client sent more.
+fn read_past_urgent_mark(stream: &TcpStream, buf: &mut [u8]) -> Vec<Vec<u8>> {
+    use std::io::Read as _;
+    let sock = SockRef::from(stream);
+    let mut out = Vec::new();
+    // A mark per ABOR: a handful at most.
+    for _ in 0..8 {
+        match (&*sock).read(buf) {
+            Ok(n) if n > 0 => out.push(buf[..n].to_vec()),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Writes `data`, the byte at `urgent_at` as TCP urgent data.
+async fn send(
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    data: &[u8],
+    urgent_at: Option<usize>,
+) -> std::io::Result<()> {
+    let Some(at) = urgent_at.filter(|i| *i < data.len()) else {
+        return w.write_all(data).await;
+    };
+    w.write_all(&data[..at]).await?;
+    loop {
+        // MSG_OOB marks the last byte sent as urgent.
+        match SockRef::from(w.as_ref()).send_out_of_band(&data[at..=at]) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                w.as_ref().writable().await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    w.write_all(&data[at + 1..]).await
+}
+
 /// Ends a connection with a reset, as an unreachable server would.
 fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
@@ -212,7 +253,12 @@ async fn ftp_control(
         let mut out = Output::default();
         tokio::select! {
             r = cr.read(&mut cbuf), if client_open => match r {
-                Ok(n) if n > 0 => control.client_data(&cbuf[..n], &mut out),
+                Ok(n) if n > 0 => {
+                    control.client_data(&cbuf[..n], &mut out);
+                    for more in read_past_urgent_mark(cr.as_ref(), &mut cbuf) {
+                        control.client_data(&more, &mut out);
+                    }
+                }
                 _ => {
                     client_open = false;
                     let _ = sw.shutdown().await;
@@ -227,7 +273,8 @@ async fn ftp_control(
             },
         }
         // A side that cannot take what is due ends the connection.
-        if !out.to_server.is_empty() && sw.write_all(&out.to_server).await.is_err() {
+        if !out.to_server.is_empty() && send(&mut sw, &out.to_server, out.urgent_at).await.is_err()
+        {
             break;
         }
         if !out.to_client.is_empty() && cw.write_all(&out.to_client).await.is_err() {

@@ -46,7 +46,7 @@ impl FtpServer {
                  anon_other_write_enable=YES\nseccomp_sandbox=NO\npasv_enable=YES\nport_enable=YES\n\
                  pasv_min_port=40000\npasv_max_port=40999\nsecure_chroot_dir={empty}\n\
                  xferlog_enable=NO\nuse_sendfile=YES\nftp_username=ftp\nidle_session_timeout=120\n\
-                 data_connection_timeout=120\n",
+                 data_connection_timeout=120\nasync_abor_enable=YES\n",
                 server = addr::SERVER,
                 root = root.display(),
                 empty = dir.join("empty").display(),

@@ -251,6 +251,18 @@ fn unknown_commands_abor_rest_and_bare_newlines_pass_unchanged() {
 }
 
 #[test]
+fn abor_goes_to_the_server_as_urgent_data() {
+    // However the client sent it (ftplib: the whole line as urgent data;
+    // others: Telnet IP and Synch first), it goes on unchanged, urgent.
+    for sent in [&b"ABOR\r\n"[..], b"\xff\xf4\xff\xf2ABOR\r\n", b"abor\n"] {
+        let (mut c, _, _) = control();
+        let out = from_client(&mut c, &[b"NOOP\r\n", sent].concat());
+        assert_eq!(out.to_server, [b"NOOP\r\n", sent].concat());
+        assert_eq!(out.urgent_at, Some(out.to_server.len() - 1));
+    }
+}
+
+#[test]
 fn long_lines_pass_unless_they_carry_an_address() {
     let (mut c, fake, stats) = control();
     let mut long = b"SITE ".to_vec();
