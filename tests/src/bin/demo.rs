@@ -1,15 +1,22 @@
 //! The self-contained demo behind `cargo xtask demo`: builds the namespace lab,
-//! runs the firewall on it, opens secondary connections with BindForClient and
-//! RedirectConnections through the CLI, sends real traffic through them (the
-//! XDP datapath forwards it in the kernel), shows what the firewall saw and
-//! refused, and cleans up.
+//! runs the firewall on it, and has a real FTP client (curl, lftp, ftplib)
+//! talk to a real FTP server (vsftpd) through it: an active and a passive
+//! download and an upload, whose data connections the firewall opens as
+//! pinholes and forwards in the kernel; then a bounce attempt it refuses.
+//! Prints what happened and cleans up.
+
+use std::{
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _};
-use firewall_common::IPPROTO_TCP;
 use firewall_tests::{
     daemon::Firewall,
+    ftp::{python, sha256, FtpServer},
     lab::{addr, unique_prefix, Lab},
-    traffic::{echo_server, port_of, prime_neighbours, send, tcp_connects, wait_listening},
+    traffic::prime_neighbours,
 };
 use serde_json::Value;
 
@@ -30,170 +37,58 @@ fn main() {
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    if !xtask::is_root() {
-        bail!("the demo needs root (BPF, network namespaces)");
-    }
-    let lab = Lab::create(&unique_prefix("demo")).context("creating the lab")?;
-    step(1, "Lab (network namespaces, veth pairs):");
-    println!(
-        "    client {} ({} is another internal host) ── [{} {} | firewall | {} {}] ── server {} ({} another external host)",
-        addr::CLIENT, addr::CLIENT2, addr::IF_INTERNAL, addr::FW_INTERNAL, addr::IF_EXTERNAL, addr::FW_EXTERNAL, addr::SERVER, addr::EXTERNAL2
-    );
-    println!(
-        "    The server has no route back to 10.1.0.0/24: only translated packets get answers."
-    );
-
-    step(
-        2,
-        &format!(
-            "firewall-ctl up --internal {} --external {}",
-            addr::IF_INTERNAL,
-            addr::IF_EXTERNAL
-        ),
-    );
-    let fw = Firewall::up(&lab, &[])?;
-    for l in lab
-        .fw
-        .sh("bpftool net show | sed -n '/xdp:/,/^$/p'")?
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-    {
-        println!("    bpftool net: {l}");
-    }
-    prime_neighbours(&lab);
-
-    step(
-        3,
-        "A session for the client, and BindForClient for its listening socket 10.1.0.2:5001",
-    );
-    println!("    (what an FTP filter does for `PORT 10,1,0,2,19,137`; only the server may connect, single use):");
-    let sess = fw.session(addr::CLIENT);
-    let b = fw.try_ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5001",
-        "--protocol",
-        "tcp",
-        "--allow-peer",
-        addr::SERVER,
-        "--context",
-        "demo-transfer",
-    ])?;
-    let proxy = s(&b["proxy_address"]);
-    let id = s(&b["connections"][0]["id"]);
-    println!(
-        "    → proxy address {proxy} (connection {id}); the FTP filter would rewrite PORT to it"
-    );
-
-    let size = 16 * 1024 * 1024;
-    let dir = std::env::temp_dir().join(format!("{}-files", lab.prefix));
-    std::fs::create_dir_all(&dir)?;
-    let (file, recv) = (dir.join("data"), dir.join("recv"));
-    let data: Vec<u8> = (0..size as u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+/// Runs a client command in the client namespace while sampling the flow
+/// table; returns the seconds it took and the flows that carried packets
+/// meanwhile, at their busiest.
+fn transfer(lab: &Lab, fw: &Firewall, command: &str) -> anyhow::Result<(f64, Vec<Value>)> {
+    let key = |f: &Value| format!("{}{}{}", s(&f["protocol"]), s(&f["from"]), s(&f["to"]));
+    let before: std::collections::HashMap<String, u64> = fw
+        .list("flows")
+        .iter()
+        .map(|f| (key(f), f["packets"].as_u64().unwrap_or(0)))
         .collect();
-    std::fs::write(&file, &data)?;
-    step(
-        4,
-        &format!(
-            "The server connects to {proxy} and sends {} MiB to the client:",
-            size >> 20
-        ),
-    );
-    let mut client = lab.client.spawn(&format!(
-        "exec socat -u -T10 TCP-LISTEN:5001,bind={} CREATE:{}",
-        addr::CLIENT,
-        recv.display()
-    ))?;
-    wait_listening(&lab.client, 5001);
-    let started = std::time::Instant::now();
-    lab.server.sh(&format!(
-        "socat -u -T10 OPEN:{} TCP:{proxy}",
-        file.display()
-    ))?;
-    client.wait()?;
-    let secs = started.elapsed().as_secs_f64();
-    let got = std::fs::read(&recv)?;
-    std::fs::remove_dir_all(&dir).ok();
-    println!(
-        "    arrived intact: {} ({} bytes, {:.2} Gbit/s)",
-        got == data,
-        got.len(),
-        size as f64 * 8.0 / secs / 1e9
-    );
-    let conn = fw
-        .list("connections")
-        .into_iter()
-        .find(|c| s(&c["id"]) == id)
-        .context("connection listed")?;
-    println!(
-        "    connection {id}: state {}, mode {}, peer {}, {} packets / {} bytes in its flows",
-        s(&conn["state"]),
-        s(&conn["mode"]),
-        s(&conn["peer"]),
-        conn["packets"],
-        conn["bytes"]
-    );
-    println!(
-        "    sockets in the firewall carrying it: {}",
-        if lab.fw.sh("ss -Htn state established")?.trim().is_empty() {
-            "none (the bytes never left the kernel's XDP path)"
-        } else {
-            "some"
+    let grown = |flows: Vec<Value>| -> Vec<Value> {
+        flows
+            .into_iter()
+            .filter(|f| {
+                f["packets"].as_u64().unwrap_or(0) > before.get(&key(f)).copied().unwrap_or(0)
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    let mut child = lab
+        .client
+        .cmd("sh")
+        .args(["-c", command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut busiest: Vec<Value> = Vec::new();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("`{command}` failed ({status})");
+            }
+            break;
         }
-    );
-
-    step(5, "What was refused:");
-    let _again = echo_server(&lab.client, IPPROTO_TCP, addr::CLIENT, 5001);
-    println!(
-        "    a second connection to {proxy} (single use): {}",
-        if tcp_connects(&lab.server, &proxy) {
-            "ACCEPTED?!"
-        } else {
-            "refused"
+        let flows = grown(fw.list("flows"));
+        let total = |f: &[Value]| {
+            f.iter()
+                .map(|x| x["packets"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        if total(&flows) > total(&busiest) {
+            busiest = flows;
         }
-    );
-    match fw.call(&["bind-for-client", "--session", &sess, "--client", "10.1.0.3:25", "--protocol", "tcp"]) {
-        Err((kind, msg)) => println!("    BindForClient for another internal host (an FTP bounce through the firewall): {kind}\n      {msg}"),
-        Ok(v) => println!("    bounce ACCEPTED?! {v}"),
+        std::thread::sleep(Duration::from_millis(100));
     }
+    Ok((started.elapsed().as_secs_f64(), busiest))
+}
 
-    step(6, "RedirectConnections: the client reaches the server's 2000 through the firewall's internal address");
-    println!("    (what an FTP filter does for a `227` reply, so the data connection leaves from the same external address):");
-    let rc = fw.try_ok(&[
-        "redirect-connections",
-        "--session",
-        &sess,
-        "--connect",
-        "10.2.0.2:2000",
-        "--protocol",
-        "tcp",
-    ])?;
-    let internal = s(&rc["internal_address"]);
-    println!("    → internal address {internal}");
-    let mut srv = echo_server(&lab.server, IPPROTO_TCP, addr::SERVER, 2000);
-    let answer = send(
-        &lab.client,
-        IPPROTO_TCP,
-        (addr::CLIENT, 40999),
-        (addr::FW_INTERNAL, port_of(&internal)),
-        "hello over the redirect",
-    );
-    let _ = srv.wait();
-    let (seen, echoed) = answer.split_once('\n').unwrap_or((&answer, ""));
-    println!(
-        "    the server saw the connection come from {} and echoed {:?}",
-        seen,
-        echoed.trim()
-    );
-
-    step(7, "The flow table (firewall-ctl list flows; bpftool map dump pinned /sys/fs/bpf/firewall/FLOWS):");
-    for f in fw.list("flows") {
+fn print_flows(flows: &[Value]) {
+    for f in flows {
         println!(
-            "    {} {:>21} → {:<21} as {:>21} → {:<21} {:>6} packets  (connection {})",
+            "      {} {:>16} → {:<16} as {:>16} → {:<16} {:>7} packets (connection {})",
             s(&f["protocol"]),
             s(&f["from"]),
             s(&f["to"]),
@@ -203,9 +98,185 @@ fn run() -> anyhow::Result<()> {
             f["owner"]
         );
     }
+}
 
-    step(8, "Datapath counters (firewall-ctl status):");
+/// The FTP filter's log lines since `from` (what it rewrote and refused).
+fn filter_log(fw: &Firewall, from: &mut usize) {
+    let text = fw.log_text();
+    for line in text.lines().skip(*from) {
+        let ours = line.contains("firewall_ctl::ftp]") || line.contains("firewall_ctl::primary]");
+        if let (true, Some(i)) = (ours, line.find("ftp ")) {
+            println!("      daemon: {}", &line[i..]);
+        }
+    }
+    *from = text.lines().count();
+}
+
+fn check_same(what: &str, a: &Path, b: &Path) -> anyhow::Result<()> {
+    let same = sha256(a) == sha256(b);
+    println!("    {what}: identical byte for byte (sha256): {same}");
+    if !same {
+        bail!("{what}: the file did not arrive intact");
+    }
+    Ok(())
+}
+
+fn run() -> anyhow::Result<()> {
+    if !xtask::is_root() {
+        bail!("the demo needs root (BPF, network namespaces)");
+    }
+    let lab = Lab::create(&unique_prefix("demo")).context("creating the lab")?;
+    step(1, "Lab (network namespaces, veth pairs):");
+    println!(
+        "    client {} ({} another internal host) ── [{} {} | firewall | {} {}] ── FTP server {} ({} another external host)",
+        addr::CLIENT, addr::CLIENT2, addr::IF_INTERNAL, addr::FW_INTERNAL, addr::IF_EXTERNAL, addr::FW_EXTERNAL, addr::SERVER, addr::EXTERNAL2
+    );
+    println!("    The server has no route back to 10.1.0.0/24: only what the firewall translates gets answers.");
+
+    step(
+        2,
+        &format!(
+            "firewall-ctl up --internal {} --external {}   (the FTP filter is on by default)",
+            addr::IF_INTERNAL,
+            addr::IF_EXTERNAL
+        ),
+    );
+    let fw = Firewall::up(&lab, &[])?;
+    for l in lab
+        .fw
+        .sh("bpftool net show | grep -E 'vf[ie]'")?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        println!("    bpftool net: {}", l.trim());
+    }
+    println!("    XDP forwards flows and opens pinholes; a TC program hands FTP control connections (TCP 21)");
+    println!("    to the daemon, transparently: the client needs no configuration, no netfilter rule is used.");
+
+    // A freshly built lab loses its very first packets for a moment; let it settle.
+    prime_neighbours(&lab);
+    let server = FtpServer::start(&lab.server, &lab.prefix)?;
+    let size: u64 = 64 * 1024 * 1024;
+    let file = server.random_file("demo.bin", size)?;
+    let dir = std::env::temp_dir().join(format!("{}-files", lab.prefix));
+    std::fs::create_dir_all(&dir)?;
+    println!(
+        "    vsftpd runs on {} with demo.bin ({} MiB of random bytes)",
+        addr::SERVER,
+        size >> 20
+    );
+    let mut log_from = fw.log_text().lines().count();
+
+    let url = format!("ftp://{}/demo.bin", addr::SERVER);
+    let downloads = [
+        (
+            3,
+            "Active mode: curl -P - (EPRT: the server connects back to the client)",
+            "-P -",
+        ),
+        (
+            4,
+            "Passive mode: curl (EPSV: the client connects to the server's data port)",
+            "",
+        ),
+    ];
+    for (n, title, flags) in downloads {
+        step(n, title);
+        let got = dir.join(format!("got{n}"));
+        // Limited so that the flow table can be watched while it runs.
+        let (secs, flows) = transfer(
+            &lab,
+            &fw,
+            &format!(
+                "curl -sS --limit-rate 200M {flags} -o '{}' '{url}'",
+                got.display()
+            ),
+        )?;
+        filter_log(&fw, &mut log_from);
+        println!(
+            "    downloaded {} MiB in {secs:.2} s (rate-limited to 200 MB/s to watch it)",
+            size >> 20
+        );
+        check_same("demo.bin", &file, &got)?;
+        println!("    flows in the kernel while it ran (firewall-ctl list flows):");
+        print_flows(&flows);
+        std::fs::remove_file(&got).ok();
+    }
+
+    step(5, "Upload: lftp put (passive), full speed");
+    let (secs, _) = transfer(
+        &lab,
+        &fw,
+        &format!(
+            "lftp -c 'open -u anonymous,x@ {}; put {} -o incoming/up.bin'",
+            addr::SERVER,
+            file.display()
+        ),
+    )?;
+    filter_log(&fw, &mut log_from);
+    println!(
+        "    uploaded {} MiB in {secs:.2} s ({:.2} Gbit/s)",
+        size >> 20,
+        size as f64 * 8.0 / secs / 1e9
+    );
+    check_same("incoming/up.bin", &file, &server.uploaded("up.bin"))?;
+
+    step(
+        6,
+        "Where the data went: connections (firewall-ctl list connections)",
+    );
+    for c in fw.list("connections") {
+        println!(
+            "    connection {:>2}: {:<8} {:<6} mode {:<6} {} → {}  {} packets, {} bytes",
+            s(&c["id"]),
+            s(&c["kind"]),
+            s(&c["state"]),
+            s(&c["mode"]),
+            s(&c["endpoint"]),
+            s(&c["target"]),
+            c["packets"],
+            c["bytes"]
+        );
+    }
+    let sockets = lab
+        .fw
+        .sh("ss -Htn state established | grep -v ':21 ' || true")?;
+    println!(
+        "    data sockets in the firewall: {}",
+        if sockets.trim().is_empty() {
+            "none: the data never left the kernel's XDP path"
+        } else {
+            "some (user mode)"
+        }
+    );
+
+    step(
+        7,
+        "A bounce: ftplib sends PORT 10,1,0,3,0,25 (another internal host's SMTP port)",
+    );
+    let out = python(
+        &lab.client,
+        &format!(
+            "f=ftplib.FTP('{}', timeout=20); f.login()\n\
+             try:\n    print(f.sendcmd('PORT 10,1,0,3,0,25'))\n\
+             except ftplib.error_perm as e:\n    print(e)\n\
+             f.quit()",
+            addr::SERVER
+        ),
+    );
+    println!(
+        "    the firewall answered: {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    filter_log(&fw, &mut log_from);
+
+    step(8, "Counters (firewall-ctl status):");
     let st = fw.status();
+    let f = &st["ftp"];
+    println!(
+        "    ftp filter: {} control connections, {} active and {} passive data connections opened, {} bounce refused",
+        f["control_connections"], f["active_opened"], f["passive_opened"], f["bounces_refused"]
+    );
     for c in st["counters"]
         .as_array()
         .into_iter()
@@ -219,13 +290,16 @@ fn run() -> anyhow::Result<()> {
             s(&c["help"])
         );
     }
+    let refused = f["bounces_refused"].as_u64().unwrap_or(0);
 
     step(9, "firewall-ctl down");
     drop(fw);
-    println!("    programs detached, pins removed; deleting the lab");
+    println!("    programs detached, pins and routing rule removed; deleting the lab");
+    drop(server);
     drop(lab);
-    if got != data {
-        bail!("the transfer did not arrive intact");
+    std::fs::remove_dir_all(&dir).ok();
+    if refused != 1 {
+        bail!("the bounce was not refused");
     }
     println!("\nDone. On real NICs: firewall-ctl up --internal IF --external IF");
     Ok(())
