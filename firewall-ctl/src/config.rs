@@ -44,6 +44,7 @@ struct File {
 struct FtpFile {
     enabled: Option<bool>,
     ports: Option<Vec<u16>>,
+    data_connections: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +139,9 @@ pub struct Config {
     /// Destination ports of FTP control connections that the built-in FTP
     /// filter intercepts; empty: the filter is off.
     pub ftp_ports: Vec<u16>,
+    /// FTP data connections go through the user-mode relay even without a
+    /// data filter (`[ftp] data_connections = "user"`).
+    pub ftp_user_mode: bool,
     /// Mark that makes policy routing deliver intercepted segments locally.
     pub fwmark: u32,
     /// The routing table holding the local route for marked segments.
@@ -565,6 +569,16 @@ impl Config {
         } else {
             Vec::new()
         };
+        let ftp_user_mode = match file.ftp.data_connections.as_deref() {
+            None | Some("kernel") => false,
+            Some("user") => true,
+            Some(other) => {
+                return Err(err(
+                    "ftp.data_connections",
+                    format!("{other:?} is neither \"kernel\" nor \"user\""),
+                ))
+            }
+        };
         let fwmark = file.interception.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
             return Err(err(
@@ -582,6 +596,7 @@ impl Config {
 
         Ok(Config {
             ftp_ports,
+            ftp_user_mode,
             fwmark,
             route_table,
             block_executables,
@@ -745,6 +760,7 @@ enabled = false
             ("[ftp]\nports = []", "ftp.ports"),
             ("[ftp]\nports = [0]", "ftp.ports[0]"),
             ("[ftp]\nport = 21", "unknown field `port`"),
+            ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
             ("[[protocols]]\nname = \"tftp\"\ntransport = \"udp\"", "ftp.enabled"),
             ("[interception]\nfwmark = 0", "interception.fwmark"),
             ("[interception]\nroute_table = 254", "interception.route_table"),

@@ -429,6 +429,7 @@ fn start_interception(
         stats: shared.ftp.clone(),
         external: config.external_addresses[0],
         ftp_ports: config.ftp_ports.clone(),
+        ftp_user_mode: config.ftp_user_mode,
     });
     log::info!(
         "FTP filter on: TCP ports {:?} from {} intercepted (listener {at}, fwmark {:#x}, table {})",

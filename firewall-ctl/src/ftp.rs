@@ -266,6 +266,8 @@ pub struct Control {
     server: SocketAddrV4,
     /// The external address the control connection leaves from.
     external: Ipv4Addr,
+    /// Added to every call's flags (no-kernel-mode when so configured).
+    extra_flags: ConnFlags,
     from_client: Lines,
     from_server: Lines,
     /// The verb of a long client line being dropped (refused when it ends).
@@ -283,6 +285,7 @@ impl Control {
         client: SocketAddrV4,
         server: SocketAddrV4,
         external: Ipv4Addr,
+        extra_flags: ConnFlags,
     ) -> Result<Self, ApiError> {
         let session = api.session(*client.ip())?;
         stats.control_connections.fetch_add(1, Relaxed);
@@ -293,6 +296,7 @@ impl Control {
             client,
             server,
             external,
+            extra_flags,
             from_client: Lines::default(),
             from_server: Lines::default(),
             dropping_client: None,
@@ -466,7 +470,7 @@ impl Control {
             clients: vec![a],
             proxy: Some(SocketAddrV4::new(self.external, 0)),
             protocol: Transport::Tcp,
-            flags: ConnFlags::TIMEOUT,
+            flags: ConnFlags::TIMEOUT | self.extra_flags,
             backlog: Some(1),
             protocol_name: PROTOCOL.into(),
             ip_filter: Some(IpFilter {
@@ -526,7 +530,7 @@ impl Control {
             // other address would not be dialled.
             internal: Some(*self.server.ip()),
             protocol: Transport::Tcp,
-            flags: ConnFlags::TIMEOUT,
+            flags: ConnFlags::TIMEOUT | self.extra_flags,
             protocol_name: PROTOCOL.into(),
             notify: false,
             context: None,

@@ -125,6 +125,8 @@ pub struct Interception {
     /// The external address the daemon connects to servers from.
     pub external: Ipv4Addr,
     pub ftp_ports: Vec<u16>,
+    /// FTP data connections through the relay (no-kernel-mode).
+    pub ftp_user_mode: bool,
 }
 
 /// Accepts intercepted connections until the task is aborted.
@@ -214,6 +216,11 @@ async fn ftp_control(
         client,
         server,
         ctx.external,
+        if ctx.ftp_user_mode {
+            crate::flags::ConnFlags::NO_KERNEL_MODE
+        } else {
+            crate::flags::ConnFlags::empty()
+        },
     ) {
         Ok(c) => c,
         Err(e) => {

@@ -96,6 +96,30 @@ fn every_client_works_in_user_mode_when_ftp_is_scanned() {
 }
 
 #[test]
+fn data_connections_can_be_put_in_user_mode_without_a_filter() {
+    let run = LabRun::with_config("ftpum", "[ftp]\ndata_connections = \"user\"\n");
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    let file = server.random_file("setup.exe", 2 * 1024 * 1024).unwrap();
+    std::fs::write(
+        &file,
+        [b"MZ".as_slice(), &std::fs::read(&file).unwrap()].concat(),
+    )
+    .unwrap();
+    let want = sha256(&file);
+    for c in [Client::CurlPassive, Client::CurlActive] {
+        let got = scratch(&run, "um");
+        check(c.name(), &c.download(&run.lab.client, "setup.exe", &got));
+        // No scanner: even an executable goes through, relayed.
+        assert_eq!(sha256(&got), want, "{}", c.name());
+        let _ = std::fs::remove_file(&got);
+    }
+    let conns = run.fw.list("connections");
+    assert_eq!(conns.len(), 2);
+    assert!(conns.iter().all(|c| c["mode"] == "user"), "{conns:?}");
+    assert_eq!(run.fw.counter("redirect_pinhole_established"), 0);
+}
+
+#[test]
 fn big_transfers_are_exact_and_visible_in_the_flow_table() {
     let run = LabRun::start("ftpbig", &[]);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();

@@ -68,6 +68,7 @@ fn control() -> (Control, Arc<Fake>, Arc<FtpStats>) {
         CLIENT.parse().unwrap(),
         SERVER.parse().unwrap(),
         EXT,
+        ConnFlags::empty(),
     )
     .unwrap();
     (c, fake, stats)
