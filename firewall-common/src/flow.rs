@@ -91,8 +91,23 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// Bits of `tcp_seen` observed in this direction.
     pub tcp_flags_seen: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
+    /// The next hop the FIB gave for this flow, cached by the datapath (the
+    /// FIB lookup is most of a packet's cost): the largest L3 length the FIB
+    /// accepted for it (longer packets ask the FIB again, which keeps its
+    /// MTU check), the egress interface and MACs, and when the FIB confirmed
+    /// it, in units of 2^20 ns (about 1 ms) of `bpf_ktime_get_coarse_ns`; 0:
+    /// never. Older than `HOP_RECHECK` units, the FIB is asked again, so route
+    /// and neighbour changes apply within about a second.
+    pub hop_len_ok: u16,
+    pub hop_ifindex: u32,
+    pub hop_dmac: [u8; 6],
+    pub hop_smac: [u8; 6],
+    pub hop_checked: u32,
 }
+
+/// Age (in 2^20 ns units) after which a cached next hop is looked up again.
+pub const HOP_RECHECK: u32 = 1000;
 
 impl FlowValue {
     /// A forwarding entry translating to the given addresses and ports.
@@ -114,7 +129,12 @@ impl FlowValue {
             bytes: 0,
             last_seen_ns: 0,
             tcp_flags_seen: 0,
-            _pad: [0; 7],
+            _pad: 0,
+            hop_len_ok: 0,
+            hop_ifindex: 0,
+            hop_dmac: [0; 6],
+            hop_smac: [0; 6],
+            hop_checked: 0,
         }
     }
 }
@@ -127,4 +147,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 80);

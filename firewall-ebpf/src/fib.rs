@@ -12,7 +12,10 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext as _,
 };
-use firewall_common::{flow::FlowValue, stats::Counter};
+use firewall_common::{
+    flow::{FlowValue, HOP_RECHECK},
+    stats::Counter,
+};
 
 use crate::parse::Packet;
 
@@ -25,6 +28,50 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
+/// The flow's cached next hop, if the FIB confirmed it recently and for
+/// packets this long.
+#[inline(always)]
+pub fn cached(flow: &FlowValue, pkt: &Packet, now_units: u32) -> Option<NextHop> {
+    let checked = flow.hop_checked;
+    if checked == 0
+        || now_units.wrapping_sub(checked) > HOP_RECHECK
+        || l3_len(pkt) > flow.hop_len_ok
+    {
+        return None;
+    }
+    Some(NextHop {
+        ifindex: flow.hop_ifindex,
+        smac: flow.hop_smac,
+        dmac: flow.hop_dmac,
+    })
+}
+
+/// Caches what the FIB said for this flow (all CPUs share the entry; they
+/// write the same values, the timestamp last).
+#[inline(always)]
+pub fn remember(flow: *mut FlowValue, pkt: &Packet, hop: &NextHop, now_units: u32) {
+    unsafe {
+        let f = &mut *flow;
+        let len = l3_len(pkt);
+        if f.hop_checked == 0 || f.hop_ifindex != hop.ifindex || f.hop_dmac != hop.dmac {
+            f.hop_len_ok = len;
+        } else if len > f.hop_len_ok {
+            f.hop_len_ok = len;
+        }
+        f.hop_ifindex = hop.ifindex;
+        f.hop_dmac = hop.dmac;
+        f.hop_smac = hop.smac;
+        // 0 means "never": a clock reading of exactly 0 counts as 1.
+        f.hop_checked = now_units.max(1);
+    }
+}
+
+/// IPv4 total length of the packet.
+#[inline(always)]
+fn l3_len(pkt: &Packet) -> u16 {
+    pkt.l4_len + ((pkt.l4_off as u16).wrapping_sub(l3_offset(pkt)))
+}
+
 /// Looks up the route of the packet as it will be after translation.
 #[inline(always)]
 pub fn lookup(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
@@ -33,7 +80,7 @@ pub fn lookup(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<NextHo
     p.l4_protocol = pkt.key.protocol;
     p.sport = flow.nat_src_port.to_be();
     p.dport = flow.nat_dst_port.to_be();
-    p.__bindgen_anon_1.tot_len = pkt.l4_len + ((pkt.l4_off as u16).wrapping_sub(l3_offset(pkt)));
+    p.__bindgen_anon_1.tot_len = l3_len(pkt);
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(flow.nat_src_addr);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(flow.nat_dst_addr);

@@ -2,9 +2,7 @@
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use aya_ebpf::{
-    btf_maps::LruHashMap, helpers::generated::bpf_ktime_get_coarse_ns, macros::btf_map,
-};
+use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
 use firewall_common::flow::{FlowKey, FlowValue};
 
 /// Default size; the control plane sets the real one from its config at load time.
@@ -20,12 +18,12 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowValue> {
 
 /// Accounts a forwarded packet on its flow entry, which all CPUs share.
 #[inline(always)]
-pub fn account(flow: *mut FlowValue, bytes: u64, tcp_flags: u8) {
+pub fn account(flow: *mut FlowValue, bytes: u64, tcp_flags: u8, now_ns: u64) {
     unsafe {
         // BPF_ATOMIC add: core's AtomicU64 has no fetch_add on the bpf target.
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*flow).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*flow).bytes, bytes);
-        (*flow).last_seen_ns = bpf_ktime_get_coarse_ns();
+        (*flow).last_seen_ns = now_ns;
         // Flags only accumulate; skip the store (and the cache-line write) when nothing is new.
         let seen = (*flow).tcp_flags_seen;
         if seen | tcp_flags != seen {

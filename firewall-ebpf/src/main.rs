@@ -19,7 +19,7 @@ mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -90,13 +90,22 @@ fn process(ctx: &XdpContext, side: u8) -> Outcome {
     if pkt.ttl <= 1 {
         return Counter::PassTtlExceeded.into();
     }
-    let hop = match fib::lookup(ctx, &pkt, flow) {
-        Ok(h) => h,
-        Err(c) => return c.into(),
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now_units = (now >> 20) as u32;
+    let hop = match fib::cached(flow, &pkt, now_units) {
+        Some(h) => h,
+        None => {
+            let h = match fib::lookup(ctx, &pkt, flow) {
+                Ok(h) => h,
+                Err(c) => return c.into(),
+            };
+            if flow.egress_ifindex != 0 && flow.egress_ifindex != h.ifindex {
+                return Counter::DropEgressMismatch.into();
+            }
+            fib::remember(flow_ptr, &pkt, &h, now_units);
+            h
+        }
     };
-    if flow.egress_ifindex != 0 && flow.egress_ifindex != hop.ifindex {
-        return Counter::DropEgressMismatch.into();
-    }
     if let Err(c) = nat::translate(ctx, &pkt, flow) {
         return c.into();
     }
@@ -104,7 +113,7 @@ fn process(ctx: &XdpContext, side: u8) -> Outcome {
         (*pkt.eth).dst_addr = hop.dmac;
         (*pkt.eth).src_addr = hop.smac;
     }
-    flow::account(flow_ptr, frame_len(ctx), pkt.tcp_flags);
+    flow::account(flow_ptr, frame_len(ctx), pkt.tcp_flags, now);
     Outcome {
         counter,
         ifindex: hop.ifindex,

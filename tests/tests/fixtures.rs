@@ -422,3 +422,55 @@ fn every_counter_has_a_distinct_stats_slot() {
     let names: std::collections::BTreeSet<_> = Counter::ALL.iter().map(|c| c.name()).collect();
     assert_eq!(names.len(), Counter::ALL.len());
 }
+
+#[test]
+fn the_next_hop_is_cached_but_the_mtu_and_changes_still_apply() {
+    let mut fx = Fixture::new("hop").unwrap();
+    let ns = format!("--net=/run/netns/fwfx{}-hop", std::process::id());
+    let sh = |s: &str| {
+        xtask::run(std::process::Command::new("nsenter").args([&ns, "sh", "-c", s])).unwrap();
+    };
+    // A server behind a 600-byte MTU route.
+    sh("ip neigh add 10.2.0.200 lladdr 02:22:00:00:00:c8 dev ex0 nud permanent; ip route add 10.2.0.200/32 dev ex0 mtu lock 600");
+    let far = [10, 2, 0, 200];
+    let key = FlowKey::new(IPPROTO_TCP, CLIENT, 7000, far, 21);
+    fx.flows
+        .insert(&key, &FlowValue::forward(FW_EXTERNAL, NAT_PORT, far, 21))
+        .unwrap();
+    let frame = |len: usize| {
+        Spec {
+            payload: vec![0x55; len],
+            ..Spec::tcp(CLIENT, 7000, far, 21)
+        }
+        .build()
+    };
+    // The first packet asks the FIB and leaves the answer in the flow.
+    assert_eq!(fx.run(Side::Internal, &frame(100)).action, XDP_REDIRECT);
+    let f = fx.flows.get(&key).unwrap().unwrap();
+    assert_eq!(f.hop_ifindex, fx.ex_ifindex);
+    assert_eq!(f.hop_dmac, [0x02, 0x22, 0, 0, 0, 0xc8]);
+    assert_eq!(f.hop_smac, EX_MAC);
+    assert_eq!(f.hop_len_ok, 20 + 20 + 100);
+    assert_ne!(f.hop_checked, 0);
+    // A packet longer than any the FIB accepted asks again: the MTU check holds.
+    let out = fx.run(Side::Internal, &frame(700));
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(fx.counter(Counter::PassFragNeeded), 1);
+    // Up to the MTU it is cached for longer packets too.
+    assert_eq!(fx.run(Side::Internal, &frame(500)).action, XDP_REDIRECT);
+    assert_eq!(fx.flows.get(&key).unwrap().unwrap().hop_len_ok, 540);
+    // The neighbour's MAC changes: a stale cache (older than HOP_RECHECK) is refreshed.
+    sh("ip neigh replace 10.2.0.200 lladdr 02:22:00:00:00:c9 dev ex0 nud permanent");
+    let mut f = fx.flows.get(&key).unwrap().unwrap();
+    f.hop_checked = f
+        .hop_checked
+        .wrapping_sub(firewall_common::flow::HOP_RECHECK + 1);
+    fx.flows.insert(&key, &f).unwrap();
+    let out = fx.run(Side::Internal, &frame(100));
+    assert_eq!(out.action, XDP_REDIRECT);
+    assert_eq!(&out.frame[0..6], &[0x02, 0x22, 0, 0, 0, 0xc9]);
+    assert_eq!(
+        fx.flows.get(&key).unwrap().unwrap().hop_dmac,
+        [0x02, 0x22, 0, 0, 0, 0xc9]
+    );
+}
