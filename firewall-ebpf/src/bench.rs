@@ -5,16 +5,38 @@
 //! setup measured do not dilute the comparison.
 
 use aya_ebpf::{
-    bindings::xdp_action, btf_maps::PerCpuArray, macros::btf_map, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    btf_maps::{Array, PerCpuArray},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
 };
 use firewall_common::stats::StatValue;
+
+/// Length of the generated frames: 64 bytes on the wire with the FCS.
+pub const BENCH_FRAME_LEN: usize = 60;
 
 /// Packets and bytes the sink dropped, per CPU.
 #[btf_map]
 static BENCH_SINK: PerCpuArray<StatValue, 1> = PerCpuArray::new();
 
+/// The frame to send. Live-frames mode recycles its pages without resetting
+/// them, and whoever forwards a frame rewrites it in place (MACs, TTL, NAT),
+/// so the generator writes the frame afresh before each transmission.
+#[btf_map]
+static BENCH_FRAME: Array<[u8; BENCH_FRAME_LEN], 1> = Array::new();
+
 #[xdp]
-pub fn xdp_bench_tx(_ctx: XdpContext) -> u32 {
+pub fn xdp_bench_tx(ctx: XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + BENCH_FRAME_LEN > end {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Some(tmpl) = BENCH_FRAME.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    unsafe {
+        core::ptr::copy_nonoverlapping(tmpl.as_ptr(), start as *mut u8, BENCH_FRAME_LEN);
+    }
     xdp_action::XDP_TX
 }
 

@@ -48,18 +48,29 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 impl Fixture {
     /// `name` must be unique among concurrently running fixtures.
     pub fn new(name: &str) -> anyhow::Result<Self> {
+        Self::with_sizes(
+            name,
+            firewall_ctl::datapath::MapSizes {
+                flows: 4096,
+                pinholes: 1024,
+            },
+        )
+    }
+
+    /// A fixture whose flow and pinhole tables have these capacities.
+    pub fn with_sizes(name: &str, sizes: firewall_ctl::datapath::MapSizes) -> anyhow::Result<Self> {
         crate::require_root();
         let netns = format!("fwfx{}-{name}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
         ip(&["netns", "add", &netns])?;
-        let mut fx = Self::build(&netns).inspect_err(|_| {
+        let mut fx = Self::build(&netns, sizes).inspect_err(|_| {
             let _ = Command::new("ip").args(["netns", "del", &netns]).status();
         })?;
         fx.netns = netns;
         Ok(fx)
     }
 
-    fn build(netns: &str) -> anyhow::Result<Self> {
+    fn build(netns: &str, sizes: firewall_ctl::datapath::MapSizes) -> anyhow::Result<Self> {
         let sh =
             |s: &str| xtask::run(Command::new("ip").args(["netns", "exec", netns, "sh", "-c", s]));
         let mac = |m: [u8; 6]| {
@@ -97,14 +108,7 @@ impl Fixture {
         let pins = PinPaths {
             dir: format!("/sys/fs/bpf/{netns}").into(),
         };
-        let datapath = Datapath::load(
-            &pins,
-            firewall_ctl::datapath::MapSizes {
-                flows: 4096,
-                pinholes: 1024,
-            },
-        )
-        .context("loading the datapath for fixtures")?;
+        let datapath = Datapath::load(&pins, sizes).context("loading the datapath for fixtures")?;
         let flows = FlowTable::open(&pins)?;
         let pinholes = PinholeTable::open(&pins)?;
         let peers = PeerFilters::open(&pins)?;
@@ -120,6 +124,11 @@ impl Fixture {
             in_ifindex,
             ex_ifindex,
         })
+    }
+
+    /// The fixture's network namespace (for `netns::in_netns`).
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
     }
 
     /// Runs the program of `side` on `frame` as received on that side's interface.

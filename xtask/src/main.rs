@@ -25,6 +25,16 @@ enum Task {
     },
     /// Setup, build, and run the self-contained demo in network namespaces.
     Demo,
+    /// Setup, build (release), and measure kernel mode against user mode,
+    /// netfilter and plain forwarding; writes bench-results/<time>/.
+    Bench {
+        /// A short smoke run (small sizes, 2 repetitions, scale up to 10 k).
+        #[arg(long)]
+        quick: bool,
+        /// Where the results go (default: bench-results/<UTC time>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Create or destroy the namespace lab by hand.
     Lab {
         #[command(subcommand)]
@@ -115,6 +125,17 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// UTC time as YYYYmmddTHHMMSSZ, from the system clock (no date crate needed).
+fn chrono_free_stamp() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y%m%dT%H%M%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    out.filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "run".to_string())
+}
+
 fn ctl_binary() -> PathBuf {
     workspace_root().join("target/debug/firewall-ctl")
 }
@@ -144,6 +165,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cargo(&["build", "--bins"])?;
             std::env::set_var("FIREWALL_CTL", ctl_binary());
             cargo(&["run", "--quiet", "-p", "firewall-tests", "--bin", "demo"])
+        }
+        Task::Bench { quick, out } => {
+            setup::setup()?;
+            for p in lab::existing_prefixes() {
+                println!("xtask: removing leftover lab {p}");
+                lab::destroy_prefix(&p);
+            }
+            // Release builds: the control plane and the relay are measured too.
+            cargo(&["build", "--release", "--bins"])?;
+            std::env::set_var(
+                "FIREWALL_CTL",
+                workspace_root().join("target/release/firewall-ctl"),
+            );
+            let out = out.unwrap_or_else(|| {
+                let stamp = chrono_free_stamp();
+                workspace_root().join("bench-results").join(stamp)
+            });
+            let mut args = vec!["--out".to_string(), out.display().to_string()];
+            if quick {
+                args.push("--quick".into());
+            }
+            let status = Command::new(workspace_root().join("target/release/bench"))
+                .args(&args)
+                .status()
+                .context("running the benchmark")?;
+            if !status.success() {
+                bail!("the benchmark failed ({status})");
+            }
+            Ok(())
         }
         Task::Lab { action } => {
             match action {
