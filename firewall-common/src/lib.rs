@@ -34,6 +34,9 @@ pub mod program_names {
     pub const XDP_EXTERNAL: &str = "xdp_external";
     /// TC (tcx) ingress on the internal interface: transparent interception.
     pub const TC_INTERNAL: &str = "tc_internal";
+    /// The datapath at tcx ingress (`--xdp-mode tc`).
+    pub const TC_FORWARD_INTERNAL: &str = "tc_forward_internal";
+    pub const TC_FORWARD_EXTERNAL: &str = "tc_forward_external";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

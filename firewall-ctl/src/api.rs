@@ -219,7 +219,7 @@ impl InterfaceStatus {
             name: iface.name.clone(),
             ifindex: iface.index,
             addresses: iface.networks.iter().map(|n| n.to_string()).collect(),
-            xdp_program: side.program().into(),
+            xdp_program: mode.program(side).into(),
             xdp_mode: mode,
         }
     }

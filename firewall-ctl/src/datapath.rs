@@ -63,6 +63,14 @@ impl Side {
         }
     }
 
+    /// The same pipeline at tcx ingress.
+    pub const fn tc_program(self) -> &'static str {
+        match self {
+            Side::Internal => program_names::TC_FORWARD_INTERNAL,
+            Side::External => program_names::TC_FORWARD_EXTERNAL,
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Side::Internal => "internal",
@@ -71,19 +79,31 @@ impl Side {
     }
 }
 
-/// How XDP is attached: native (in the driver) or generic (in the stack, slower).
+/// Where the datapath runs: XDP native (in the driver), XDP generic (in the
+/// stack, slower), or TC (tcx ingress: sees GRO/GSO super-packets, and keeps
+/// veth's offloads, which XDP turns off on the peer; faster for bulk TCP on
+/// veth, slower per packet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     Native,
     Generic,
+    Tc,
 }
 
 impl AttachMode {
     fn xdp(self) -> XdpMode {
         match self {
             AttachMode::Native => XdpMode::Driver,
-            AttachMode::Generic => XdpMode::Skb,
+            AttachMode::Generic | AttachMode::Tc => XdpMode::Skb,
+        }
+    }
+
+    /// The program of `side` in this mode.
+    pub const fn program(self, side: Side) -> &'static str {
+        match self {
+            AttachMode::Tc => side.tc_program(),
+            _ => side.program(),
         }
     }
 }
@@ -315,6 +335,10 @@ impl Datapath {
             .try_into()
             .map_err(|e| anyhow!("program {} is not TC: {e}", program_names::TC_INTERNAL))?;
         load_retrying(program_names::TC_INTERNAL, || tc.load())?;
+        for side in Side::BOTH {
+            let tc = tc_program(&mut ebpf, side)?;
+            load_retrying(side.tc_program(), || tc.load())?;
+        }
         let events = match ebpf.take_map(map_names::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).context("the EVENTS map is not a ring buffer")?),
             None => bail!("the eBPF object has no EVENTS map"),
@@ -339,6 +363,9 @@ impl Datapath {
         adopt: bool,
     ) -> anyhow::Result<()> {
         let path = self.pins.link(side);
+        if mode == AttachMode::Tc {
+            return self.attach_tc(side, iface, adopt);
+        }
         let prog = program(&mut self.ebpf, side)?;
         let pinned = if adopt && path.exists() {
             let pinned = PinnedLink::from_pin(&path)
@@ -359,7 +386,7 @@ impl Datapath {
                         AttachMode::Native => {
                             " (if the driver has no native XDP, try --xdp-mode generic)"
                         }
-                        AttachMode::Generic => "",
+                        AttachMode::Generic | AttachMode::Tc => "",
                     };
                     anyhow!(
                         "attaching {} to {} in {:?} mode{hint}: {e}",
@@ -381,6 +408,79 @@ impl Datapath {
 
     pub fn pins(&self) -> &PinPaths {
         &self.pins
+    }
+
+    /// `attach` for `AttachMode::Tc`: tcx ingress, first in line (before the
+    /// interception program), the link pinned and re-adopted like XDP's.
+    fn attach_tc(&mut self, side: Side, iface: &Interface, adopt: bool) -> anyhow::Result<()> {
+        let path = self.pins.link(side);
+        let prog = tc_program(&mut self.ebpf, side)?;
+        let pinned = if adopt && path.exists() {
+            let pinned = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening pinned link {}", path.display()))?;
+            let link = aya::programs::tc::SchedClassifierLink::try_from(FdLink::from(pinned))
+                .with_context(|| format!("{} is not a tcx link", path.display()))?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("replacing the program in {}", path.display()))?;
+            log::info!("re-adopted the {} tcx link on {}", side.name(), iface.name);
+            PinnedLink::from_pin(&path)
+                .with_context(|| format!("reopening pinned link {}", path.display()))?
+        } else {
+            let id = prog
+                .attach_with_options(
+                    &iface.name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
+                )
+                .map_err(|e| {
+                    anyhow!(
+                        "attaching {} (tcx ingress) to {}: {e}",
+                        side.tc_program(),
+                        iface.name
+                    )
+                })?;
+            let link = prog.take_link(id)?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e| anyhow!("tcx link of {} has no fd: {e:?}", iface.name))?;
+            fd.pin(&path)
+                .with_context(|| format!("pinning link {}", path.display()))?
+        };
+        self.links.insert(side.name(), pinned);
+        Ok(())
+    }
+
+    /// Runs the TC program of `side` once on `frame` with BPF_PROG_RUN, as
+    /// if it arrived on `ingress_ifindex`; returns the TC verdict and the
+    /// frame after the program (packet fixtures of the TC mode).
+    pub fn test_run_tc(
+        &mut self,
+        side: Side,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> anyhow::Result<TestRunOutput> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        // struct __sk_buff up to and including ingress_ifindex (offset 36) and
+        // ifindex (40): the kernel takes the device from `ifindex`.
+        let mut skb = [0u32; 48];
+        skb[9] = ingress_ifindex;
+        skb[10] = ingress_ifindex;
+        let ctx: Vec<u8> = skb.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(&ctx);
+        let prog = tc_program(&mut self.ebpf, side)?;
+        let r = prog
+            .test_run(opts)
+            .with_context(|| format!("BPF_PROG_RUN of {}", side.tc_program()))?;
+        out.truncate(r.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: r.return_value,
+            frame: out,
+            duration: r.duration,
+        })
     }
 
     /// Attaches the interception program (tcx ingress) to the internal
@@ -561,6 +661,13 @@ pub struct TestRunOutput {
     pub frame: Vec<u8>,
     /// Average run time per repetition, as the kernel measured it.
     pub duration: std::time::Duration,
+}
+
+fn tc_program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut SchedClassifier> {
+    ebpf.program_mut(side.tc_program())
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", side.tc_program()))?
+        .try_into()
+        .map_err(|e| anyhow!("program {} is not TC: {e}", side.tc_program()))
 }
 
 fn program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut Xdp> {

@@ -49,7 +49,8 @@ enum Command {
         /// Configuration file (TOML); without it, defaults come from the interfaces.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// XDP attach mode.
+        /// Where the datapath runs: XDP native (default) or generic, or tc
+        /// (tcx ingress: keeps GRO/GSO, faster for bulk TCP on veth).
         #[arg(long, value_enum, default_value = "native")]
         xdp_mode: AttachMode,
         /// Leave the datapath attached when the daemon exits, for a restart or upgrade

@@ -9,15 +9,13 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_UNREACHABLE,
     },
     helpers::generated::bpf_fib_lookup,
-    programs::XdpContext,
-    EbpfContext as _,
 };
 use firewall_common::{
     flow::{FlowValue, HOP_RECHECK},
     stats::Counter,
 };
 
-use crate::parse::Packet;
+use crate::{hook::Hook, parse::Packet};
 
 const AF_INET: u8 = 2;
 
@@ -68,26 +66,26 @@ pub fn remember(flow: *mut FlowValue, pkt: &Packet, hop: &NextHop, now_units: u3
 
 /// IPv4 total length of the packet.
 #[inline(always)]
-fn l3_len(pkt: &Packet) -> u16 {
+pub fn l3_len(pkt: &Packet) -> u16 {
     pkt.l4_len + ((pkt.l4_off as u16).wrapping_sub(l3_offset(pkt)))
 }
 
 /// Looks up the route of the packet as it will be after translation.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
+pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = pkt.key.protocol;
     p.sport = flow.nat_src_port.to_be();
     p.dport = flow.nat_dst_port.to_be();
-    p.__bindgen_anon_1.tot_len = l3_len(pkt);
-    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_1.tot_len = ctx.fib_tot_len(l3_len(pkt));
+    p.ifindex = ctx.ingress_ifindex();
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(flow.nat_src_addr);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(flow.nat_dst_addr);
 
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.as_ptr() as *mut _,
+            ctx.ctx_ptr() as *mut _,
             &mut p,
             size_of::<FibParams>() as i32,
             0,

@@ -55,7 +55,7 @@ pub fn process(ctx: &TcContext) -> i32 {
     let len = ctx.len();
     // Headers may sit in paged data; make them linear (fails harmlessly on short packets).
     let _ = ctx.pull_data(if len < HEADERS_MAX { len } else { HEADERS_MAX });
-    let Ok(pkt) = parse::parse_range(ctx.data(), ctx.data_end()) else {
+    let Ok(pkt) = parse::parse_range(ctx.data(), ctx.data_end(), len as usize) else {
         return TC_ACT_OK as i32;
     };
     if pkt.key.protocol != IPPROTO_TCP {

@@ -11,6 +11,7 @@ mod bench;
 mod events;
 mod fib;
 mod flow;
+mod hook;
 mod intercept;
 mod nat;
 mod parse;
@@ -23,6 +24,8 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use hook::Hook;
+
 use firewall_common::{
     flow::FlowAction,
     pinhole::side,
@@ -48,6 +51,48 @@ pub fn tc_internal(ctx: TcContext) -> i32 {
     intercept::process(&ctx)
 }
 
+/// The datapath at tcx ingress instead of XDP (`--xdp-mode tc`), internal side.
+#[classifier]
+pub fn tc_forward_internal(ctx: TcContext) -> i32 {
+    finish_tc(&ctx, process(&ctx, side::INTERNAL))
+}
+
+/// The datapath at tcx ingress instead of XDP, external side.
+#[classifier]
+pub fn tc_forward_external(ctx: TcContext) -> i32 {
+    finish_tc(&ctx, process(&ctx, side::EXTERNAL))
+}
+
+/// tcx: go on to the next program (the interception), then the stack.
+const TCX_NEXT: i32 = -1;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+#[inline(always)]
+fn finish_tc(ctx: &TcContext, out: Outcome) -> i32 {
+    let len = ctx.len() as u64;
+    match out.counter.verdict() {
+        Verdict::Pass => {
+            stats::count(out.counter, len);
+            TCX_NEXT
+        }
+        Verdict::Drop => {
+            stats::count(out.counter, len);
+            TC_ACT_SHOT
+        }
+        Verdict::Redirect => {
+            let action = unsafe { bpf_redirect(out.ifindex, 0) } as i32;
+            if action == TC_ACT_REDIRECT {
+                stats::count(out.counter, len);
+                action
+            } else {
+                stats::count(Counter::DropRedirectFailed, len);
+                TC_ACT_SHOT
+            }
+        }
+    }
+}
+
 /// Outcome of processing: the counter, and for redirects the egress interface.
 struct Outcome {
     counter: Counter,
@@ -65,8 +110,9 @@ impl From<Counter> for Outcome {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext, side: u8) -> Outcome {
-    let pkt = match parse::parse(ctx) {
+fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
+    ctx.prepare();
+    let pkt = match parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) {
         Ok(p) => p,
         Err(c) => return c.into(),
     };
@@ -106,14 +152,13 @@ fn process(ctx: &XdpContext, side: u8) -> Outcome {
             h
         }
     };
-    if let Err(c) = nat::translate(ctx, &pkt, flow) {
+    if let Err(c) = ctx.translate(&pkt, flow) {
         return c.into();
     }
-    unsafe {
-        (*pkt.eth).dst_addr = hop.dmac;
-        (*pkt.eth).src_addr = hop.smac;
+    if let Err(c) = ctx.set_macs(&pkt, &hop) {
+        return c.into();
     }
-    flow::account(flow_ptr, frame_len(ctx), pkt.tcp_flags, now);
+    flow::account(flow_ptr, ctx.len(), pkt.tcp_flags, now);
     Outcome {
         counter,
         ifindex: hop.ifindex,

@@ -5,7 +5,6 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
 use firewall_common::{flow::tcp_seen, flow::FlowKey, stats::Counter, IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
@@ -20,6 +19,8 @@ const IP_DF: u16 = 0x4000;
 pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
+    /// Offset of the IPv4 header from the start of the packet.
+    pub l3_off: usize,
     /// Offset of the L4 header from the start of the packet.
     pub l4_off: usize,
     /// Pointer to the L4 header (at least a full TCP or UDP header is in bounds).
@@ -57,15 +58,11 @@ impl Cursor {
 }
 
 /// Parses the packet, or says which counter (and so which verdict) it gets
-/// without further processing.
+/// without further processing. `start..end` are the bytes directly readable
+/// (XDP: the packet; TC: the linear part of the skb) and `len` the packet's
+/// whole length (TC: with its paged data, a GSO super-packet's too).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Counter> {
-    parse_range(ctx.data(), ctx.data_end())
-}
-
-/// `parse` over the packet bytes `start..end` (XDP, or the linear part of an skb).
-#[inline(always)]
-pub fn parse_range(start: usize, end: usize) -> Result<Packet, Counter> {
+pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Counter> {
     let mut cur = Cursor { pos: start, end };
 
     // A frame too short for Ethernet is not ours to judge.
@@ -103,7 +100,7 @@ pub fn parse_range(start: usize, end: usize) -> Result<Packet, Counter> {
         return Err(Counter::DropMalformed);
     }
     // The frame may carry Ethernet padding beyond tot_len, never less than tot_len.
-    if (tot_len as usize) < ihl || l3_off + tot_len as usize > end - start {
+    if (tot_len as usize) < ihl || l3_off + tot_len as usize > len {
         return Err(Counter::DropMalformed);
     }
     if frags & IP_MF_OFFSET != 0 {
@@ -167,6 +164,7 @@ pub fn parse_range(start: usize, end: usize) -> Result<Packet, Counter> {
     Ok(Packet {
         eth,
         ip,
+        l3_off,
         l4_off,
         l4,
         l4_check,

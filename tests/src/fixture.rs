@@ -136,6 +136,19 @@ impl Fixture {
         self.time(side, frame, 1)
     }
 
+    /// Runs the TC variant of the datapath (`--xdp-mode tc`) on `frame`.
+    pub fn run_tc(&mut self, side: Side, frame: &[u8]) -> TestRunOutput {
+        let ifindex = match side {
+            Side::Internal => self.in_ifindex,
+            Side::External => self.ex_ifindex,
+        };
+        let path = format!("/run/netns/{}", self.netns);
+        let dp = &mut self.datapath;
+        in_netns(&path, || dp.test_run_tc(side, frame, ifindex))
+            .expect("netns")
+            .expect("BPF_PROG_RUN")
+    }
+
     /// Runs `repeat` times; the output carries the kernel's average time per run.
     pub fn time(&mut self, side: Side, frame: &[u8], repeat: u32) -> TestRunOutput {
         let ifindex = match side {

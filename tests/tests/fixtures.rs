@@ -474,3 +474,54 @@ fn the_next_hop_is_cached_but_the_mtu_and_changes_still_apply() {
         [0x02, 0x22, 0, 0, 0, 0xc9]
     );
 }
+
+/// TC verdicts (`--xdp-mode tc`): TCX_NEXT passes on to the next program.
+const TC_REDIRECT: u32 = 7;
+const TC_NEXT: u32 = u32::MAX;
+
+#[test]
+fn the_tc_datapath_translates_like_xdp() {
+    let mut fx = Fixture::new("tcfwd").unwrap();
+    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
+    install_pair(&mut fx, IPPROTO_UDP, 40001, 53);
+    for spec in [
+        Spec {
+            tcp_flags: TCP_SYN,
+            ..Spec::tcp(CLIENT, 40000, SERVER, 21)
+        },
+        Spec::udp(CLIENT, 40001, SERVER, 53),
+        Spec {
+            payload: vec![0xab; 1001],
+            ..Spec::tcp(CLIENT, 40000, SERVER, 21)
+        },
+    ] {
+        let r = fx.run_tc(Side::Internal, &spec.build());
+        assert_eq!(r.action, TC_REDIRECT, "{spec:?}");
+        assert_translated_out(&r.frame, &spec);
+    }
+    // UDP without checksum stays without.
+    let spec = Spec {
+        no_udp_checksum: true,
+        ..Spec::udp(CLIENT, 40001, SERVER, 53)
+    };
+    let r = fx.run_tc(Side::Internal, &spec.build());
+    assert_eq!(r.action, TC_REDIRECT);
+    assert_eq!(view(&r.frame).l4_check, 0);
+    // The reply direction.
+    let reply = Spec::tcp(SERVER, 21, FW_EXTERNAL, NAT_PORT);
+    let r = fx.run_tc(Side::External, &reply.build());
+    assert_eq!(r.action, TC_REDIRECT);
+    let v = view(&r.frame);
+    assert_eq!((v.dst_mac, v.src_mac), (CLIENT_MAC, IN_MAC));
+    assert_eq!(
+        (v.src, v.sport, v.dst, v.dport),
+        (SERVER, 21, CLIENT, 40000)
+    );
+    check_checksums(&r.frame).unwrap();
+    // Anything else goes on to the next program (the interception), unchanged.
+    let other = Spec::tcp(CLIENT, 1234, SERVER, 80).build();
+    let r = fx.run_tc(Side::Internal, &other);
+    assert_eq!(r.action, TC_NEXT);
+    assert_eq!(r.frame, other);
+    assert_eq!(fx.counter(Counter::PassNoFlow), 1);
+}

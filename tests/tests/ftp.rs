@@ -398,3 +398,35 @@ fn down_removes_the_policy_routing() {
         "{rules}"
     );
 }
+
+#[test]
+fn the_tc_datapath_carries_ftp_too() {
+    // `--xdp-mode tc`: the same pipeline at tcx ingress (GSO kept on veth).
+    let run = LabRun::start("ftptc", &["--xdp-mode", "tc"]);
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    let file = server.random_file("tc.bin", 64 * 1024 * 1024 + 5).unwrap();
+    let want = sha256(&file);
+    for c in [
+        Client::CurlPassive,
+        Client::CurlActive,
+        Client::FtplibActive,
+        Client::LftpPassive,
+    ] {
+        let got = scratch(&run, "tc");
+        check(c.name(), &c.download(&run.lab.client, "tc.bin", &got));
+        assert_eq!(sha256(&got), want, "{}", c.name());
+        let _ = std::fs::remove_file(&got);
+    }
+    check(
+        "upload",
+        &Client::CurlActive.upload(&run.lab.client, &file, "tc-up.bin"),
+    );
+    assert_eq!(sha256(&server.uploaded("tc-up.bin")), want);
+    assert!(run.fw.counter("redirect_pinhole_established") >= 5);
+    assert!(run.fw.counter("pass_intercepted") >= 5);
+    // Two forwarding links and the interception's, all tcx (link type 11); no XDP.
+    let links = run.lab.fw.sh("bpftool -j link show").unwrap();
+    assert_eq!(links.matches("\"type\":11").count(), 3, "{links}");
+    assert!(!run.lab.fw.sh("ip link show vfi").unwrap().contains("xdp"));
+    assert!(run.fw.status()["interfaces"][0]["xdp_program"] == "tc_forward_internal");
+}

@@ -1024,7 +1024,8 @@ fn scale(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
             MapSizes {
                 // LRU tables evict before they are full; leave room.
                 flows: n + n / 4,
-                pinholes: n,
+                // Room for the first-packet measurement's own pinholes.
+                pinholes: n + 1024,
             },
         )?;
         let t = Instant::now();
