@@ -344,6 +344,16 @@ impl FlowView {
     }
 }
 
+impl Request {
+    /// Whether answering takes only a few syscalls (no whole-map reads).
+    pub fn is_quick(&self) -> bool {
+        !matches!(
+            self,
+            Request::Status | Request::List { .. } | Request::Events | Request::Shutdown
+        )
+    }
+}
+
 /// A blocking client (the CLI needs no runtime).
 pub struct Client {
     path: PathBuf,
@@ -363,28 +373,55 @@ impl Client {
         UnixStream::connect(&self.path).is_ok()
     }
 
+    /// One request on a connection of its own (what the CLI does).
     pub fn call(&self, request: Request) -> Result<serde_json::Value, ApiError> {
-        let not_running = |e: std::io::Error| {
-            ApiError::new(
-                ErrorKind::NotRunning,
-                format!(
-                    "no firewall daemon answers on {} ({e}); start one with `firewall-ctl up`",
-                    self.path.display()
-                ),
-            )
-        };
-        let mut stream = UnixStream::connect(&self.path).map_err(not_running)?;
+        self.connect()?.call(request)
+    }
+
+    /// A connection for many requests, one after the other.
+    pub fn connect(&self) -> Result<Connection, ApiError> {
+        let stream = UnixStream::connect(&self.path).map_err(|e| not_running(&self.path, e))?;
         stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        Ok(Connection {
+            reader: BufReader::new(stream.try_clone().map_err(|e| not_running(&self.path, e))?),
+            stream,
+            path: self.path.clone(),
+        })
+    }
+}
+
+fn not_running(path: &Path, e: std::io::Error) -> ApiError {
+    ApiError::new(
+        ErrorKind::NotRunning,
+        format!(
+            "no firewall daemon answers on {} ({e}); start one with `firewall-ctl up`",
+            path.display()
+        ),
+    )
+}
+
+/// An open connection to the daemon's API.
+pub struct Connection {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    path: PathBuf,
+}
+
+impl Connection {
+    pub fn call(&mut self, request: Request) -> Result<serde_json::Value, ApiError> {
         let mut line = serde_json::to_string(&Envelope {
             v: API_VERSION,
             request,
         })
         .expect("requests serialize");
         line.push('\n');
-        stream.write_all(line.as_bytes()).map_err(not_running)?;
-        let mut reader = BufReader::new(stream);
+        self.stream
+            .write_all(line.as_bytes())
+            .map_err(|e| not_running(&self.path, e))?;
         let mut reply = String::new();
-        reader.read_line(&mut reply).map_err(not_running)?;
+        self.reader
+            .read_line(&mut reply)
+            .map_err(|e| not_running(&self.path, e))?;
         if reply.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::Internal,

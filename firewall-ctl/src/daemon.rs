@@ -534,9 +534,17 @@ async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
                     follow_events(&mut write, &shared).await;
                     return;
                 }
+                Ok(req) if req.is_quick() => {
+                    // A few syscalls at most: answered in place, which saves
+                    // two thread hand-offs (most of an API call's latency).
+                    match handle(req, &shared) {
+                        Ok(v) => Response::Ok(v),
+                        Err(e) => Response::Error(e),
+                    }
+                }
                 Ok(req) => {
                     let s = shared.clone();
-                    // Map syscalls may block briefly: keep them off the reactor.
+                    // Listings and status read whole maps: off the reactor.
                     match tokio::task::spawn_blocking(move || handle(req, &s)).await {
                         Ok(Ok(v)) => Response::Ok(v),
                         Ok(Err(e)) => Response::Error(e),
