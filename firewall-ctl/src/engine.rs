@@ -14,6 +14,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
 use firewall_common::{
@@ -311,7 +312,18 @@ struct Object {
     relayed: Option<Arc<AtomicU64>>,
     /// The filter that made the call: the only one told of establishments.
     caller: Option<Arc<dyn AppFilter>>,
+    /// Connections made through this object (allow-multiple), so that ending
+    /// it needs no scan of every object.
+    children: Vec<u64>,
+    /// When it was terminated (monotonic ns); the object is forgotten
+    /// `FORGET_AFTER` later.
+    ended_ns: u64,
 }
+
+/// How long a terminated object stays listed (and answers a second Cancel
+/// with `terminating`) before the engine forgets it; unbounded, a daemon that
+/// runs for months would keep every connection it ever made.
+pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 impl Object {
     /// A listening object with nothing attached yet.
@@ -348,6 +360,8 @@ impl Object {
             emulated: false,
             emulation_started: false,
             relayed: None,
+            children: Vec::new(),
+            ended_ns: 0,
             caller: None,
         }
     }
@@ -1316,6 +1330,11 @@ impl<M: Maps> Engine<M> {
     /// Ends a connection (Kill). Always succeeds once the object exists; a
     /// second Kill changes nothing.
     pub fn kill(&mut self, id: u64) -> Result<(), ApiError> {
+        if id < self.next_id && !self.objects.contains_key(&id) && !self.sessions.contains_key(&id)
+        {
+            // Ended long ago and forgotten: a second Kill changes nothing.
+            return Ok(());
+        }
         let o = self.object(id)?;
         if o.kind == Kind::Redirect {
             return Err(invalid(format!(
@@ -1381,6 +1400,23 @@ impl<M: Maps> Engine<M> {
             peer,
         }));
         Ok(())
+    }
+
+    /// Forgets objects terminated more than FORGET_AFTER ago.
+    fn forget_ended(&mut self, now_ns: u64) {
+        let after = FORGET_AFTER.as_nanos() as u64;
+        let old: Vec<(u64, Option<u64>)> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.state == State::Terminated && o.ended_ns + after < now_ns)
+            .map(|(id, o)| (*id, o.parent))
+            .collect();
+        for (id, parent) in old {
+            self.objects.remove(&id);
+            if let Some(p) = parent.and_then(|p| self.objects.get_mut(&p)) {
+                p.children.retain(|c| *c != id);
+            }
+        }
     }
 
     /// Ends those of `ids` that still wait for their connection (a primary
@@ -1504,10 +1540,9 @@ impl<M: Maps> Engine<M> {
     fn terminate(&mut self, id: u64, reason: &str) {
         let children: Vec<u64> = self
             .objects
-            .iter()
-            .filter(|(_, o)| o.parent == Some(id) && o.state != State::Terminated)
-            .map(|(k, _)| *k)
-            .collect();
+            .get(&id)
+            .map(|o| o.children.clone())
+            .unwrap_or_default();
         for c in children {
             self.terminate(c, reason);
         }
@@ -1520,6 +1555,7 @@ impl<M: Maps> Engine<M> {
         let was_established = o.state == State::Established;
         o.state = State::Terminated;
         o.reason = Some(reason.to_string());
+        o.ended_ns = sweeper::monotonic_ns();
         if was_established {
             let (session, transport) = (o.session, o.transport);
             self.count_established(session, transport, false);
@@ -1705,6 +1741,9 @@ impl<M: Maps> Engine<M> {
             fill(&mut child);
             let id = self.new_id();
             self.objects.insert(id, child);
+            if let Some(parent) = self.objects.get_mut(&owner) {
+                parent.children.push(id);
+            }
             id
         } else {
             let o = self.objects.get_mut(&owner).expect("exists");
@@ -1835,6 +1874,7 @@ impl<M: Maps> Engine<M> {
     /// Timers: TIMEOUT deadlines, and the flow sweep (idle, TCP teardown),
     /// ending the connections whose flows are gone.
     pub fn tick(&mut self, now_ns: u64) -> Result<(), ApiError> {
+        self.forget_ended(now_ns);
         // Unused pinholes (and user-mode endpoints) past their TIMEOUT deadline.
         let mut expired: Vec<u64> = Vec::new();
         for (id, o) in &self.objects {

@@ -1551,3 +1551,26 @@ fn withdraw_unused_keeps_established_connections() {
     assert_eq!(state(b2.connections[0].id), Some(State::Terminated));
     assert_eq!(state(r.actions[0].id), Some(State::Terminated));
 }
+
+#[test]
+fn ended_objects_are_forgotten_after_a_while() {
+    let (mut e, s) = engine();
+    let b = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    let r = e
+        .redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
+        .unwrap();
+    let (bid, rid) = (b.connections[0].id, r.actions[0].id);
+    e.kill(bid).unwrap();
+    e.cancel(rid).unwrap();
+    // Listed (terminated) for a while, then gone: a long-running daemon does
+    // not keep every connection it ever made.
+    e.tick(sweeper::monotonic_ns()).unwrap();
+    assert_eq!(e.objects().len(), 2);
+    let later = sweeper::monotonic_ns() + FORGET_AFTER.as_nanos() as u64 + 1_000_000_000;
+    e.tick(later).unwrap();
+    assert!(e.objects().is_empty());
+    // The answers stay those of an ended object.
+    e.kill(bid).unwrap();
+    assert_eq!(kind(e.cancel(rid)), ErrorKind::Terminating);
+    assert_eq!(kind(e.kill(999_999)), ErrorKind::InvalidArgument);
+}
