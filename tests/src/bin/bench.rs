@@ -72,7 +72,7 @@ impl Opts {
 }
 
 /// One measured figure: its repetitions and their summary.
-#[derive(Serialize, Clone)]
+#[derive(Serialize, serde::Deserialize, Clone)]
 struct Figure {
     section: String,
     name: String,
@@ -84,7 +84,7 @@ struct Figure {
     max: f64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize, serde::Deserialize, Default)]
 struct Results {
     started: String,
     quick: bool,
@@ -137,6 +137,17 @@ fn main() {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
+            "--from" => match args.next() {
+                // Renders report.md and chart.svg again from a run's results.json.
+                Some(d) => {
+                    let dir = PathBuf::from(d);
+                    if let Err(e) = rerender(&dir) {
+                        die(&format!("{e:#}"));
+                    }
+                    return;
+                }
+                None => die("--from needs a results directory"),
+            },
             "--only" => match args.next() {
                 Some(s) if ["data", "xdp", "control", "scale"].contains(&s.as_str()) => {
                     opts.only.push(s)
@@ -155,6 +166,18 @@ fn main() {
     if let Err(e) = run(&opts) {
         die(&format!("{e:#}"));
     }
+}
+
+fn rerender(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("results.json");
+    let r: Results = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))?;
+    std::fs::write(dir.join("report.md"), report(&r))?;
+    std::fs::write(dir.join("chart.svg"), chart(&r))?;
+    println!("rendered {}/report.md and chart.svg", dir.display());
+    Ok(())
 }
 
 fn die(msg: &str) -> ! {
@@ -1174,9 +1197,9 @@ fn report(r: &Results) -> String {
     );
     let _ = writeln!(
         o,
-        "| Metric | kernel (XDP) | user (relay) | netfilter | plain forwarding |"
+        "| Metric | kernel (XDP) | kernel (TC) | user (relay) | netfilter | plain forwarding |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
     for name in [
         "TCP bulk (FTP data)",
         "UDP 64-byte frames delivered, per generating core",
