@@ -62,11 +62,7 @@ pub fn process(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     let k = &pkt.key;
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    tuple.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(k.src_addr);
-    tuple.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(k.dst_addr);
-    tuple.__bindgen_anon_1.ipv4.sport = k.src_port.to_be();
-    tuple.__bindgen_anon_1.ipv4.dport = k.dst_port.to_be();
+    let mut tuple = tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
     const TUPLE4: u32 = 12;
     // A socket of ours bound to exactly this destination (established,
     // handshaking, closing, or a transparent listener): deliver locally.
@@ -99,11 +95,12 @@ pub fn process(ctx: &TcContext) -> i32 {
         // Local destinations, or routes elsewhere: not a connection through the firewall.
         return TC_ACT_OK as i32;
     }
-    let mut listener: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    listener.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(k.src_addr);
-    listener.__bindgen_anon_1.ipv4.sport = k.src_port.to_be();
-    listener.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(target.listener_addr);
-    listener.__bindgen_anon_1.ipv4.dport = target.listener_port.to_be();
+    let mut listener = tuple4(
+        k.src_addr,
+        k.src_port,
+        target.listener_addr,
+        target.listener_port,
+    );
     let lsk = unsafe {
         bpf_sk_lookup_tcp(
             ctx.as_ptr() as *mut _,
@@ -127,6 +124,17 @@ pub fn process(ctx: &TcContext) -> i32 {
     ctx.set_mark(mark);
     stats::count(Counter::PassIntercepted, len as u64);
     TC_ACT_OK as i32
+}
+
+/// A socket-lookup tuple (addresses as in the packet, ports in host order).
+#[inline(always)]
+fn tuple4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> bpf_sock_tuple {
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(saddr);
+    t.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(daddr);
+    t.__bindgen_anon_1.ipv4.sport = sport.to_be();
+    t.__bindgen_anon_1.ipv4.dport = dport.to_be();
+    t
 }
 
 /// Whether the stack would forward the packet out of `ifindex`.

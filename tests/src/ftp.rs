@@ -185,71 +185,53 @@ impl Client {
 
     /// Downloads `name` from the server into `to`.
     pub fn download(&self, ns: &Ns, name: &str, to: &Path) -> Output {
-        let url = format!("ftp://{}/{name}", addr::SERVER);
         let to = to.display();
-        match self {
-            Client::CurlPassive | Client::CurlPasv | Client::CurlActive | Client::CurlPort => {
-                sh(ns, &format!("curl -sS --connect-timeout 15 --max-time 300 {} -o '{to}' '{url}'", self.curl_flags()))
-            }
-            Client::LftpPassive | Client::LftpActive => sh(
-                ns,
-                &format!(
-                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; get {name} -o {to}'",
-                    self.lftp_mode(),
-                    addr::SERVER
-                ),
-            ),
-            Client::FtplibPassive | Client::FtplibActive => python(
-                ns,
-                &format!(
-                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({}); \
-                     out=open('{to}','wb'); f.retrbinary('RETR {name}', out.write); out.close(); f.quit()",
-                    addr::SERVER,
-                    if self.active() { "False" } else { "True" }
-                ),
-            ),
-        }
+        self.run(
+            ns,
+            &format!("-o '{to}' 'ftp://{}/{name}'", addr::SERVER),
+            &format!("get {name} -o {to}"),
+            &format!("out=open('{to}','wb'); f.retrbinary('RETR {name}', out.write); out.close()"),
+        )
     }
 
     /// Uploads `from` to the server's `incoming/name`.
     pub fn upload(&self, ns: &Ns, from: &Path, name: &str) -> Output {
-        let url = format!("ftp://{}/incoming/{name}", addr::SERVER);
         let from = from.display();
-        match self {
-            Client::CurlPassive | Client::CurlPasv | Client::CurlActive | Client::CurlPort => {
-                sh(ns, &format!("curl -sS --connect-timeout 15 --max-time 300 {} -T '{from}' '{url}'", self.curl_flags()))
-            }
-            Client::LftpPassive | Client::LftpActive => sh(
-                ns,
-                &format!(
-                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; put {from} -o incoming/{name}'",
-                    self.lftp_mode(),
-                    addr::SERVER
-                ),
+        self.run(
+            ns,
+            &format!("-T '{from}' 'ftp://{}/incoming/{name}'", addr::SERVER),
+            &format!("put {from} -o incoming/{name}"),
+            &format!(
+                "src=open('{from}','rb'); f.storbinary('STOR incoming/{name}', src); src.close()"
             ),
-            Client::FtplibPassive | Client::FtplibActive => python(
-                ns,
-                &format!(
-                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({}); \
-                     src=open('{from}','rb'); f.storbinary('STOR incoming/{name}', src); src.close(); f.quit()",
-                    addr::SERVER,
-                    if self.active() { "False" } else { "True" }
-                ),
-            ),
-        }
+        )
     }
 
     /// The directory listing of the server's root.
     pub fn list(&self, ns: &Ns) -> Output {
+        self.run(
+            ns,
+            &format!("'ftp://{}/'", addr::SERVER),
+            "ls",
+            "f.retrlines('LIST')",
+        )
+    }
+
+    /// One operation, said the way each tool says it: curl arguments, an lftp
+    /// command, or Python run on a logged-in ftplib.FTP `f`.
+    fn run(&self, ns: &Ns, curl: &str, lftp: &str, ftplib: &str) -> Output {
         match self {
             Client::CurlPassive | Client::CurlPasv | Client::CurlActive | Client::CurlPort => sh(
                 ns,
-                &format!("curl -sS --connect-timeout 15 --max-time 60 {} 'ftp://{}/'", self.curl_flags(), addr::SERVER),
+                &format!(
+                    "curl -sS --connect-timeout 15 --max-time 300 {} {curl}",
+                    self.curl_flags()
+                ),
             ),
             Client::LftpPassive | Client::LftpActive => sh(
                 ns,
                 &format!(
-                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; ls'",
+                    "lftp -c '{} set net:max-retries 1; set net:timeout 20; open -u anonymous,x@ {}; {lftp}'",
                     self.lftp_mode(),
                     addr::SERVER
                 ),
@@ -257,7 +239,7 @@ impl Client {
             Client::FtplibPassive | Client::FtplibActive => python(
                 ns,
                 &format!(
-                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({}); f.retrlines('LIST'); f.quit()",
+                    "f=ftplib.FTP('{}', timeout=60); f.login(); f.set_pasv({})\n{ftplib}\nf.quit()",
                     addr::SERVER,
                     if self.active() { "False" } else { "True" }
                 ),
