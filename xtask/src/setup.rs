@@ -13,7 +13,8 @@ use anyhow::{bail, Context as _};
 
 use crate::{run, run_stdout};
 
-/// Debian packages: the lab (iproute2, ethtool, ping), inspection (bpftool), and the peers.
+/// Debian packages: the lab (iproute2, ethtool, ping), inspection (bpftool), and the peers
+/// (python3 for ftplib).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -23,6 +24,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "curl",
     "lftp",
     "vsftpd",
+    "python3",
     "iperf3",
     "nftables",
     "conntrack",
