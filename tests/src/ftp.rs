@@ -27,6 +27,11 @@ pub struct FtpServer {
 
 impl FtpServer {
     pub fn start(ns: &Ns, tag: &str) -> anyhow::Result<Self> {
+        Self::start_on(ns, tag, 21)
+    }
+
+    /// The same on another control port.
+    pub fn start_on(ns: &Ns, tag: &str, port: u16) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("{tag}-vsftpd"));
         let _ = fs::remove_dir_all(&dir);
         let root = dir.join("root");
@@ -40,7 +45,7 @@ impl FtpServer {
         fs::write(
             &conf,
             format!(
-                "listen=YES\nlisten_ipv6=NO\nlisten_address={server}\nlisten_port=21\n\
+                "listen=YES\nlisten_ipv6=NO\nlisten_address={server}\nlisten_port={port}\n\
                  background=NO\nanonymous_enable=YES\nlocal_enable=NO\nno_anon_password=YES\n\
                  anon_root={root}\nwrite_enable=YES\nanon_upload_enable=YES\nanon_umask=022\n\
                  anon_other_write_enable=YES\nseccomp_sandbox=NO\npasv_enable=YES\nport_enable=YES\n\
@@ -60,7 +65,7 @@ impl FtpServer {
             .spawn()
             .context("starting vsftpd (apt package vsftpd)")?;
         let daemon = Peer::new(daemon);
-        wait_listening(ns, 21);
+        wait_listening(ns, port);
         Ok(Self {
             dir,
             root,

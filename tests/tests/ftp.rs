@@ -381,6 +381,35 @@ fn with_the_ftp_filter_off_nothing_is_intercepted() {
 }
 
 #[test]
+fn the_config_chooses_the_ftp_ports() {
+    let run = LabRun::with_config("ftpport", "[ftp]\nports = [2121]\n");
+    let server = FtpServer::start_on(&run.lab.server, &run.lab.prefix, 2121).unwrap();
+    let file = server.random_file("p.bin", 1024 * 1024).unwrap();
+    for flags in ["", "-P -"] {
+        let got = scratch(&run, "port");
+        let out = run
+            .lab
+            .client
+            .cmd("sh")
+            .args([
+                "-c",
+                &format!(
+                    "curl -sS --connect-timeout 5 {flags} -o '{}' ftp://{}:2121/p.bin",
+                    got.display(),
+                    addr::SERVER
+                ),
+            ])
+            .output()
+            .unwrap();
+        check(&format!("curl {flags} on port 2121"), &out);
+        assert_eq!(sha256(&got), sha256(&file));
+        let _ = std::fs::remove_file(&got);
+    }
+    assert_eq!(ftp_stat(&run, "control_connections"), 2);
+    assert_eq!(run.fw.status()["ftp_ports"], serde_json::json!([2121]));
+}
+
+#[test]
 fn down_removes_the_policy_routing() {
     let mut run = LabRun::start("ftpdown", &[]);
     let rules = run.lab.fw.sh("ip rule; ip route show table 18007").unwrap();
