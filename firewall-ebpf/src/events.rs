@@ -10,7 +10,9 @@ use firewall_common::{
 static EVENTS: RingBuf<DatapathEvent, { 256 * 1024 }> = RingBuf::new();
 
 /// Sends an event; when the ring is full it is lost (the control plane's
-/// timers still reconcile: flows expire, pinholes count their uses).
+/// timers still reconcile: flows expire, pinholes count their uses). The
+/// reader is not woken: it polls (a wake-up is an interrupt, most of the cost
+/// of a connection's first packet).
 #[inline(always)]
 pub fn emit(kind: u32, owner: u64, forward: &FlowKey, reply: &FlowKey, pinhole: &PinholeKey) {
     if let Some(mut e) = EVENTS.reserve(0) {
@@ -23,7 +25,7 @@ pub fn emit(kind: u32, owner: u64, forward: &FlowKey, reply: &FlowKey, pinhole: 
             pinhole: *pinhole,
             timestamp_ns: unsafe { bpf_ktime_get_coarse_ns() },
         });
-        e.submit(0);
+        e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
     }
 }
 
