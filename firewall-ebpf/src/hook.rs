@@ -36,6 +36,11 @@ pub trait Hook {
     /// Rewrites addresses, ports and TTL as the flow says, checksums fixed.
     fn translate(&self, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter>;
     fn set_macs(&self, pkt: &Packet, hop: &NextHop) -> Result<(), Counter>;
+    /// A VLAN tag the NIC took off into the skb (TC): redirected, the frame
+    /// would leave tagged.
+    fn vlan_offloaded(&self) -> bool {
+        false
+    }
 }
 
 impl Hook for XdpContext {
@@ -168,6 +173,11 @@ impl Hook for TcContext {
         self.store(l4 + 2, &flow.nat_dst_port.to_be_bytes(), 0)
             .map_err(fail)?;
         Ok(())
+    }
+
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        unsafe { (*self.skb.skb).vlan_present != 0 }
     }
 
     #[inline(always)]

@@ -124,7 +124,7 @@ fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
             Err(c) => return c.into(),
         },
     };
-    if pkt.vlan_tagged {
+    if pkt.vlan_tagged || ctx.vlan_offloaded() {
         // XDP cannot transmit on VLAN sub-interfaces; leave such flows to the stack.
         return Counter::PassVlanUnsupported.into();
     }
