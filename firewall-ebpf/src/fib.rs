@@ -67,22 +67,28 @@ pub fn remember(flow: *mut FlowValue, pkt: &Packet, hop: &NextHop, now_units: u3
 /// IPv4 total length of the packet.
 #[inline(always)]
 pub fn l3_len(pkt: &Packet) -> u16 {
-    pkt.l4_len + ((pkt.l4_off as u16).wrapping_sub(l3_offset(pkt)))
+    pkt.l4_len + (pkt.l4_off - pkt.l3_off) as u16
 }
 
-/// Looks up the route of the packet as it will be after translation.
+/// Asks the kernel FIB for the route of a packet from `src` to `dst` that
+/// arrived on the hook's ingress interface (`tot_len` for its MTU check).
 #[inline(always)]
-pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
+pub fn route<H: Hook>(
+    ctx: &H,
+    protocol: u8,
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+    tot_len: u16,
+) -> (u32, FibParams) {
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
-    p.l4_protocol = pkt.key.protocol;
-    p.sport = flow.nat_src_port.to_be();
-    p.dport = flow.nat_dst_port.to_be();
-    p.__bindgen_anon_1.tot_len = ctx.fib_tot_len(l3_len(pkt));
+    p.l4_protocol = protocol;
+    p.sport = sport.to_be();
+    p.dport = dport.to_be();
+    p.__bindgen_anon_1.tot_len = tot_len;
     p.ifindex = ctx.ingress_ifindex();
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(flow.nat_src_addr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(flow.nat_dst_addr);
-
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx_ptr() as *mut _,
@@ -91,7 +97,20 @@ pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHo
             0,
         )
     };
-    match rc as u32 {
+    (rc as u32, p)
+}
+
+/// Looks up the route of the packet as it will be after translation.
+#[inline(always)]
+pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
+    let (rc, p) = route(
+        ctx,
+        pkt.key.protocol,
+        (flow.nat_src_addr, flow.nat_src_port),
+        (flow.nat_dst_addr, flow.nat_dst_port),
+        ctx.fib_tot_len(l3_len(pkt)),
+    );
+    match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: p.ifindex,
             smac: p.smac,
@@ -113,15 +132,5 @@ pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHo
         BPF_FIB_LKUP_RET_FRAG_NEEDED if pkt.dont_fragment => Err(Counter::PassFragNeeded),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::DropFragNeeded),
         _ => Err(Counter::DropNotForwarded),
-    }
-}
-
-/// Offset of the IPv4 header (Ethernet plus an optional VLAN tag).
-#[inline(always)]
-fn l3_offset(pkt: &Packet) -> u16 {
-    if pkt.vlan_tagged {
-        18
-    } else {
-        14
     }
 }

@@ -9,17 +9,13 @@
 //! socket only counts when it is bound to exactly the packet's destination,
 //! so a local wildcard listener never captures forwarded traffic.
 
-use core::mem::size_of;
-
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, bpf_sock, bpf_sock_tuple, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_sock, bpf_sock_tuple, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT,
     },
     btf_maps::{Array, HashMap},
-    helpers::generated::{
-        bpf_fib_lookup, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp,
-    },
+    helpers::generated::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
     programs::TcContext,
     EbpfContext as _,
@@ -30,7 +26,7 @@ use firewall_common::{
     IPPROTO_TCP,
 };
 
-use crate::{parse, stats};
+use crate::{fib, hook::Hook, parse, stats};
 
 /// Intercepted destination ports.
 #[btf_map]
@@ -38,10 +34,6 @@ static INTERCEPT: HashMap<InterceptKey, InterceptValue, 64> = HashMap::new();
 
 #[btf_map]
 static INTERCEPT_CONF: Array<InterceptConf, 1> = Array::new();
-
-/// Ethernet + VLAN + IPv4 with options + TCP with options.
-const HEADERS_MAX: u32 = 18 + 60 + 60;
-const AF_INET: u8 = 2;
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> i32 {
@@ -52,9 +44,9 @@ pub fn process(ctx: &TcContext) -> i32 {
     if mark == 0 {
         return TC_ACT_OK as i32;
     }
-    let len = ctx.len();
-    // Headers may sit in paged data; make them linear (fails harmlessly on short packets).
-    let _ = ctx.pull_data(if len < HEADERS_MAX { len } else { HEADERS_MAX });
+    let len = Hook::len(ctx);
+    // Headers may sit in paged data: make them linear.
+    ctx.prepare();
     let Ok(pkt) = parse::parse_range(ctx.data(), ctx.data_end(), len as usize) else {
         return TC_ACT_OK as i32;
     };
@@ -80,7 +72,7 @@ pub fn process(ctx: &TcContext) -> i32 {
         unsafe { bpf_sk_release(sk as *mut _) };
         if bound == u32::from_ne_bytes(k.dst_addr) {
             ctx.set_mark(mark);
-            stats::count(Counter::PassTransparent, len as u64);
+            stats::count(Counter::PassTransparent, len);
             return TC_ACT_OK as i32;
         }
     }
@@ -112,17 +104,17 @@ pub fn process(ctx: &TcContext) -> i32 {
     } as *mut bpf_sock;
     if lsk.is_null() {
         // Fail closed: without the daemon the connection cannot be filtered.
-        stats::count(Counter::DropNoInterceptor, len as u64);
+        stats::count(Counter::DropNoInterceptor, len);
         return TC_ACT_SHOT as i32;
     }
     let rc = unsafe { bpf_sk_assign(ctx.as_ptr() as *mut _, lsk as *mut _, 0) };
     unsafe { bpf_sk_release(lsk as *mut _) };
     if rc != 0 {
-        stats::count(Counter::DropNoInterceptor, len as u64);
+        stats::count(Counter::DropNoInterceptor, len);
         return TC_ACT_SHOT as i32;
     }
     ctx.set_mark(mark);
-    stats::count(Counter::PassIntercepted, len as u64);
+    stats::count(Counter::PassIntercepted, len);
     TC_ACT_OK as i32
 }
 
@@ -140,21 +132,13 @@ fn tuple4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> bpf_sock_tu
 /// Whether the stack would forward the packet out of `ifindex`.
 #[inline(always)]
 fn forwarded_out_of(ctx: &TcContext, pkt: &parse::Packet, ifindex: u32) -> bool {
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = IPPROTO_TCP;
-    p.sport = pkt.key.src_port.to_be();
-    p.dport = pkt.key.dst_port.to_be();
-    p.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(pkt.key.src_addr);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(pkt.key.dst_addr);
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr() as *mut _,
-            &mut p,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    } as u32;
+    let k = &pkt.key;
+    let (rc, p) = fib::route(
+        ctx,
+        IPPROTO_TCP,
+        (k.src_addr, k.src_port),
+        (k.dst_addr, k.dst_port),
+        ctx.fib_tot_len(fib::l3_len(pkt)),
+    );
     (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH) && p.ifindex == ifindex
 }

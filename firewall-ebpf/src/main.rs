@@ -166,13 +166,8 @@ fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
 }
 
 #[inline(always)]
-fn frame_len(ctx: &XdpContext) -> u64 {
-    (ctx.data_end() - ctx.data()) as u64
-}
-
-#[inline(always)]
 fn finish(ctx: &XdpContext, out: Outcome) -> u32 {
-    let len = frame_len(ctx);
+    let len = Hook::len(ctx);
     match out.counter.verdict() {
         Verdict::Pass => {
             stats::count(out.counter, len);
