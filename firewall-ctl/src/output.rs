@@ -229,27 +229,32 @@ pub fn answer_text(v: &serde_json::Value, list: Option<crate::api::ListWhat>) ->
             }
         }
         None => {
-            if let Some(p) = v.get("proxy_address") {
-                let _ = writeln!(o, "proxy address {}", p.as_str().unwrap_or_default());
-                for c in v["connections"].as_array().into_iter().flatten() {
-                    let _ = writeln!(
-                        o,
-                        "  connection {}: {} -> {}",
-                        s(c, "id"),
-                        s(c, "external"),
-                        s(c, "client")
-                    );
-                }
-            } else if let Some(p) = v.get("internal_address") {
-                let _ = writeln!(o, "internal address {}", p.as_str().unwrap_or_default());
-                for c in v["actions"].as_array().into_iter().flatten() {
-                    let _ = writeln!(
-                        o,
-                        "  action {}: {} -> {}",
-                        s(c, "id"),
-                        s(c, "internal"),
-                        s(c, "connect")
-                    );
+            // BindForClient and RedirectConnections answers: an address, then
+            // one line per connection or action.
+            let shapes = [
+                (
+                    "proxy_address",
+                    "proxy address",
+                    "connections",
+                    "connection",
+                    "external",
+                    "client",
+                ),
+                (
+                    "internal_address",
+                    "internal address",
+                    "actions",
+                    "action",
+                    "internal",
+                    "connect",
+                ),
+            ];
+            if let Some((p, (_, title, list, item, from, to))) =
+                shapes.iter().find_map(|sh| v.get(sh.0).map(|p| (p, sh)))
+            {
+                let _ = writeln!(o, "{title} {}", p.as_str().unwrap_or_default());
+                for c in v[*list].as_array().into_iter().flatten() {
+                    let _ = writeln!(o, "  {item} {}: {} -> {}", s(c, "id"), s(c, from), s(c, to));
                 }
             } else if let Some(id) = v.get("session") {
                 let _ = writeln!(o, "session {id} (client {})", s(v, "client"));
@@ -259,4 +264,29 @@ pub fn answer_text(v: &serde_json::Value, list: Option<crate::api::ListWhat>) ->
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_and_redirect_answers_read_as_lines() {
+        let bind = serde_json::json!({
+            "proxy_address": "10.2.0.1:20000",
+            "connections": [{"id": 2, "external": "10.2.0.1:20000", "client": "10.1.0.2:5001"}]
+        });
+        assert_eq!(
+            answer_text(&bind, None),
+            "proxy address 10.2.0.1:20000\n  connection 2: 10.2.0.1:20000 -> 10.1.0.2:5001\n"
+        );
+        let redirect = serde_json::json!({
+            "internal_address": "10.1.0.1:20000",
+            "actions": [{"id": 3, "internal": "10.1.0.1:20000", "connect": "198.51.100.7:2000"}]
+        });
+        assert_eq!(
+            answer_text(&redirect, None),
+            "internal address 10.1.0.1:20000\n  action 3: 10.1.0.1:20000 -> 198.51.100.7:2000\n"
+        );
+    }
 }
