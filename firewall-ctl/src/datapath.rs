@@ -126,6 +126,13 @@ impl PinPaths {
     pub fn map(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// A pinned map of the running firewall.
+    pub fn open_map(&self, name: &str) -> anyhow::Result<MapData> {
+        let path = self.map(name);
+        MapData::from_pin(&path)
+            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))
+    }
     pub fn link(&self, side: Side) -> PathBuf {
         self.dir.join(format!("link_{}", side.name()))
     }
@@ -324,16 +331,7 @@ impl Datapath {
             let prog: &mut Xdp = program(&mut ebpf, side)?;
             load_retrying(side.program(), || prog.load())?;
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(program_names::TC_INTERNAL)
-            .ok_or_else(|| {
-                anyhow!(
-                    "program {} missing from the eBPF object",
-                    program_names::TC_INTERNAL
-                )
-            })?
-            .try_into()
-            .map_err(|e| anyhow!("program {} is not TC: {e}", program_names::TC_INTERNAL))?;
+        let tc: &mut SchedClassifier = typed(&mut ebpf, program_names::TC_INTERNAL)?;
         load_retrying(program_names::TC_INTERNAL, || tc.load())?;
         for side in Side::BOTH {
             let tc = tc_program(&mut ebpf, side)?;
@@ -487,12 +485,7 @@ impl Datapath {
     /// interface. Its link is not pinned: intercepted connections end with
     /// the daemon that terminated them, and so does the interception.
     pub fn attach_interception(&mut self, iface: &Interface) -> anyhow::Result<()> {
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program_names::TC_INTERNAL)
-            .ok_or_else(|| anyhow!("program {} missing", program_names::TC_INTERNAL))?
-            .try_into()
-            .map_err(|e| anyhow!("program {} is not TC: {e}", program_names::TC_INTERNAL))?;
+        let tc: &mut SchedClassifier = typed(&mut self.ebpf, program_names::TC_INTERNAL)?;
         tc.attach_with_options(
             &iface.name,
             TcAttachType::Ingress,
@@ -559,10 +552,7 @@ impl BenchPrograms {
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
         for name in ["xdp_bench_tx", "xdp_bench_sink"] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing"))?
-                .try_into()?;
+            let prog: &mut Xdp = typed(&mut ebpf, name)?;
             load_retrying(name, || prog.load())?;
         }
         Ok(Self {
@@ -572,11 +562,7 @@ impl BenchPrograms {
     }
 
     fn prog(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing"))?
-            .try_into()?)
+        typed(&mut self.ebpf, name)
     }
 
     /// Sends `frame` (60 bytes) `packets` times out of interface `ifindex` (of the
@@ -663,18 +649,23 @@ pub struct TestRunOutput {
     pub duration: std::time::Duration,
 }
 
-fn tc_program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut SchedClassifier> {
-    ebpf.program_mut(side.tc_program())
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", side.tc_program()))?
+/// A program of the object by name, as its type (Xdp, SchedClassifier).
+fn typed<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
         .try_into()
-        .map_err(|e| anyhow!("program {} is not TC: {e}", side.tc_program()))
+        .map_err(|e| anyhow!("program {name} is not of the expected type: {e}"))
+}
+
+fn tc_program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut SchedClassifier> {
+    typed(ebpf, side.tc_program())
 }
 
 fn program(ebpf: &mut Ebpf, side: Side) -> anyhow::Result<&mut Xdp> {
-    ebpf.program_mut(side.program())
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", side.program()))?
-        .try_into()
-        .map_err(|e| anyhow!("program {} is not XDP: {e}", side.program()))
+    typed(ebpf, side.program())
 }
 
 /// Removes every pin under `pins` (links first, so the programs detach before
@@ -702,9 +693,7 @@ pub struct Stats {
 
 impl Stats {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let path = pins.map(map_names::STATS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        let data = pins.open_map(map_names::STATS)?;
         Ok(Self {
             map: PerCpuArray::try_from(Map::from_map_data(data)?)?,
         })
@@ -733,12 +722,8 @@ pub struct InterceptTables {
 
 impl InterceptTables {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let open = |name: &str| -> anyhow::Result<Map> {
-            let path = pins.map(name);
-            let data = MapData::from_pin(&path)
-                .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
-            Ok(Map::from_map_data(data)?)
-        };
+        let open =
+            |name: &str| -> anyhow::Result<Map> { Ok(Map::from_map_data(pins.open_map(name)?)?) };
         Ok(Self {
             ports: HashMap::try_from(open(map_names::INTERCEPT)?)?,
             conf: Array::try_from(open(map_names::INTERCEPT_CONF)?)?,
@@ -824,9 +809,7 @@ where
     Self: TableName,
 {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let path = pins.map(Self::NAME);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        let data = pins.open_map(Self::NAME)?;
         let capacity = data.info()?.max_entries();
         Ok(Self {
             map: HashMap::try_from(Map::from_map_data(data)?)?,
@@ -890,9 +873,7 @@ pub struct PeerFilters {
 
 impl PeerFilters {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let path = pins.map(map_names::PEER_FILTERS);
-        let data = MapData::from_pin(&path)
-            .with_context(|| format!("opening {} (is the firewall up?)", path.display()))?;
+        let data = pins.open_map(map_names::PEER_FILTERS)?;
         Ok(Self {
             map: LpmTrie::try_from(Map::from_map_data(data)?)?,
         })

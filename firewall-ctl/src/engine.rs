@@ -1330,9 +1330,8 @@ impl<M: Maps> Engine<M> {
     /// Ends a connection (Kill). Always succeeds once the object exists; a
     /// second Kill changes nothing.
     pub fn kill(&mut self, id: u64) -> Result<(), ApiError> {
-        if id < self.next_id && !self.objects.contains_key(&id) && !self.sessions.contains_key(&id)
-        {
-            // Ended long ago and forgotten: a second Kill changes nothing.
+        if self.forgotten(id) {
+            // Ended long ago: a second Kill changes nothing.
             return Ok(());
         }
         let o = self.object(id)?;
@@ -1402,6 +1401,12 @@ impl<M: Maps> Engine<M> {
         Ok(())
     }
 
+    /// An id handed out once that names nothing any more: a used or
+    /// cancelled factory, or an object forgotten after it ended.
+    fn forgotten(&self, id: u64) -> bool {
+        id < self.next_id && !self.objects.contains_key(&id) && !self.sessions.contains_key(&id)
+    }
+
     /// Forgets objects terminated more than FORGET_AFTER ago.
     fn forget_ended(&mut self, now_ns: u64) {
         let after = FORGET_AFTER.as_nanos() as u64;
@@ -1441,9 +1446,9 @@ impl<M: Maps> Engine<M> {
         if self.factories.remove(&id).is_some() {
             return Ok(());
         }
-        if id < self.next_id && !self.objects.contains_key(&id) && !self.sessions.contains_key(&id)
-        {
-            // A factory that was used or cancelled (ids of other kinds live in `objects`).
+        if self.forgotten(id) {
+            // A factory that was used or cancelled, or an object that ended
+            // and was forgotten.
             return Err(err(
                 ErrorKind::Terminating,
                 format!("action {id} was already used or cancelled"),
