@@ -250,6 +250,90 @@ impl Firewall {
         }
     }
 
+    /// `bind-for-client --session S --client C --protocol P EXTRA…`.
+    fn bind_args<'a>(
+        session: &'a str,
+        client: &'a str,
+        protocol: &'a str,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut a = vec![
+            "bind-for-client",
+            "--session",
+            session,
+            "--client",
+            client,
+            "--protocol",
+            protocol,
+        ];
+        a.extend_from_slice(extra);
+        a
+    }
+
+    /// `redirect-connections --session S --connect C --protocol P EXTRA…`.
+    fn redirect_args<'a>(
+        session: &'a str,
+        connect: &'a str,
+        protocol: &'a str,
+        extra: &[&'a str],
+    ) -> Vec<&'a str> {
+        let mut a = vec![
+            "redirect-connections",
+            "--session",
+            session,
+            "--connect",
+            connect,
+            "--protocol",
+            protocol,
+        ];
+        a.extend_from_slice(extra);
+        a
+    }
+
+    /// A BindForClient for one client address that must succeed.
+    pub fn bind_ok(
+        &self,
+        session: &str,
+        client: &str,
+        protocol: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        self.ok(&Self::bind_args(session, client, protocol, extra))
+    }
+
+    /// A BindForClient that must fail; returns the error kind.
+    pub fn bind_fails(
+        &self,
+        session: &str,
+        client: &str,
+        protocol: &str,
+        extra: &[&str],
+    ) -> String {
+        self.fails(&Self::bind_args(session, client, protocol, extra))
+    }
+
+    /// A RedirectConnections to one address that must succeed.
+    pub fn redirect_ok(
+        &self,
+        session: &str,
+        connect: &str,
+        protocol: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        self.ok(&Self::redirect_args(session, connect, protocol, extra))
+    }
+
+    /// A RedirectConnections that must fail; returns the error kind.
+    pub fn redirect_fails(
+        &self,
+        session: &str,
+        connect: &str,
+        protocol: &str,
+        extra: &[&str],
+    ) -> String {
+        self.fails(&Self::redirect_args(session, connect, protocol, extra))
+    }
+
     /// Opens the session of a client.
     pub fn session(&self, client: &str) -> String {
         self.ok(&["session", "open", "--client", client])["session"].to_string()

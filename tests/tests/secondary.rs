@@ -49,19 +49,12 @@ fn bind_for_client_tcp_is_forwarded_in_the_kernel() {
     let r = run("bfc");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5001",
-        "--protocol",
         "tcp",
-        "--allow-peer",
-        addr::SERVER,
-        "--context",
-        "xfer-1",
-    ]);
+        &["--allow-peer", addr::SERVER, "--context", "xfer-1"],
+    );
     let proxy = s(&b["proxy_address"]);
     assert!(
         proxy.starts_with("10.2.0.1:") && port_of(&proxy) >= 20000,
@@ -193,18 +186,12 @@ fn allow_multiple_accepts_each_connection_as_its_own_object() {
     let r = run("multi");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5201",
-        "--protocol",
         "tcp",
-        "--flags",
-        "allow-multiple",
-        "--notify",
-    ]);
+        &["--flags", "allow-multiple", "--notify"],
+    );
     let (proxy, id) = (
         s(&b["proxy_address"]),
         b["connections"][0]["id"].as_u64().unwrap(),
@@ -250,28 +237,10 @@ fn timeout_closes_an_unused_tcp_pinhole() {
     let r = run("tmo");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
-    let used = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5301",
-        "--protocol",
-        "tcp",
-        "--flags",
-        "timeout",
-    ]);
-    let unused = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5302",
-        "--protocol",
-        "tcp",
-        "--flags",
-        "timeout",
-    ]);
+    let used =
+        r.fw.bind_ok(&sess, "10.1.0.2:5301", "tcp", &["--flags", "timeout"]);
+    let unused =
+        r.fw.bind_ok(&sess, "10.1.0.2:5302", "tcp", &["--flags", "timeout"]);
     // In time: works.
     let mut c = client_server(&r.lab, IPPROTO_TCP, 5301);
     let got = send(
@@ -299,15 +268,7 @@ fn udp_bind_single_peer_bidirectional_and_idle_timeout() {
     let r = run("udp");
     let sess = r.fw.session(addr::CLIENT);
     // 6: the first datagram is delivered; the client's reply reaches the peer.
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:6000",
-        "--protocol",
-        "udp",
-    ]);
+    let b = r.fw.bind_ok(&sess, "10.1.0.2:6000", "udp", &[]);
     let port = port_of(&s(&b["proxy_address"]));
     let mut c = client_server(&r.lab, IPPROTO_UDP, 6000);
     let got = send(
@@ -334,17 +295,8 @@ fn udp_bind_single_peer_bidirectional_and_idle_timeout() {
 
     // 21: with bidirectional, a peer that sent gets the client's datagrams
     // (from the external address); one that never sent does not.
-    let bb = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:6001",
-        "--protocol",
-        "udp",
-        "--flags",
-        "bidirectional",
-    ]);
+    let bb =
+        r.fw.bind_ok(&sess, "10.1.0.2:6001", "udp", &["--flags", "bidirectional"]);
     let bport = port_of(&s(&bb["proxy_address"]));
     r.lab
         .server
@@ -384,17 +336,8 @@ fn udp_bind_single_peer_bidirectional_and_idle_timeout() {
     );
 
     // 19: timeout on UDP: quiet for udp_pinhole_idle → closed.
-    let t = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:6002",
-        "--protocol",
-        "udp",
-        "--flags",
-        "timeout",
-    ]);
+    let t =
+        r.fw.bind_ok(&sess, "10.1.0.2:6002", "udp", &["--flags", "timeout"]);
     let tid = t["connections"][0]["id"].clone();
     thread::sleep(Duration::from_secs(4));
     let conn =
@@ -413,17 +356,12 @@ fn ip_filters_restrict_peers() {
     // §15 42, 43.
     let r = run("ipf");
     let sess = r.fw.session(addr::CLIENT);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5401",
-        "--protocol",
         "tcp",
-        "--allow-peer",
-        addr::SERVER,
-    ]);
+        &["--allow-peer", addr::SERVER],
+    );
     let proxy = s(&b["proxy_address"]);
     let _c = client_server(&r.lab, IPPROTO_TCP, 5401);
     // Another external host races the server: refused, and the opening stays.
@@ -434,16 +372,7 @@ fn ip_filters_restrict_peers() {
         "the server still gets in"
     );
     // An empty filter lets nobody in.
-    let e = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5402",
-        "--protocol",
-        "tcp",
-        "--no-peers",
-    ]);
+    let e = r.fw.bind_ok(&sess, "10.1.0.2:5402", "tcp", &["--no-peers"]);
     let _c2 = client_server(&r.lab, IPPROTO_TCP, 5402);
     assert!(!tcp_connects(&r.lab.server, &s(&e["proxy_address"])));
 }
@@ -453,15 +382,7 @@ fn placeholder_client_addresses() {
     // §15 9, 10, 11.
     let r = run("plh");
     let sess = r.fw.session(addr::CLIENT);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "0.0.0.0:0",
-        "--protocol",
-        "tcp",
-    ]);
+    let b = r.fw.bind_ok(&sess, "0.0.0.0:0", "tcp", &[]);
     let (proxy, id) = (
         s(&b["proxy_address"]),
         b["connections"][0]["id"].to_string(),
@@ -497,17 +418,8 @@ fn proxy_mode_shows_the_firewall_as_the_source() {
     // §15 28.
     let r = run("pxy");
     let sess = r.fw.session(addr::CLIENT);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5601",
-        "--protocol",
-        "tcp",
-        "--flags",
-        "proxy-mode",
-    ]);
+    let b =
+        r.fw.bind_ok(&sess, "10.1.0.2:5601", "tcp", &["--flags", "proxy-mode"]);
     let mut c = client_server(&r.lab, IPPROTO_TCP, 5601);
     let got = send(
         &r.lab.server,
@@ -550,17 +462,12 @@ fn ports_explicit_conflicts_pool_and_kernel_reservation() {
         bind(&["--proxy", "10.2.0.1:45000"]).unwrap_err().0,
         "address-in-use"
     );
-    let udp = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let udp = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5001",
-        "--protocol",
         "udp",
-        "--proxy",
-        "10.2.0.1:45000",
-    ]);
+        &["--proxy", "10.2.0.1:45000"],
+    );
     assert_eq!(
         udp["proxy_address"], "10.2.0.1:45000",
         "UDP is a separate space"
@@ -754,27 +661,11 @@ fn every_error_kind_is_reachable_and_leaves_nothing() {
     );
     // Bad CLI input is refused before it reaches the daemon, as JSON with -j.
     assert_eq!(
-        r.fw.fails(&[
-            "bind-for-client",
-            "--session",
-            "1",
-            "--client",
-            "10.1.0.2",
-            "--protocol",
-            "tcp"
-        ]),
+        r.fw.bind_fails("1", "10.1.0.2", "tcp", &[]),
         "invalid-argument"
     );
     assert_eq!(
-        r.fw.fails(&[
-            "bind-for-client",
-            "--session",
-            "1",
-            "--client",
-            "10.1.0.2:1",
-            "--protocol",
-            "sctp"
-        ]),
+        r.fw.bind_fails("1", "10.1.0.2:1", "sctp", &[]),
         "invalid-argument"
     );
     assert_eq!(r.fw.fails(&["kill", "999999"]), "invalid-argument");
@@ -786,17 +677,12 @@ fn kill_and_session_lifetimes() {
     let r = run("kill");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5701",
-        "--protocol",
         "udp",
-        "--proxy",
-        "10.2.0.1:45700",
-    ]);
+        &["--proxy", "10.2.0.1:45700"],
+    );
     let id = b["connections"][0]["id"].to_string();
     let mut c = client_server(&r.lab, IPPROTO_UDP, 5701);
     send(
@@ -823,27 +709,14 @@ fn kill_and_session_lifetimes() {
         "terminating"
     );
     // The port is free again: an explicit bind gets it.
-    r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5701",
-        "--protocol",
         "udp",
-        "--proxy",
-        "10.2.0.1:45700",
-    ]);
+        &["--proxy", "10.2.0.1:45700"],
+    );
     // Closing the session ends everything it owns.
-    r.fw.ok(&[
-        "redirect-connections",
-        "--session",
-        &sess,
-        "--connect",
-        "10.2.0.2:2000",
-        "--protocol",
-        "tcp",
-    ]);
+    r.fw.redirect_ok(&sess, "10.2.0.2:2000", "tcp", &[]);
     r.fw.ok(&["session", "close", &sess]);
     assert!(r
         .fw
@@ -852,15 +725,7 @@ fn kill_and_session_lifetimes() {
         .all(|c| c["state"] == "terminated"));
     assert!(r.fw.list("pinholes").is_empty());
     assert_eq!(
-        r.fw.fails(&[
-            "redirect-connections",
-            "--session",
-            &sess,
-            "--connect",
-            "10.2.0.2:2000",
-            "--protocol",
-            "tcp"
-        ]),
+        r.fw.redirect_fails(&sess, "10.2.0.2:2000", "tcp", &[]),
         "terminating"
     );
     let sessions = r.fw.list("sessions");
@@ -917,15 +782,7 @@ fn redirect_connections_relay_through_the_internal_address() {
     );
 
     // Only the session's client may use a redirect; Cancel before use withdraws it.
-    let rc2 = r.fw.ok(&[
-        "redirect-connections",
-        "--session",
-        &sess,
-        "--connect",
-        "10.2.0.2:2002",
-        "--protocol",
-        "tcp",
-    ]);
+    let rc2 = r.fw.redirect_ok(&sess, "10.2.0.2:2002", "tcp", &[]);
     let i2 = s(&rc2["internal_address"]);
     let _srv2 = echo_server(&r.lab.server, IPPROTO_TCP, addr::SERVER, 2002);
     assert!(
@@ -947,15 +804,7 @@ fn unresolved_neighbours_are_resolved_on_demand() {
     let neigh = |ip: &str| r.lab.fw.sh(&format!("ip neigh show {ip}")).unwrap();
     let sess = r.fw.session(addr::CLIENT);
     // BindForClient knows its target: it is resolved at once.
-    r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5801",
-        "--protocol",
-        "tcp",
-    ]);
+    r.fw.bind_ok(&sess, "10.1.0.2:5801", "tcp", &[]);
     let start = std::time::Instant::now();
     while !neigh(addr::CLIENT).contains("lladdr") {
         assert!(
@@ -968,15 +817,7 @@ fn unresolved_neighbours_are_resolved_on_demand() {
     // A redirect to a host with no neighbour entry: the first SYN is dropped
     // and reported, the daemon resolves it, the retransmission gets through.
     assert!(!neigh(addr::EXTERNAL2).contains("lladdr"));
-    let rc = r.fw.ok(&[
-        "redirect-connections",
-        "--session",
-        &sess,
-        "--connect",
-        "10.2.0.3:2100",
-        "--protocol",
-        "tcp",
-    ]);
+    let rc = r.fw.redirect_ok(&sess, "10.2.0.3:2100", "tcp", &[]);
     let mut srv = echo_server(&r.lab.external2, IPPROTO_TCP, addr::EXTERNAL2, 2100);
     let got = r
         .lab
@@ -1023,17 +864,8 @@ fn quota_case(flags: &str) {
     );
     firewall_tests::traffic::prime_neighbours(&r.lab);
     let sess = r.fw.session(addr::CLIENT);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "10.1.0.2:5301",
-        "--protocol",
-        "tcp",
-        "--flags",
-        flags,
-    ]);
+    let b =
+        r.fw.bind_ok(&sess, "10.1.0.2:5301", "tcp", &["--flags", flags]);
     let (port, id) = (
         port_of(&s(&b["proxy_address"])),
         b["connections"][0]["id"].as_u64().unwrap(),

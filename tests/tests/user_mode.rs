@@ -61,18 +61,12 @@ fn no_kernel_mode_relays_large_transfers_both_ways_outside_the_flow_table() {
     let r = run("umbig");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(60);
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5001",
-        "--protocol",
         "tcp",
-        "--flags",
-        "no-kernel-mode",
-        "--notify",
-    ]);
+        &["--flags", "no-kernel-mode", "--notify"],
+    );
     let (proxy, id) = (s(&b["proxy_address"]), b["connections"][0]["id"].clone());
     let conn =
         r.fw.list("connections")
@@ -147,17 +141,12 @@ fn user_mode_udp_and_redirect() {
     let r = run("umudp");
     let sess = r.fw.session(addr::CLIENT);
     // UDP BindForClient through the relay: delivered, answered.
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:6000",
-        "--protocol",
         "udp",
-        "--flags",
-        "no-kernel-mode,increase-receive-buffer",
-    ]);
+        &["--flags", "no-kernel-mode,increase-receive-buffer"],
+    );
     let mut c = echo_server(&r.lab.client, IPPROTO_UDP, addr::CLIENT, 6000);
     let got = send(
         &r.lab.server,
@@ -172,17 +161,12 @@ fn user_mode_udp_and_redirect() {
         "{got}"
     );
     // RedirectConnections through the relay: the server sees the external address.
-    let rc = r.fw.ok(&[
-        "redirect-connections",
-        "--session",
+    let rc = r.fw.redirect_ok(
         &sess,
-        "--connect",
         "10.2.0.2:2000",
-        "--protocol",
         "tcp",
-        "--flags",
-        "no-kernel-mode",
-    ]);
+        &["--flags", "no-kernel-mode"],
+    );
     let mut srv = echo_server(&r.lab.server, IPPROTO_TCP, addr::SERVER, 2000);
     let got = send(
         &r.lab.client,
@@ -197,17 +181,12 @@ fn user_mode_udp_and_redirect() {
         "{got}"
     );
     // Only the session's client may use it.
-    let rc2 = r.fw.ok(&[
-        "redirect-connections",
-        "--session",
+    let rc2 = r.fw.redirect_ok(
         &sess,
-        "--connect",
         "10.2.0.2:2001",
-        "--protocol",
         "tcp",
-        "--flags",
-        "no-kernel-mode",
-    ]);
+        &["--flags", "no-kernel-mode"],
+    );
     let _srv2 = echo_server(&r.lab.server, IPPROTO_TCP, addr::SERVER, 2001);
     assert!(
         !echoed(&r.lab.client2, &s(&rc2["internal_address"])),
@@ -225,19 +204,12 @@ fn user_mode_refusals_resets_and_kill() {
     let r = run("umref");
     let sess = r.fw.session(addr::CLIENT);
     // IP filter and single use, enforced by the relay.
-    let b = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let b = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5101",
-        "--protocol",
         "tcp",
-        "--flags",
-        "no-kernel-mode",
-        "--allow-peer",
-        addr::SERVER,
-    ]);
+        &["--flags", "no-kernel-mode", "--allow-peer", addr::SERVER],
+    );
     let proxy = s(&b["proxy_address"]);
     let mut c = echo_server(&r.lab.client, IPPROTO_TCP, addr::CLIENT, 5101);
     assert!(
@@ -267,34 +239,20 @@ fn user_mode_refusals_resets_and_kill() {
     );
 
     // A placeholder refuses until its address is set.
-    let p = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
-        &sess,
-        "--client",
-        "0.0.0.0:0",
-        "--protocol",
-        "tcp",
-        "--flags",
-        "no-kernel-mode",
-    ]);
+    let p =
+        r.fw.bind_ok(&sess, "0.0.0.0:0", "tcp", &["--flags", "no-kernel-mode"]);
     let (pproxy, pid) = (s(&p["proxy_address"]), s(&p["connections"][0]["id"]));
     let c3 = echo_server(&r.lab.client, IPPROTO_TCP, addr::CLIENT, 5102);
     assert!(!echoed(&r.lab.server, &pproxy), "no target yet: reset");
     drop(c3);
 
     r.fw.ok(&["set-client-address", &pid, "10.1.0.2:5102"]);
-    let x = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let x = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:5103",
-        "--protocol",
         "tcp",
-        "--flags",
-        "no-kernel-mode",
-    ]);
+        &["--flags", "no-kernel-mode"],
+    );
     let (xproxy, xid) = (s(&x["proxy_address"]), s(&x["connections"][0]["id"]));
 
     // A reset on one side reaches the other; a kill ends a live connection.
@@ -372,15 +330,7 @@ fn scanned_connections_stop_executables_and_pass_text() {
     // The server sends a file to the client through a BindForClient (like an
     // active-mode FTP download); returns what the client received.
     let download = |file: &std::path::Path, port: u16| -> Vec<u8> {
-        let b = r.fw.ok(&[
-            "bind-for-client",
-            "--session",
-            &sess,
-            "--client",
-            &format!("10.1.0.2:{port}"),
-            "--protocol",
-            "tcp",
-        ]);
+        let b = r.fw.bind_ok(&sess, &format!("10.1.0.2:{port}"), "tcp", &[]);
         let conn =
             r.fw.list("connections")
                 .into_iter()
@@ -439,15 +389,7 @@ fn scanned_connections_stop_executables_and_pass_text() {
     );
 
     // The same through a RedirectConnections (like a passive-mode download).
-    let rc = r.fw.ok(&[
-        "redirect-connections",
-        "--session",
-        &sess,
-        "--connect",
-        "10.2.0.2:2100",
-        "--protocol",
-        "tcp",
-    ]);
+    let rc = r.fw.redirect_ok(&sess, "10.2.0.2:2100", "tcp", &[]);
     let mut srv = r
         .lab
         .server
@@ -500,28 +442,18 @@ fn increase_receive_buffer_gives_the_relayed_socket_64_kib() {
             .unwrap_or_else(|| panic!("no rb in {out:?}"));
         rb.parse().unwrap()
     };
-    let big = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+    let big = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:6100",
-        "--protocol",
         "udp",
-        "--flags",
-        "no-kernel-mode,increase-receive-buffer",
-    ]);
-    let small = r.fw.ok(&[
-        "bind-for-client",
-        "--session",
+        &["--flags", "no-kernel-mode,increase-receive-buffer"],
+    );
+    let small = r.fw.bind_ok(
         &sess,
-        "--client",
         "10.1.0.2:6101",
-        "--protocol",
         "udp",
-        "--flags",
-        "no-kernel-mode",
-    ]);
+        &["--flags", "no-kernel-mode"],
+    );
     thread::sleep(Duration::from_millis(200));
     let (b, sm) = (
         rcvbuf(port_of(&s(&big["proxy_address"]))),
