@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod fixture;
 pub mod ftp;
+pub mod ftp_load;
 pub mod netns;
 pub mod packet;
 pub mod traffic;

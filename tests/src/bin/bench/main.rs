@@ -11,6 +11,8 @@
 //! 3. Control plane: calls per second and latency, in-process and through the
 //!    API; whether a pinhole is live when its call returns.
 //! 4. Scale: map memory and lookup cost from 1 k to 1 M pinholes and flows.
+//! 5. FTP session rate: many short sessions from one client host, with
+//!    netfilter and plain routing in the same run (`sessions.rs`).
 //!
 //! Writes `results.json`, `report.md` and `chart.svg` into the output
 //! directory. Several repetitions per figure; medians with min–max.
@@ -49,6 +51,8 @@ use firewall_tests::{
     traffic::prime_neighbours,
 };
 use serde::Serialize;
+
+mod sessions;
 
 struct Opts {
     quick: bool,
@@ -127,6 +131,9 @@ impl Results {
     }
 }
 
+/// The sections `--only` can name.
+const SECTIONS: [&str; 5] = ["data", "xdp", "control", "scale", "sessions"];
+
 fn main() {
     let mut opts = Opts {
         quick: false,
@@ -149,10 +156,8 @@ fn main() {
                 None => die("--from needs a results directory"),
             },
             "--only" => match args.next() {
-                Some(s) if ["data", "xdp", "control", "scale"].contains(&s.as_str()) => {
-                    opts.only.push(s)
-                }
-                _ => die("--only needs one of data, xdp, control, scale"),
+                Some(s) if SECTIONS.contains(&s.as_str()) => opts.only.push(s),
+                _ => die(&format!("--only needs one of {}", SECTIONS.join(", "))),
             },
             "--out" => match args.next() {
                 Some(d) => opts.out = d.into(),
@@ -221,23 +226,27 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     );
 
     if opts.runs("data") {
-        println!("[1/4] data path in the lab (kernel, user, netfilter, plain forwarding)");
+        println!("[1/5] data path in the lab (kernel, user, netfilter, plain forwarding)");
         data_path(opts, &mut r).context("data path")?;
     }
     if opts.runs("xdp") {
-        println!("[2/4] per-packet cost of the XDP program (BPF_PROG_RUN)");
+        println!("[2/5] per-packet cost of the XDP program (BPF_PROG_RUN)");
         xdp_cost(opts, &mut r).context("XDP cost")?;
     }
     if opts.runs("control") {
-        println!("[3/4] control plane");
+        println!("[3/5] control plane");
         control_plane(opts, &mut r).context("control plane")?;
         let lab = Lab::create_direct(&unique_prefix("benchapi")).context("creating the lab")?;
         let fw = Firewall::up(&lab, &[])?;
         api_latency(opts, &mut r, &fw).context("API latency")?;
     }
     if opts.runs("scale") {
-        println!("[4/4] scale");
+        println!("[4/5] scale");
         scale(opts, &mut r).context("scale")?;
+    }
+    if opts.runs("sessions") {
+        println!("[5/5] FTP session rate (default configuration, netfilter, plain)");
+        sessions::run(opts, &mut r).context("FTP sessions")?;
     }
 
     std::fs::write(
@@ -1253,6 +1262,7 @@ fn report(r: &Results) -> String {
             );
         }
     }
+    sessions::report(r, &mut o);
     let _ = writeln!(o, "\n## Targets\n");
     let med = |n: &str, s: &str| r.get(n, s).map(|f| f.median).unwrap_or(f64::NAN);
     let pps_ratio = med(
@@ -1347,6 +1357,9 @@ fn report(r: &Results) -> String {
     let _ = writeln!(o, "|---|---|---|");
     for (t, m, v) in rows {
         let _ = writeln!(o, "| {t} | {m} | {v} |");
+    }
+    for (t, m, ok) in sessions::targets(r) {
+        let _ = writeln!(o, "| {t} | {m} | {} |", verdict(ok));
     }
     if !r.notes.is_empty() {
         let _ = writeln!(o, "\n## Notes\n");
