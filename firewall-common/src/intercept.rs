@@ -1,12 +1,17 @@
 //! Transparent interception of primary connections (the FTP control
 //! connection on TCP 21 by default).
 //!
-//! A TC ingress program on the internal interface hands the SYN of a
-//! connection to an intercepted port to the daemon's transparent listener
-//! (`bpf_sk_assign`) and marks it; a policy-routing rule delivers marked
-//! packets locally. Later segments of connections the daemon terminated (and
-//! of the relay's transparent listeners) are found with a socket lookup and
-//! marked too. No netfilter is involved.
+//! A TC ingress program on the internal interface decides which SYNs to
+//! intercept (a connection to an intercepted port routed out of the external
+//! interface), records their 4-tuple in INTERCEPTING and marks them; a
+//! policy-routing rule delivers marked packets locally, where an `sk_lookup`
+//! program gives the recorded ones to the daemon's transparent listener (in
+//! INTERCEPT_LISTENER). Done in the kernel's listener lookup, this also
+//! covers a SYN that meets a TIME_WAIT socket of an earlier connection of the
+//! same 4-tuple: the kernel retires the TIME_WAIT socket for the listener, as
+//! it does for netfilter's TPROXY. Later segments of connections the daemon
+//! terminated (and of the relay's transparent listeners) are found with a
+//! socket lookup and marked too. No netfilter is involved.
 
 /// Key of the INTERCEPT map: a destination port whose connections are
 /// terminated by the daemon.
@@ -50,12 +55,26 @@ pub struct InterceptConf {
     pub egress_ifindex: u32,
 }
 
+/// Key of INTERCEPTING: a SYN the TC program decided to intercept, as the
+/// listener lookup sees it (client = remote, server = local).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct InterceptTuple {
+    pub client_addr: [u8; 4],
+    pub server_addr: [u8; 4],
+    /// Host byte order.
+    pub client_port: u16,
+    /// Host byte order.
+    pub server_port: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C), integer fields only, explicit padding.
     unsafe impl aya::Pod for super::InterceptKey {}
     unsafe impl aya::Pod for super::InterceptValue {}
     unsafe impl aya::Pod for super::InterceptConf {}
+    unsafe impl aya::Pod for super::InterceptTuple {}
 }
 
 #[cfg(test)]
@@ -67,5 +86,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<InterceptKey>(), 4);
         assert_eq!(core::mem::size_of::<InterceptValue>(), 8);
         assert_eq!(core::mem::size_of::<InterceptConf>(), 8);
+        assert_eq!(core::mem::size_of::<InterceptTuple>(), 12);
     }
 }

@@ -26,6 +26,10 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const INTERCEPT: &str = "INTERCEPT";
     pub const INTERCEPT_CONF: &str = "INTERCEPT_CONF";
+    /// SYNs being intercepted (not pinned: they live with the daemon).
+    pub const INTERCEPTING: &str = "INTERCEPTING";
+    /// The daemon's interception listener (a SOCKMAP, not pinned).
+    pub const INTERCEPT_LISTENER: &str = "INTERCEPT_LISTENER";
 }
 
 /// Names of the programs in the eBPF object.
@@ -34,6 +38,9 @@ pub mod program_names {
     pub const XDP_EXTERNAL: &str = "xdp_external";
     /// TC (tcx) ingress on the internal interface: transparent interception.
     pub const TC_INTERNAL: &str = "tc_internal";
+    /// sk_lookup in the firewall's network namespace: intercepted SYNs to
+    /// the daemon's listener.
+    pub const SK_LOOKUP_INTERCEPT: &str = "sk_lookup_intercept";
     /// The datapath at tcx ingress (`--xdp-mode tc`).
     pub const TC_FORWARD_INTERNAL: &str = "tc_forward_internal";
     pub const TC_FORWARD_EXTERNAL: &str = "tc_forward_external";

@@ -127,6 +127,9 @@ pub mod event_kind {
     /// A packet was dropped because its next hop has no neighbour entry:
     /// `owner` holds the egress ifindex, `forward.dst_addr` the next hop.
     pub const NEED_NEIGHBOUR: u32 = 3;
+    /// A flow with an owner saw its first FIN or RST in this direction:
+    /// `forward` is the flow's key, `detail` the `tcp_seen` bits new on it.
+    pub const CLOSING: u32 = 4;
 }
 
 /// What the datapath tells the control plane through the EVENTS ring buffer.
@@ -134,7 +137,8 @@ pub mod event_kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DatapathEvent {
     pub kind: u32,
-    pub _pad: u32,
+    /// Kind-specific (CLOSING: the `tcp_seen` bits newly seen).
+    pub detail: u32,
     pub owner: u64,
     /// The entry for the first packet's direction (peer -> firewall endpoint).
     pub forward: FlowKey,

@@ -101,8 +101,11 @@ pub enum ErrorKind {
     AddressInUse,
     /// The address is not one of the firewall's (or a routable client's).
     AddressNotAvailable,
-    /// No port (block) is free.
+    /// No port (block) is free, or a table is full.
     Exhausted,
+    /// The session's client has its quota of concurrent secondary
+    /// connections (FWX_E_IS_BUSY).
+    Busy,
     /// A call outside the event contexts it supports.
     BadContext,
     /// A connection is already emulated by a filter.
@@ -129,6 +132,7 @@ impl ErrorKind {
             ErrorKind::AddressInUse => "address-in-use",
             ErrorKind::AddressNotAvailable => "address-not-available",
             ErrorKind::Exhausted => "exhausted",
+            ErrorKind::Busy => "busy",
             ErrorKind::BadContext => "bad-context",
             ErrorKind::AlreadyEmulated => "already-emulated",
             ErrorKind::NotEmulated => "not-emulated",

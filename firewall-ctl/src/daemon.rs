@@ -136,17 +136,36 @@ impl Shared {
                 RelayCmd::ClientBusy { client, busy } => self.relay.set_client_busy(client, busy),
                 RelayCmd::Emulate(job) => self.relay.emulate(job),
                 RelayCmd::StopConn { owner, conn } => self.relay.stop_conn(owner, conn),
+                RelayCmd::Withdraw { owner, reason } => self.relay.withdraw(owner, reason),
             }
         }
         for e in engine.take_events() {
-            log::info!("event: {}", serde_json::to_string(&e).unwrap_or_default());
+            if log::log_enabled!(log::Level::Debug) {
+                log::debug!("event: {}", serde_json::to_string(&e).unwrap_or_default());
+            }
             let _ = self.events.send(e);
         }
     }
 }
 
+/// Raises the soft limit of open files to the hard one: every intercepted
+/// control connection holds two sockets and every pinhole a port socket, so
+/// the usual soft limit of 1024 (systemd's too) is far too low.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::info!("open files: soft limit raised from {soft} to {hard}"),
+            Err(e) => log::warn!("open files: cannot raise the soft limit {soft} to {hard}: {e}"),
+        },
+        Ok((soft, _)) => log::info!("open files: limit {soft}"),
+        Err(e) => log::warn!("open files: cannot read the limit: {e}"),
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
 pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
+    raise_fd_limit();
     let invalid = |e: anyhow::Error| {
         anyhow::Error::new(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))
     };
@@ -331,8 +350,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     }
     tick_task.abort();
     relay_task.abort();
-    if let Some(t) = interception_task {
-        t.abort();
+    if let Some(p) = interception_task {
+        p.stop();
     }
     if let Some(t) = events_task {
         t.abort();
@@ -343,6 +362,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     drop(dp);
     let result = if keep {
         log::info!("leaving the datapath attached and pinned (--keep-datapath); `firewall-ctl down` removes it");
+        remove_transparent_sockets();
         Ok(())
     } else {
         teardown(&pins, Some(&state)).map(|removed| {
@@ -386,7 +406,7 @@ fn start_interception(
     external: &Interface,
     shared: &Arc<Shared>,
     state: &mut State,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Option<primary::Proxy>> {
     let mut tables = InterceptTables::open(dp.pins())?;
     if config.ftp_ports.is_empty() {
         tables.set(InterceptConf::default(), &[])?;
@@ -423,7 +443,7 @@ fn start_interception(
         },
         &ports,
     )?;
-    dp.attach_interception(internal)?;
+    dp.attach_interception(internal, &listener)?;
     let ctx = Arc::new(Interception {
         api: shared.clone(),
         stats: shared.ftp.clone(),
@@ -438,7 +458,7 @@ fn start_interception(
         config.fwmark,
         config.route_table
     );
-    Ok(Some(tokio::spawn(primary::serve(listener, ctx))))
+    Ok(Some(primary::Proxy::start(listener, ctx)?))
 }
 
 /// The FTP filter's calls go to the engine like the API's.
@@ -480,11 +500,22 @@ impl Secondaries for Shared {
     }
 }
 
+/// Removes the sockets that answered for servers' addresses: left behind,
+/// they would stall forwarded connections of the same 5-tuples.
+fn remove_transparent_sockets() {
+    match crate::timewait::destroy_transparent() {
+        Ok(0) => {}
+        Ok(n) => log::info!("closed {n} sockets of intercepted connections"),
+        Err(e) => log::warn!("closing the sockets of intercepted connections: {e:#}"),
+    }
+}
+
 /// Unpins everything, restores sysctls and removes the state file.
 pub fn teardown(pins: &PinPaths, state: Option<&State>) -> anyhow::Result<Vec<PathBuf>> {
     if let Some(d) = state.and_then(|s| s.local_delivery) {
         d.remove();
     }
+    remove_transparent_sockets();
     let removed = datapath::unpin_all(pins)?;
     if let Some(s) = state {
         for (k, v) in &s.saved_sysctls {
@@ -666,7 +697,7 @@ fn list(engine: &Engine<KernelMaps>, what: ListWhat) -> Result<serde_json::Value
             )
         }
         ListWhat::Flows => {
-            let entries = engine.maps().flows.entries().map_err(internal)?;
+            let entries = engine.maps().flows.all().map_err(internal)?;
             to_json(
                 entries
                     .iter()
@@ -696,7 +727,7 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
                     .map(firewall_common::map_names::FLOWS)
                     .display()
                     .to_string(),
-                entries: flows.count()? as u64,
+                entries: flows.all()?.len() as u64,
                 capacity: flows.capacity() as u64,
             },
             MapStatus {
@@ -730,28 +761,72 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
     })
 }
 
-/// The engine's timers (TIMEOUT deadlines, flow expiry), once a second or,
-/// for big tables, at twice the time a pass takes.
+/// Entries of the flow table the timers read per tick, as the safety net
+/// for flows no timer knows (lost events, an earlier daemon's flows): a full
+/// pass over a table of N entries takes N / SCAN_BATCH ticks.
+const SCAN_BATCH: usize = 1024;
+const TICK: Duration = Duration::from_secs(1);
+
+/// The engine's timers, once a second. The kernel's flow table is read
+/// without the engine's lock: only the flows of due timers, and a bounded
+/// batch of the table.
 async fn tick(shared: Arc<Shared>) {
-    let mut pause = Duration::from_secs(1);
+    let mut state = match FlowTable::open(&shared.pins) {
+        Ok(t) => (t, crate::mapops::Scan::default()),
+        Err(e) => {
+            log::error!("engine timers: cannot open the flow table: {e:#}");
+            return;
+        }
+    };
     loop {
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(TICK).await;
         let s = shared.clone();
-        let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            let mut engine = s.engine();
-            let r = engine.tick(sweeper::monotonic_ns());
-            s.publish(&mut engine);
-            r
+            let r = tick_once(&s, &state.0, &mut state.1);
+            (r, state)
         })
         .await;
         match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log::warn!("engine timers: {e}"),
-            Err(e) => log::warn!("engine timers panicked: {e}"),
+            Ok((r, st)) => {
+                state = st;
+                if let Err(e) = r {
+                    log::warn!("engine timers: {e:#}");
+                }
+            }
+            Err(e) => {
+                log::error!("engine timers panicked: {e}");
+                return;
+            }
         }
-        pause = (started.elapsed() * 2).max(Duration::from_secs(1));
     }
+}
+
+fn tick_once(
+    shared: &Shared,
+    flows: &FlowTable,
+    scan: &mut crate::mapops::Scan,
+) -> anyhow::Result<()> {
+    let now = sweeper::monotonic_ns();
+    let keys = shared.engine().timers_due(now);
+    let mut readings = crate::engine::Readings::new();
+    for k in keys {
+        match flows.get(&k) {
+            Ok(v) => {
+                readings.insert(k, v);
+            }
+            Err(e) => log::debug!("engine timers: reading {k:?}: {e:#}"),
+        }
+    }
+    let mut batch = flows.scan(scan, SCAN_BATCH)?;
+    for k in sweeper::missing_peers(&batch) {
+        if let Some(v) = flows.get(&k)? {
+            batch.push((k, v));
+        }
+    }
+    let mut engine = shared.engine();
+    let r = engine.timers_apply(now, &readings, &batch);
+    shared.publish(&mut engine);
+    r.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Hands the relay's connection events to the engine.

@@ -15,12 +15,12 @@ use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, RingBuf,
+        Array, HashMap, Map, MapData, MapInfo, PerCpuArray, RingBuf, SockMap,
     },
     programs::{
         links::{FdLink, PinnedLink},
         tc::{TcAttachOptions, TcAttachType},
-        LinkOrder, SchedClassifier, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, SkLookup, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -38,7 +38,7 @@ use firewall_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::netif::Interface;
+use crate::{mapops, netif::Interface};
 
 /// The eBPF object built from firewall-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
@@ -333,6 +333,8 @@ impl Datapath {
         }
         let tc: &mut SchedClassifier = typed(&mut ebpf, program_names::TC_INTERNAL)?;
         load_retrying(program_names::TC_INTERNAL, || tc.load())?;
+        let lookup: &mut SkLookup = typed(&mut ebpf, program_names::SK_LOOKUP_INTERCEPT)?;
+        load_retrying(program_names::SK_LOOKUP_INTERCEPT, || lookup.load())?;
         for side in Side::BOTH {
             let tc = tc_program(&mut ebpf, side)?;
             load_retrying(side.tc_program(), || tc.load())?;
@@ -481,10 +483,33 @@ impl Datapath {
         })
     }
 
-    /// Attaches the interception program (tcx ingress) to the internal
-    /// interface. Its link is not pinned: intercepted connections end with
-    /// the daemon that terminated them, and so does the interception.
-    pub fn attach_interception(&mut self, iface: &Interface) -> anyhow::Result<()> {
+    /// Attaches the interception: the TC program (tcx ingress) on the
+    /// internal interface, and the listener lookup of this network namespace
+    /// with `listener` as the listener of intercepted SYNs. Neither link is
+    /// pinned: intercepted connections end with the daemon that terminated
+    /// them, and so does the interception.
+    pub fn attach_interception(
+        &mut self,
+        iface: &Interface,
+        listener: &impl std::os::fd::AsRawFd,
+    ) -> anyhow::Result<()> {
+        let mut socks: SockMap<&mut MapData> = SockMap::try_from(
+            self.ebpf
+                .map_mut(map_names::INTERCEPT_LISTENER)
+                .ok_or_else(|| anyhow!("map {} missing", map_names::INTERCEPT_LISTENER))?,
+        )?;
+        socks
+            .set(0, listener, 0)
+            .context("putting the interception listener into its SOCKMAP")?;
+        let netns =
+            fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
+        let lookup: &mut SkLookup = typed(&mut self.ebpf, program_names::SK_LOOKUP_INTERCEPT)?;
+        lookup.attach(netns).map_err(|e| {
+            anyhow!(
+                "attaching {} to this network namespace: {e}",
+                program_names::SK_LOOKUP_INTERCEPT
+            )
+        })?;
         let tc: &mut SchedClassifier = typed(&mut self.ebpf, program_names::TC_INTERNAL)?;
         tc.attach_with_options(
             &iface.name,
@@ -757,6 +782,8 @@ impl InterceptTables {
 /// Typed access to a pinned hash map.
 pub struct Table<K, V> {
     map: HashMap<MapData, K, V>,
+    /// The map's fd again, for the operations aya lacks (`mapops`).
+    fd: std::os::fd::OwnedFd,
     capacity: u32,
 }
 
@@ -809,12 +836,48 @@ where
     Self: TableName,
 {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
+        use std::os::fd::AsFd as _;
         let data = pins.open_map(Self::NAME)?;
         let capacity = data.info()?.max_entries();
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
         Ok(Self {
             map: HashMap::try_from(Map::from_map_data(data)?)?,
+            fd,
             capacity,
         })
+    }
+
+    /// Up to `max` entries from `scan` on (a batched read; see `mapops`).
+    pub fn scan(&self, scan: &mut mapops::Scan, max: usize) -> anyhow::Result<Vec<(K, V)>> {
+        use std::os::fd::AsFd as _;
+        mapops::lookup_batch(self.fd.as_fd(), scan, max)
+            .with_context(|| format!("reading {} in batches", Self::NAME))
+    }
+
+    /// Every entry, read in batches.
+    pub fn all(&self) -> anyhow::Result<Vec<(K, V)>> {
+        let mut scan = mapops::Scan::default();
+        let mut out = Vec::new();
+        loop {
+            out.extend(self.scan(&mut scan, 4096)?);
+            if scan.wrapped {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Deletes these keys (missing ones are skipped); how many were there.
+    pub fn remove_many(&mut self, keys: &[K]) -> anyhow::Result<usize> {
+        use std::os::fd::AsFd as _;
+        mapops::delete_batch(self.fd.as_fd(), keys)
+            .with_context(|| format!("deleting from {} in a batch", Self::NAME))
+    }
+
+    /// Takes the entry out atomically (lookup and delete in one step).
+    pub fn take(&mut self, key: &K) -> anyhow::Result<Option<V>> {
+        use std::os::fd::AsFd as _;
+        mapops::lookup_and_delete(self.fd.as_fd(), key)
+            .with_context(|| format!("taking {key:?} out of {}", Self::NAME))
     }
 
     pub fn capacity(&self) -> u32 {
@@ -947,6 +1010,9 @@ impl crate::engine::Maps for KernelMaps {
     fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()> {
         self.pinholes.remove(key).map(|_| ())
     }
+    fn take_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+        self.pinholes.take(key)
+    }
     fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
         self.pinholes.entries()
     }
@@ -967,8 +1033,11 @@ impl crate::engine::Maps for KernelMaps {
     fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
         self.flows.remove(key)
     }
+    fn del_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize> {
+        self.flows.remove_many(keys)
+    }
     fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        self.flows.entries()
+        self.flows.all()
     }
     fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
         Ok(self

@@ -34,7 +34,7 @@ use crate::{
     flags::ConnFlags,
     netif::Interface,
     policy::{self, IpFilter, NetworkObject, ProtocolRule, Transport},
-    ports::{Lease, PortPool},
+    ports::{Hold, Lease, PortPool},
     relay::{Admit, Job, RelayEvent},
     sweeper::{self, SweepStats},
 };
@@ -47,11 +47,16 @@ pub trait Maps: Send {
     fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()>;
     fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>>;
     fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()>;
+    /// Removes the pinhole and returns it as it was at that moment, so that
+    /// a packet using it at the same time cannot be overlooked.
+    fn take_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>>;
     fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>>;
     fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()>;
     fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()>;
     fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>>;
     fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool>;
+    /// Removes these flows (missing ones are skipped) in one go.
+    fn del_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize>;
     fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>>;
     fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>>;
     /// Marks a client as at its TCP quota (`Some`) or not (`None`).
@@ -298,8 +303,6 @@ struct Object {
     notify: bool,
     context: Option<String>,
     mode: Mode,
-    /// User mode: the deadline of an unused endpoint (TIMEOUT), 0: none.
-    deadline_ns: u64,
     /// User mode: the relay's id of this connection.
     relay_conn: Option<u64>,
     /// Order of establishment (for the UDP quota: the oldest goes first).
@@ -318,6 +321,11 @@ struct Object {
     /// When it was terminated (monotonic ns); the object is forgotten
     /// `FORGET_AFTER` later.
     ended_ns: u64,
+    /// Counted against its client's quota: from establishment until the
+    /// first FIN or RST (or its end).
+    counted: bool,
+    /// Which of `flows` (by index) saw a FIN.
+    fins: u8,
 }
 
 /// How long a terminated object stays listed (and answers a second Cancel
@@ -354,7 +362,6 @@ impl Object {
             notify: false,
             context: None,
             mode: Mode::Kernel,
-            deadline_ns: 0,
             relay_conn: None,
             established_seq: 0,
             emulated: false,
@@ -363,6 +370,8 @@ impl Object {
             children: Vec::new(),
             ended_ns: 0,
             caller: None,
+            counted: false,
+            fins: 0,
         }
     }
 }
@@ -427,6 +436,9 @@ pub struct Engine<M: Maps> {
     /// Established connections per (client, transport).
     established_count: HashMap<(Ipv4Addr, Transport), usize>,
     next_established: u64,
+    timers: timers::Timers,
+    /// The object of each relayed connection (by the relay's id).
+    relay_conns: HashMap<u64, u64>,
 }
 
 /// A SetDataFilterFactory registration.
@@ -483,6 +495,8 @@ impl<M: Maps> Engine<M> {
             busy_clients: HashSet::new(),
             established_count: HashMap::new(),
             next_established: 1,
+            timers: timers::Timers::default(),
+            relay_conns: HashMap::new(),
         })
     }
 
@@ -683,6 +697,22 @@ impl<M: Maps> Engine<M> {
         Ok(())
     }
 
+    /// A new TCP secondary for a client at its quota is refused at the call
+    /// (the FTP filter then answers 425), not only by the datapath, which
+    /// would drop the connection's SYN after the client was told to connect.
+    fn check_not_busy(&self, client: Ipv4Addr, t: Transport) -> Result<(), ApiError> {
+        if t == Transport::Tcp && self.busy_clients.contains(&client) {
+            return Err(err(
+                ErrorKind::Busy,
+                format!(
+                    "client {client} has its quota of {} concurrent secondary TCP connections",
+                    self.cfg.client_quota
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn live_session(&self, id: u64) -> Result<Ipv4Addr, ApiError> {
         match self.sessions.get(&id) {
             None => Err(invalid(format!("no session {id}"))),
@@ -726,6 +756,7 @@ impl<M: Maps> Engine<M> {
         let client_ip = self.live_session(req.session)?;
         let n = req.clients.len();
         check_shape("BindForClient", "client", n, req.flags)?;
+        self.check_not_busy(client_ip, req.protocol)?;
         let f = req.flags;
         if req.protocol == Transport::Tcp {
             for only_udp in [ConnFlags::BIDIRECTIONAL, ConnFlags::INCREASE_RECEIVE_BUFFER] {
@@ -1002,7 +1033,6 @@ impl<M: Maps> Engine<M> {
                     notify: req.notify,
                     context: req.context.clone(),
                     mode: if user { Mode::User } else { Mode::Kernel },
-                    deadline_ns: if user { deadline } else { 0 },
                     emulated,
 
                     ..Object::new(
@@ -1036,6 +1066,9 @@ impl<M: Maps> Engine<M> {
         }
         for (id, o) in created {
             self.objects.insert(id, o);
+            if deadline != 0 {
+                self.timers.at(deadline, timers::Timer::PinholeTimeout(id));
+            }
         }
         self.relay.extend(jobs.into_iter().map(RelayCmd::Start));
         // fwx_Listen: filters hear of it but cannot refuse it.
@@ -1081,6 +1114,7 @@ impl<M: Maps> Engine<M> {
         let client_ip = self.live_session(req.session)?;
         let n = req.connects.len();
         check_shape("RedirectConnections", "connect", n, req.flags)?;
+        self.check_not_busy(client_ip, req.protocol)?;
         let f = req.flags;
         let foreign =
             f - (ConnFlags::ALLOW_MULTIPLE | ConnFlags::TIMEOUT | ConnFlags::NO_KERNEL_MODE);
@@ -1163,8 +1197,6 @@ impl<M: Maps> Engine<M> {
         undo: &mut Undo,
     ) -> Result<RedirectResult, ApiError> {
         let n = req.connects.len();
-        let int_block = self.ports.reserve_block(int, req.protocol, n as u16)?;
-        undo.leases.extend(&int_block);
         // User mode: the relay's outward sockets take ephemeral ports of the
         // external address; no SNAT block is needed.
         let expected = Self::resulting_event(Kind::Redirect, req.protocol);
@@ -1173,6 +1205,11 @@ impl<M: Maps> Engine<M> {
                 .connects
                 .iter()
                 .any(|c| expected.is_some_and(|e| self.factory_for(e, *c).is_some()));
+        let hold = if user { Hold::Socket } else { Hold::Kernel };
+        let int_block = self
+            .ports
+            .reserve_block_held(int, req.protocol, n as u16, hold)?;
+        undo.leases.extend(&int_block);
         let mut snat = Vec::new();
         for _ in 0..if user { 0 } else { n } {
             let block = if ext.port() != 0 {
@@ -1253,7 +1290,6 @@ impl<M: Maps> Engine<M> {
                     notify: req.notify,
                     context: req.context.clone(),
                     mode: if user { Mode::User } else { Mode::Kernel },
-                    deadline_ns: if user { deadline } else { 0 },
                     ..Object::new(
                         req.session,
                         Kind::Redirect,
@@ -1272,6 +1308,9 @@ impl<M: Maps> Engine<M> {
         }
         for (id, o) in created {
             self.objects.insert(id, o);
+            if deadline != 0 {
+                self.timers.at(deadline, timers::Timer::PinholeTimeout(id));
+            }
         }
         self.relay.extend(jobs.into_iter().map(RelayCmd::Start));
         Ok(RedirectResult {
@@ -1407,34 +1446,47 @@ impl<M: Maps> Engine<M> {
         id < self.next_id && !self.objects.contains_key(&id) && !self.sessions.contains_key(&id)
     }
 
-    /// Forgets objects terminated more than FORGET_AFTER ago.
-    fn forget_ended(&mut self, now_ns: u64) {
-        let after = FORGET_AFTER.as_nanos() as u64;
-        let old: Vec<(u64, Option<u64>)> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| o.state == State::Terminated && o.ended_ns + after < now_ns)
-            .map(|(id, o)| (*id, o.parent))
-            .collect();
-        for (id, parent) in old {
-            self.objects.remove(&id);
-            if let Some(p) = parent.and_then(|p| self.objects.get_mut(&p)) {
-                p.children.retain(|c| *c != id);
-            }
-        }
-    }
-
     /// Ends those of `ids` that still wait for their connection (a primary
     /// connection ended, or made them void): listening binds are killed,
     /// unused redirects cancelled. Established connections go on; unknown or
     /// ended ids are skipped.
-    pub fn withdraw_unused(&mut self, ids: &[u64], reason: &str) {
+    ///
+    /// An endpoint a connection is using at that moment is not unused: a
+    /// kernel pinhole is taken out of the map atomically and judged by what
+    /// it was (its establishment event may still be on its way), a relay
+    /// endpoint is withdrawn by the relay, which knows whether it accepted.
+    pub fn withdraw_unused(&mut self, ids: &[u64], reason: &'static str) {
         for id in ids {
-            if self
-                .objects
-                .get(id)
-                .is_some_and(|o| o.state == State::Listening)
-            {
+            let Some(o) = self.objects.get_mut(id) else {
+                continue;
+            };
+            if o.state != State::Listening {
+                continue;
+            }
+            if o.mode == Mode::User {
+                self.relay.push(RelayCmd::Withdraw { owner: *id, reason });
+                continue;
+            }
+            let single = !o.flags.contains(ConnFlags::ALLOW_MULTIPLE);
+            let used = match o.pinhole.take() {
+                Some(key) => match self.maps.take_pinhole(&key) {
+                    Ok(v) => single && v.is_some_and(|v| timers::pinhole_used(&v)),
+                    Err(e) => {
+                        log::warn!("taking the pinhole of {id}: {e:#}");
+                        o.pinhole = Some(key);
+                        false
+                    }
+                },
+                None => false,
+            };
+            if used {
+                // A first packet won it: its flows exist or are being made.
+                log::debug!("connection {id}: in use as its control connection ends; kept");
+                self.timers.at(
+                    sweeper::monotonic_ns() + 1_000_000_000,
+                    timers::Timer::AwaitEstablished(*id, reason),
+                );
+            } else {
                 self.terminate(*id, reason);
             }
         }
@@ -1543,13 +1595,24 @@ impl<M: Maps> Engine<M> {
     /// Removes everything an object holds and raises its terminating event
     /// (once). Children go first.
     fn terminate(&mut self, id: u64, reason: &str) {
+        self.end(id, reason, true)
+    }
+
+    /// Ends a connection whose TCP teardown is done: its ports and quota
+    /// share go now, its flows stay until they are quiet for tcp_closing (the
+    /// last ACK, a retransmitted FIN), owned by no object.
+    fn terminate_keeping_flows(&mut self, id: u64, reason: &str) {
+        self.end(id, reason, false)
+    }
+
+    fn end(&mut self, id: u64, reason: &str, delete_flows: bool) {
         let children: Vec<u64> = self
             .objects
             .get(&id)
             .map(|o| o.children.clone())
             .unwrap_or_default();
         for c in children {
-            self.terminate(c, reason);
+            self.end(c, reason, delete_flows);
         }
         let Some(o) = self.objects.get_mut(&id) else {
             return;
@@ -1557,14 +1620,15 @@ impl<M: Maps> Engine<M> {
         if o.state == State::Terminated {
             return;
         }
-        let was_established = o.state == State::Established;
+        let now = sweeper::monotonic_ns();
         o.state = State::Terminated;
         o.reason = Some(reason.to_string());
-        o.ended_ns = sweeper::monotonic_ns();
-        if was_established {
+        o.ended_ns = now;
+        if std::mem::take(&mut o.counted) {
             let (session, transport) = (o.session, o.transport);
             self.count_established(session, transport, false);
         }
+        self.forget_later(id, now);
         let o = self.objects.get_mut(&id).expect("exists");
         let (pinhole, filter, leases, flows, session) = (
             o.pinhole.take(),
@@ -1573,6 +1637,9 @@ impl<M: Maps> Engine<M> {
             std::mem::take(&mut o.flows),
             o.session,
         );
+        if let Some(conn) = o.relay_conn {
+            self.relay_conns.remove(&conn);
+        }
         if o.mode == Mode::User {
             // Before the leases go: the relay closes the sockets it holds.
             match (o.parent, o.relay_conn) {
@@ -1606,9 +1673,28 @@ impl<M: Maps> Engine<M> {
                 }
             }
         }
-        for k in flows {
-            self.flow_owner.remove(&k);
-            let _ = self.maps.del_flow(&k);
+        // Only flows still its own: a new connection reusing the 5-tuple may
+        // have taken one over.
+        let flows: Vec<FlowKey> = flows
+            .into_iter()
+            .filter(|k| self.flow_owner.get(k) == Some(&id))
+            .collect();
+        for k in &flows {
+            self.flow_owner.remove(k);
+        }
+        if delete_flows {
+            if let Err(e) = self.maps.del_flows(&flows) {
+                log::warn!("removing the flows of {id}: {e:#}");
+            }
+        } else if !flows.is_empty() {
+            let closing = self.cfg.timeouts.tcp_closing.as_nanos() as u64;
+            self.timers.at(
+                now + closing,
+                timers::Timer::Linger {
+                    owner: id,
+                    keys: flows,
+                },
+            );
         }
         for l in leases {
             self.ports.release(&l);
@@ -1761,7 +1847,14 @@ impl<M: Maps> Engine<M> {
         self.next_established += 1;
         let o = self.objects.get_mut(&id).expect("exists");
         o.established_seq = seq;
-        let (session, transport) = (o.session, o.transport);
+        o.counted = true;
+        let (session, transport, flags, mode) = (o.session, o.transport, o.flags, o.mode);
+        if mode == Mode::Kernel {
+            if let Some(idle) = self.idle_timeout(transport, flags) {
+                self.timers
+                    .at(sweeper::monotonic_ns() + idle, timers::Timer::Idle(id));
+            }
+        }
         self.count_established(session, transport, true);
         self.check_quota(session, transport);
         if self.objects[&id].state == State::Terminated {
@@ -1785,8 +1878,11 @@ impl<M: Maps> Engine<M> {
         id
     }
 
-    /// Learns of connections the datapath established.
+    /// Learns of connections the datapath established and closed.
     pub fn on_datapath_event(&mut self, ev: &DatapathEvent) {
+        if ev.kind == event_kind::CLOSING {
+            return self.on_closing(&ev.forward, ev.detail as u8);
+        }
         let owner = ev.owner;
         let Some(o) = self.objects.get(&owner) else {
             log::debug!("datapath event for unknown owner {owner}");
@@ -1818,6 +1914,38 @@ impl<M: Maps> Engine<M> {
         }
     }
 
+    /// A flow saw its first FIN or RST in one direction (`new`: the
+    /// `tcp_seen` bits new on it). The connection stops counting against its
+    /// client's quota at once; when both directions have sent FIN, or either
+    /// a RST, it ends: its ports go, its flows wait out tcp_closing.
+    fn on_closing(&mut self, key: &FlowKey, new: u8) {
+        use firewall_common::flow::tcp_seen;
+        let Some(&id) = self.flow_owner.get(key) else {
+            return;
+        };
+        let Some(o) = self.objects.get_mut(&id) else {
+            return;
+        };
+        if o.state != State::Established {
+            return;
+        }
+        if std::mem::take(&mut o.counted) {
+            let (session, transport) = (o.session, o.transport);
+            self.count_established(session, transport, false);
+            self.check_quota(session, transport);
+        }
+        let o = self.objects.get_mut(&id).expect("exists");
+        if new & tcp_seen::FIN != 0 {
+            if let Some(i) = o.flows.iter().position(|k| k == key) {
+                o.fins |= 1 << i.min(7);
+            }
+        }
+        let both = o.flows.len() >= 2 && o.fins & 0b11 == 0b11;
+        if new & tcp_seen::RST != 0 || both {
+            self.terminate_keeping_flows(id, "closed");
+        }
+    }
+
     /// Learns of connections the user-mode relay made and ended.
     pub fn on_relay_event(&mut self, ev: RelayEvent) {
         match ev {
@@ -1835,21 +1963,21 @@ impl<M: Maps> Engine<M> {
                     self.relay.push(RelayCmd::StopConn { owner, conn });
                     return;
                 }
-                self.connection_made(owner, from, |o| {
+                let id = self.connection_made(owner, from, |o| {
                     o.mode = Mode::User;
                     o.relay_conn = Some(conn);
                     o.relayed = Some(bytes);
                 });
+                self.relay_conns.insert(conn, id);
             }
             RelayEvent::Closed { owner, conn } => {
-                let ended = self
-                    .objects
-                    .iter()
-                    .find(|(id, o)| {
-                        o.relay_conn == Some(conn) && (**id == owner || o.parent == Some(owner))
+                let ended = self.relay_conns.get(&conn).copied().filter(|id| {
+                    self.objects.get(id).is_some_and(|o| {
+                        o.relay_conn == Some(conn) && (*id == owner || o.parent == Some(owner))
                     })
-                    .map(|(id, _)| *id);
+                });
                 if let Some(id) = ended {
+                    self.relay_conns.remove(&conn);
                     let o = self.objects.get_mut(&id).expect("exists");
                     // The relay has closed it already.
                     o.relay_conn = None;
@@ -1873,100 +2001,16 @@ impl<M: Maps> Engine<M> {
                 }
             }
             RelayEvent::Blocked { .. } => self.expired.relay_blocked += 1,
-        }
-    }
-
-    /// Timers: TIMEOUT deadlines, and the flow sweep (idle, TCP teardown),
-    /// ending the connections whose flows are gone.
-    pub fn tick(&mut self, now_ns: u64) -> Result<(), ApiError> {
-        self.forget_ended(now_ns);
-        // Unused pinholes (and user-mode endpoints) past their TIMEOUT deadline.
-        let mut expired: Vec<u64> = Vec::new();
-        for (id, o) in &self.objects {
-            if o.state != State::Listening {
-                continue;
-            }
-            if o.mode == Mode::User {
-                if o.deadline_ns != 0 && now_ns > o.deadline_ns {
-                    expired.push(*id);
-                }
-                continue;
-            }
-
-            if let Some(k) = o.pinhole {
-                if let Some(v) = self.maps.get_pinhole(&k).map_err(internal)? {
-                    if v.deadline_ns != 0 && now_ns > v.deadline_ns && v.uses == 0 {
-                        expired.push(*id);
-                    }
+            RelayEvent::Withdrawn { owner, reason } => {
+                if self
+                    .objects
+                    .get(&owner)
+                    .is_some_and(|o| o.state == State::Listening)
+                {
+                    self.terminate(owner, reason);
                 }
             }
         }
-        for id in expired {
-            self.terminate(id, "timeout");
-            self.expired.pinholes_timed_out += 1;
-        }
-
-        let entries = self.maps.flows().map_err(internal)?;
-        let t = self.cfg.timeouts;
-        let mut gone: Vec<(FlowKey, sweeper::Expiry)> = Vec::new();
-        for (key, why) in sweeper::expired(&entries, now_ns, &t) {
-            // A UDP connection made through a pinhole lives until Kill, unless
-            // it was opened with TIMEOUT (then its own idle time applies).
-            let owned_by = self
-                .flow_owner
-                .get(&key)
-                .and_then(|id| self.objects.get(id));
-            if why == sweeper::Expiry::UdpIdle
-                && owned_by.is_some_and(|o| !o.flags.contains(ConnFlags::TIMEOUT))
-            {
-                continue;
-            }
-            gone.push((key, why));
-        }
-        // UDP connections with TIMEOUT: their own idle time.
-        let by_key: HashMap<FlowKey, &FlowValue> = entries.iter().map(|(k, v)| (*k, v)).collect();
-        for (id, o) in &self.objects {
-            if o.state != State::Established
-                || o.transport != Transport::Udp
-                || !o.flags.contains(ConnFlags::TIMEOUT)
-                || o.flows.is_empty()
-            {
-                continue;
-            }
-            let last = o
-                .flows
-                .iter()
-                .filter_map(|k| by_key.get(k))
-                .map(|v| v.last_seen_ns)
-                .max()
-                .unwrap_or(0);
-            if now_ns.saturating_sub(last) >= t.udp_pinhole_idle.as_nanos() as u64 {
-                for k in &o.flows {
-                    if !gone.iter().any(|(g, _)| g == k) {
-                        gone.push((*k, sweeper::Expiry::UdpIdle));
-                    }
-                }
-                log::debug!("connection {id} idle");
-            }
-        }
-        let mut ended: Vec<u64> = Vec::new();
-        for (key, why) in gone {
-            if self.maps.del_flow(&key).map_err(internal)? {
-                self.expired.add(why);
-            }
-            if let Some(id) = self.flow_owner.remove(&key) {
-                if let Some(o) = self.objects.get_mut(&id) {
-                    o.flows.retain(|k| *k != key);
-                    if o.flows.is_empty() && o.state == State::Established && !ended.contains(&id) {
-                        ended.push(id);
-                    }
-                }
-            }
-        }
-        for id in ended {
-            self.terminate(id, "closed");
-        }
-        Ok(())
     }
 
     // ----- listing -----
@@ -2064,6 +2108,12 @@ pub enum RelayCmd {
         owner: u64,
         conn: u64,
     },
+    /// Stop an endpoint unless it accepted a connection already; the relay
+    /// answers with `RelayEvent::Withdrawn` when it stopped it.
+    Withdraw {
+        owner: u64,
+        reason: &'static str,
+    },
     /// An emulated connection to start.
     Emulate(crate::relay::Emulation),
     /// A client reached its TCP quota (or is below it again).
@@ -2095,6 +2145,9 @@ impl Maps for MemMaps {
         self.pinholes.remove(key);
         Ok(())
     }
+    fn take_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
+        Ok(self.pinholes.remove(key))
+    }
     fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
         Ok(self.pinholes.iter().map(|(k, v)| (*k, *v)).collect())
     }
@@ -2111,6 +2164,12 @@ impl Maps for MemMaps {
     }
     fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
         Ok(self.flows.remove(key).is_some())
+    }
+    fn del_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize> {
+        Ok(keys
+            .iter()
+            .filter(|k| self.flows.remove(k).is_some())
+            .count())
     }
     fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
         Ok(self.flows.iter().map(|(k, v)| (*k, *v)).collect())
@@ -2133,3 +2192,8 @@ impl Maps for MemMaps {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_closing;
+mod timers;
+
+pub use timers::Readings;

@@ -276,6 +276,17 @@ pub struct Control {
     dropping_server: bool,
     /// Pinholes made for this control connection.
     opened: Vec<u64>,
+    /// What it did, for the line logged at its end.
+    tally: Tally,
+}
+
+/// What one control connection did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    active: u32,
+    passive: u32,
+    refused: u32,
+    failed: u32,
 }
 
 impl Control {
@@ -302,6 +313,7 @@ impl Control {
             dropping_client: None,
             dropping_server: false,
             opened: Vec::new(),
+            tally: Tally::default(),
         })
     }
 
@@ -365,6 +377,15 @@ impl Control {
         }
     }
 
+    /// What the connection did, in a few words (for its log line).
+    pub fn summary(&self) -> String {
+        let t = self.tally;
+        format!(
+            "{} active and {} passive data connections opened, {} commands or replies refused, {} openings failed",
+            t.active, t.passive, t.refused, t.failed
+        )
+    }
+
     /// The control connection ended: its pinholes that were not used go.
     pub fn finish(&mut self) {
         if !self.opened.is_empty() {
@@ -420,6 +441,7 @@ impl Control {
 
     /// Answers the client instead of forwarding its command.
     fn refuse(&mut self, verb: &str, bounce: Option<SocketAddrV4>, reply: &str, out: &mut Output) {
+        self.tally.refused += 1;
         if bounce.is_some() {
             self.stats.bounces_refused.fetch_add(1, Relaxed);
         } else {
@@ -436,6 +458,7 @@ impl Control {
     }
 
     fn refuse_reply(&mut self, what: &str, out: &mut Output) {
+        self.tally.refused += 1;
         self.stats.commands_refused.fetch_add(1, Relaxed);
         log::warn!("ftp {} → {}: refused {what}", self.client, self.server);
         out.to_client
@@ -484,8 +507,9 @@ impl Control {
             Ok(r) => {
                 self.replace_unused(r.connections[0].id);
                 self.stats.active_opened.fetch_add(1, Relaxed);
+                self.tally.active += 1;
                 let p = r.proxy_address;
-                log::info!(
+                log::debug!(
                     "ftp {} → {}: {verb} {a} opened as {p}",
                     self.client,
                     self.server
@@ -504,6 +528,7 @@ impl Control {
     /// 227/229: the client will connect to the server at `a`.
     fn passive(&mut self, extended: bool, a: SocketAddrV4, out: &mut Output) {
         if a.ip() != self.server.ip() {
+            self.tally.refused += 1;
             self.stats.bounces_refused.fetch_add(1, Relaxed);
             log::warn!(
                 "ftp {} → {}: refused a passive reply naming {a}",
@@ -539,8 +564,9 @@ impl Control {
             Ok(r) => {
                 self.replace_unused(r.actions[0].id);
                 self.stats.passive_opened.fetch_add(1, Relaxed);
+                self.tally.passive += 1;
                 let i = r.internal_address;
-                log::info!(
+                log::debug!(
                     "ftp {} → {}: passive {a} opened as {i}",
                     self.client,
                     self.server
@@ -557,6 +583,7 @@ impl Control {
     }
 
     fn call_failed(&mut self, what: &str, e: &ApiError, out: &mut Output) {
+        self.tally.failed += 1;
         self.stats.failed_calls.fetch_add(1, Relaxed);
         log::warn!(
             "ftp {} → {}: cannot open the {what}: {e}",

@@ -44,6 +44,16 @@ struct Space {
     transparent: bool,
 }
 
+/// How a reserved port is held in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// By a bound socket where the address is this machine's (so no local
+    /// service takes it); none on addresses answered for transparently.
+    Kernel,
+    /// By a bound socket always: the relay will listen on it.
+    Socket,
+}
+
 pub struct PortPool {
     range: RangeInclusive<u16>,
     /// Reserve in the kernel too (false only in unit tests).
@@ -108,7 +118,7 @@ impl PortPool {
             .map_or(0, |s| s.used.len())
     }
 
-    fn take(&mut self, lease: Lease) -> Result<(), ApiError> {
+    fn take(&mut self, lease: Lease, hold: Hold) -> Result<(), ApiError> {
         let space = self
             .spaces
             .entry((lease.addr, lease.transport))
@@ -116,7 +126,9 @@ impl PortPool {
         if space.used.contains_key(&lease.port) {
             return Err(in_use(&lease, "already used by another pinhole"));
         }
-        let socket = if self.kernel {
+        // An address this machine does not have needs no kernel reservation
+        // (no local service can bind it) unless a socket will use the port.
+        let socket = if self.kernel && (hold == Hold::Socket || !space.transparent) {
             Some(
                 kernel_reserve(&lease, space.transparent).map_err(|e| match e.raw_os_error() {
                     Some(libc::EADDRINUSE) => in_use(&lease, "in use by a local service"),
@@ -124,6 +136,15 @@ impl PortPool {
                         ErrorKind::AddressNotAvailable,
                         format!("{} is not an address of this machine", lease.addr),
                     ),
+                    Some(libc::EMFILE | libc::ENFILE) => {
+                        log::error!(
+                            "out of file descriptors reserving ports: {e} (raise LimitNOFILE)"
+                        );
+                        ApiError::new(
+                            ErrorKind::Exhausted,
+                            format!("out of file descriptors reserving a port: {e}"),
+                        )
+                    }
                     _ => ApiError::new(
                         ErrorKind::Internal,
                         format!(
@@ -142,7 +163,8 @@ impl PortPool {
         Ok(())
     }
 
-    /// Exactly this port.
+    /// Exactly this port (held by a kernel socket where the address is this
+    /// machine's).
     pub fn reserve_exact(
         &mut self,
         addr: Ipv4Addr,
@@ -160,16 +182,29 @@ impl PortPool {
             transport,
             port,
         };
-        self.take(lease)?;
+        self.take(lease, Hold::Kernel)?;
         Ok(lease)
     }
 
-    /// N consecutive ports from the pool whose lowest is a multiple of N; all or nothing.
+    /// N consecutive ports from the pool whose lowest is a multiple of N; all
+    /// or nothing. Held in the kernel where the address is this machine's.
     pub fn reserve_block(
         &mut self,
         addr: Ipv4Addr,
         transport: Transport,
         n: u16,
+    ) -> Result<Vec<Lease>, ApiError> {
+        self.reserve_block_held(addr, transport, n, Hold::Kernel)
+    }
+
+    /// `reserve_block`, with a socket for each port also on an address the
+    /// firewall answers for transparently (a relay will listen on it).
+    pub fn reserve_block_held(
+        &mut self,
+        addr: Ipv4Addr,
+        transport: Transport,
+        n: u16,
+        hold: Hold,
     ) -> Result<Vec<Lease>, ApiError> {
         if n == 0 {
             return Err(ApiError::new(
@@ -204,7 +239,7 @@ impl PortPool {
                     transport,
                     port: p as u16,
                 };
-                match self.take(lease) {
+                match self.take(lease, hold) {
                     Ok(()) => taken.push(lease),
                     Err(e) if e.kind == ErrorKind::AddressInUse => break,
                     Err(e) => {

@@ -24,7 +24,7 @@ use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{unix::AsyncFd, Interest, Ready},
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
@@ -104,7 +104,7 @@ impl LocalDelivery {
 
 /// The listener the TC program hands intercepted SYNs to: loopback, any
 /// port, transparent (its connections answer from the servers' addresses).
-pub fn listener() -> anyhow::Result<(TcpListener, SocketAddrV4)> {
+pub fn listener() -> anyhow::Result<(std::net::TcpListener, SocketAddrV4)> {
     let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     s.set_ip_transparent(true)
         .context("IP_TRANSPARENT on the interception listener (needs CAP_NET_ADMIN)")?;
@@ -115,7 +115,59 @@ pub fn listener() -> anyhow::Result<(TcpListener, SocketAddrV4)> {
         .local_addr()?
         .as_socket_ipv4()
         .context("the interception listener has no IPv4 address")?;
-    Ok((TcpListener::from_std(s.into())?, addr))
+    Ok((s.into(), addr))
+}
+
+/// The proxy of intercepted control connections, on a thread of its own
+/// with a single-threaded runtime: a control connection is a ping-pong of
+/// short lines, and on one thread each exchange costs one wake-up instead
+/// of hand-offs between worker threads (measured: most of a session's cost).
+pub struct Proxy {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn start(listener: std::net::TcpListener, ctx: Arc<Interception>) -> anyhow::Result<Self> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("the interception's runtime")?;
+        let thread = std::thread::Builder::new()
+            .name("ftp-proxy".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            log::error!("interception listener: {e}");
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        _ = serve(listener, ctx) => {}
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime ends every control connection's task.
+            })
+            .context("starting the interception thread")?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting and ends the control connections.
+    pub fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// What intercepted connections need.
@@ -131,9 +183,14 @@ pub struct Interception {
 
 /// Accepts intercepted connections until the task is aborted.
 pub async fn serve(listener: TcpListener, ctx: Arc<Interception>) {
+    let mut spare = Spare::new();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
+            Err(e) if out_of_descriptors(&e) => {
+                spare.refuse(&listener).await;
+                continue;
+            }
             Err(e) => {
                 log::warn!("interception accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -158,51 +215,189 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Interception>) {
     }
 }
 
-/// Reads what is queued beyond an urgent mark. A read stops at the mark
-/// (urgent data read in line), and tokio takes a short read for a drained
-/// socket and waits for the next edge, which never comes for bytes already
-/// queued: ABOR (urgent data) would wait until the client sent more.
-fn read_past_urgent_mark(stream: &TcpStream, buf: &mut [u8]) -> Vec<Vec<u8>> {
-    use std::io::Read as _;
-    let sock = SockRef::from(stream);
-    let mut out = Vec::new();
-    // A mark per ABOR: a handful at most.
-    for _ in 0..8 {
-        match (&*sock).read(buf) {
-            Ok(n) if n > 0 => out.push(buf[..n].to_vec()),
-            _ => break,
-        }
-    }
-    out
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-/// Writes `data`, the byte at `urgent_at` as TCP urgent data.
-async fn send(
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
-    data: &[u8],
-    urgent_at: Option<usize>,
-) -> std::io::Result<()> {
-    let Some(at) = urgent_at.filter(|i| *i < data.len()) else {
-        return w.write_all(data).await;
-    };
-    w.write_all(&data[..at]).await?;
-    loop {
-        // MSG_OOB marks the last byte sent as urgent.
-        match SockRef::from(w.as_ref()).send_out_of_band(&data[at..=at]) {
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                w.as_ref().writable().await?;
+/// Told to a client whose control connection the firewall cannot carry.
+const TOO_MANY: &[u8] = b"421 Too many connections through the firewall, try again later.\r\n";
+
+/// A descriptor kept in reserve: out of descriptors, the listener's pending
+/// connections could not even be accepted, and their clients would wait for
+/// a banner forever. Given up for a moment, it lets each be told 421.
+struct Spare {
+    file: Option<std::fs::File>,
+    logged: Option<std::time::Instant>,
+}
+
+impl Spare {
+    fn new() -> Self {
+        Self {
+            file: std::fs::File::open("/dev/null").ok(),
+            logged: None,
+        }
+    }
+
+    async fn refuse(&mut self, listener: &TcpListener) {
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.logged = Some(std::time::Instant::now());
+            log::error!(
+                "out of file descriptors: intercepted FTP connections are refused with 421 (raise the open-files limit, LimitNOFILE)"
+            );
+        }
+        self.file = None;
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.try_write(TOO_MANY);
             }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+        self.file = std::fs::File::open("/dev/null").ok();
+    }
+}
+
+/// The client's side of a control connection. Registered for urgent data
+/// too (EPOLLPRI): ABOR comes as TCP urgent data, read in line, and a read
+/// stops at the urgent mark; the kernel's signal says when to read on past
+/// it, so no read is spent otherwise to learn that the socket is drained.
+struct ClientSide(AsyncFd<std::net::TcpStream>);
+
+impl ClientSide {
+    fn new(stream: TcpStream) -> std::io::Result<Self> {
+        let stream = stream.into_std()?;
+        // ABOR comes as urgent data (ftplib sends the whole command so).
+        SockRef::from(&stream).set_out_of_band_inline(true)?;
+        // SAFETY: the AsyncFd owns the stream, so its fd stays open and the
+        // same for as long as the AsyncFd lives.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                stream,
+                Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
+            )
+        };
+        Ok(Self(fd.map_err(|e| e.into_parts().1)?))
+    }
+
+    /// What arrived: Ok(None) when there was nothing after all, an empty
+    /// vector at the end of the stream.
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<Option<Vec<u8>>> {
+        use std::io::Read as _;
+        let mut guard = self
+            .0
+            .ready(Interest::READABLE | Interest::PRIORITY)
+            .await?;
+        let urgent = guard.ready().is_priority();
+        let mut out = Vec::new();
+        // One read, and more only past an urgent mark (a handful at most).
+        for _ in 0..if urgent { 8 } else { 1 } {
+            match self.0.get_ref().read(buf) {
+                Ok(0) if out.is_empty() => return Ok(Some(out)),
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if n == buf.len() {
+                        // More may be there: stay ready.
+                        return Ok(Some(out));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // Short: drained (reads stop at an urgent mark, hence the loop above).
+        guard.clear_ready_matching(Ready::READABLE | Ready::PRIORITY);
+        Ok((!out.is_empty()).then_some(out))
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        while !data.is_empty() {
+            let mut guard = self.0.writable().await?;
+            match guard.try_io(|s| s.get_ref().write(data)) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    fn try_write(&self, data: &[u8]) {
+        use std::io::Write as _;
+        let _ = self.0.get_ref().write(data);
+    }
+
+    fn sock(&self) -> SockRef<'_> {
+        SockRef::from(self.0.get_ref())
+    }
+}
+
+/// Writes all of `data`, waiting when the socket's buffer is full.
+async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
             Err(e) => return Err(e),
         }
     }
-    w.write_all(&data[at + 1..]).await
+    Ok(())
+}
+
+/// One read of what `stream` has: Ok(None) when there is nothing after all,
+/// Ok(Some(0)) at the end of the stream. A short read clears the socket's
+/// readiness, as tokio's own reads do, so no second call is spent to learn
+/// that it is drained.
+fn read_once(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    use std::io::Read as _;
+    let mut got = 0;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(stream)).read(buf)?;
+        got = n;
+        if n > 0 && n < buf.len() {
+            // Drained: wait for the next edge.
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(Some(got)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `data`, the byte at `urgent_at` as TCP urgent data.
+async fn send(stream: &TcpStream, data: &[u8], urgent_at: Option<usize>) -> std::io::Result<()> {
+    let Some(at) = urgent_at.filter(|i| *i < data.len()) else {
+        return write_all(stream, data).await;
+    };
+    write_all(stream, &data[..at]).await?;
+    loop {
+        // MSG_OOB marks the last byte sent as urgent.
+        match SockRef::from(stream).send_out_of_band(&data[at..=at]) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    write_all(stream, &data[at + 1..]).await
 }
 
 /// Ends a connection with a reset, as an unreachable server would.
-fn reset(stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+fn reset(sock: SockRef<'_>) {
+    let _ = sock.set_linger(Some(Duration::ZERO));
 }
+
+fn shutdown_write(sock: SockRef<'_>) {
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
+/// Control lines are short: a small buffer per side (a line longer than
+/// the filter's limit is refused anyway).
+const CONTROL_BUFFER: usize = 4096;
 
 async fn ftp_control(
     client_stream: TcpStream,
@@ -210,6 +405,8 @@ async fn ftp_control(
     server: SocketAddrV4,
     ctx: &Interception,
 ) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let client_side = ClientSide::new(client_stream)?;
     let mut control = match Control::new(
         ctx.api.clone(),
         ctx.stats.clone(),
@@ -224,71 +421,82 @@ async fn ftp_control(
     ) {
         Ok(c) => c,
         Err(e) => {
-            reset(&client_stream);
+            reset(client_side.sock());
             bail!("not filtered: {e}");
         }
     };
-    // ABOR comes as urgent data (ftplib sends the whole command so): read it in line.
-    SockRef::from(&client_stream).set_out_of_band_inline(true)?;
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(ctx.external.into(), 0))?;
-    let server_stream =
-        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(server.into())).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                reset(&client_stream);
-                bail!("connecting to the server: {e}");
-            }
-            Err(_) => {
-                reset(&client_stream);
-                bail!("connecting to the server: no answer in {CONNECT_TIMEOUT:?}");
-            }
-        };
-    log::info!(
-        "ftp {client} → {server}: intercepted, connected from {}",
-        server_stream.local_addr()?
-    );
-    for s in [&client_stream, &server_stream] {
-        let _ = s.set_nodelay(true);
-        let _ = SockRef::from(s).set_keepalive(true);
-    }
-    let (mut cr, mut cw) = client_stream.into_split();
-    let (mut sr, mut sw) = server_stream.into_split();
-    let (mut cbuf, mut sbuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let server_stream = match connect_server(ctx.external, server).await {
+        Ok(s) => s,
+        Err(e) if out_of_descriptors(&e) => {
+            log::error!("ftp {client} → {server}: out of file descriptors: refused with 421");
+            client_side.try_write(TOO_MANY);
+            bail!("connecting to the server: {e}");
+        }
+        Err(e) => {
+            reset(client_side.sock());
+            bail!("connecting to the server: {e}");
+        }
+    };
+    log::debug!("ftp {client} → {server}: intercepted");
+    let _ = server_stream.set_nodelay(true);
+    let _ = client_side.sock().set_nodelay(true);
+    let _ = SockRef::from(&server_stream).set_keepalive(true);
+    let _ = client_side.sock().set_keepalive(true);
+    let (c, s) = (&client_side, &server_stream);
+    let mut buf = [0u8; CONTROL_BUFFER];
+    let mut sbuf = [0u8; CONTROL_BUFFER];
     let (mut client_open, mut server_open) = (true, true);
+    let mut outcome = "closed";
     while client_open || server_open {
         let mut out = Output::default();
         tokio::select! {
-            r = cr.read(&mut cbuf), if client_open => match r {
-                Ok(n) if n > 0 => {
-                    control.client_data(&cbuf[..n], &mut out);
-                    for more in read_past_urgent_mark(cr.as_ref(), &mut cbuf) {
-                        control.client_data(&more, &mut out);
-                    }
-                }
+            got = c.read(&mut buf), if client_open => match got {
+                Ok(None) => {}
+                Ok(Some(data)) if !data.is_empty() => control.client_data(&data, &mut out),
                 _ => {
                     client_open = false;
-                    let _ = sw.shutdown().await;
+                    shutdown_write(SockRef::from(s));
                 }
             },
-            r = sr.read(&mut sbuf), if server_open => match r {
-                Ok(n) if n > 0 => control.server_data(&sbuf[..n], &mut out),
-                _ => {
-                    server_open = false;
-                    let _ = cw.shutdown().await;
+            ready = s.ready(Interest::READABLE), if server_open => {
+                match ready.and_then(|_| read_once(s, &mut sbuf)) {
+                    Ok(None) => {}
+                    Ok(Some(n)) if n > 0 => control.server_data(&sbuf[..n], &mut out),
+                    _ => {
+                        server_open = false;
+                        shutdown_write(c.sock());
+                    }
                 }
             },
         }
         // A side that cannot take what is due ends the connection.
-        if !out.to_server.is_empty() && send(&mut sw, &out.to_server, out.urgent_at).await.is_err()
-        {
+        if !out.to_server.is_empty() && send(s, &out.to_server, out.urgent_at).await.is_err() {
+            outcome = "the server stopped taking data";
             break;
         }
-        if !out.to_client.is_empty() && cw.write_all(&out.to_client).await.is_err() {
+        if !out.to_client.is_empty() && c.write_all(&out.to_client).await.is_err() {
+            outcome = "the client stopped taking data";
             break;
         }
     }
     control.finish();
-    log::info!("ftp {client} → {server}: control connection ended");
+    log::info!(
+        "ftp {client} → {server}: {outcome} after {:.1} s; {}",
+        started.elapsed().as_secs_f64(),
+        control.summary()
+    );
     Ok(())
+}
+
+/// Connects to the server from the firewall's external address.
+async fn connect_server(from: Ipv4Addr, server: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.into(), 0))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(server.into())).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer in {CONNECT_TIMEOUT:?}"),
+        )),
+    }
 }

@@ -144,6 +144,11 @@ pub enum RelayEvent {
         conn: u64,
         reason: String,
     },
+    /// An unused endpoint was withdrawn (`RelayCmd::Withdraw`).
+    Withdrawn {
+        owner: u64,
+        reason: &'static str,
+    },
     /// A connection attempt that was turned away (logged and counted).
     Refused {
         owner: u64,
@@ -155,6 +160,8 @@ pub enum RelayEvent {
 struct Endpoint {
     task: AbortHandle,
     target: watch::Sender<Option<SocketAddrV4>>,
+    /// A connection came through it (what `withdraw` must not undo).
+    used: bool,
 }
 
 #[derive(Default)]
@@ -266,6 +273,7 @@ impl Relay {
             Endpoint {
                 task: task.abort_handle(),
                 target: target_tx,
+                used: false,
             },
         );
         Ok(())
@@ -394,6 +402,33 @@ impl Relay {
         }
     }
 
+    /// Stops an endpoint that no connection came through yet, and reports it
+    /// withdrawn; one that was used is left to its connection. Atomic with
+    /// `claim`, so a connection being accepted is never cut off.
+    pub fn withdraw(&self, owner: u64, reason: &'static str) {
+        let mut t = self.tasks();
+        if t.endpoints.get(&owner).is_some_and(|e| e.used) {
+            return;
+        }
+        if let Some(e) = t.endpoints.remove(&owner) {
+            e.task.abort();
+        }
+        drop(t);
+        self.send(RelayEvent::Withdrawn { owner, reason });
+    }
+
+    /// Marks an endpoint used by a connection it admits; false when it was
+    /// withdrawn meanwhile (the connection is refused).
+    fn claim(&self, owner: u64) -> bool {
+        match self.tasks().endpoints.get_mut(&owner) {
+            Some(e) => {
+                e.used = true;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops one connection.
     pub fn stop_conn(&self, owner: u64, conn: u64) {
         if let Some(a) = self.tasks().conns.remove(&(owner, conn)) {
@@ -455,6 +490,10 @@ impl Relay {
                 reset(SockRef::from(&peer));
                 self.refuse(owner, from, "the client is at its connection quota");
                 continue;
+            }
+            if !self.claim(owner) {
+                reset(SockRef::from(&peer));
+                return;
             }
             // The accept (bind) or connect (redirect) event: filters may abort
             // the connection or attach data filters to it.
@@ -674,6 +713,9 @@ impl Relay {
                     continue;
                 }
             };
+            if !self.claim(owner) {
+                return;
+            }
             used = true;
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let chain = (!filters.is_empty() || !attached.is_empty()).then(|| {

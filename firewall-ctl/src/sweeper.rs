@@ -110,6 +110,21 @@ pub fn expired(
     out
 }
 
+/// The reply keys of closing TCP entries of `batch` whose pair is not in it
+/// (a batch of the table can split a pair): read them too, so that both
+/// directions are judged together.
+pub fn missing_peers(batch: &[(FlowKey, FlowValue)]) -> Vec<FlowKey> {
+    let have: std::collections::HashSet<FlowKey> = batch.iter().map(|(k, _)| *k).collect();
+    batch
+        .iter()
+        .filter(|(k, v)| {
+            k.protocol == IPPROTO_TCP && v.tcp_flags_seen & (tcp_seen::FIN | tcp_seen::RST) != 0
+        })
+        .map(|(k, v)| reply_key(k, v))
+        .filter(|r| !have.contains(r))
+        .collect()
+}
+
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_coarse_ns`.
 pub fn monotonic_ns() -> u64 {
     let ts =

@@ -15,10 +15,22 @@ static EVENTS: RingBuf<DatapathEvent, { 256 * 1024 }> = RingBuf::new();
 /// of a connection's first packet).
 #[inline(always)]
 pub fn emit(kind: u32, owner: u64, forward: &FlowKey, reply: &FlowKey, pinhole: &PinholeKey) {
+    emit_detail(kind, 0, owner, forward, reply, pinhole)
+}
+
+#[inline(always)]
+fn emit_detail(
+    kind: u32,
+    detail: u32,
+    owner: u64,
+    forward: &FlowKey,
+    reply: &FlowKey,
+    pinhole: &PinholeKey,
+) {
     if let Some(mut e) = EVENTS.reserve(0) {
         e.write(DatapathEvent {
             kind,
-            _pad: 0,
+            detail,
             owner,
             forward: *forward,
             reply: *reply,
@@ -38,6 +50,22 @@ pub fn need_neighbour(ifindex: u32, next_hop: [u8; 4]) {
         event_kind::NEED_NEIGHBOUR,
         ifindex as u64,
         &k,
+        &FlowKey::default(),
+        &PinholeKey::default(),
+    );
+}
+
+/// Tells the control plane that a flow saw its first FIN or RST in this
+/// direction (`new` holds the `tcp_seen` bits new on it): the connection no
+/// longer counts against its client's quota, and once both directions are
+/// done its ports are released (the flows stay until they are quiet).
+#[inline(always)]
+pub fn closing(owner: u64, key: &FlowKey, new: u8) {
+    emit_detail(
+        event_kind::CLOSING,
+        new as u32,
+        owner,
+        key,
         &FlowKey::default(),
         &PinholeKey::default(),
     );

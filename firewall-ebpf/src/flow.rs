@@ -3,7 +3,9 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
-use firewall_common::flow::{FlowKey, FlowValue};
+use firewall_common::flow::{tcp_seen, FlowKey, FlowValue};
+
+use crate::events;
 
 /// Default size; the control plane sets the real one from its config at load time.
 pub const DEFAULT_FLOWS: usize = 262_144;
@@ -18,18 +20,33 @@ pub fn lookup(key: &FlowKey) -> Option<*mut FlowValue> {
 
 /// Accounts a forwarded packet on its flow entry, which all CPUs share.
 #[inline(always)]
-pub fn account(flow: *mut FlowValue, bytes: u64, tcp_flags: u8, now_ns: u64) {
-    unsafe {
+pub fn account(flow: *mut FlowValue, key: &FlowKey, bytes: u64, tcp_flags: u8, now_ns: u64) {
+    // SAFETY: `flow` points into a FLOWS entry found or created for this
+    // packet; BPF map values stay valid for the program's run.
+    let (seen, owner) = unsafe {
         // BPF_ATOMIC add: core's AtomicU64 has no fetch_add on the bpf target.
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*flow).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*flow).bytes, bytes);
         (*flow).last_seen_ns = now_ns;
-        // Flags only accumulate; skip the store (and the cache-line write) when nothing is new.
-        let seen = (*flow).tcp_flags_seen;
-        if seen | tcp_flags != seen {
-            (*flow).tcp_flags_seen = seen | tcp_flags;
+        ((*flow).tcp_flags_seen, (*flow).owner)
+    };
+    // Flags only accumulate; skip the store (and the cache-line write) when nothing is new.
+    let new = tcp_flags & !seen;
+    if new != 0 {
+        // SAFETY: as above.
+        unsafe { (*flow).tcp_flags_seen = seen | tcp_flags };
+        if new & (tcp_seen::FIN | tcp_seen::RST) != 0 && owner != 0 {
+            events::closing(owner, key, new);
         }
     }
+}
+
+/// Whether this direction of the flow has ended (FIN or RST seen): a SYN
+/// that hits it opens a new connection, not the old one.
+#[inline(always)]
+pub fn ended(flow: *mut FlowValue) -> bool {
+    // SAFETY: as in `account`.
+    unsafe { (*flow).tcp_flags_seen & (tcp_seen::FIN | tcp_seen::RST) != 0 }
 }
 
 /// Creates or replaces an entry (the datapath does so for pinholes).

@@ -11,17 +11,17 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_tuple, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_sock, bpf_sock_tuple, sk_action::SK_PASS, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_CURRENT_NETNS, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
     },
-    btf_maps::{Array, HashMap},
-    helpers::generated::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    btf_maps::{Array, HashMap, LruHashMap, SockMap},
+    helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
-    programs::TcContext,
+    programs::{SkLookupContext, TcContext},
     EbpfContext as _,
 };
 use firewall_common::{
-    intercept::{InterceptConf, InterceptKey, InterceptValue},
+    intercept::{InterceptConf, InterceptKey, InterceptTuple, InterceptValue},
     stats::Counter,
     IPPROTO_TCP,
 };
@@ -68,9 +68,15 @@ pub fn process(ctx: &TcContext) -> i32 {
         )
     } as *mut bpf_sock;
     if !sk.is_null() {
-        let bound = unsafe { (*sk).src_ip4 };
+        // SAFETY: a socket the lookup returned, released right after reading.
+        let (bound, state) = unsafe { ((*sk).src_ip4, (*sk).state) };
         unsafe { bpf_sk_release(sk as *mut _) };
-        if bound == u32::from_ne_bytes(k.dst_addr) {
+        // A SYN that meets a TIME_WAIT socket of an intercepted connection
+        // (the client reuses its port) opens a new one: it is intercepted
+        // like any, and the kernel retires the TIME_WAIT socket when the
+        // listener lookup gives it our listener, as with netfilter's TPROXY.
+        let reopening = pkt.syn_only && state == BPF_TCP_TIME_WAIT;
+        if bound == u32::from_ne_bytes(k.dst_addr) && !reopening {
             ctx.set_mark(mark);
             stats::count(Counter::PassTransparent, len);
             return TC_ACT_OK as i32;
@@ -87,6 +93,8 @@ pub fn process(ctx: &TcContext) -> i32 {
         // Local destinations, or routes elsewhere: not a connection through the firewall.
         return TC_ACT_OK as i32;
     }
+    // The daemon's listener must be there to take it: without it the
+    // connection cannot be filtered, and it is dropped (fail closed).
     let mut listener = tuple4(
         k.src_addr,
         k.src_port,
@@ -103,19 +111,69 @@ pub fn process(ctx: &TcContext) -> i32 {
         )
     } as *mut bpf_sock;
     if lsk.is_null() {
-        // Fail closed: without the daemon the connection cannot be filtered.
         stats::count(Counter::DropNoInterceptor, len);
         return TC_ACT_SHOT as i32;
     }
-    let rc = unsafe { bpf_sk_assign(ctx.as_ptr() as *mut _, lsk as *mut _, 0) };
+    // SAFETY: the socket the lookup returned.
     unsafe { bpf_sk_release(lsk as *mut _) };
-    if rc != 0 {
+    // Recorded for the listener lookup (`sk_lookup`), which the marked SYN
+    // meets once policy routing has delivered it locally.
+    let syn = InterceptTuple {
+        client_addr: k.src_addr,
+        server_addr: k.dst_addr,
+        client_port: k.src_port,
+        server_port: k.dst_port,
+    };
+    if INTERCEPTING.insert(&syn, &1, 0).is_err() {
         stats::count(Counter::DropNoInterceptor, len);
         return TC_ACT_SHOT as i32;
     }
     ctx.set_mark(mark);
     stats::count(Counter::PassIntercepted, len);
     TC_ACT_OK as i32
+}
+
+/// SYNs the TC program decided to intercept, waiting for their listener
+/// lookup (an entry per SYN; retransmissions record it again).
+#[btf_map]
+static INTERCEPTING: LruHashMap<InterceptTuple, u32, 16_384> = LruHashMap::new();
+
+/// The daemon's interception listener, at index 0.
+#[btf_map]
+static INTERCEPT_LISTENER: SockMap<1> = SockMap::new();
+
+/// sk_lookup: the listener of a recorded SYN is the daemon's. Everything
+/// else is left to the kernel's own lookup.
+#[inline(always)]
+pub fn lookup(ctx: &SkLookupContext) -> u32 {
+    // SAFETY: the context the kernel passed; these fields are readable.
+    let (protocol, remote, local, rport, lport) = unsafe {
+        let l = &*ctx.lookup;
+        (
+            l.protocol,
+            l.remote_ip4,
+            l.local_ip4,
+            l.remote_port,
+            l.local_port,
+        )
+    };
+    if protocol != IPPROTO_TCP as u32 {
+        return SK_PASS;
+    }
+    let syn = InterceptTuple {
+        client_addr: remote.to_ne_bytes(),
+        server_addr: local.to_ne_bytes(),
+        client_port: u16::from_be(rport),
+        server_port: lport as u16,
+    };
+    if unsafe { INTERCEPTING.get(&syn) }.is_none() {
+        return SK_PASS;
+    }
+    let _ = INTERCEPTING.remove(&syn);
+    // No listener (the daemon is going): the kernel's lookup finds none and
+    // the client gets a reset.
+    let _ = INTERCEPT_LISTENER.redirect_sk_lookup(ctx, 0, 0);
+    SK_PASS
 }
 
 /// A socket-lookup tuple (addresses as in the packet, ports in host order).

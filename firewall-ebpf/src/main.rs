@@ -21,8 +21,8 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_redirect},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, sk_lookup, xdp},
+    programs::{SkLookupContext, TcContext, XdpContext},
 };
 use hook::Hook;
 
@@ -49,6 +49,13 @@ pub fn xdp_external(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_internal(ctx: TcContext) -> i32 {
     intercept::process(&ctx)
+}
+
+/// The listener lookup of the firewall's network namespace: intercepted
+/// SYNs go to the daemon's listener (see `intercept`).
+#[sk_lookup]
+pub fn sk_lookup_intercept(ctx: SkLookupContext) -> u32 {
+    intercept::lookup(&ctx)
 }
 
 /// The datapath at tcx ingress instead of XDP (`--xdp-mode tc`), internal side.
@@ -116,12 +123,18 @@ fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
         Ok(p) => p,
         Err(c) => return c.into(),
     };
-    // An existing flow first; otherwise a pinhole may create one.
-    let (flow_ptr, counter) = match flow::lookup(&pkt.key) {
-        Some(f) => (f, Counter::Redirected),
-        None => match pinhole::admit(&pkt, side) {
-            Ok(f) => (f, Counter::PinholeEstablished),
-            Err(c) => return c.into(),
+    // An existing flow first; otherwise a pinhole may create one. A SYN on a
+    // flow that has ended is a new connection reusing the 5-tuple (its ports
+    // were released at close while the old flows wait out their closing
+    // time): a pinhole opened for it wins over the old translation.
+    let found = flow::lookup(&pkt.key);
+    let (flow_ptr, counter) = match found {
+        Some(f) if !(pkt.syn_only && flow::ended(f)) => (f, Counter::Redirected),
+        _ => match (pinhole::admit(&pkt, side), found) {
+            (Ok(f), _) => (f, Counter::PinholeEstablished),
+            // No pinhole for it: the old flow goes on as before.
+            (Err(Counter::PassNoFlow), Some(old)) => (old, Counter::Redirected),
+            (Err(c), _) => return c.into(),
         },
     };
     if pkt.vlan_tagged || ctx.vlan_offloaded() {
@@ -158,7 +171,7 @@ fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     if let Err(c) = ctx.set_macs(&pkt, &hop) {
         return c.into();
     }
-    flow::account(flow_ptr, ctx.len(), pkt.tcp_flags, now);
+    flow::account(flow_ptr, &pkt.key, ctx.len(), pkt.tcp_flags, now);
     Outcome {
         counter,
         ifindex: hop.ifindex,

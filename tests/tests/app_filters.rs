@@ -158,6 +158,7 @@ fn run_relay_cmds(engine: &Shared, relay: &Relay) {
             RelayCmd::ClientBusy { client, busy } => relay.set_client_busy(client, busy),
             RelayCmd::Emulate(job) => relay.emulate(job),
             RelayCmd::StopConn { owner, conn } => relay.stop_conn(owner, conn),
+            RelayCmd::Withdraw { owner, reason } => relay.withdraw(owner, reason),
         }
     }
 }

@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use super::*;
 
-const CLIENT: &str = "10.1.0.2";
-const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
-const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+pub(super) const CLIENT: &str = "10.1.0.2";
+pub(super) const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+pub(super) const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
-fn cfg() -> EngineConfig {
+pub(super) fn cfg() -> EngineConfig {
     EngineConfig {
         internal_addrs: vec![INT],
         external_addrs: vec![EXT],
@@ -35,21 +35,24 @@ fn cfg() -> EngineConfig {
     }
 }
 
-fn engine_with(cfg: EngineConfig, range: std::ops::RangeInclusive<u16>) -> (Engine<MemMaps>, u64) {
+pub(super) fn engine_with(
+    cfg: EngineConfig,
+    range: std::ops::RangeInclusive<u16>,
+) -> (Engine<MemMaps>, u64) {
     let mut e = Engine::new(cfg, MemMaps::default(), PortPool::new(range, false)).unwrap();
     let s = e.open_session(CLIENT.parse().unwrap()).unwrap();
     (e, s)
 }
 
-fn engine() -> (Engine<MemMaps>, u64) {
+pub(super) fn engine() -> (Engine<MemMaps>, u64) {
     engine_with(cfg(), 20000..=20999)
 }
 
-fn a(s: &str) -> SocketAddrV4 {
+pub(super) fn a(s: &str) -> SocketAddrV4 {
     s.parse().unwrap()
 }
 
-fn bind(session: u64, clients: &[&str]) -> BindRequest {
+pub(super) fn bind(session: u64, clients: &[&str]) -> BindRequest {
     BindRequest {
         session,
         clients: clients.iter().map(|c| a(c)).collect(),
@@ -64,7 +67,7 @@ fn bind(session: u64, clients: &[&str]) -> BindRequest {
     }
 }
 
-fn redirect(session: u64, connects: &[&str]) -> RedirectRequest {
+pub(super) fn redirect(session: u64, connects: &[&str]) -> RedirectRequest {
     RedirectRequest {
         session,
         connects: connects.iter().map(|c| a(c)).collect(),
@@ -78,12 +81,12 @@ fn redirect(session: u64, connects: &[&str]) -> RedirectRequest {
     }
 }
 
-fn kind(r: Result<impl std::fmt::Debug, ApiError>) -> ErrorKind {
+pub(super) fn kind(r: Result<impl std::fmt::Debug, ApiError>) -> ErrorKind {
     r.expect_err("should fail").kind
 }
 
 /// Nothing reserved, written or created.
-fn assert_clean(e: &Engine<MemMaps>) {
+pub(super) fn assert_clean(e: &Engine<MemMaps>) {
     assert!(
         e.maps.pinholes.is_empty(),
         "pinholes left: {:?}",
@@ -101,11 +104,27 @@ fn assert_clean(e: &Engine<MemMaps>) {
     );
 }
 
-fn established(e: &mut Engine<MemMaps>, id: u64, peer: &str, peer_port: u16) -> (FlowKey, FlowKey) {
-    // What the datapath does on the first packet: two flow entries and an event.
-    let o = &e.objects[&id];
-    let k = o.pinhole.unwrap();
+pub(super) fn established(
+    e: &mut Engine<MemMaps>,
+    id: u64,
+    peer: &str,
+    peer_port: u16,
+) -> (FlowKey, FlowKey) {
+    let k = e.objects[&id].pinhole.unwrap();
     let v = e.maps.pinholes[&k];
+    established_through(e, id, k, v, peer, peer_port)
+}
+
+/// What the datapath does on the first packet through pinhole `k` (value
+/// `v`): two flow entries and an event.
+pub(super) fn established_through(
+    e: &mut Engine<MemMaps>,
+    id: u64,
+    k: PinholeKey,
+    v: PinholeValue,
+    peer: &str,
+    peer_port: u16,
+) -> (FlowKey, FlowKey) {
     let proto = k.protocol;
     let pip: Ipv4Addr = peer.parse().unwrap();
     let forward = FlowKey::new(proto, pip.octets(), peer_port, k.addr, k.port);

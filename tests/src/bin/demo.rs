@@ -141,6 +141,12 @@ fn run() -> anyhow::Result<()> {
             addr::IF_EXTERNAL
         ),
     );
+    // The FTP filter logs each rewrite at debug level (one info line per
+    // control connection): the demo shows them.
+    std::env::set_var(
+        "FIREWALL_TEST_LOG",
+        "info,firewall_ctl::ftp=debug,firewall_ctl::primary=debug",
+    );
     let fw = Firewall::up(&lab, &[])?;
     for l in lab
         .fw
