@@ -200,7 +200,13 @@ pub const DEFAULT_PINHOLE_TABLE_SIZE: u32 = 65_536;
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=59999;
 pub const DEFAULT_SNAT_BLOCK: u16 = 64;
 /// ISA Server 2004's per-client connection limit (KB 838706).
-pub const DEFAULT_CLIENT_QUOTA: u32 = 160;
+/// Concurrent live secondary connections per client and transport. ISA
+/// Server 2004 had 160; counting only live connections (a connection stops
+/// counting at its first FIN or RST), 1024 is beyond what one busy host
+/// opens at once (a build server mirroring in parallel, a PBX with hundreds
+/// of calls' media, a NAT gateway behind one address), and one abusive host
+/// at its quota holds under 1 % of the default flow table.
+pub const DEFAULT_CLIENT_QUOTA: u32 = 1024;
 const FLOW_TABLE_RANGE: RangeInclusive<u64> = 1024..=16_777_216;
 const PINHOLE_TABLE_RANGE: RangeInclusive<u64> = 64..=16_777_216;
 const TIMEOUT_RANGE: RangeInclusive<u64> = 1..=604_800;

@@ -24,7 +24,10 @@ use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
-    io::{unix::AsyncFd, Interest, Ready},
+    io::{
+        unix::{AsyncFd, AsyncFdReadyGuard},
+        Interest, Ready,
+    },
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
@@ -281,25 +284,26 @@ impl ClientSide {
         Ok(Self(fd.map_err(|e| e.into_parts().1)?))
     }
 
-    /// What arrived: Ok(None) when there was nothing after all, an empty
-    /// vector at the end of the stream.
-    async fn read(&self, buf: &mut [u8]) -> std::io::Result<Option<Vec<u8>>> {
+    /// Reads what arrived into `buf` once the socket is `ready`: the length
+    /// read, 0 at the end of the stream, None when there was nothing after all.
+    fn read_ready(
+        &self,
+        ready: &mut AsyncFdReadyGuard<'_, std::net::TcpStream>,
+        buf: &mut [u8],
+    ) -> std::io::Result<Option<usize>> {
         use std::io::Read as _;
-        let mut guard = self
-            .0
-            .ready(Interest::READABLE | Interest::PRIORITY)
-            .await?;
-        let urgent = guard.ready().is_priority();
-        let mut out = Vec::new();
+        let urgent = ready.ready().is_priority();
+        let mut filled = 0;
         // One read, and more only past an urgent mark (a handful at most).
         for _ in 0..if urgent { 8 } else { 1 } {
-            match self.0.get_ref().read(buf) {
-                Ok(0) if out.is_empty() => return Ok(Some(out)),
+            match self.0.get_ref().read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 => return Ok(Some(0)),
+                Ok(0) => break,
                 Ok(n) => {
-                    out.extend_from_slice(&buf[..n]);
-                    if n == buf.len() {
+                    filled += n;
+                    if filled == buf.len() {
                         // More may be there: stay ready.
-                        return Ok(Some(out));
+                        return Ok(Some(filled));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -307,8 +311,8 @@ impl ClientSide {
             }
         }
         // Short: drained (reads stop at an urgent mark, hence the loop above).
-        guard.clear_ready_matching(Ready::READABLE | Ready::PRIORITY);
-        Ok((!out.is_empty()).then_some(out))
+        ready.clear_ready_matching(Ready::READABLE | Ready::PRIORITY);
+        Ok((filled > 0).then_some(filled))
     }
 
     async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
@@ -395,9 +399,15 @@ fn shutdown_write(sock: SockRef<'_>) {
     let _ = sock.shutdown(std::net::Shutdown::Write);
 }
 
-/// Control lines are short: a small buffer per side (a line longer than
-/// the filter's limit is refused anyway).
+/// Control lines are short: reads go through one buffer of the proxy's
+/// thread (a line longer than the filter's limit is refused anyway), so an
+/// idle control connection holds no buffer of its own.
 const CONTROL_BUFFER: usize = 4096;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Box<[u8; CONTROL_BUFFER]>> =
+        std::cell::RefCell::new(Box::new([0; CONTROL_BUFFER]));
+}
 
 async fn ftp_control(
     client_stream: TcpStream,
@@ -443,29 +453,39 @@ async fn ftp_control(
     let _ = SockRef::from(&server_stream).set_keepalive(true);
     let _ = client_side.sock().set_keepalive(true);
     let (c, s) = (&client_side, &server_stream);
-    let mut buf = [0u8; CONTROL_BUFFER];
-    let mut sbuf = [0u8; CONTROL_BUFFER];
     let (mut client_open, mut server_open) = (true, true);
     let mut outcome = "closed";
     while client_open || server_open {
         let mut out = Output::default();
         tokio::select! {
-            got = c.read(&mut buf), if client_open => match got {
-                Ok(None) => {}
-                Ok(Some(data)) if !data.is_empty() => control.client_data(&data, &mut out),
-                _ => {
+            ready = c.0.ready(Interest::READABLE | Interest::PRIORITY), if client_open => {
+                let got = ready.and_then(|mut r| {
+                    SCRATCH.with_borrow_mut(|buf| {
+                        let got = c.read_ready(&mut r, &mut buf[..]);
+                        if let Ok(Some(n)) = got {
+                            control.client_data(&buf[..n], &mut out);
+                        }
+                        got
+                    })
+                });
+                if !matches!(got, Ok(None) | Ok(Some(1..))) {
                     client_open = false;
                     shutdown_write(SockRef::from(s));
                 }
             },
             ready = s.ready(Interest::READABLE), if server_open => {
-                match ready.and_then(|_| read_once(s, &mut sbuf)) {
-                    Ok(None) => {}
-                    Ok(Some(n)) if n > 0 => control.server_data(&sbuf[..n], &mut out),
-                    _ => {
-                        server_open = false;
-                        shutdown_write(c.sock());
-                    }
+                let got = ready.and_then(|_| {
+                    SCRATCH.with_borrow_mut(|buf| {
+                        let got = read_once(s, &mut buf[..]);
+                        if let Ok(Some(n)) = got {
+                            control.server_data(&buf[..n], &mut out);
+                        }
+                        got
+                    })
+                });
+                if !matches!(got, Ok(None) | Ok(Some(1..))) {
+                    server_open = false;
+                    shutdown_write(c.sock());
                 }
             },
         }

@@ -13,7 +13,7 @@ use firewall_common::{
 use firewall_ctl::datapath::Side;
 use firewall_tests::{
     fixture::*,
-    packet::{check_checksums, view, Spec, TCP_ACK, TCP_SYN},
+    packet::{check_checksums, view, Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const EXT_PORT: u16 = 40001;
@@ -467,4 +467,102 @@ fn a_client_at_its_quota_gets_no_new_tcp_connections() {
     fx.busy.remove(&client).unwrap();
     assert_eq!(fx.run(Side::External, &bind_syn).action, XDP_REDIRECT);
     assert_eq!(fx.run(Side::Internal, &redirect_syn).action, XDP_REDIRECT);
+}
+
+#[test]
+fn teardown_is_reported_once_per_direction_and_flag() {
+    let mut fx = Fixture::new("phclose").unwrap();
+    bind_pinhole(&mut fx, IPPROTO_TCP, 0);
+    let fwd = FlowKey::new(IPPROTO_TCP, SERVER, 20, FW_EXTERNAL, EXT_PORT);
+    let back = FlowKey::new(IPPROTO_TCP, CLIENT, 5001, SERVER, 20);
+    let from_server = |flags| Spec {
+        tcp_flags: flags,
+        ..Spec::tcp(SERVER, 20, FW_EXTERNAL, EXT_PORT)
+    };
+    let from_client = |flags| Spec {
+        tcp_flags: flags,
+        ..Spec::tcp(CLIENT, 5001, SERVER, 20)
+    };
+    assert_eq!(
+        fx.run(
+            Side::External,
+            &syn(SERVER, 20, FW_EXTERNAL, EXT_PORT).build()
+        )
+        .action,
+        XDP_REDIRECT
+    );
+    for (side, spec) in [
+        (Side::External, from_server(TCP_ACK)),
+        (Side::External, from_server(TCP_FIN | TCP_ACK)),
+        (Side::External, from_server(TCP_FIN | TCP_ACK)),
+        (Side::Internal, from_client(TCP_ACK)),
+        (Side::Internal, from_client(TCP_RST)),
+    ] {
+        assert_eq!(fx.run(side, &spec.build()).action, XDP_REDIRECT);
+    }
+    let closing: Vec<(FlowKey, u32)> = fx
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == event_kind::CLOSING)
+        .map(|e| {
+            assert_eq!(e.owner, OWNER);
+            (e.forward, e.detail)
+        })
+        .collect();
+    // The server's first FIN (not its retransmission), the client's RST.
+    assert_eq!(
+        closing,
+        [
+            (fwd, firewall_common::flow::tcp_seen::FIN as u32),
+            (back, firewall_common::flow::tcp_seen::RST as u32)
+        ]
+    );
+}
+
+#[test]
+fn a_syn_reusing_an_ended_flow_opens_the_new_pinhole() {
+    let mut fx = Fixture::new("phreuse").unwrap();
+    let key = bind_pinhole(&mut fx, IPPROTO_TCP, 0);
+    let fwd = FlowKey::new(IPPROTO_TCP, SERVER, 20, FW_EXTERNAL, EXT_PORT);
+    let first = syn(SERVER, 20, FW_EXTERNAL, EXT_PORT).build();
+    assert_eq!(fx.run(Side::External, &first).action, XDP_REDIRECT);
+    let fin = Spec {
+        tcp_flags: TCP_FIN | TCP_ACK,
+        ..Spec::tcp(SERVER, 20, FW_EXTERNAL, EXT_PORT)
+    };
+    assert_eq!(fx.run(Side::External, &fin.build()).action, XDP_REDIRECT);
+    // The old connection's port went to a new BindForClient for another
+    // client port (same external port) while its flows wait out closing.
+    fx.pinholes
+        .insert(
+            &key,
+            &PinholeValue {
+                target_addr: CLIENT,
+                target_port: 5002,
+                remaining: 1,
+                owner: OWNER + 1,
+                egress_ifindex: fx.in_ifindex,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let r = fx.run(Side::External, &first);
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(
+        view(&r.frame).dport,
+        5002,
+        "delivered to the new connection"
+    );
+    assert_eq!(fx.counter(Counter::PinholeEstablished), 2);
+    assert_eq!(fx.flows.get(&fwd).unwrap().unwrap().owner, OWNER + 1);
+    // Without a pinhole, a SYN on the ended flow goes on as before.
+    fx.pinholes.remove(&key).unwrap();
+    let fin = Spec {
+        tcp_flags: TCP_FIN | TCP_ACK,
+        ..Spec::tcp(SERVER, 20, FW_EXTERNAL, EXT_PORT)
+    };
+    assert_eq!(fx.run(Side::External, &fin.build()).action, XDP_REDIRECT);
+    let r = fx.run(Side::External, &first);
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(view(&r.frame).dport, 5002);
 }

@@ -1,0 +1,124 @@
+//! 10,000 idle FTP control connections through a daemon started under the
+//! usual soft limit of 1024 open files. A test binary of its own: it lowers
+//! its own soft limit, which the daemon it starts inherits.
+//!
+//! Each control connection holds two sockets in the daemon (the client's
+//! leg and the server's), so 10,000 need a hard limit above 20,000. Where
+//! the hard limit is lower and cannot be raised (no CAP_SYS_RESOURCE, as on
+//! the CI machines, whose hard limit is 20,000), the test opens as many as
+//! the hard limit allows and says so.
+
+use firewall_tests::{
+    daemon::LabRun,
+    ftp::check,
+    lab::addr,
+    traffic::{wait_listening, Peer},
+};
+
+const WANTED: u64 = 10_000;
+/// Descriptors the daemon needs besides the control connections.
+const RESERVE: u64 = 400;
+
+#[test]
+fn ten_thousand_idle_control_connections_under_a_1024_soft_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // What systemd gives a service by default: a soft limit of 1024 and a
+    // high hard limit.
+    let (_, mut hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 4 * WANTED && setrlimit(Resource::RLIMIT_NOFILE, 1024, 4 * WANTED).is_ok() {
+        hard = 4 * WANTED;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
+    let connections = WANTED.min((hard - RESERVE) / 2);
+    if connections < WANTED {
+        eprintln!(
+            "the hard limit of open files is {hard} and cannot be raised here: \
+             {connections} control connections instead of {WANTED}"
+        );
+    }
+    let run = LabRun::start("ftpidle", &[]);
+    assert!(
+        run.fw.log_text().contains("soft limit raised from 1024"),
+        "{}",
+        run.fw.log_text()
+    );
+    // A server that greets and then waits: no vsftpd process per connection.
+    let dir = std::env::temp_dir().join(format!("{}-idle", run.lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server_py = dir.join("server.py");
+    std::fs::write(
+        &server_py,
+        format!(
+            r#"import asyncio
+async def greet(r, w):
+    w.write(b'220 idle\r\n')
+    await w.drain()
+    await r.read()
+async def main():
+    s = await asyncio.start_server(greet, '{server}', 21, backlog=4096)
+    await s.serve_forever()
+asyncio.run(main())
+"#,
+            server = addr::SERVER
+        ),
+    )
+    .unwrap();
+    let _server = Peer::new(
+        run.lab
+            .server
+            .spawn(&format!(
+                "ulimit -n {hard}; exec python3 {}",
+                server_py.display()
+            ))
+            .unwrap(),
+    );
+    wait_listening(&run.lab.server, 21);
+    // The client opens them all, reads each greeting, and holds them all
+    // open for a moment.
+    let client_py = dir.join("client.py");
+    std::fs::write(
+        &client_py,
+        format!(
+            r#"import asyncio, sys
+async def one(sem):
+    async with sem:
+        r, w = await asyncio.wait_for(asyncio.open_connection('{server}', 21), 30)
+        line = await asyncio.wait_for(r.readline(), 30)
+        assert line.startswith(b'220'), line
+        return w
+async def main():
+    sem = asyncio.Semaphore(256)
+    conns = await asyncio.gather(*[one(sem) for _ in range({connections})])
+    print('open', len(conns))
+    sys.stdout.flush()
+    await asyncio.sleep(1)
+    for w in conns:
+        w.close()
+asyncio.run(main())
+"#,
+            server = addr::SERVER
+        ),
+    )
+    .unwrap();
+    let out = run
+        .lab
+        .client
+        .cmd("sh")
+        .args([
+            "-c",
+            &format!("ulimit -n {hard}; exec python3 {}", client_py.display()),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    check("many idle control connections", &out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("open {connections}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Through the firewall, each one intercepted, and it still answers.
+    let status = run.fw.status();
+    assert!(status["ftp"]["control_connections"].as_u64().unwrap() >= connections);
+    assert!(!run.fw.log_text().contains("out of file descriptors"));
+}
