@@ -75,7 +75,9 @@ pub struct PinholeValue {
     /// Uses left without `MULTIPLE` (1, then 0); changed atomically (the
     /// atomics of the baseline BPF instruction set are 64-bit).
     pub remaining: u64,
-    pub _reserved: u64,
+    /// UDP `BIDIRECTIONAL`: reply paths given to other peers so far; changed
+    /// atomically, capped at `MAX_REPLY_PATHS`.
+    pub reply_paths: u64,
     /// Connection object (or firewall action) that owns the pinhole and its flows.
     pub owner: u64,
     /// CLOCK_MONOTONIC deadline in ns (0: none).
@@ -83,6 +85,10 @@ pub struct PinholeValue {
     /// Connections established through it; changed atomically.
     pub uses: u64,
 }
+
+/// Most reply paths one `BIDIRECTIONAL` pinhole gives other peers: without an
+/// IP filter any host could otherwise fill the flow table through it.
+pub const MAX_REPLY_PATHS: u64 = 16;
 
 /// Key of PEER_FILTERS, an LPM trie: (filter id, peer address). The prefix
 /// length covers the 32 bits of the id plus the network's prefix.

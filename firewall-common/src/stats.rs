@@ -48,7 +48,7 @@ macro_rules! counters {
 
 counters! {
     PassNotIpv4 = 0, Pass, "pass_not_ipv4", "not IPv4 (ARP, IPv6, ...): left to the stack";
-    PassVlanUnsupported = 1, Pass, "pass_vlan_unsupported", "more than one VLAN tag, or a tagged frame hitting a flow";
+    PassVlanUnsupported = 1, Pass, "pass_vlan_unsupported", "a VLAN-tagged frame (also one whose tag the NIC took off): left to the stack";
     PassFragment = 2, Pass, "pass_fragment", "IPv4 fragment: left to the stack";
     PassNotTcpUdp = 3, Pass, "pass_not_tcp_udp", "IPv4 but neither TCP nor UDP (ICMP, ...)";
     PassNoFlow = 4, Pass, "pass_no_flow", "TCP/UDP without a flow entry: left to the stack";
@@ -76,6 +76,7 @@ counters! {
     PassIntercepted = 26, Pass, "pass_intercepted", "TC: a primary connection's SYN handed to the daemon (also counted by XDP as it passed)";
     PassTransparent = 27, Pass, "pass_transparent", "TC: a segment for a socket the daemon answers for transparently, delivered locally";
     DropNoInterceptor = 28, Drop, "drop_no_interceptor", "TC: a primary connection to intercept, but the daemon's listener is gone";
+    DropReplyPathsFull = 29, Drop, "drop_reply_paths_full", "a bidirectional UDP pinhole gave its most reply paths to other peers";
 }
 
 /// Number of slots in the STATS map.

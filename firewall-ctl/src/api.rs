@@ -361,11 +361,21 @@ impl Request {
 /// A blocking client (the CLI needs no runtime).
 pub struct Client {
     path: PathBuf,
+    timeout: Duration,
 }
 
 impl Client {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// How long to wait for each answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -385,7 +395,7 @@ impl Client {
     /// A connection for many requests, one after the other.
     pub fn connect(&self) -> Result<Connection, ApiError> {
         let stream = UnixStream::connect(&self.path).map_err(|e| not_running(&self.path, e))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        stream.set_read_timeout(Some(self.timeout)).ok();
         Ok(Connection {
             reader: BufReader::new(stream.try_clone().map_err(|e| not_running(&self.path, e))?),
             stream,
@@ -525,8 +535,26 @@ pub fn parse_request(line: &str) -> Result<Request, ApiError> {
     }
     let mut obj = value;
     obj.as_object_mut().map(|o| o.remove("v"));
+    check_values(&obj)?;
     serde_json::from_value(obj)
         .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("bad request: {e}")))
+}
+
+/// Flags and transports are arguments, not framing: an unknown one is an
+/// `invalid-argument` naming it (the rest of a malformed request is a
+/// `bad-request`).
+fn check_values(obj: &serde_json::Value) -> Result<(), ApiError> {
+    let invalid = |m: String| ApiError::new(ErrorKind::InvalidArgument, m);
+    if let Some(flags) = obj.get("flags").and_then(|f| f.as_array()) {
+        let names: Vec<&str> = flags.iter().filter_map(|f| f.as_str()).collect();
+        crate::flags::ConnFlags::parse(&names).map_err(invalid)?;
+    }
+    if let Some(p) = obj.get("protocol").and_then(|p| p.as_str()) {
+        if !matches!(p, "tcp" | "udp") {
+            return Err(invalid(format!("unknown protocol {p:?} (tcp, udp)")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -586,6 +614,10 @@ mod request_tests {
         }
         let e = parse_request(r#"{"v":1,"op":"bind-for-client","session":3,"clients":["10.1.0.2:5001"],"protocol":"tcp","flags":["warp"],"protocol_name":"ftp"}"#).unwrap_err();
         assert!(e.message.contains("unknown flag \"warp\""), "{}", e.message);
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        let e = parse_request(r#"{"v":1,"op":"redirect-connections","session":3,"connects":["10.2.0.2:21"],"protocol":"sctp","protocol_name":"ftp"}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.message.contains("\"sctp\""), "{}", e.message);
         let e = parse_request(r#"{"v":1,"op":"bind-for-client","session":3,"clients":["10.1.0.2"],"protocol":"tcp","protocol_name":"ftp"}"#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::BadRequest);
         assert!(matches!(

@@ -96,6 +96,7 @@ struct PortsFile {
 struct PolicyFile {
     default_allowed_addresses: Option<Vec<String>>,
     client_quota: Option<u64>,
+    max_pending_per_session: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +128,9 @@ pub struct Config {
     /// Concurrent secondary connections per client and transport: a new TCP
     /// one beyond it is refused, a new UDP one replaces the client's oldest.
     pub client_quota: u32,
+    /// Pinholes (and relay endpoints) of a session that may wait for their
+    /// connection at once; beyond it a call fails with `exhausted`.
+    pub max_pending_per_session: u32,
     /// Allowed-address flags OR-ed into every BindForClient
     /// (DefaultAllowedAddressesInBindForClient).
     pub default_allowed_addresses: ConnFlags,
@@ -207,6 +211,11 @@ pub const DEFAULT_SNAT_BLOCK: u16 = 64;
 /// of calls' media, a NAT gateway behind one address), and one abusive host
 /// at its quota holds under 1 % of the default flow table.
 pub const DEFAULT_CLIENT_QUOTA: u32 = 1024;
+
+/// Unused pinholes per session (per client address) at once: netfilter
+/// caps expectations at 255 per helper class; an FTP control connection
+/// keeps one at a time, so this bounds what one client can hold open.
+pub const DEFAULT_MAX_PENDING: u32 = 255;
 const FLOW_TABLE_RANGE: RangeInclusive<u64> = 1024..=16_777_216;
 const PINHOLE_TABLE_RANGE: RangeInclusive<u64> = 64..=16_777_216;
 const TIMEOUT_RANGE: RangeInclusive<u64> = 1..=604_800;
@@ -438,6 +447,13 @@ impl Config {
             DEFAULT_CLIENT_QUOTA as u64,
             "",
         )? as u32;
+        let max_pending_per_session = ranged(
+            "policy.max_pending_per_session",
+            file.policy.max_pending_per_session,
+            1..=65_535,
+            DEFAULT_MAX_PENDING as u64,
+            "",
+        )? as u32;
 
         let mut default_allowed_addresses = ConnFlags::empty();
         for (i, name) in file
@@ -614,6 +630,7 @@ impl Config {
             port_range,
             snat_block,
             client_quota,
+            max_pending_per_session,
             default_allowed_addresses,
             protocols,
             networks,

@@ -18,7 +18,7 @@ use firewall_common::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::AsyncWriteExt as _,
     net::{UnixListener, UnixStream},
     sync::{broadcast, watch},
 };
@@ -36,6 +36,7 @@ use crate::{
     engine::{Engine, EngineConfig, Event, RelayCmd},
     filters::{DataFilterFactory, ExecutableBlockerFactory},
     ftp::{FtpStats, Secondaries},
+    lock::{DaemonLock, LOCK_FILE},
     neighbours::Resolver,
     netif::{self, Interface},
     ports::PortPool,
@@ -187,12 +188,22 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             .map_err(|e| invalid(anyhow::anyhow!("embedded defaults: {e}")))?,
     };
 
-    let client = api::Client::new(&opts.socket);
-    if client.is_alive() {
+    // One daemon per host, whatever socket each is given: a second one would
+    // take over the running one's datapath and empty its pinholes.
+    let _lock = match DaemonLock::acquire().context("taking the daemon lock")? {
+        Some(l) => l,
+        None => {
+            return Err(anyhow::Error::new(ApiError::new(
+                ErrorKind::AlreadyRunning,
+                format!("{}; stop it with `firewall-ctl down`", describe_running()),
+            )))
+        }
+    };
+    if api::Client::new(&opts.socket).is_alive() {
         return Err(anyhow::Error::new(ApiError::new(
             ErrorKind::AlreadyRunning,
             format!(
-                "a firewall daemon already answers on {}; stop it with `firewall-ctl down`",
+                "another program answers on {}; choose another --socket",
                 opts.socket.display()
             ),
         )));
@@ -542,61 +553,75 @@ fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Answers one API connection, a request per line. Lines are framed by a
+/// codec that refuses an over-long line while it arrives (nothing of it is
+/// kept), so no client can make the daemon buffer without bound.
 async fn serve_connection(stream: UnixStream, shared: Arc<Shared>) {
+    use futures_util::StreamExt as _;
+    use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read.take(api::MAX_REQUEST_BYTES as u64 * 64)).lines();
+    let mut lines = FramedRead::new(
+        read,
+        LinesCodec::new_with_max_length(api::MAX_REQUEST_BYTES),
+    );
     loop {
-        let line = match lines.next_line().await {
-            Ok(Some(l)) => l,
-            Ok(None) => return,
-            Err(e) => {
-                log::debug!("API read: {e}");
-                return;
-            }
-        };
-        let response = if line.len() > api::MAX_REQUEST_BYTES {
-            Response::Error(ApiError::new(
-                ErrorKind::BadRequest,
-                format!("request longer than {} bytes", api::MAX_REQUEST_BYTES),
-            ))
-        } else {
-            match api::parse_request(&line) {
+        let (response, last) = match lines.next().await {
+            None => return,
+            Some(Ok(line)) => match api::parse_request(&line) {
                 Ok(Request::Events) => {
                     follow_events(&mut write, &shared).await;
                     return;
                 }
-                Ok(req) if req.is_quick() => {
-                    // A few syscalls at most: answered in place, which saves
-                    // two thread hand-offs (most of an API call's latency).
-                    match handle(req, &shared) {
-                        Ok(v) => Response::Ok(v),
-                        Err(e) => Response::Error(e),
-                    }
-                }
-                Ok(req) => {
-                    let s = shared.clone();
-                    // Listings and status read whole maps: off the reactor.
-                    match tokio::task::spawn_blocking(move || handle(req, &s)).await {
-                        Ok(Ok(v)) => Response::Ok(v),
-                        Ok(Err(e)) => Response::Error(e),
-                        Err(e) => Response::Error(ApiError::new(
-                            ErrorKind::Internal,
-                            format!("the request handler failed: {e}"),
-                        )),
-                    }
-                }
-                Err(e) => Response::Error(e),
+                Ok(req) => (answer(req, &shared).await, false),
+                Err(e) => (Response::Error(e), false),
+            },
+            // Errors in the framing itself end the connection, after an
+            // answer that says why.
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => (
+                Response::Error(ApiError::new(
+                    ErrorKind::BadRequest,
+                    format!("request longer than {} bytes", api::MAX_REQUEST_BYTES),
+                )),
+                true,
+            ),
+            Some(Err(LinesCodecError::Io(e))) if e.kind() == std::io::ErrorKind::InvalidData => (
+                Response::Error(ApiError::new(ErrorKind::BadRequest, "request is not UTF-8")),
+                true,
+            ),
+            Some(Err(e)) => {
+                log::debug!("API read: {e}");
+                return;
             }
         };
         let mut out = serde_json::to_string(&response).expect("responses serialize");
         out.push('\n');
-        if write.write_all(out.as_bytes()).await.is_err() {
+        if write.write_all(out.as_bytes()).await.is_err() || last {
             return;
         }
     }
 }
 
-use tokio::io::AsyncReadExt as _;
+/// Answers a request: in place when it is quick (a few syscalls at most,
+/// which saves two thread hand-offs, most of an API call's latency), on the
+/// blocking pool when it reads whole maps.
+async fn answer(req: Request, shared: &Arc<Shared>) -> Response {
+    let result = if req.is_quick() {
+        handle(req, shared)
+    } else {
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || handle(req, &s)).await {
+            Ok(r) => r,
+            Err(e) => Err(ApiError::new(
+                ErrorKind::Internal,
+                format!("the request handler failed: {e}"),
+            )),
+        }
+    };
+    match result {
+        Ok(v) => Response::Ok(v),
+        Err(e) => Response::Error(e),
+    }
+}
 
 /// Streams events to a follower until it disconnects.
 async fn follow_events(write: &mut tokio::net::unix::OwnedWriteHalf, shared: &Arc<Shared>) {
@@ -904,23 +929,53 @@ async fn poll_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     }
 }
 
-/// What `down` does: ask a running daemon to stop, then remove whatever is left
-/// (also after a crash), and restore the sysctls `up` changed.
+/// The running daemon, as its state file describes it.
+fn describe_running() -> String {
+    match State::read() {
+        Some(s) => format!(
+            "a firewall daemon is running (pid {}, internal {}, external {}, API socket {})",
+            s.pid,
+            s.internal,
+            s.external,
+            s.socket.display()
+        ),
+        None => format!("a firewall daemon is running (it holds {LOCK_FILE})"),
+    }
+}
+
+/// What `down` does: ask the running daemon to stop (at the socket it
+/// recorded, whatever `socket` says), then remove whatever is left (also
+/// after a crash), and restore the sysctls `up` changed. A daemon that runs
+/// but does not stop keeps its datapath: `down` then fails.
 pub fn down(socket: &Path) -> anyhow::Result<DownReport> {
-    let client = api::Client::new(socket);
     let mut stopped_daemon = false;
-    if client.is_alive() {
-        client
-            .call(Request::Shutdown)
-            .map_err(|e| anyhow::anyhow!("asking the daemon to stop: {e}"))?;
-        // The daemon removes its socket when it has torn down.
-        for _ in 0..100 {
-            if !socket.exists() {
-                break;
+    if DaemonLock::held()? {
+        let recorded = State::read().map(|s| s.socket);
+        let at = recorded.as_deref().unwrap_or(socket);
+        let client = api::Client::new(at).with_timeout(Duration::from_secs(5));
+        match client.call(Request::Shutdown) {
+            Ok(_) => {
+                stopped_daemon = true;
+                // The daemon releases its lock when it has torn down.
+                for _ in 0..200 {
+                    if !DaemonLock::held()? {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
-            std::thread::sleep(Duration::from_millis(50));
+            Err(e) => log::warn!("asking the daemon to stop: {e}"),
         }
-        stopped_daemon = true;
+        if DaemonLock::held()? {
+            return Err(anyhow::Error::new(ApiError::new(
+                ErrorKind::AlreadyRunning,
+                format!(
+                    "{}, but it did not stop when asked on {}: its datapath is left alone (stop the process first)",
+                    describe_running(),
+                    at.display()
+                ),
+            )));
+        }
     }
     let state = State::read();
     let pins = PinPaths::default();

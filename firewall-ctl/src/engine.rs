@@ -79,6 +79,8 @@ pub struct EngineConfig {
     pub snat_block: u16,
     /// Concurrent secondary connections per client and transport.
     pub client_quota: u32,
+    /// Pinholes a session may have waiting at once.
+    pub max_pending: u32,
     pub default_allowed: ConnFlags,
     pub protocols: Vec<ProtocolRule>,
     pub networks: Vec<NetworkObject>,
@@ -95,6 +97,7 @@ impl EngineConfig {
             timeouts: config.timeouts,
             snat_block: config.snat_block,
             client_quota: config.client_quota,
+            max_pending: config.max_pending_per_session,
             default_allowed: config.default_allowed_addresses,
             protocols: config.protocols.clone(),
             networks: config.networks.clone(),
@@ -439,6 +442,8 @@ pub struct Engine<M: Maps> {
     timers: timers::Timers,
     /// The object of each relayed connection (by the relay's id).
     relay_conns: HashMap<u64, u64>,
+    /// Objects waiting for their connection, per session.
+    pending: HashMap<u64, usize>,
 }
 
 /// A SetDataFilterFactory registration.
@@ -497,6 +502,7 @@ impl<M: Maps> Engine<M> {
             next_established: 1,
             timers: timers::Timers::default(),
             relay_conns: HashMap::new(),
+            pending: HashMap::new(),
         })
     }
 
@@ -713,6 +719,33 @@ impl<M: Maps> Engine<M> {
         Ok(())
     }
 
+    /// A session may have `max_pending` pinholes waiting at once (an FTP
+    /// control connection keeps one): a call beyond it is refused.
+    fn check_pending(&mut self, session: u64, n: usize) -> Result<(), ApiError> {
+        let waiting = self.pending.get(&session).copied().unwrap_or(0);
+        if waiting + n > self.cfg.max_pending as usize {
+            self.expired.pending_refused += 1;
+            return Err(err(
+                ErrorKind::Exhausted,
+                format!(
+                    "session {session} has {waiting} pinholes waiting for their connection; at most {} (policy.max_pending_per_session)",
+                    self.cfg.max_pending
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An object of `session` stopped waiting for its connection.
+    fn no_longer_pending(&mut self, session: u64) {
+        if let Some(n) = self.pending.get_mut(&session) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending.remove(&session);
+            }
+        }
+    }
+
     fn live_session(&self, id: u64) -> Result<Ipv4Addr, ApiError> {
         match self.sessions.get(&id) {
             None => Err(invalid(format!("no session {id}"))),
@@ -757,6 +790,7 @@ impl<M: Maps> Engine<M> {
         let n = req.clients.len();
         check_shape("BindForClient", "client", n, req.flags)?;
         self.check_not_busy(client_ip, req.protocol)?;
+        self.check_pending(req.session, n)?;
         let f = req.flags;
         if req.protocol == Transport::Tcp {
             for only_udp in [ConnFlags::BIDIRECTIONAL, ConnFlags::INCREASE_RECEIVE_BUFFER] {
@@ -1064,6 +1098,7 @@ impl<M: Maps> Engine<M> {
                 ),
             );
         }
+        *self.pending.entry(req.session).or_default() += created.len();
         for (id, o) in created {
             self.objects.insert(id, o);
             if deadline != 0 {
@@ -1115,6 +1150,7 @@ impl<M: Maps> Engine<M> {
         let n = req.connects.len();
         check_shape("RedirectConnections", "connect", n, req.flags)?;
         self.check_not_busy(client_ip, req.protocol)?;
+        self.check_pending(req.session, n)?;
         let f = req.flags;
         let foreign =
             f - (ConnFlags::ALLOW_MULTIPLE | ConnFlags::TIMEOUT | ConnFlags::NO_KERNEL_MODE);
@@ -1306,6 +1342,7 @@ impl<M: Maps> Engine<M> {
                 connect,
             });
         }
+        *self.pending.entry(req.session).or_default() += created.len();
         for (id, o) in created {
             self.objects.insert(id, o);
             if deadline != 0 {
@@ -1621,6 +1658,7 @@ impl<M: Maps> Engine<M> {
             return;
         }
         let now = sweeper::monotonic_ns();
+        let was_pending = o.state == State::Listening && o.parent.is_none();
         o.state = State::Terminated;
         o.reason = Some(reason.to_string());
         o.ended_ns = now;
@@ -1629,6 +1667,10 @@ impl<M: Maps> Engine<M> {
             self.count_established(session, transport, false);
         }
         self.forget_later(id, now);
+        if was_pending {
+            let session = self.objects[&id].session;
+            self.no_longer_pending(session);
+        }
         let o = self.objects.get_mut(&id).expect("exists");
         let (pinhole, filter, leases, flows, session) = (
             o.pinhole.take(),
@@ -1841,6 +1883,8 @@ impl<M: Maps> Engine<M> {
             o.state = State::Established;
             o.peer = Some(from);
             fill(o);
+            let session = o.session;
+            self.no_longer_pending(session);
             owner
         };
         let seq = self.next_established;
@@ -2190,6 +2234,8 @@ impl Maps for MemMaps {
     }
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

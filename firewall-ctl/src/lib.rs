@@ -11,6 +11,7 @@ pub mod engine;
 pub mod filters;
 pub mod flags;
 pub mod ftp;
+pub mod lock;
 pub mod mapops;
 pub mod neighbours;
 pub mod netif;

@@ -45,6 +45,9 @@ pub struct SweepStats {
     /// UDP mappings ended because their client went over its quota.
     #[serde(default)]
     pub client_quota: u64,
+    /// Calls refused because their session had its most pinholes waiting.
+    #[serde(default)]
+    pub pending_refused: u64,
 }
 
 impl SweepStats {

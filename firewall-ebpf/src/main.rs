@@ -123,6 +123,11 @@ fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
         Ok(p) => p,
         Err(c) => return c.into(),
     };
+    if pkt.vlan_tagged || ctx.vlan_offloaded() {
+        // XDP cannot transmit on VLAN sub-interfaces: such frames are the
+        // stack's, before anything (a single-use pinhole) is spent on them.
+        return Counter::PassVlanUnsupported.into();
+    }
     // An existing flow first; otherwise a pinhole may create one. A SYN on a
     // flow that has ended is a new connection reusing the 5-tuple (its ports
     // were released at close while the old flows wait out their closing
@@ -137,10 +142,7 @@ fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
             (Err(c), _) => return c.into(),
         },
     };
-    if pkt.vlan_tagged || ctx.vlan_offloaded() {
-        // XDP cannot transmit on VLAN sub-interfaces; leave such flows to the stack.
-        return Counter::PassVlanUnsupported.into();
-    }
+    // SAFETY: a FLOWS entry found or created for this packet.
     let flow = unsafe { &*flow_ptr };
     if FlowAction::from_u32(flow.action) != Some(FlowAction::Forward) {
         // Drop, or an action this datapath does not know: fail closed.

@@ -13,7 +13,7 @@ use firewall_common::{
     flow::{FlowKey, FlowValue},
     pinhole::{
         event_kind, pinhole_flags, BusyClientKey, BusyClientValue, PeerFilterKey, PeerFilterValue,
-        PinholeKey, PinholeValue,
+        PinholeKey, PinholeValue, MAX_REPLY_PATHS,
     },
     stats::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
@@ -45,9 +45,6 @@ pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
     let key = &pkt.key;
     let pkey = PinholeKey::new(key.protocol, key.dst_addr, key.dst_port, side);
     let p = PINHOLES.get_ptr_mut(&pkey).ok_or(Counter::PassNoFlow)?;
-    if pkt.vlan_tagged {
-        return Err(Counter::PassVlanUnsupported);
-    }
     let (deadline, flags, allowed_src, peer_filter) = unsafe {
         (
             (*p).deadline_ns,
@@ -94,7 +91,7 @@ pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
         };
         if !won {
             if key.protocol == IPPROTO_UDP && flags & pinhole_flags::BIDIRECTIONAL != 0 {
-                reply_path(pkt, p, &pkey);
+                return Err(reply_path(pkt, p, &pkey));
             }
             return Err(Counter::DropPinholeUsed);
         }
@@ -188,13 +185,15 @@ fn pick_snat_port(key: &FlowKey, p: *mut PinholeValue) -> Option<u16> {
 }
 
 /// UDP BIDIRECTIONAL after the single use: the client may send to this other
-/// peer too (its own datagram is still not delivered).
+/// peer too (its own datagram is still not delivered), up to MAX_REPLY_PATHS
+/// peers per pinhole. Returns the counter of the datagram's drop.
 #[inline(always)]
-fn reply_path(pkt: &Packet, p: *mut PinholeValue, pkey: &PinholeKey) {
+fn reply_path(pkt: &Packet, p: *mut PinholeValue, pkey: &PinholeKey) -> Counter {
     let key = &pkt.key;
+    // SAFETY: a PINHOLES value the lookup returned.
     let v = unsafe { &*p };
     if v.snat_port_count > 0 {
-        return;
+        return Counter::DropPinholeUsed;
     }
     let client_to_peer = FlowKey::new(
         key.protocol,
@@ -205,7 +204,28 @@ fn reply_path(pkt: &Packet, p: *mut PinholeValue, pkey: &PinholeKey) {
     );
     let mut val = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
     val.owner = v.owner;
-    if flow::lookup(&client_to_peer).is_none() && flow::insert(&client_to_peer, &val).is_ok() {
+    if flow::lookup(&client_to_peer).is_some() {
+        return Counter::DropPinholeUsed;
+    }
+    // One more reply path, counted with a compare-and-exchange (the baseline
+    // instruction set has no fetch-and-add): a lost race counts as full.
+    let given = v.reply_paths;
+    if given >= MAX_REPLY_PATHS {
+        return Counter::DropReplyPathsFull;
+    }
+    // SAFETY: as above; BPF_ATOMIC cmpxchg on the shared value.
+    let (_, won) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+            &raw mut (*p).reply_paths,
+            given,
+            given + 1,
+        )
+    };
+    if !won {
+        return Counter::DropReplyPathsFull;
+    }
+    if flow::insert(&client_to_peer, &val).is_ok() {
         emit(event_kind::REPLY_PATH, v.owner, key, &client_to_peer, pkey);
     }
+    Counter::DropPinholeUsed
 }

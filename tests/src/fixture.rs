@@ -81,6 +81,9 @@ impl Fixture {
         };
         sh(&format!(
             "set -e
+             # No IPv6 chatter (router solicitations, DAD) on the interfaces:
+             # fixtures count every frame the programs see.
+             sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
              ip link set lo up
              ip link add in0 address {} type veth peer name in0p
              ip link add ex0 address {} type veth peer name ex0p
@@ -134,6 +137,50 @@ impl Fixture {
     /// Runs the program of `side` on `frame` as received on that side's interface.
     pub fn run(&mut self, side: Side, frame: &[u8]) -> TestRunOutput {
         self.time(side, frame, 1)
+    }
+
+    /// Runs `each` inside the fixture's namespace, entered once, with a
+    /// function that runs one frame (for many runs).
+    pub fn run_each<T>(
+        &mut self,
+        each: impl FnOnce(&mut dyn FnMut(Side, &[u8]) -> TestRunOutput) -> T,
+    ) -> T {
+        let (internal, external) = (self.in_ifindex, self.ex_ifindex);
+        let path = self.netns_path();
+        let dp = &mut self.datapath;
+        in_netns(&path, || {
+            let mut run = |side: Side, frame: &[u8]| {
+                let ifindex = match side {
+                    Side::Internal => internal,
+                    Side::External => external,
+                };
+                dp.test_run(side, frame, ifindex, 1).expect("BPF_PROG_RUN")
+            };
+            each(&mut run)
+        })
+        .expect("netns")
+    }
+
+    /// Attaches the XDP programs to the peers of the fixture's interfaces, so
+    /// that test runs find them in the kernel's XDP dispatcher instead of
+    /// swapping it for each run (an RCU grace period, milliseconds, each).
+    pub fn attach_for_test_runs(&mut self) {
+        let path = self.netns_path();
+        let dp = &mut self.datapath;
+        in_netns(&path, || -> anyhow::Result<()> {
+            for (side, name) in [(Side::Internal, "in0p"), (Side::External, "ex0p")] {
+                let iface = firewall_ctl::netif::Interface::by_name(name)?;
+                dp.attach(
+                    side,
+                    &iface,
+                    firewall_ctl::datapath::AttachMode::Native,
+                    false,
+                )?;
+            }
+            Ok(())
+        })
+        .expect("netns")
+        .expect("attaching the XDP programs");
     }
 
     /// Runs the TC variant of the datapath (`--xdp-mode tc`) on `frame`.

@@ -32,7 +32,59 @@ impl FtpServer {
 
     /// The same on another control port.
     pub fn start_on(ns: &Ns, tag: &str, port: u16) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{tag}-vsftpd"));
+        Self::vsftpd(ns, tag, port, "")
+    }
+
+    /// vsftpd that also connects to addresses other than the client's
+    /// (`port_promiscuous`): what a server fooled by a disguised PORT would do.
+    pub fn start_promiscuous(ns: &Ns, tag: &str) -> anyhow::Result<Self> {
+        Self::vsftpd(ns, tag, 21, "port_promiscuous=YES\n")
+    }
+
+    /// ProFTPD (Debian's, a private copy: see xtask's setup) on port 21, anonymous like vsftpd,
+    /// allowing data connections to other hosts (`AllowForeignAddress`).
+    /// ProFTPD removes Telnet commands anywhere in a command line.
+    pub fn start_proftpd(ns: &Ns, tag: &str) -> anyhow::Result<Self> {
+        let (dir, root) = Self::dirs(tag)?;
+        let conf = dir.join("proftpd.conf");
+        fs::write(
+            &conf,
+            format!(
+                "ServerName lab\nServerType standalone\nDefaultServer on\nPort 21\n\
+                 DefaultAddress {server}\nSocketBindTight on\nUseIPv6 off\nUser nobody\n\
+                 Group nogroup\nUmask 022\nMaxInstances 500\nScoreboardFile {dir}/scoreboard\n\
+                 PidFile {dir}/proftpd.pid\nDelayTable none\nWtmpLog off\nUseReverseDNS off\n\
+                 RequireValidShell off\nAllowForeignAddress on\nPassivePorts 41000 41999\n\
+                 <Anonymous {root}>\n  User ftp\n  Group nogroup\n  UserAlias anonymous ftp\n\
+                 RequireValidShell off\n  <Directory incoming>\n    <Limit STOR>\n      AllowAll\n\
+                 </Limit>\n  </Directory>\n</Anonymous>\n",
+                server = addr::SERVER,
+                dir = dir.display(),
+                root = root.display(),
+            ),
+        )?;
+        let bin = std::path::Path::new(xtask::setup::PROFTPD_ROOT).join("usr/sbin/proftpd");
+        let daemon = ns
+            .cmd(bin.to_str().expect("utf-8 path"))
+            .args(["-n", "-q", "-c"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting proftpd (`cargo xtask setup` unpacks it)")?;
+        let daemon = Peer::new(daemon);
+        wait_listening(ns, 21);
+        Ok(Self {
+            dir,
+            root,
+            _daemon: daemon,
+        })
+    }
+
+    /// The server's directory and its anonymous root (with `incoming/`).
+    fn dirs(tag: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let dir = std::env::temp_dir().join(format!("{tag}-ftpd"));
         let _ = fs::remove_dir_all(&dir);
         let root = dir.join("root");
         fs::create_dir_all(root.join("incoming"))?;
@@ -41,6 +93,11 @@ impl FtpServer {
         chmod(&dir, 0o755)?;
         chmod(&root, 0o755)?;
         chmod(&root.join("incoming"), 0o777)?;
+        Ok((dir, root))
+    }
+
+    fn vsftpd(ns: &Ns, tag: &str, port: u16, extra: &str) -> anyhow::Result<Self> {
+        let (dir, root) = Self::dirs(tag)?;
         let conf = dir.join("vsftpd.conf");
         // isolate/isolate_network off: vsftpd would make namespaces for every
         // session (milliseconds each), which buries what the firewall costs.
@@ -54,7 +111,7 @@ impl FtpServer {
                  pasv_min_port=40000\npasv_max_port=40999\nsecure_chroot_dir={empty}\n\
                  xferlog_enable=NO\nuse_sendfile=YES\nftp_username=ftp\nidle_session_timeout=120\n\
                  data_connection_timeout=120\nasync_abor_enable=YES\n\
-                 max_clients=0\nmax_per_ip=0\nisolate=NO\nisolate_network=NO\n",
+                 max_clients=0\nmax_per_ip=0\nisolate=NO\nisolate_network=NO\n{extra}",
                 server = addr::SERVER,
                 root = root.display(),
                 empty = dir.join("empty").display(),

@@ -158,3 +158,19 @@ pub fn port_of(addr: &str) -> u16 {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {addr:?}"))
 }
+
+/// A one-shot server on the client (the target of a BindForClient) that
+/// answers with a greeting naming its port and the peer, then echoes.
+pub fn client_server(lab: &Lab, protocol: u8, port: u16) -> Peer {
+    let (listen, _) = if protocol == IPPROTO_TCP {
+        ("TCP-LISTEN", "")
+    } else {
+        ("UDP-RECVFROM", "")
+    };
+    let c = lab
+        .client
+        .spawn(&format!("exec socat -T3 {listen}:{port},bind={},reuseaddr SYSTEM:'echo client-{port} $SOCAT_PEERADDR; cat'", addr::CLIENT))
+        .unwrap();
+    wait_listening(&lab.client, port);
+    Peer::new(c)
+}

@@ -190,6 +190,7 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             timeouts: Timeouts::default(),
             snat_block: 4,
             client_quota: 160,
+            max_pending: 255,
             default_allowed: ConnFlags::empty(),
             protocols: vec![ProtocolRule {
                 name: "ftp".into(),

@@ -566,3 +566,36 @@ fn a_syn_reusing_an_ended_flow_opens_the_new_pinhole() {
     assert_eq!(r.action, XDP_REDIRECT);
     assert_eq!(view(&r.frame).dport, 5002);
 }
+
+#[test]
+fn a_bidirectional_pinhole_gives_at_most_so_many_reply_paths() {
+    // Without an IP filter, any host could otherwise fill the flow table
+    // through one pinhole.
+    let mut fx = Fixture::new("phcap").unwrap();
+    let key = bind_pinhole(&mut fx, IPPROTO_UDP, pinhole_flags::BIDIRECTIONAL);
+    let cap = firewall_common::pinhole::MAX_REPLY_PATHS;
+    assert_eq!(
+        fx.run(
+            Side::External,
+            &Spec::udp(SERVER, 7000, FW_EXTERNAL, EXT_PORT).build()
+        )
+        .action,
+        XDP_REDIRECT
+    );
+    for peer in 0..cap + 10 {
+        let r = fx.run(
+            Side::External,
+            &Spec::udp([10, 2, 1, peer as u8], 9000, FW_EXTERNAL, EXT_PORT).build(),
+        );
+        assert_eq!(r.action, XDP_DROP);
+    }
+    assert_eq!(fx.counter(Counter::DropPinholeUsed), cap);
+    assert_eq!(fx.counter(Counter::DropReplyPathsFull), 10);
+    let paths = fx
+        .events()
+        .iter()
+        .filter(|e| e.kind == event_kind::REPLY_PATH)
+        .count() as u64;
+    assert_eq!(paths, cap);
+    assert!(fx.pinholes.get(&key).unwrap().unwrap().reply_paths >= cap);
+}

@@ -9,8 +9,8 @@ use firewall_common::IPPROTO_TCP;
 use firewall_common::IPPROTO_UDP;
 use firewall_tests::{
     daemon::LabRun,
-    lab::{addr, Lab},
-    traffic::{echo_server, port_of, send, tcp_connects, Peer},
+    lab::addr,
+    traffic::{client_server, echo_server, port_of, send, tcp_connects, Peer},
 };
 use serde_json::Value;
 
@@ -19,20 +19,6 @@ fn run(tag: &str) -> LabRun {
 }
 
 /// A server on the client that names itself, then echoes.
-fn client_server(lab: &Lab, protocol: u8, port: u16) -> Peer {
-    let (listen, _) = if protocol == IPPROTO_TCP {
-        ("TCP-LISTEN", "")
-    } else {
-        ("UDP-RECVFROM", "")
-    };
-    let c = lab
-        .client
-        .spawn(&format!("exec socat -T3 {listen}:{port},bind={},reuseaddr SYSTEM:'echo client-{port} $SOCAT_PEERADDR; cat'", addr::CLIENT))
-        .unwrap();
-    firewall_tests::traffic::wait_listening(&lab.client, port);
-    Peer::new(c)
-}
-
 fn counter(r: &LabRun, name: &str) -> u64 {
     r.fw.counter(name)
 }

@@ -35,6 +35,18 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Setup (with cargo-fuzz), then run every fuzz target of fuzz/ (the FTP
+    /// filter, the API request parser, the configuration parser) for a while.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop a target after this many inputs instead (a long run).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target.
+        target: Option<String>,
+    },
     /// Create or destroy the namespace lab by hand.
     Lab {
         #[command(subcommand)]
@@ -125,6 +137,75 @@ fn cargo_test(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fuzz targets, each with its libFuzzer dictionary (if any).
+const FUZZ_TARGETS: &[(&str, Option<&str>)] = &[
+    ("ftp_filter", Some("fuzz/ftp.dict")),
+    ("api_request", None),
+    ("config", None),
+];
+
+/// Runs the fuzz targets: each starts from its committed seeds
+/// (fuzz/seeds/TARGET) and keeps what it finds in fuzz/corpus/TARGET; a
+/// crash fails the run and leaves its input in fuzz/artifacts/TARGET.
+fn fuzz(seconds: u64, runs: Option<u64>, only: Option<&str>) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let mut ran = 0;
+    for (target, dict) in FUZZ_TARGETS {
+        if only.is_some_and(|o| o != *target) {
+            continue;
+        }
+        ran += 1;
+        let corpus = root.join("fuzz/corpus").join(target);
+        let seeds = root.join("fuzz/seeds").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut args = vec![
+            "+nightly".to_string(),
+            "fuzz".into(),
+            "run".into(),
+            "--fuzz-dir".into(),
+            "fuzz".into(),
+            (*target).into(),
+            corpus.display().to_string(),
+        ];
+        if seeds.exists() {
+            args.push(seeds.display().to_string());
+        }
+        args.push("--".into());
+        match runs {
+            Some(n) => args.push(format!("-runs={n}")),
+            None => args.push(format!("-max_total_time={seconds}")),
+        }
+        if let Some(d) = dict {
+            args.push(format!("-dict={}", root.join(d).display()));
+        }
+        // Inputs larger than a few lines teach nothing more.
+        args.push("-max_len=8192".into());
+        println!("xtask: fuzzing {target}");
+        let status = Command::new("cargo")
+            .args(&args)
+            .current_dir(&root)
+            .status()
+            .context("running cargo fuzz")?;
+        if !status.success() {
+            bail!(
+                "fuzz target {target} failed ({status}); the input is in fuzz/artifacts/{target}"
+            );
+        }
+    }
+    if ran == 0 {
+        bail!(
+            "no fuzz target {:?} (targets: {})",
+            only.unwrap_or_default(),
+            FUZZ_TARGETS
+                .iter()
+                .map(|t| t.0)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// UTC time as YYYYmmddTHHMMSSZ, from the system clock (no date crate needed).
 fn chrono_free_stamp() -> String {
     let out = Command::new("date")
@@ -194,6 +275,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the benchmark failed ({status})");
             }
             Ok(())
+        }
+        Task::Fuzz {
+            seconds,
+            runs,
+            target,
+        } => {
+            setup::setup()?;
+            setup::cargo_fuzz()?;
+            fuzz(seconds, runs, target.as_deref())
         }
         Task::Lab { action } => {
             match action {

@@ -33,6 +33,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
 
 pub fn setup() -> anyhow::Result<()> {
     if !crate::is_root() {
@@ -44,6 +45,64 @@ pub fn setup() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     bpffs()?;
+    proftpd()?;
+    Ok(())
+}
+
+/// Where the lab's ProFTPD is unpacked: Debian's proftpd packages conflict
+/// with vsftpd (both are an "ftp-server"), so the tests use a private copy
+/// of proftpd-core's files, with its libraries installed from Debian.
+pub const PROFTPD_ROOT: &str = "/opt/firewall-lab/proftpd";
+
+fn proftpd() -> anyhow::Result<()> {
+    let bin = Path::new(PROFTPD_ROOT).join("usr/sbin/proftpd");
+    let works = Command::new(&bin)
+        .arg("-v")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works {
+        step("proftpd (private copy)", false);
+        return Ok(());
+    }
+    let tmp = std::env::temp_dir().join("firewall-setup-proftpd");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    run(Command::new("apt-get")
+        .args(["download", "proftpd-core"])
+        .current_dir(&tmp))
+    .context("apt-get download proftpd-core")?;
+    let deb = fs::read_dir(&tmp)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    // Its libraries (and the few tools its Depends name), by package name.
+    let depends = run_stdout(
+        Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&deb)
+            .arg("Depends"),
+    )?;
+    let names: Vec<String> = depends
+        .split(',')
+        .filter_map(|d| d.split('|').next())
+        .filter_map(|d| d.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&names)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("installing proftpd-core's libraries")?;
+    fs::create_dir_all(PROFTPD_ROOT)?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(PROFTPD_ROOT))
+    .context("unpacking proftpd-core")?;
+    let _ = fs::remove_dir_all(&tmp);
+    step("proftpd (private copy)", true);
     Ok(())
 }
 
@@ -111,6 +170,31 @@ fn cargo_bin(name: &str) -> PathBuf {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
         });
     home.join("bin").join(name)
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (the fuzz targets build with the
+/// nightly toolchain and libFuzzer).
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let works = Command::new(cargo_bin("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if works {
+        step("cargo-fuzz", false);
+        return Ok(());
+    }
+    println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]))
+    .context("cargo install cargo-fuzz")?;
+    step("cargo-fuzz", true);
+    Ok(())
 }
 
 /// The LLVM major of the nightly, which bpf-linker must be built against.

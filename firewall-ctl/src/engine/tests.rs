@@ -21,6 +21,7 @@ pub(super) fn cfg() -> EngineConfig {
         },
         snat_block: 4,
         client_quota: 160,
+        max_pending: 255,
         default_allowed: ConnFlags::empty(),
         protocols: vec![ProtocolRule {
             name: "ftp".into(),

@@ -270,3 +270,40 @@ fn a_tick_reads_only_what_is_due() {
     assert!(e.maps.flows.is_empty());
     assert!(e.objects.values().all(|o| o.state == State::Terminated));
 }
+
+#[test]
+fn a_session_may_have_only_so_many_pinholes_waiting() {
+    let (mut e, s) = engine_with(
+        EngineConfig {
+            max_pending: 3,
+            ..cfg()
+        },
+        20000..=20999,
+    );
+    let ids: Vec<u64> = (0..3)
+        .map(|i| {
+            e.bind_for_client(&bind(s, &[&format!("10.1.0.2:{}", 5001 + i)]))
+                .unwrap()
+                .connections[0]
+                .id
+        })
+        .collect();
+    assert_eq!(
+        kind(e.bind_for_client(&bind(s, &["10.1.0.2:6000"]))),
+        ErrorKind::Exhausted
+    );
+    assert_eq!(
+        kind(e.redirect_connections(&redirect(s, &["198.51.100.7:2000"]))),
+        ErrorKind::Exhausted
+    );
+    assert_eq!(e.expired().pending_refused, 2);
+    // One established, one killed: two may wait again.
+    established(&mut e, ids[0], "198.51.100.7", 20);
+    e.kill(ids[1]).unwrap();
+    e.bind_for_client(&bind(s, &["10.1.0.2:6000", "10.1.0.2:6001"]))
+        .unwrap();
+    assert_eq!(
+        kind(e.bind_for_client(&bind(s, &["10.1.0.2:6002"]))),
+        ErrorKind::Exhausted
+    );
+}

@@ -235,45 +235,121 @@ fn lines_are_found_however_tcp_splits_them() {
 }
 
 #[test]
-fn unknown_commands_abor_rest_and_bare_newlines_pass_unchanged() {
+fn commands_go_on_in_canonical_form() {
     let (mut c, fake, _) = control();
     let stream: &[u8] =
-        b"XYZZY plugh\r\nREST 1000\r\n\xff\xf4\xff\xf2ABOR\r\nNOOP\n\r\n\xff\xfb\x01SITE x\r\n";
+        b"XYZZY plugh\r\nREST 1000\r\n\xff\xf4\xff\xf2ABOR\r\nNOOP\n\r\n\xff\xfb\x01SITE x\r\n  CWD a\r\n";
     let out = from_client(&mut c, stream);
-    assert_eq!(out.to_server, stream);
+    assert_eq!(
+        text(&out.to_server),
+        "XYZZY plugh\r\nREST 1000\r\nABOR\r\nNOOP\r\n\r\nSITE x\r\nCWD a\r\n"
+    );
     assert!(out.to_client.is_empty());
     assert!(fake.binds.lock().unwrap().is_empty());
     // A PORT behind Telnet commands is still a PORT.
     let out = from_client(&mut c, b"\xff\xf4PORT 10,1,0,2,19,137\r\n");
     assert_eq!(text(&out.to_server), "PORT 10,2,0,1,156,65\r\n");
-    // Multi-line replies, a 227 continuation line among them, pass unchanged.
+    // Multi-line replies pass; a line in one that looks like a reply of its
+    // own is padded, so that no client takes it for one.
     let replies: &[u8] = b"211-Features:\r\n EPSV\r\n227-not final\r\n211 End\r\n";
-    assert_eq!(from_server(&mut c, replies).to_client, replies);
+    assert_eq!(
+        text(&from_server(&mut c, replies).to_client),
+        "211-Features:\r\n EPSV\r\n 227-not final\r\n211 End\r\n"
+    );
+}
+
+#[test]
+fn disguised_commands_are_read_as_servers_read_them() {
+    // Each is a PORT to a server that removes Telnet commands or blanks, or
+    // ends lines at CR: checked as one, or refused when ambiguous.
+    let cases: &[(&[u8], &str)] = &[
+        (
+            b"PO\xff\xf4RT 10,1,0,9,0,25\r\n",
+            "500 Illegal PORT command",
+        ),
+        (
+            b"PORT\xff\xf2 10,1,0,9,0,25\r\n",
+            "500 Illegal PORT command",
+        ),
+        (b"  PORT 10,1,0,9,0,25\r\n", "500 Illegal PORT command"),
+        (b"\tEPRT |1|10.1.0.9|2500|\r\n", "500 Illegal EPRT command"),
+        (b"NOOP\rPORT 10,1,0,9,0,25\r\n", "501 Control characters"),
+        (b"NOOP\0PORT 10,1,0,9,0,25\r\n", "501 Control characters"),
+        (b"PORT 10,1,0,9,0,25\xff\xff\r\n", "501 Byte 0xFF"),
+        (b"PORT 10,1,0,9,0,25 \xff\r\n", "501 Incomplete Telnet"),
+        (b"LPRT 4,4,10,1,0,9,2,0,25\r\n", "502 LPRT is not supported"),
+        (b"LPSV\r\n", "502 LPSV is not supported"),
+    ];
+    for (cmd, want) in cases {
+        let (mut c, fake, _) = control();
+        let out = from_client(&mut c, cmd);
+        assert!(out.to_server.is_empty(), "{:?} was forwarded", text(cmd));
+        let reply = text(&out.to_client);
+        assert!(reply.starts_with(want), "{:?}: {reply}", text(cmd));
+        assert!(fake.binds.lock().unwrap().is_empty());
+    }
+    // The same PORT, for the client itself, is rewritten.
+    let (mut c, _, _) = control();
+    let out = from_client(&mut c, b"  po\xff\xf1rt 10,1,0,2,19,137\r\n");
+    assert_eq!(text(&out.to_server), "PORT 10,2,0,1,156,65\r\n");
+}
+
+#[test]
+fn passive_replies_the_filter_did_not_make_never_reach_the_client() {
+    for reply in [
+        // Multi-line: clients differ on which line they read.
+        &b"227-Entering Passive Mode (10,2,0,3,0,25)\r\n227 ok\r\n"[..],
+        b"229-Entering Extended Passive Mode (|||25|)\r\n229 ok\r\n",
+        // LPSV's answer (LPSV is refused to clients).
+        b"228 Entering Long Passive Mode (4,4,10,2,0,3,2,0,25)\r\n",
+    ] {
+        let (mut c, fake, _) = control();
+        let out = from_server(&mut c, reply);
+        let got = text(&out.to_client);
+        assert_eq!(got.lines().count(), 1, "{:?}: {got}", text(reply));
+        assert!(got.starts_with("500 Firewall refused"), "{got}");
+        assert!(fake.redirects.lock().unwrap().is_empty());
+    }
+    // A line that is no reply is dropped; bytes a client could split a line
+    // at are blanked.
+    let (mut c, _, _) = control();
+    let out = from_server(
+        &mut c,
+        b" 227 Entering Passive Mode (10,2,0,3,0,25)\r\n200 ok\r227 x\r\n",
+    );
+    assert_eq!(text(&out.to_client), "200 ok 227 x\r\n");
 }
 
 #[test]
 fn abor_goes_to_the_server_as_urgent_data() {
     // However the client sent it (ftplib: the whole line as urgent data;
-    // others: Telnet IP and Synch first), it goes on unchanged, urgent.
-    for sent in [&b"ABOR\r\n"[..], b"\xff\xf4\xff\xf2ABOR\r\n", b"abor\n"] {
+    // others: Telnet IP and Synch first), it goes on as a plain ABOR, urgent.
+    for (sent, want) in [
+        (&b"ABOR\r\n"[..], "ABOR\r\n"),
+        (b"\xff\xf4\xff\xf2ABOR\r\n", "ABOR\r\n"),
+        (b"abor\n", "abor\r\n"),
+    ] {
         let (mut c, _, _) = control();
         let out = from_client(&mut c, &[b"NOOP\r\n", sent].concat());
-        assert_eq!(out.to_server, [b"NOOP\r\n", sent].concat());
+        assert_eq!(text(&out.to_server), format!("NOOP\r\n{want}"));
         assert_eq!(out.urgent_at, Some(out.to_server.len() - 1));
     }
 }
 
 #[test]
-fn long_lines_pass_unless_they_carry_an_address() {
+fn long_lines_are_refused_whole() {
     let (mut c, fake, stats) = control();
     let mut long = b"SITE ".to_vec();
     long.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
     long.extend_from_slice(b"\r\nNOOP\r\n");
-    let mut to_server = Vec::new();
+    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
     for piece in long.chunks(1000) {
-        to_server.extend(from_client(&mut c, piece).to_server);
+        let out = from_client(&mut c, piece);
+        to_server.extend(out.to_server);
+        to_client.extend(out.to_client);
     }
-    assert_eq!(to_server, long);
+    assert_eq!(text(&to_server), "NOOP\r\n", "nothing of the long line");
+    assert_eq!(text(&to_client), "500 Command line too long.\r\n");
 
     let mut port = b"PORT 10,1,0,2,19,137".to_vec();
     port.extend(std::iter::repeat_n(b' ', 2 * MAX_LINE));
@@ -289,7 +365,7 @@ fn long_lines_pass_unless_they_carry_an_address() {
     let out = from_server(&mut c, &reply);
     assert!(text(&out.to_client).starts_with("500 Firewall refused an overlong"));
     assert!(fake.redirects.lock().unwrap().is_empty());
-    assert_eq!(stats.view().commands_refused, 2);
+    assert_eq!(stats.view().commands_refused, 3);
 }
 
 #[test]

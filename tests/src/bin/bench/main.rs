@@ -748,6 +748,7 @@ fn engine_config(fx: &Fixture) -> EngineConfig {
         timeouts: Timeouts::default(),
         snat_block: 64,
         client_quota: 160,
+        max_pending: 255,
         default_allowed: ConnFlags::empty(),
         protocols: vec![ProtocolRule {
             name: "ftp".into(),
@@ -798,7 +799,8 @@ fn measure_calls(
         let id = call(i)?;
         lat.push(t.elapsed().as_secs_f64() * 1e6);
         ids.push(id);
-        if ids.len() == 1000 {
+        // Below the daemon's default policy.max_pending_per_session (255).
+        if ids.len() == 250 {
             undo(&ids);
             ids.clear();
         }

@@ -16,8 +16,9 @@
 //!
 //! Sans-IO: bytes in, bytes out for each side, so every case is unit-tested;
 //! the interception module owns the sockets. Lines are parsed however TCP
-//! splits them; unknown commands and replies pass unchanged, long lines too
-//! (except the four this filter must understand, which are refused).
+//! splits them and forwarded as every receiver will read them (`lines`):
+//! Telnet commands removed, ambiguous and over-long lines refused, replies
+//! with their multi-line structure kept unambiguous.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -37,8 +38,12 @@ use crate::{
     policy::{IpFilter, Transport},
 };
 
-/// Longest command or reply line parsed (vsftpd's own limit).
-pub const MAX_LINE: usize = 4096;
+mod lines;
+mod syntax;
+
+pub use lines::MAX_LINE;
+use lines::{Lines, Piece, Replies, Reply};
+use syntax::{host_port, parse_eprt, parse_epsv, parse_host_port, parse_pasv, Eprt};
 
 /// The protocol name of FTP's connections (its rule in `[[protocols]]`).
 pub const PROTOCOL: &str = "ftp";
@@ -104,157 +109,6 @@ pub struct Output {
     pub urgent_at: Option<usize>,
 }
 
-/// A piece of a line-oriented stream.
-#[derive(Debug, PartialEq, Eq)]
-enum Piece {
-    /// A whole line with its terminator.
-    Line(Vec<u8>),
-    /// The first MAX_LINE bytes of a longer line.
-    LongStart(Vec<u8>),
-    /// More of a long line; `true` when it includes the line's end.
-    LongMore(Vec<u8>, bool),
-}
-
-/// Splits a stream into lines, however the bytes arrive.
-#[derive(Default)]
-struct Lines {
-    buf: Vec<u8>,
-    /// Inside a line longer than MAX_LINE.
-    in_long: bool,
-}
-
-impl Lines {
-    fn feed(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    fn next(&mut self) -> Option<Piece> {
-        let eol = self.buf.iter().position(|b| *b == b'\n');
-        if self.in_long {
-            let end = eol.map_or(self.buf.len(), |i| i + 1);
-            if end == 0 {
-                return None;
-            }
-            let part: Vec<u8> = self.buf.drain(..end).collect();
-            self.in_long = eol.is_none();
-            return Some(Piece::LongMore(part, eol.is_some()));
-        }
-        match eol {
-            Some(i) if i < MAX_LINE => Some(Piece::Line(self.buf.drain(..=i).collect())),
-            _ if self.buf.len() >= MAX_LINE => {
-                self.in_long = true;
-                Some(Piece::LongStart(self.buf.drain(..MAX_LINE).collect()))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// The command verb (upper case) and its argument, past any Telnet
-/// commands in front (IAC IP, IAC DM before ABOR).
-fn command(line: &[u8]) -> (String, &[u8]) {
-    let mut rest = line;
-    while rest.first() == Some(&0xff) {
-        let skip = match rest.get(1) {
-            Some(0xfb..=0xfe) => 3,
-            _ => 2,
-        };
-        rest = rest.get(skip..).unwrap_or(&[]);
-    }
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(rest.len());
-    let verb = String::from_utf8_lossy(&rest[..end]).to_ascii_uppercase();
-    let arg = rest[end..].strip_prefix(b" ").unwrap_or(&rest[end..]);
-    (verb, trim_eol(arg))
-}
-
-fn trim_eol(b: &[u8]) -> &[u8] {
-    let b = b.strip_suffix(b"\n").unwrap_or(b);
-    b.strip_suffix(b"\r").unwrap_or(b)
-}
-
-/// The reply code of a final reply line ("227 ..."), if it is one.
-fn reply_code(line: &[u8]) -> Option<u16> {
-    let code = line.get(..3)?;
-    if !code.iter().all(u8::is_ascii_digit) || line.get(3) != Some(&b' ') {
-        return None;
-    }
-    std::str::from_utf8(code).ok()?.parse().ok()
-}
-
-/// "h1,h2,h3,h4,p1,p2" (PORT's argument, and the numbers in a 227 reply).
-fn parse_host_port(s: &[u8]) -> Option<SocketAddrV4> {
-    let text = std::str::from_utf8(s).ok()?;
-    let mut n = [0u8; 6];
-    let mut parts = text.split(',');
-    for v in n.iter_mut() {
-        *v = parts.next()?.trim().parse().ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(SocketAddrV4::new(
-        Ipv4Addr::new(n[0], n[1], n[2], n[3]),
-        u16::from_be_bytes([n[4], n[5]]),
-    ))
-}
-
-fn host_port(a: SocketAddrV4) -> String {
-    let o = a.ip().octets();
-    let p = a.port().to_be_bytes();
-    format!("{},{},{},{},{},{}", o[0], o[1], o[2], o[3], p[0], p[1])
-}
-
-/// EPRT's argument: `<d>af<d>address<d>port<d>`.
-enum Eprt {
-    V4(SocketAddrV4),
-    /// Another address family (IPv6: 2).
-    Family(String),
-}
-
-fn parse_eprt(s: &[u8]) -> Option<Eprt> {
-    let text = std::str::from_utf8(s).ok()?;
-    let d = text.chars().next().filter(|c| ('!'..='~').contains(c))?;
-    let fields: Vec<&str> = text.split(d).collect();
-    // "", af, address, port, ""
-    if fields.len() != 5 || !fields[0].is_empty() || !fields[4].is_empty() {
-        return None;
-    }
-    if fields[1] != "1" {
-        return Some(Eprt::Family(fields[1].to_string()));
-    }
-    let ip: Ipv4Addr = fields[2].parse().ok()?;
-    let port: u16 = fields[3].parse().ok()?;
-    Some(Eprt::V4(SocketAddrV4::new(ip, port)))
-}
-
-/// The port of a 229 reply: `(<d><d><d>port<d>)`.
-fn parse_epsv(line: &[u8]) -> Option<u16> {
-    let text = std::str::from_utf8(line).ok()?;
-    let open = text.find('(')?;
-    let inner = &text[open + 1..text[open..].find(')')? + open];
-    let d = inner.chars().next()?;
-    let fields: Vec<&str> = inner.split(d).collect();
-    if fields.len() != 5 || fields[..3].iter().any(|f| !f.is_empty()) || !fields[4].is_empty() {
-        return None;
-    }
-    fields[3].parse().ok()
-}
-
-/// The address and port of a 227 reply: the six numbers after the code
-/// (in parentheses or not, RFC 1123 4.1.2.6).
-fn parse_pasv(line: &[u8]) -> Option<SocketAddrV4> {
-    let body = line.get(4..)?;
-    let start = body.iter().position(u8::is_ascii_digit)?;
-    let end = body[start..]
-        .iter()
-        .position(|b| !(b.is_ascii_digit() || *b == b',' || *b == b' '))
-        .map_or(body.len(), |i| start + i);
-    parse_host_port(&body[start..end])
-}
-
 /// One intercepted FTP control connection.
 pub struct Control {
     api: Arc<dyn Secondaries>,
@@ -270,10 +124,9 @@ pub struct Control {
     extra_flags: ConnFlags,
     from_client: Lines,
     from_server: Lines,
-    /// The verb of a long client line being dropped (refused when it ends).
-    dropping_client: Option<String>,
-    /// A long server reply being dropped (refused when it ends).
-    dropping_server: bool,
+    replies: Replies,
+    /// Dropping a multi-line passive reply (refused at its last line).
+    dropping_reply: bool,
     /// Pinholes made for this control connection.
     opened: Vec<u64>,
     /// What it did, for the line logged at its end.
@@ -310,8 +163,8 @@ impl Control {
             extra_flags,
             from_client: Lines::default(),
             from_server: Lines::default(),
-            dropping_client: None,
-            dropping_server: false,
+            replies: Replies::default(),
+            dropping_reply: false,
             opened: Vec::new(),
             tally: Tally::default(),
         })
@@ -322,24 +175,11 @@ impl Control {
         self.from_client.feed(data);
         while let Some(piece) = self.from_client.next() {
             match piece {
-                Piece::Line(line) => self.client_line(&line, out),
-                Piece::LongStart(start) => {
-                    let (verb, _) = command(&start);
-                    if matches!(verb.as_str(), "PORT" | "EPRT") {
-                        self.dropping_client = Some(verb);
-                    } else {
-                        out.to_server.extend_from_slice(&start);
-                    }
-                }
-                Piece::LongMore(more, ended) => match &self.dropping_client {
-                    Some(verb) if ended => {
-                        let verb = verb.clone();
-                        self.dropping_client = None;
-                        self.refuse(&verb, None, "500 Command line too long.", out);
-                    }
-                    Some(_) => {}
-                    None => out.to_server.extend_from_slice(&more),
+                Piece::Line(line) => match lines::command(&line) {
+                    Ok(cmd) => self.client_command(cmd, out),
+                    Err(reply) => self.refuse("a command", None, reply, out),
                 },
+                Piece::TooLong => self.refuse("a command", None, "500 Command line too long.", out),
             }
         }
     }
@@ -349,32 +189,19 @@ impl Control {
         self.from_server.feed(data);
         while let Some(piece) = self.from_server.next() {
             match piece {
-                Piece::Line(line) => self.server_line(&line, out),
-                Piece::LongStart(start) => {
-                    if matches!(reply_code(&start), Some(227 | 229)) {
-                        self.dropping_server = true;
-                    } else {
-                        out.to_client.extend_from_slice(&start);
-                    }
+                Piece::Line(line) => {
+                    let reply = self.replies.read(&line);
+                    self.server_reply(reply, out)
                 }
-                Piece::LongMore(more, ended) => {
-                    if !self.dropping_server {
-                        out.to_client.extend_from_slice(&more);
-                    } else if ended {
-                        self.dropping_server = false;
-                        self.stats.commands_refused.fetch_add(1, Relaxed);
-                        log::warn!(
-                            "ftp {} → {}: refused an overlong passive reply",
-                            self.client,
-                            self.server
-                        );
-                        out.to_client.extend_from_slice(
-                            b"500 Firewall refused an overlong passive reply.\r\n",
-                        );
-                    }
-                }
+                Piece::TooLong => self.refuse_reply("an overlong reply line", out),
             }
         }
+    }
+
+    /// Bytes held for unfinished lines (bounded: a line longer than
+    /// MAX_LINE is dropped as it arrives).
+    pub fn buffered(&self) -> usize {
+        self.from_client.pending() + self.from_server.pending()
     }
 
     /// What the connection did, in a few words (for its log line).
@@ -394,48 +221,82 @@ impl Control {
         }
     }
 
-    fn client_line(&mut self, line: &[u8], out: &mut Output) {
-        let (verb, arg) = command(line);
-        match verb.as_str() {
+    fn client_command(&mut self, cmd: lines::Command, out: &mut Output) {
+        let verb = cmd.verb.as_str();
+        let arg = cmd.arg.trim_ascii();
+        match verb {
             "PORT" => match parse_host_port(arg) {
-                Some(a) => self.active(&verb, a, out),
-                None => self.refuse(&verb, None, "501 Syntax error in PORT parameters.", out),
+                Some(a) => self.active(verb, a, out),
+                None => self.refuse(verb, None, "501 Syntax error in PORT parameters.", out),
             },
             "EPRT" => match parse_eprt(arg) {
-                Some(Eprt::V4(a)) => self.active(&verb, a, out),
+                Some(Eprt::V4(a)) => self.active(verb, a, out),
                 Some(Eprt::Family(f)) => self.refuse(
-                    &verb,
+                    verb,
                     None,
                     &format!(
                         "522 Network protocol {f} not supported through this firewall, use (1)"
                     ),
                     out,
                 ),
-                None => self.refuse(&verb, None, "501 Syntax error in EPRT parameters.", out),
+                None => self.refuse(verb, None, "501 Syntax error in EPRT parameters.", out),
             },
+            // RFC 1639's long forms carry addresses this filter does not
+            // translate: the client falls back to the RFC 959/2428 ones.
+            "LPRT" => self.refuse(
+                verb,
+                None,
+                "502 LPRT is not supported through this firewall, use PORT or EPRT.",
+                out,
+            ),
+            "LPSV" => self.refuse(
+                verb,
+                None,
+                "502 LPSV is not supported through this firewall, use PASV or EPSV.",
+                out,
+            ),
             "ABOR" => {
                 // Clients send ABOR as urgent data (RFC 959 4.1.3) so that
                 // a busy server reads it; we read urgent data in line, so
                 // the urgency is sent afresh, on the line's last byte (as
                 // ftplib does).
-                out.to_server.extend_from_slice(line);
+                out.to_server.extend_from_slice(&cmd.text);
                 out.urgent_at = Some(out.to_server.len() - 1);
             }
-            _ => out.to_server.extend_from_slice(line),
+            _ => out.to_server.extend_from_slice(&cmd.text),
         }
     }
 
-    fn server_line(&mut self, line: &[u8], out: &mut Output) {
-        match reply_code(line) {
-            Some(227) => match parse_pasv(line) {
+    fn server_reply(&mut self, reply: Reply, out: &mut Output) {
+        let passive = |c: u16| matches!(c, 227..=229);
+        match reply {
+            Reply::Opens(c, _) if passive(c) => self.dropping_reply = true,
+            Reply::Text(_) if self.dropping_reply => {}
+            Reply::Final(_, _) if self.dropping_reply => {
+                self.dropping_reply = false;
+                self.refuse_reply("a multi-line passive reply", out);
+            }
+            Reply::Final(227, text) => match parse_pasv(&text) {
                 Some(a) => self.passive(false, a, out),
                 None => self.refuse_reply("an unreadable 227 reply", out),
             },
-            Some(229) => match parse_epsv(line) {
+            Reply::Final(229, text) => match parse_epsv(&text) {
                 Some(port) => self.passive(true, SocketAddrV4::new(*self.server.ip(), port), out),
                 None => self.refuse_reply("an unreadable 229 reply", out),
             },
-            _ => out.to_client.extend_from_slice(line),
+            // The answer to LPSV, which clients are refused.
+            Reply::Final(228, _) => self.refuse_reply("a 228 (LPSV) reply", out),
+            Reply::Final(_, text) | Reply::Opens(_, text) | Reply::Text(text) => {
+                out.to_client.extend_from_slice(&text);
+                out.to_client.extend_from_slice(b"\r\n");
+            }
+            Reply::Garbage => {
+                log::debug!(
+                    "ftp {} → {}: dropped a server line that is no reply",
+                    self.client,
+                    self.server
+                );
+            }
         }
     }
 
