@@ -4,6 +4,7 @@
 //! with addresses and networks read from the two interfaces. Errors name the
 //! key and the problem.
 
+pub use firewall_core::timeouts::Timeouts;
 use std::{net::Ipv4Addr, ops::RangeInclusive, path::Path, time::Duration};
 
 use ipnet::Ipv4Net;
@@ -156,48 +157,6 @@ pub const DEFAULT_FTP_PORTS: &[u16] = &[21];
 /// "FW" and 0x21 (FTP's port); any value no other software on the machine uses.
 pub const DEFAULT_FWMARK: u32 = 0x4657_0021;
 pub const DEFAULT_ROUTE_TABLE: u32 = 18_007;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Timeouts {
-    /// Idle time after which an established TCP flow is removed.
-    #[serde(with = "secs")]
-    pub tcp_established: Duration,
-    /// Time a TCP flow lives after FIN or RST was seen.
-    #[serde(with = "secs")]
-    pub tcp_closing: Duration,
-    /// Idle time after which a UDP flow is removed.
-    #[serde(with = "secs")]
-    pub udp_idle: Duration,
-    /// TIMEOUT flag: an unused pinhole (TCP listener) closes after this.
-    #[serde(with = "secs")]
-    pub pinhole: Duration,
-    /// TIMEOUT flag on UDP: the connection closes after this much quiet.
-    #[serde(with = "secs")]
-    pub udp_pinhole_idle: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        // The same orders of magnitude as netfilter's conntrack defaults; the
-        // pinhole TIMEOUT is the spec's "about one minute".
-        Self {
-            tcp_established: Duration::from_secs(7200),
-            tcp_closing: Duration::from_secs(10),
-            udp_idle: Duration::from_secs(60),
-            pinhole: Duration::from_secs(60),
-            udp_pinhole_idle: Duration::from_secs(60),
-        }
-    }
-}
-
-mod secs {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_secs())
-    }
-}
 
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;
 pub const DEFAULT_PINHOLE_TABLE_SIZE: u32 = 65_536;
@@ -643,6 +602,30 @@ fn describe_span(text: &str, span: std::ops::Range<usize>) -> String {
     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
     let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
     format!("line {line} ({snippet})")
+}
+
+impl Config {
+    /// What the engine needs of the configuration and the interfaces.
+    pub fn engine_config(
+        &self,
+        internal: &Interface,
+        external: &Interface,
+    ) -> firewall_core::engine::EngineConfig {
+        firewall_core::engine::EngineConfig {
+            internal_addrs: internal.addresses().collect(),
+            external_addrs: self.external_addresses.clone(),
+            internal_networks: self.internal_networks.clone(),
+            internal_ifindex: internal.index,
+            external_ifindex: external.index,
+            timeouts: self.timeouts,
+            snat_block: self.snat_block,
+            client_quota: self.client_quota,
+            max_pending: self.max_pending_per_session,
+            default_allowed: self.default_allowed_addresses,
+            protocols: self.protocols.clone(),
+            networks: self.networks.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ use crate::{
         self, AttachMode, Datapath, FlowTable, InterceptTables, KernelMaps, PinPaths, PinholeTable,
         Side, Stats,
     },
-    engine::{Engine, EngineConfig, Event, RelayCmd},
+    engine::{Engine, Event, RelayCmd},
     filters::{DataFilterFactory, ExecutableBlockerFactory},
     ftp::{FtpStats, Secondaries},
     lock::{DaemonLock, LOCK_FILE},
@@ -272,9 +272,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let executables_blocked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let engine = match KernelMaps::open(&pins).and_then(|maps| {
         let mut engine = Engine::new(
-            EngineConfig::new(&config, &internal, &external),
+            config.engine_config(&internal, &external),
             maps,
-            PortPool::new(config.port_range.clone(), true),
+            PortPool::new(config.port_range.clone(), crate::reserve::KernelReserver),
+            Arc::new(crate::netif::MonotonicClock),
         )?;
         for protocol in &config.block_executables {
             let f: Arc<dyn DataFilterFactory> = Arc::new(ExecutableBlockerFactory {
@@ -708,7 +709,7 @@ fn handle(req: Request, shared: &Shared) -> Result<serde_json::Value, ApiError> 
 }
 
 fn list(engine: &Engine<KernelMaps>, what: ListWhat) -> Result<serde_json::Value, ApiError> {
-    let now = sweeper::monotonic_ns();
+    let now = crate::netif::monotonic_ns();
     match what {
         ListWhat::Sessions => to_json(engine.sessions()),
         ListWhat::Connections => to_json(engine.objects()),
@@ -831,7 +832,7 @@ fn tick_once(
     flows: &FlowTable,
     scan: &mut crate::mapops::Scan,
 ) -> anyhow::Result<()> {
-    let now = sweeper::monotonic_ns();
+    let now = crate::netif::monotonic_ns();
     let keys = shared.engine().timers_due(now);
     let mut readings = crate::engine::Readings::new();
     for k in keys {

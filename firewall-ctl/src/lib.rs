@@ -1,4 +1,6 @@
-//! firewall-ctl: the control plane of the secondary-connection firewall.
+//! firewall-ctl: the control plane of the secondary-connection firewall:
+//! the adapters around firewall-core (the datapath and its maps, the relay,
+//! interception, the API) and the daemon.
 //!
 //! The library holds everything the daemon and the CLI share: the datapath
 //! loader and typed map access, configuration, the local API, and the daemon.
@@ -7,18 +9,15 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
-pub mod engine;
-pub mod filters;
-pub mod flags;
-pub mod ftp;
 pub mod lock;
 pub mod mapops;
 pub mod neighbours;
 pub mod netif;
 pub mod output;
-pub mod policy;
-pub mod ports;
 pub mod primary;
 pub mod relay;
-pub mod sweeper;
+pub mod reserve;
 pub mod timewait;
+
+/// The logic, from firewall-core.
+pub use firewall_core::{engine, filters, flags, ftp, policy, ports, sweeper};

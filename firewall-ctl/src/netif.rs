@@ -102,6 +102,23 @@ pub fn forwarding_sysctls(interfaces: &[&Interface]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The clock the engine runs on: CLOCK_MONOTONIC, the clock of the
+/// datapath's `bpf_ktime_get_coarse_ns`.
+pub struct MonotonicClock;
+
+impl firewall_core::clock::Clock for MonotonicClock {
+    fn now_ns(&self) -> u64 {
+        monotonic_ns()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,14 +15,13 @@ use std::{
 use firewall_common::IPPROTO_TCP;
 use firewall_ctl::{
     api::{ApiError, ErrorKind},
-    config::Timeouts,
     engine::{BindRequest, Engine, EngineConfig, MemMaps, RelayCmd},
     filters::{
         Action, AppFilter, DataFilter, Direction, EmulatedPeer, EventContext, EventKind, EventMask,
         PriorityClass, Sockets,
     },
     flags::ConnFlags,
-    policy::{NetworkObject, ProtocolRule, Transport},
+    policy::Transport,
     ports::PortPool,
     relay::Relay,
 };
@@ -182,29 +181,17 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             .build()
             .unwrap();
         let cfg = EngineConfig {
-            internal_addrs: vec![ip(addr::FW_INTERNAL)],
-            external_addrs: vec![ip(addr::FW_EXTERNAL)],
-            internal_networks: vec!["10.1.0.0/24".parse().unwrap()],
             internal_ifindex: nix::net::if_::if_nametoindex(addr::IF_INTERNAL).unwrap(),
             external_ifindex: nix::net::if_::if_nametoindex(addr::IF_EXTERNAL).unwrap(),
-            timeouts: Timeouts::default(),
-            snat_block: 4,
-            client_quota: 160,
-            max_pending: 255,
-            default_allowed: ConnFlags::empty(),
-            protocols: vec![ProtocolRule {
-                name: "ftp".into(),
-                transport: Transport::Tcp,
-                ports: vec![21],
-                clients: vec!["10.1.0.0/24".parse().unwrap()],
-            }],
-            networks: vec![NetworkObject {
-                name: "internal".into(),
-                ranges: vec!["10.1.0.0/24".parse().unwrap()],
-            }],
+            ..EngineConfig::lab()
         };
-        let mut engine =
-            Engine::new(cfg, MemMaps::default(), PortPool::new(30000..=30099, true)).unwrap();
+        let mut engine = Engine::new(
+            cfg,
+            MemMaps::default(),
+            PortPool::new(30000..=30099, firewall_ctl::reserve::KernelReserver),
+            Arc::new(firewall_ctl::netif::MonotonicClock),
+        )
+        .unwrap();
         let gate = Arc::new(Gate::default());
         engine.register_filter(gate.clone());
         let emulator = Arc::new(Emulator::default());

@@ -32,18 +32,15 @@ use firewall_common::{
 };
 use firewall_ctl::{
     api::{Client, Request},
-    config::Timeouts,
     datapath::{BenchPrograms, KernelMaps, MapSizes, Side},
     engine::{BindRequest, Engine, EngineConfig, RedirectRequest},
     flags::ConnFlags,
-    policy::{IpFilter, ProtocolRule, Transport},
+    policy::{IpFilter, Transport},
     ports::PortPool,
 };
 use firewall_tests::{
     daemon::Firewall,
-    fixture::{
-        Fixture, CLIENT, FW_EXTERNAL, FW_INTERNAL, SERVER, XDP_DROP, XDP_PASS, XDP_REDIRECT,
-    },
+    fixture::{Fixture, CLIENT, FW_EXTERNAL, SERVER, XDP_DROP, XDP_PASS, XDP_REDIRECT},
     ftp::FtpServer,
     lab::{addr, unique_prefix, Lab, Ns},
     netns::in_netns,
@@ -740,23 +737,11 @@ fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
 
 fn engine_config(fx: &Fixture) -> EngineConfig {
     EngineConfig {
-        internal_addrs: vec![FW_INTERNAL.into()],
-        external_addrs: vec![FW_EXTERNAL.into()],
-        internal_networks: vec!["10.1.0.0/24".parse().expect("net")],
         internal_ifindex: fx.in_ifindex,
         external_ifindex: fx.ex_ifindex,
-        timeouts: Timeouts::default(),
         snat_block: 64,
-        client_quota: 160,
-        max_pending: 255,
-        default_allowed: ConnFlags::empty(),
-        protocols: vec![ProtocolRule {
-            name: "ftp".into(),
-            transport: Transport::Tcp,
-            ports: vec![21],
-            clients: vec!["10.1.0.0/24".parse().expect("net")],
-        }],
         networks: Vec::new(),
+        ..EngineConfig::lab()
     }
 }
 
@@ -827,12 +812,13 @@ fn control_plane(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
     let mut to_live = Vec::new();
     for _ in 0..opts.reps() {
         // The engine reserves ports by binding sockets to the fixture's addresses.
-        let mut engine = in_netns(&path, || {
-            Engine::new(
+        let mut engine = in_netns(&path, || -> anyhow::Result<_> {
+            Ok(Engine::new(
                 cfg.clone(),
                 KernelMaps::open(&pins)?,
-                PortPool::new(20000..=59999, true),
-            )
+                PortPool::new(20000..=59999, firewall_ctl::reserve::KernelReserver),
+                std::sync::Arc::new(firewall_ctl::netif::MonotonicClock),
+            )?)
         })??;
         let session = engine.open_session(CLIENT.into())?;
         let (rate, p50, p99) = in_netns(&path, || {

@@ -3,15 +3,22 @@
 use std::time::Duration;
 
 use super::*;
+use crate::ports::NoReservation;
+use firewall_common::flow::FlowValue;
 
 pub(super) const CLIENT: &str = "10.1.0.2";
+/// The tests' "now": the engine's clock stands still there, and ticks are
+/// given times from it.
+pub(super) const T0: u64 = 1_000_000_000_000;
+
+pub(super) fn clock() -> std::sync::Arc<dyn crate::clock::Clock> {
+    std::sync::Arc::new(crate::clock::ManualClock::at(T0))
+}
 pub(super) const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
 pub(super) const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
 pub(super) fn cfg() -> EngineConfig {
     EngineConfig {
-        internal_addrs: vec![INT],
-        external_addrs: vec![EXT],
         internal_networks: vec!["10.1.0.0/16".parse().unwrap()],
         internal_ifindex: 2,
         external_ifindex: 3,
@@ -19,20 +26,11 @@ pub(super) fn cfg() -> EngineConfig {
             pinhole: Duration::from_secs(60),
             ..Timeouts::default()
         },
-        snat_block: 4,
-        client_quota: 160,
-        max_pending: 255,
-        default_allowed: ConnFlags::empty(),
-        protocols: vec![ProtocolRule {
-            name: "ftp".into(),
-            transport: Transport::Tcp,
-            ports: vec![21],
-            clients: vec!["10.1.0.0/24".parse().unwrap()],
-        }],
         networks: vec![NetworkObject {
             name: "lan".into(),
             ranges: vec!["10.1.0.0/23".parse().unwrap()],
         }],
+        ..EngineConfig::lab()
     }
 }
 
@@ -40,7 +38,13 @@ pub(super) fn engine_with(
     cfg: EngineConfig,
     range: std::ops::RangeInclusive<u16>,
 ) -> (Engine<MemMaps>, u64) {
-    let mut e = Engine::new(cfg, MemMaps::default(), PortPool::new(range, false)).unwrap();
+    let mut e = Engine::new(
+        cfg,
+        MemMaps::default(),
+        PortPool::new(range, NoReservation),
+        clock(),
+    )
+    .unwrap();
     let s = e.open_session(CLIENT.parse().unwrap()).unwrap();
     (e, s)
 }
@@ -132,7 +136,7 @@ pub(super) fn established_through(
     let reply = FlowKey::new(proto, v.target_addr, v.target_port, pip.octets(), peer_port);
     let mut fv = FlowValue::forward(pip.octets(), peer_port, v.target_addr, v.target_port);
     fv.owner = id;
-    fv.last_seen_ns = sweeper::monotonic_ns();
+    fv.last_seen_ns = T0;
     let mut rv = FlowValue::forward(k.addr, k.port, pip.octets(), peer_port);
     rv.owner = id;
     rv.last_seen_ns = fv.last_seen_ns;
@@ -494,10 +498,7 @@ fn flags_reach_the_pinholes() {
         .unwrap();
     let v = e.maps.pinholes.values().next().unwrap();
     assert_ne!(v.flags & pinhole_flags::BIDIRECTIONAL, 0);
-    assert!(
-        v.deadline_ns > sweeper::monotonic_ns(),
-        "TIMEOUT sets a deadline"
-    );
+    assert!(v.deadline_ns > T0, "TIMEOUT sets a deadline");
     assert_eq!(v.remaining, 1);
     e.kill(r.connections[0].id).unwrap();
     // The IP filter becomes peer rules, removed with the last connection using them.
@@ -668,7 +669,7 @@ fn timers_end_unused_and_closed_connections() {
         .unwrap()
         .connections[0]
         .id;
-    let now = sweeper::monotonic_ns();
+    let now = T0;
     e.tick(now + 30_000_000_000).unwrap();
     assert_eq!(e.objects[&t].state, State::Listening, "at 30 s still there");
     e.tick(now + 61_000_000_000).unwrap();
@@ -686,7 +687,7 @@ fn timers_end_unused_and_closed_connections() {
         e.maps.flows.get_mut(&k).unwrap().tcp_flags_seen = firewall_common::flow::tcp_seen::FIN;
     }
     e.take_events();
-    e.tick(sweeper::monotonic_ns() + 11_000_000_000).unwrap();
+    e.tick(T0 + 11_000_000_000).unwrap();
     assert_eq!(e.objects[&keep].state, State::Terminated);
     assert!(e.maps.flows.is_empty());
     assert!(
@@ -707,7 +708,7 @@ fn udp_without_timeout_lives_until_kill() {
         .connections[0]
         .id;
     established(&mut e, id, "198.51.100.7", 7000);
-    e.tick(sweeper::monotonic_ns() + 3_600_000_000_000).unwrap();
+    e.tick(T0 + 3_600_000_000_000).unwrap();
     assert_eq!(e.objects[&id].state, State::Established);
     assert_eq!(e.maps.flows.len(), 2);
     // With TIMEOUT it ends when idle.
@@ -721,7 +722,7 @@ fn udp_without_timeout_lives_until_kill() {
         .connections[0]
         .id;
     established(&mut e, t, "198.51.100.7", 7001);
-    e.tick(sweeper::monotonic_ns() + 61_000_000_000).unwrap();
+    e.tick(T0 + 61_000_000_000).unwrap();
     assert_eq!(e.objects[&t].state, State::Terminated);
     assert_eq!(e.objects[&id].state, State::Established);
 }
@@ -868,7 +869,13 @@ fn a_restarted_engine_clears_orphaned_pinholes_and_keeps_flows() {
     let mut v = FlowValue::forward([1; 4], 1, [2; 4], 2);
     v.owner = 41;
     maps.flows.insert(FlowKey::new(6, [1; 4], 1, [2; 4], 2), v);
-    let mut e = Engine::new(cfg(), maps, PortPool::new(20000..=20999, false)).unwrap();
+    let mut e = Engine::new(
+        cfg(),
+        maps,
+        PortPool::new(20000..=20999, NoReservation),
+        clock(),
+    )
+    .unwrap();
     assert!(e.maps.pinholes.is_empty());
     assert_eq!(e.maps.flows.len(), 1);
     assert!(
@@ -928,7 +935,7 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
         .unwrap()
         .connections[0]
         .id;
-    e.tick(sweeper::monotonic_ns() + 61_000_000_000).unwrap();
+    e.tick(T0 + 61_000_000_000).unwrap();
     assert_eq!(e.objects[&t].reason.as_deref(), Some("timeout"));
     let m = e
         .bind_for_client(&BindRequest {
@@ -1507,7 +1514,8 @@ fn the_per_client_quota() {
     let e2 = Engine::new(
         cfg(),
         std::mem::take(&mut e.maps),
-        PortPool::new(20000..=20999, false),
+        PortPool::new(20000..=20999, NoReservation),
+        clock(),
     )
     .unwrap();
     assert!(e2.maps.busy.is_empty());
@@ -1584,9 +1592,9 @@ fn ended_objects_are_forgotten_after_a_while() {
     e.cancel(rid).unwrap();
     // Listed (terminated) for a while, then gone: a long-running daemon does
     // not keep every connection it ever made.
-    e.tick(sweeper::monotonic_ns()).unwrap();
+    e.tick(T0).unwrap();
     assert_eq!(e.objects().len(), 2);
-    let later = sweeper::monotonic_ns() + FORGET_AFTER.as_nanos() as u64 + 1_000_000_000;
+    let later = T0 + FORGET_AFTER.as_nanos() as u64 + 1_000_000_000;
     e.tick(later).unwrap();
     assert!(e.objects().is_empty());
     // The answers stay those of an ended object.

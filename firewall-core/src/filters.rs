@@ -367,7 +367,7 @@ use std::net::SocketAddrV4;
 
 use bitflags::bitflags;
 
-use crate::api::{ApiError, ErrorKind};
+use crate::error::{ApiError, ErrorKind};
 
 bitflags! {
     /// Event kinds a filter registers for (FwxFirewallEventType).

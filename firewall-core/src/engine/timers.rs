@@ -18,7 +18,7 @@ use firewall_common::{
 
 use super::{internal, Engine, Maps, Mode, State, FORGET_AFTER};
 use crate::{
-    api::ApiError,
+    error::ApiError,
     flags::ConnFlags,
     policy::Transport,
     sweeper::{self, Expiry},

@@ -5,7 +5,7 @@
 use firewall_common::flow::tcp_seen;
 
 use super::tests::{
-    bind, cfg, engine, engine_with, established, established_through, kind, redirect, CLIENT,
+    bind, cfg, engine, engine_with, established, established_through, kind, redirect, CLIENT, T0,
 };
 use super::*;
 
@@ -49,7 +49,7 @@ fn fin_both_ways_ends_the_connection_and_frees_its_ports_at_once() {
     );
     // The flows stay for the last ACK, then go once quiet for tcp_closing.
     assert_eq!(e.maps.flows.len(), 2);
-    let now = sweeper::monotonic_ns();
+    let now = T0;
     e.tick(now + 5 * S).unwrap();
     assert_eq!(e.maps.flows.len(), 2);
     e.tick(now + 11 * S).unwrap();
@@ -136,7 +136,7 @@ fn a_pinhole_used_as_its_control_connection_ends_is_kept() {
     // The event arrives: the connection goes on.
     established_through(&mut e, id, key, value, CLIENT, 40000);
     assert_eq!(e.objects[&id].state, State::Established);
-    e.tick(sweeper::monotonic_ns() + 2 * S).unwrap();
+    e.tick(T0 + 2 * S).unwrap();
     assert_eq!(
         e.objects[&id].state,
         State::Established,
@@ -155,7 +155,7 @@ fn a_pinhole_used_as_its_control_connection_ends_is_kept() {
     e.maps.pinholes.get_mut(&key).unwrap().remaining = 0;
     e.withdraw_unused(&[lost], "control connection ended");
     assert_eq!(e.objects[&lost].state, State::Listening);
-    e.tick(sweeper::monotonic_ns() + 2 * S).unwrap();
+    e.tick(T0 + 2 * S).unwrap();
     assert_eq!(e.objects[&lost].state, State::Terminated);
     assert_eq!(
         e.objects[&lost].reason.as_deref(),
@@ -176,7 +176,7 @@ fn a_timed_out_pinhole_in_use_waits_for_its_event() {
         .id;
     let key = e.objects[&id].pinhole.unwrap();
     e.maps.pinholes.get_mut(&key).unwrap().remaining = 0;
-    e.tick(sweeper::monotonic_ns() + 61 * S).unwrap();
+    e.tick(T0 + 61 * S).unwrap();
     assert_eq!(e.objects[&id].state, State::Listening);
     assert_eq!(e.expired().pinholes_timed_out, 0);
 }
@@ -247,7 +247,7 @@ fn a_tick_reads_only_what_is_due() {
         },
         20000..=20999,
     );
-    let now = sweeper::monotonic_ns();
+    let now = T0;
     for port in 0..200u16 {
         let id = e
             .bind_for_client(&bind(s, &[&format!("10.1.0.2:{}", 5000 + port)]))

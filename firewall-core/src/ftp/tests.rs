@@ -2,8 +2,8 @@ use std::sync::Mutex;
 
 use super::*;
 use crate::{
-    api::ErrorKind,
     engine::{BoundConnection, RedirectAction},
+    error::ErrorKind,
 };
 
 const CLIENT: &str = "10.1.0.2:40000";

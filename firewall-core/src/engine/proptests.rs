@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use firewall_common::flow::tcp_seen;
 use proptest::prelude::*;
 
-use super::tests::{bind, cfg, established_through, redirect, CLIENT, EXT, INT};
+use super::tests::{bind, cfg, established_through, redirect, CLIENT, EXT, INT, T0};
 use super::*;
+use crate::ports::NoReservation;
 
 const S: u64 = 1_000_000_000;
 
@@ -100,14 +101,15 @@ impl World {
                 ..cfg()
             },
             MemMaps::default(),
-            PortPool::new(20000..=20063, false),
+            PortPool::new(20000..=20063, NoReservation),
+            super::tests::clock(),
         )
         .unwrap();
         let session = e.open_session(CLIENT.parse().unwrap()).unwrap();
         Self {
             e,
             session,
-            now: sweeper::monotonic_ns(),
+            now: T0,
             next_conn: 1,
             relayed: Vec::new(),
         }

@@ -13,7 +13,7 @@ use firewall_common::{
 };
 use serde::Serialize;
 
-use crate::config::Timeouts;
+use crate::timeouts::Timeouts;
 
 /// Why a flow was removed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -126,13 +126,6 @@ pub fn missing_peers(batch: &[(FlowKey, FlowValue)]) -> Vec<FlowKey> {
         .map(|(k, v)| reply_key(k, v))
         .filter(|r| !have.contains(r))
         .collect()
-}
-
-/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_coarse_ns`.
-pub fn monotonic_ns() -> u64 {
-    let ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::{
-    api::ApiError,
     engine::{BindRequest, BindResult, RedirectRequest, RedirectResult},
+    error::ApiError,
     flags::ConnFlags,
     policy::{IpFilter, Transport},
 };

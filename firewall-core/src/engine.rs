@@ -18,7 +18,7 @@ use std::{
 };
 
 use firewall_common::{
-    flow::{FlowKey, FlowValue},
+    flow::FlowKey,
     pinhole::{
         event_kind, pinhole_flags, side, BusyClientValue, DatapathEvent, PinholeKey, PinholeValue,
     },
@@ -28,44 +28,19 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::{ApiError, ErrorKind},
-    config::{Config, Timeouts},
+    clock::Clock,
+    error::{ApiError, ErrorKind},
     filters::{self, AppFilter, DataFilterFactory, EventKind},
     flags::ConnFlags,
-    netif::Interface,
     policy::{self, IpFilter, NetworkObject, ProtocolRule, Transport},
     ports::{Hold, Lease, PortPool},
     relay::{Admit, Job, RelayEvent},
-    sweeper::{self, SweepStats},
+    sweeper::SweepStats,
+    timeouts::Timeouts,
 };
 
 /// Most addresses one call may ask for.
 pub const MAX_ADDRESSES: usize = 64;
-
-/// What the engine writes to and reads from the datapath.
-pub trait Maps: Send {
-    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()>;
-    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>>;
-    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()>;
-    /// Removes the pinhole and returns it as it was at that moment, so that
-    /// a packet using it at the same time cannot be overlooked.
-    fn take_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>>;
-    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>>;
-    fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()>;
-    fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()>;
-    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>>;
-    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool>;
-    /// Removes these flows (missing ones are skipped) in one go.
-    fn del_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize>;
-    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>>;
-    fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>>;
-    /// Marks a client as at its TCP quota (`Some`) or not (`None`).
-    fn set_client_busy(
-        &mut self,
-        client: Ipv4Addr,
-        busy: Option<BusyClientValue>,
-    ) -> anyhow::Result<()>;
-}
 
 /// What the engine needs to know about the firewall.
 #[derive(Clone, Debug)]
@@ -87,20 +62,33 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    pub fn new(config: &Config, internal: &Interface, external: &Interface) -> Self {
+    /// The firewall of the namespace lab that the tests, the demo and the
+    /// benchmark build (internal 10.1.0.1 on 10.1.0.0/24, external 10.2.0.1),
+    /// with the embedded defaults (the FTP protocol rule, the quota, the
+    /// timeouts); the interface indexes are left 0 for the caller to set.
+    pub fn lab() -> Self {
+        let internal: Ipv4Net = "10.1.0.0/24".parse().expect("network");
         Self {
-            internal_addrs: internal.addresses().collect(),
-            external_addrs: config.external_addresses.clone(),
-            internal_networks: config.internal_networks.clone(),
-            internal_ifindex: internal.index,
-            external_ifindex: external.index,
-            timeouts: config.timeouts,
-            snat_block: config.snat_block,
-            client_quota: config.client_quota,
-            max_pending: config.max_pending_per_session,
-            default_allowed: config.default_allowed_addresses,
-            protocols: config.protocols.clone(),
-            networks: config.networks.clone(),
+            internal_addrs: vec![Ipv4Addr::new(10, 1, 0, 1)],
+            external_addrs: vec![Ipv4Addr::new(10, 2, 0, 1)],
+            internal_networks: vec![internal],
+            internal_ifindex: 0,
+            external_ifindex: 0,
+            timeouts: Timeouts::default(),
+            snat_block: 4,
+            client_quota: 160,
+            max_pending: 255,
+            default_allowed: ConnFlags::empty(),
+            protocols: vec![ProtocolRule {
+                name: "ftp".into(),
+                transport: Transport::Tcp,
+                ports: vec![21],
+                clients: vec![internal],
+            }],
+            networks: vec![NetworkObject {
+                name: "internal".into(),
+                ranges: vec![internal],
+            }],
         }
     }
 
@@ -387,8 +375,8 @@ fn invalid(msg: impl Into<String>) -> ApiError {
     err(ErrorKind::InvalidArgument, msg)
 }
 
-fn internal(e: anyhow::Error) -> ApiError {
-    err(ErrorKind::Internal, format!("{e:#}"))
+fn internal(e: MapError) -> ApiError {
+    e.into()
 }
 
 fn ipproto(t: Transport) -> u8 {
@@ -414,6 +402,7 @@ pub struct Engine<M: Maps> {
     cfg: EngineConfig,
     maps: M,
     ports: PortPool,
+    clock: std::sync::Arc<dyn Clock>,
     sessions: BTreeMap<u64, Session>,
     by_client: HashMap<Ipv4Addr, u64>,
     objects: BTreeMap<u64, Object>,
@@ -465,7 +454,12 @@ impl<M: Maps> Engine<M> {
     /// objects that no longer exist (and whose ports are no longer reserved),
     /// so they are removed, as are the quota marks (the new engine counts
     /// afresh); established flows stay and expire normally.
-    pub fn new(cfg: EngineConfig, mut maps: M, ports: PortPool) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: EngineConfig,
+        mut maps: M,
+        ports: PortPool,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> Result<Self, MapError> {
         for (k, _) in maps.pinholes()? {
             maps.del_pinhole(&k)?;
         }
@@ -484,6 +478,7 @@ impl<M: Maps> Engine<M> {
             cfg,
             maps,
             ports,
+            clock,
             sessions: BTreeMap::new(),
             by_client: HashMap::new(),
             objects: BTreeMap::new(),
@@ -1364,7 +1359,7 @@ impl<M: Maps> Engine<M> {
             Transport::Tcp => self.cfg.timeouts.pinhole,
             Transport::Udp => self.cfg.timeouts.udp_pinhole_idle,
         };
-        sweeper::monotonic_ns() + after.as_nanos() as u64
+        self.clock.now_ns() + after.as_nanos() as u64
     }
 
     /// Writes a peer filter's rules; the caller records it once committed.
@@ -1520,7 +1515,7 @@ impl<M: Maps> Engine<M> {
                 // A first packet won it: its flows exist or are being made.
                 log::debug!("connection {id}: in use as its control connection ends; kept");
                 self.timers.at(
-                    sweeper::monotonic_ns() + 1_000_000_000,
+                    self.clock.now_ns() + 1_000_000_000,
                     timers::Timer::AwaitEstablished(*id, reason),
                 );
             } else {
@@ -1657,7 +1652,7 @@ impl<M: Maps> Engine<M> {
         if o.state == State::Terminated {
             return;
         }
-        let now = sweeper::monotonic_ns();
+        let now = self.clock.now_ns();
         let was_pending = o.state == State::Listening && o.parent.is_none();
         o.state = State::Terminated;
         o.reason = Some(reason.to_string());
@@ -1896,7 +1891,7 @@ impl<M: Maps> Engine<M> {
         if mode == Mode::Kernel {
             if let Some(idle) = self.idle_timeout(transport, flags) {
                 self.timers
-                    .at(sweeper::monotonic_ns() + idle, timers::Timer::Idle(id));
+                    .at(self.clock.now_ns() + idle, timers::Timer::Idle(id));
             }
         }
         self.count_established(session, transport, true);
@@ -2167,73 +2162,6 @@ pub enum RelayCmd {
     },
 }
 
-/// Maps in memory instead of the kernel: for running the engine in-process
-/// without BPF (tests, control-plane benchmarks). Nothing forwards packets.
-#[derive(Default)]
-pub struct MemMaps {
-    pub pinholes: HashMap<PinholeKey, PinholeValue>,
-    pub rules: HashMap<(u32, Ipv4Net), bool>,
-    pub flows: HashMap<FlowKey, FlowValue>,
-    pub busy: HashMap<Ipv4Addr, BusyClientValue>,
-}
-
-impl Maps for MemMaps {
-    fn put_pinhole(&mut self, key: &PinholeKey, value: &PinholeValue) -> anyhow::Result<()> {
-        self.pinholes.insert(*key, *value);
-        Ok(())
-    }
-    fn get_pinhole(&self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
-        Ok(self.pinholes.get(key).copied())
-    }
-    fn del_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<()> {
-        self.pinholes.remove(key);
-        Ok(())
-    }
-    fn take_pinhole(&mut self, key: &PinholeKey) -> anyhow::Result<Option<PinholeValue>> {
-        Ok(self.pinholes.remove(key))
-    }
-    fn pinholes(&self) -> anyhow::Result<Vec<(PinholeKey, PinholeValue)>> {
-        Ok(self.pinholes.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-    fn put_peer_rule(&mut self, filter: u32, net: Ipv4Net, allow: bool) -> anyhow::Result<()> {
-        self.rules.insert((filter, net), allow);
-        Ok(())
-    }
-    fn del_peer_rule(&mut self, filter: u32, net: Ipv4Net) -> anyhow::Result<()> {
-        self.rules.remove(&(filter, net));
-        Ok(())
-    }
-    fn get_flow(&self, key: &FlowKey) -> anyhow::Result<Option<FlowValue>> {
-        Ok(self.flows.get(key).copied())
-    }
-    fn del_flow(&mut self, key: &FlowKey) -> anyhow::Result<bool> {
-        Ok(self.flows.remove(key).is_some())
-    }
-    fn del_flows(&mut self, keys: &[FlowKey]) -> anyhow::Result<usize> {
-        Ok(keys
-            .iter()
-            .filter(|k| self.flows.remove(k).is_some())
-            .count())
-    }
-    fn flows(&self) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
-        Ok(self.flows.iter().map(|(k, v)| (*k, *v)).collect())
-    }
-    fn busy_clients(&self) -> anyhow::Result<Vec<Ipv4Addr>> {
-        Ok(self.busy.keys().copied().collect())
-    }
-    fn set_client_busy(
-        &mut self,
-        client: Ipv4Addr,
-        busy: Option<BusyClientValue>,
-    ) -> anyhow::Result<()> {
-        match busy {
-            Some(v) => self.busy.insert(client, v),
-            None => self.busy.remove(&client),
-        };
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -2243,3 +2171,5 @@ mod tests_closing;
 mod timers;
 
 pub use timers::Readings;
+
+pub use crate::maps::{MapError, Maps, MemMaps};

@@ -1,10 +1,11 @@
 //! Port allocation on the firewall's addresses, per (address, protocol).
 //!
 //! Blocks of N consecutive ports start at a multiple of N (RTP/RTCP pairs on
-//! even ports, and the spec's rule for any N). Every port handed out is also
-//! reserved in the kernel's own port space by binding a socket to it (not
-//! listening), so a local service can never take a pinhole's port, and a port
-//! a local service holds is never handed out.
+//! even ports, and the API's rule for any N). Every port handed out is also
+//! reserved in the kernel's own port space through a `PortReserver` (the
+//! daemon's binds a socket to it, not listening), so a local service can
+//! never take a pinhole's port, and a port a local service holds is never
+//! handed out.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,12 +13,32 @@ use std::{
     ops::RangeInclusive,
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
-
 use crate::{
-    api::{ApiError, ErrorKind},
+    error::{ApiError, ErrorKind},
     policy::Transport,
 };
+
+/// What holds a reserved port in the kernel (a bound socket, in the daemon):
+/// opaque to the engine; the relay takes it to listen on.
+pub type PortHandle = Box<dyn std::any::Any + Send>;
+
+/// Reserves ports in the kernel's own port space.
+pub trait PortReserver: Send {
+    /// Holds `lease` (`transparent`: on an address this machine does not
+    /// have, which the firewall answers for). Fails with `address-in-use`
+    /// when a local service holds the port, `address-not-available` for an
+    /// address that is not this machine's, `exhausted` out of descriptors.
+    fn reserve(&mut self, lease: &Lease, transparent: bool) -> Result<PortHandle, ApiError>;
+}
+
+/// Reserves nothing in the kernel (unit tests, in-process simulations).
+pub struct NoReservation;
+
+impl PortReserver for NoReservation {
+    fn reserve(&mut self, _: &Lease, _: bool) -> Result<PortHandle, ApiError> {
+        Ok(Box::new(()))
+    }
+}
 
 /// One reserved port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,8 +56,8 @@ impl Lease {
 
 #[derive(Default)]
 struct Space {
-    /// Reserved ports, with the socket that holds each in the kernel.
-    used: BTreeMap<u16, Option<Socket>>,
+    /// Reserved ports, with what holds each in the kernel.
+    used: BTreeMap<u16, Option<PortHandle>>,
     /// Where the next search starts, so that released ports are not reused at once.
     cursor: u32,
     /// Not an address of this machine: one the firewall answers for
@@ -56,12 +77,12 @@ pub enum Hold {
 
 pub struct PortPool {
     range: RangeInclusive<u16>,
-    /// Reserve in the kernel too (false only in unit tests).
-    kernel: bool,
+    reserver: Box<dyn PortReserver>,
     spaces: HashMap<(Ipv4Addr, Transport), Space>,
 }
 
-fn in_use(lease: &Lease, why: &str) -> ApiError {
+/// A lease's port is taken (`why`: by what).
+pub fn in_use_error(lease: &Lease, why: &str) -> ApiError {
     ApiError::new(
         ErrorKind::AddressInUse,
         format!(
@@ -80,29 +101,11 @@ fn proto_name(t: Transport) -> &'static str {
     }
 }
 
-/// Binds (without listening) to hold the port in the kernel.
-fn kernel_reserve(lease: &Lease, transparent: bool) -> std::io::Result<Socket> {
-    let (ty, proto) = match lease.transport {
-        Transport::Tcp => (Type::STREAM, Protocol::TCP),
-        Transport::Udp => (Type::DGRAM, Protocol::UDP),
-    };
-    let s = Socket::new(Domain::IPV4, ty.cloexec(), Some(proto))?;
-    if lease.transport == Transport::Udp {
-        // Nobody reads it: datagrams the stack delivers here must not pile up.
-        let _ = s.set_recv_buffer_size(0);
-    }
-    if transparent {
-        s.set_ip_transparent(true)?;
-    }
-    s.bind(&lease.endpoint().into())?;
-    Ok(s)
-}
-
 impl PortPool {
-    pub fn new(range: RangeInclusive<u16>, kernel: bool) -> Self {
+    pub fn new(range: RangeInclusive<u16>, reserver: impl PortReserver + 'static) -> Self {
         Self {
             range,
-            kernel,
+            reserver: Box::new(reserver),
             spaces: HashMap::new(),
         }
     }
@@ -124,38 +127,12 @@ impl PortPool {
             .entry((lease.addr, lease.transport))
             .or_default();
         if space.used.contains_key(&lease.port) {
-            return Err(in_use(&lease, "already used by another pinhole"));
+            return Err(in_use_error(&lease, "already used by another pinhole"));
         }
         // An address this machine does not have needs no kernel reservation
         // (no local service can bind it) unless a socket will use the port.
-        let socket = if self.kernel && (hold == Hold::Socket || !space.transparent) {
-            Some(
-                kernel_reserve(&lease, space.transparent).map_err(|e| match e.raw_os_error() {
-                    Some(libc::EADDRINUSE) => in_use(&lease, "in use by a local service"),
-                    Some(libc::EADDRNOTAVAIL) => ApiError::new(
-                        ErrorKind::AddressNotAvailable,
-                        format!("{} is not an address of this machine", lease.addr),
-                    ),
-                    Some(libc::EMFILE | libc::ENFILE) => {
-                        log::error!(
-                            "out of file descriptors reserving ports: {e} (raise LimitNOFILE)"
-                        );
-                        ApiError::new(
-                            ErrorKind::Exhausted,
-                            format!("out of file descriptors reserving a port: {e}"),
-                        )
-                    }
-                    _ => ApiError::new(
-                        ErrorKind::Internal,
-                        format!(
-                            "reserving {} port {} on {}: {e}",
-                            proto_name(lease.transport),
-                            lease.port,
-                            lease.addr
-                        ),
-                    ),
-                })?,
-            )
+        let socket = if hold == Hold::Socket || !space.transparent {
+            Some(self.reserver.reserve(&lease, space.transparent)?)
         } else {
             None
         };
@@ -273,7 +250,7 @@ impl PortPool {
     /// Hands over the socket that holds `lease` in the kernel (the user-mode
     /// relay listens on it, so the port never leaves the pool's hands). The
     /// lease stays reserved until `release`.
-    pub fn take_socket(&mut self, lease: &Lease) -> Option<Socket> {
+    pub fn take_socket(&mut self, lease: &Lease) -> Option<PortHandle> {
         self.spaces
             .get_mut(&(lease.addr, lease.transport))?
             .used
@@ -310,7 +287,7 @@ mod tests {
 
     #[test]
     fn aligned_blocks() {
-        let mut p = PortPool::new(20001..=20100, false);
+        let mut p = PortPool::new(20001..=20100, NoReservation);
         for n in [1u16, 2, 3, 4, 7] {
             let b = p.reserve_block(A, Transport::Tcp, n).unwrap();
             assert_eq!(b.len(), n as usize);
@@ -324,7 +301,7 @@ mod tests {
 
     #[test]
     fn exhaustion_and_reuse() {
-        let mut p = PortPool::new(30000..=30009, false);
+        let mut p = PortPool::new(30000..=30009, NoReservation);
         let leases: Vec<Lease> = (0..10)
             .map(|_| p.reserve_block(A, Transport::Tcp, 1).unwrap()[0])
             .collect();
@@ -344,7 +321,7 @@ mod tests {
     #[test]
     fn misaligned_free_space_is_not_used() {
         // Pool 45000..=45007; leave only 45001..=45003 free: no aligned pair but 45002-45003.
-        let mut p = PortPool::new(45000..=45007, false);
+        let mut p = PortPool::new(45000..=45007, NoReservation);
         for port in [45000, 45004, 45005, 45006, 45007] {
             p.reserve_exact(A, Transport::Tcp, port).unwrap();
         }
@@ -363,39 +340,12 @@ mod tests {
 
     #[test]
     fn explicit_ports() {
-        let mut p = PortPool::new(20000..=20010, false);
+        let mut p = PortPool::new(20000..=20010, NoReservation);
         p.reserve_exact(A, Transport::Tcp, 45000).unwrap();
         assert_eq!(
             p.reserve_exact(A, Transport::Tcp, 45000).unwrap_err().kind,
             ErrorKind::AddressInUse
         );
         p.reserve_exact(A, Transport::Udp, 45000).unwrap();
-    }
-
-    #[test]
-    fn kernel_reservation_blocks_local_services_and_is_released() {
-        // Loopback exists everywhere; ports from a high, random-ish range.
-        let lo = Ipv4Addr::LOCALHOST;
-        let base = 40000 + (std::process::id() % 1000) as u16 * 16;
-        let mut p = PortPool::new(base..=base + 15, true);
-        let l = p.reserve_block(lo, Transport::Tcp, 1).unwrap()[0];
-        assert!(
-            std::net::TcpListener::bind(l.endpoint()).is_err(),
-            "the port is held in the kernel"
-        );
-        p.release(&l);
-        assert!(
-            std::net::TcpListener::bind(l.endpoint()).is_ok(),
-            "released"
-        );
-        // A port a local service holds is skipped.
-        let held = std::net::TcpListener::bind(SocketAddrV4::new(lo, base + 4)).unwrap();
-        assert_eq!(
-            p.reserve_exact(lo, Transport::Tcp, base + 4)
-                .unwrap_err()
-                .kind,
-            ErrorKind::AddressInUse
-        );
-        drop(held);
     }
 }

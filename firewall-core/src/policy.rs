@@ -7,7 +7,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::{ApiError, ErrorKind},
+    error::{ApiError, ErrorKind},
     flags::ConnFlags,
 };
 
