@@ -60,7 +60,7 @@ impl Timers {
         self.queue.insert((due_ns, self.seq), t);
     }
 
-    fn pop_due(&mut self, now_ns: u64) -> Vec<Timer> {
+    pub(super) fn pop_due(&mut self, now_ns: u64) -> Vec<Timer> {
         let later = self.queue.split_off(&(now_ns.saturating_add(1), 0));
         std::mem::replace(&mut self.queue, later)
             .into_values()
@@ -142,7 +142,7 @@ impl<M: Maps> Engine<M> {
 
     /// An unused endpoint past its TIMEOUT ends; one whose pinhole a packet
     /// used meanwhile waits for its establishment event instead.
-    fn pinhole_timeout(&mut self, id: u64, now_ns: u64) -> Result<(), ApiError> {
+    pub(super) fn pinhole_timeout(&mut self, id: u64, now_ns: u64) -> Result<(), ApiError> {
         let Some(o) = self.objects.get_mut(&id) else {
             return Ok(());
         };
@@ -168,7 +168,7 @@ impl<M: Maps> Engine<M> {
 
     /// Ends `id` if its flows have been quiet for its idle timeout, else
     /// checks again when they would be.
-    fn idle_check(
+    pub(super) fn idle_check(
         &mut self,
         id: u64,
         now_ns: u64,
@@ -232,7 +232,7 @@ impl<M: Maps> Engine<M> {
         }
     }
 
-    fn linger_check(
+    pub(super) fn linger_check(
         &mut self,
         owner: u64,
         keys: Vec<FlowKey>,
@@ -272,7 +272,7 @@ impl<M: Maps> Engine<M> {
 
     /// The flow-table rules on a batch of entries: flows whose events were
     /// lost, flows an earlier daemon left, anything the timers do not know.
-    fn sweep_batch(
+    pub(super) fn sweep_batch(
         &mut self,
         batch: &[(FlowKey, FlowValue)],
         now_ns: u64,
@@ -297,7 +297,7 @@ impl<M: Maps> Engine<M> {
 
     /// Deletes expired flows (one batch), counts them, and ends the
     /// connections that had them.
-    fn remove_flows(&mut self, gone: Vec<(FlowKey, Expiry)>) -> Result<(), ApiError> {
+    pub(super) fn remove_flows(&mut self, gone: Vec<(FlowKey, Expiry)>) -> Result<(), ApiError> {
         if gone.is_empty() {
             return Ok(());
         }
@@ -321,7 +321,7 @@ impl<M: Maps> Engine<M> {
         Ok(())
     }
 
-    fn forget(&mut self, id: u64) {
+    pub(super) fn forget(&mut self, id: u64) {
         let Some(o) = self.objects.get(&id) else {
             return;
         };
