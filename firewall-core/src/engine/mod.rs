@@ -324,7 +324,12 @@ impl<M: Maps> Engine<M> {
     /// when a filter is registered for the event the connection will raise
     /// (it may attach a data filter then). Bind-time attachments decide per
     /// connection (see `bind_apply`).
-    pub(super) fn user_mode(&self, flags: ConnFlags, protocol: &str, resulting: Option<EventKind>) -> bool {
+    pub(super) fn user_mode(
+        &self,
+        flags: ConnFlags,
+        protocol: &str,
+        resulting: Option<EventKind>,
+    ) -> bool {
         flags.contains(ConnFlags::NO_KERNEL_MODE)
             || !self.filters_for(protocol).is_empty()
             || resulting.is_some_and(|k| filters::registered(&self.app_filters, k))
