@@ -32,6 +32,23 @@ pub mod map_names {
     pub const INTERCEPT_LISTENER: &str = "INTERCEPT_LISTENER";
 }
 
+/// Capacities of the maps (entries). The datapath declares its maps with
+/// them; the daemon resizes FLOWS and PINHOLES to the configured sizes
+/// before loading, and names the capacity when a map is full.
+pub mod map_sizes {
+    /// One entry per direction of a connection.
+    pub const FLOWS: u32 = 262_144;
+    pub const PINHOLES: u32 = 65_536;
+    /// Rules of every peer filter together.
+    pub const PEER_FILTERS: u32 = 65_536;
+    /// Clients at their connection quota.
+    pub const BUSY_CLIENTS: u32 = 16_384;
+    /// Intercepted ports.
+    pub const INTERCEPT: u32 = 64;
+    /// SYNs on their way to the interception listener.
+    pub const INTERCEPTING: u32 = 16_384;
+}
+
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     pub const XDP_INTERNAL: &str = "xdp_internal";

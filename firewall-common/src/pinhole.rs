@@ -108,7 +108,7 @@ pub struct PeerFilterValue {
 }
 
 /// Key of BUSY_CLIENTS: an internal client that has reached its quota of
-/// concurrent secondary TCP connections (spec §15 59). While its entry
+/// concurrent secondary TCP connections (the per-client quota). While its entry
 /// exists, pinholes refuse new TCP connections for it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -74,9 +74,13 @@ pub struct Emulation {
     pub peer: Box<dyn EmulatedPeer>,
 }
 
-/// Raises a connection's event in the engine: (owner, event, peer) → decision.
-pub type ConnectionHook = Arc<
-    dyn Fn(u64, EventKind, SocketAddrV4) -> Result<Decision, crate::error::ApiError> + Send + Sync,
+/// Raises a connection's event in the engine: (owner, event, peer) → the
+/// decision, once the engine's owner has made it.
+pub type ConnectionHook = Arc<dyn Fn(u64, EventKind, SocketAddrV4) -> HookFuture + Send + Sync>;
+
+/// The answer of a `ConnectionHook`.
+pub type HookFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Decision, crate::error::ApiError>> + Send>,
 >;
 
 /// What the relay reports to the engine.

@@ -9,14 +9,15 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod engine_owner;
 pub mod lock;
 pub mod mapops;
-pub mod neighbours;
 pub mod netif;
-pub mod output;
+pub mod netlink;
 pub mod primary;
 pub mod relay;
 pub mod reserve;
+pub mod routing;
 pub mod timewait;
 
 /// The logic, from firewall-core.

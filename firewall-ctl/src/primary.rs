@@ -15,13 +15,11 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    process::Command,
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::{bail, Context as _};
-use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
     io::{
@@ -33,77 +31,7 @@ use tokio::{
 
 use crate::ftp::{Control, FtpStats, Output, Secondaries};
 
-/// Priority of the policy-routing rule: before the main table (32766).
-const RULE_PRIORITY: &str = "9000";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The policy routing that delivers marked segments locally.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LocalDelivery {
-    pub fwmark: u32,
-    pub table: u32,
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-impl LocalDelivery {
-    /// Installs the route and the rule (replacing any left by a crash).
-    pub fn install(&self) -> anyhow::Result<()> {
-        let (mark, table) = (format!("{:#x}", self.fwmark), self.table.to_string());
-        ip(&[
-            "-4",
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            &table,
-        ])?;
-        self.remove_rules();
-        ip(&[
-            "-4",
-            "rule",
-            "add",
-            "fwmark",
-            &mark,
-            "lookup",
-            &table,
-            "priority",
-            RULE_PRIORITY,
-        ])
-    }
-
-    fn remove_rules(&self) {
-        let (mark, table) = (format!("{:#x}", self.fwmark), self.table.to_string());
-        // `ip rule del` removes one match at a time; a few leftovers at most.
-        for _ in 0..8 {
-            if ip(&["-4", "rule", "del", "fwmark", &mark, "lookup", &table]).is_err() {
-                break;
-            }
-        }
-    }
-
-    /// Removes what `install` added; missing pieces are fine.
-    pub fn remove(&self) {
-        self.remove_rules();
-        let _ = ip(&["-4", "route", "flush", "table", &self.table.to_string()]);
-    }
-}
 
 /// The listener the TC program hands intercepted SYNs to: loopback, any
 /// port, transparent (its connections answer from the servers' addresses).

@@ -35,6 +35,7 @@ fn emit_detail(
             forward: *forward,
             reply: *reply,
             pinhole: *pinhole,
+            // SAFETY: a helper without arguments.
             timestamp_ns: unsafe { bpf_ktime_get_coarse_ns() },
         });
         e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
@@ -44,8 +45,10 @@ fn emit_detail(
 /// Asks the control plane to resolve a next hop the FIB has no neighbour for.
 #[inline(always)]
 pub fn need_neighbour(ifindex: u32, next_hop: [u8; 4]) {
-    let mut k = FlowKey::default();
-    k.dst_addr = next_hop;
+    let k = FlowKey {
+        dst_addr: next_hop,
+        ..Default::default()
+    };
     emit(
         event_kind::NEED_NEIGHBOUR,
         ifindex as u64,

@@ -48,12 +48,15 @@ pub fn cached(flow: &FlowValue, pkt: &Packet, now_units: u32) -> Option<NextHop>
 /// write the same values, the timestamp last).
 #[inline(always)]
 pub fn remember(flow: *mut FlowValue, pkt: &Packet, hop: &NextHop, now_units: u32) {
+    // SAFETY: `flow` points into a FLOWS entry found or created for this packet; map values
+    // stay valid for the program's run, and racing writers write the same values.
     unsafe {
         let f = &mut *flow;
         let len = l3_len(pkt);
-        if f.hop_checked == 0 || f.hop_ifindex != hop.ifindex || f.hop_dmac != hop.dmac {
-            f.hop_len_ok = len;
-        } else if len > f.hop_len_ok {
+        // A new next hop starts its MTU knowledge afresh; the same one only
+        // learns that longer packets fit.
+        let new_hop = f.hop_checked == 0 || f.hop_ifindex != hop.ifindex || f.hop_dmac != hop.dmac;
+        if new_hop || len > f.hop_len_ok {
             f.hop_len_ok = len;
         }
         f.hop_ifindex = hop.ifindex;
@@ -80,6 +83,7 @@ pub fn route<H: Hook>(
     (dst, dport): ([u8; 4], u16),
     tot_len: u16,
 ) -> (u32, FibParams) {
+    // SAFETY: bpf_fib_lookup params are plain integers; all-zero is valid.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = protocol;
@@ -89,6 +93,7 @@ pub fn route<H: Hook>(
     p.ifindex = ctx.ingress_ifindex();
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: the helper reads and writes only `p`, which outlives the call.
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx_ptr() as *mut _,
@@ -120,6 +125,7 @@ pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHo
             // The lookup left the egress interface and the next hop in `p`.
             crate::events::need_neighbour(
                 p.ifindex,
+                // SAFETY: a union of plain integers; the helper filled the IPv4 member.
                 unsafe { p.__bindgen_anon_4.ipv4_dst }.to_ne_bytes(),
             );
             Err(Counter::DropNoNeighbour)

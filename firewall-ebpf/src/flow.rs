@@ -3,15 +3,16 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
-use firewall_common::flow::{tcp_seen, FlowKey, FlowValue};
+use firewall_common::{
+    flow::{tcp_seen, FlowKey, FlowValue},
+    map_sizes,
+};
 
 use crate::events;
 
 /// Default size; the control plane sets the real one from its config at load time.
-pub const DEFAULT_FLOWS: usize = 262_144;
-
 #[btf_map]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, DEFAULT_FLOWS> = LruHashMap::new();
+pub static FLOWS: LruHashMap<FlowKey, FlowValue, { map_sizes::FLOWS as usize }> = LruHashMap::new();
 
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<*mut FlowValue> {

@@ -11,17 +11,18 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, bpf_sock_tuple, sk_action::SK_PASS, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_CURRENT_NETNS, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_sock_tuple, sk_action::SK_PASS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_CURRENT_NETNS, BPF_TCP_TIME_WAIT, TC_ACT_OK, TC_ACT_SHOT,
     },
     btf_maps::{Array, HashMap, LruHashMap, SockMap},
     helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
-    macros::btf_map,
+    macros::{btf_map, classifier, sk_lookup},
     programs::{SkLookupContext, TcContext},
     EbpfContext as _,
 };
 use firewall_common::{
     intercept::{InterceptConf, InterceptKey, InterceptTuple, InterceptValue},
+    map_sizes,
     stats::Counter,
     IPPROTO_TCP,
 };
@@ -30,34 +31,50 @@ use crate::{fib, hook::Hook, parse, stats};
 
 /// Intercepted destination ports.
 #[btf_map]
-static INTERCEPT: HashMap<InterceptKey, InterceptValue, 64> = HashMap::new();
+static INTERCEPT: HashMap<InterceptKey, InterceptValue, { map_sizes::INTERCEPT as usize }> =
+    HashMap::new();
 
 #[btf_map]
 static INTERCEPT_CONF: Array<InterceptConf, 1> = Array::new();
 
+/// TC (tcx) ingress on the internal interface: hands primary connections of
+/// intercepted protocols to the daemon.
+#[classifier]
+pub fn tc_internal(ctx: TcContext) -> i32 {
+    process(&ctx)
+}
+
+/// The listener lookup of the firewall's network namespace: intercepted
+/// SYNs go to the daemon's listener.
+#[sk_lookup]
+pub fn sk_lookup_intercept(ctx: SkLookupContext) -> u32 {
+    lookup(&ctx)
+}
+
 #[inline(always)]
-pub fn process(ctx: &TcContext) -> i32 {
+fn process(ctx: &TcContext) -> i32 {
     let Some(conf) = INTERCEPT_CONF.get(0) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     let mark = conf.mark;
     if mark == 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let len = Hook::len(ctx);
     // Headers may sit in paged data: make them linear.
     ctx.prepare();
     let Ok(pkt) = parse::parse_range(ctx.data(), ctx.data_end(), len as usize) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if pkt.key.protocol != IPPROTO_TCP {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     let k = &pkt.key;
     let mut tuple = tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
     const TUPLE4: u32 = 12;
     // A socket of ours bound to exactly this destination (established,
     // handshaking, closing, or a transparent listener): deliver locally.
+    // SAFETY: `tuple` lives across the call; the returned socket is released below.
     let sk = unsafe {
         bpf_skc_lookup_tcp(
             ctx.as_ptr() as *mut _,
@@ -66,7 +83,7 @@ pub fn process(ctx: &TcContext) -> i32 {
             BPF_F_CURRENT_NETNS as u64,
             0,
         )
-    } as *mut bpf_sock;
+    };
     if !sk.is_null() {
         // SAFETY: a socket the lookup returned, released right after reading.
         let (bound, state) = unsafe { ((*sk).src_ip4, (*sk).state) };
@@ -79,19 +96,20 @@ pub fn process(ctx: &TcContext) -> i32 {
         if bound == u32::from_ne_bytes(k.dst_addr) && !reopening {
             ctx.set_mark(mark);
             stats::count(Counter::PassTransparent, len);
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
     }
     if !pkt.syn_only {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
-    let Some(target) = (unsafe { INTERCEPT.get(&InterceptKey::new(IPPROTO_TCP, k.dst_port)) })
+    // SAFETY: a read of a map value the control plane only replaces whole.
+    let Some(target) = (unsafe { INTERCEPT.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) })
     else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if !forwarded_out_of(ctx, &pkt, conf.egress_ifindex) {
         // Local destinations, or routes elsewhere: not a connection through the firewall.
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // The daemon's listener must be there to take it: without it the
     // connection cannot be filtered, and it is dropped (fail closed).
@@ -101,6 +119,7 @@ pub fn process(ctx: &TcContext) -> i32 {
         target.listener_addr,
         target.listener_port,
     );
+    // SAFETY: as for the lookup above; released below.
     let lsk = unsafe {
         bpf_sk_lookup_tcp(
             ctx.as_ptr() as *mut _,
@@ -109,10 +128,10 @@ pub fn process(ctx: &TcContext) -> i32 {
             BPF_F_CURRENT_NETNS as u64,
             0,
         )
-    } as *mut bpf_sock;
+    };
     if lsk.is_null() {
         stats::count(Counter::DropNoInterceptor, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     // SAFETY: the socket the lookup returned.
     unsafe { bpf_sk_release(lsk as *mut _) };
@@ -124,19 +143,20 @@ pub fn process(ctx: &TcContext) -> i32 {
         client_port: k.src_port,
         server_port: k.dst_port,
     };
-    if INTERCEPTING.insert(&syn, &1, 0).is_err() {
+    if INTERCEPTING.insert(syn, 1, 0).is_err() {
         stats::count(Counter::DropNoInterceptor, len);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     ctx.set_mark(mark);
     stats::count(Counter::PassIntercepted, len);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 /// SYNs the TC program decided to intercept, waiting for their listener
 /// lookup (an entry per SYN; retransmissions record it again).
 #[btf_map]
-static INTERCEPTING: LruHashMap<InterceptTuple, u32, 16_384> = LruHashMap::new();
+static INTERCEPTING: LruHashMap<InterceptTuple, u32, { map_sizes::INTERCEPTING as usize }> =
+    LruHashMap::new();
 
 /// The daemon's interception listener, at index 0.
 #[btf_map]
@@ -145,7 +165,7 @@ static INTERCEPT_LISTENER: SockMap<1> = SockMap::new();
 /// sk_lookup: the listener of a recorded SYN is the daemon's. Everything
 /// else is left to the kernel's own lookup.
 #[inline(always)]
-pub fn lookup(ctx: &SkLookupContext) -> u32 {
+fn lookup(ctx: &SkLookupContext) -> u32 {
     // SAFETY: the context the kernel passed; these fields are readable.
     let (protocol, remote, local, rport, lport) = unsafe {
         let l = &*ctx.lookup;
@@ -166,10 +186,11 @@ pub fn lookup(ctx: &SkLookupContext) -> u32 {
         client_port: u16::from_be(rport),
         server_port: lport as u16,
     };
-    if unsafe { INTERCEPTING.get(&syn) }.is_none() {
+    // SAFETY: a plain value read from a map entry.
+    if unsafe { INTERCEPTING.get(syn) }.is_none() {
         return SK_PASS;
     }
-    let _ = INTERCEPTING.remove(&syn);
+    let _ = INTERCEPTING.remove(syn);
     // No listener (the daemon is going): the kernel's lookup finds none and
     // the client gets a reset.
     let _ = INTERCEPT_LISTENER.redirect_sk_lookup(ctx, 0, 0);
@@ -179,6 +200,7 @@ pub fn lookup(ctx: &SkLookupContext) -> u32 {
 /// A socket-lookup tuple (addresses as in the packet, ports in host order).
 #[inline(always)]
 fn tuple4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> bpf_sock_tuple {
+    // SAFETY: the tuple is plain integers; all-zero is valid.
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(saddr);
     t.__bindgen_anon_1.ipv4.daddr = u32::from_ne_bytes(daddr);

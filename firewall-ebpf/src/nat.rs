@@ -1,15 +1,18 @@
-//! Address/port translation with checksum maintenance.
+//! Address/port translation with checksum maintenance, for both hooks.
 //!
-//! Final checksums are updated incrementally (RFC 1624). A checksum that only
-//! holds the pseudo-header sum (CHECKSUM_PARTIAL from a local socket, see
-//! `csum::looks_partial`) is recomputed over the whole segment instead, because
-//! XDP_REDIRECT forgets that the kernel was still to finish it.
+//! At XDP (`translate`) final checksums are updated incrementally (RFC 1624).
+//! A checksum that only holds the pseudo-header sum (CHECKSUM_PARTIAL from a
+//! local socket, see `csum::looks_partial`) is recomputed over the whole
+//! segment instead, because XDP_REDIRECT forgets that the kernel was still to
+//! finish it. At TC (`translate_skb`) the kernel's helpers do it, knowing
+//! the skb's checksum state.
 
 use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     btf_maps::PerCpuArray,
     helpers::generated::{bpf_csum_diff, bpf_xdp_load_bytes},
     macros::btf_map,
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
 use firewall_common::{csum, flow::FlowValue, stats::Counter, IPPROTO_TCP};
@@ -32,15 +35,18 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(),
     let key = &pkt.key;
     let is_tcp = key.protocol == IPPROTO_TCP;
     let check_ptr = pkt.l4_check;
+    // SAFETY: `l4_check` was bounds-checked by the parser.
     let old_check = u16::from_be_bytes(unsafe { *check_ptr });
 
     // Ports first: they sit at the same offsets in TCP and UDP.
+    // SAFETY: the ports lie within the L4 header the parser bounds-checked.
     unsafe {
         *(pkt.l4 as *mut [u8; 2]) = flow.nat_src_port.to_be_bytes();
         *(pkt.l4.add(2) as *mut [u8; 2]) = flow.nat_dst_port.to_be_bytes();
     }
 
     // IPv4 header: addresses and TTL, incremental header checksum.
+    // SAFETY: `pkt.ip` was bounds-checked by the parser; nothing else points at it here.
     let ip = unsafe { &mut *pkt.ip };
     let mut ip_check = u16::from_be_bytes(ip.check);
     ip_check = csum::replace_addr(ip_check, key.src_addr, flow.nat_src_addr);
@@ -79,6 +85,7 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(),
     } else {
         csum::udp_final(new_check)
     };
+    // SAFETY: as for the read above.
     unsafe { *check_ptr = new_check.to_be_bytes() };
     Ok(())
 }
@@ -114,7 +121,9 @@ fn full_l4_checksum(
         let n = ((n - 1) & (CHUNK - 1)) + 1;
         // The sum helper takes whole 32-bit words: zero the word holding the
         // last byte first, so the (at most 3) bytes past it are zero padding.
+        // SAFETY: (n - 1) & (CHUNK - 4) + 4 <= CHUNK: the word lies within the scratch buffer.
         unsafe { *(buf.add((n - 1) & (CHUNK - 4)) as *mut u32) = 0 };
+        // SAFETY: at most n <= CHUNK bytes into the CHUNK-byte scratch buffer.
         let rc = unsafe {
             bpf_xdp_load_bytes(
                 ctx.as_ptr() as *mut _,
@@ -133,6 +142,7 @@ fn full_l4_checksum(
             return Err(Counter::DropChecksum);
         }
         let s =
+            // SAFETY: `padded` <= CHUNK bytes of the scratch buffer (checked above).
             unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf as *mut u32, padded as u32, 0) };
         if s < 0 {
             return Err(Counter::DropChecksum);
@@ -145,4 +155,67 @@ fn full_l4_checksum(
     // Take out what the checksum field contributed to the sum.
     sum += !field as u64;
     Ok(!csum::fold(sum))
+}
+
+/// `translate` at TC, with the kernel's helpers only: they invalidate packet
+/// pointers, so every offset and old value is taken from `pkt` before the
+/// first one.
+#[inline(always)]
+pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+    let k = &pkt.key;
+    let l3 = pkt.l3_off;
+    let l4 = pkt.l4_off;
+    let is_tcp = k.protocol == IPPROTO_TCP;
+    let check_off = l4 + if is_tcp { 16 } else { 6 };
+    // SAFETY: `l4_check` was bounds-checked by the parser, and no helper
+    // has run yet.
+    let old_check = u16::from_be_bytes(unsafe { *pkt.l4_check });
+    let ttl = pkt.ttl;
+    let proto = k.protocol;
+    let addr = |a: [u8; 4]| u32::from_ne_bytes(a) as u64;
+    let port = |p: u16| p.to_be() as u64;
+    let fail = |_| Counter::DropChecksum;
+
+    if is_tcp || old_check != 0 {
+        let mangled = if is_tcp {
+            0
+        } else {
+            BPF_F_MARK_MANGLED_0 as u64
+        };
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+        ctx.l4_csum_replace(check_off, addr(k.src_addr), addr(flow.nat_src_addr), pseudo)
+            .map_err(fail)?;
+        ctx.l4_csum_replace(check_off, addr(k.dst_addr), addr(flow.nat_dst_addr), pseudo)
+            .map_err(fail)?;
+        ctx.l4_csum_replace(
+            check_off,
+            port(k.src_port),
+            port(flow.nat_src_port),
+            mangled | 2,
+        )
+        .map_err(fail)?;
+        ctx.l4_csum_replace(
+            check_off,
+            port(k.dst_port),
+            port(flow.nat_dst_port),
+            mangled | 2,
+        )
+        .map_err(fail)?;
+    }
+    let ip_check = l3 + 10;
+    ctx.l3_csum_replace(ip_check, addr(k.src_addr), addr(flow.nat_src_addr), 4)
+        .map_err(fail)?;
+    ctx.l3_csum_replace(ip_check, addr(k.dst_addr), addr(flow.nat_dst_addr), 4)
+        .map_err(fail)?;
+    let word = |t: u8| u16::from_ne_bytes([t, proto]) as u64;
+    ctx.l3_csum_replace(ip_check, word(ttl), word(ttl - 1), 2)
+        .map_err(fail)?;
+    ctx.store(l3 + 8, &(ttl - 1), 0).map_err(fail)?;
+    ctx.store(l3 + 12, &flow.nat_src_addr, 0).map_err(fail)?;
+    ctx.store(l3 + 16, &flow.nat_dst_addr, 0).map_err(fail)?;
+    ctx.store(l4, &flow.nat_src_port.to_be_bytes(), 0)
+        .map_err(fail)?;
+    ctx.store(l4 + 2, &flow.nat_dst_port.to_be_bytes(), 0)
+        .map_err(fail)?;
+    Ok(())
 }

@@ -67,10 +67,12 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
 
     // A frame too short for Ethernet is not ours to judge.
     let eth: *mut EthHdr = cur.take().ok_or(Counter::PassNotIpv4)?;
+    // SAFETY: `take` bounds-checked the Ethernet header.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut vlan_tagged = false;
     if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
         let vlan: *mut VlanHdr = cur.take().ok_or(Counter::DropMalformed)?;
+        // SAFETY: `take` bounds-checked the VLAN header.
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
             return Err(Counter::PassVlanUnsupported);
@@ -83,6 +85,7 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
 
     let l3_off = cur.pos - start;
     let ip: *mut Ipv4Hdr = cur.take().ok_or(Counter::DropMalformed)?;
+    // SAFETY: `take` bounds-checked the IPv4 header.
     let (vihl, tot_len, frags, ttl, protocol, src_addr, dst_addr) = unsafe {
         let h = &*ip;
         (
@@ -118,6 +121,7 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
     };
     let (l4, l4_check, src_port, dst_port, tcp_flags, syn_only) = if protocol == IPPROTO_TCP {
         let tcp: *mut TcpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
+        // SAFETY: `take` bounds-checked the TCP header.
         let t = unsafe { &*tcp };
         let doff = (t.doff() as usize) << 2;
         if doff < TcpHdr::LEN || doff > l4_len as usize {
@@ -133,6 +137,7 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         if t.rst() != 0 {
             seen |= tcp_seen::RST;
         }
+        // SAFETY: a field of the bounds-checked TCP header; no reference is made.
         let check = unsafe { &raw mut (*tcp).check };
         let syn_only = t.syn() != 0 && t.ack() == 0;
         (
@@ -145,11 +150,13 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         )
     } else {
         let udp: *mut UdpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
+        // SAFETY: `take` bounds-checked the UDP header.
         let u = unsafe { &*udp };
         let len = u16::from_be_bytes(u.len) as usize;
         if len < UdpHdr::LEN || len > l4_len as usize {
             return Err(Counter::DropMalformed);
         }
+        // SAFETY: a field of the bounds-checked UDP header; no reference is made.
         let check = unsafe { &raw mut (*udp).check };
         (
             udp as *mut u8,

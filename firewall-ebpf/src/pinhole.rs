@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use firewall_common::{
     flow::{FlowKey, FlowValue},
+    map_sizes,
     pinhole::{
         event_kind, pinhole_flags, BusyClientKey, BusyClientValue, PeerFilterKey, PeerFilterValue,
         PinholeKey, PinholeValue, MAX_REPLY_PATHS,
@@ -21,18 +22,19 @@ use firewall_common::{
 
 use crate::{events::emit, flow, parse::Packet};
 
-pub const DEFAULT_PINHOLES: usize = 65_536;
+#[btf_map]
+static PINHOLES: HashMap<PinholeKey, PinholeValue, { map_sizes::PINHOLES as usize }> =
+    HashMap::new();
 
 #[btf_map]
-static PINHOLES: HashMap<PinholeKey, PinholeValue, DEFAULT_PINHOLES> = HashMap::new();
-
-#[btf_map]
-static PEER_FILTERS: LpmTrie<PeerFilterKey, PeerFilterValue, 65_536> = LpmTrie::new();
+static PEER_FILTERS: LpmTrie<PeerFilterKey, PeerFilterValue, { map_sizes::PEER_FILTERS as usize }> =
+    LpmTrie::new();
 
 /// Clients at their quota of concurrent TCP secondaries (kept by the control
 /// plane, which counts established connections).
 #[btf_map]
-static BUSY_CLIENTS: HashMap<BusyClientKey, BusyClientValue, 16_384> = HashMap::new();
+static BUSY_CLIENTS: HashMap<BusyClientKey, BusyClientValue, { map_sizes::BUSY_CLIENTS as usize }> =
+    HashMap::new();
 
 /// How many SNAT ports a first packet tries before giving up.
 const SNAT_TRIES: u32 = 8;
@@ -44,7 +46,9 @@ const SNAT_TRIES: u32 = 8;
 pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
     let key = &pkt.key;
     let pkey = PinholeKey::new(key.protocol, key.dst_addr, key.dst_port, side);
-    let p = PINHOLES.get_ptr_mut(&pkey).ok_or(Counter::PassNoFlow)?;
+    let p = PINHOLES.get_ptr_mut(pkey).ok_or(Counter::PassNoFlow)?;
+    // SAFETY: `p` is a PINHOLES value the lookup returned; map values stay valid for the
+    // program's run.
     let (deadline, flags, allowed_src, peer_filter) = unsafe {
         (
             (*p).deadline_ns,
@@ -53,6 +57,7 @@ pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
             (*p).peer_filter,
         )
     };
+    // SAFETY: a helper without arguments.
     if deadline != 0 && unsafe { bpf_ktime_get_coarse_ns() } > deadline {
         return Err(Counter::DropPinholeExpired);
     }
@@ -73,15 +78,18 @@ pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
         let client = if flags & pinhole_flags::CLIENT_ONLY != 0 {
             allowed_src
         } else {
+            // SAFETY: as above.
             unsafe { (*p).target_addr }
         };
-        if unsafe { BUSY_CLIENTS.get(&BusyClientKey { addr: client }) }.is_some() {
+        // SAFETY: a presence check of a map entry; nothing is read from it.
+        if unsafe { BUSY_CLIENTS.get(BusyClientKey { addr: client }) }.is_some() {
             return Err(Counter::DropClientQuota);
         }
     }
     let single = flags & pinhole_flags::MULTIPLE == 0;
     if single {
         // Two first packets may race on two CPUs: exactly one wins the use.
+        // SAFETY: BPF_ATOMIC cmpxchg on a field of the map value `p`.
         let (_, won) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
                 &raw mut (*p).remaining,
@@ -99,6 +107,7 @@ pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
     let created = create_flows(pkt, p, &pkey);
     if created.is_err() && single {
         // Nothing was established: the use is not spent.
+        // SAFETY: as above; only the winner of the use writes it.
         unsafe { (*p).remaining = 1 };
     }
     created
@@ -123,6 +132,7 @@ fn create_flows(
     pkey: &PinholeKey,
 ) -> Result<*mut FlowValue, Counter> {
     let key = &pkt.key;
+    // SAFETY: `p` is a PINHOLES value the lookup returned.
     let v = unsafe { &*p };
     let (src_addr, src_port) = if v.snat_port_count > 0 {
         (
@@ -146,11 +156,13 @@ fn create_flows(
     back.owner = v.owner;
     // Created counts as seen: an entry whose first packet is then dropped (no
     // neighbour yet) must not look idle since boot to the sweeper.
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     fwd.last_seen_ns = now;
     back.last_seen_ns = now;
     flow::insert(&reply_key, &back)?;
     flow::insert(key, &fwd)?;
+    // SAFETY: an atomic add on a field of the map value `p`.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).uses, 1) };
     emit(event_kind::ESTABLISHED, v.owner, key, &reply_key, pkey);
     flow::lookup(key).ok_or(Counter::DropNatPortsBusy)
@@ -161,6 +173,7 @@ fn create_flows(
 /// different connections start apart without shared state.
 #[inline(always)]
 fn pick_snat_port(key: &FlowKey, p: *mut PinholeValue) -> Option<u16> {
+    // SAFETY: `p` is a PINHOLES value the lookup returned.
     let (base, count, addr, taddr, tport) = unsafe {
         (
             (*p).snat_port_base,

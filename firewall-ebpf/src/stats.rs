@@ -10,6 +10,7 @@ static STATS: PerCpuArray<StatValue, { COUNTER_SLOTS as usize }> = PerCpuArray::
 pub fn count(counter: Counter, bytes: u64) {
     if let Some(v) = STATS.get_ptr_mut(counter as u32) {
         // Per-CPU slot: no other CPU writes it, no atomics needed.
+        // SAFETY: this CPU's slot of a per-CPU map; no other CPU writes it.
         unsafe {
             (*v).packets += 1;
             (*v).bytes += bytes;

@@ -256,7 +256,7 @@ impl Firewall {
     }
 
     /// `bind-for-client --session S --client C --protocol P EXTRA…`.
-    fn bind_args<'a>(
+    pub fn bind_args<'a>(
         session: &'a str,
         client: &'a str,
         protocol: &'a str,

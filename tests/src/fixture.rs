@@ -42,7 +42,7 @@ pub struct Fixture {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    xtask::run(Command::new("ip").args(args)).map(|_| ())
+    firewall_lab::run(Command::new("ip").args(args)).map(|_| ())
 }
 
 impl Fixture {
@@ -71,8 +71,9 @@ impl Fixture {
     }
 
     fn build(netns: &str, sizes: firewall_ctl::datapath::MapSizes) -> anyhow::Result<Self> {
-        let sh =
-            |s: &str| xtask::run(Command::new("ip").args(["netns", "exec", netns, "sh", "-c", s]));
+        let sh = |s: &str| {
+            firewall_lab::run(Command::new("ip").args(["netns", "exec", netns, "sh", "-c", s]))
+        };
         let mac = |m: [u8; 6]| {
             m.iter()
                 .map(|b| format!("{b:02x}"))

@@ -63,7 +63,7 @@ impl FtpServer {
                 root = root.display(),
             ),
         )?;
-        let bin = std::path::Path::new(xtask::setup::PROFTPD_ROOT).join("usr/sbin/proftpd");
+        let bin = std::path::Path::new(firewall_lab::PROFTPD_ROOT).join("usr/sbin/proftpd");
         let daemon = ns
             .cmd(bin.to_str().expect("utf-8 path"))
             .args(["-n", "-q", "-c"])

@@ -9,7 +9,7 @@ pub mod netns;
 pub mod packet;
 pub mod traffic;
 
-pub use xtask::lab;
+pub use firewall_lab as lab;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -23,7 +23,7 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 /// Fails the test with a message naming a missing prerequisite, instead of skipping.
 pub fn require_root() {
     assert!(
-        xtask::is_root(),
+        firewall_lab::is_root(),
         "these tests need root (BPF, network namespaces): run `cargo xtask test` as root"
     );
 }

@@ -15,7 +15,8 @@ use std::{
 use firewall_common::IPPROTO_TCP;
 use firewall_ctl::{
     api::{ApiError, ErrorKind},
-    engine::{BindRequest, Engine, EngineConfig, MemMaps, RelayCmd},
+    engine::{BindRequest, Engine, EngineConfig, MemMaps},
+    engine_owner::{EngineHandle, Outlets},
     filters::{
         Action, AppFilter, DataFilter, Direction, EmulatedPeer, EventContext, EventKind, EventMask,
         PriorityClass, Sockets,
@@ -72,7 +73,7 @@ impl AppFilter for Gate {
         assert_eq!(ev.kind, EventKind::AcceptedConnection);
         assert!(ev.is_secondary);
         assert_eq!(ev.protocol_name, "ftp", "the protocol reaches the events");
-        // §15 67: no external socket name before the connection exists.
+        // No external socket name before the connection exists.
         assert_eq!(
             ev.external_socket_name().unwrap_err().kind,
             ErrorKind::InvalidArgument
@@ -138,34 +139,10 @@ impl EmulatedPeer for Greeter {
     }
 }
 
-type Shared = Arc<Mutex<Engine<MemMaps>>>;
-
-/// Carries out the engine's relay work, giving jobs the accept hook.
-fn run_relay_cmds(engine: &Shared, relay: &Relay) {
-    let cmds = engine.lock().unwrap().take_relay_cmds();
-    for cmd in cmds {
-        match cmd {
-            RelayCmd::Start(mut job) => {
-                let e = engine.clone();
-                job.hook = Some(Arc::new(move |owner, kind, address| {
-                    e.lock().unwrap().on_connection_event(owner, kind, address)
-                }));
-                relay.start(job).expect("relay start");
-            }
-            RelayCmd::SetTarget { owner, target } => relay.set_target(owner, target),
-            RelayCmd::Stop { owner } => relay.stop(owner),
-            RelayCmd::ClientBusy { client, busy } => relay.set_client_busy(client, busy),
-            RelayCmd::Emulate(job) => relay.emulate(job),
-            RelayCmd::StopConn { owner, conn } => relay.stop_conn(owner, conn),
-            RelayCmd::Withdraw { owner, reason } => relay.withdraw(owner, reason),
-        }
-    }
-}
-
 #[test]
 fn accept_events_deny_or_attach_data_filters_on_real_connections() {
-    // §15 26 (attach at accept: user mode, the data filter sees the bytes) and
-    // 61 (deny at accept: aborted, the single-use opening is used up).
+    // Attach at accept (user mode: the data filter sees the bytes) and deny
+    // at accept (aborted: the single-use opening is used up).
     require_root();
     let _turn = firewall_tests::exclusive();
     let lab = Lab::create(&unique_prefix("apf")).unwrap();
@@ -196,21 +173,30 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
         engine.register_filter(gate.clone());
         let emulator = Arc::new(Emulator::default());
         engine.register_filter(emulator.clone());
-        let engine: Shared = Arc::new(Mutex::new(engine));
         rt.block_on(async {
+            // The engine's owner, as the daemon runs it: it carries out the
+            // relay work each call decides.
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let relay = Relay::new(tx);
-            let (e2, r2) = (engine.clone(), relay.clone());
+            let engine = EngineHandle::spawn(
+                engine,
+                Outlets {
+                    relay: Relay::new(tx),
+                    events: tokio::sync::broadcast::channel(64).0,
+                    runtime: tokio::runtime::Handle::current(),
+                },
+            )
+            .unwrap();
+            let e2 = engine.clone();
             tokio::spawn(async move {
                 while let Some(ev) = rx.recv().await {
-                    e2.lock().unwrap().on_relay_event(ev);
-                    run_relay_cmds(&e2, &r2);
+                    e2.send(move |e| e.on_relay_event(ev));
                 }
             });
+            let client = ip(addr::CLIENT);
             let session = engine
-                .lock()
+                .call(move |e| e.open_session(client))
+                .await
                 .unwrap()
-                .open_session(ip(addr::CLIENT))
                 .unwrap();
             let bind = |client: &str| BindRequest {
                 session,
@@ -227,11 +213,13 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
 
             // Attach: the registered accept filter makes it user mode; bytes from the server are shouted.
             let b = engine
-                .lock()
+                .call({
+                    let req = bind("10.1.0.2:5001");
+                    move |e| e.bind_for_client(&req)
+                })
+                .await
                 .unwrap()
-                .bind_for_client(&bind("10.1.0.2:5001"))
                 .unwrap();
-            run_relay_cmds(&engine, &relay);
             let port = b.proxy_address.port();
             let got = tokio::task::spawn_blocking({
                 let lab_client = lab.client.clone();
@@ -257,7 +245,7 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
                 got.ends_with("QUIET WORDS\n"),
                 "the attached data filter saw the bytes: {got:?}"
             );
-            // §15 67: the data filter learnt the external socket's name (E:p) and peer.
+            // The data filter learnt the external socket's name (E:p) and peer.
             let sockets = gate
                 .sockets
                 .lock()
@@ -273,12 +261,14 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
 
             // Deny: the second external host is aborted, and the single-use opening is used up.
             let d = engine
-                .lock()
+                .call({
+                    let req = bind("10.1.0.2:5002");
+                    move |e| e.bind_for_client(&req)
+                })
+                .await
                 .unwrap()
-                .bind_for_client(&bind("10.1.0.2:5002"))
                 .unwrap();
             let id = d.connections[0].id;
-            run_relay_cmds(&engine, &relay);
             let dport = d.proxy_address.port();
             let (denied, after) = tokio::task::spawn_blocking({
                 let (client, ext2, server) = (
@@ -303,21 +293,23 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
                 !after.contains("hi"),
                 "the opening was used up by the denied connection: {after:?}"
             );
-            let objects = engine.lock().unwrap().objects();
+            let objects = engine.call(|e| e.objects()).await.unwrap();
             let o = objects.iter().find(|o| o.id == id).unwrap();
             assert_eq!(o.reason.as_deref(), Some("denied"), "{o:?}");
             assert!(gate.terminated.lock().unwrap().contains(&id));
 
-            // §15 68: a handler that fails at accept → the accept fails, the
+            // A handler that fails at accept → the accept fails, the
             // single-use opening is used up, and terminating is still delivered.
             gate.failing.store(true, Ordering::Relaxed);
             let f = engine
-                .lock()
+                .call({
+                    let req = bind("10.1.0.2:5003");
+                    move |e| e.bind_for_client(&req)
+                })
+                .await
                 .unwrap()
-                .bind_for_client(&bind("10.1.0.2:5003"))
                 .unwrap();
             let fid = f.connections[0].id;
-            run_relay_cmds(&engine, &relay);
             let fport = f.proxy_address.port();
             let failed = tokio::task::spawn_blocking({
                 let (client, server) = (lab.client.clone(), lab.server.clone());
@@ -335,7 +327,7 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             // The relay's event reaches the engine asynchronously.
             let mut reason = None;
             for _ in 0..50 {
-                let objects = engine.lock().unwrap().objects();
+                let objects = engine.call(|e| e.objects()).await.unwrap();
                 reason = objects
                     .iter()
                     .find(|o| o.id == fid)
@@ -356,13 +348,15 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             gate.failing.store(false, Ordering::Relaxed);
             emulator.on.store(true, Ordering::Relaxed);
             let e = engine
-                .lock()
+                .call({
+                    let req = bind("10.1.0.2:5004");
+                    move |e| e.bind_for_client(&req)
+                })
+                .await
                 .unwrap()
-                .bind_for_client(&bind("10.1.0.2:5004"))
                 .unwrap();
             let eid = e.connections[0].id;
             emulator.on.store(false, Ordering::Relaxed);
-            run_relay_cmds(&engine, &relay);
             let eport = e.proxy_address.port();
             let nothing = tokio::task::spawn_blocking({
                 let server = lab.server.clone();
@@ -375,21 +369,24 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
                 "an emulated bind listens nowhere: {nothing:?}"
             );
             let plain = engine
-                .lock()
+                .call({
+                    let req = bind("10.1.0.2:5005");
+                    move |e| e.bind_for_client(&req)
+                })
+                .await
                 .unwrap()
-                .bind_for_client(&bind("10.1.0.2:5005"))
                 .unwrap()
                 .connections[0]
                 .id;
             assert_eq!(
                 engine
-                    .lock()
-                    .unwrap()
-                    .emulate_connection(
+                    .call(move |e| e.emulate_connection(
                         plain,
                         sa("198.51.100.9:20"),
                         Box::new(Greeter(Default::default()))
-                    )
+                    ))
+                    .await
+                    .unwrap()
                     .unwrap_err()
                     .kind,
                 ErrorKind::NotEmulated
@@ -401,29 +398,29 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             .await
             .unwrap();
             let heard = Arc::new(Mutex::new(Vec::new()));
+            let greeter = Box::new(Greeter(heard.clone()));
             engine
-                .lock()
+                .call(move |e| e.emulate_connection(eid, sa("198.51.100.9:20"), greeter))
+                .await
                 .unwrap()
-                .emulate_connection(eid, sa("198.51.100.9:20"), Box::new(Greeter(heard.clone())))
                 .unwrap();
             assert_eq!(
                 engine
-                    .lock()
-                    .unwrap()
-                    .emulate_connection(
+                    .call(move |e| e.emulate_connection(
                         eid,
                         sa("198.51.100.9:20"),
                         Box::new(Greeter(Default::default()))
-                    )
+                    ))
+                    .await
+                    .unwrap()
                     .unwrap_err()
                     .kind,
                 ErrorKind::Terminating,
                 "a single-use bind is used up by the call"
             );
-            run_relay_cmds(&engine, &relay);
             let mut reason = None;
             for _ in 0..60 {
-                let objects = engine.lock().unwrap().objects();
+                let objects = engine.call(|e| e.objects()).await.unwrap();
                 reason = objects
                     .iter()
                     .find(|o| o.id == eid)
@@ -445,11 +442,13 @@ fn accept_events_deny_or_attach_data_filters_on_real_connections() {
             // filter's data source; the client is never connected.
             gate.emulating.store(true, Ordering::Relaxed);
             let a = engine
-                .lock()
+                .call({
+                    let req = bind("10.1.0.2:5006");
+                    move |e| e.bind_for_client(&req)
+                })
+                .await
                 .unwrap()
-                .bind_for_client(&bind("10.1.0.2:5006"))
                 .unwrap();
-            run_relay_cmds(&engine, &relay);
             let aport = a.proxy_address.port();
             let answered = tokio::task::spawn_blocking({
                 let server = lab.server.clone();

@@ -313,7 +313,7 @@ fn malformed_frames_are_dropped_and_counted() {
 fn flow_and_route_drops_have_reasons() {
     let mut fx = Fixture::new("drops").unwrap();
     let sh = |s: &str| {
-        xtask::run(std::process::Command::new("nsenter").args([
+        firewall_lab::run(std::process::Command::new("nsenter").args([
             &format!("--net=/run/netns/fwfx{}-drops", std::process::id()),
             "sh",
             "-c",
@@ -428,7 +428,8 @@ fn the_next_hop_is_cached_but_the_mtu_and_changes_still_apply() {
     let mut fx = Fixture::new("hop").unwrap();
     let ns = format!("--net=/run/netns/fwfx{}-hop", std::process::id());
     let sh = |s: &str| {
-        xtask::run(std::process::Command::new("nsenter").args([&ns, "sh", "-c", s])).unwrap();
+        firewall_lab::run(std::process::Command::new("nsenter").args([&ns, "sh", "-c", s]))
+            .unwrap();
     };
     // A server behind a 600-byte MTU route.
     sh("ip neigh add 10.2.0.200 lladdr 02:22:00:00:00:c8 dev ex0 nud permanent; ip route add 10.2.0.200/32 dev ex0 mtu lock 600");

@@ -184,3 +184,54 @@ fn hostile_api_requests_get_an_answer_and_cost_nothing() {
         assert_eq!(a["error"]["kind"], "invalid-argument", "{a}");
     }
 }
+
+#[test]
+fn idle_api_connections_do_not_lock_others_out() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const IDLE: usize = 5_000;
+    let limit = firewall_ctl::daemon::MAX_API_CONNECTIONS;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= (IDLE + 256) as u64,
+        "this test holds {IDLE} sockets: RLIMIT_NOFILE's hard limit {hard} is too low"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let run = LabRun::start("opidle", &[]);
+    let idle: Vec<UnixStream> = (0..IDLE)
+        .map(|_| UnixStream::connect(&run.fw.socket).unwrap())
+        .collect();
+
+    // Another client is answered, and the daemon holds no more than its limit.
+    let out = run.fw.ctl(&["status", "-j"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let held = status["api_connections"].as_u64().unwrap();
+    assert!(held as usize <= limit, "{held} connections held");
+
+    // The ones idle the longest were closed, with a line that says why.
+    let mut first = BufReader::new(idle[0].try_clone().unwrap());
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let a = answer(&mut first);
+    assert_eq!(a["error"]["kind"], "exhausted", "{a}");
+    assert!(
+        a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("idle the longest"),
+        "{a}"
+    );
+    assert!(closed(&mut first));
+
+    // The most recent ones still work.
+    let mut last = idle[IDLE - 1].try_clone().unwrap();
+    last.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    last.write_all(b"{\"v\":1,\"op\":\"list\",\"what\":\"sessions\"}\n")
+        .unwrap();
+    let a = answer(&mut BufReader::new(last));
+    assert!(a.get("ok").is_some(), "{a}");
+    drop(idle);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+}

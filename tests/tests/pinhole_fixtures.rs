@@ -428,7 +428,7 @@ fn udp_bidirectional_gives_other_senders_a_reply_path_only() {
 
 #[test]
 fn a_client_at_its_quota_gets_no_new_tcp_connections() {
-    // §15 59: while the control plane marks the client busy, both a binding
+    // The per-client quota: while the control plane marks the client busy, both a binding
     // delivering to it and its own redirect refuse new TCP connections,
     // unconsumed; UDP is not refused here (the oldest mapping goes instead).
     let mut fx = Fixture::new("phquota").unwrap();

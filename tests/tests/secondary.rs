@@ -1,6 +1,6 @@
 //! Lab tests of BindForClient and RedirectConnections through the CLI and
-//! the real daemon, with real sockets on the hosts (issue 3; spec §15 cases
-//! noted on each test). Connections here are kernel mode: the XDP program
+//! the real daemon, with real sockets on the hosts. Connections here are
+//! kernel mode: the XDP program
 //! creates their flows from the pinholes.
 
 use std::{thread, time::Duration};
@@ -31,7 +31,7 @@ fn s(v: &Value) -> String {
 
 #[test]
 fn bind_for_client_tcp_is_forwarded_in_the_kernel() {
-    // §15 1, 2, 3; done-when: data both ways, translated, by XDP.
+    // Data both ways, translated, by XDP.
     let r = run("bfc");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
@@ -121,7 +121,7 @@ fn bind_for_client_tcp_is_forwarded_in_the_kernel() {
 
 #[test]
 fn n_addresses_get_aligned_consecutive_ports_each_to_its_own_client() {
-    // §15 8, 13, 14, 15; done-when: N = 4.
+    // N = 4.
     let r = run("nport");
     let sess = r.fw.session(addr::CLIENT);
     let mut args = vec!["bind-for-client", "--session", &sess, "--protocol", "tcp"];
@@ -168,7 +168,6 @@ fn n_addresses_get_aligned_consecutive_ports_each_to_its_own_client() {
 
 #[test]
 fn allow_multiple_accepts_each_connection_as_its_own_object() {
-    // §15 17.
     let r = run("multi");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
@@ -219,7 +218,7 @@ fn allow_multiple_accepts_each_connection_as_its_own_object() {
 
 #[test]
 fn timeout_closes_an_unused_tcp_pinhole() {
-    // §15 18 (with a 2 s TIMEOUT instead of 60 s).
+    // With a 2 s TIMEOUT instead of 60 s.
     let r = run("tmo");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
@@ -250,7 +249,6 @@ fn timeout_closes_an_unused_tcp_pinhole() {
 
 #[test]
 fn udp_bind_single_peer_bidirectional_and_idle_timeout() {
-    // §15 6, 19, 21, 23.
     let r = run("udp");
     let sess = r.fw.session(addr::CLIENT);
     // 6: the first datagram is delivered; the client's reply reaches the peer.
@@ -318,7 +316,10 @@ fn udp_bind_single_peer_bidirectional_and_idle_timeout() {
     assert_eq!(
         seen,
         format!("{} {bport}\nto-p2", addr::FW_EXTERNAL),
-        "P2 got the client's datagram from the external address"
+        "P2 got the client's datagram from the external address; flows: {:?}; reply paths full: {}, pinhole used: {}",
+        r.fw.list("flows"),
+        counter(&r, "drop_reply_paths_full"),
+        counter(&r, "drop_pinhole_used"),
     );
 
     // 19: timeout on UDP: quiet for udp_pinhole_idle → closed.
@@ -339,7 +340,6 @@ fn udp_bind_single_peer_bidirectional_and_idle_timeout() {
 
 #[test]
 fn ip_filters_restrict_peers() {
-    // §15 42, 43.
     let r = run("ipf");
     let sess = r.fw.session(addr::CLIENT);
     let b = r.fw.bind_ok(
@@ -365,7 +365,6 @@ fn ip_filters_restrict_peers() {
 
 #[test]
 fn placeholder_client_addresses() {
-    // §15 9, 10, 11.
     let r = run("plh");
     let sess = r.fw.session(addr::CLIENT);
     let b = r.fw.bind_ok(&sess, "0.0.0.0:0", "tcp", &[]);
@@ -401,7 +400,6 @@ fn placeholder_client_addresses() {
 
 #[test]
 fn proxy_mode_shows_the_firewall_as_the_source() {
-    // §15 28.
     let r = run("pxy");
     let sess = r.fw.session(addr::CLIENT);
     let b =
@@ -424,7 +422,6 @@ fn proxy_mode_shows_the_firewall_as_the_source() {
 
 #[test]
 fn ports_explicit_conflicts_pool_and_kernel_reservation() {
-    // §15 7, 16, 49, 53, 55, 56.
     let r = LabRun::with_config("ports", "[ports]\nrange = \"30000-30003\"\n");
     let sess = r.fw.session(addr::CLIENT);
     let bind = |extra: &[&str]| {
@@ -513,7 +510,7 @@ fn ports_explicit_conflicts_pool_and_kernel_reservation() {
 
 #[test]
 fn every_error_kind_is_reachable_and_leaves_nothing() {
-    // Done-when: every error kind; §15 20, 22, 30, 31, 36, 44-47, 50-52.
+    // Every error kind the API has.
     let r = LabRun::with_config("errs", "[ports]\nrange = \"30000-30000\"\n[[protocols]]\nname = \"ftp\"\ntransport = \"tcp\"\nports = [21]\nclients = [\"10.1.0.2/32\"]\n");
     let sess = r.fw.session(addr::CLIENT);
     let other = r.fw.session(addr::CLIENT2);
@@ -659,7 +656,6 @@ fn every_error_kind_is_reachable_and_leaves_nothing() {
 
 #[test]
 fn kill_and_session_lifetimes() {
-    // §15 69-73.
     let r = run("kill");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(30);
@@ -720,7 +716,7 @@ fn kill_and_session_lifetimes() {
 
 #[test]
 fn redirect_connections_relay_through_the_internal_address() {
-    // §15 74-78; done-when: the server sees the firewall's external address.
+    // The server sees the firewall's external address.
     let r = run("rc");
     let sess = r.fw.session(addr::CLIENT);
     let rc = r.fw.ok(&[
@@ -836,7 +832,7 @@ fn the_per_client_quota_in_user_mode() {
     quota_case("allow-multiple,no-kernel-mode");
 }
 
-/// §15 59 with `policy.client_quota = 2`: two held connections fill the
+/// The per-client quota with `policy.client_quota = 2`: two held connections fill the
 /// quota, the third is refused (kernel mode: dropped in XDP and counted; user
 /// mode: reset by the relay and logged), and ending one lets the next in.
 fn quota_case(flags: &str) {
@@ -931,4 +927,35 @@ fn quota_case(flags: &str) {
         tcp_connects(&r.lab.server, &to),
         "below the quota, connections get in again"
     );
+}
+
+#[test]
+fn a_full_pinhole_table_is_exhausted_by_name_and_nothing_stays_half_made() {
+    // The smallest table the configuration allows.
+    let r = LabRun::with_config("pinfull", "[maps]\npinholes = 64\n");
+    let fw = &r.fw;
+    let session = fw.session(addr::CLIENT);
+    let mut made = Vec::new();
+    let (kind, message) = loop {
+        let client = format!("{}:{}", addr::CLIENT, 5000 + made.len());
+        let args = firewall_tests::daemon::Firewall::bind_args(&session, &client, "tcp", &[]);
+        match fw.call(&args) {
+            Ok(v) => made.push(v["connections"][0]["id"].as_u64().unwrap()),
+            Err(e) => break e,
+        }
+        assert!(made.len() <= 64, "the table took more than its capacity");
+    };
+    assert_eq!(made.len(), 64, "every entry was used first");
+    assert_eq!(kind, "exhausted", "{message}");
+    assert!(
+        message.contains("PINHOLES") && message.contains("64"),
+        "the map and its capacity are named: {message}"
+    );
+    // The failed call left nothing: no object, no pinhole, no port.
+    assert_eq!(fw.list("connections").len(), 64);
+    assert_eq!(fw.list("pinholes").len(), 64);
+    // One ended, one more fits.
+    fw.ok(&["kill", &made[0].to_string()]);
+    let client = format!("{}:{}", addr::CLIENT, 6000);
+    fw.bind_ok(&session, &client, "tcp", &[]);
 }

@@ -57,7 +57,7 @@ fn output(c: std::process::Child) -> String {
 
 #[test]
 fn no_kernel_mode_relays_large_transfers_both_ways_outside_the_flow_table() {
-    // §15 24; issue 4: byte for byte both ways, never in the flow table.
+    // Byte for byte both ways, never in the flow table.
     let r = run("umbig");
     let sess = r.fw.session(addr::CLIENT);
     let events = r.fw.follow_events(60);
@@ -305,7 +305,7 @@ fn user_mode_refusals_resets_and_kill() {
 
 #[test]
 fn scanned_connections_stop_executables_and_pass_text() {
-    // Issue 4: the sample data filter, switched on for FTP in the config.
+    // The sample data filter, switched on for FTP in the config.
     let r = LabRun::with_config(
         "umexe",
         &format!(
@@ -426,7 +426,6 @@ fn scanned_connections_stop_executables_and_pass_text() {
 
 #[test]
 fn increase_receive_buffer_gives_the_relayed_socket_64_kib() {
-    // §15 29.
     let r = run("umbuf");
     let sess = r.fw.session(addr::CLIENT);
     let rcvbuf = |port: u16| -> u64 {

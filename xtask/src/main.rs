@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use xtask::{lab, setup};
+use firewall_lab as lab;
+use xtask::setup;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Project tasks of the firewall")]

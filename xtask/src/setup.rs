@@ -49,10 +49,7 @@ pub fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the lab's ProFTPD is unpacked: Debian's proftpd packages conflict
-/// with vsftpd (both are an "ftp-server"), so the tests use a private copy
-/// of proftpd-core's files, with its libraries installed from Debian.
-pub const PROFTPD_ROOT: &str = "/opt/firewall-lab/proftpd";
+pub use firewall_lab::PROFTPD_ROOT;
 
 fn proftpd() -> anyhow::Result<()> {
     let bin = Path::new(PROFTPD_ROOT).join("usr/sbin/proftpd");

@@ -220,20 +220,16 @@ impl<M: Maps> Engine<M> {
         let key = o
             .pinhole
             .expect("a listening kernel-mode bind has its pinhole");
-        let mut v = self
-            .maps
-            .get_pinhole(&key)
-            .map_err(internal)?
-            .ok_or_else(|| {
-                err(
-                    ErrorKind::Internal,
-                    format!("pinhole of connection {id} vanished"),
-                )
-            })?;
+        let mut v = self.maps.get_pinhole(&key)?.ok_or_else(|| {
+            err(
+                ErrorKind::Internal,
+                format!("pinhole of connection {id} vanished"),
+            )
+        })?;
         v.target_addr = addr.ip().octets();
         v.target_port = addr.port();
         v.flags &= !pinhole_flags::NO_TARGET;
-        self.maps.put_pinhole(&key, &v).map_err(internal)?;
+        self.maps.put_pinhole(&key, &v)?;
         self.objects.get_mut(&id).expect("exists").target = Some(addr);
         Ok(())
     }

@@ -98,8 +98,21 @@ impl<M: Maps> Engine<M> {
         }
         policy::check_protocol(&self.cfg.protocols, &req.protocol_name, client_ip)?;
 
+        let user = self.user_mode(
+            f,
+            &req.protocol_name,
+            Self::resulting_event(Kind::Bind, req.protocol),
+        );
+        let plan = BindPlan {
+            clients,
+            proxy,
+            side: pside,
+            routed,
+            effective,
+            user,
+        };
         let mut undo = Undo::default();
-        match self.bind_apply(req, &clients, proxy, pside, routed, effective, &mut undo) {
+        match self.bind_apply(req, &plan, &mut undo) {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.rollback(undo);
@@ -108,239 +121,297 @@ impl<M: Maps> Engine<M> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn bind_apply(
+    /// Everything that can fail, recorded in `undo`; then the commit, which
+    /// cannot.
+    fn bind_apply(
         &mut self,
         req: &BindRequest,
-        clients: &[Option<SocketAddrV4>],
-        proxy: SocketAddrV4,
-        pside: u8,
-        routed: bool,
-        effective: ConnFlags,
+        plan: &BindPlan,
         undo: &mut Undo,
     ) -> Result<BindResult, ApiError> {
-        let n = clients.len();
-        let endpoints: Vec<SocketAddrV4> = if routed {
-            clients
-                .iter()
-                .map(|c| c.expect("checked: routed has no placeholder"))
-                .collect()
-        } else if proxy.port() != 0 {
-            let l = self
-                .ports
-                .reserve_exact(*proxy.ip(), req.protocol, proxy.port())?;
-            undo.leases.push(l);
-            vec![l.endpoint()]
-        } else {
-            let block = self
-                .ports
-                .reserve_block(*proxy.ip(), req.protocol, n as u16)?;
-            undo.leases.extend(&block);
-            block.iter().map(|l| l.endpoint()).collect()
-        };
-        // PROXY_MODE: the client sees the firewall's internal address as the
-        // source (the relay always connects from it).
-        let user = self.user_mode(
-            req.flags,
-            &req.protocol_name,
-            Self::resulting_event(Kind::Bind, req.protocol),
-        );
-        let mut snat = Vec::new();
-        if req.flags.contains(ConnFlags::PROXY_MODE) && !user {
-            let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
-                err(
-                    ErrorKind::AddressNotAvailable,
-                    "the internal interface has no address for proxy-mode",
-                )
-            })?;
-            let count = if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
-                self.cfg.snat_block
-            } else {
-                1
-            };
-            for _ in 0..n {
-                let block = self.ports.reserve_block(int, req.protocol, count)?;
-                undo.leases.extend(&block);
-                snat.push(block);
-            }
-        }
-        let filter = if user {
+        let endpoints = self.bind_endpoints(req, plan, undo)?;
+        let snat = self.bind_snat(req, plan, undo)?;
+        let filter = if plan.user {
             None
         } else {
             self.install_peer_filter(req.ip_filter.as_ref(), undo)?
         };
-        let deadline = self.deadline(req.flags, req.protocol);
-        let source = SocketAddrV4::new(
-            self.cfg
-                .internal_addrs
-                .first()
-                .copied()
-                .unwrap_or(Ipv4Addr::UNSPECIFIED),
-            0,
-        );
-
-        let mut out = Vec::new();
-        let mut created = Vec::new();
-        let mut jobs = Vec::new();
+        let ctx = BindCtx {
+            req,
+            plan,
+            filter,
+            deadline: self.deadline(req.flags, req.protocol),
+            source: SocketAddrV4::new(
+                self.cfg
+                    .internal_addrs
+                    .first()
+                    .copied()
+                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                0,
+            ),
+        };
+        let mut made = Vec::new();
         for (i, ep) in endpoints.iter().enumerate() {
-            let id = self.new_id();
-            let key = PinholeKey::new(ipproto(req.protocol), ep.ip().octets(), ep.port(), pside);
-            let mut flags = 0u16;
-            if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
-                flags |= pinhole_flags::MULTIPLE;
-            }
-            if req.flags.contains(ConnFlags::BIDIRECTIONAL) {
-                flags |= pinhole_flags::BIDIRECTIONAL;
-            }
-            let target = clients[i];
-            if target.is_none() {
-                flags |= pinhole_flags::NO_TARGET;
-            }
-            let t = target.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-            let (snat_addr, snat_base, snat_count) =
-                snat.get(i).map_or(([0; 4], 0, 0), |b: &Vec<Lease>| {
-                    (b[0].addr.octets(), b[0].port, b.len() as u16)
-                });
-            let value = PinholeValue {
-                target_addr: t.ip().octets(),
-                target_port: t.port(),
-                flags,
-                snat_addr,
-                snat_port_base: snat_base,
-                snat_port_count: snat_count,
-                peer_filter: filter.unwrap_or(0),
-                egress_ifindex: self.cfg.internal_ifindex,
-                remaining: 1,
-                owner: id,
-                deadline_ns: deadline,
-                ..Default::default()
-            };
-            let mut leases: Vec<Lease> = undo
-                .leases
-                .iter()
-                .filter(|l| l.endpoint() == *ep && l.transport == req.protocol)
-                .copied()
-                .collect();
-            // fwx_Bind_Tcp / fwx_Bind_Udp: a filter may deny the bind (the whole
-            // call fails), attach a data filter (UDP) or emulate it.
-            let bind_event = if req.protocol == Transport::Tcp {
-                EventKind::BindTcp
-            } else {
-                EventKind::BindUdp
-            };
-            let decision = filters::raise(
-                &self.app_filters,
-                bind_event,
-                id,
-                req.session,
-                *ep,
-                &req.protocol_name,
-            )?;
-            if let Some(by) = decision.denied_by {
-                return Err(err(
-                    ErrorKind::AddressInUse,
-                    format!("the bind of {ep} was denied by filter {by}"),
-                ));
-            }
-            // A factory registered before the call for this endpoint expects a
-            // data filter: user mode (UDP takes it now, TCP at the accept).
-            let expected = if req.protocol == Transport::Tcp {
-                EventKind::AcceptedConnection
-            } else {
-                EventKind::BindUdp
-            };
-            let user = user
-                || !decision.data_filters.is_empty()
-                || decision.emulated_by.is_some()
-                || self.factory_for(expected, *ep).is_some();
-            let emulated = decision.emulated_by.is_some();
-            if emulated {
-                // Nothing listens: the emulating filter is the data source
-                // (emulate_connection); the port stays reserved by its lease.
-            } else if user {
-                let mut factories = self.filters_for(&req.protocol_name);
-                if req.protocol == Transport::Udp {
-                    factories.extend(self.take_factory(EventKind::BindUdp, *ep));
-                }
-                factories.extend(decision.data_filters.into_iter().map(|(p, f)| {
-                    Arc::new(filters::Attached::new(p, f)) as Arc<dyn DataFilterFactory>
-                }));
-                jobs.push(Job {
-                    owner: id,
-                    transport: req.protocol,
-                    socket: leases.first().and_then(|l| self.ports.take_socket(l)),
-                    backlog: req.backlog.unwrap_or(DEFAULT_BACKLOG),
-                    admit: Admit::Peers(req.ip_filter.clone()),
-                    target,
-                    source,
-                    multiple: req.flags.contains(ConnFlags::ALLOW_MULTIPLE),
-                    idle: (req.protocol == Transport::Udp
-                        && req.flags.contains(ConnFlags::TIMEOUT))
-                    .then_some(self.cfg.timeouts.udp_pinhole_idle),
-                    recv_buffer: req
-                        .flags
-                        .contains(ConnFlags::INCREASE_RECEIVE_BUFFER)
-                        .then_some(INCREASED_RECEIVE_BUFFER),
-                    filters: factories,
-                    event: Self::resulting_event(Kind::Bind, req.protocol),
-                    hook: None,
-                });
-            } else {
-                self.maps.put_pinhole(&key, &value).map_err(internal)?;
-                undo.pinholes.push(key);
-            }
-            if let Some(b) = snat.get(i) {
-                leases.extend(b);
-            }
-            created.push((
-                id,
-                Object {
-                    target,
-                    pinhole: (!user).then_some(key),
-                    peer_filter: filter,
-                    leases,
-                    notify: req.notify,
-                    context: req.context.clone(),
-                    mode: if user { Mode::User } else { Mode::Kernel },
-                    emulated,
+            made.push(self.bind_one(&ctx, i, *ep, snat.get(i).map(Vec::as_slice), undo)?);
+        }
+        Ok(self.bind_commit(&ctx, endpoints[0], made))
+    }
 
-                    ..Object::new(
-                        req.session,
-                        Kind::Bind,
-                        req.protocol,
-                        &req.protocol_name,
-                        effective,
-                        *ep,
-                    )
-                },
+    /// The external endpoints: the clients themselves (routed), the one
+    /// port asked for, or a block of consecutive ports.
+    fn bind_endpoints(
+        &mut self,
+        req: &BindRequest,
+        plan: &BindPlan,
+        undo: &mut Undo,
+    ) -> Result<Vec<SocketAddrV4>, ApiError> {
+        let proxy = plan.proxy;
+        if plan.routed {
+            return Ok(plan.clients.iter().flatten().copied().collect());
+        }
+        if proxy.port() != 0 {
+            let l = self
+                .ports
+                .reserve_exact(*proxy.ip(), req.protocol, proxy.port())?;
+            undo.leases.push(l);
+            return Ok(vec![l.endpoint()]);
+        }
+        let n = plan.clients.len() as u16;
+        let block = self.ports.reserve_block(*proxy.ip(), req.protocol, n)?;
+        undo.leases.extend(&block);
+        Ok(block.iter().map(|l| l.endpoint()).collect())
+    }
+
+    /// PROXY_MODE in the kernel: the client sees the firewall's internal
+    /// address as the source, from a port (block) reserved per endpoint. In
+    /// user mode the relay always connects from that address anyway.
+    fn bind_snat(
+        &mut self,
+        req: &BindRequest,
+        plan: &BindPlan,
+        undo: &mut Undo,
+    ) -> Result<Vec<Vec<Lease>>, ApiError> {
+        if !req.flags.contains(ConnFlags::PROXY_MODE) || plan.user {
+            return Ok(Vec::new());
+        }
+        let int = *self.cfg.internal_addrs.first().ok_or_else(|| {
+            err(
+                ErrorKind::AddressNotAvailable,
+                "the internal interface has no address for proxy-mode",
+            )
+        })?;
+        let count = if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+            self.cfg.snat_block
+        } else {
+            1
+        };
+        let mut snat = Vec::new();
+        for _ in 0..plan.clients.len() {
+            let block = self.ports.reserve_block(int, req.protocol, count)?;
+            undo.leases.extend(&block);
+            snat.push(block);
+        }
+        Ok(snat)
+    }
+
+    /// One endpoint: the filters' say (fwx_Bind_Tcp / fwx_Bind_Udp), then a
+    /// pinhole in the kernel or a relay job in user mode.
+    fn bind_one(
+        &mut self,
+        ctx: &BindCtx,
+        i: usize,
+        ep: SocketAddrV4,
+        snat: Option<&[Lease]>,
+        undo: &mut Undo,
+    ) -> Result<Made, ApiError> {
+        let req = ctx.req;
+        let id = self.new_id();
+        let target = ctx.plan.clients[i];
+        let t = target.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let mut leases: Vec<Lease> = undo
+            .leases
+            .iter()
+            .filter(|l| l.endpoint() == ep && l.transport == req.protocol)
+            .copied()
+            .collect();
+        let bind_event = if req.protocol == Transport::Tcp {
+            EventKind::BindTcp
+        } else {
+            EventKind::BindUdp
+        };
+        let decision = filters::raise(
+            &self.app_filters,
+            bind_event,
+            id,
+            req.session,
+            ep,
+            &req.protocol_name,
+        )?;
+        if let Some(by) = decision.denied_by {
+            return Err(err(
+                ErrorKind::AddressInUse,
+                format!("the bind of {ep} was denied by filter {by}"),
             ));
-            out.push(BoundConnection {
-                id,
-                external: *ep,
-                client: t,
-            });
         }
-        // Committed: from here on nothing fails.
-        if let Some(fid) = filter {
-            self.filters.insert(
-                fid,
-                (
-                    req.ip_filter
-                        .as_ref()
-                        .map(|f| f.rules())
-                        .unwrap_or_default(),
-                    created.len(),
-                ),
-            );
-        }
-        *self.pending.entry(req.session).or_default() += created.len();
-        for (id, o) in created {
-            self.objects.insert(id, o);
-            if deadline != 0 {
-                self.timers.at(deadline, timers::Timer::PinholeTimeout(id));
+        // A factory registered before the call for this endpoint expects a
+        // data filter: user mode (UDP takes it now, TCP at the accept).
+        let expected = if req.protocol == Transport::Tcp {
+            EventKind::AcceptedConnection
+        } else {
+            EventKind::BindUdp
+        };
+        let user = ctx.plan.user
+            || !decision.data_filters.is_empty()
+            || decision.emulated_by.is_some()
+            || self.factory_for(expected, ep).is_some();
+        let emulated = decision.emulated_by.is_some();
+        let mut job = None;
+        let mut pinhole = None;
+        if emulated {
+            // Nothing listens: the emulating filter is the data source
+            // (emulate_connection); the port stays reserved by its lease.
+        } else if user {
+            let mut factories = self.filters_for(&req.protocol_name);
+            if req.protocol == Transport::Udp {
+                factories.extend(self.take_factory(EventKind::BindUdp, ep));
             }
+            factories.extend(decision.data_filters.into_iter().map(|(p, f)| {
+                Arc::new(filters::Attached::new(p, f)) as Arc<dyn DataFilterFactory>
+            }));
+            job = Some(Job {
+                owner: id,
+                transport: req.protocol,
+                socket: leases.first().and_then(|l| self.ports.take_socket(l)),
+                backlog: req.backlog.unwrap_or(DEFAULT_BACKLOG),
+                admit: Admit::Peers(req.ip_filter.clone()),
+                target,
+                source: ctx.source,
+                multiple: req.flags.contains(ConnFlags::ALLOW_MULTIPLE),
+                idle: (req.protocol == Transport::Udp && req.flags.contains(ConnFlags::TIMEOUT))
+                    .then_some(self.cfg.timeouts.udp_pinhole_idle),
+                recv_buffer: req
+                    .flags
+                    .contains(ConnFlags::INCREASE_RECEIVE_BUFFER)
+                    .then_some(INCREASED_RECEIVE_BUFFER),
+                filters: factories,
+                event: Self::resulting_event(Kind::Bind, req.protocol),
+                hook: None,
+            });
+        } else {
+            let (key, value) = self.bind_pinhole(ctx, id, ep, target, snat);
+            self.maps.put_pinhole(&key, &value)?;
+            undo.pinholes.push(key);
+            pinhole = Some(key);
         }
-        self.relay.extend(jobs.into_iter().map(RelayCmd::Start));
+        if let Some(b) = snat {
+            leases.extend(b);
+        }
+        let object = Object {
+            target,
+            pinhole,
+            peer_filter: ctx.filter,
+            leases,
+            notify: req.notify,
+            context: req.context.clone(),
+            mode: if user { Mode::User } else { Mode::Kernel },
+            emulated,
+            ..Object::new(
+                req.session,
+                Kind::Bind,
+                req.protocol,
+                &req.protocol_name,
+                ctx.plan.effective,
+                ep,
+            )
+        };
+        let bound = BoundConnection {
+            id,
+            external: ep,
+            client: t,
+        };
+        Ok(Made {
+            id,
+            object,
+            bound,
+            job,
+        })
+    }
+
+    /// The pinhole that admits the first packet to `ep` in the kernel.
+    fn bind_pinhole(
+        &self,
+        ctx: &BindCtx,
+        id: u64,
+        ep: SocketAddrV4,
+        target: Option<SocketAddrV4>,
+        snat: Option<&[Lease]>,
+    ) -> (PinholeKey, PinholeValue) {
+        let req = ctx.req;
+        let key = PinholeKey::new(
+            ipproto(req.protocol),
+            ep.ip().octets(),
+            ep.port(),
+            ctx.plan.side,
+        );
+        let mut flags = 0u16;
+        if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+            flags |= pinhole_flags::MULTIPLE;
+        }
+        if req.flags.contains(ConnFlags::BIDIRECTIONAL) {
+            flags |= pinhole_flags::BIDIRECTIONAL;
+        }
+        if target.is_none() {
+            flags |= pinhole_flags::NO_TARGET;
+        }
+        let t = target.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let (snat_addr, snat_port_base, snat_port_count) =
+            snat.filter(|b| !b.is_empty()).map_or(([0; 4], 0, 0), |b| {
+                (b[0].addr.octets(), b[0].port, b.len() as u16)
+            });
+        let value = PinholeValue {
+            target_addr: t.ip().octets(),
+            target_port: t.port(),
+            flags,
+            snat_addr,
+            snat_port_base,
+            snat_port_count,
+            peer_filter: ctx.filter.unwrap_or(0),
+            egress_ifindex: self.cfg.internal_ifindex,
+            remaining: 1,
+            owner: id,
+            deadline_ns: ctx.deadline,
+            ..Default::default()
+        };
+        (key, value)
+    }
+
+    /// Committed: from here on nothing fails.
+    fn bind_commit(
+        &mut self,
+        ctx: &BindCtx,
+        proxy_address: SocketAddrV4,
+        made: Vec<Made>,
+    ) -> BindResult {
+        let req = ctx.req;
+        if let Some(fid) = ctx.filter {
+            let rules = req
+                .ip_filter
+                .as_ref()
+                .map(|f| f.rules())
+                .unwrap_or_default();
+            self.filters.insert(fid, (rules, made.len()));
+        }
+        *self.pending.entry(req.session).or_default() += made.len();
+        let mut out = Vec::with_capacity(made.len());
+        for m in made {
+            self.objects.insert(m.id, m.object);
+            if ctx.deadline != 0 {
+                self.timers
+                    .at(ctx.deadline, timers::Timer::PinholeTimeout(m.id));
+            }
+            self.relay.extend(m.job.map(RelayCmd::Start));
+            out.push(m.bound);
+        }
         // fwx_Listen: filters hear of it but cannot refuse it.
         if req.protocol == Transport::Tcp {
             for c in &out {
@@ -356,9 +427,39 @@ impl<M: Maps> Engine<M> {
                 }
             }
         }
-        Ok(BindResult {
-            proxy_address: endpoints[0],
+        BindResult {
+            proxy_address,
             connections: out,
-        })
+        }
     }
+}
+
+/// A BindForClient request once checked.
+struct BindPlan {
+    clients: Vec<Option<SocketAddrV4>>,
+    proxy: SocketAddrV4,
+    /// The side of the firewall the pinholes wait on.
+    side: u8,
+    /// The proxy address is an internal client's own (a routed network).
+    routed: bool,
+    /// The flags with the configured defaults added.
+    effective: ConnFlags,
+    user: bool,
+}
+
+/// What every endpoint of one call shares.
+struct BindCtx<'a> {
+    req: &'a BindRequest,
+    plan: &'a BindPlan,
+    filter: Option<u32>,
+    deadline: u64,
+    source: SocketAddrV4,
+}
+
+/// One endpoint made, not yet committed.
+struct Made {
+    id: u64,
+    object: Object,
+    bound: BoundConnection,
+    job: Option<Job>,
 }

@@ -136,7 +136,7 @@ pub enum Event {
     },
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SessionInfo {
     pub id: u64,
     pub client: Ipv4Addr,
@@ -145,7 +145,7 @@ pub struct SessionInfo {
 }
 
 /// A connection object or firewall action, as listed.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ObjectInfo {
     pub id: u64,
     pub session: u64,
@@ -155,7 +155,7 @@ pub struct ObjectInfo {
     pub protocol: Transport,
     pub protocol_name: String,
     pub flags: ConnFlags,
-    /// Kernel (flows in XDP) or user (relay); always kernel in this version.
+    /// Kernel (flows in the datapath) or user (the relay).
     pub mode: Mode,
     /// The firewall endpoint the pinhole listens on.
     pub endpoint: SocketAddrV4,

@@ -113,10 +113,6 @@ fn invalid(msg: impl Into<String>) -> ApiError {
     err(ErrorKind::InvalidArgument, msg)
 }
 
-fn internal(e: MapError) -> ApiError {
-    e.into()
-}
-
 fn ipproto(t: Transport) -> u8 {
     match t {
         Transport::Tcp => IPPROTO_TCP,
@@ -243,13 +239,22 @@ impl<M: Maps> Engine<M> {
         &self.maps
     }
 
-    /// Events raised since the last call.
-    pub fn take_events(&mut self) -> Vec<Event> {
+    /// What the calls since the last take decided: the owner carries it out
+    /// (the relay's work first, then the events, in order).
+    pub fn take_effects(&mut self) -> Effects {
+        Effects {
+            events: std::mem::take(&mut self.events),
+            relay: std::mem::take(&mut self.relay),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
     }
 
-    /// Relay work decided since the last call.
-    pub fn take_relay_cmds(&mut self) -> Vec<RelayCmd> {
+    #[cfg(test)]
+    pub(crate) fn take_relay_cmds(&mut self) -> Vec<RelayCmd> {
         std::mem::take(&mut self.relay)
     }
 
@@ -430,6 +435,21 @@ pub enum Mode {
     Kernel,
     /// Sockets of the user-mode relay.
     User,
+}
+
+/// The effects of engine calls: the engine itself does no I/O but through
+/// its `Maps`; whoever owns it sends the events to followers and hands the
+/// relay its work.
+#[derive(Default)]
+pub struct Effects {
+    pub events: Vec<Event>,
+    pub relay: Vec<RelayCmd>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.relay.is_empty()
+    }
 }
 
 /// Work for the user-mode relay, in the order the engine decided it.

@@ -21,7 +21,7 @@ impl<M: Maps> Engine<M> {
         }
     }
 
-    /// The per-client quota (spec §15 59): a client with `client_quota`
+    /// The per-client quota: a client with `client_quota`
     /// established TCP secondaries is marked busy, so the datapath and the
     /// relay refuse its next ones until one ends; a UDP secondary beyond the
     /// quota ends the client's oldest UDP one instead.

@@ -190,7 +190,7 @@ impl<M: Maps> Engine<M> {
                     deadline_ns: deadline,
                     ..Default::default()
                 };
-                self.maps.put_pinhole(&key, &value).map_err(internal)?;
+                self.maps.put_pinhole(&key, &value)?;
                 undo.pinholes.push(key);
                 leases.extend(&snat[i]);
             }
@@ -254,7 +254,7 @@ impl<M: Maps> Engine<M> {
         let id = self.next_filter;
         self.next_filter = self.next_filter.wrapping_add(1).max(1);
         for (net, allow) in f.rules() {
-            self.maps.put_peer_rule(id, net, allow).map_err(internal)?;
+            self.maps.put_peer_rule(id, net, allow)?;
             undo.rules.push((id, net));
         }
         Ok(Some(id))

@@ -1065,7 +1065,6 @@ impl AppFilter for Scripted {
 
 #[test]
 fn a_deny_in_the_bind_event_fails_the_call_with_nothing_left() {
-    // §15 60.
     let (mut e, s) = engine();
     let f = Scripted::new(
         "denier",
@@ -1088,7 +1087,6 @@ fn a_deny_in_the_bind_event_fails_the_call_with_nothing_left() {
 
 #[test]
 fn calls_are_valid_only_in_their_events() {
-    // §15 62, 63, 65, 66.
     let (mut e, s) = engine();
     let f = Scripted::new(
         "checker",
@@ -1231,7 +1229,7 @@ impl AppFilter for Caller {
 
 #[test]
 fn established_goes_only_to_the_calling_filter() {
-    // §15 2, 4, 5. A filter registered for every event makes the connection
+    // A filter registered for every event makes the connection
     // user mode (it could attach at accept), so the relay reports it.
     let (mut e, s) = engine();
     let caller = Arc::new(Caller("ftp", Default::default()));
@@ -1294,7 +1292,7 @@ impl filters::DataFilterFactory for NopFactory {
 
 #[test]
 fn data_filter_factories_by_address() {
-    // §15 27, read with the seed: the kernel/user decision is taken at the
+    // The kernel/user decision is taken at the
     // call; a factory only decides which data filter a connection gets.
     let (mut e, s) = engine();
     let f = || Arc::new(NopFactory) as Arc<dyn filters::DataFilterFactory>;
@@ -1440,7 +1438,7 @@ fn udp_destination_events_of_redirects() {
 
 #[test]
 fn the_per_client_quota() {
-    // §15 59, with a quota of 2: the client's second established TCP
+    // The per-client quota, 2 here: the client's second established TCP
     // secondary marks it busy (datapath map and relay); an end clears it.
     let (mut e, s) = engine_with(
         EngineConfig {

@@ -16,7 +16,7 @@ use firewall_common::{
     pinhole::pinhole_flags,
 };
 
-use super::{internal, Engine, Maps, Mode, State, FORGET_AFTER};
+use super::{Engine, Maps, Mode, State, FORGET_AFTER};
 use crate::{
     error::ApiError,
     flags::ConnFlags,
@@ -134,9 +134,9 @@ impl<M: Maps> Engine<M> {
         let keys = self.timers_due(now_ns);
         let mut readings = Readings::new();
         for k in keys {
-            readings.insert(k, self.maps.get_flow(&k).map_err(internal)?);
+            readings.insert(k, self.maps.get_flow(&k)?);
         }
-        let batch = self.maps.flows().map_err(internal)?;
+        let batch = self.maps.flows()?;
         self.timers_apply(now_ns, &readings, &batch)
     }
 
@@ -151,7 +151,7 @@ impl<M: Maps> Engine<M> {
         }
         if o.mode == Mode::Kernel {
             if let Some(key) = o.pinhole.take() {
-                let taken = self.maps.take_pinhole(&key).map_err(internal)?;
+                let taken = self.maps.take_pinhole(&key)?;
                 if taken.is_some_and(|v| pinhole_used(&v)) {
                     self.timers.at(
                         now_ns + EVENT_GRACE_NS,
@@ -302,7 +302,7 @@ impl<M: Maps> Engine<M> {
             return Ok(());
         }
         let keys: Vec<FlowKey> = gone.iter().map(|(k, _)| *k).collect();
-        self.maps.del_flows(&keys).map_err(internal)?;
+        self.maps.del_flows(&keys)?;
         let mut ended: Vec<u64> = Vec::new();
         for (key, why) in gone {
             self.expired.add(why);

@@ -1,5 +1,5 @@
 //! The built-in FTP filter: the control connection's commands and replies,
-//! and the secondary connections they negotiate (spec §12).
+//! and the secondary connections they negotiate.
 //!
 //! - `PORT`/`EPRT` from the client: BindForClient for the client's own
 //!   address (single use, TIMEOUT, IP filter = the server), and the command

@@ -48,6 +48,8 @@ pub use test_run::{BenchPrograms, TestRunOutput};
 
 /// The eBPF object built from firewall-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
+/// The benchmark's packet generator and sink (never loaded by the daemon).
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -89,7 +91,7 @@ impl Side {
 /// stack, slower), or TC (tcx ingress: sees GRO/GSO super-packets, and keeps
 /// veth's offloads, which XDP turns off on the peer; faster for bulk TCP on
 /// veth, slower per packet).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     Native,

@@ -300,7 +300,7 @@ impl PeerFilters {
                 {
                     MapError::Full {
                         map: map_names::PEER_FILTERS,
-                        capacity: 65_536,
+                        capacity: firewall_common::map_sizes::PEER_FILTERS,
                     }
                 }
                 _ => MapError::Other(format!("inserting peer filter {filter} {net}: {e}")),

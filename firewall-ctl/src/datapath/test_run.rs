@@ -7,9 +7,9 @@ use aya::{
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use firewall_common::{map_names, stats::StatValue};
+use firewall_common::stats::StatValue;
 
-use super::{load_retrying, program, tc_program, typed, Datapath, Side, EBPF_OBJECT};
+use super::{load_retrying, program, tc_program, typed, Datapath, Side, BENCH_OBJECT};
 
 impl Datapath {
     /// Runs the program of `side` once on `frame` with BPF_PROG_RUN, as if it
@@ -98,13 +98,9 @@ pub struct BenchPrograms {
 
 impl BenchPrograms {
     pub fn load() -> anyhow::Result<Self> {
-        let mut loader = EbpfLoader::new();
-        // The datapath's maps come along; keep them small.
-        loader.map_max_entries(map_names::FLOWS, 1024);
-        loader.map_max_entries(map_names::PINHOLES, 64);
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .context("loading the eBPF object")?;
+        let mut ebpf = EbpfLoader::new()
+            .load(BENCH_OBJECT)
+            .context("loading the benchmark's eBPF object")?;
         for name in ["xdp_bench_tx", "xdp_bench_sink"] {
             let prog: &mut Xdp = typed(&mut ebpf, name)?;
             load_retrying(name, || prog.load())?;

@@ -122,7 +122,7 @@ fn check_same(what: &str, a: &Path, b: &Path) -> anyhow::Result<()> {
 }
 
 fn run() -> anyhow::Result<()> {
-    if !xtask::is_root() {
+    if !firewall_lab::is_root() {
         bail!("the demo needs root (BPF, network namespaces)");
     }
     let lab = Lab::create(&unique_prefix("demo")).context("creating the lab")?;

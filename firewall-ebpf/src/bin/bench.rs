@@ -1,8 +1,13 @@
-//! Two tiny programs for `cargo xtask bench`, never attached by the daemon:
+//! The benchmark's eBPF object, apart from the datapath's so that the
+//! daemon's object carries only what it attaches. Two tiny programs for
+//! `cargo xtask bench`:
 //! a packet generator for BPF_PROG_RUN's live-frames mode (as xdp-trafficgen
 //! does: the frame given to the run is transmitted, again and again), and a
 //! receiver that counts and drops, so that receive-side costs common to every
 //! setup measured do not dilute the comparison.
+
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -13,7 +18,7 @@ use aya_ebpf::{
 use firewall_common::stats::StatValue;
 
 /// Length of the generated frames: 64 bytes on the wire with the FCS.
-pub const BENCH_FRAME_LEN: usize = 60;
+const BENCH_FRAME_LEN: usize = 60;
 
 /// Packets and bytes the sink dropped, per CPU.
 #[btf_map]
@@ -34,6 +39,8 @@ pub fn xdp_bench_tx(ctx: XdpContext) -> u32 {
     let Some(tmpl) = BENCH_FRAME.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
+    // SAFETY: the frame holds BENCH_FRAME_LEN bytes (checked above), and the
+    // template is a map value of that size.
     unsafe {
         core::ptr::copy_nonoverlapping(tmpl.as_ptr(), start as *mut u8, BENCH_FRAME_LEN);
     }
@@ -45,10 +52,12 @@ pub fn xdp_bench_sink(ctx: XdpContext) -> u32 {
     // ARP goes on: the host must keep answering its neighbours, or the
     // firewall's entry for it fails during a long run and forwarding stops.
     let (start, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: the EtherType's two bytes lie within the frame (checked first).
     if start + 14 <= end && unsafe { *((start + 12) as *const [u8; 2]) } == [0x08, 0x06] {
         return xdp_action::XDP_PASS;
     }
     if let Some(v) = BENCH_SINK.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU map; nothing else writes it.
         unsafe {
             (*v).packets += 1;
             (*v).bytes += (ctx.data_end() - ctx.data()) as u64;
@@ -56,3 +65,14 @@ pub fn xdp_bench_sink(ctx: XdpContext) -> u32 {
     }
     xdp_action::XDP_DROP
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program; the verifier rejects any path to it.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

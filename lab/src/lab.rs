@@ -1,4 +1,4 @@
-//! The namespace lab of `notes/lab.md`, extended with a second internal client
+//! The namespace lab (see docs/testing.md), extended with a second internal client
 //! and a second external host:
 //!
 //! ```text

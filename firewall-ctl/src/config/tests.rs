@@ -1,0 +1,166 @@
+//! The configuration file: defaults, a full file, the documented example,
+//! and errors that name their key.
+
+use std::time::Duration;
+
+use super::*;
+
+fn ifs() -> (Interface, Interface) {
+    let i = Interface {
+        name: "in0".into(),
+        index: 2,
+        networks: vec!["10.1.0.1/24".parse().unwrap()],
+    };
+    let e = Interface {
+        name: "ex0".into(),
+        index: 3,
+        networks: vec!["10.2.0.1/24".parse().unwrap()],
+    };
+    (i, e)
+}
+
+#[test]
+fn defaults_come_from_interfaces() {
+    let (i, e) = ifs();
+    let c = Config::defaults(&i, &e).unwrap();
+    assert_eq!(
+        c.internal_networks,
+        vec!["10.1.0.0/24".parse::<Ipv4Net>().unwrap()]
+    );
+    assert_eq!(c.external_addresses, vec![Ipv4Addr::new(10, 2, 0, 1)]);
+    assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
+    assert_eq!(c.port_range, DEFAULT_PORT_RANGE);
+    assert_eq!(c.protocols[0].name, "ftp");
+    assert_eq!(c.protocols[0].clients, c.internal_networks);
+    assert_eq!(c.networks[0].ranges, c.internal_networks);
+    assert!(c.default_allowed_addresses.is_empty());
+}
+
+#[test]
+fn full_file() {
+    let (i, e) = ifs();
+    let c = Config::parse(
+        r#"
+[addresses]
+internal_networks = ["10.1.0.0/16", "192.168.0.0/24"]
+external_addresses = ["10.2.0.1"]
+[maps]
+flows = 4096
+pinholes = 1024
+[timeouts]
+udp_idle = 30
+pinhole = 20
+[ports]
+range = "30000-30099"
+snat_block = 8
+[policy]
+default_allowed_addresses = ["allow-addresses-in-class-c-network"]
+[[protocols]]
+name = "sip"
+transport = "udp"
+ports = [5060]
+clients = ["10.1.0.0/24"]
+[networks]
+lan = ["10.1.0.0/23"]
+dmz = ["192.168.0.0/24"]
+[ftp]
+enabled = false
+"#,
+        &i,
+        &e,
+    )
+    .unwrap();
+    assert_eq!(c.internal_networks.len(), 2);
+    assert_eq!(c.flow_table_size, 4096);
+    assert_eq!(c.pinhole_table_size, 1024);
+    assert_eq!(c.timeouts.udp_idle, Duration::from_secs(30));
+    assert_eq!(c.timeouts.pinhole, Duration::from_secs(20));
+    assert_eq!(c.port_range, 30000..=30099);
+    assert_eq!(c.snat_block, 8);
+    assert_eq!(
+        c.default_allowed_addresses,
+        ConnFlags::ALLOW_ADDRESSES_IN_CLASS_C_NETWORK
+    );
+    assert_eq!(c.protocols.len(), 1);
+    assert_eq!(c.protocols[0].transport, Transport::Udp);
+    assert_eq!(c.networks.len(), 2);
+    assert!(c.ftp_ports.is_empty());
+}
+
+#[test]
+fn the_documented_example_is_valid() {
+    let (i, e) = ifs();
+    let c = Config::parse(include_str!("../../../docs/firewall.example.toml"), &i, &e).unwrap();
+    assert_eq!(c.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
+    assert_eq!(c.timeouts, Timeouts::default());
+    assert_eq!(c.port_range, DEFAULT_PORT_RANGE);
+    assert_eq!(c.client_quota, DEFAULT_CLIENT_QUOTA);
+    assert_eq!(c.ftp_ports, DEFAULT_FTP_PORTS);
+    assert_eq!(c.fwmark, DEFAULT_FWMARK);
+}
+
+#[test]
+fn ftp_filter_is_on_by_default_and_can_be_turned_off() {
+    let (i, e) = ifs();
+    assert_eq!(Config::defaults(&i, &e).unwrap().ftp_ports, vec![21]);
+    let off = Config::parse("[ftp]\nenabled = false", &i, &e).unwrap();
+    assert!(off.ftp_ports.is_empty());
+    let other = Config::parse("[ftp]\nports = [21, 2121]", &i, &e).unwrap();
+    assert_eq!(other.ftp_ports, vec![21, 2121]);
+}
+
+#[test]
+fn errors_name_the_key() {
+    let (i, e) = ifs();
+    let cases = [
+        ("[addresses]\ninternal_networks = [\"10.1.0.0/24\", \"nope\"]", "addresses.internal_networks[1]"),
+        ("[addresses]\ninternal_networks = [\"10.1.0.1/24\"]", "host bits"),
+        ("[addresses]\nexternal_addresses = [\"10.9.9.9\"]", "not an address of interface ex0"),
+        ("[maps]\nflows = 3", "maps.flows"),
+        ("[maps]\npinholes = 3", "maps.pinholes"),
+        ("[timeouts]\nudp_idle = 0", "timeouts.udp_idle"),
+        ("[timeouts]\npinhole = 9999999", "timeouts.pinhole"),
+        ("[maps]\nflowz = 3", "unknown field `flowz`"),
+        ("[maps]\nflows = \"many\"", "line 2"),
+        ("[addresses]\ninternal_networks = []", "at least one"),
+        ("[ports]\nrange = \"80-90\"", "below 1024"),
+        ("[ports]\nrange = \"9000\"", "ports.range"),
+        ("[ports]\nrange = \"9000-2000\"", "ends before it starts"),
+        ("[policy]\ndefault_allowed_addresses = [\"timeout\"]", "not an allowed-address flag"),
+        ("[policy]\ndefault_allowed_addresses = [\"lots\"]", "policy.default_allowed_addresses[0]"),
+        ("[[protocols]]\nname = \"x\"\ntransport = \"sctp\"", "protocols[0].transport"),
+        ("[[protocols]]\nname = \"x y\"\ntransport = \"tcp\"", "protocols[0].name"),
+        ("[[protocols]]\nname = \"x\"\ntransport = \"tcp\"\n[[protocols]]\nname = \"x\"\ntransport = \"udp\"", "defined twice"),
+        ("[networks]\nlan = [\"10.0.0.0/99\"]", "networks.lan[0]"),
+        ("[scan]\nblock_executables = [\"gopher\"]", "scan.block_executables[0]"),
+        ("[scan]\nblock_everything = true", "unknown field `block_everything`"),
+        ("[policy]\nclient_quota = 0", "policy.client_quota"),
+        ("[ftp]\nports = [21, 21]", "ftp.ports[1]"),
+        ("[ftp]\nports = []", "ftp.ports"),
+        ("[ftp]\nports = [0]", "ftp.ports[0]"),
+        ("[ftp]\nport = 21", "unknown field `port`"),
+        ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
+        ("[timeouts]\nudp_idle = \"5 parsecs\"", "timeouts.udp_idle"),
+        ("[addresses]\nexternal_addresses = [\"10.2.0\"]", "addresses.external_addresses[0]"),
+        ("[[protocols]]\nname = \"tftp\"\ntransport = \"udp\"", "ftp.enabled"),
+        ("[interception]\nfwmark = 0", "interception.fwmark"),
+        ("[interception]\nroute_table = 254", "interception.route_table"),
+    ];
+    for (text, want) in cases {
+        let got = Config::parse(text, &i, &e).unwrap_err().to_string();
+        assert!(got.contains(want), "{text:?}: {got}");
+    }
+}
+
+#[test]
+fn timeouts_take_units() {
+    let (i, e) = ifs();
+    let c = Config::parse(
+        "[timeouts]\ntcp_established = \"2h\"\nudp_idle = 45",
+        &i,
+        &e,
+    )
+    .unwrap();
+    assert_eq!(c.timeouts.tcp_established, Duration::from_secs(7200));
+    assert_eq!(c.timeouts.udp_idle, Duration::from_secs(45));
+}

@@ -1,0 +1,454 @@
+//! The daemon behind `firewall-ctl up`, and the teardown behind `down`.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use firewall_common::intercept::{InterceptConf, InterceptKey, InterceptValue};
+use tokio::{
+    net::UnixListener,
+    sync::{broadcast, watch},
+};
+
+use crate::{
+    api::{self, ApiError, ErrorKind, InterfaceStatus},
+    config::Config,
+    datapath::{self, AttachMode, Datapath, InterceptTables, KernelMaps, PinPaths, Side},
+    engine::{BindRequest, BindResult, Engine, Event, RedirectRequest, RedirectResult},
+    engine_owner::{EngineHandle, Outlets},
+    filters::{DataFilterFactory, ExecutableBlockerFactory},
+    ftp::{FtpStats, Secondaries},
+    lock::DaemonLock,
+    netif::{self, Interface},
+    ports::PortPool,
+    primary::{self, Interception},
+    relay::Relay,
+    routing::{LocalDelivery, Resolver},
+};
+
+mod api_server;
+mod state;
+mod tasks;
+
+pub use api_server::MAX_API_CONNECTIONS;
+use state::{describe_running, remove_transparent_sockets};
+pub use state::{down, teardown, DownReport, State, STATE_FILE};
+
+pub struct UpOptions {
+    pub internal: String,
+    pub external: String,
+    pub config: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub xdp_mode: AttachMode,
+    /// Leave the datapath attached when the daemon exits (for restarts/upgrades).
+    pub keep_datapath: bool,
+}
+
+/// What the API server and the daemon's tasks share.
+struct Shared {
+    pins: PinPaths,
+    config: Config,
+    interfaces: Vec<InterfaceStatus>,
+    shutdown: watch::Sender<bool>,
+    engine: EngineHandle<KernelMaps>,
+    events: broadcast::Sender<Event>,
+    neighbours: Arc<Resolver>,
+    internal_ifindex: u32,
+    executables_blocked: Arc<std::sync::atomic::AtomicU64>,
+    ftp: Arc<FtpStats>,
+    api_connections: api_server::Connections,
+}
+
+/// Raises the soft limit of open files to the hard one: every intercepted
+/// control connection holds two sockets and every pinhole a port socket, so
+/// the usual soft limit of 1024 (systemd's too) is far too low.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::info!("open files: soft limit raised from {soft} to {hard}"),
+            Err(e) => log::warn!("open files: cannot raise the soft limit {soft} to {hard}: {e}"),
+        },
+        Ok((soft, _)) => log::info!("open files: limit {soft}"),
+        Err(e) => log::warn!("open files: cannot read the limit: {e}"),
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM or a `shutdown` request.
+pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let invalid = |e: anyhow::Error| {
+        anyhow::Error::new(ApiError::new(ErrorKind::InvalidArgument, format!("{e:#}")))
+    };
+    if opts.internal == opts.external {
+        return Err(invalid(anyhow::anyhow!(
+            "--internal and --external must be different interfaces (both are {:?})",
+            opts.internal
+        )));
+    }
+    let internal = Interface::by_name(&opts.internal)
+        .context("--internal")
+        .map_err(invalid)?;
+    let external = Interface::by_name(&opts.external)
+        .context("--external")
+        .map_err(invalid)?;
+    let config = match &opts.config {
+        Some(path) => Config::load(path, &internal, &external).map_err(invalid)?,
+        None => Config::defaults(&internal, &external)
+            .map_err(|e| invalid(anyhow::anyhow!("embedded defaults: {e}")))?,
+    };
+
+    // One daemon per host, whatever socket each is given: a second one would
+    // take over the running one's datapath and empty its pinholes.
+    let _lock = match DaemonLock::acquire().context("taking the daemon lock")? {
+        Some(l) => l,
+        None => {
+            return Err(anyhow::Error::new(ApiError::new(
+                ErrorKind::AlreadyRunning,
+                format!("{}; stop it with `firewall-ctl down`", describe_running()),
+            )))
+        }
+    };
+    if api::Client::new(&opts.socket).is_alive() {
+        return Err(anyhow::Error::new(ApiError::new(
+            ErrorKind::AlreadyRunning,
+            format!(
+                "another program answers on {}; choose another --socket",
+                opts.socket.display()
+            ),
+        )));
+    }
+
+    let pins = PinPaths::default();
+    datapath::check_bpffs(&pins.dir)?;
+    // Pins left by a daemon that died: re-adopt them if they belong to the same
+    // interfaces (established flows keep forwarding), otherwise clear them.
+    let previous = State::read();
+    let adopt = match &previous {
+        Some(s)
+            if pins.any_exists()
+                && s.internal_ifindex == internal.index
+                && s.external_ifindex == external.index
+                && s.xdp_mode == opts.xdp_mode =>
+        {
+            log::info!("re-adopting the datapath left by daemon pid {}", s.pid);
+            true
+        }
+        _ => {
+            if pins.any_exists() {
+                log::warn!(
+                    "removing stale pins under {} (they belong to other interfaces or mode)",
+                    pins.dir.display()
+                );
+                datapath::unpin_all(&pins)?;
+            }
+            false
+        }
+    };
+
+    let mut saved_sysctls = match &previous {
+        Some(s) if adopt => s.saved_sysctls.clone(),
+        _ => BTreeMap::new(),
+    };
+    for (k, v) in netif::set_sysctls(&netif::forwarding_sysctls(&[&internal, &external]))? {
+        saved_sysctls.entry(k).or_insert(v);
+    }
+
+    let mut state = State {
+        pid: std::process::id(),
+        internal: internal.name.clone(),
+        internal_ifindex: internal.index,
+        external: external.name.clone(),
+        external_ifindex: external.index,
+        xdp_mode: opts.xdp_mode,
+        socket: opts.socket.clone(),
+        saved_sysctls,
+        local_delivery: None,
+    };
+    // Written before attaching, so that `down` can undo a half-done `up`.
+    state.write()?;
+
+    let mut dp = match start_datapath(&pins, &config, &internal, &external, opts.xdp_mode, adopt) {
+        Ok(dp) => dp,
+        Err(e) => {
+            // Nothing half-allocated stays behind.
+            let _ = teardown(&pins, Some(&state));
+            return Err(e);
+        }
+    };
+    state.pid = std::process::id();
+    state.write()?;
+
+    let executables_blocked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let engine = match KernelMaps::open(&pins).and_then(|maps| {
+        let mut engine = Engine::new(
+            config.engine_config(&internal, &external),
+            maps,
+            PortPool::new(config.port_range.clone(), crate::reserve::KernelReserver),
+            Arc::new(crate::netif::MonotonicClock),
+        )?;
+        for protocol in &config.block_executables {
+            let f: Arc<dyn DataFilterFactory> = Arc::new(ExecutableBlockerFactory {
+                blocked: executables_blocked.clone(),
+            });
+            engine.register_data_filter(protocol, f);
+            log::info!("scanning {protocol} secondary connections for executables (user mode)");
+        }
+        Ok(engine)
+    }) {
+        Ok(e) => e,
+        Err(e) => {
+            drop(dp);
+            let _ = teardown(&pins, Some(&state));
+            return Err(e.context("starting the engine"));
+        }
+    };
+    let listener = bind_socket(&opts.socket)?;
+    let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let events = broadcast::channel(1024).0;
+    let engine = EngineHandle::spawn(
+        engine,
+        Outlets {
+            relay: Relay::new(relay_tx),
+            events: events.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        },
+    )
+    .context("starting the engine's thread")?;
+    let shared = Arc::new(Shared {
+        pins: pins.clone(),
+        config: config.clone(),
+        interfaces: vec![
+            InterfaceStatus::new(Side::Internal, &internal, opts.xdp_mode),
+            InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
+        ],
+        shutdown: shutdown_tx,
+        engine: engine.clone(),
+        events,
+        neighbours: Arc::new(Resolver::new()),
+        internal_ifindex: internal.index,
+        executables_blocked,
+        ftp: Arc::new(FtpStats::default()),
+        api_connections: Default::default(),
+    });
+    let interception_task =
+        match start_interception(&mut dp, &config, &internal, &external, &shared, &mut state) {
+            Ok(t) => t,
+            Err(e) => {
+                engine.stop();
+                drop(dp);
+                let _ = teardown(&pins, Some(&state));
+                let _ = fs::remove_file(&opts.socket);
+                return Err(e.context("starting the interception of primary connections"));
+            }
+        };
+    log::info!(
+        "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
+        internal.name,
+        internal.index,
+        external.name,
+        external.index,
+        opts.xdp_mode,
+        opts.socket.display()
+    );
+
+    let mut tasks = vec![
+        tokio::spawn(tasks::read_relay_events(relay_rx, shared.clone())),
+        tokio::spawn(tasks::tick(shared.clone())),
+        tokio::spawn(api_server::serve(listener, shared.clone())),
+    ];
+    tasks.extend(
+        dp.logger
+            .take()
+            .map(|l| tokio::spawn(tasks::poll_ebpf_log(l))),
+    );
+    tasks.extend(
+        dp.events
+            .take()
+            .map(|rb| tokio::spawn(tasks::read_datapath_events(rb, shared.clone()))),
+    );
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut keep = opts.keep_datapath;
+    tokio::select! {
+        _ = sigint.recv() => log::info!("SIGINT"),
+        _ = sigterm.recv() => log::info!("SIGTERM"),
+        _ = shutdown_rx.changed() => { log::info!("shutdown requested over the API"); keep = false; }
+    }
+
+    if let Some(p) = interception_task {
+        p.stop();
+    }
+    // Stops accepting API connections too (the listener goes with its task).
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    engine.stop();
+    // The socket file goes last, so that `down`, which waits for it to
+    // disappear, sees a finished teardown.
+    drop(dp);
+    let result = if keep {
+        log::info!("leaving the datapath attached and pinned (--keep-datapath); `firewall-ctl down` removes it");
+        remove_transparent_sockets();
+        Ok(())
+    } else {
+        teardown(&pins, Some(&state)).map(|removed| {
+            log::info!(
+                "firewall down: removed {} pins, restored {} sysctls",
+                removed.len(),
+                state.saved_sysctls.len()
+            );
+        })
+    };
+    let _ = fs::remove_file(&opts.socket);
+    result
+}
+
+fn start_datapath(
+    pins: &PinPaths,
+    config: &Config,
+    internal: &Interface,
+    external: &Interface,
+    mode: AttachMode,
+    adopt: bool,
+) -> anyhow::Result<Datapath> {
+    let mut dp = Datapath::load(
+        pins,
+        datapath::MapSizes {
+            flows: config.flow_table_size,
+            pinholes: config.pinhole_table_size,
+        },
+    )?;
+    dp.attach(Side::Internal, internal, mode, adopt)?;
+    dp.attach(Side::External, external, mode, adopt)?;
+    Ok(dp)
+}
+
+/// Intercepts the primary connections of the FTP filter's ports (or turns
+/// interception off when the filter is off).
+fn start_interception(
+    dp: &mut Datapath,
+    config: &Config,
+    internal: &Interface,
+    external: &Interface,
+    shared: &Arc<Shared>,
+    state: &mut State,
+) -> anyhow::Result<Option<primary::Proxy>> {
+    let mut tables = InterceptTables::open(dp.pins())?;
+    if config.ftp_ports.is_empty() {
+        tables.set(InterceptConf::default(), &[])?;
+        log::info!("FTP filter off: no interception");
+        return Ok(None);
+    }
+    let delivery = LocalDelivery {
+        fwmark: config.fwmark,
+        table: config.route_table,
+    };
+    // Recorded first, so that `down` removes it even if `up` dies halfway.
+    state.local_delivery = Some(delivery);
+    state.write()?;
+    delivery.install()?;
+    let (listener, at) = primary::listener()?;
+    let ports: Vec<(InterceptKey, InterceptValue)> = config
+        .ftp_ports
+        .iter()
+        .map(|p| {
+            (
+                InterceptKey::new(firewall_common::IPPROTO_TCP, *p),
+                InterceptValue {
+                    listener_addr: at.ip().octets(),
+                    listener_port: at.port(),
+                    _pad: 0,
+                },
+            )
+        })
+        .collect();
+    tables.set(
+        InterceptConf {
+            mark: config.fwmark,
+            egress_ifindex: external.index,
+        },
+        &ports,
+    )?;
+    dp.attach_interception(internal, &listener)?;
+    let ctx = Arc::new(Interception {
+        api: Arc::new(FtpCalls {
+            engine: shared.engine.clone(),
+            neighbours: shared.neighbours.clone(),
+            internal_ifindex: shared.internal_ifindex,
+        }),
+        stats: shared.ftp.clone(),
+        external: config.external_addresses[0],
+        ftp_ports: config.ftp_ports.clone(),
+        ftp_user_mode: config.ftp_user_mode,
+    });
+    log::info!(
+        "FTP filter on: TCP ports {:?} from {} intercepted (listener {at}, fwmark {:#x}, table {})",
+        config.ftp_ports,
+        internal.name,
+        config.fwmark,
+        config.route_table
+    );
+    Ok(Some(primary::Proxy::start(listener, ctx)?))
+}
+
+/// The FTP filter's calls, made from the interception's own thread: they
+/// wait there for the engine's answer.
+struct FtpCalls {
+    engine: EngineHandle<KernelMaps>,
+    neighbours: Arc<Resolver>,
+    internal_ifindex: u32,
+}
+
+impl Secondaries for FtpCalls {
+    fn session(&self, client: Ipv4Addr) -> Result<u64, ApiError> {
+        self.engine.call_blocking(move |e| e.open_session(client))?
+    }
+
+    fn bind_for_client(&self, req: &BindRequest) -> Result<BindResult, ApiError> {
+        let req = req.clone();
+        let r = self
+            .engine
+            .call_blocking(move |e| e.bind_for_client(&req))??;
+        for c in &r.connections {
+            self.neighbours
+                .resolve(self.internal_ifindex, *c.client.ip());
+        }
+        Ok(r)
+    }
+
+    fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError> {
+        let req = req.clone();
+        self.engine
+            .call_blocking(move |e| e.redirect_connections(&req))?
+    }
+
+    fn withdraw_unused(&self, ids: &[u64]) {
+        let ids = ids.to_vec();
+        self.engine
+            .send(move |e| e.withdraw_unused(&ids, "control connection ended"));
+    }
+}
+
+fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Nobody answered on it (checked above): a leftover from a crash.
+    let _ = fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the API socket {}", path.display()))?;
+    // The API controls the firewall: root only.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

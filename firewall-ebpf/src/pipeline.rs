@@ -1,0 +1,122 @@
+//! The pipeline every forwarded packet takes, at XDP or at TC: parse →
+//! flow lookup (or a pinhole's first packet) → FIB → NAT rewrite →
+//! redirect. Every packet leaves through `finish`, which counts it under
+//! exactly one `Counter` and turns that counter into the hook's verdict.
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use firewall_common::{
+    flow::FlowAction,
+    stats::{Counter, Verdict},
+};
+
+use crate::{fib, flow, hook::Hook, parse, pinhole, stats};
+
+/// Outcome of processing: the counter, and for redirects the egress interface.
+pub struct Outcome {
+    counter: Counter,
+    ifindex: u32,
+}
+
+impl From<Counter> for Outcome {
+    #[inline(always)]
+    fn from(counter: Counter) -> Self {
+        Self {
+            counter,
+            ifindex: 0,
+        }
+    }
+}
+
+#[inline(always)]
+pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
+    ctx.prepare();
+    let pkt = match parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) {
+        Ok(p) => p,
+        Err(c) => return c.into(),
+    };
+    if pkt.vlan_tagged || ctx.vlan_offloaded() {
+        // XDP cannot transmit on VLAN sub-interfaces: such frames are the
+        // stack's, before anything (a single-use pinhole) is spent on them.
+        return Counter::PassVlanUnsupported.into();
+    }
+    // An existing flow first; otherwise a pinhole may create one. A SYN on a
+    // flow that has ended is a new connection reusing the 5-tuple (its ports
+    // were released at close while the old flows wait out their closing
+    // time): a pinhole opened for it wins over the old translation.
+    let found = flow::lookup(&pkt.key);
+    let (flow_ptr, counter) = match found {
+        Some(f) if !(pkt.syn_only && flow::ended(f)) => (f, Counter::Redirected),
+        _ => match (pinhole::admit(&pkt, side), found) {
+            (Ok(f), _) => (f, Counter::PinholeEstablished),
+            // No pinhole for it: the old flow goes on as before.
+            (Err(Counter::PassNoFlow), Some(old)) => (old, Counter::Redirected),
+            (Err(c), _) => return c.into(),
+        },
+    };
+    // SAFETY: a FLOWS entry found or created for this packet.
+    let flow = unsafe { &*flow_ptr };
+    if FlowAction::from_u32(flow.action) != Some(FlowAction::Forward) {
+        // Drop, or an action this datapath does not know: fail closed.
+        return Counter::DropFlowAction.into();
+    }
+    if pkt.ttl <= 1 {
+        return Counter::PassTtlExceeded.into();
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now_units = (now >> 20) as u32;
+    let hop = match fib::cached(flow, &pkt, now_units) {
+        Some(h) => h,
+        None => {
+            let h = match fib::lookup(ctx, &pkt, flow) {
+                Ok(h) => h,
+                Err(c) => return c.into(),
+            };
+            if flow.egress_ifindex != 0 && flow.egress_ifindex != h.ifindex {
+                return Counter::DropEgressMismatch.into();
+            }
+            fib::remember(flow_ptr, &pkt, &h, now_units);
+            h
+        }
+    };
+    if let Err(c) = ctx.translate(&pkt, flow) {
+        return c.into();
+    }
+    if let Err(c) = ctx.set_macs(&pkt, &hop) {
+        return c.into();
+    }
+    flow::account(flow_ptr, &pkt.key, ctx.len(), pkt.tcp_flags, now);
+    Outcome {
+        counter,
+        ifindex: hop.ifindex,
+    }
+}
+
+/// Counts the packet under its counter and returns the hook's verdict for
+/// it; a redirect that fails is counted as such and dropped.
+#[inline(always)]
+pub fn finish<H: Hook>(ctx: &H, out: Outcome) -> H::Action {
+    let len = ctx.len();
+    match out.counter.verdict() {
+        Verdict::Pass => {
+            stats::count(out.counter, len);
+            H::PASS
+        }
+        Verdict::Drop => {
+            stats::count(out.counter, len);
+            H::DROP
+        }
+        Verdict::Redirect => match ctx.redirect(out.ifindex) {
+            Some(action) => {
+                stats::count(out.counter, len);
+                action
+            }
+            None => {
+                // Rare (a vanished interface); worth a line in the daemon's log.
+                ctx.log_redirect_failed(out.ifindex);
+                stats::count(Counter::DropRedirectFailed, len);
+                H::DROP
+            }
+        },
+    }
+}

@@ -1,0 +1,109 @@
+//! The datapath at tcx ingress (`--xdp-mode tc`). The stack hands over
+//! GRO'd/GSO super-packets and veth keeps its offloads (an XDP program on a
+//! veth turns off GSO on its peer), so bulk TCP is forwarded 64 KiB at a
+//! time; checksums are fixed with the kernel's helpers
+//! (`nat::translate_skb`), which know whether the skb carries a final or a
+//! partial (pseudo-header) checksum.
+
+use aya_ebpf::{
+    bindings::{tcx_action_base, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::generated::bpf_redirect,
+    macros::classifier,
+    programs::TcContext,
+    EbpfContext as _,
+};
+use core::ffi::c_void;
+use firewall_common::{flow::FlowValue, pinhole::side, stats::Counter};
+
+use crate::{
+    fib::NextHop,
+    hook::Hook,
+    nat,
+    parse::Packet,
+    pipeline::{finish, process},
+};
+
+/// Ethernet + VLAN + IPv4 with options + TCP with options.
+const HEADERS_MAX: u32 = 18 + 60 + 60;
+
+/// The datapath at tcx ingress instead of XDP, internal side.
+#[classifier]
+pub fn tc_forward_internal(ctx: TcContext) -> i32 {
+    finish(&ctx, process(&ctx, side::INTERNAL))
+}
+
+/// The datapath at tcx ingress instead of XDP, external side.
+#[classifier]
+pub fn tc_forward_external(ctx: TcContext) -> i32 {
+    finish(&ctx, process(&ctx, side::EXTERNAL))
+}
+
+impl Hook for TcContext {
+    type Action = i32;
+    /// On to the next tcx program (the interception), then the stack.
+    const PASS: i32 = tcx_action_base::TCX_NEXT;
+    const DROP: i32 = TC_ACT_SHOT;
+
+    #[inline(always)]
+    fn redirect(&self, ifindex: u32) -> Option<i32> {
+        // SAFETY: a helper taking plain values.
+        let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+        (action == TC_ACT_REDIRECT).then_some(action)
+    }
+
+    #[inline(always)]
+    fn log_redirect_failed(&self, ifindex: u32) {
+        aya_log_ebpf::warn!(self, "redirect to ifindex {} failed", ifindex);
+    }
+
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the skb the kernel passed; the field is readable at TC.
+        unsafe { (*self.skb.skb).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn prepare(&self) {
+        let len = TcContext::len(self);
+        let _ = self.pull_data(if len < HEADERS_MAX { len } else { HEADERS_MAX });
+    }
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        TcContext::len(self) as u64
+    }
+    #[inline(always)]
+    fn fib_tot_len(&self, _l3_len: u16) -> u16 {
+        0
+    }
+
+    #[inline(always)]
+    fn translate(&self, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+        nat::translate_skb(self, pkt, flow)
+    }
+
+    #[inline(always)]
+    fn vlan_offloaded(&self) -> bool {
+        // SAFETY: as for `ingress_ifindex`.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
+    }
+
+    #[inline(always)]
+    fn set_macs(&self, _pkt: &Packet, hop: &NextHop) -> Result<(), Counter> {
+        self.store(0, &hop.dmac, 0)
+            .map_err(|_| Counter::DropRedirectFailed)?;
+        self.store(6, &hop.smac, 0)
+            .map_err(|_| Counter::DropRedirectFailed)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! The datapath at XDP (the default): the driver hands over each frame
+//! before the stack allocates anything for it; headers are rewritten in
+//! place with incremental checksums (`nat::translate`).
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
+    EbpfContext as _,
+};
+use core::ffi::c_void;
+use firewall_common::{flow::FlowValue, pinhole::side, stats::Counter};
+
+use crate::{
+    fib::NextHop,
+    hook::Hook,
+    nat,
+    parse::Packet,
+    pipeline::{finish, process},
+};
+
+/// Attached to the interface facing the internal networks.
+#[xdp]
+pub fn xdp_internal(ctx: XdpContext) -> u32 {
+    finish(&ctx, process(&ctx, side::INTERNAL))
+}
+
+/// Attached to the interface facing the external networks.
+#[xdp]
+pub fn xdp_external(ctx: XdpContext) -> u32 {
+    finish(&ctx, process(&ctx, side::EXTERNAL))
+}
+
+impl Hook for XdpContext {
+    type Action = u32;
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+
+    #[inline(always)]
+    fn redirect(&self, ifindex: u32) -> Option<u32> {
+        // SAFETY: a helper taking plain values.
+        let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        (action == xdp_action::XDP_REDIRECT).then_some(action)
+    }
+
+    #[inline(always)]
+    fn log_redirect_failed(&self, ifindex: u32) {
+        aya_log_ebpf::warn!(self, "redirect to ifindex {} failed", ifindex);
+    }
+
+    #[inline(always)]
+    fn ctx_ptr(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context the kernel passed; the field is readable.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+    #[inline(always)]
+    fn prepare(&self) {}
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> u64 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u64
+    }
+    #[inline(always)]
+    fn fib_tot_len(&self, l3_len: u16) -> u16 {
+        l3_len
+    }
+    #[inline(always)]
+    fn translate(&self, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+        nat::translate(self, pkt, flow)
+    }
+    #[inline(always)]
+    fn set_macs(&self, pkt: &Packet, hop: &NextHop) -> Result<(), Counter> {
+        // SAFETY: `pkt.eth` was bounds-checked by the parser.
+        unsafe {
+            (*pkt.eth).dst_addr = hop.dmac;
+            (*pkt.eth).src_addr = hop.smac;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,206 @@
+//! Section 2: the XDP program's per-packet cost (BPF_PROG_RUN).
+
+use crate::*;
+
+pub(crate) const NAT_PORT: u16 = 61000;
+
+pub(crate) fn flow_pair(fx: &mut Fixture, cport: u16) {
+    let out = FlowKey::new(IPPROTO_TCP, CLIENT, cport, SERVER, 80);
+    fx.flows
+        .insert(&out, &FlowValue::forward(FW_EXTERNAL, NAT_PORT, SERVER, 80))
+        .expect("flow");
+    let back = FlowKey::new(IPPROTO_TCP, SERVER, 80, FW_EXTERNAL, NAT_PORT);
+    fx.flows
+        .insert(&back, &FlowValue::forward(SERVER, 80, CLIENT, cport))
+        .expect("flow");
+    repeatable(fx, FW_EXTERNAL, NAT_PORT, SERVER, 80);
+    repeatable(fx, SERVER, 80, CLIENT, cport);
+}
+
+/// BPF_PROG_RUN repeats run on the frame as the previous run left it, so the
+/// translated frame needs a flow too: one that translates to itself (the same
+/// work: lookup, FIB, rewrite with incremental checksums, MACs).
+pub(crate) fn repeatable(fx: &mut Fixture, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) {
+    fx.flows
+        .insert(
+            &FlowKey::new(IPPROTO_TCP, src, sport, dst, dport),
+            &FlowValue::forward(src, sport, dst, dport),
+        )
+        .expect("flow");
+}
+
+pub(crate) fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    Spec {
+        tcp_flags: flags,
+        payload: vec![0; 6],
+        // Forwarding decrements it once per BPF_PROG_RUN repetition.
+        ttl: 255,
+        ..Spec::tcp(src, sport, dst, dport)
+    }
+    .build()
+}
+
+/// Repetitions per BPF_PROG_RUN call of a forwarded frame: it loses a TTL
+/// step each time.
+pub(crate) const REPEAT: u32 = 250;
+/// Calls per value for forwarded frames. Every XDP test run swaps the
+/// kernel's XDP dispatcher in and out (an RCU grace period, milliseconds
+/// here), so calls are few and long.
+pub(crate) const CALLS: usize = 40;
+
+/// Kernel-measured ns per packet, `reps` values, checking the verdict. A
+/// frame that is not forwarded runs `packets` times in one call; a forwarded
+/// one in CALLS calls of REPEAT runs on fresh copies (median of the calls).
+pub(crate) fn timed(
+    fx: &mut Fixture,
+    side: Side,
+    frame: &[u8],
+    packets: u32,
+    reps: usize,
+    want: u32,
+) -> anyhow::Result<Vec<f64>> {
+    let forwarded = want == XDP_REDIRECT;
+    let (calls, repeat) = if forwarded {
+        (CALLS, REPEAT)
+    } else {
+        (1, packets)
+    };
+    let mut v = Vec::new();
+    for _ in 0..reps {
+        let mut times = Vec::new();
+        for _ in 0..calls {
+            let out = fx.time(side, frame, repeat);
+            if out.action != want {
+                let counters: Vec<String> = firewall_common::stats::Counter::ALL
+                    .iter()
+                    .filter(|c| fx.counter(**c) > 0)
+                    .map(|c| format!("{}={}", c.name(), fx.counter(*c)))
+                    .collect();
+                bail!(
+                    "verdict {} instead of {want} ({})",
+                    out.action,
+                    counters.join(" ")
+                );
+            }
+            times.push(out.duration.as_nanos() as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        v.push(times[times.len() / 2]);
+    }
+    Ok(v)
+}
+
+/// A BindForClient-like pinhole on FW_EXTERNAL:port delivering to CLIENT:5001.
+pub(crate) fn pinhole(fx: &mut Fixture, port: u16, peer_filter: u32) -> PinholeKey {
+    let key = PinholeKey::new(IPPROTO_TCP, FW_EXTERNAL, port, side::EXTERNAL);
+    let v = PinholeValue {
+        target_addr: CLIENT,
+        target_port: 5001,
+        remaining: 1,
+        owner: 7,
+        peer_filter,
+        egress_ifindex: fx.in_ifindex,
+        ..Default::default()
+    };
+    fx.pinholes.insert(&key, &v).expect("pinhole");
+    key
+}
+
+/// The first-packet path: one run per fresh pinhole (it is consumed).
+pub(crate) fn first_packet_ns(fx: &mut Fixture, runs: usize) -> anyhow::Result<f64> {
+    let mut v = Vec::new();
+    for i in 0..runs {
+        let port = 40000 + (i % 1000) as u16;
+        pinhole(fx, port, 0);
+        let sport = 20000 + (i % 20000) as u16;
+        let out = fx.run(
+            Side::External,
+            &tcp(SERVER, sport, FW_EXTERNAL, port, TCP_SYN),
+        );
+        if out.action != XDP_REDIRECT {
+            bail!("first packet: verdict {}", out.action);
+        }
+        v.push(out.duration.as_nanos() as f64);
+        // Its flows go, so that the next run takes the same path.
+        let fwd = FlowKey::new(IPPROTO_TCP, SERVER, sport, FW_EXTERNAL, port);
+        let back = FlowKey::new(IPPROTO_TCP, CLIENT, 5001, SERVER, sport);
+        let _ = fx.flows.remove(&fwd);
+        let _ = fx.flows.remove(&back);
+        let _ = fx.events();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
+}
+
+pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
+    let mut fx = Fixture::new("bench")?;
+    let repeat = if opts.quick { 100_000 } else { 1_000_000 };
+    let reps = opts.reps();
+    let mut progs = BenchPrograms::load()?;
+    let frame = tcp(CLIENT, 33000, SERVER, 80, TCP_ACK);
+    let v = (0..reps)
+        .map(|_| progs.empty_run(&frame, repeat).map(|d| d.as_nanos() as f64))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    r.add(
+        "xdp cost",
+        "reference: an XDP program that only returns",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    flow_pair(&mut fx, 33000);
+    let out = tcp(CLIENT, 33000, SERVER, 80, TCP_ACK);
+    let v = timed(&mut fx, Side::Internal, &out, repeat, reps, XDP_REDIRECT)?;
+    r.add(
+        "xdp cost",
+        "established flow, outbound (SNAT)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    let back = tcp(SERVER, 80, FW_EXTERNAL, NAT_PORT, TCP_ACK);
+    let v = timed(&mut fx, Side::External, &back, repeat, reps, XDP_REDIRECT)?;
+    r.add(
+        "xdp cost",
+        "established flow, reply (DNAT)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    let miss = tcp(CLIENT, 34000, SERVER, 443, TCP_ACK);
+    let v = timed(&mut fx, Side::Internal, &miss, repeat, reps, XDP_PASS)?;
+    r.add(
+        "xdp cost",
+        "miss: no flow, no pinhole (pass)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    pinhole(&mut fx, 45000, 5);
+    fx.peers.insert(5, "10.2.0.2/32".parse()?, true)?;
+    let stranger = tcp([10, 2, 0, 77], 20, FW_EXTERNAL, 45000, TCP_SYN);
+    let v = timed(&mut fx, Side::External, &stranger, repeat, reps, XDP_DROP)?;
+    r.add(
+        "xdp cost",
+        "drop by IP filter (pinhole)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    let runs = if opts.quick { 50 } else { 200 };
+    let v = (0..reps)
+        .map(|_| first_packet_ns(&mut fx, runs))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    r.add(
+        "xdp cost",
+        "first packet matching a pinhole (creates the flows)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 3. Control plane
+// ---------------------------------------------------------------------------
