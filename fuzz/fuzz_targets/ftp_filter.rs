@@ -127,7 +127,13 @@ fn check_commands(to_server: &[u8], binds: &[SocketAddrV4]) {
     for line in readings(to_server, true) {
         for trim in [false, true] {
             let text = String::from_utf8_lossy(&line).to_string();
-            let t = if trim { text.trim_start() } else { &text };
+            // Servers skip ASCII blanks only: a Unicode space (U+3000) before
+            // a verb makes an unknown command for them.
+            let t = if trim {
+                text.trim_start_matches([' ', '\t'])
+            } else {
+                &text
+            };
             // The verb: the letters it starts with (servers read at most
             // these, usually up to a blank).
             let verb: String = t

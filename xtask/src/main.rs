@@ -26,6 +26,9 @@ enum Task {
     },
     /// Setup, build, and run the self-contained demo in network namespaces.
     Demo,
+    /// Formatting (`cargo fmt --check`) and clippy with `-D warnings` on the
+    /// host crates and on the eBPF crate (nightly, bpfel target).
+    Lint,
     /// Setup, build (release), and measure kernel mode against user mode,
     /// netfilter and plain forwarding; writes bench-results/<time>/.
     Bench {
@@ -241,6 +244,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.extend(["--", f]);
             }
             cargo_test(&args)
+        }
+        Task::Lint => {
+            setup::setup()?;
+            cargo(&["fmt", "--all", "--", "--check"])?;
+            cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+            // As firewall-ctl's build script builds it (aya-build), with a
+            // target directory of its own.
+            let status = Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "-p",
+                    "firewall-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--target-dir",
+                    "target/ebpf-clippy",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"")
+                .current_dir(workspace_root())
+                .status()
+                .context("running clippy on the eBPF crate")?;
+            if !status.success() {
+                bail!("clippy on firewall-ebpf failed ({status})");
+            }
+            Ok(())
         }
         Task::Demo => {
             setup::setup()?;
