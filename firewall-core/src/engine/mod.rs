@@ -496,6 +496,12 @@ mod sessions;
 mod tests;
 #[cfg(test)]
 mod tests_closing;
+#[cfg(test)]
+mod tests_filters;
+#[cfg(test)]
+mod tests_lifetimes;
+#[cfg(test)]
+mod tests_objects;
 mod timers;
 
 pub use calls::*;
