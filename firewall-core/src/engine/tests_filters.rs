@@ -8,7 +8,6 @@ use super::*;
 type StepResult = (EventKind, &'static str, Result<(), ErrorKind>);
 
 /// A filter whose handler runs a script of calls and records the results.
-
 struct Scripted {
     name: &'static str,
     mask: filters::EventMask,
