@@ -453,3 +453,10 @@ impl LabRun {
         r
     }
 }
+
+/// A JSON value as text: a string without its quotes, anything else as JSON.
+pub fn text(v: &serde_json::Value) -> String {
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
