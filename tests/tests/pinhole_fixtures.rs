@@ -1,6 +1,5 @@
-//! BPF_PROG_RUN fixtures for pinholes: the first packet of an expected
-//! connection creates its flows in the kernel; everything else is refused with
-//! a reason and leaves the pinhole as it was.
+//! BPF_PROG_RUN fixtures for pinholes: the first packet of an expected connection creates its
+//! flows in the kernel; everything else is refused with a reason and leaves the pinhole as it was.
 
 use firewall_common::{
     flow::FlowKey,
