@@ -247,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Lint => {
             setup::setup()?;
+            setup::lint_tools()?;
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
             // As firewall-ctl's build script builds it (aya-build), with a

@@ -160,6 +160,35 @@ fn rust_src() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// rustfmt and clippy for `cargo xtask lint`, on the stable toolchain (host
+/// crates) and the nightly one (the eBPF crate).
+pub fn lint_tools() -> anyhow::Result<()> {
+    for toolchain in ["stable", "nightly"] {
+        for (component, probe) in [("rustfmt", "fmt"), ("clippy", "clippy")] {
+            let works = Command::new("cargo")
+                .args([&format!("+{toolchain}"), probe, "--version"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            let name = format!("{component} ({toolchain})");
+            if works {
+                step(&name, false);
+                continue;
+            }
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))
+            .with_context(|| format!("rustup component add {component} --toolchain {toolchain}"))?;
+            step(&name, true);
+        }
+    }
+    Ok(())
+}
+
 fn cargo_bin(name: &str) -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
