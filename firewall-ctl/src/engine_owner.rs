@@ -76,14 +76,9 @@ impl<M: Maps + Send + 'static> EngineHandle<M> {
         f: impl FnOnce(&mut Engine<M>) -> R + Send + 'static,
     ) -> Result<R, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Message::Call(Box::new(move |e| {
-                let r = f(e);
-                Box::new(move || {
-                    let _ = tx.send(r);
-                })
-            })))
-            .map_err(|_| gone())?;
+        self.submit(f, move |r| {
+            let _ = tx.send(r);
+        })?;
         rx.await.map_err(|_| gone())
     }
 
@@ -94,23 +89,29 @@ impl<M: Maps + Send + 'static> EngineHandle<M> {
         f: impl FnOnce(&mut Engine<M>) -> R + Send + 'static,
     ) -> Result<R, ApiError> {
         let (tx, rx) = std_mpsc::sync_channel(1);
+        self.submit(f, move |r| {
+            let _ = tx.send(r);
+        })?;
+        rx.recv().map_err(|_| gone())
+    }
+
+    /// Queues `f`; `deliver` gets its result once the effects are out.
+    fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine<M>) -> R + Send + 'static,
+        deliver: impl FnOnce(R) + Send + 'static,
+    ) -> Result<(), ApiError> {
         self.tx
             .send(Message::Call(Box::new(move |e| {
                 let r = f(e);
-                Box::new(move || {
-                    let _ = tx.send(r);
-                })
+                Box::new(move || deliver(r))
             })))
-            .map_err(|_| gone())?;
-        rx.recv().map_err(|_| gone())
+            .map_err(|_| gone())
     }
 
     /// Runs `f` on the engine without waiting (events to hand over).
     pub fn send(&self, f: impl FnOnce(&mut Engine<M>) + Send + 'static) {
-        let _ = self.tx.send(Message::Call(Box::new(move |e| {
-            f(e);
-            Box::new(|| {})
-        })));
+        let _ = self.submit(f, |()| {});
     }
 
     /// Ends the owner thread once the calls queued before this one ran.

@@ -116,16 +116,11 @@ fn ranged(
     v: Option<u64>,
     range: RangeInclusive<u64>,
     default: u64,
-    unit: &str,
 ) -> Result<u64, ConfigError> {
     match v {
         Some(n) if !range.contains(&n) => Err(err(
             key,
-            format!(
-                "{n}{unit} is out of range {}..={}{unit}",
-                range.start(),
-                range.end()
-            ),
+            format!("{n} is out of range {}..={}", range.start(), range.end()),
         )),
         Some(n) => Ok(n),
         None => Ok(default),
@@ -214,14 +209,12 @@ impl Config {
             file.maps.flows,
             FLOW_TABLE_RANGE,
             DEFAULT_FLOW_TABLE_SIZE as u64,
-            "",
         )? as u32;
         let pinhole_table_size = ranged(
             "maps.pinholes",
             file.maps.pinholes,
             PINHOLE_TABLE_RANGE,
             DEFAULT_PINHOLE_TABLE_SIZE as u64,
-            "",
         )? as u32;
 
         let d = Timeouts::default();
@@ -241,7 +234,6 @@ impl Config {
             file.ports.snat_block,
             1..=4096,
             DEFAULT_SNAT_BLOCK as u64,
-            "",
         )? as u16;
 
         let client_quota = ranged(
@@ -249,14 +241,12 @@ impl Config {
             file.policy.client_quota,
             1..=1_000_000,
             DEFAULT_CLIENT_QUOTA as u64,
-            "",
         )? as u32;
         let max_pending_per_session = ranged(
             "policy.max_pending_per_session",
             file.policy.max_pending_per_session,
             1..=65_535,
             DEFAULT_MAX_PENDING as u64,
-            "",
         )? as u32;
 
         let default_allowed_addresses = file
