@@ -96,7 +96,7 @@ pub fn route<H: Hook>(
     // SAFETY: the helper reads and writes only `p`, which outlives the call.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.ctx_ptr() as *mut _,
+            ctx.as_ptr() as *mut _,
             &mut p,
             size_of::<FibParams>() as i32,
             0,

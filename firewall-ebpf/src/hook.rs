@@ -2,13 +2,12 @@
 //! ingress). The pipeline is the same; what differs is how the packet is
 //! reached, translated and sent on, and the verdicts' values.
 
-use core::ffi::c_void;
-
+use aya_ebpf::EbpfContext;
 use firewall_common::{flow::FlowValue, stats::Counter};
 
 use crate::{fib::NextHop, parse::Packet};
 
-pub trait Hook {
+pub trait Hook: EbpfContext {
     /// The program's return value.
     type Action: Copy;
     /// On to the stack.
@@ -16,9 +15,12 @@ pub trait Hook {
     const DROP: Self::Action;
     /// Sends the packet out of `ifindex`; None when the helper refused.
     fn redirect(&self, ifindex: u32) -> Option<Self::Action>;
-    fn log_redirect_failed(&self, ifindex: u32);
+    /// Rare (a vanished interface); worth a line in the daemon's log.
+    #[inline(always)]
+    fn log_redirect_failed(&self, ifindex: u32) {
+        aya_log_ebpf::warn!(self, "redirect to ifindex {} failed", ifindex);
+    }
 
-    fn ctx_ptr(&self) -> *mut c_void;
     fn ingress_ifindex(&self) -> u32;
     /// Makes the headers directly readable (TC: they may sit in paged data).
     fn prepare(&self);

@@ -112,7 +112,6 @@ pub fn finish<H: Hook>(ctx: &H, out: Outcome) -> H::Action {
                 action
             }
             None => {
-                // Rare (a vanished interface); worth a line in the daemon's log.
                 ctx.log_redirect_failed(out.ifindex);
                 stats::count(Counter::DropRedirectFailed, len);
                 H::DROP

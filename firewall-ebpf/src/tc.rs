@@ -10,9 +10,7 @@ use aya_ebpf::{
     helpers::generated::bpf_redirect,
     macros::classifier,
     programs::TcContext,
-    EbpfContext as _,
 };
-use core::ffi::c_void;
 use firewall_common::{flow::FlowValue, pinhole::side, stats::Counter};
 
 use crate::{
@@ -51,15 +49,6 @@ impl Hook for TcContext {
         (action == TC_ACT_REDIRECT).then_some(action)
     }
 
-    #[inline(always)]
-    fn log_redirect_failed(&self, ifindex: u32) {
-        aya_log_ebpf::warn!(self, "redirect to ifindex {} failed", ifindex);
-    }
-
-    #[inline(always)]
-    fn ctx_ptr(&self) -> *mut c_void {
-        self.as_ptr()
-    }
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
         // SAFETY: the skb the kernel passed; the field is readable at TC.

@@ -4,9 +4,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
-    EbpfContext as _,
 };
-use core::ffi::c_void;
 use firewall_common::{flow::FlowValue, pinhole::side, stats::Counter};
 
 use crate::{
@@ -41,15 +39,6 @@ impl Hook for XdpContext {
         (action == xdp_action::XDP_REDIRECT).then_some(action)
     }
 
-    #[inline(always)]
-    fn log_redirect_failed(&self, ifindex: u32) {
-        aya_log_ebpf::warn!(self, "redirect to ifindex {} failed", ifindex);
-    }
-
-    #[inline(always)]
-    fn ctx_ptr(&self) -> *mut c_void {
-        self.as_ptr()
-    }
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
         // SAFETY: the context the kernel passed; the field is readable.
