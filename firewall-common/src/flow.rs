@@ -61,6 +61,23 @@ pub mod tcp_seen {
     pub const RST: u8 = 1 << 2;
 }
 
+/// Who made a flow entry (`FlowValue::kind`).
+pub mod flow_kind {
+    /// Written by the control plane: a secondary connection's flows (their
+    /// `owner` is the connection object) or a static translation.
+    pub const STATIC: u8 = 0;
+    /// A primary connection tracked by the datapath's wall (owner 0).
+    pub const PRIMARY: u8 = 1;
+
+    pub const fn name(kind: u8) -> &'static str {
+        match kind {
+            STATIC => "secondary",
+            PRIMARY => "primary",
+            _ => "unknown",
+        }
+    }
+}
+
 /// Value of the flow table: how to translate, where to send, and what was seen.
 ///
 /// The control plane writes the first block; the datapath only updates the
@@ -91,7 +108,8 @@ pub struct FlowValue {
     pub last_seen_ns: u64,
     /// Bits of `tcp_seen` observed in this direction.
     pub tcp_flags_seen: u8,
-    pub _pad: u8,
+    /// A `flow_kind`: who made the entry.
+    pub kind: u8,
     /// The next hop the FIB gave for this flow, cached by the datapath (the
     /// FIB lookup is most of a packet's cost): the largest L3 length the FIB
     /// accepted for it (longer packets ask the FIB again, which keeps its
@@ -129,7 +147,7 @@ impl FlowValue {
             bytes: 0,
             last_seen_ns: 0,
             tcp_flags_seen: 0,
-            _pad: 0,
+            kind: flow_kind::STATIC,
             hop_len_ok: 0,
             hop_ifindex: 0,
             hop_dmac: [0; 6],

@@ -11,6 +11,7 @@ pub mod flow;
 pub mod intercept;
 pub mod pinhole;
 pub mod stats;
+pub mod wall;
 
 /// bpffs directory under which every map and link of the firewall is pinned.
 pub const PIN_DIR: &str = "/sys/fs/bpf/firewall";
@@ -26,6 +27,8 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const INTERCEPT: &str = "INTERCEPT";
     pub const INTERCEPT_CONF: &str = "INTERCEPT_CONF";
+    pub const WALL_CONF: &str = "WALL_CONF";
+    pub const WALL_SOURCES: &str = "WALL_SOURCES";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).
@@ -45,6 +48,8 @@ pub mod map_sizes {
     pub const BUSY_CLIENTS: u32 = 16_384;
     /// Intercepted ports.
     pub const INTERCEPT: u32 = 64;
+    /// Source networks that may open outbound connections.
+    pub const WALL_SOURCES: u32 = 1024;
     /// SYNs on their way to the interception listener.
     pub const INTERCEPTING: u32 = 16_384;
 }
@@ -65,3 +70,4 @@ pub mod program_names {
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;

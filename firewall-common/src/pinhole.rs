@@ -136,6 +136,8 @@ pub mod event_kind {
     /// A flow with an owner saw its first FIN or RST in this direction:
     /// `forward` is the flow's key, `detail` the `tcp_seen` bits new on it.
     pub const CLOSING: u32 = 4;
+    /// `bpf_redirect` refused the egress interface in `owner` (it vanished).
+    pub const REDIRECT_FAILED: u32 = 5;
 }
 
 /// What the datapath tells the control plane through the EVENTS ring buffer.

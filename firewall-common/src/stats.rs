@@ -47,11 +47,11 @@ macro_rules! counters {
 }
 
 counters! {
-    PassNotIpv4 = 0, Pass, "pass_not_ipv4", "not IPv4 (ARP, IPv6, ...): left to the stack";
-    PassVlanUnsupported = 1, Pass, "pass_vlan_unsupported", "a VLAN-tagged frame (also one whose tag the NIC took off): left to the stack";
-    PassFragment = 2, Pass, "pass_fragment", "IPv4 fragment: left to the stack";
-    PassNotTcpUdp = 3, Pass, "pass_not_tcp_udp", "IPv4 but neither TCP nor UDP (ICMP, ...)";
-    PassNoFlow = 4, Pass, "pass_no_flow", "TCP/UDP without a flow entry: left to the stack";
+    PassNotIpv4 = 0, Pass, "pass_not_ipv4", "not IPv4 and not to be forwarded (ARP, IPv6 for the firewall itself, ...): the stack's";
+    DropVlan = 1, Drop, "drop_vlan", "a VLAN-tagged frame (also one whose tag the NIC took off): a VLAN is firewalled on its own interface";
+    PassFragment = 2, Pass, "pass_fragment", "IPv4 fragment addressed to the firewall itself: the stack's";
+    PassNotTcpUdp = 3, Pass, "pass_not_tcp_udp", "IPv4 but neither TCP nor UDP (ICMP, ...), addressed to the firewall itself";
+    PassNoFlow = 4, Pass, "pass_no_flow", "TCP/UDP without a flow entry, addressed to the firewall itself or one of its sockets (interception, relay)";
     PassTtlExceeded = 5, Pass, "pass_ttl_exceeded", "TTL <= 1: the stack answers with ICMP time exceeded";
     PassFragNeeded = 6, Pass, "pass_frag_needed", "larger than the egress MTU with DF set: the stack answers ICMP";
     Redirected = 7, Redirect, "redirected", "translated and redirected out of the egress interface";
@@ -75,12 +75,19 @@ counters! {
     DropClientQuota = 25, Drop, "drop_client_quota", "the client has its quota of concurrent secondary TCP connections";
     PassIntercepted = 26, Pass, "pass_intercepted", "TC: a primary connection's SYN handed to the daemon (also counted by XDP as it passed)";
     PassTransparent = 27, Pass, "pass_transparent", "TC: a segment for a socket the daemon answers for transparently, delivered locally";
-    DropNoInterceptor = 28, Drop, "drop_no_interceptor", "TC: a primary connection to intercept, but the daemon's listener is gone";
+    DropNoInterceptor = 28, Drop, "drop_no_interceptor", "a primary connection to intercept, but the daemon's listener is gone";
     DropReplyPathsFull = 29, Drop, "drop_reply_paths_full", "a bidirectional UDP pinhole gave its most reply paths to other peers";
+    PrimaryEstablished = 30, Redirect, "redirect_primary_established", "first packet of an allowed outbound connection: tracked, its flows created, translated";
+    DropNoFlow = 31, Drop, "drop_no_flow", "to be forwarded, but no flow, pinhole or rule allows it (default deny)";
+    DropNotAllowed = 32, Drop, "drop_not_allowed", "a new connection from a source no rule allows (or before the wall is configured)";
+    DropNatExhausted = 33, Drop, "drop_nat_exhausted", "no free NAT port for a new outbound connection";
+    DropFragment = 34, Drop, "drop_fragment", "an IPv4 fragment to be forwarded (fragments are not tracked)";
+    DropNotTcpUdp = 35, Drop, "drop_not_tcp_udp", "ICMP or another protocol to be forwarded (not tracked)";
+    DropIpv6 = 36, Drop, "drop_ipv6", "IPv6 to be forwarded (not tracked yet)";
 }
 
 /// Number of slots in the STATS map.
-pub const COUNTER_SLOTS: u32 = 32;
+pub const COUNTER_SLOTS: u32 = 64;
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 
 #[cfg(feature = "user")]

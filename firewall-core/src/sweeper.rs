@@ -23,6 +23,8 @@ pub enum Expiry {
     TcpClosed,
     /// Established TCP quiet for `tcp_established`.
     TcpIdle,
+    /// TCP that one side never answered, quiet for `tcp_transitory`.
+    TcpUnanswered,
     /// UDP quiet for `udp_idle`.
     UdpIdle,
 }
@@ -32,6 +34,8 @@ pub enum Expiry {
 pub struct SweepStats {
     pub tcp_closed: u64,
     pub tcp_idle: u64,
+    #[serde(default)]
+    pub tcp_unanswered: u64,
     pub udp_idle: u64,
     /// Pinholes closed unused at their TIMEOUT deadline.
     #[serde(default)]
@@ -55,6 +59,7 @@ impl SweepStats {
         match e {
             Expiry::TcpClosed => self.tcp_closed += 1,
             Expiry::TcpIdle => self.tcp_idle += 1,
+            Expiry::TcpUnanswered => self.tcp_unanswered += 1,
             Expiry::UdpIdle => self.udp_idle += 1,
         }
     }
@@ -94,8 +99,12 @@ pub fn expired(
                 || peer.is_some_and(|p| p.tcp_flags_seen & tcp_seen::RST != 0);
             let fin_both = value.tcp_flags_seen & tcp_seen::FIN != 0
                 && peer.is_some_and(|p| p.tcp_flags_seen & tcp_seen::FIN != 0);
+            // One direction never carried a packet: a SYN nobody answered.
+            let unanswered = peer.is_some_and(|p| p.packets == 0 || value.packets == 0);
             if (rst || fin_both) && idle_ns >= t.tcp_closing.as_nanos() as u64 {
                 Some(Expiry::TcpClosed)
+            } else if unanswered && idle_ns >= t.tcp_transitory.as_nanos() as u64 {
+                Some(Expiry::TcpUnanswered)
             } else if idle_ns >= t.tcp_established.as_nanos() as u64 {
                 Some(Expiry::TcpIdle)
             } else {
@@ -142,6 +151,7 @@ mod tests {
         Timeouts {
             tcp_established: Duration::from_secs(100),
             tcp_closing: Duration::from_secs(10),
+            tcp_transitory: Duration::from_secs(50),
             udp_idle: Duration::from_secs(30),
             ..Timeouts::default()
         }
@@ -159,8 +169,10 @@ mod tests {
         let mut o = FlowValue::forward(f, 5000, s, 80);
         o.last_seen_ns = out_seen;
         o.tcp_flags_seen = out_flags;
+        o.packets = 1;
         let mut b = FlowValue::forward(s, 80, c, 1000);
         b.last_seen_ns = back_seen;
+        b.packets = 1;
         b.tcp_flags_seen = back_flags;
         vec![
             (FlowKey::new(protocol, c, 1000, s, 80), o),
@@ -216,6 +228,19 @@ mod tests {
             &t(),
         );
         assert!(gone.iter().all(|(_, r)| *r == Expiry::TcpIdle) && gone.len() == 2);
+    }
+
+    #[test]
+    fn a_syn_nobody_answered_goes_after_the_transitory_timeout() {
+        let mut p = pair(IPPROTO_TCP, 100 * S, 100 * S, tcp_seen::SYN, 0);
+        p[1].1.packets = 0;
+        assert!(expired(&p, 149 * S, &t()).is_empty());
+        let gone = expired(&p, 151 * S, &t());
+        assert_eq!(gone.len(), 2);
+        assert!(gone.iter().all(|(_, r)| *r == Expiry::TcpUnanswered));
+        // Answered, it lives on to the established timeout.
+        p[1].1.packets = 1;
+        assert!(expired(&p, 151 * S, &t()).is_empty());
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub struct Timeouts {
     /// Time a TCP flow lives after FIN or RST was seen.
     #[serde(with = "secs")]
     pub tcp_closing: Duration,
+    /// Idle time after which a TCP connection one side never answered (a
+    /// SYN without reply) is removed (RFC 5382's transitory timeout).
+    #[serde(with = "secs")]
+    pub tcp_transitory: Duration,
     /// Idle time after which a UDP flow is removed.
     #[serde(with = "secs")]
     pub udp_idle: Duration,
@@ -30,6 +34,7 @@ impl Default for Timeouts {
         Self {
             tcp_established: Duration::from_secs(7200),
             tcp_closing: Duration::from_secs(10),
+            tcp_transitory: Duration::from_secs(240),
             udp_idle: Duration::from_secs(60),
             pinhole: Duration::from_secs(60),
             udp_pinhole_idle: Duration::from_secs(60),

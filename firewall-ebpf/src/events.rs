@@ -28,16 +28,19 @@ fn emit_detail(
     pinhole: &PinholeKey,
 ) {
     if let Some(mut e) = EVENTS.reserve(0) {
-        e.write(DatapathEvent {
-            kind,
-            detail,
-            owner,
-            forward: *forward,
-            reply: *reply,
-            pinhole: *pinhole,
-            // SAFETY: a helper without arguments.
-            timestamp_ns: unsafe { bpf_ktime_get_coarse_ns() },
-        });
+        // Field by field into the ring: a whole event built on the stack
+        // first would take room the pipeline needs.
+        let p = e.as_mut_ptr();
+        // SAFETY: `p` is the reserved record, writable until submitted.
+        unsafe {
+            (*p).kind = kind;
+            (*p).detail = detail;
+            (*p).owner = owner;
+            (*p).forward = *forward;
+            (*p).reply = *reply;
+            (*p).pinhole = *pinhole;
+            (*p).timestamp_ns = bpf_ktime_get_coarse_ns();
+        }
         e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
     }
 }
@@ -53,6 +56,18 @@ pub fn need_neighbour(ifindex: u32, next_hop: [u8; 4]) {
         event_kind::NEED_NEIGHBOUR,
         ifindex as u64,
         &k,
+        &FlowKey::default(),
+        &PinholeKey::default(),
+    );
+}
+
+/// Tells the control plane that `bpf_redirect` refused an egress interface.
+#[inline(always)]
+pub fn redirect_failed(ifindex: u32) {
+    emit(
+        event_kind::REDIRECT_FAILED,
+        ifindex as u64,
+        &FlowKey::default(),
         &FlowKey::default(),
         &PinholeKey::default(),
     );

@@ -5,8 +5,8 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
     },
     helpers::generated::bpf_fib_lookup,
 };
@@ -18,6 +18,7 @@ use firewall_common::{
 use crate::{hook::Hook, parse::Packet};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Where a translated packet leaves.
 pub struct NextHop {
@@ -79,12 +80,29 @@ pub fn l3_len(pkt: &Packet) -> u16 {
 pub fn route<H: Hook>(
     ctx: &H,
     protocol: u8,
-    (src, sport): ([u8; 4], u16),
-    (dst, dport): ([u8; 4], u16),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
     tot_len: u16,
 ) -> (u32, FibParams) {
     // SAFETY: bpf_fib_lookup params are plain integers; all-zero is valid.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let rc = route_in(ctx, &mut p, protocol, src, dst, tot_len);
+    (rc, p)
+}
+
+/// `route` with the parameters (and the answer) in `p`, which may live in a
+/// map (stack space is scarce where it is called).
+#[inline(always)]
+pub fn route_in<H: Hook>(
+    ctx: &H,
+    p: &mut FibParams,
+    protocol: u8,
+    (src, sport): ([u8; 4], u16),
+    (dst, dport): ([u8; 4], u16),
+    tot_len: u16,
+) -> u32 {
+    // SAFETY: bpf_fib_lookup params are plain integers; all-zero is valid.
+    *p = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.l4_protocol = protocol;
     p.sport = sport.to_be();
@@ -94,22 +112,66 @@ pub fn route<H: Hook>(
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     // SAFETY: the helper reads and writes only `p`, which outlives the call.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr() as *mut _,
-            &mut p,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    (rc as u32, p)
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr() as *mut _, p, size_of::<FibParams>() as i32, 0) };
+    rc as u32
+}
+
+/// Whether the stack would forward a packet the FIB answered `rc` for,
+/// rather than deliver it locally (or as broadcast/multicast), drop it or
+/// answer it itself (forwarding off, blackhole, unreachable, prohibit).
+#[inline(always)]
+pub const fn forwards(rc: u32) -> bool {
+    !matches!(
+        rc,
+        BPF_FIB_LKUP_RET_NOT_FWDED
+            | BPF_FIB_LKUP_RET_FWD_DISABLED
+            | BPF_FIB_LKUP_RET_BLACKHOLE
+            | BPF_FIB_LKUP_RET_UNREACHABLE
+            | BPF_FIB_LKUP_RET_PROHIBIT
+    )
+}
+
+/// `route` for an IPv6 packet (no ports, no MTU check): only whether and
+/// where the stack would forward it.
+#[inline(always)]
+pub fn route_v6<H: Hook>(
+    ctx: &H,
+    p: &mut FibParams,
+    next_header: u8,
+    src: *const [u8; 16],
+    dst: *const [u8; 16],
+) -> u32 {
+    // SAFETY: bpf_fib_lookup params are plain integers; all-zero is valid.
+    *p = unsafe { core::mem::zeroed() };
+    p.family = AF_INET6;
+    p.l4_protocol = next_header;
+    p.ifindex = ctx.ingress_ifindex();
+    // SAFETY: `src` and `dst` point at bounds-checked addresses in the
+    // packet; the copies are byte-wise (no alignment assumed).
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            src as *const u8,
+            (&raw mut p.__bindgen_anon_3.ipv6_src) as *mut u8,
+            16,
+        );
+        core::ptr::copy_nonoverlapping(
+            dst as *const u8,
+            (&raw mut p.__bindgen_anon_4.ipv6_dst) as *mut u8,
+            16,
+        );
+    }
+    // SAFETY: the helper reads and writes only `p`, which outlives the call.
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr() as *mut _, p, size_of::<FibParams>() as i32, 0) };
+    rc as u32
 }
 
 /// Looks up the route of the packet as it will be after translation.
 #[inline(always)]
 pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
-    let (rc, p) = route(
+    let p = &mut crate::scratch::get().ok_or(Counter::DropNotForwarded)?.fib;
+    let rc = route_in(
         ctx,
+        p,
         pkt.key.protocol,
         (flow.nat_src_addr, flow.nat_src_port),
         (flow.nat_dst_addr, flow.nat_dst_port),

@@ -15,12 +15,6 @@ pub trait Hook: EbpfContext {
     const DROP: Self::Action;
     /// Sends the packet out of `ifindex`; None when the helper refused.
     fn redirect(&self, ifindex: u32) -> Option<Self::Action>;
-    /// Rare (a vanished interface); worth a line in the daemon's log.
-    #[inline(always)]
-    fn log_redirect_failed(&self, ifindex: u32) {
-        aya_log_ebpf::warn!(self, "redirect to ifindex {} failed", ifindex);
-    }
-
     fn ingress_ifindex(&self) -> u32;
     /// Makes the headers directly readable (TC: they may sit in paged data).
     fn prepare(&self);

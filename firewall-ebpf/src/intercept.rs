@@ -99,9 +99,6 @@ fn process(ctx: &TcContext) -> i32 {
             return TC_ACT_OK;
         }
     }
-    if !pkt.syn_only {
-        return TC_ACT_OK;
-    }
     // SAFETY: a read of a map value the control plane only replaces whole.
     let Some(target) = (unsafe { INTERCEPT.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) })
     else {
@@ -110,6 +107,12 @@ fn process(ctx: &TcContext) -> i32 {
     if !forwarded_out_of(ctx, &pkt, conf.egress_ifindex) {
         // Local destinations, or routes elsewhere: not a connection through the firewall.
         return TC_ACT_OK;
+    }
+    if !pkt.syn_only {
+        // No socket of ours answers for it: the stack would forward it
+        // untranslated, past the wall (the datapath passed it for us).
+        stats::count(Counter::DropNoFlow, len);
+        return TC_ACT_SHOT;
     }
     // The daemon's listener must be there to take it: without it the
     // connection cannot be filtered, and it is dropped (fail closed).
@@ -130,6 +133,11 @@ fn process(ctx: &TcContext) -> i32 {
         )
     };
     if lsk.is_null() {
+        aya_log_ebpf::warn!(
+            ctx,
+            "interception: no listener for a SYN to port {}: dropped",
+            k.dst_port
+        );
         stats::count(Counter::DropNoInterceptor, len);
         return TC_ACT_SHOT;
     }
@@ -197,9 +205,60 @@ fn lookup(ctx: &SkLookupContext) -> u32 {
     SK_PASS
 }
 
+/// For the wall, a TCP packet to be forwarded that no socket of ours is
+/// bound for: `None` if it is not of an intercepted port routed out of the
+/// interface interception watches; otherwise its counter — a SYN passes on
+/// to the TC program if the daemon's listener is there and is dropped if not
+/// (fail closed, as in TC: not even after a crash does the stack forward
+/// it), and a later segment of no connection of ours is dropped.
+#[inline(always)]
+pub fn claim<H: Hook>(
+    ctx: &H,
+    pkt: &parse::Packet,
+    egress_ifindex: u32,
+    listener: &mut bpf_sock_tuple,
+) -> Option<Counter> {
+    let k = &pkt.key;
+    if k.protocol != IPPROTO_TCP {
+        return None;
+    }
+    let conf = INTERCEPT_CONF.get(0)?;
+    if conf.mark == 0 || conf.egress_ifindex != egress_ifindex {
+        return None;
+    }
+    // SAFETY: a read of a map value the control plane only replaces whole.
+    let target = unsafe { INTERCEPT.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) }?;
+    if !pkt.syn_only {
+        return Some(Counter::DropNoFlow);
+    }
+    *listener = tuple4(
+        k.src_addr,
+        k.src_port,
+        target.listener_addr,
+        target.listener_port,
+    );
+    const TUPLE4: u32 = 12;
+    // SAFETY: `listener` lives across the call; the returned socket is released below.
+    let lsk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr() as *mut _,
+            listener,
+            TUPLE4,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if lsk.is_null() {
+        return Some(Counter::DropNoInterceptor);
+    }
+    // SAFETY: the socket the lookup returned.
+    unsafe { bpf_sk_release(lsk as *mut _) };
+    Some(Counter::PassNoFlow)
+}
+
 /// A socket-lookup tuple (addresses as in the packet, ports in host order).
 #[inline(always)]
-fn tuple4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> bpf_sock_tuple {
+pub fn tuple4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16) -> bpf_sock_tuple {
     // SAFETY: the tuple is plain integers; all-zero is valid.
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     t.__bindgen_anon_1.ipv4.saddr = u32::from_ne_bytes(saddr);

@@ -1,6 +1,7 @@
 //! The firewall's eBPF datapath. The same pipeline (`pipeline`) runs at
 //! XDP (`xdp`, the default) or at TC ingress (`tc`); `intercept` hands the
-//! primary connections of filtered protocols to the daemon. The benchmark's
+//! primary connections of filtered protocols to the daemon; `wall` decides
+//! what no flow or pinhole claims (default deny, tracked outbound NAT). The benchmark's
 //! generator and sink are a separate object (`bench`), never loaded by the
 //! daemon.
 #![no_std]
@@ -17,8 +18,10 @@ mod nat;
 mod parse;
 mod pinhole;
 mod pipeline;
+mod scratch;
 mod stats;
 mod tc;
+mod wall;
 mod xdp;
 
 #[cfg(not(test))]

@@ -6,9 +6,16 @@
 use core::mem::size_of;
 
 use firewall_common::{flow::tcp_seen, flow::FlowKey, stats::Counter, IPPROTO_TCP, IPPROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 /// IPv4 flags/fragment-offset bits that mark a fragment: MF and the offset.
@@ -75,7 +82,7 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         // SAFETY: `take` bounds-checked the VLAN header.
         ether_type = u16::from_be(unsafe { (*vlan).ether_type });
         if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
-            return Err(Counter::PassVlanUnsupported);
+            return Err(Counter::DropVlan);
         }
         vlan_tagged = true;
     }
@@ -183,4 +190,53 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         tcp_flags,
         syn_only,
     })
+}
+
+/// What the FIB needs to know about an IP packet the pipeline does not
+/// translate (IPv4 other than TCP/UDP, a fragment, IPv6): whether it is the
+/// firewall's own or would be forwarded.
+pub enum Bare {
+    V4 {
+        protocol: u8,
+        src: [u8; 4],
+        dst: [u8; 4],
+    },
+    /// The addresses stay in the packet (bounds-checked): copied byte by
+    /// byte where needed, they cost no stack.
+    V6 {
+        next_header: u8,
+        src: *const [u8; 16],
+        dst: *const [u8; 16],
+    },
+}
+
+/// Reads the addresses of an untagged IPv4 or IPv6 frame; `None` for
+/// anything else (ARP, LLDP, ...), which no router forwards.
+#[inline(always)]
+pub fn bare(start: usize, end: usize) -> Option<Bare> {
+    let mut cur = Cursor { pos: start, end };
+    let eth: *mut EthHdr = cur.take()?;
+    // SAFETY: `take` bounds-checked the Ethernet header.
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    if ether_type == ETH_P_IP {
+        let ip: *mut Ipv4Hdr = cur.take()?;
+        // SAFETY: `take` bounds-checked the IPv4 header.
+        let h = unsafe { &*ip };
+        Some(Bare::V4 {
+            protocol: h.proto,
+            src: h.src_addr,
+            dst: h.dst_addr,
+        })
+    } else if ether_type == ETH_P_IPV6 {
+        let ip: *mut Ipv6Hdr = cur.take()?;
+        // SAFETY: `take` bounds-checked the IPv6 header.
+        let h = unsafe { &*ip };
+        Some(Bare::V6 {
+            next_header: h.next_hdr,
+            src: &raw const h.src_addr,
+            dst: &raw const h.dst_addr,
+        })
+    } else {
+        None
+    }
 }

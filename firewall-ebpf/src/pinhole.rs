@@ -39,11 +39,20 @@ static BUSY_CLIENTS: HashMap<BusyClientKey, BusyClientValue, { map_sizes::BUSY_C
 /// How many SNAT ports a first packet tries before giving up.
 const SNAT_TRIES: u32 = 8;
 
-/// For a packet without a flow entry: if it opens a pinhole, creates the flow
-/// entries and returns the one for this packet; otherwise the counter that
-/// decides its fate (`PassNoFlow` when no pinhole matches).
+/// For a packet without a flow entry: `PinholeEstablished` once it opened a
+/// pinhole and the flow entries are in `FLOWS`; otherwise the counter that
+/// decides its fate (`PassNoFlow` when no pinhole matches). A function of its
+/// own (a BPF-to-BPF call), so that its stack frame is not the pipeline's.
+#[inline(never)]
+pub fn admit(pkt: &Packet, side: u8) -> Counter {
+    match admit_inner(pkt, side) {
+        Ok(_) => Counter::PinholeEstablished,
+        Err(c) => c,
+    }
+}
+
 #[inline(always)]
-pub fn admit(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
+fn admit_inner(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
     let key = &pkt.key;
     let pkey = PinholeKey::new(key.protocol, key.dst_addr, key.dst_port, side);
     let p = PINHOLES.get_ptr_mut(pkey).ok_or(Counter::PassNoFlow)?;
@@ -142,9 +151,6 @@ fn create_flows(
     } else {
         (key.src_addr, key.src_port)
     };
-    let mut fwd = FlowValue::forward(src_addr, src_port, v.target_addr, v.target_port);
-    fwd.owner = v.owner;
-    fwd.egress_ifindex = v.egress_ifindex;
     let reply_key = FlowKey::new(
         key.protocol,
         v.target_addr,
@@ -152,16 +158,22 @@ fn create_flows(
         src_addr,
         src_port,
     );
-    let mut back = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
-    back.owner = v.owner;
+    // Both entries are built in the scratch space, one after the other (the
+    // stack has no room for them next to the pipeline).
+    let e = &mut crate::scratch::get().ok_or(Counter::DropNatPortsBusy)?.flow;
     // Created counts as seen: an entry whose first packet is then dropped (no
     // neighbour yet) must not look idle since boot to the sweeper.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    fwd.last_seen_ns = now;
-    back.last_seen_ns = now;
-    flow::insert(&reply_key, &back)?;
-    flow::insert(key, &fwd)?;
+    *e = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
+    e.owner = v.owner;
+    e.last_seen_ns = now;
+    flow::insert(&reply_key, e)?;
+    *e = FlowValue::forward(src_addr, src_port, v.target_addr, v.target_port);
+    e.owner = v.owner;
+    e.egress_ifindex = v.egress_ifindex;
+    e.last_seen_ns = now;
+    flow::insert(key, e)?;
     // SAFETY: an atomic add on a field of the map value `p`.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).uses, 1) };
     emit(event_kind::ESTABLISHED, v.owner, key, &reply_key, pkey);

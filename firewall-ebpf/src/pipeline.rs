@@ -1,6 +1,6 @@
 //! The pipeline every forwarded packet takes, at XDP or at TC: parse →
-//! flow lookup (or a pinhole's first packet) → FIB → NAT rewrite →
-//! redirect. Every packet leaves through `finish`, which counts it under
+//! flow lookup (or a pinhole's first packet, or the wall's verdict on what
+//! nothing claims) → FIB → NAT rewrite → redirect. Every packet leaves through `finish`, which counts it under
 //! exactly one `Counter` and turns that counter into the hook's verdict.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
@@ -9,7 +9,7 @@ use firewall_common::{
     stats::{Counter, Verdict},
 };
 
-use crate::{fib, flow, hook::Hook, parse, pinhole, stats};
+use crate::{events, fib, flow, hook::Hook, parse, pinhole, stats, wall};
 
 /// Outcome of processing: the counter, and for redirects the egress interface.
 pub struct Outcome {
@@ -32,12 +32,13 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     ctx.prepare();
     let pkt = match parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) {
         Ok(p) => p,
+        Err(c) if c.verdict() == Verdict::Pass => return wall::untracked(ctx, c).into(),
         Err(c) => return c.into(),
     };
     if pkt.vlan_tagged || ctx.vlan_offloaded() {
-        // XDP cannot transmit on VLAN sub-interfaces: such frames are the
-        // stack's, before anything (a single-use pinhole) is spent on them.
-        return Counter::PassVlanUnsupported.into();
+        // Through a trunk the stack would forward a VLAN's traffic past the
+        // wall: dropped before anything (a single-use pinhole) is spent on it.
+        return Counter::DropVlan.into();
     }
     // An existing flow first; otherwise a pinhole may create one. A SYN on a
     // flow that has ended is a new connection reusing the 5-tuple (its ports
@@ -47,10 +48,25 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     let (flow_ptr, counter) = match found {
         Some(f) if !(pkt.syn_only && flow::ended(f)) => (f, Counter::Redirected),
         _ => match (pinhole::admit(&pkt, side), found) {
-            (Ok(f), _) => (f, Counter::PinholeEstablished),
             // No pinhole for it: the old flow goes on as before.
-            (Err(Counter::PassNoFlow), Some(old)) => (old, Counter::Redirected),
-            (Err(c), _) => return c.into(),
+            (Counter::PassNoFlow, Some(old)) => (old, Counter::Redirected),
+            (pinhole, _) => {
+                // Nothing claims it: the wall decides. Both create the flows
+                // in a function of their own; the packet then takes its flow.
+                let created = if pinhole == Counter::PassNoFlow {
+                    wall::admit(ctx, &pkt, side)
+                } else {
+                    pinhole
+                };
+                if created != Counter::PinholeEstablished && created != Counter::PrimaryEstablished
+                {
+                    return created.into();
+                }
+                match flow::lookup(&pkt.key) {
+                    Some(f) => (f, created),
+                    None => return Counter::DropNatExhausted.into(),
+                }
+            }
         },
     };
     // SAFETY: a FLOWS entry found or created for this packet.
@@ -112,7 +128,10 @@ pub fn finish<H: Hook>(ctx: &H, out: Outcome) -> H::Action {
                 action
             }
             None => {
-                ctx.log_redirect_failed(out.ifindex);
+                // Rare (a vanished interface); worth a line in the daemon's
+                // log, which reads it from the event ring (an aya-log record
+                // would not fit on the stack next to the pipeline).
+                events::redirect_failed(out.ifindex);
                 stats::count(Counter::DropRedirectFailed, len);
                 H::DROP
             }

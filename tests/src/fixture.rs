@@ -8,8 +8,13 @@
 use std::process::Command;
 
 use anyhow::Context as _;
+use firewall_common::{
+    flow::{FlowKey, FlowValue},
+    wall::WallConf,
+};
 use firewall_ctl::datapath::{
     BusyClients, Datapath, FlowTable, PeerFilters, PinPaths, PinholeTable, Side, TestRunOutput,
+    WallTables,
 };
 
 use crate::netns::in_netns;
@@ -17,6 +22,8 @@ use crate::netns::in_netns;
 pub const FW_INTERNAL: [u8; 4] = [10, 1, 0, 1];
 pub const FW_EXTERNAL: [u8; 4] = [10, 2, 0, 1];
 pub const CLIENT: [u8; 4] = [10, 1, 0, 2];
+/// The NAT port of `Fixture::install_pair`.
+pub const NAT_PORT: u16 = 61000;
 pub const SERVER: [u8; 4] = [10, 2, 0, 2];
 /// An external host with no neighbour entry.
 pub const UNRESOLVED: [u8; 4] = [10, 2, 0, 99];
@@ -128,6 +135,31 @@ impl Fixture {
             in_ifindex,
             ex_ifindex,
         })
+    }
+
+    /// Outbound SNAT and its reply, like a secondary connection's two flow
+    /// entries: CLIENT:cport → SERVER:sport leaves as FW_EXTERNAL:NAT_PORT.
+    pub fn install_pair(&mut self, protocol: u8, cport: u16, sport: u16) {
+        let out = FlowKey::new(protocol, CLIENT, cport, SERVER, sport);
+        let translated = FlowValue::forward(FW_EXTERNAL, NAT_PORT, SERVER, sport);
+        self.flows.insert(&out, &translated).unwrap();
+        let back = FlowKey::new(protocol, SERVER, sport, FW_EXTERNAL, NAT_PORT);
+        let reply = FlowValue::forward(SERVER, sport, CLIENT, cport);
+        self.flows.insert(&back, &reply).unwrap();
+    }
+
+    /// Raises the wall as `up` does: new outbound connections from
+    /// 10.1.0.0/24 leave through ex0 translated to FW_EXTERNAL, NAT ports
+    /// `ports`.
+    pub fn raise_wall(&self, ports: std::ops::RangeInclusive<u16>) -> anyhow::Result<()> {
+        let conf = WallConf {
+            nat_addr: FW_EXTERNAL,
+            nat_port_lo: *ports.start(),
+            nat_port_hi: *ports.end(),
+            external_ifindex: self.ex_ifindex,
+            _pad: 0,
+        };
+        WallTables::open(&self.pins)?.set(conf, &["10.1.0.0/24".parse()?])
     }
 
     /// The fixture's network namespace (for `netns::in_netns`).

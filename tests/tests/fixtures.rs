@@ -13,23 +13,6 @@ use firewall_tests::{
     packet::{check_checksums, view, Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-const NAT_PORT: u16 = 61000;
-
-/// Outbound SNAT and its reply, like a secondary connection's two flow entries.
-fn install_pair(fx: &mut Fixture, protocol: u8, cport: u16, sport: u16) {
-    let out = FlowKey::new(protocol, CLIENT, cport, SERVER, sport);
-    fx.flows
-        .insert(
-            &out,
-            &FlowValue::forward(FW_EXTERNAL, NAT_PORT, SERVER, sport),
-        )
-        .unwrap();
-    let back = FlowKey::new(protocol, SERVER, sport, FW_EXTERNAL, NAT_PORT);
-    fx.flows
-        .insert(&back, &FlowValue::forward(SERVER, sport, CLIENT, cport))
-        .unwrap();
-}
-
 fn assert_translated_out(frame: &[u8], spec: &Spec) {
     let v = view(frame);
     assert_eq!(
@@ -51,7 +34,7 @@ fn assert_translated_out(frame: &[u8], spec: &Spec) {
 #[test]
 fn tcp_outbound_snat_and_reply_dnat() {
     let mut fx = Fixture::new("tcp").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
 
     let spec = Spec {
         tcp_flags: TCP_SYN,
@@ -89,7 +72,7 @@ fn tcp_outbound_snat_and_reply_dnat() {
 #[test]
 fn udp_translation_including_no_checksum() {
     let mut fx = Fixture::new("udp").unwrap();
-    install_pair(&mut fx, IPPROTO_UDP, 5000, 53);
+    fx.install_pair(IPPROTO_UDP, 5000, 53);
     let spec = Spec::udp(CLIENT, 5000, SERVER, 53);
     let r = fx.run(Side::Internal, &spec.build());
     assert_eq!(r.action, XDP_REDIRECT);
@@ -115,8 +98,8 @@ fn checksum_partial_frames_leave_with_full_checksums() {
     // the pseudo-header sum; they must leave complete. Lengths cross the
     // 512-byte chunks of the recomputation and include odd sizes.
     let mut fx = Fixture::new("partial").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
-    install_pair(&mut fx, IPPROTO_UDP, 5000, 53);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_UDP, 5000, 53);
     for len in [
         0usize, 1, 3, 4, 491, 492, 493, 511, 512, 513, 1023, 1024, 1025, 1432,
     ] {
@@ -142,7 +125,7 @@ fn checksum_partial_frames_leave_with_full_checksums() {
 #[test]
 fn ip_options_are_skipped_and_preserved() {
     let mut fx = Fixture::new("opts").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
     let spec = Spec {
         ip_options: vec![1, 1, 1, 0],
         ..Spec::tcp(CLIENT, 40000, SERVER, 21)
@@ -157,7 +140,7 @@ fn ip_options_are_skipped_and_preserved() {
 #[test]
 fn tcp_flags_accumulate_on_the_flow() {
     let mut fx = Fixture::new("flags").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
     for flags in [TCP_SYN, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST] {
         let r = fx.run(
             Side::Internal,
@@ -185,7 +168,7 @@ fn tcp_flags_accumulate_on_the_flow() {
 #[test]
 fn passthrough_is_unchanged_and_counted() {
     let mut fx = Fixture::new("pass").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
     let tcp = Spec::tcp(CLIENT, 40000, SERVER, 21);
 
     let arp = {
@@ -200,35 +183,23 @@ fn passthrough_is_unchanged_and_counted() {
         f.extend_from_slice(&[0u8; 32]);
         f
     };
-    let mut icmp = Spec::udp(CLIENT, 0, SERVER, 0).build();
+    // Addressed to the firewall itself: the stack's.
+    let local_tcp = Spec::tcp(CLIENT, 40000, FW_INTERNAL, 22);
+    let mut icmp = Spec::udp(CLIENT, 0, FW_INTERNAL, 0).build();
     icmp[23] = 1; // protocol ICMP (header checksum is not checked here)
     let frag_mf = Spec {
         frag: 0x2000,
-        ..tcp.clone()
+        ..local_tcp.clone()
     }
     .build();
     let frag_off = Spec {
         frag: 0x0010,
-        ..tcp.clone()
+        ..local_tcp.clone()
     }
     .build();
-    let no_flow = Spec::tcp(CLIENT, 40001, SERVER, 21).build();
+    let no_flow = Spec::tcp(CLIENT, 40001, FW_INTERNAL, 22).build();
     let ttl1 = Spec {
         ttl: 1,
-        ..tcp.clone()
-    }
-    .build();
-    let qinq = {
-        let mut f = Spec {
-            vlan: Some(10),
-            ..tcp.clone()
-        }
-        .build();
-        f.splice(16..16, [0x81, 0x00, 0x00, 0x14]);
-        f
-    };
-    let vlan_flow = Spec {
-        vlan: Some(10),
         ..tcp.clone()
     }
     .build();
@@ -237,14 +208,20 @@ fn passthrough_is_unchanged_and_counted() {
 
     let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
         ("arp", arp, Counter::PassNotIpv4),
-        ("ipv6", ipv6, Counter::PassNotIpv4),
-        ("icmp", icmp, Counter::PassNotTcpUdp),
-        ("fragment with MF", frag_mf, Counter::PassFragment),
-        ("fragment with offset", frag_off, Counter::PassFragment),
-        ("no flow", no_flow, Counter::PassNoFlow),
+        ("ipv6 (forwarding off for IPv6)", ipv6, Counter::PassNotIpv4),
+        ("icmp to the firewall", icmp, Counter::PassNotTcpUdp),
+        (
+            "fragment with MF to the firewall",
+            frag_mf,
+            Counter::PassFragment,
+        ),
+        (
+            "fragment with offset to the firewall",
+            frag_off,
+            Counter::PassFragment,
+        ),
+        ("tcp to the firewall", no_flow, Counter::PassNoFlow),
         ("ttl 1", ttl1, Counter::PassTtlExceeded),
-        ("two VLAN tags", qinq, Counter::PassVlanUnsupported),
-        ("VLAN-tagged flow", vlan_flow, Counter::PassVlanUnsupported),
     ];
     for (name, frame, counter) in cases {
         let before = fx.counter(counter);
@@ -263,7 +240,7 @@ fn passthrough_is_unchanged_and_counted() {
 #[test]
 fn malformed_frames_are_dropped_and_counted() {
     let mut fx = Fixture::new("malformed").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
     let good = Spec::tcp(CLIENT, 40000, SERVER, 21).build();
     let udp = Spec::udp(CLIENT, 5000, SERVER, 53).build();
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
@@ -483,8 +460,8 @@ const TC_NEXT: u32 = u32::MAX;
 #[test]
 fn the_tc_datapath_translates_like_xdp() {
     let mut fx = Fixture::new("tcfwd").unwrap();
-    install_pair(&mut fx, IPPROTO_TCP, 40000, 21);
-    install_pair(&mut fx, IPPROTO_UDP, 40001, 53);
+    fx.install_pair(IPPROTO_TCP, 40000, 21);
+    fx.install_pair(IPPROTO_UDP, 40001, 53);
     for spec in [
         Spec {
             tcp_flags: TCP_SYN,
@@ -519,8 +496,9 @@ fn the_tc_datapath_translates_like_xdp() {
         (SERVER, 21, CLIENT, 40000)
     );
     check_checksums(&r.frame).unwrap();
-    // Anything else goes on to the next program (the interception), unchanged.
-    let other = Spec::tcp(CLIENT, 1234, SERVER, 80).build();
+    // What is addressed to the firewall goes on to the next program (the
+    // interception), unchanged.
+    let other = Spec::tcp(CLIENT, 1234, FW_INTERNAL, 80).build();
     let r = fx.run_tc(Side::Internal, &other);
     assert_eq!(r.action, TC_NEXT);
     assert_eq!(r.frame, other);

@@ -167,7 +167,7 @@ fn refusals_leave_the_pinhole_unused() {
         assert_eq!(r.action, XDP_DROP, "{what}");
         assert_eq!(fx.counter(counter), 1, "{what}");
     }
-    // A VLAN-tagged first packet goes to the stack, unconsumed.
+    // A VLAN-tagged first packet is dropped, the pinhole unconsumed.
     let r = fx.run(
         Side::External,
         &Spec {
@@ -176,7 +176,7 @@ fn refusals_leave_the_pinhole_unused() {
         }
         .build(),
     );
-    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(r.action, XDP_DROP);
     assert_eq!(
         fx.pinholes.get(&key).unwrap().unwrap().remaining,
         1,
@@ -398,7 +398,7 @@ fn udp_bidirectional_gives_other_senders_a_reply_path_only() {
     assert_eq!(
         fx.run(Side::Internal, &Spec::udp(CLIENT, 5001, P2, 7002).build())
             .action,
-        XDP_PASS
+        XDP_DROP
     );
     let kinds: Vec<u32> = fx.events().iter().map(|e| e.kind).collect();
     assert_eq!(kinds, vec![event_kind::ESTABLISHED, event_kind::REPLY_PATH]);
@@ -421,7 +421,7 @@ fn udp_bidirectional_gives_other_senders_a_reply_path_only() {
     assert_eq!(
         fx.run(Side::Internal, &Spec::udp(CLIENT, 5001, P2, 7001).build())
             .action,
-        XDP_PASS
+        XDP_DROP
     );
 }
 

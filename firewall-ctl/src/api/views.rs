@@ -95,10 +95,11 @@ impl Status {
 }
 
 fn proto_name(p: u8) -> &'static str {
-    if p == IPPROTO_TCP {
-        "tcp"
-    } else {
-        "udp"
+    match p {
+        IPPROTO_TCP => "tcp",
+        firewall_common::IPPROTO_UDP => "udp",
+        firewall_common::IPPROTO_ICMP => "icmp",
+        _ => "other",
     }
 }
 
@@ -178,6 +179,10 @@ pub struct FlowView {
     pub bytes: u64,
     pub idle_ms: u64,
     pub owner: u64,
+    /// "primary" (tracked by the wall) or "secondary" (made from a pinhole
+    /// or by the control plane).
+    #[serde(default)]
+    pub kind: String,
 }
 
 impl FlowView {
@@ -192,6 +197,7 @@ impl FlowView {
             bytes: v.bytes,
             idle_ms: now_ns.saturating_sub(v.last_seen_ns) / 1_000_000,
             owner: v.owner,
+            kind: firewall_common::flow::flow_kind::name(v.kind).into(),
         }
     }
 }

@@ -80,8 +80,8 @@ pub fn status_text(s: &Status) -> String {
     push_table(&mut o, &t, "  ");
     let e = &s.flows_expired;
     o += &format!(
-        "  flows expired: {} tcp closed, {} tcp idle, {} udp idle; {} unused pinholes timed out\n",
-        e.tcp_closed, e.tcp_idle, e.udp_idle, e.pinholes_timed_out
+        "  flows expired: {} tcp closed, {} tcp idle, {} tcp unanswered, {} udp idle; {} unused pinholes timed out\n",
+        e.tcp_closed, e.tcp_idle, e.tcp_unanswered, e.udp_idle, e.pinholes_timed_out
     );
     if s.ftp_ports.is_empty() {
         o += "ftp filter: off\n";
@@ -227,12 +227,14 @@ pub fn pinholes_text(rows: &[PinholeView]) -> String {
 pub fn flows_text(rows: &[FlowView]) -> String {
     let mut t = table(
         &[
-            "proto", "from", "to", "as from", "as to", "packets", "bytes", "idle ms", "owner",
+            "kind", "proto", "from", "to", "as from", "as to", "packets", "bytes", "idle ms",
+            "owner",
         ],
-        &[5, 6, 7, 8],
+        &[6, 7, 8, 9],
     );
     for r in rows {
         t.add_row(vec![
+            r.kind.clone(),
             r.protocol.clone(),
             r.from.clone(),
             r.to.clone(),

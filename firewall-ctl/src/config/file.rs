@@ -29,6 +29,22 @@ pub(super) struct File {
     pub ftp: FtpFile,
     #[serde(default)]
     pub interception: InterceptionFile,
+    #[serde(default)]
+    pub nat: NatFile,
+    #[serde(default)]
+    pub wall: WallFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NatFile {
+    pub ports: Option<PortRange>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WallFile {
+    pub outbound_from: Option<Vec<Network>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +88,7 @@ pub(super) struct MapsFile {
 pub(super) struct TimeoutsFile {
     pub tcp_established: Option<Timeout>,
     pub tcp_closing: Option<Timeout>,
+    pub tcp_transitory: Option<Timeout>,
     pub udp_idle: Option<Timeout>,
     pub pinhole: Option<Timeout>,
     pub udp_pinhole_idle: Option<Timeout>,

@@ -42,6 +42,12 @@ pub struct Config {
     pub port_range: RangeInclusive<u16>,
     /// SNAT ports reserved per ALLOW_MULTIPLE redirect or proxy-mode bind.
     pub snat_block: u16,
+    /// Ports primary connections are translated to (disjoint from
+    /// `port_range`).
+    pub nat_port_range: RangeInclusive<u16>,
+    /// Source networks that may open connections out through the firewall
+    /// (the wall's embedded rule: the internal networks).
+    pub outbound_from: Vec<Ipv4Net>,
     /// Concurrent secondary connections per client and transport: a new TCP
     /// one beyond it is refused, a new UDP one replaces the client's oldest.
     pub client_quota: u32,
@@ -79,6 +85,9 @@ pub const DEFAULT_ROUTE_TABLE: u32 = 18_007;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = map_sizes::FLOWS;
 pub const DEFAULT_PINHOLE_TABLE_SIZE: u32 = map_sizes::PINHOLES;
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=59999;
+/// Below the pinhole range, and below Linux's ephemeral ports (32768–60999),
+/// so the firewall's own connections never meet a translated one.
+pub const DEFAULT_NAT_PORT_RANGE: RangeInclusive<u16> = 1024..=19999;
 pub const DEFAULT_SNAT_BLOCK: u16 = 64;
 /// ISA Server 2004's per-client connection limit (KB 838706).
 /// Concurrent live secondary connections per client and transport. ISA
@@ -223,6 +232,7 @@ impl Config {
         let timeouts = Timeouts {
             tcp_established: or(t.tcp_established, d.tcp_established),
             tcp_closing: or(t.tcp_closing, d.tcp_closing),
+            tcp_transitory: or(t.tcp_transitory, d.tcp_transitory),
             udp_idle: or(t.udp_idle, d.udp_idle),
             pinhole: or(t.pinhole, d.pinhole),
             udp_pinhole_idle: or(t.udp_pinhole_idle, d.udp_pinhole_idle),
@@ -235,6 +245,25 @@ impl Config {
             1..=4096,
             DEFAULT_SNAT_BLOCK as u64,
         )? as u16;
+
+        let nat_port_range = file.nat.ports.map_or(DEFAULT_NAT_PORT_RANGE, |r| r.0);
+        if nat_port_range.start() <= port_range.end() && port_range.start() <= nat_port_range.end()
+        {
+            return Err(err(
+                "nat.ports",
+                format!(
+                    "{}-{} overlaps the pinhole ports (ports.range {}-{}): a translated connection could take a pinhole's port",
+                    nat_port_range.start(),
+                    nat_port_range.end(),
+                    port_range.start(),
+                    port_range.end()
+                ),
+            ));
+        }
+        let outbound_from = match file.wall.outbound_from {
+            None => internal_networks.clone(),
+            Some(nets) => nets.into_iter().map(|n| n.0).collect(),
+        };
 
         let client_quota = ranged(
             "policy.client_quota",
@@ -385,6 +414,8 @@ impl Config {
             timeouts,
             port_range,
             snat_block,
+            nat_port_range,
+            outbound_from,
             client_quota,
             max_pending_per_session,
             default_allowed_addresses,

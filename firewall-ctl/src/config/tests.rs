@@ -97,6 +97,24 @@ fn the_documented_example_is_valid() {
     assert_eq!(c.client_quota, DEFAULT_CLIENT_QUOTA);
     assert_eq!(c.ftp_ports, DEFAULT_FTP_PORTS);
     assert_eq!(c.fwmark, DEFAULT_FWMARK);
+    assert_eq!(c.nat_port_range, DEFAULT_NAT_PORT_RANGE);
+    assert_eq!(c.outbound_from, c.internal_networks);
+}
+
+#[test]
+fn the_wall_admits_the_internal_networks_unless_told_otherwise() {
+    let (i, e) = ifs();
+    let c = Config::parse(
+        "[wall]\noutbound_from = [\"10.1.0.0/25\"]\n[nat]\nports = \"61000-61999\"",
+        &i,
+        &e,
+    )
+    .unwrap();
+    assert_eq!(
+        c.outbound_from,
+        vec!["10.1.0.0/25".parse::<ipnet::Ipv4Net>().unwrap()]
+    );
+    assert_eq!(c.nat_port_range, 61000..=61999);
 }
 
 #[test]
@@ -138,6 +156,11 @@ fn errors_name_the_key() {
         ("[ftp]\nports = [21, 21]", "ftp.ports[1]"),
         ("[ftp]\nports = []", "ftp.ports"),
         ("[ftp]\nports = [0]", "ftp.ports[0]"),
+        ("[nat]\nports = \"19000-21000\"", "nat.ports"),
+        ("[nat]\nports = \"5000\"", "nat.ports"),
+        ("[ports]\nrange = \"1024-9999\"", "overlaps the pinhole ports"),
+        ("[wall]\noutbound_from = [\"10.1.0.0/33\"]", "wall.outbound_from[0]"),
+        ("[wall]\ninbound = true", "unknown field `inbound`"),
         ("[ftp]\nport = 21", "unknown field `port`"),
         ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
         ("[timeouts]\nudp_idle = \"5 parsecs\"", "timeouts.udp_idle"),

@@ -25,7 +25,7 @@ use crate::{
     filters::{DataFilterFactory, ExecutableBlockerFactory},
     ftp::{FtpStats, Secondaries},
     lock::DaemonLock,
-    netif::{self, Interface},
+    netif::Interface,
     ports::PortPool,
     primary::{self, Interception},
     relay::Relay,
@@ -35,6 +35,7 @@ use crate::{
 mod api_server;
 mod state;
 mod tasks;
+mod wall;
 
 pub use api_server::MAX_API_CONNECTIONS;
 use state::{describe_running, remove_transparent_sockets};
@@ -104,6 +105,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             .map_err(|e| invalid(anyhow::anyhow!("embedded defaults: {e}")))?,
     };
 
+    wall::check_nat_ports(&config).map_err(invalid)?;
+
     // One daemon per host, whatever socket each is given: a second one would
     // take over the running one's datapath and empty its pinholes.
     let _lock = match DaemonLock::acquire().context("taking the daemon lock")? {
@@ -152,13 +155,11 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         }
     };
 
-    let mut saved_sysctls = match &previous {
+    // Forwarding is turned on last, once the wall stands (`wall::raise`).
+    let saved_sysctls = match &previous {
         Some(s) if adopt => s.saved_sysctls.clone(),
         _ => BTreeMap::new(),
     };
-    for (k, v) in netif::set_sysctls(&netif::forwarding_sysctls(&[&internal, &external]))? {
-        saved_sysctls.entry(k).or_insert(v);
-    }
 
     let mut state = State {
         pid: std::process::id(),
@@ -249,6 +250,22 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
                 return Err(e.context("starting the interception of primary connections"));
             }
         };
+    let raised = wall::raise(&pins, &config, &internal, &external).and_then(|changed| {
+        for (k, v) in changed {
+            state.saved_sysctls.entry(k).or_insert(v);
+        }
+        state.write()
+    });
+    if let Err(e) = raised {
+        if let Some(p) = interception_task {
+            p.stop();
+        }
+        engine.stop();
+        drop(dp);
+        let _ = teardown(&pins, Some(&state));
+        let _ = fs::remove_file(&opts.socket);
+        return Err(e.context("raising the wall"));
+    }
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
         internal.name,

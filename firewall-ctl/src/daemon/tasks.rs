@@ -117,9 +117,15 @@ pub(super) async fn read_datapath_events(
         if batch.is_empty() {
             continue;
         }
-        let (neigh, conns): (Vec<_>, Vec<_>) = batch
+        let (neigh, conns): (Vec<_>, Vec<_>) = batch.into_iter().partition(|e| {
+            e.kind == event_kind::NEED_NEIGHBOUR || e.kind == event_kind::REDIRECT_FAILED
+        });
+        let (failed, neigh): (Vec<_>, Vec<_>) = neigh
             .into_iter()
-            .partition(|e| e.kind == event_kind::NEED_NEIGHBOUR);
+            .partition(|e| e.kind == event_kind::REDIRECT_FAILED);
+        for e in failed {
+            log::warn!("datapath: redirect to ifindex {} failed", e.owner);
+        }
         for e in neigh {
             shared
                 .neighbours

@@ -29,6 +29,7 @@ use firewall_common::{
     },
     program_names,
     stats::StatValue,
+    wall::{SourceValue, WallConf},
     PIN_DIR,
 };
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,7 @@ use crate::netif::Interface;
 mod kernel_maps;
 mod tables;
 mod test_run;
+mod wall;
 
 pub use kernel_maps::KernelMaps;
 pub use tables::{
@@ -45,6 +47,7 @@ pub use tables::{
     TableName, TableValue,
 };
 pub use test_run::{BenchPrograms, TestRunOutput};
+pub use wall::WallTables;
 
 /// The eBPF object built from firewall-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
@@ -241,6 +244,16 @@ const MAPS: &[MapSpec] = &[
         key_size: 4,
         value_size: size_of::<InterceptConf>() as u32,
     },
+    MapSpec {
+        name: map_names::WALL_CONF,
+        key_size: 4,
+        value_size: size_of::<WallConf>() as u32,
+    },
+    MapSpec {
+        name: map_names::WALL_SOURCES,
+        key_size: 4 + 4,
+        value_size: size_of::<SourceValue>() as u32,
+    },
 ];
 
 /// Capacities of the maps the configuration sizes.
@@ -285,6 +298,7 @@ fn check_pinned_layout(pins: &PinPaths, sizes: MapSizes) -> anyhow::Result<()> {
         let wanted = match spec.name {
             map_names::FLOWS => Some(sizes.flows),
             map_names::PINHOLES => Some(sizes.pinholes),
+            map_names::STATS => Some(firewall_common::stats::COUNTER_SLOTS),
             _ => None,
         };
         if let Some(wanted) = wanted.filter(|w| *w != info.max_entries()) {

@@ -120,11 +120,11 @@ pub(crate) fn scale(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
             &miss,
             repeat,
             opts.reps(),
-            XDP_PASS,
+            XDP_DROP,
         )?;
         r.add(
             "scale",
-            "miss (flow and pinhole lookups)",
+            "miss (flow and pinhole lookups, the wall drops it)",
             &label,
             "ns/packet",
             v,

@@ -168,10 +168,10 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         v,
     );
     let miss = tcp(CLIENT, 34000, SERVER, 443, TCP_ACK);
-    let v = timed(&mut fx, Side::Internal, &miss, repeat, reps, XDP_PASS)?;
+    let v = timed(&mut fx, Side::Internal, &miss, repeat, reps, XDP_DROP)?;
     r.add(
         "xdp cost",
-        "miss: no flow, no pinhole (pass)",
+        "miss: no flow, no pinhole (dropped by the wall)",
         "kernel",
         "ns/packet",
         v,
@@ -198,7 +198,40 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         "ns/packet",
         v,
     );
+    fx.raise_wall(1024..=19999)?;
+    let v = (0..reps)
+        .map(|_| primary_first_packet_ns(&mut fx, runs))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    r.add(
+        "xdp cost",
+        "first packet of an outbound connection (the wall creates the flows)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
     Ok(())
+}
+
+/// The wall's first-packet path: an outbound SYN creates both flows (which
+/// are removed after each run, so that every run takes the same path).
+pub(crate) fn primary_first_packet_ns(fx: &mut Fixture, runs: usize) -> anyhow::Result<f64> {
+    let mut v = Vec::new();
+    for i in 0..runs {
+        let sport = 40000 + (i % 20000) as u16;
+        let out = fx.run(Side::Internal, &tcp(CLIENT, sport, SERVER, 80, TCP_SYN));
+        if out.action != XDP_REDIRECT {
+            bail!("outbound first packet: verdict {}", out.action);
+        }
+        v.push(out.duration.as_nanos() as f64);
+        let key = FlowKey::new(IPPROTO_TCP, CLIENT, sport, SERVER, 80);
+        if let Some(f) = fx.flows.get(&key)? {
+            let back = FlowKey::new(IPPROTO_TCP, SERVER, 80, FW_EXTERNAL, f.nat_src_port);
+            let _ = fx.flows.remove(&back);
+        }
+        let _ = fx.flows.remove(&key);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+//! Raising the wall at `up`: its settings into the datapath, and only then
+//! forwarding on, so that no packet is ever forwarded unfiltered.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context as _};
+use firewall_common::wall::WallConf;
+
+use crate::{
+    config::Config,
+    datapath::{PinPaths, WallTables},
+    netif::{self, Interface},
+};
+
+/// The firewall's own connections take their source ports from
+/// `net.ipv4.ip_local_port_range`; a translated connection must never get one
+/// of them, or the datapath would take the replies of a local connection.
+pub fn check_nat_ports(config: &Config) -> anyhow::Result<()> {
+    let key = "net.ipv4.ip_local_port_range";
+    let text = netif::read_sysctl(key)?;
+    let (lo, hi) = parse_range(&text).with_context(|| format!("reading {key} ({text:?})"))?;
+    let nat = &config.nat_port_range;
+    if *nat.start() <= hi && lo <= *nat.end() {
+        bail!(
+            "nat.ports {}-{} overlaps this host's ephemeral ports ({key} = {lo}-{hi}): choose a range outside it",
+            nat.start(),
+            nat.end()
+        );
+    }
+    Ok(())
+}
+
+fn parse_range(text: &str) -> anyhow::Result<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi)), None) if lo <= hi => Ok((lo, hi)),
+        _ => bail!("not two ports"),
+    }
+}
+
+/// The wall's settings for this configuration: new outbound connections
+/// from `outbound_from` leave through `external`, translated to the first
+/// external address.
+pub fn conf(config: &Config, external: &Interface) -> WallConf {
+    WallConf {
+        nat_addr: config.external_addresses[0].octets(),
+        nat_port_lo: *config.nat_port_range.start(),
+        nat_port_hi: *config.nat_port_range.end(),
+        external_ifindex: external.index,
+        _pad: 0,
+    }
+}
+
+/// Writes the wall's settings, then turns forwarding on (the datapath is
+/// attached before: from the first forwarded packet on, the wall stands).
+/// Returns the sysctls changed, with their old values, for `down`.
+pub fn raise(
+    pins: &PinPaths,
+    config: &Config,
+    internal: &Interface,
+    external: &Interface,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    WallTables::open(pins)?
+        .set(conf(config, external), &config.outbound_from)
+        .context("writing the wall's settings")?;
+    netif::set_sysctls(&netif::forwarding_sysctls(&[internal, external]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sysctl_reads_as_two_ports() {
+        assert_eq!(parse_range("32768\t60999\n").unwrap(), (32768, 60999));
+        assert!(parse_range("32768").is_err());
+        assert!(parse_range("9 8").is_err());
+        assert!(parse_range("1 2 3").is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! Per-CPU scratch space for what does not fit on the BPF stack: the
+//! pipeline and each function it calls share 512 bytes.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, bpf_sock_tuple},
+    btf_maps::PerCpuArray,
+    macros::btf_map,
+};
+use firewall_common::flow::FlowValue;
+
+#[repr(C)]
+pub struct Scratch {
+    /// FIB lookups (the pipeline's next hop, the wall's verdict).
+    pub fib: FibParams,
+    /// Socket lookups.
+    pub tuple: bpf_sock_tuple,
+    /// A flow entry being built.
+    pub flow: FlowValue,
+}
+
+#[btf_map]
+static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// This CPU's scratch space. A program runs to completion on its CPU, so
+/// callers use it one after the other, never at once.
+#[inline(always)]
+pub fn get() -> Option<&'static mut Scratch> {
+    let p = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a per-CPU map; the program's functions use
+    // it in turn (none holds it across a call to another that does).
+    Some(unsafe { &mut *p })
+}

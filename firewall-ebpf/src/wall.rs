@@ -1,0 +1,223 @@
+//! The wall: the fate of a packet that neither a flow nor a pinhole claims.
+//!
+//! The FIB says whether the stack would forward it. If not (addressed to the
+//! firewall itself, broadcast, forwarding off, no route), it is the stack's,
+//! where the operator's own input rules apply. If it would be forwarded, it is
+//! this datapath's alone: the first packet of a new outbound TCP/UDP
+//! connection from an allowed source network creates the connection's two
+//! flow entries here (source NAT to the external address; no round trip to
+//! user space); a socket of the firewall's own (the interception, the relay's
+//! transparent listeners) takes what is addressed to it; everything else is
+//! dropped under a named counter. Nothing the pipeline cannot parse is left
+//! to the stack's forwarding.
+
+use aya_ebpf::{
+    bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
+    btf_maps::{lpm_trie::Key, Array, LpmTrie},
+    helpers::generated::{
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
+    },
+    macros::btf_map,
+};
+use firewall_common::{
+    flow::{flow_kind, FlowKey, FlowValue},
+    map_sizes,
+    pinhole::side,
+    stats::Counter,
+    wall::{nat_port, SourceValue, WallConf, NAT_TRIES},
+    IPPROTO_TCP,
+};
+
+use crate::{
+    fib,
+    flow::{self, FLOWS},
+    hook::Hook,
+    intercept,
+    parse::{Bare, Packet},
+    scratch,
+};
+
+#[btf_map]
+static WALL_CONF: Array<WallConf, 1> = Array::new();
+
+/// Source networks that may open connections through the firewall.
+#[btf_map]
+static WALL_SOURCES: LpmTrie<[u8; 4], SourceValue, { map_sizes::WALL_SOURCES as usize }> =
+    LpmTrie::new();
+
+/// For a TCP/UDP packet without a flow or pinhole: `PrimaryEstablished` once
+/// the new primary connection's flows are in `FLOWS`, otherwise the counter
+/// that decides the packet. A function of its own (a BPF-to-BPF call): its
+/// stack frame is not the pipeline's, which the 512-byte limit requires.
+#[inline(never)]
+pub fn admit<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Counter {
+    match admit_inner(ctx, pkt, side) {
+        Ok(()) => Counter::PrimaryEstablished,
+        Err(c) => c,
+    }
+}
+
+#[inline(always)]
+fn admit_inner<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Result<(), Counter> {
+    let k = &pkt.key;
+    let scratch = scratch::get().ok_or(Counter::DropNotAllowed)?;
+    let rc = fib::route_in(
+        ctx,
+        &mut scratch.fib,
+        k.protocol,
+        (k.src_addr, k.src_port),
+        (k.dst_addr, k.dst_port),
+        ctx.fib_tot_len(fib::l3_len(pkt)),
+    );
+    if !fib::forwards(rc) {
+        return Err(Counter::PassNoFlow);
+    }
+    let egress = scratch.fib.ifindex;
+    if own_socket(ctx, &pkt.key, &mut scratch.tuple) {
+        // The stack delivers it to the socket (TC marks it for local delivery).
+        return Err(Counter::PassNoFlow);
+    }
+    if side == side::INTERNAL {
+        if let Some(c) = intercept::claim(ctx, pkt, egress, &mut scratch.tuple) {
+            return Err(c);
+        }
+    }
+    if side != side::INTERNAL {
+        // Unsolicited from outside: nothing may open a connection in.
+        return Err(Counter::DropNoFlow);
+    }
+    let Some(conf) = WALL_CONF.get(0) else {
+        return Err(Counter::DropNotAllowed);
+    };
+    if !conf.admits() || !source_allowed(k.src_addr) {
+        return Err(Counter::DropNotAllowed);
+    }
+    if egress != conf.external_ifindex || (k.protocol == IPPROTO_TCP && !pkt.syn_only) {
+        // Between internal networks (not tracked), or TCP that opens nothing.
+        return Err(Counter::DropNoFlow);
+    }
+    create_flows(ctx, pkt, conf, &mut scratch.flow)
+}
+
+/// For an IP packet the pipeline does not translate (the counter `parsed`
+/// gave it): the stack's if not to be forwarded, otherwise dropped.
+#[inline(never)]
+pub fn untracked<H: Hook>(ctx: &H, parsed: Counter) -> Counter {
+    let Some(scratch) = scratch::get() else {
+        return parsed;
+    };
+    let p = &mut scratch.fib;
+    let forwarded = match crate::parse::bare(ctx.data(), ctx.data_end()) {
+        // ARP and the like: no router forwards them.
+        None => return parsed,
+        Some(Bare::V4 { protocol, src, dst }) => {
+            fib::forwards(fib::route_in(ctx, p, protocol, (src, 0), (dst, 0), 0))
+        }
+        Some(Bare::V6 {
+            next_header,
+            src,
+            dst,
+        }) => fib::forwards(fib::route_v6(ctx, p, next_header, src, dst)),
+    };
+    if !forwarded {
+        return parsed;
+    }
+    match parsed {
+        Counter::PassFragment => Counter::DropFragment,
+        Counter::PassNotTcpUdp => Counter::DropNotTcpUdp,
+        Counter::PassNotIpv4 => Counter::DropIpv6,
+        other => other,
+    }
+}
+
+#[inline(always)]
+fn source_allowed(addr: [u8; 4]) -> bool {
+    let k = Key::new(32, addr);
+    WALL_SOURCES.get(&k).is_some_and(|v| v.allow != 0)
+}
+
+/// Whether a socket of the firewall is bound to exactly the packet's
+/// destination (a wildcard listener never captures forwarded traffic).
+#[inline(always)]
+fn own_socket<H: Hook>(ctx: &H, k: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool {
+    *tuple = intercept::tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
+    const TUPLE4: u32 = 12;
+    // SAFETY: `tuple` lives across the call; a returned socket is released below.
+    let sk = unsafe {
+        // Full sockets only (not bpf_skc_lookup_tcp): both branches then
+        // return the same pointer type, which the verifier requires of the
+        // one load below.
+        if k.protocol == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(
+                ctx.as_ptr() as *mut _,
+                tuple as *mut bpf_sock_tuple,
+                TUPLE4,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        } else {
+            bpf_sk_lookup_udp(
+                ctx.as_ptr() as *mut _,
+                tuple as *mut bpf_sock_tuple,
+                TUPLE4,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released right after reading.
+    let bound = unsafe { (*sk).src_ip4 };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    bound == u32::from_ne_bytes(k.dst_addr)
+}
+
+/// Both entries of a new primary connection: the reply's first, under a
+/// free NAT port (taken with BPF_NOEXIST, so two CPUs never share one).
+#[inline(always)]
+fn create_flows<H: Hook>(
+    ctx: &H,
+    pkt: &Packet,
+    conf: &WallConf,
+    v: &mut FlowValue,
+) -> Result<(), Counter> {
+    let k = &pkt.key;
+    // SAFETY: helpers without arguments.
+    let (now, random) = unsafe { (bpf_ktime_get_coarse_ns(), bpf_get_prandom_u32()) };
+    // One value on the stack, the reply's first and then the packet's.
+    *v = FlowValue::forward(k.dst_addr, k.dst_port, k.src_addr, k.src_port);
+    v.kind = flow_kind::PRIMARY;
+    v.egress_ifindex = ctx.ingress_ifindex();
+    // Created counts as seen (the sweeper must not find it idle since boot).
+    v.last_seen_ns = now;
+    let mut port = 0u16;
+    // By reference: a copy would take stack room there is not.
+    let reply: &FlowValue = v;
+    for attempt in 0..NAT_TRIES {
+        let candidate = nat_port(
+            conf.nat_port_lo,
+            conf.nat_port_hi,
+            k.src_port,
+            random,
+            attempt,
+        );
+        let rk = FlowKey::new(k.protocol, k.dst_addr, k.dst_port, conf.nat_addr, candidate);
+        // A lookup first: a failed insert into an LRU map may evict an entry.
+        if FLOWS.get_ptr(rk).is_none() && FLOWS.insert(rk, reply, BPF_NOEXIST as u64).is_ok() {
+            port = candidate;
+            break;
+        }
+    }
+    if port == 0 {
+        return Err(Counter::DropNatExhausted);
+    }
+    v.nat_src_addr = conf.nat_addr;
+    v.nat_src_port = port;
+    v.nat_dst_addr = k.dst_addr;
+    v.nat_dst_port = k.dst_port;
+    v.egress_ifindex = conf.external_ifindex;
+    flow::insert(k, v)
+}

@@ -1,0 +1,111 @@
+//! Lab tests of the wall with the real daemon and real programs: nothing
+//! gets in unasked; internal clients reach external servers (which have no
+//! route back) translated, tracked in the kernel.
+
+use firewall_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use firewall_tests::{daemon::LabRun, lab::addr, traffic::*};
+
+#[test]
+fn an_attacker_outside_gets_nothing_in() {
+    let mut run = LabRun::start("wallin", &[]);
+    let LabRun { lab, fw, .. } = &mut run;
+    prime_neighbours(lab);
+    // The attacker routes the internal network through the firewall.
+    lab.server
+        .sh(&format!(
+            "ip route add 10.1.0.0/24 via {}",
+            addr::FW_EXTERNAL
+        ))
+        .unwrap();
+    // Services on the internal client, and proof they are there.
+    let _tcp = Peer::new(
+        lab.client
+            .spawn("exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo inside'")
+            .unwrap(),
+    );
+    let _udp = Peer::new(
+        lab.client
+            .spawn("exec socat -u UDP-RECV:5353 OPEN:/dev/null")
+            .unwrap(),
+    );
+    wait_listening(&lab.client, 8080);
+    wait_listening(&lab.client, 5353);
+    assert!(tcp_connects(
+        &lab.client2,
+        &format!("{}:8080", addr::CLIENT)
+    ));
+
+    assert!(
+        !tcp_connects(&lab.server, &format!("{}:8080", addr::CLIENT)),
+        "TCP connect from outside got in"
+    );
+    let _ = lab
+        .server
+        .try_sh(&format!("printf x | socat -u - UDP:{}:5353", addr::CLIENT));
+    assert!(
+        !lab.server.try_sh(&format!("ping -c2 -W1 {}", addr::CLIENT)),
+        "ICMP echo from outside got an answer"
+    );
+    assert!(fw.counter("drop_no_flow") >= 2, "TCP SYNs and UDP dropped");
+    assert!(fw.counter("drop_not_tcp_udp") >= 2, "ICMP echo dropped");
+    assert_eq!(fw.counter("redirect_primary_established"), 0);
+}
+
+#[test]
+fn internal_clients_reach_the_outside_translated() {
+    let mut run = LabRun::start("wallout", &[]);
+    let LabRun { lab, fw, .. } = &mut run;
+    prime_neighbours(lab);
+
+    // TCP and UDP request/response: the server sees the external address;
+    // a source port inside the NAT range is kept.
+    let got = exchange(lab, IPPROTO_TCP, 5000, 9000, "over-tcp");
+    assert_eq!(got, format!("{} 5000\nover-tcp\n", addr::FW_EXTERNAL));
+    let got = exchange(lab, IPPROTO_UDP, 5001, 9001, "over-udp");
+    assert_eq!(got, format!("{} 5001\nover-udp\n", addr::FW_EXTERNAL));
+    // An ordinary client port (outside the range) is translated into it.
+    let got = exchange(lab, IPPROTO_TCP, 45000, 9002, "ephemeral");
+    let port: u16 = got
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{got:?}"));
+    assert!(
+        got.starts_with(addr::FW_EXTERNAL) && (1024..=19999).contains(&port),
+        "{got:?}"
+    );
+
+    // HTTP with curl against python's http.server.
+    let dir = std::env::temp_dir().join(format!("{}-www", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.txt"), "hello through the wall\n").unwrap();
+    let _http = Peer::new(
+        lab.server
+            .spawn(&format!(
+                "cd {} && exec python3 -m http.server 8000 --bind {} 2>/dev/null",
+                dir.display(),
+                addr::SERVER
+            ))
+            .unwrap(),
+    );
+    wait_listening(&lab.server, 8000);
+    let body = lab
+        .client
+        .sh(&format!(
+            "curl -sS --max-time 10 http://{}:8000/index.txt",
+            addr::SERVER
+        ))
+        .unwrap();
+    assert_eq!(body, "hello through the wall\n");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(fw.counter("redirect_primary_established") >= 4);
+    let flows = fw.list("flows");
+    assert!(
+        flows.iter().any(|f| f["kind"] == "primary"),
+        "flows listed with their kind: {flows:?}"
+    );
+    // The daemon never saw these connections: no connection objects.
+    assert!(fw.list("connections").is_empty());
+}
