@@ -182,3 +182,30 @@ mod tests {
         assert_eq!(udp_final(0x1234), 0x1234);
     }
 }
+
+/// An ICMP echo's identifier before and after translation: the flow key
+/// carries it as the request's source port or the reply's destination port
+/// (the other one is 0), and the flow value its translation likewise.
+#[inline(always)]
+pub const fn echo_ids(key: &crate::flow::FlowKey, flow: &crate::flow::FlowValue) -> (u16, u16) {
+    (
+        key.src_port | key.dst_port,
+        flow.nat_src_port | flow.nat_dst_port,
+    )
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+    use crate::flow::{FlowKey, FlowValue};
+
+    #[test]
+    fn echo_identifiers_come_from_either_port() {
+        let req = FlowKey::new(1, [10, 1, 0, 2], 77, [10, 2, 0, 2], 0);
+        let out = FlowValue::forward([10, 2, 0, 1], 5000, [10, 2, 0, 2], 0);
+        assert_eq!(echo_ids(&req, &out), (77, 5000));
+        let reply = FlowKey::new(1, [10, 2, 0, 2], 0, [10, 2, 0, 1], 5000);
+        let back = FlowValue::forward([10, 2, 0, 2], 0, [10, 1, 0, 2], 77);
+        assert_eq!(echo_ids(&reply, &back), (5000, 77));
+    }
+}

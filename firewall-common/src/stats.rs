@@ -82,7 +82,7 @@ counters! {
     DropNotAllowed = 32, Drop, "drop_not_allowed", "a new connection from a source no rule allows (or before the wall is configured)";
     DropNatExhausted = 33, Drop, "drop_nat_exhausted", "no free NAT port for a new outbound connection";
     DropFragment = 34, Drop, "drop_fragment", "an IPv4 fragment to be forwarded (fragments are not tracked)";
-    DropNotTcpUdp = 35, Drop, "drop_not_tcp_udp", "ICMP or another protocol to be forwarded (not tracked)";
+    DropNotTcpUdp = 35, Drop, "drop_not_tcp_udp", "ICMP other than echo, or another protocol, to be forwarded (not tracked)";
     DropIpv6 = 36, Drop, "drop_ipv6", "IPv6 to be forwarded (not tracked yet)";
 }
 

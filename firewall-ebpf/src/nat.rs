@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
-use firewall_common::{csum, flow::FlowValue, stats::Counter, IPPROTO_TCP};
+use firewall_common::{csum, flow::FlowValue, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP};
 
 use crate::parse::Packet;
 
@@ -37,12 +37,24 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(),
     let check_ptr = pkt.l4_check;
     // SAFETY: `l4_check` was bounds-checked by the parser.
     let old_check = u16::from_be_bytes(unsafe { *check_ptr });
+    let is_icmp = key.protocol == IPPROTO_ICMP;
 
-    // Ports first: they sit at the same offsets in TCP and UDP.
-    // SAFETY: the ports lie within the L4 header the parser bounds-checked.
-    unsafe {
-        *(pkt.l4 as *mut [u8; 2]) = flow.nat_src_port.to_be_bytes();
-        *(pkt.l4.add(2) as *mut [u8; 2]) = flow.nat_dst_port.to_be_bytes();
+    if is_icmp {
+        // The echo identifier (one of the two "ports" is 0); the ICMP
+        // checksum has no pseudo-header, so only the identifier changes it.
+        let (old_id, new_id) = csum::echo_ids(key, flow);
+        // SAFETY: the identifier lies within the echo header the parser bounds-checked.
+        unsafe {
+            *(pkt.l4.add(4) as *mut [u8; 2]) = new_id.to_be_bytes();
+            *check_ptr = csum::replace_u16(old_check, old_id, new_id).to_be_bytes();
+        }
+    } else {
+        // Ports: they sit at the same offsets in TCP and UDP.
+        // SAFETY: the ports lie within the L4 header the parser bounds-checked.
+        unsafe {
+            *(pkt.l4 as *mut [u8; 2]) = flow.nat_src_port.to_be_bytes();
+            *(pkt.l4.add(2) as *mut [u8; 2]) = flow.nat_dst_port.to_be_bytes();
+        }
     }
 
     // IPv4 header: addresses and TTL, incremental header checksum.
@@ -62,7 +74,7 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(),
     ip.dst_addr = flow.nat_dst_addr;
     ip.check = ip_check.to_be_bytes();
 
-    if !is_tcp && old_check == 0 {
+    if is_icmp || (!is_tcp && old_check == 0) {
         // UDP without checksum stays without checksum.
         return Ok(());
     }
@@ -166,7 +178,15 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
     let l3 = pkt.l3_off;
     let l4 = pkt.l4_off;
     let is_tcp = k.protocol == IPPROTO_TCP;
-    let check_off = l4 + if is_tcp { 16 } else { 6 };
+    let is_icmp = k.protocol == IPPROTO_ICMP;
+    let check_off = l4
+        + if is_tcp {
+            16
+        } else if is_icmp {
+            2
+        } else {
+            6
+        };
     // SAFETY: `l4_check` was bounds-checked by the parser, and no helper
     // has run yet.
     let old_check = u16::from_be_bytes(unsafe { *pkt.l4_check });
@@ -176,7 +196,11 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
     let port = |p: u16| p.to_be() as u64;
     let fail = |_| Counter::DropChecksum;
 
-    if is_tcp || old_check != 0 {
+    if is_icmp {
+        let (old_id, new_id) = csum::echo_ids(k, flow);
+        ctx.l4_csum_replace(check_off, port(old_id), port(new_id), 2)
+            .map_err(fail)?;
+    } else if is_tcp || old_check != 0 {
         let mangled = if is_tcp {
             0
         } else {
@@ -213,6 +237,11 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
     ctx.store(l3 + 8, &(ttl - 1), 0).map_err(fail)?;
     ctx.store(l3 + 12, &flow.nat_src_addr, 0).map_err(fail)?;
     ctx.store(l3 + 16, &flow.nat_dst_addr, 0).map_err(fail)?;
+    if is_icmp {
+        let (_, new_id) = csum::echo_ids(k, flow);
+        ctx.store(l4 + 4, &new_id.to_be_bytes(), 0).map_err(fail)?;
+        return Ok(());
+    }
     ctx.store(l4, &flow.nat_src_port.to_be_bytes(), 0)
         .map_err(fail)?;
     ctx.store(l4 + 2, &flow.nat_dst_port.to_be_bytes(), 0)

@@ -5,7 +5,9 @@
 
 use core::mem::size_of;
 
-use firewall_common::{flow::tcp_seen, flow::FlowKey, stats::Counter, IPPROTO_TCP, IPPROTO_UDP};
+use firewall_common::{
+    flow::tcp_seen, flow::FlowKey, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -22,7 +24,20 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IP_MF_OFFSET: u16 = 0x3fff;
 const IP_DF: u16 = 0x4000;
 
-/// A parsed TCP or UDP over IPv4 packet: where its headers are and its flow key.
+/// The start of an ICMP echo request or reply (RFC 792).
+#[repr(C)]
+struct IcmpEcho {
+    kind: u8,
+    code: u8,
+    check: [u8; 2],
+    id: [u8; 2],
+    seq: [u8; 2],
+}
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// A parsed TCP, UDP or ICMP echo over IPv4 packet: where its headers are and its flow key.
 pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
@@ -43,7 +58,8 @@ pub struct Packet {
     pub vlan_tagged: bool,
     /// `tcp_seen` bits of this segment (0 for UDP).
     pub tcp_flags: u8,
-    /// A TCP SYN without ACK: the only segment that may open a pinhole.
+    /// A TCP SYN without ACK, or an ICMP echo request: the only packets
+    /// that may open a connection.
     pub syn_only: bool,
 }
 
@@ -116,7 +132,7 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
     if frags & IP_MF_OFFSET != 0 {
         return Err(Counter::PassFragment);
     }
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && protocol != IPPROTO_ICMP {
         return Err(Counter::PassNotTcpUdp);
     }
 
@@ -155,6 +171,25 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
             seen,
             syn_only,
         )
+    } else if protocol == IPPROTO_ICMP {
+        let icmp: *mut IcmpEcho = l4cur.take().ok_or(Counter::DropMalformed)?;
+        if (l4_len as usize) < size_of::<IcmpEcho>() {
+            return Err(Counter::DropMalformed);
+        }
+        // SAFETY: `take` bounds-checked the echo header.
+        let e = unsafe { &*icmp };
+        let id = u16::from_be_bytes(e.id);
+        // The identifier plays the port: the request's source port, the
+        // reply's destination port, so that a reply's key is the reverse of
+        // its request's. Other ICMP (errors, ...) is not tracked.
+        let (src_port, dst_port, request) = match (e.kind, e.code) {
+            (ICMP_ECHO_REQUEST, 0) => (id, 0, true),
+            (ICMP_ECHO_REPLY, 0) => (0, id, false),
+            _ => return Err(Counter::PassNotTcpUdp),
+        };
+        // SAFETY: a field of the bounds-checked header; no reference is made.
+        let check = unsafe { &raw mut (*icmp).check };
+        (icmp as *mut u8, check, src_port, dst_port, 0, request)
     } else {
         let udp: *mut UdpHdr = l4cur.take().ok_or(Counter::DropMalformed)?;
         // SAFETY: `take` bounds-checked the UDP header.

@@ -26,7 +26,7 @@ use firewall_common::{
     pinhole::side,
     stats::Counter,
     wall::{nat_port, SourceValue, WallConf, NAT_TRIES},
-    IPPROTO_TCP,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -71,10 +71,14 @@ fn admit_inner<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Result<(), Counter> 
         ctx.fib_tot_len(fib::l3_len(pkt)),
     );
     if !fib::forwards(rc) {
-        return Err(Counter::PassNoFlow);
+        return Err(if k.protocol == IPPROTO_ICMP {
+            Counter::PassNotTcpUdp
+        } else {
+            Counter::PassNoFlow
+        });
     }
     let egress = scratch.fib.ifindex;
-    if own_socket(ctx, &pkt.key, &mut scratch.tuple) {
+    if k.protocol != IPPROTO_ICMP && own_socket(ctx, &pkt.key, &mut scratch.tuple) {
         // The stack delivers it to the socket (TC marks it for local delivery).
         return Err(Counter::PassNoFlow);
     }
@@ -93,8 +97,8 @@ fn admit_inner<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Result<(), Counter> 
     if !conf.admits() || !source_allowed(k.src_addr) {
         return Err(Counter::DropNotAllowed);
     }
-    if egress != conf.external_ifindex || (k.protocol == IPPROTO_TCP && !pkt.syn_only) {
-        // Between internal networks (not tracked), or TCP that opens nothing.
+    if egress != conf.external_ifindex || (k.protocol != IPPROTO_UDP && !pkt.syn_only) {
+        // Between internal networks (not tracked), or TCP/ICMP that opens nothing.
         return Err(Counter::DropNoFlow);
     }
     create_flows(ctx, pkt, conf, &mut scratch.flow)

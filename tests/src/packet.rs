@@ -1,7 +1,7 @@
 //! Building test frames (Ethernet, optional 802.1Q, IPv4, TCP/UDP) and checking
 //! frames the datapath produced, with checksums computed from scratch.
 
-use firewall_common::{csum, IPPROTO_TCP, IPPROTO_UDP};
+use firewall_common::{csum, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
@@ -60,6 +60,16 @@ impl Spec {
         }
     }
 
+    /// An ICMP echo request (or reply): `sport` holds the ICMP type (8 or 0),
+    /// `dport` the identifier.
+    pub fn echo(src: [u8; 4], dst: [u8; 4], id: u16, request: bool) -> Self {
+        Self {
+            protocol: IPPROTO_ICMP,
+            frag: 0,
+            ..Self::tcp(src, if request { 8 } else { 0 }, dst, id)
+        }
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut f = Vec::new();
         f.extend_from_slice(&MAC_B);
@@ -71,7 +81,11 @@ impl Spec {
         f.extend_from_slice(&0x0800u16.to_be_bytes());
 
         let mut l4 = Vec::new();
-        if self.protocol == IPPROTO_TCP {
+        if self.protocol == IPPROTO_ICMP {
+            l4.extend_from_slice(&[self.sport as u8, 0, 0, 0]);
+            l4.extend_from_slice(&self.dport.to_be_bytes());
+            l4.extend_from_slice(&1u16.to_be_bytes()); // sequence
+        } else if self.protocol == IPPROTO_TCP {
             l4.extend_from_slice(&self.sport.to_be_bytes());
             l4.extend_from_slice(&self.dport.to_be_bytes());
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
@@ -87,8 +101,14 @@ impl Spec {
             l4.extend_from_slice(&[0, 0]);
         }
         l4.extend_from_slice(&self.payload);
-        let check_off = if self.protocol == IPPROTO_TCP { 16 } else { 6 };
-        let check = if self.no_udp_checksum && self.protocol == IPPROTO_UDP {
+        let check_off = match self.protocol {
+            IPPROTO_TCP => 16,
+            IPPROTO_ICMP => 2,
+            _ => 6,
+        };
+        let check = if self.protocol == IPPROTO_ICMP {
+            csum::ipv4_header_checksum(&l4)
+        } else if self.no_udp_checksum && self.protocol == IPPROTO_UDP {
             0
         } else if self.partial_checksum {
             csum::fold(
@@ -148,10 +168,19 @@ pub fn view(frame: &[u8]) -> View {
     let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
     let l4 = &ip[ihl..tot];
     let protocol = ip[9];
-    let (check_off, hdr) = if protocol == IPPROTO_TCP {
-        (16, ((l4[12] >> 4) as usize) * 4)
+    let (check_off, hdr) = match protocol {
+        IPPROTO_TCP => (16, ((l4[12] >> 4) as usize) * 4),
+        IPPROTO_ICMP => (2, 8),
+        _ => (6, 8),
+    };
+    // ICMP echo: "sport" is the type, "dport" the identifier.
+    let (sport, dport) = if protocol == IPPROTO_ICMP {
+        (l4[0] as u16, u16::from_be_bytes([l4[4], l4[5]]))
     } else {
-        (6, 8)
+        (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        )
     };
     View {
         dst_mac: frame[0..6].try_into().unwrap(),
@@ -160,8 +189,8 @@ pub fn view(frame: &[u8]) -> View {
         protocol,
         src: ip[12..16].try_into().unwrap(),
         dst: ip[16..20].try_into().unwrap(),
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
+        sport,
+        dport,
         ip_check: u16::from_be_bytes([ip[10], ip[11]]),
         l4_check: u16::from_be_bytes([l4[check_off], l4[check_off + 1]]),
         payload: l4[hdr..].to_vec(),
@@ -188,8 +217,22 @@ pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
     let src: [u8; 4] = ip[12..16].try_into().unwrap();
     let dst: [u8; 4] = ip[16..20].try_into().unwrap();
     let mut l4 = ip[ihl..tot].to_vec();
-    let off = if protocol == IPPROTO_TCP { 16 } else { 6 };
+    let off = match protocol {
+        IPPROTO_TCP => 16,
+        IPPROTO_ICMP => 2,
+        _ => 6,
+    };
     let got = u16::from_be_bytes([l4[off], l4[off + 1]]);
+    if protocol == IPPROTO_ICMP {
+        l4[off] = 0;
+        l4[off + 1] = 0;
+        let want = csum::ipv4_header_checksum(&l4);
+        return if got == want {
+            Ok(())
+        } else {
+            Err(format!("ICMP checksum {got:04x}, from scratch {want:04x}"))
+        };
+    }
     if protocol == IPPROTO_UDP && got == 0 {
         return Ok(()); // no checksum
     }

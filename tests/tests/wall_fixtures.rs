@@ -29,8 +29,9 @@ fn what_would_be_forwarded_untracked_is_dropped_and_counted() {
     let mut fx = Fixture::new("wall").unwrap();
     fx.install_pair(IPPROTO_TCP, 40000, 21);
     let tcp = Spec::tcp(CLIENT, 40000, SERVER, 21);
-    let mut icmp = Spec::udp(CLIENT, 0, SERVER, 0).build();
-    icmp[23] = 1;
+    // ICMP other than echo (a timestamp request) is not tracked.
+    let icmp = Spec::echo(CLIENT, SERVER, 1, true);
+    let icmp = Spec { sport: 13, ..icmp }.build();
     let frag = |frag| {
         Spec {
             frag,
@@ -247,4 +248,49 @@ fn the_wall_refuses_what_no_rule_allows_and_counts_exhaustion() {
         .action,
         XDP_REDIRECT
     );
+}
+
+/// ICMP echo is tracked like a connection: the request's identifier is the
+/// "port" (kept when in the NAT range), the reply comes back translated.
+#[test]
+fn an_echo_request_is_tracked_and_its_reply_translated() {
+    let mut fx = Fixture::new("wallping").unwrap();
+    fx.raise_wall(1024..=19999).unwrap();
+    let r = fx.run(
+        Side::Internal,
+        &Spec::echo(CLIENT, SERVER, 4242, true).build(),
+    );
+    assert_eq!(r.action, XDP_REDIRECT);
+    let v = view(&r.frame);
+    assert_eq!(
+        (v.src, v.dst, v.sport, v.dport),
+        (FW_EXTERNAL, SERVER, 8, 4242)
+    );
+    check_checksums(&r.frame).unwrap();
+    let r = fx.run(
+        Side::External,
+        &Spec::echo(SERVER, FW_EXTERNAL, 4242, false).build(),
+    );
+    assert_eq!(r.action, XDP_REDIRECT);
+    let v = view(&r.frame);
+    assert_eq!((v.src, v.dst, v.sport, v.dport), (SERVER, CLIENT, 0, 4242));
+    check_checksums(&r.frame).unwrap();
+    // An identifier outside the range is translated into it; at TC too.
+    let r = fx.run_tc(
+        Side::Internal,
+        &Spec::echo(CLIENT, SERVER, 40000, true).build(),
+    );
+    assert_eq!(r.action, TC_REDIRECT);
+    let v = view(&r.frame);
+    assert!((1024..=19999).contains(&v.dport), "{v:?}");
+    check_checksums(&r.frame).unwrap();
+    // A reply nobody asked for, from outside, is dropped.
+    let r = fx.run(
+        Side::External,
+        &Spec::echo(SERVER, CLIENT, 9, false).build(),
+    );
+    assert_eq!(r.action, XDP_DROP);
+    // So is an unsolicited echo request from outside.
+    let r = fx.run(Side::External, &Spec::echo(SERVER, CLIENT, 9, true).build());
+    assert_eq!(r.action, XDP_DROP);
 }
