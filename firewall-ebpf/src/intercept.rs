@@ -228,8 +228,33 @@ pub fn claim<H: Hook>(
     }
     // SAFETY: a read of a map value the control plane only replaces whole.
     let target = unsafe { INTERCEPT.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) }?;
+    const TUPLE4: u32 = 12;
     if !pkt.syn_only {
-        return Some(Counter::DropNoFlow);
+        // A later segment: passed only to a socket of ours that answers for
+        // its destination, in any state (a handshake's request socket, an
+        // intercepted connection, TIME_WAIT), which TC then marks.
+        *listener = tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
+        // SAFETY: `listener` lives across the call; the socket is released below.
+        let sk = unsafe {
+            bpf_skc_lookup_tcp(
+                ctx.as_ptr() as *mut _,
+                listener,
+                TUPLE4,
+                BPF_F_CURRENT_NETNS as u64,
+                0,
+            )
+        };
+        if sk.is_null() {
+            return Some(Counter::DropNoFlow);
+        }
+        // SAFETY: a socket the lookup returned, released right after reading.
+        let bound = unsafe { (*sk).src_ip4 };
+        unsafe { bpf_sk_release(sk as *mut _) };
+        return Some(if bound == u32::from_ne_bytes(k.dst_addr) {
+            Counter::PassNoFlow
+        } else {
+            Counter::DropNoFlow
+        });
     }
     *listener = tuple4(
         k.src_addr,
@@ -237,7 +262,6 @@ pub fn claim<H: Hook>(
         target.listener_addr,
         target.listener_port,
     );
-    const TUPLE4: u32 = 12;
     // SAFETY: `listener` lives across the call; the returned socket is released below.
     let lsk = unsafe {
         bpf_sk_lookup_tcp(

@@ -62,7 +62,7 @@ print("sent")
     // the firewall has seen tagged ones.
     assert!(eventually(5, || {
         check("a tagged SYN", &python(&r.lab.server, &script));
-        r.fw.counter("pass_vlan_unsupported") >= 3
+        r.fw.counter("drop_vlan") >= 3
     }));
     let ph = r.fw.list("pinholes");
     assert_eq!(

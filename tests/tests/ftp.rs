@@ -367,12 +367,26 @@ fn only_ftp_to_external_servers_is_intercepted() {
 fn with_the_ftp_filter_off_nothing_is_intercepted() {
     let run = LabRun::with_config("ftpoff", "[ftp]\nenabled = false\n");
     let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    // Without the filter FTP is one more outbound TCP connection: the wall
+    // translates it (and the passive data connection, outbound too), nothing
+    // is intercepted, and no pinhole is opened.
     let reached = run.lab.client.try_sh(&format!(
         "curl -sS --connect-timeout 3 ftp://{}/",
         addr::SERVER
     ));
-    assert!(!reached, "untranslated, the server cannot answer");
+    assert!(reached, "passive FTP through the NAT alone");
     assert_eq!(run.fw.counter("pass_intercepted"), 0);
+    let primary = run
+        .fw
+        .list("flows")
+        .iter()
+        .filter(|f| f["kind"] == "primary")
+        .count();
+    assert!(
+        primary >= 4,
+        "control and data connection, both directions: {primary}"
+    );
+    assert!(run.fw.list("pinholes").is_empty());
     let text = run.fw.ctl(&["status"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("ftp filter: off"));
     // No policy routing left behind either.
