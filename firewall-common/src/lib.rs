@@ -29,6 +29,7 @@ pub mod map_names {
     pub const INTERCEPT_CONF: &str = "INTERCEPT_CONF";
     pub const WALL_CONF: &str = "WALL_CONF";
     pub const WALL_SOURCES: &str = "WALL_SOURCES";
+    pub const PUBLISHED: &str = "PUBLISHED";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).
@@ -50,6 +51,8 @@ pub mod map_sizes {
     pub const INTERCEPT: u32 = 64;
     /// Source networks that may open outbound connections.
     pub const WALL_SOURCES: u32 = 1024;
+    /// Published servers.
+    pub const PUBLISHED: u32 = 1024;
     /// SYNs on their way to the interception listener.
     pub const INTERCEPTING: u32 = 16_384;
 }

@@ -84,6 +84,7 @@ counters! {
     DropFragment = 34, Drop, "drop_fragment", "an IPv4 fragment to be forwarded (fragments are not tracked)";
     DropNotTcpUdp = 35, Drop, "drop_not_tcp_udp", "ICMP other than echo, or another protocol, to be forwarded (not tracked)";
     DropIpv6 = 36, Drop, "drop_ipv6", "IPv6 to be forwarded (not tracked yet)";
+    PublishedEstablished = 37, Redirect, "redirect_published_established", "first packet of a connection to a published server: its flows created, forwarded to the server";
 }
 
 /// Number of slots in the STATS map.

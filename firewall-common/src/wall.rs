@@ -40,6 +40,40 @@ pub struct SourceValue {
     pub allow: u32,
 }
 
+/// Key of `PUBLISHED`: an external endpoint of the firewall forwarded to an
+/// internal server (ISA's server publishing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PublishKey {
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+impl PublishKey {
+    pub const fn new(protocol: u8, addr: [u8; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `PUBLISHED`: the internal server, and the interface it is behind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PublishValue {
+    pub server_addr: [u8; 4],
+    /// Host byte order.
+    pub server_port: u16,
+    pub _pad: u16,
+    pub egress_ifindex: u32,
+}
+
 /// How many NAT ports the first packet of a connection tries.
 pub const NAT_TRIES: u32 = 16;
 
@@ -64,9 +98,13 @@ mod pod {
     // SAFETY: repr(C), integer fields only, padding explicit.
     unsafe impl aya::Pod for super::WallConf {}
     unsafe impl aya::Pod for super::SourceValue {}
+    unsafe impl aya::Pod for super::PublishKey {}
+    unsafe impl aya::Pod for super::PublishValue {}
 }
 
 const _: () = assert!(core::mem::size_of::<WallConf>() == 16);
+const _: () = assert!(core::mem::size_of::<PublishKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PublishValue>() == 12);
 
 #[cfg(test)]
 mod tests {

@@ -58,8 +58,12 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
                 } else {
                     pinhole
                 };
-                if created != Counter::PinholeEstablished && created != Counter::PrimaryEstablished
-                {
+                if !matches!(
+                    created,
+                    Counter::PinholeEstablished
+                        | Counter::PrimaryEstablished
+                        | Counter::PublishedEstablished
+                ) {
                     return created.into();
                 }
                 match flow::lookup(&pkt.key) {

@@ -13,7 +13,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
-    btf_maps::{lpm_trie::Key, Array, LpmTrie},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     helpers::generated::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
         bpf_sk_release,
@@ -25,7 +25,7 @@ use firewall_common::{
     map_sizes,
     pinhole::side,
     stats::Counter,
-    wall::{nat_port, SourceValue, WallConf, NAT_TRIES},
+    wall::{nat_port, PublishKey, PublishValue, SourceValue, WallConf, NAT_TRIES},
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -41,21 +41,75 @@ use crate::{
 #[btf_map]
 static WALL_CONF: Array<WallConf, 1> = Array::new();
 
+/// Published servers: external endpoints forwarded to internal servers.
+#[btf_map]
+static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as usize }> =
+    HashMap::new();
+
 /// Source networks that may open connections through the firewall.
 #[btf_map]
 static WALL_SOURCES: LpmTrie<[u8; 4], SourceValue, { map_sizes::WALL_SOURCES as usize }> =
     LpmTrie::new();
 
-/// For a TCP/UDP packet without a flow or pinhole: `PrimaryEstablished` once
-/// the new primary connection's flows are in `FLOWS`, otherwise the counter
-/// that decides the packet. A function of its own (a BPF-to-BPF call): its
+/// For a TCP/UDP packet without a flow or pinhole: `PrimaryEstablished` (or
+/// `PublishedEstablished`) once the new connection's flows are in `FLOWS`,
+/// otherwise the counter that decides the packet. A function of its own (a BPF-to-BPF call): its
 /// stack frame is not the pipeline's, which the 512-byte limit requires.
 #[inline(never)]
 pub fn admit<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Counter {
+    if side == side::EXTERNAL && pkt.key.protocol != IPPROTO_ICMP {
+        let k = &pkt.key;
+        // SAFETY: a read of a map value the control plane only replaces whole.
+        if let Some(p) =
+            unsafe { PUBLISHED.get(PublishKey::new(k.protocol, k.dst_addr, k.dst_port)) }
+        {
+            return match publish(ctx, pkt, p) {
+                Ok(()) => Counter::PublishedEstablished,
+                Err(c) => c,
+            };
+        }
+    }
     match admit_inner(ctx, pkt, side) {
         Ok(()) => Counter::PrimaryEstablished,
         Err(c) => c,
     }
+}
+
+/// Both entries of a connection to a published server: the packet's
+/// direction forwarded to the server (destination translated), the server's
+/// answers sent back from the published endpoint.
+#[inline(always)]
+fn publish<H: Hook>(ctx: &H, pkt: &Packet, p: &PublishValue) -> Result<(), Counter> {
+    let k = &pkt.key;
+    if k.protocol == IPPROTO_TCP && !pkt.syn_only {
+        return Err(Counter::DropNoFlow);
+    }
+    let v = &mut scratch::get().ok_or(Counter::DropNoFlow)?.flow;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let rk = FlowKey::new(
+        k.protocol,
+        p.server_addr,
+        p.server_port,
+        k.src_addr,
+        k.src_port,
+    );
+    *v = FlowValue::forward(k.dst_addr, k.dst_port, k.src_addr, k.src_port);
+    v.kind = flow_kind::PRIMARY;
+    v.egress_ifindex = ctx.ingress_ifindex();
+    v.last_seen_ns = now;
+    let reply: &FlowValue = v;
+    // The server's own connection to the same peer endpoint would own the
+    // reply key already: not taken over.
+    if FLOWS.insert(rk, reply, BPF_NOEXIST as u64).is_err() {
+        return Err(Counter::DropNatExhausted);
+    }
+    v.nat_src_addr = k.src_addr;
+    v.nat_src_port = k.src_port;
+    v.nat_dst_addr = p.server_addr;
+    v.nat_dst_port = p.server_port;
+    v.egress_ifindex = p.egress_ifindex;
+    flow::insert(k, v)
 }
 
 #[inline(always)]
@@ -209,6 +263,12 @@ fn create_flows<H: Hook>(
             attempt,
         );
         let rk = FlowKey::new(k.protocol, k.dst_addr, k.dst_port, conf.nat_addr, candidate);
+        let published = PublishKey::new(k.protocol, conf.nat_addr, candidate);
+        // SAFETY: a presence check; nothing is read.
+        if unsafe { PUBLISHED.get(published) }.is_some() {
+            // A published port is the server's, never a translation's.
+            continue;
+        }
         // A lookup first: a failed insert into an LRU map may evict an entry.
         if FLOWS.get_ptr(rk).is_none() && FLOWS.insert(rk, reply, BPF_NOEXIST as u64).is_ok() {
             port = candidate;

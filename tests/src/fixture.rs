@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::Context as _;
 use firewall_common::{
     flow::{FlowKey, FlowValue},
-    wall::WallConf,
+    wall::{PublishKey, PublishValue, WallConf},
 };
 use firewall_ctl::datapath::{
     BusyClients, Datapath, FlowTable, PeerFilters, PinPaths, PinholeTable, Side, TestRunOutput,
@@ -152,6 +152,30 @@ impl Fixture {
     /// 10.1.0.0/24 leave through ex0 translated to FW_EXTERNAL, NAT ports
     /// `ports`.
     pub fn raise_wall(&self, ports: std::ops::RangeInclusive<u16>) -> anyhow::Result<()> {
+        self.raise_wall_publishing(ports, &[])
+    }
+
+    /// `raise_wall`, with servers published: (protocol, port on
+    /// FW_EXTERNAL, server, server port), the server behind in0.
+    pub fn raise_wall_publishing(
+        &self,
+        ports: std::ops::RangeInclusive<u16>,
+        published: &[(u8, u16, [u8; 4], u16)],
+    ) -> anyhow::Result<()> {
+        let published: Vec<_> = published
+            .iter()
+            .map(|(protocol, port, server, sport)| {
+                (
+                    PublishKey::new(*protocol, FW_EXTERNAL, *port),
+                    PublishValue {
+                        server_addr: *server,
+                        server_port: *sport,
+                        _pad: 0,
+                        egress_ifindex: self.in_ifindex,
+                    },
+                )
+            })
+            .collect();
         let conf = WallConf {
             nat_addr: FW_EXTERNAL,
             nat_port_lo: *ports.start(),
@@ -159,7 +183,7 @@ impl Fixture {
             external_ifindex: self.ex_ifindex,
             _pad: 0,
         };
-        WallTables::open(&self.pins)?.set(conf, &["10.1.0.0/24".parse()?])
+        WallTables::open(&self.pins)?.set(conf, &["10.1.0.0/24".parse()?], &published)
     }
 
     /// The fixture's network namespace (for `netns::in_netns`).

@@ -90,7 +90,7 @@ fn internal_clients_reach_the_outside_translated() {
     let _http = Peer::new(
         lab.server
             .spawn(&format!(
-                "cd {} && exec python3 -m http.server 8000 --bind {} 2>/dev/null",
+                "cd {} && exec python3 -m http.server 8000 --bind {} >/dev/null 2>&1",
                 dir.display(),
                 addr::SERVER
             ))
@@ -115,4 +115,47 @@ fn internal_clients_reach_the_outside_translated() {
     );
     // The daemon never saw these connections: no connection objects.
     assert!(fw.list("connections").is_empty());
+}
+
+#[test]
+fn a_published_server_is_reached_from_outside() {
+    let mut run = LabRun::with_config(
+        "wallpub",
+        &format!(
+            "[[publish]]\ntransport = \"tcp\"\nport = 8080\nserver = \"{}:8000\"\n",
+            addr::CLIENT
+        ),
+    );
+    let LabRun { lab, fw, .. } = &mut run;
+    prime_neighbours(lab);
+    let dir = std::env::temp_dir().join(format!("{}-pub", lab.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.txt"), "published from inside\n").unwrap();
+    let _http = Peer::new(
+        lab.client
+            .spawn(&format!(
+                "cd {} && exec python3 -m http.server 8000 --bind {} >/dev/null 2>&1",
+                dir.display(),
+                addr::CLIENT
+            ))
+            .unwrap(),
+    );
+    wait_listening(&lab.client, 8000);
+    // The external host has no route to the internal network: it talks to
+    // the firewall's external address only.
+    let body = lab
+        .server
+        .sh(&format!(
+            "curl -sS --max-time 10 http://{}:8080/index.txt",
+            addr::FW_EXTERNAL
+        ))
+        .unwrap();
+    assert_eq!(body, "published from inside\n");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(fw.counter("redirect_published_established") >= 1);
+    // The unpublished port next to it is the firewall's own (nothing listens).
+    assert!(!tcp_connects(
+        &lab.server,
+        &format!("{}:8081", addr::FW_EXTERNAL)
+    ));
 }

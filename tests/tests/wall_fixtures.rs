@@ -294,3 +294,51 @@ fn an_echo_request_is_tracked_and_its_reply_translated() {
     let r = fx.run(Side::External, &Spec::echo(SERVER, CLIENT, 9, true).build());
     assert_eq!(r.action, XDP_DROP);
 }
+
+/// A published server: a SYN from outside to the published port reaches the
+/// internal server (destination translated), the answers leave from the
+/// published endpoint; other ports of the external address stay the stack's.
+#[test]
+fn a_published_server_is_reached_from_outside() {
+    let mut fx = Fixture::new("wallpub").unwrap();
+    fx.raise_wall_publishing(1024..=19999, &[(IPPROTO_TCP, 8080, CLIENT, 80)])
+        .unwrap();
+    let r = fx.run(
+        Side::External,
+        &syn(SERVER, 4444, FW_EXTERNAL, 8080).build(),
+    );
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(fx.counter(Counter::PublishedEstablished), 1);
+    let v = view(&r.frame);
+    assert_eq!((v.src, v.sport, v.dst, v.dport), (SERVER, 4444, CLIENT, 80));
+    assert_eq!((v.dst_mac, v.src_mac), (CLIENT_MAC, IN_MAC));
+    check_checksums(&r.frame).unwrap();
+    let answer = Spec {
+        tcp_flags: TCP_SYN | TCP_ACK,
+        ..Spec::tcp(CLIENT, 80, SERVER, 4444)
+    };
+    let r = fx.run(Side::Internal, &answer.build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    let v = view(&r.frame);
+    assert_eq!(
+        (v.src, v.sport, v.dst, v.dport),
+        (FW_EXTERNAL, 8080, SERVER, 4444)
+    );
+    check_checksums(&r.frame).unwrap();
+    // A segment that opens nothing, and another port: not the server's.
+    let r = fx.run(
+        Side::External,
+        &Spec::tcp(SERVER, 4445, FW_EXTERNAL, 8080).build(),
+    );
+    assert_eq!(r.action, XDP_DROP);
+    let r = fx.run(
+        Side::External,
+        &syn(SERVER, 4444, FW_EXTERNAL, 8081).build(),
+    );
+    assert_eq!(r.action, XDP_PASS, "the firewall's own port: the stack's");
+    // The NAT never hands out a published port: a client whose source port
+    // is 8080 is translated to another.
+    let r = fx.run(Side::Internal, &syn(CLIENT, 8080, SERVER, 443).build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_ne!(view(&r.frame).sport, 8080);
+}

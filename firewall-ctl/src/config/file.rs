@@ -33,6 +33,15 @@ pub(super) struct File {
     pub nat: NatFile,
     #[serde(default)]
     pub wall: WallFile,
+    pub publish: Option<Vec<PublishFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PublishFile {
+    pub transport: Transport,
+    pub port: u16,
+    pub server: std::net::SocketAddrV4,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -48,6 +48,9 @@ pub struct Config {
     /// Source networks that may open connections out through the firewall
     /// (the wall's embedded rule: the internal networks).
     pub outbound_from: Vec<Ipv4Net>,
+    /// Published servers: a port of the first external address forwarded to
+    /// an internal server.
+    pub published: Vec<Published>,
     /// Concurrent secondary connections per client and transport: a new TCP
     /// one beyond it is refused, a new UDP one replaces the client's oldest.
     pub client_quota: u32,
@@ -73,6 +76,15 @@ pub struct Config {
     pub fwmark: u32,
     /// The routing table holding the local route for marked segments.
     pub route_table: u32,
+}
+
+/// A published server (`[[publish]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Published {
+    pub transport: Transport,
+    /// The port on the first external address.
+    pub port: u16,
+    pub server: std::net::SocketAddrV4,
 }
 
 pub const DEFAULT_FTP_PORTS: &[u16] = &[21];
@@ -265,6 +277,43 @@ impl Config {
             Some(nets) => nets.into_iter().map(|n| n.0).collect(),
         };
 
+        let mut published: Vec<Published> = Vec::new();
+        for (i, p) in file.publish.into_iter().flatten().enumerate() {
+            let key = |f: &str| format!("publish[{i}].{f}");
+            if p.port == 0 || port_range.contains(&p.port) {
+                return Err(err(
+                    key("port"),
+                    format!(
+                        "{} is 0 or one of the pinhole ports (ports.range {}-{})",
+                        p.port,
+                        port_range.start(),
+                        port_range.end()
+                    ),
+                ));
+            }
+            if published
+                .iter()
+                .any(|q| q.transport == p.transport && q.port == p.port)
+            {
+                return Err(err(key("port"), format!("{} is published twice", p.port)));
+            }
+            if p.server.port() == 0 || !internal_networks.iter().any(|n| n.contains(p.server.ip()))
+            {
+                return Err(err(
+                    key("server"),
+                    format!(
+                        "{} is not an address and port on an internal network",
+                        p.server
+                    ),
+                ));
+            }
+            published.push(Published {
+                transport: p.transport,
+                port: p.port,
+                server: p.server,
+            });
+        }
+
         let client_quota = ranged(
             "policy.client_quota",
             file.policy.client_quota,
@@ -416,6 +465,7 @@ impl Config {
             snat_block,
             nat_port_range,
             outbound_from,
+            published,
             client_quota,
             max_pending_per_session,
             default_allowed_addresses,

@@ -115,6 +115,15 @@ fn the_wall_admits_the_internal_networks_unless_told_otherwise() {
         vec!["10.1.0.0/25".parse::<ipnet::Ipv4Net>().unwrap()]
     );
     assert_eq!(c.nat_port_range, 61000..=61999);
+    assert!(c.published.is_empty());
+    let c = Config::parse(
+        "[[publish]]\ntransport = \"udp\"\nport = 53\nserver = \"10.1.0.2:5353\"",
+        &i,
+        &e,
+    )
+    .unwrap();
+    assert_eq!(c.published.len(), 1);
+    assert_eq!(c.published[0].server, "10.1.0.2:5353".parse().unwrap());
 }
 
 #[test]
@@ -161,6 +170,10 @@ fn errors_name_the_key() {
         ("[ports]\nrange = \"1024-9999\"", "overlaps the pinhole ports"),
         ("[wall]\noutbound_from = [\"10.1.0.0/33\"]", "wall.outbound_from[0]"),
         ("[wall]\ninbound = true", "unknown field `inbound`"),
+        ("[[publish]]\ntransport = \"tcp\"\nport = 8080\nserver = \"10.9.0.2:80\"", "publish[0].server"),
+        ("[[publish]]\ntransport = \"tcp\"\nport = 30000\nserver = \"10.1.0.2:80\"", "publish[0].port"),
+        ("[[publish]]\ntransport = \"tcp\"\nport = 80\nserver = \"10.1.0.2\"", "publish[0].server"),
+        ("[[publish]]\ntransport = \"tcp\"\nport = 80\nserver = \"10.1.0.2:80\"\n[[publish]]\ntransport = \"tcp\"\nport = 80\nserver = \"10.1.0.3:80\"", "publish[1].port"),
         ("[ftp]\nport = 21", "unknown field `port`"),
         ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
         ("[timeouts]\nudp_idle = \"5 parsecs\"", "timeouts.udp_idle"),

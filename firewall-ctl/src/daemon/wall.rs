@@ -4,12 +4,16 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context as _};
-use firewall_common::wall::WallConf;
+use firewall_common::{
+    wall::{PublishKey, PublishValue, WallConf},
+    IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::{
     config::Config,
     datapath::{PinPaths, WallTables},
     netif::{self, Interface},
+    policy::Transport,
 };
 
 /// The firewall's own connections take their source ports from
@@ -60,9 +64,38 @@ pub fn raise(
     internal: &Interface,
     external: &Interface,
 ) -> anyhow::Result<BTreeMap<String, String>> {
+    let nat_addr = config.external_addresses[0].octets();
+    let published: Vec<(PublishKey, PublishValue)> = config
+        .published
+        .iter()
+        .map(|p| {
+            let protocol = match p.transport {
+                Transport::Tcp => IPPROTO_TCP,
+                Transport::Udp => IPPROTO_UDP,
+            };
+            (
+                PublishKey::new(protocol, nat_addr, p.port),
+                PublishValue {
+                    server_addr: p.server.ip().octets(),
+                    server_port: p.server.port(),
+                    _pad: 0,
+                    egress_ifindex: internal.index,
+                },
+            )
+        })
+        .collect();
     WallTables::open(pins)?
-        .set(conf(config, external), &config.outbound_from)
+        .set(conf(config, external), &config.outbound_from, &published)
         .context("writing the wall's settings")?;
+    for p in &config.published {
+        log::info!(
+            "published: {:?} {}:{} -> {}",
+            p.transport,
+            config.external_addresses[0],
+            p.port,
+            p.server
+        );
+    }
     netif::set_sysctls(&netif::forwarding_sysctls(&[internal, external]))
 }
 

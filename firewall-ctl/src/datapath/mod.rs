@@ -29,7 +29,7 @@ use firewall_common::{
     },
     program_names,
     stats::StatValue,
-    wall::{SourceValue, WallConf},
+    wall::{PublishKey, PublishValue, SourceValue, WallConf},
     PIN_DIR,
 };
 use serde::{Deserialize, Serialize};
@@ -248,6 +248,11 @@ const MAPS: &[MapSpec] = &[
         name: map_names::WALL_CONF,
         key_size: 4,
         value_size: size_of::<WallConf>() as u32,
+    },
+    MapSpec {
+        name: map_names::PUBLISHED,
+        key_size: size_of::<PublishKey>() as u32,
+        value_size: size_of::<PublishValue>() as u32,
     },
     MapSpec {
         name: map_names::WALL_SOURCES,

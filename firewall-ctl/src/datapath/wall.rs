@@ -3,11 +3,11 @@
 
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
-    Array, Map, MapData,
+    Array, HashMap, Map, MapData,
 };
 use firewall_common::{
     map_names,
-    wall::{SourceValue, WallConf},
+    wall::{PublishKey, PublishValue, SourceValue, WallConf},
 };
 use ipnet::Ipv4Net;
 
@@ -16,6 +16,7 @@ use super::PinPaths;
 pub struct WallTables {
     conf: Array<MapData, WallConf>,
     sources: LpmTrie<MapData, [u8; 4], SourceValue>,
+    published: HashMap<MapData, PublishKey, PublishValue>,
 }
 
 impl WallTables {
@@ -25,13 +26,27 @@ impl WallTables {
         Ok(Self {
             conf: Array::try_from(open(map_names::WALL_CONF)?)?,
             sources: LpmTrie::try_from(open(map_names::WALL_SOURCES)?)?,
+            published: HashMap::try_from(open(map_names::PUBLISHED)?)?,
         })
     }
 
-    /// Replaces the settings and the allowed sources. The wall admits no new
-    /// connection while they change (the settings are written last).
-    pub fn set(&mut self, conf: WallConf, sources: &[Ipv4Net]) -> anyhow::Result<()> {
+    /// Replaces the settings, the allowed sources and the published servers.
+    /// The wall admits no new outbound connection while they change (the
+    /// settings are written last).
+    pub fn set(
+        &mut self,
+        conf: WallConf,
+        sources: &[Ipv4Net],
+        published: &[(PublishKey, PublishValue)],
+    ) -> anyhow::Result<()> {
         self.conf.set(0, WallConf::default(), 0)?;
+        let old: Vec<PublishKey> = self.published.keys().collect::<Result<_, _>>()?;
+        for k in old {
+            self.published.remove(&k)?;
+        }
+        for (k, v) in published {
+            self.published.insert(k, v, 0)?;
+        }
         let old: Vec<LpmKey<[u8; 4]>> = self.sources.keys().collect::<Result<_, _>>()?;
         for k in old {
             self.sources.remove(&k)?;
