@@ -4,7 +4,11 @@
 
 use firewall_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use firewall_tests::{daemon::LabRun, lab::addr, traffic::*};
+use firewall_tests::{
+    daemon::LabRun,
+    lab::{addr, Ns},
+    traffic::*,
+};
 
 #[test]
 fn an_attacker_outside_gets_nothing_in() {
@@ -84,19 +88,7 @@ fn internal_clients_reach_the_outside_translated() {
         .expect("ping through the firewall");
 
     // HTTP with curl against python's http.server.
-    let dir = std::env::temp_dir().join(format!("{}-www", lab.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("index.txt"), "hello through the wall\n").unwrap();
-    let _http = Peer::new(
-        lab.server
-            .spawn(&format!(
-                "cd {} && exec python3 -m http.server 8000 --bind {} >/dev/null 2>&1",
-                dir.display(),
-                addr::SERVER
-            ))
-            .unwrap(),
-    );
-    wait_listening(&lab.server, 8000);
+    let _http = HttpServer::start(&lab.server, addr::SERVER, "hello through the wall\n");
     let body = lab
         .client
         .sh(&format!(
@@ -105,7 +97,6 @@ fn internal_clients_reach_the_outside_translated() {
         ))
         .unwrap();
     assert_eq!(body, "hello through the wall\n");
-    let _ = std::fs::remove_dir_all(&dir);
 
     assert!(fw.counter("redirect_primary_established") >= 5);
     let flows = fw.list("flows");
@@ -128,19 +119,7 @@ fn a_published_server_is_reached_from_outside() {
     );
     let LabRun { lab, fw, .. } = &mut run;
     prime_neighbours(lab);
-    let dir = std::env::temp_dir().join(format!("{}-pub", lab.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("index.txt"), "published from inside\n").unwrap();
-    let _http = Peer::new(
-        lab.client
-            .spawn(&format!(
-                "cd {} && exec python3 -m http.server 8000 --bind {} >/dev/null 2>&1",
-                dir.display(),
-                addr::CLIENT
-            ))
-            .unwrap(),
-    );
-    wait_listening(&lab.client, 8000);
+    let _http = HttpServer::start(&lab.client, addr::CLIENT, "published from inside\n");
     // The external host has no route to the internal network: it talks to
     // the firewall's external address only.
     let body = lab
@@ -151,11 +130,40 @@ fn a_published_server_is_reached_from_outside() {
         ))
         .unwrap();
     assert_eq!(body, "published from inside\n");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(fw.counter("redirect_published_established") >= 1);
     // The unpublished port next to it is the firewall's own (nothing listens).
     assert!(!tcp_connects(
         &lab.server,
         &format!("{}:8081", addr::FW_EXTERNAL)
     ));
+}
+
+/// `python3 -m http.server` on `bind`:8000 in `ns`, serving `index.txt`;
+/// stopped and its directory removed when dropped.
+struct HttpServer {
+    _peer: Peer,
+    dir: std::path::PathBuf,
+}
+
+impl HttpServer {
+    fn start(ns: &Ns, bind: &str, body: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-www", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("index.txt"), body).unwrap();
+        let peer = Peer::new(
+            ns.spawn(&format!(
+                "cd {} && exec python3 -m http.server 8000 --bind {bind} >/dev/null 2>&1",
+                dir.display()
+            ))
+            .unwrap(),
+        );
+        wait_listening(ns, 8000);
+        Self { _peer: peer, dir }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
