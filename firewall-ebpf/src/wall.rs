@@ -131,19 +131,19 @@ fn admit_inner<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Result<(), Counter> 
             Counter::PassNoFlow
         });
     }
+    if side != side::INTERNAL {
+        // Unsolicited from outside: nothing may open a connection in (and
+        // no socket of ours answers forwarded traffic there: only the
+        // internal side's TC program marks packets for local delivery).
+        return Err(Counter::DropNoFlow);
+    }
     let egress = scratch.fib.ifindex;
     if k.protocol != IPPROTO_ICMP && own_socket(ctx, &pkt.key, &mut scratch.tuple) {
         // The stack delivers it to the socket (TC marks it for local delivery).
         return Err(Counter::PassNoFlow);
     }
-    if side == side::INTERNAL {
-        if let Some(c) = intercept::claim(ctx, pkt, egress, &mut scratch.tuple) {
-            return Err(c);
-        }
-    }
-    if side != side::INTERNAL {
-        // Unsolicited from outside: nothing may open a connection in.
-        return Err(Counter::DropNoFlow);
+    if let Some(c) = intercept::claim(ctx, pkt, egress, &mut scratch.tuple) {
+        return Err(c);
     }
     let Some(conf) = WALL_CONF.get(0) else {
         return Err(Counter::DropNotAllowed);

@@ -71,7 +71,12 @@ impl Fixture {
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
         ip(&["netns", "add", &netns])?;
         let mut fx = Self::build(&netns, sizes).inspect_err(|_| {
+            // Nothing left behind: the namespace and whatever was pinned
+            // before the load failed (a program the verifier refused).
             let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+            let _ = firewall_ctl::datapath::unpin_all(&PinPaths {
+                dir: format!("/sys/fs/bpf/{netns}").into(),
+            });
         })?;
         fx.netns = netns;
         Ok(fx)

@@ -176,6 +176,24 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         "ns/packet",
         v,
     );
+    // What an attacker outside spends the datapath on: a SYN to an internal
+    // host that nothing expects.
+    let unsolicited = tcp(SERVER, 80, CLIENT, 34000, TCP_SYN);
+    let v = timed(
+        &mut fx,
+        Side::External,
+        &unsolicited,
+        repeat,
+        reps,
+        XDP_DROP,
+    )?;
+    r.add(
+        "xdp cost",
+        "unsolicited from outside (dropped by the wall)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
     pinhole(&mut fx, 45000, 5);
     fx.peers.insert(5, "10.2.0.2/32".parse()?, true)?;
     let stranger = tcp([10, 2, 0, 77], 20, FW_EXTERNAL, 45000, TCP_SYN);
