@@ -3,13 +3,14 @@
 //! The FIB says whether the stack would forward it. If not (addressed to the
 //! firewall itself, broadcast, forwarding off, no route), it is the stack's,
 //! where the operator's own input rules apply. If it would be forwarded, it is
-//! this datapath's alone: the first packet of a new outbound TCP/UDP
-//! connection from an allowed source network creates the connection's two
-//! flow entries here (source NAT to the external address; no round trip to
-//! user space); a socket of the firewall's own (the interception, the relay's
-//! transparent listeners) takes what is addressed to it; everything else is
-//! dropped under a named counter. Nothing the pipeline cannot parse is left
-//! to the stack's forwarding.
+//! this datapath's alone: the first packet of a new outbound TCP, UDP or ICMP
+//! echo connection from an allowed source network creates the connection's
+//! two flow entries here (source NAT to the external address; no round trip
+//! to user space); a socket of the firewall's own (the interception, the
+//! relay's transparent listeners) takes what is addressed to it; everything
+//! else is dropped under a named counter. A published server's endpoint is
+//! checked first (it is one of the firewall's own addresses). Nothing the
+//! pipeline cannot parse is left to the stack's forwarding.
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_NOEXIST},
@@ -51,10 +52,11 @@ static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as us
 static WALL_SOURCES: LpmTrie<[u8; 4], SourceValue, { map_sizes::WALL_SOURCES as usize }> =
     LpmTrie::new();
 
-/// For a TCP/UDP packet without a flow or pinhole: `PrimaryEstablished` (or
+/// For a parsed packet without a flow or pinhole: `PrimaryEstablished` (or
 /// `PublishedEstablished`) once the new connection's flows are in `FLOWS`,
-/// otherwise the counter that decides the packet. A function of its own (a BPF-to-BPF call): its
-/// stack frame is not the pipeline's, which the 512-byte limit requires.
+/// otherwise the counter that decides the packet. A function of its own (a
+/// BPF-to-BPF call): its stack frame is not the pipeline's, which the
+/// 512-byte limit requires.
 #[inline(never)]
 pub fn admit<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Counter {
     if side == side::EXTERNAL && pkt.key.protocol != IPPROTO_ICMP {
