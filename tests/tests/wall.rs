@@ -104,8 +104,18 @@ fn internal_clients_reach_the_outside_translated() {
         flows.iter().any(|f| f["kind"] == "primary"),
         "flows listed with their kind: {flows:?}"
     );
-    // The daemon never saw these connections: no connection objects.
+    // The daemon never saw these connections: no connection objects; status
+    // tells the wall's settings and counts the primary flows.
     assert!(fw.list("connections").is_empty());
+    let wall = &fw.status()["wall"];
+    assert_eq!(wall["nat_address"], addr::FW_EXTERNAL);
+    assert_eq!(wall["nat_ports"], "1024-19999");
+    assert!(wall["primary_flows"].as_u64().unwrap_or(0) >= 2, "{wall}");
+    let text = String::from_utf8_lossy(&fw.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("wall: connections out from 10.1.0.0/24"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -131,6 +141,10 @@ fn a_published_server_is_reached_from_outside() {
         .unwrap();
     assert_eq!(body, "published from inside\n");
     assert!(fw.counter("redirect_published_established") >= 1);
+    assert_eq!(
+        fw.status()["wall"]["published"][0],
+        format!("tcp 8080 -> {}:8000", addr::CLIENT)
+    );
     // The unpublished port next to it is the firewall's own (nothing listens).
     assert!(!tcp_connects(
         &lab.server,

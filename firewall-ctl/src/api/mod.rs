@@ -18,7 +18,9 @@ mod client;
 mod views;
 
 pub use client::{Client, Connection};
-pub use views::{CounterStatus, FlowView, InterfaceStatus, MapStatus, PinholeView, Status};
+pub use views::{
+    CounterStatus, FlowView, InterfaceStatus, MapStatus, PinholeView, Status, WallStatus,
+};
 
 pub const API_VERSION: u32 = 1;
 pub const DEFAULT_SOCKET: &str = "/run/firewall/ctl.sock";

@@ -35,6 +35,49 @@ pub struct Status {
     /// API connections open now (this one included).
     #[serde(default)]
     pub api_connections: u64,
+    /// The wall's settings and how many of the flow entries are primary.
+    #[serde(default)]
+    pub wall: WallStatus,
+}
+
+/// What the wall does with new connections (`status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WallStatus {
+    /// Sources that may open connections out.
+    pub outbound_from: Vec<String>,
+    /// The address and ports they are translated to.
+    pub nat_address: String,
+    pub nat_ports: String,
+    /// Published servers, as "tcp 8080 -> 10.1.0.2:80".
+    pub published: Vec<String>,
+    /// Flow entries of primary connections (two per connection).
+    pub primary_flows: u64,
+}
+
+impl WallStatus {
+    pub fn new(config: &Config, primary_flows: u64) -> Self {
+        Self {
+            outbound_from: config.outbound_from.iter().map(|n| n.to_string()).collect(),
+            nat_address: config.external_addresses[0].to_string(),
+            nat_ports: format!(
+                "{}-{}",
+                config.nat_port_range.start(),
+                config.nat_port_range.end()
+            ),
+            published: config
+                .published
+                .iter()
+                .map(|p| {
+                    let t = match p.transport {
+                        crate::policy::Transport::Tcp => "tcp",
+                        crate::policy::Transport::Udp => "udp",
+                    };
+                    format!("{t} {} -> {}", p.port, p.server)
+                })
+                .collect(),
+            primary_flows,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

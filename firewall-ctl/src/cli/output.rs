@@ -67,6 +67,17 @@ pub fn status_text(s: &Status) -> String {
         s.external_addresses.join(", ")
     );
     o += &format!("  API connections: {}\n", s.api_connections);
+    let w = &s.wall;
+    o += &format!(
+        "wall: connections out from {} translated to {} ports {} ({} primary flow entries)\n",
+        w.outbound_from.join(", "),
+        w.nat_address,
+        w.nat_ports,
+        w.primary_flows
+    );
+    if !w.published.is_empty() {
+        o += &format!("  published: {}\n", w.published.join("; "));
+    }
     o += "maps:\n";
     let mut t = table(&["map", "entries", "capacity", "pinned at"], &[1, 2]);
     for m in &s.maps {

@@ -20,7 +20,7 @@ use crate::{
     api::{
         self, Answer, ApiError, Cancelled, ClientAddressSet, CounterStatus, ErrorKind, FlowView,
         Following, Killed, ListWhat, MapStatus, PinholeView, Request, Response, SessionClosed,
-        SessionOpened, ShuttingDown, Status,
+        SessionOpened, ShuttingDown, Status, WallStatus,
     },
     datapath::{FlowTable, PinholeTable, Stats},
 };
@@ -340,7 +340,13 @@ async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
             entries: entries as u64,
             capacity: capacity as u64,
         };
+        let all_flows = flows.all()?;
+        let primary = all_flows
+            .iter()
+            .filter(|(_, v)| v.kind == firewall_common::flow::flow_kind::PRIMARY)
+            .count() as u64;
         Ok(Status {
+            wall: WallStatus::new(&shared.config, primary),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: shared.interfaces.clone(),
@@ -349,7 +355,7 @@ async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
             maps: vec![
                 map(
                     firewall_common::map_names::FLOWS,
-                    flows.all()?.len(),
+                    all_flows.len(),
                     flows.capacity(),
                 ),
                 map(
