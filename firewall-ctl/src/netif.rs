@@ -75,17 +75,21 @@ pub fn write_sysctl(key: &str, value: &str) -> anyhow::Result<()> {
     fs::write(sysctl_path(key), value).with_context(|| format!("setting sysctl {key}={value}"))
 }
 
-/// Sets sysctls and returns the values they had, for restoring later.
-pub fn set_sysctls(wanted: &[(String, String)]) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut saved = BTreeMap::new();
+/// Sets sysctls, recording in `saved` the values they had (the first
+/// recorded value of a key stays), for restoring later — also those set
+/// before one failed.
+pub fn set_sysctls(
+    wanted: &[(String, String)],
+    saved: &mut BTreeMap<String, String>,
+) -> anyhow::Result<()> {
     for (key, value) in wanted {
         let old = read_sysctl(key)?;
         if &old != value {
             write_sysctl(key, value)?;
-            saved.insert(key.clone(), old);
+            saved.entry(key.clone()).or_insert(old);
         }
     }
-    Ok(saved)
+    Ok(())
 }
 
 /// The kernel FIB lookup in XDP refuses to route packets that arrive on an

@@ -250,12 +250,15 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
                 return Err(e.context("starting the interception of primary connections"));
             }
         };
-    let raised = wall::raise(&pins, &config, &internal, &external).and_then(|changed| {
-        for (k, v) in changed {
-            state.saved_sysctls.entry(k).or_insert(v);
-        }
-        state.write()
-    });
+    let raised = wall::raise(
+        &pins,
+        &config,
+        &internal,
+        &external,
+        &mut state.saved_sysctls,
+    );
+    // Written either way: what was changed before a failure is restored too.
+    let raised = raised.and(state.write());
     if let Err(e) = raised {
         if let Some(p) = interception_task {
             p.stop();

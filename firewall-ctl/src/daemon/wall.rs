@@ -57,13 +57,14 @@ pub fn conf(config: &Config, external: &Interface) -> WallConf {
 
 /// Writes the wall's settings, then turns forwarding on (the datapath is
 /// attached before: from the first forwarded packet on, the wall stands).
-/// Returns the sysctls changed, with their old values, for `down`.
+/// The sysctls it changes go into `saved` with their old values, for `down`.
 pub fn raise(
     pins: &PinPaths,
     config: &Config,
     internal: &Interface,
     external: &Interface,
-) -> anyhow::Result<BTreeMap<String, String>> {
+    saved: &mut BTreeMap<String, String>,
+) -> anyhow::Result<()> {
     let nat_addr = config.external_addresses[0].octets();
     let published: Vec<(PublishKey, PublishValue)> = config
         .published
@@ -96,7 +97,7 @@ pub fn raise(
             p.server
         );
     }
-    netif::set_sysctls(&netif::forwarding_sysctls(&[internal, external]))
+    netif::set_sysctls(&netif::forwarding_sysctls(&[internal, external]), saved)
 }
 
 #[cfg(test)]
