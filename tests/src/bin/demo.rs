@@ -276,7 +276,37 @@ fn run() -> anyhow::Result<()> {
     );
     filter_log(&fw, &mut log_from);
 
-    step(8, "Counters (firewall-ctl status):");
+    step(
+        8,
+        "The wall: the server routes 10.1.0.0/24 through the firewall and tries the client directly",
+    );
+    lab.server
+        .sh(&format!(
+            "ip route add 10.1.0.0/24 via {}",
+            addr::FW_EXTERNAL
+        ))
+        .context("adding the attacker's route")?;
+    let got_in = lab.server.try_sh(&format!(
+        "ping -c1 -W1 {c} >/dev/null || socat -T1 /dev/null TCP:{c}:22,connect-timeout=1",
+        c = addr::CLIENT
+    ));
+    println!(
+        "    from outside to {}: {}",
+        addr::CLIENT,
+        if got_in {
+            "reached (unexpected)"
+        } else {
+            "nothing gets in (ping and TCP dropped: drop_no_flow)"
+        }
+    );
+    let pinged = lab.client.try_sh(&format!("ping -c1 -W2 {}", addr::SERVER));
+    println!(
+        "    from the client, ping {} through the NAT: {}",
+        addr::SERVER,
+        if pinged { "answered" } else { "no answer" }
+    );
+
+    step(9, "Counters (firewall-ctl status):");
     let st = fw.status();
     let f = &st["ftp"];
     println!(
@@ -298,7 +328,7 @@ fn run() -> anyhow::Result<()> {
     }
     let refused = f["bounces_refused"].as_u64().unwrap_or(0);
 
-    step(9, "firewall-ctl down");
+    step(10, "firewall-ctl down");
     drop(fw);
     println!("    programs detached, pins and routing rule removed; deleting the lab");
     drop(server);
@@ -306,6 +336,9 @@ fn run() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     if refused != 1 {
         bail!("the bounce was not refused");
+    }
+    if got_in || !pinged {
+        bail!("the wall did not hold (in: {got_in}) or let the client out (ping: {pinged})");
     }
     println!("\nDone. On real NICs: firewall-ctl up --internal IF --external IF");
     Ok(())
