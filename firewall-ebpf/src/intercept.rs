@@ -18,7 +18,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{btf_map, classifier, sk_lookup},
     programs::{SkLookupContext, TcContext},
-    EbpfContext as _,
+    EbpfContext,
 };
 use firewall_common::{
     intercept::{InterceptConf, InterceptKey, InterceptTuple, InterceptValue},
@@ -71,23 +71,9 @@ fn process(ctx: &TcContext) -> i32 {
     }
     let k = &pkt.key;
     let mut tuple = tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
-    const TUPLE4: u32 = 12;
     // A socket of ours bound to exactly this destination (established,
     // handshaking, closing, or a transparent listener): deliver locally.
-    // SAFETY: `tuple` lives across the call; the returned socket is released below.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(
-            ctx.as_ptr() as *mut _,
-            &mut tuple,
-            TUPLE4,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if !sk.is_null() {
-        // SAFETY: a socket the lookup returned, released right after reading.
-        let (bound, state) = unsafe { ((*sk).src_ip4, (*sk).state) };
-        unsafe { bpf_sk_release(sk as *mut _) };
+    if let Some((bound, state)) = socket_for(ctx, &mut tuple) {
         // A SYN that meets a TIME_WAIT socket of an intercepted connection
         // (the client reuses its port) opens a new one: it is intercepted
         // like any, and the kernel retires the TIME_WAIT socket when the
@@ -122,17 +108,7 @@ fn process(ctx: &TcContext) -> i32 {
         target.listener_addr,
         target.listener_port,
     );
-    // SAFETY: as for the lookup above; released below.
-    let lsk = unsafe {
-        bpf_sk_lookup_tcp(
-            ctx.as_ptr() as *mut _,
-            &mut listener,
-            TUPLE4,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
-    if lsk.is_null() {
+    if !listening(ctx, &mut listener) {
         aya_log_ebpf::warn!(
             ctx,
             "interception: no listener for a SYN to port {}: dropped",
@@ -141,8 +117,6 @@ fn process(ctx: &TcContext) -> i32 {
         stats::count(Counter::DropNoInterceptor, len);
         return TC_ACT_SHOT;
     }
-    // SAFETY: the socket the lookup returned.
-    unsafe { bpf_sk_release(lsk as *mut _) };
     // Recorded for the listener lookup (`sk_lookup`), which the marked SYN
     // meets once policy routing has delivered it locally.
     let syn = InterceptTuple {
@@ -228,29 +202,14 @@ pub fn claim<H: Hook>(
     }
     // SAFETY: a read of a map value the control plane only replaces whole.
     let target = unsafe { INTERCEPT.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) }?;
-    const TUPLE4: u32 = 12;
     if !pkt.syn_only {
         // A later segment: passed only to a socket of ours that answers for
         // its destination, in any state (a handshake's request socket, an
         // intercepted connection, TIME_WAIT), which TC then marks.
         *listener = tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
-        // SAFETY: `listener` lives across the call; the socket is released below.
-        let sk = unsafe {
-            bpf_skc_lookup_tcp(
-                ctx.as_ptr() as *mut _,
-                listener,
-                TUPLE4,
-                BPF_F_CURRENT_NETNS as u64,
-                0,
-            )
-        };
-        if sk.is_null() {
-            return Some(Counter::DropNoFlow);
-        }
-        // SAFETY: a socket the lookup returned, released right after reading.
-        let bound = unsafe { (*sk).src_ip4 };
-        unsafe { bpf_sk_release(sk as *mut _) };
-        return Some(if bound == u32::from_ne_bytes(k.dst_addr) {
+        let ours = socket_for(ctx, listener)
+            .is_some_and(|(bound, _)| bound == u32::from_ne_bytes(k.dst_addr));
+        return Some(if ours {
             Counter::PassNoFlow
         } else {
             Counter::DropNoFlow
@@ -262,22 +221,58 @@ pub fn claim<H: Hook>(
         target.listener_addr,
         target.listener_port,
     );
-    // SAFETY: `listener` lives across the call; the returned socket is released below.
-    let lsk = unsafe {
-        bpf_sk_lookup_tcp(
+    Some(if listening(ctx, listener) {
+        Counter::PassNoFlow
+    } else {
+        Counter::DropNoInterceptor
+    })
+}
+
+/// Size of the IPv4 part of `bpf_sock_tuple`.
+pub const TUPLE4: u32 = 12;
+
+/// The socket for a 4-tuple in any state (request socket and TIME_WAIT
+/// too): the address it is bound to and its state.
+#[inline(always)]
+fn socket_for<C: EbpfContext>(ctx: &C, tuple: &mut bpf_sock_tuple) -> Option<(u32, u32)> {
+    // SAFETY: `tuple` lives across the call; the returned socket is released below.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(
             ctx.as_ptr() as *mut _,
-            listener,
+            tuple,
             TUPLE4,
             BPF_F_CURRENT_NETNS as u64,
             0,
         )
     };
-    if lsk.is_null() {
-        return Some(Counter::DropNoInterceptor);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a socket the lookup returned, released right after reading.
+    let found = unsafe { ((*sk).src_ip4, (*sk).state) };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    Some(found)
+}
+
+/// Whether a full socket (the daemon's listener) takes this 4-tuple.
+#[inline(always)]
+fn listening<C: EbpfContext>(ctx: &C, tuple: &mut bpf_sock_tuple) -> bool {
+    // SAFETY: `tuple` lives across the call; the returned socket is released below.
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr() as *mut _,
+            tuple,
+            TUPLE4,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
     }
     // SAFETY: the socket the lookup returned.
-    unsafe { bpf_sk_release(lsk as *mut _) };
-    Some(Counter::PassNoFlow)
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
 }
 
 /// A socket-lookup tuple (addresses as in the packet, ports in host order).

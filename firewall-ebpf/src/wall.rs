@@ -202,7 +202,6 @@ fn source_allowed(addr: [u8; 4]) -> bool {
 #[inline(always)]
 fn own_socket<H: Hook>(ctx: &H, k: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool {
     *tuple = intercept::tuple4(k.src_addr, k.src_port, k.dst_addr, k.dst_port);
-    const TUPLE4: u32 = 12;
     // SAFETY: `tuple` lives across the call; a returned socket is released below.
     let sk = unsafe {
         // Full sockets only (not bpf_skc_lookup_tcp): both branches then
@@ -212,7 +211,7 @@ fn own_socket<H: Hook>(ctx: &H, k: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool
             bpf_sk_lookup_tcp(
                 ctx.as_ptr() as *mut _,
                 tuple as *mut bpf_sock_tuple,
-                TUPLE4,
+                intercept::TUPLE4,
                 BPF_F_CURRENT_NETNS as u64,
                 0,
             )
@@ -220,7 +219,7 @@ fn own_socket<H: Hook>(ctx: &H, k: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool
             bpf_sk_lookup_udp(
                 ctx.as_ptr() as *mut _,
                 tuple as *mut bpf_sock_tuple,
-                TUPLE4,
+                intercept::TUPLE4,
                 BPF_F_CURRENT_NETNS as u64,
                 0,
             )
