@@ -115,6 +115,24 @@ pub enum Transport {
     Udp,
 }
 
+impl Transport {
+    /// The IP protocol number (the datapath's keys carry it).
+    pub const fn ipproto(self) -> u8 {
+        match self {
+            Transport::Tcp => firewall_common::IPPROTO_TCP,
+            Transport::Udp => firewall_common::IPPROTO_UDP,
+        }
+    }
+
+    /// The name the configuration and the API use ("tcp", "udp").
+    pub const fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
 /// A protocol definition: its primary ports, and which clients may use it
 /// (for secondary connections too).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

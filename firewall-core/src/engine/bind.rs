@@ -348,7 +348,7 @@ impl<M: Maps> Engine<M> {
     ) -> (PinholeKey, PinholeValue) {
         let req = ctx.req;
         let key = PinholeKey::new(
-            ipproto(req.protocol),
+            req.protocol.ipproto(),
             ep.ip().octets(),
             ep.port(),
             ctx.plan.side,

@@ -22,9 +22,11 @@ use firewall_common::{
     pinhole::{
         event_kind, pinhole_flags, side, BusyClientValue, DatapathEvent, PinholeKey, PinholeValue,
     },
-    IPPROTO_TCP, IPPROTO_UDP,
 };
 use ipnet::Ipv4Net;
+// The tests spell protocols as the datapath does.
+#[cfg(test)]
+use firewall_common::IPPROTO_TCP;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -111,13 +113,6 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> ApiError {
 
 fn invalid(msg: impl Into<String>) -> ApiError {
     err(ErrorKind::InvalidArgument, msg)
-}
-
-fn ipproto(t: Transport) -> u8 {
-    match t {
-        Transport::Tcp => IPPROTO_TCP,
-        Transport::Udp => IPPROTO_UDP,
-    }
 }
 
 fn sa(addr: [u8; 4], port: u16) -> SocketAddrV4 {

@@ -148,7 +148,7 @@ impl<M: Maps> Engine<M> {
             let id = self.new_id();
             let ep = int_block[i].endpoint();
             let key = PinholeKey::new(
-                ipproto(req.protocol),
+                req.protocol.ipproto(),
                 ep.ip().octets(),
                 ep.port(),
                 side::INTERNAL,

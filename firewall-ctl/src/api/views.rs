@@ -67,13 +67,7 @@ impl WallStatus {
             published: config
                 .published
                 .iter()
-                .map(|p| {
-                    let t = match p.transport {
-                        crate::policy::Transport::Tcp => "tcp",
-                        crate::policy::Transport::Udp => "udp",
-                    };
-                    format!("{t} {} -> {}", p.port, p.server)
-                })
+                .map(|p| format!("{} {} -> {}", p.transport.name(), p.port, p.server))
                 .collect(),
             primary_flows,
         }

@@ -4,16 +4,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context as _};
-use firewall_common::{
-    wall::{PublishKey, PublishValue, WallConf},
-    IPPROTO_TCP, IPPROTO_UDP,
-};
+use firewall_common::wall::{PublishKey, PublishValue, WallConf};
 
 use crate::{
     config::Config,
     datapath::{PinPaths, WallTables},
     netif::{self, Interface},
-    policy::Transport,
 };
 
 /// The firewall's own connections take their source ports from
@@ -45,7 +41,7 @@ fn parse_range(text: &str) -> anyhow::Result<(u16, u16)> {
 /// The wall's settings for this configuration: new outbound connections
 /// from `outbound_from` leave through `external`, translated to the first
 /// external address.
-pub fn conf(config: &Config, external: &Interface) -> WallConf {
+fn conf(config: &Config, external: &Interface) -> WallConf {
     WallConf {
         nat_addr: config.external_addresses[0].octets(),
         nat_port_lo: *config.nat_port_range.start(),
@@ -65,17 +61,14 @@ pub fn raise(
     external: &Interface,
     saved: &mut BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
-    let nat_addr = config.external_addresses[0].octets();
+    let conf = conf(config, external);
     let published: Vec<(PublishKey, PublishValue)> = config
         .published
         .iter()
         .map(|p| {
-            let protocol = match p.transport {
-                Transport::Tcp => IPPROTO_TCP,
-                Transport::Udp => IPPROTO_UDP,
-            };
+            let protocol = p.transport.ipproto();
             (
-                PublishKey::new(protocol, nat_addr, p.port),
+                PublishKey::new(protocol, conf.nat_addr, p.port),
                 PublishValue {
                     server_addr: p.server.ip().octets(),
                     server_port: p.server.port(),
@@ -86,7 +79,7 @@ pub fn raise(
         })
         .collect();
     WallTables::open(pins)?
-        .set(conf(config, external), &config.outbound_from, &published)
+        .set(conf, &config.outbound_from, &published)
         .context("writing the wall's settings")?;
     for p in &config.published {
         log::info!(

@@ -58,8 +58,4 @@ impl WallTables {
         self.conf.set(0, conf, 0)?;
         Ok(())
     }
-
-    pub fn conf(&self) -> anyhow::Result<WallConf> {
-        Ok(self.conf.get(&0, 0)?)
-    }
 }
