@@ -8,6 +8,7 @@
 
 pub mod csum;
 pub mod flow;
+pub mod icmp;
 pub mod intercept;
 pub mod pinhole;
 pub mod stats;

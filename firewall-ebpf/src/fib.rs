@@ -21,6 +21,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Where a translated packet leaves.
+#[repr(C)]
 pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
@@ -28,14 +29,11 @@ pub struct NextHop {
 }
 
 /// The flow's cached next hop, if the FIB confirmed it recently and for
-/// packets this long.
+/// packets `l3_len` bytes long.
 #[inline(always)]
-pub fn cached(flow: &FlowValue, pkt: &Packet, now_units: u32) -> Option<NextHop> {
+pub fn cached(flow: &FlowValue, l3_len: u16, now_units: u32) -> Option<NextHop> {
     let checked = flow.hop_checked;
-    if checked == 0
-        || now_units.wrapping_sub(checked) > HOP_RECHECK
-        || l3_len(pkt) > flow.hop_len_ok
-    {
+    if checked == 0 || now_units.wrapping_sub(checked) > HOP_RECHECK || l3_len > flow.hop_len_ok {
         return None;
     }
     Some(NextHop {
@@ -168,15 +166,29 @@ pub fn route_v6<H: Hook>(
 /// Looks up the route of the packet as it will be after translation.
 #[inline(always)]
 pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHop, Counter> {
-    let p = &mut crate::scratch::get().ok_or(Counter::DropNotForwarded)?.fib;
-    let rc = route_in(
+    next_hop(
         ctx,
-        p,
         pkt.key.protocol,
         (flow.nat_src_addr, flow.nat_src_port),
         (flow.nat_dst_addr, flow.nat_dst_port),
-        ctx.fib_tot_len(l3_len(pkt)),
-    );
+        l3_len(pkt),
+        pkt.dont_fragment,
+    )
+}
+
+/// The next hop of a packet from `src` to `dst`, `l3_len` bytes long, or
+/// the counter that says why there is none.
+#[inline(always)]
+pub fn next_hop<H: Hook>(
+    ctx: &H,
+    protocol: u8,
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    l3_len: u16,
+    dont_fragment: bool,
+) -> Result<NextHop, Counter> {
+    let p = &mut crate::scratch::get().ok_or(Counter::DropNotForwarded)?.fib;
+    let rc = route_in(ctx, p, protocol, src, dst, ctx.fib_tot_len(l3_len));
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: p.ifindex,
@@ -197,7 +209,7 @@ pub fn lookup<H: Hook>(ctx: &H, pkt: &Packet, flow: &FlowValue) -> Result<NextHo
         }
         // With DF the stack, forwarding the original packet, answers with ICMP
         // "fragmentation needed" so path MTU discovery keeps working.
-        BPF_FIB_LKUP_RET_FRAG_NEEDED if pkt.dont_fragment => Err(Counter::PassFragNeeded),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED if dont_fragment => Err(Counter::PassFragNeeded),
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::DropFragNeeded),
         _ => Err(Counter::DropNotForwarded),
     }

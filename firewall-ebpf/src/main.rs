@@ -13,6 +13,7 @@ mod events;
 mod fib;
 mod flow;
 mod hook;
+mod icmp_error;
 mod intercept;
 mod nat;
 mod parse;

@@ -6,7 +6,7 @@
 use core::mem::size_of;
 
 use firewall_common::{
-    flow::tcp_seen, flow::FlowKey, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    flow::tcp_seen, flow::FlowKey, icmp, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use network_types::{
     eth::EthHdr,
@@ -33,9 +33,6 @@ struct IcmpEcho {
     id: [u8; 2],
     seq: [u8; 2],
 }
-
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// A parsed TCP, UDP or ICMP echo over IPv4 packet: where its headers are and its flow key.
 pub struct Packet {
@@ -181,10 +178,12 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         let id = u16::from_be_bytes(e.id);
         // The identifier plays the port: the request's source port, the
         // reply's destination port, so that a reply's key is the reverse of
-        // its request's. Other ICMP (errors, ...) is not tracked.
+        // its request's. Errors are about a flow (`icmp_error`); other ICMP
+        // is not tracked.
         let (src_port, dst_port, request) = match (e.kind, e.code) {
-            (ICMP_ECHO_REQUEST, 0) => (id, 0, true),
-            (ICMP_ECHO_REPLY, 0) => (0, id, false),
+            (icmp::ECHO_REQUEST, 0) => (id, 0, true),
+            (icmp::ECHO_REPLY, 0) => (0, id, false),
+            (kind, _) if icmp::is_error(kind) => return Err(Counter::PassIcmpError),
             _ => return Err(Counter::PassNotTcpUdp),
         };
         // SAFETY: a field of the bounds-checked header; no reference is made.
@@ -224,6 +223,114 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         vlan_tagged,
         tcp_flags,
         syn_only,
+    })
+}
+
+/// An ICMP error (`icmp::is_error`) and the packet it quotes, every header
+/// bounds-checked.
+pub struct IcmpError {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    /// The outer IPv4 total length.
+    pub tot_len: u16,
+    pub dont_fragment: bool,
+    /// Type, code, checksum and the 4 bytes after them.
+    pub icmp: *mut [u8; 8],
+    pub inner: *mut Ipv4Hdr,
+    /// The quoted L4 header's first 8 bytes, which every error quotes:
+    /// TCP/UDP ports (and the UDP checksum), or an echo's header.
+    pub inner_l4: *mut [u8; 8],
+    /// The quoted TCP checksum when the error quotes that far, else null.
+    pub inner_tcp_check: *mut [u8; 2],
+    /// The key of the flow the error travels with: the quoted packet's,
+    /// reversed (`icmp::error_flow_key`).
+    pub key: FlowKey,
+}
+
+/// Parses an ICMP error that `parse_range` announced (`PassIcmpError`).
+/// A quote the datapath cannot read is `PassIcmpError`: the stack's, if it
+/// is addressed to the firewall, dropped otherwise.
+#[inline(always)]
+pub fn icmp_error(start: usize, end: usize) -> Result<IcmpError, Counter> {
+    let mut cur = Cursor { pos: start, end };
+    let eth: *mut EthHdr = cur.take().ok_or(Counter::DropMalformed)?;
+    // SAFETY: `take` bounds-checked the Ethernet header.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        // `parse_range` found IPv4: only a VLAN tag stands in between.
+        return Err(Counter::DropVlan);
+    }
+    let ip: *mut Ipv4Hdr = cur.take().ok_or(Counter::DropMalformed)?;
+    // SAFETY: `take` bounds-checked the IPv4 header.
+    let (vihl, tot_len, frags) = unsafe {
+        let h = &*ip;
+        (
+            h.vihl,
+            u16::from_be_bytes(h.tot_len),
+            u16::from_be_bytes(h.frags),
+        )
+    };
+    // `parse_range` checked the header length and the total length.
+    let ihl = ((vihl & 0x0f) as usize) << 2;
+    let message_end = start + EthHdr::LEN + tot_len as usize;
+    cur.pos = start + EthHdr::LEN + ihl;
+    let icmp: *mut [u8; 8] = cur.take().ok_or(Counter::DropMalformed)?;
+    let inner: *mut Ipv4Hdr = cur.take().ok_or(Counter::PassIcmpError)?;
+    // SAFETY: `take` bounds-checked the quoted IPv4 header.
+    let (inner_vihl, inner_frags, protocol, src_addr, dst_addr) = unsafe {
+        let h = &*inner;
+        (
+            h.vihl,
+            u16::from_be_bytes(h.frags),
+            h.proto,
+            h.src_addr,
+            h.dst_addr,
+        )
+    };
+    let inner_ihl = ((inner_vihl & 0x0f) as usize) << 2;
+    // A quoted fragment other than the first has no ports to read.
+    if inner_vihl >> 4 != 4 || inner_ihl < Ipv4Hdr::LEN || inner_frags & 0x1fff != 0 {
+        return Err(Counter::PassIcmpError);
+    }
+    cur.pos = inner as usize + inner_ihl;
+    let inner_l4: *mut [u8; 8] = cur.take().ok_or(Counter::PassIcmpError)?;
+    if cur.pos > message_end {
+        return Err(Counter::PassIcmpError);
+    }
+    // SAFETY: `take` bounds-checked the 8 quoted bytes.
+    let l4 = unsafe { &*inner_l4 };
+    let (src_port, dst_port) = match protocol {
+        IPPROTO_TCP | IPPROTO_UDP => (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        ),
+        IPPROTO_ICMP => icmp::quoted_echo_ports(l4[0], l4[1], u16::from_be_bytes([l4[4], l4[5]]))
+            .ok_or(Counter::PassIcmpError)?,
+        _ => return Err(Counter::PassIcmpError),
+    };
+    let mut inner_tcp_check = core::ptr::null_mut();
+    if protocol == IPPROTO_TCP {
+        let mut tcp = Cursor {
+            pos: inner_l4 as usize + 16,
+            end,
+        };
+        if let Some(check) = tcp.take::<[u8; 2]>() {
+            if tcp.pos <= message_end {
+                inner_tcp_check = check;
+            }
+        }
+    }
+    Ok(IcmpError {
+        eth,
+        ip,
+        tot_len,
+        dont_fragment: frags & IP_DF != 0,
+        icmp,
+        inner,
+        inner_l4,
+        inner_tcp_check,
+        key: icmp::error_flow_key(&FlowKey::new(
+            protocol, src_addr, src_port, dst_addr, dst_port,
+        )),
     })
 }
 

@@ -9,12 +9,19 @@ use firewall_common::{
     stats::{Counter, Verdict},
 };
 
-use crate::{events, fib, flow, hook::Hook, parse, pinhole, stats, wall};
+use crate::{events, fib, flow, hook::Hook, icmp_error, parse, pinhole, stats, wall};
 
 /// Outcome of processing: the counter, and for redirects the egress interface.
 pub struct Outcome {
     counter: Counter,
     ifindex: u32,
+}
+
+impl Outcome {
+    #[inline(always)]
+    pub fn redirect(counter: Counter, ifindex: u32) -> Self {
+        Self { counter, ifindex }
+    }
 }
 
 impl From<Counter> for Outcome {
@@ -32,6 +39,15 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     ctx.prepare();
     let pkt = match parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) {
         Ok(p) => p,
+        Err(Counter::PassIcmpError) => {
+            let out = icmp_error::forward(ctx);
+            return if out.counter == Counter::PassIcmpError {
+                // About no flow: the firewall's own, or unrelated.
+                wall::untracked(ctx, out.counter).into()
+            } else {
+                out
+            };
+        }
         Err(c) if c.verdict() == Verdict::Pass => return wall::untracked(ctx, c).into(),
         Err(c) => return c.into(),
     };
@@ -85,7 +101,7 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let now_units = (now >> 20) as u32;
-    let hop = match fib::cached(flow, &pkt, now_units) {
+    let hop = match fib::cached(flow, fib::l3_len(&pkt), now_units) {
         Some(h) => h,
         None => {
             let h = match fib::lookup(ctx, &pkt, flow) {

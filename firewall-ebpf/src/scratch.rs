@@ -6,7 +6,9 @@ use aya_ebpf::{
     btf_maps::PerCpuArray,
     macros::btf_map,
 };
-use firewall_common::flow::FlowValue;
+use firewall_common::{flow::FlowValue, icmp::ErrorRewrite};
+
+use crate::fib::NextHop;
 
 #[repr(C)]
 pub struct Scratch {
@@ -16,6 +18,10 @@ pub struct Scratch {
     pub tuple: bpf_sock_tuple,
     /// A flow entry being built.
     pub flow: FlowValue,
+    /// An ICMP error's translation, next hop and the egress its flow allows.
+    pub icmp: ErrorRewrite,
+    pub hop: NextHop,
+    pub icmp_egress: u32,
 }
 
 #[btf_map]

@@ -21,8 +21,10 @@ use crate::{
     pipeline::{finish, process},
 };
 
-/// Ethernet + VLAN + IPv4 with options + TCP with options.
-const HEADERS_MAX: u32 = 18 + 60 + 60;
+/// The most header bytes the pipeline reads: Ethernet + VLAN + IPv4 with
+/// options + TCP with options, or an ICMP error's headers and the quoted
+/// IPv4 header with options and TCP header.
+const HEADERS_MAX: u32 = 18 + 60 + 8 + 60 + 20;
 
 /// The datapath at tcx ingress instead of XDP, internal side.
 #[classifier]

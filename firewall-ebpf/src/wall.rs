@@ -186,6 +186,7 @@ pub fn untracked<H: Hook>(ctx: &H, parsed: Counter) -> Counter {
     match parsed {
         Counter::PassFragment => Counter::DropFragment,
         Counter::PassNotTcpUdp => Counter::DropNotTcpUdp,
+        Counter::PassIcmpError => Counter::DropIcmpUnrelated,
         Counter::PassNotIpv4 => Counter::DropIpv6,
         other => other,
     }

@@ -145,6 +145,51 @@ impl Spec {
     }
 }
 
+/// An ICMP error (`kind`, `code`, the 4 bytes after the checksum `rest`)
+/// from `src` to `dst`, quoting the first `quote` bytes of the IPv4 packet
+/// in `frame` (a frame `Spec::build` or the datapath made).
+pub fn icmp_error(
+    src: [u8; 4],
+    dst: [u8; 4],
+    (kind, code, rest): (u8, u8, [u8; 4]),
+    frame: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let quoted = &frame[14..];
+    let quoted = &quoted[..quote.min(quoted.len())];
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest);
+    icmp.extend_from_slice(quoted);
+    let check = csum::ipv4_header_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_be_bytes());
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = IPPROTO_ICMP;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let hc = csum::ipv4_header_checksum(&ip);
+    ip[10..12].copy_from_slice(&hc.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&MAC_B);
+    f.extend_from_slice(&MAC_A);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The packet an ICMP error in `frame` quotes, as a frame of its own (the
+/// error's Ethernet header in front), for `view` and `check_checksums`
+/// when the quote is whole.
+pub fn quoted(frame: &[u8]) -> Vec<u8> {
+    let ihl = ((frame[14] & 0xf) as usize) * 4;
+    let mut f = frame[..14].to_vec();
+    f.extend_from_slice(&frame[14 + ihl + 8..]);
+    f
+}
+
 /// The fields of a built or transformed frame, for assertions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct View {
