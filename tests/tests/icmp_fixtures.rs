@@ -56,7 +56,11 @@ fn errors_from_outside_reach_the_client_translated() {
     assert_eq!(fx.counter(Counter::RedirectedIcmpError), 1);
     assert_error(&r.frame, (ROUTER, CLIENT), CLIENT_MAC, (40000, 33434));
     let q = view(&quoted(&r.frame));
-    assert_eq!((q.src, q.dst), (CLIENT, SERVER), "the quote as the client sent it");
+    assert_eq!(
+        (q.src, q.dst),
+        (CLIENT, SERVER),
+        "the quote as the client sent it"
+    );
 
     // The server's port unreachable: its own address stays.
     let err = icmp_error(SERVER, FW_EXTERNAL, PORT_UNREACHABLE, &probe, 576);
@@ -78,7 +82,11 @@ fn errors_from_outside_reach_the_client_translated() {
     let r = fx.run(Side::External, &err);
     assert_eq!(r.action, XDP_REDIRECT);
     assert_error(&r.frame, (ROUTER, CLIENT), CLIENT_MAC, (40001, 443));
-    assert_eq!(&r.frame[38..42], &[0, 0, 5, 0], "the MTU as the router said");
+    assert_eq!(
+        &r.frame[38..42],
+        &[0, 0, 5, 0],
+        "the MTU as the router said"
+    );
     let short = icmp_error(ROUTER, FW_EXTERNAL, FRAG_NEEDED, &syn, 28);
     let r = fx.run_tc(Side::External, &short);
     assert_eq!(r.action, TC_REDIRECT);
@@ -105,7 +113,13 @@ fn errors_from_outside_reach_the_client_translated() {
     // Errors refresh nothing: the flow they travel with counted no packet.
     let back = fx
         .flows
-        .get(&FlowKey::new(IPPROTO_UDP, SERVER, 33434, FW_EXTERNAL, nat_port))
+        .get(&FlowKey::new(
+            IPPROTO_UDP,
+            SERVER,
+            33434,
+            FW_EXTERNAL,
+            nat_port,
+        ))
         .unwrap()
         .expect("the probe's reply flow");
     assert_eq!(back.packets, 0);
@@ -126,7 +140,11 @@ fn errors_from_inside_leave_from_the_nat_address() {
     let r = fx.run(Side::Internal, &err);
     assert_eq!(r.action, XDP_REDIRECT);
     let v = view(&r.frame);
-    assert_eq!((v.src, v.dst), (FW_EXTERNAL, SERVER), "no private address leaves");
+    assert_eq!(
+        (v.src, v.dst),
+        (FW_EXTERNAL, SERVER),
+        "no private address leaves"
+    );
     assert_eq!(v.dst_mac, SERVER_MAC);
     check_checksums(&r.frame).unwrap();
     let q = quoted(&r.frame);
