@@ -18,6 +18,10 @@ pub trait Hook: EbpfContext {
     fn ingress_ifindex(&self) -> u32;
     /// Makes the headers directly readable (TC: they may sit in paged data).
     fn prepare(&self);
+    /// The same for an ICMP error's headers and quote (more than `prepare`
+    /// makes readable, which every packet pays for). Invalidates packet
+    /// pointers taken before.
+    fn prepare_icmp_error(&self) {}
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// Bytes of the packet (L2), for the counters.

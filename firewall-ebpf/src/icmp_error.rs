@@ -7,9 +7,9 @@
 //! checksum covers the quote, so it follows every change there. Errors do
 //! not refresh the flow (an attacker's errors must not keep a mapping alive).
 //!
-//! Both hooks write the packet directly: the whole error sits in the
-//! headers `Hook::prepare` makes readable, and no helper between the reads
-//! and the writes invalidates the pointers.
+//! Both hooks write the packet directly: `Hook::prepare_icmp_error` makes
+//! the whole error readable, and no helper between the reads and the
+//! writes invalidates the pointers.
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use firewall_common::{
@@ -64,6 +64,7 @@ fn decide_inner<H: Hook>(ctx: &H) -> Result<(), Counter> {
     // compiler hoists the context reads into the caller and passes the
     // packet pointers as 32-bit values, which the verifier rejects.
     let scratch = scratch::get().ok_or(Counter::DropNotForwarded)?;
+    ctx.prepare_icmp_error();
     if ctx.vlan_offloaded() {
         return Err(Counter::DropVlan);
     }

@@ -21,10 +21,11 @@ use crate::{
     pipeline::{finish, process},
 };
 
-/// The most header bytes the pipeline reads: Ethernet + VLAN + IPv4 with
-/// options + TCP with options, or an ICMP error's headers and the quoted
-/// IPv4 header with options and TCP header.
-const HEADERS_MAX: u32 = 18 + 60 + 8 + 60 + 20;
+/// Ethernet + VLAN + IPv4 with options + TCP with options.
+const HEADERS_MAX: u32 = 18 + 60 + 60;
+/// An ICMP error's headers: Ethernet, IPv4 with options, ICMP, and the
+/// quoted IPv4 header with options and TCP header.
+const ICMP_ERROR_MAX: u32 = 14 + 60 + 8 + 60 + 20;
 
 /// The datapath at tcx ingress instead of XDP, internal side.
 #[classifier]
@@ -60,6 +61,15 @@ impl Hook for TcContext {
     fn prepare(&self) {
         let len = TcContext::len(self);
         let _ = self.pull_data(if len < HEADERS_MAX { len } else { HEADERS_MAX });
+    }
+    #[inline(always)]
+    fn prepare_icmp_error(&self) {
+        let len = TcContext::len(self);
+        let _ = self.pull_data(if len < ICMP_ERROR_MAX {
+            len
+        } else {
+            ICMP_ERROR_MAX
+        });
     }
     #[inline(always)]
     fn data(&self) -> usize {

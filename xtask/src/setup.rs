@@ -13,13 +13,15 @@ use anyhow::{bail, Context as _};
 
 use crate::{run, run_stdout};
 
-/// Debian packages: the lab (iproute2, ethtool, ping), inspection (bpftool), and the peers
-/// (python3 for ftplib).
+/// Debian packages: the lab (iproute2, ethtool, ping, traceroute, tracepath), inspection
+/// (bpftool), and the peers (python3 for ftplib).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "ethtool",
     "iputils-ping",
+    "iputils-tracepath",
+    "traceroute",
     "socat",
     "curl",
     "lftp",
