@@ -13,6 +13,9 @@
 //! 4. Scale: map memory and lookup cost from 1 k to 1 M pinholes and flows.
 //! 5. FTP session rate: many short sessions from one client host, with
 //!    netfilter and plain routing in the same run (`sessions.rs`).
+//! 6. Primary connections through the wall (RFC 9693): new connections per
+//!    second, CPU per connection, TCP bulk and small packets of established
+//!    connections, against netfilter's conntrack + masquerade (`primary.rs`).
 //!
 //! Writes `results.json`, `report.md` and `chart.svg` into the output
 //! directory. Several repetitions per figure; medians with min–max.
@@ -45,12 +48,13 @@ use firewall_tests::{
     lab::{addr, unique_prefix, Lab, Ns},
     netns::in_netns,
     packet::{Spec, TCP_ACK, TCP_SYN},
-    traffic::prime_neighbours,
+    traffic::{prime_neighbours, wait_listening},
 };
 use serde::Serialize;
 
 mod control;
 mod data;
+mod primary;
 mod results;
 mod scale;
 mod sessions;
@@ -67,7 +71,7 @@ use xdp::*;
 struct Opts {
     quick: bool,
     out: PathBuf,
-    /// Sections to run (all when empty): data, xdp, control, scale.
+    /// Sections to run (all when empty): `SECTIONS`.
     only: Vec<String>,
 }
 
@@ -86,7 +90,7 @@ impl Opts {
 }
 
 /// The sections `--only` can name.
-const SECTIONS: [&str; 5] = ["data", "xdp", "control", "scale", "sessions"];
+const SECTIONS: [&str; 6] = ["data", "xdp", "control", "scale", "sessions", "primary"];
 
 fn main() {
     let mut opts = Opts {
@@ -180,27 +184,31 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     );
 
     if opts.runs("data") {
-        println!("[1/5] data path in the lab (kernel, user, netfilter, plain forwarding)");
+        println!("[1/6] data path in the lab (kernel, user, netfilter, plain forwarding)");
         data_path(opts, &mut r).context("data path")?;
     }
     if opts.runs("xdp") {
-        println!("[2/5] per-packet cost of the XDP program (BPF_PROG_RUN)");
+        println!("[2/6] per-packet cost of the XDP program (BPF_PROG_RUN)");
         xdp_cost(opts, &mut r).context("XDP cost")?;
     }
     if opts.runs("control") {
-        println!("[3/5] control plane");
+        println!("[3/6] control plane");
         control_plane(opts, &mut r).context("control plane")?;
         let lab = Lab::create_direct(&unique_prefix("benchapi")).context("creating the lab")?;
         let fw = Firewall::up(&lab, &[])?;
         api_latency(opts, &mut r, &fw).context("API latency")?;
     }
     if opts.runs("scale") {
-        println!("[4/5] scale");
+        println!("[4/6] scale");
         scale(opts, &mut r).context("scale")?;
     }
     if opts.runs("sessions") {
-        println!("[5/5] FTP session rate (default configuration, netfilter, plain)");
+        println!("[5/6] FTP session rate (default configuration, netfilter, plain)");
         sessions::run(opts, &mut r).context("FTP sessions")?;
+    }
+    if opts.runs("primary") {
+        println!("[6/6] primary connections through the wall (kernel, netfilter, plain)");
+        primary::run(opts, &mut r).context("primary connections")?;
     }
 
     std::fs::write(

@@ -252,7 +252,10 @@ pub(crate) fn report(r: &Results) -> String {
     for (t, m, v) in rows {
         let _ = writeln!(o, "| {t} | {m} | {v} |");
     }
-    for (t, m, ok) in sessions::targets(r) {
+    for (t, m, ok) in sessions::targets(r)
+        .into_iter()
+        .chain(crate::primary::targets(r))
+    {
         let _ = writeln!(o, "| {t} | {m} | {} |", verdict(ok));
     }
     if !r.notes.is_empty() {
