@@ -48,6 +48,11 @@ pub mod pinhole_flags {
     pub const CLIENT_ONLY: u16 = 1 << 2;
     /// The target is not known yet (BindForClient placeholder): refuse.
     pub const NO_TARGET: u16 = 1 << 3;
+    /// A permission (AllowFutureConnect), keyed by an external destination:
+    /// it claims only the connection it permits. Anything else to that
+    /// destination (another client, a segment other than a SYN, after its
+    /// use or deadline) is the wall's to judge, as if there were no pinhole.
+    pub const PERMISSION: u16 = 1 << 4;
 }
 
 #[repr(C)]

@@ -37,6 +37,8 @@ pub enum ErrorKind {
     NotRunning,
     /// `up` while another daemon answers on the socket.
     AlreadyRunning,
+    /// A valid combination this firewall does not implement (yet).
+    NotSupported,
 }
 
 impl ErrorKind {
@@ -57,6 +59,7 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
             ErrorKind::NotRunning => "not-running",
             ErrorKind::AlreadyRunning => "already-running",
+            ErrorKind::NotSupported => "not-supported",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The connection flags of BindForClient and RedirectConnections.
+//! The connection flags of BindForClient, RedirectConnections and AllowFutureConnect.
 //!
 //! The original constants' values are not public; these bits are our own.
 //! Names on the CLI and in the API are kebab-case.
@@ -17,6 +17,9 @@ bitflags! {
         const ALLOW_ADDRESSES_IN_NETWORK = 1 << 6;
         const ALLOW_ADDRESSES_ALL = 1 << 7;
         const INCREASE_RECEIVE_BUFFER = 1 << 8;
+        /// AllowFutureConnect: the permission is the client address's, not
+        /// the session's (in this firewall a session is a client address).
+        const ADDRESS_BASED = 1 << 9;
     }
 }
 
@@ -39,6 +42,7 @@ const NAMES: &[(&str, ConnFlags)] = &[
         "increase-receive-buffer",
         ConnFlags::INCREASE_RECEIVE_BUFFER,
     ),
+    ("address-based", ConnFlags::ADDRESS_BASED),
 ];
 
 impl ConnFlags {

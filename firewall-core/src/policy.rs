@@ -68,18 +68,37 @@ pub fn check_allowed_target(
     flags: ConnFlags,
     networks: &[NetworkObject],
 ) -> Result<(), ApiError> {
-    if target == client || flags.contains(ConnFlags::ALLOW_ADDRESSES_ALL) {
+    check_allowed_relative(
+        (client, "the session's client"),
+        target,
+        flags,
+        networks,
+        "refusing a secondary connection to another host (FTP-bounce guard)",
+    )
+}
+
+/// The allowed-address policy relative to `reference` (named `what`): the
+/// target must be it, or in its /24 (CLASS_C), or in a network object with
+/// it (NETWORK), or anything (ALL).
+pub fn check_allowed_relative(
+    (reference, what): (Ipv4Addr, &str),
+    target: Ipv4Addr,
+    flags: ConnFlags,
+    networks: &[NetworkObject],
+    why: &str,
+) -> Result<(), ApiError> {
+    if target == reference || flags.contains(ConnFlags::ALLOW_ADDRESSES_ALL) {
         return Ok(());
     }
     if flags.contains(ConnFlags::ALLOW_ADDRESSES_IN_CLASS_C_NETWORK)
-        && client.octets()[..3] == target.octets()[..3]
+        && reference.octets()[..3] == target.octets()[..3]
     {
         return Ok(());
     }
     if flags.contains(ConnFlags::ALLOW_ADDRESSES_IN_NETWORK)
         && networks
             .iter()
-            .any(|n| n.contains(client) && n.contains(target))
+            .any(|n| n.contains(reference) && n.contains(target))
     {
         return Ok(());
     }
@@ -87,8 +106,12 @@ pub fn check_allowed_target(
     Err(ApiError::new(
         ErrorKind::AccessDenied,
         format!(
-            "{target} is not the session's client {client}{}: refusing a secondary connection to another host (FTP-bounce guard)",
-            if widened.is_empty() { String::new() } else { format!(" and not allowed by {}", widened.join(", ")) }
+            "{target} is not {what} {reference}{}: {why}",
+            if widened.is_empty() {
+                String::new()
+            } else {
+                format!(" and not allowed by {}", widened.join(", "))
+            }
         ),
     ))
 }

@@ -128,6 +128,7 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                 } => Request::SessionClose { session: id },
                 Command::BindForClient(a) => a.request()?,
                 Command::RedirectConnections(a) => a.request()?,
+                Command::AllowFutureConnect(a) => a.request()?,
                 Command::Kill { id } => Request::Kill { id },
                 Command::Cancel { id } => Request::Cancel { id },
                 Command::SetClientAddress { id, address } => {
@@ -153,6 +154,7 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                 Request::RedirectConnections(_) => {
                     output::redirected_text(&client.call_as(request)?)
                 }
+                Request::AllowFutureConnect(_) => output::permitted_text(&client.call_as(request)?),
                 Request::SessionOpen { .. } => output::session_text(&client.call_as(request)?),
                 Request::SessionClose { session } => {
                     client.call(request)?;

@@ -66,12 +66,20 @@ fn admit_inner(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
             (*p).peer_filter,
         )
     };
+    // A permission that does not apply leaves the packet to the wall.
+    let refuse = |c| {
+        if flags & pinhole_flags::PERMISSION != 0 {
+            Counter::PassNoFlow
+        } else {
+            c
+        }
+    };
     // SAFETY: a helper without arguments.
     if deadline != 0 && unsafe { bpf_ktime_get_coarse_ns() } > deadline {
-        return Err(Counter::DropPinholeExpired);
+        return Err(refuse(Counter::DropPinholeExpired));
     }
     if flags & pinhole_flags::CLIENT_ONLY != 0 && key.src_addr != allowed_src {
-        return Err(Counter::DropPinholeSource);
+        return Err(refuse(Counter::DropPinholeSource));
     }
     if peer_filter != 0 && !peer_allowed(peer_filter, key.src_addr) {
         return Err(Counter::DropPeerFiltered);
@@ -80,7 +88,7 @@ fn admit_inner(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
         return Err(Counter::DropPinholeNoTarget);
     }
     if key.protocol == IPPROTO_TCP && !pkt.syn_only {
-        return Err(Counter::DropPinholeNotSyn);
+        return Err(refuse(Counter::DropPinholeNotSyn));
     }
     if key.protocol == IPPROTO_TCP {
         // The client a binding delivers to, or the one a redirect serves.
@@ -110,7 +118,7 @@ fn admit_inner(pkt: &Packet, side: u8) -> Result<*mut FlowValue, Counter> {
             if key.protocol == IPPROTO_UDP && flags & pinhole_flags::BIDIRECTIONAL != 0 {
                 return Err(reply_path(pkt, p, &pkey));
             }
-            return Err(Counter::DropPinholeUsed);
+            return Err(refuse(Counter::DropPinholeUsed));
         }
     }
     let created = create_flows(pkt, p, &pkey);

@@ -20,9 +20,9 @@ impl<M: Maps> Engine<M> {
             return Ok(());
         }
         let o = self.object(id)?;
-        if o.kind == Kind::Redirect {
+        if o.kind.is_action() {
             return Err(invalid(format!(
-                "{id} is a firewall action (RedirectConnections): use cancel"
+                "{id} is a firewall action (RedirectConnections, AllowFutureConnect): use cancel"
             )));
         }
         if o.state != State::Terminated {
@@ -153,7 +153,7 @@ impl<M: Maps> Engine<M> {
             ));
         }
         let o = self.object(id)?;
-        if o.kind != Kind::Redirect {
+        if !o.kind.is_action() {
             return Err(invalid(format!(
                 "{id} is a connection, not a firewall action: use kill"
             )));

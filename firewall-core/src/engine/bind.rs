@@ -27,6 +27,11 @@ impl<M: Maps> Engine<M> {
         self.check_not_busy(client_ip, req.protocol)?;
         self.check_pending(req.session, n)?;
         let f = req.flags;
+        if f.contains(ConnFlags::ADDRESS_BASED) {
+            return Err(invalid(
+                "flag address-based does not apply to BindForClient (AllowFutureConnect only)",
+            ));
+        }
         if req.protocol == Transport::Tcp {
             for only_udp in [ConnFlags::BIDIRECTIONAL, ConnFlags::INCREASE_RECEIVE_BUFFER] {
                 if f.contains(only_udp) {

@@ -86,6 +86,41 @@ pub struct RedirectAction {
     pub connect: SocketAddrV4,
 }
 
+/// AllowFutureConnect's arguments.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FutureConnectRequest {
+    pub session: u64,
+    /// The destination the client will connect to.
+    pub address: SocketAddrV4,
+    /// The primary connection's external peer (the server of an FTP control
+    /// connection): the allowed-address policy is relative to it.
+    #[serde(default)]
+    pub peer: Option<Ipv4Addr>,
+    /// External source of the connection (the primary's external address);
+    /// none or 0.0.0.0: the first external address; port 0: any.
+    #[serde(default)]
+    pub proxy_external: Option<SocketAddrV4>,
+    pub protocol: Transport,
+    #[serde(default)]
+    pub flags: ConnFlags,
+    pub protocol_name: String,
+    #[serde(default)]
+    pub notify: bool,
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FutureConnectResult {
+    /// The firewall action (cancel withdraws the permission).
+    pub id: u64,
+    pub address: SocketAddrV4,
+    /// The external source the connection will have (the first port of the
+    /// block for allow-multiple).
+    pub external: SocketAddrV4,
+}
+
 /// What an object is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -96,8 +131,18 @@ pub enum Kind {
     Accepted,
     /// A RedirectConnections firewall action.
     Redirect,
-    /// A connection made through an ALLOW_MULTIPLE redirect.
+    /// A connection made through an ALLOW_MULTIPLE redirect or permission.
     Redirected,
+    /// An AllowFutureConnect firewall action (a permission).
+    FutureConnect,
+}
+
+impl Kind {
+    /// A firewall action (cancelled, not killed): the calls that permit a
+    /// connection rather than bind one.
+    pub fn is_action(self) -> bool {
+        matches!(self, Kind::Redirect | Kind::FutureConnect)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

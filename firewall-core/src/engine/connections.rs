@@ -30,7 +30,7 @@ impl<M: Maps> Engine<M> {
                 mode: o.mode,
                 ..Object::new(
                     o.session,
-                    if o.kind == Kind::Redirect {
+                    if o.kind.is_action() {
                         Kind::Redirected
                     } else {
                         Kind::Accepted
@@ -54,6 +54,17 @@ impl<M: Maps> Engine<M> {
             o.peer = Some(from);
             fill(o);
             let session = o.session;
+            // A used permission is spent: its destination is free for the next.
+            let spent = if o.kind == Kind::FutureConnect {
+                o.pinhole.take()
+            } else {
+                None
+            };
+            if let Some(k) = spent {
+                if let Err(e) = self.maps.del_pinhole(&k) {
+                    log::warn!("removing the used permission {owner}: {e:#}");
+                }
+            }
             self.no_longer_pending(session);
             owner
         };

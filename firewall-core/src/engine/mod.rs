@@ -1,5 +1,6 @@
-//! The engine: sessions, connection objects and firewall actions, and the two
-//! calls of the filter API, BindForClient and RedirectConnections.
+//! The engine: sessions, connection objects and firewall actions, and the
+//! calls of the filter API, BindForClient, RedirectConnections and
+//! AllowFutureConnect.
 //!
 //! Data flows one way: a call validates, reserves ports, and writes pinholes
 //! (and peer filters) into the maps; the datapath turns the first packet of an
@@ -480,6 +481,7 @@ mod actions;
 mod bind;
 mod calls;
 mod connections;
+mod future;
 mod listing;
 mod object;
 #[cfg(test)]
@@ -493,6 +495,8 @@ mod tests;
 mod tests_closing;
 #[cfg(test)]
 mod tests_filters;
+#[cfg(test)]
+mod tests_future;
 #[cfg(test)]
 mod tests_lifetimes;
 #[cfg(test)]

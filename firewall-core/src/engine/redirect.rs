@@ -44,22 +44,7 @@ impl<M: Maps> Engine<M> {
                 return Err(invalid(format!("connect address {i} ({c}) is on an internal network; RedirectConnections relays outward")));
             }
         }
-        let ext = match req.proxy_external {
-            None => SocketAddrV4::new(self.cfg.external_addrs[0], 0),
-            Some(p) if p.ip().is_unspecified() => {
-                SocketAddrV4::new(self.cfg.external_addrs[0], p.port())
-            }
-            Some(p) if self.cfg.external_addrs.contains(p.ip()) => p,
-            Some(p) => {
-                return Err(err(
-                    ErrorKind::AddressNotAvailable,
-                    format!(
-                        "proxy external address {} is not an external address of the firewall",
-                        p.ip()
-                    ),
-                ))
-            }
-        };
+        let ext = self.proxy_external(req.proxy_external)?;
         if ext.port() != 0
             && self.user_mode(
                 f,
@@ -125,18 +110,7 @@ impl<M: Maps> Engine<M> {
         undo.leases.extend(&int_block);
         let mut snat = Vec::new();
         for _ in 0..if user { 0 } else { n } {
-            let block = if ext.port() != 0 {
-                vec![self
-                    .ports
-                    .reserve_exact(*ext.ip(), req.protocol, ext.port())?]
-            } else {
-                let count = if req.flags.contains(ConnFlags::ALLOW_MULTIPLE) {
-                    self.cfg.snat_block
-                } else {
-                    1
-                };
-                self.ports.reserve_block(*ext.ip(), req.protocol, count)?
-            };
+            let block = self.snat_block(ext, req.protocol, req.flags)?;
             undo.leases.extend(&block);
             snat.push(block);
         }
@@ -231,6 +205,45 @@ impl<M: Maps> Engine<M> {
             internal_address: int_block[0].endpoint(),
             actions: out,
         })
+    }
+
+    /// The external source of an outward secondary connection: the first
+    /// external address when none or 0.0.0.0 is given, else one of the
+    /// firewall's external addresses (port 0: any).
+    pub(super) fn proxy_external(&self, p: Option<SocketAddrV4>) -> Result<SocketAddrV4, ApiError> {
+        match p {
+            None => Ok(SocketAddrV4::new(self.cfg.external_addrs[0], 0)),
+            Some(p) if p.ip().is_unspecified() => {
+                Ok(SocketAddrV4::new(self.cfg.external_addrs[0], p.port()))
+            }
+            Some(p) if self.cfg.external_addrs.contains(p.ip()) => Ok(p),
+            Some(p) => Err(err(
+                ErrorKind::AddressNotAvailable,
+                format!(
+                    "proxy external address {} is not an external address of the firewall",
+                    p.ip()
+                ),
+            )),
+        }
+    }
+
+    /// The SNAT ports of one outward pinhole: `port` exactly when non-zero,
+    /// else one port, or a block for ALLOW_MULTIPLE.
+    pub(super) fn snat_block(
+        &mut self,
+        ext: SocketAddrV4,
+        t: Transport,
+        flags: ConnFlags,
+    ) -> Result<Vec<Lease>, ApiError> {
+        if ext.port() != 0 {
+            return Ok(vec![self.ports.reserve_exact(*ext.ip(), t, ext.port())?]);
+        }
+        let count = if flags.contains(ConnFlags::ALLOW_MULTIPLE) {
+            self.cfg.snat_block
+        } else {
+            1
+        };
+        Ok(self.ports.reserve_block(*ext.ip(), t, count)?)
     }
 
     pub(super) fn deadline(&self, flags: ConnFlags, t: Transport) -> u64 {

@@ -16,7 +16,8 @@ use super::{
     PinholeView, Request, Response, SessionClosed, SessionOpened, Status, API_VERSION,
 };
 use crate::engine::{
-    BindRequest, BindResult, ObjectInfo, RedirectRequest, RedirectResult, SessionInfo,
+    BindRequest, BindResult, FutureConnectRequest, FutureConnectResult, ObjectInfo,
+    RedirectRequest, RedirectResult, SessionInfo,
 };
 
 /// A blocking client (the CLI needs no runtime).
@@ -77,6 +78,13 @@ impl Client {
 
     pub fn redirect_connections(&self, req: RedirectRequest) -> Result<RedirectResult, ApiError> {
         self.call_as(Request::RedirectConnections(req))
+    }
+
+    pub fn allow_future_connect(
+        &self,
+        req: FutureConnectRequest,
+    ) -> Result<FutureConnectResult, ApiError> {
+        self.call_as(Request::AllowFutureConnect(req))
     }
 
     pub fn kill(&self, id: u64) -> Result<Killed, ApiError> {

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub use firewall_core::error::{ApiError, ErrorKind};
 
 use crate::engine::{
-    BindRequest, BindResult, ObjectInfo, RedirectRequest, RedirectResult, SessionInfo,
+    BindRequest, BindResult, FutureConnectRequest, FutureConnectResult, ObjectInfo,
+    RedirectRequest, RedirectResult, SessionInfo,
 };
 
 mod client;
@@ -44,11 +45,12 @@ pub enum Request {
     },
     BindForClient(BindRequest),
     RedirectConnections(RedirectRequest),
+    AllowFutureConnect(FutureConnectRequest),
     /// Ends a connection (idempotent).
     Kill {
         id: u64,
     },
-    /// Withdraws a redirect.
+    /// Withdraws a redirect or a permission.
     Cancel {
         id: u64,
     },
@@ -100,6 +102,7 @@ pub enum Answer {
     SessionClosed(SessionClosed),
     Bound(BindResult),
     Redirected(RedirectResult),
+    Permitted(FutureConnectResult),
     Killed(Killed),
     Cancelled(Cancelled),
     ClientAddressSet(ClientAddressSet),

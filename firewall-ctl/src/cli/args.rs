@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use firewall_ctl::{
     api::{self, ApiError, ErrorKind, ListWhat, Request},
     datapath::AttachMode,
-    engine::{BindRequest, RedirectRequest},
+    engine::{BindRequest, FutureConnectRequest, RedirectRequest},
     flags::ConnFlags,
     policy::{IpFilter, Transport},
 };
@@ -68,9 +68,11 @@ pub enum Command {
     BindForClient(BindArgs),
     /// Let a client reach external addresses through the firewall's internal address.
     RedirectConnections(RedirectArgs),
+    /// Permit a client's expected outbound connection to an external address.
+    AllowFutureConnect(FutureConnectArgs),
     /// End a connection (idempotent).
     Kill { id: u64 },
-    /// Withdraw a redirect (RedirectConnections action).
+    /// Withdraw a redirect or a permission (RedirectConnections, AllowFutureConnect).
     Cancel { id: u64 },
     /// Set the client address of a connection bound with a 0.0.0.0:0 placeholder.
     SetClientAddress { id: u64, address: SocketAddrV4 },
@@ -182,6 +184,34 @@ pub struct RedirectArgs {
     pub context: Option<String>,
 }
 
+#[derive(clap::Args)]
+pub struct FutureConnectArgs {
+    #[arg(long)]
+    pub session: u64,
+    /// The destination the client will connect to.
+    #[arg(long)]
+    pub address: SocketAddrV4,
+    /// The primary connection's external peer (the allowed-address policy
+    /// is relative to it); without it only allow-addresses-all permits.
+    #[arg(long)]
+    pub peer: Option<std::net::Ipv4Addr>,
+    /// External source address (and port) of the connection; default: the
+    /// first external address, any port.
+    #[arg(long, value_parser = addr_opt_port)]
+    pub proxy_external: Option<SocketAddrV4>,
+    #[arg(long, value_enum)]
+    pub protocol: TransportArg,
+    /// Comma-separated: allow-multiple, timeout, address-based, allow-addresses-*.
+    #[arg(long, default_value = "")]
+    pub flags: String,
+    #[arg(long, default_value = "ftp")]
+    pub protocol_name: String,
+    #[arg(long)]
+    pub notify: bool,
+    #[arg(long)]
+    pub context: Option<String>,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum TransportArg {
     Tcp,
@@ -272,6 +302,23 @@ impl RedirectArgs {
             connects: a.connects,
             proxy_external: a.proxy_external,
             internal: a.internal,
+            protocol: a.protocol.into(),
+            flags: flags(a.flags)?,
+            protocol_name: a.protocol_name,
+            notify: a.notify || a.context.is_some(),
+            context: a.context,
+        }))
+    }
+}
+
+impl FutureConnectArgs {
+    pub fn request(self) -> Result<Request, ApiError> {
+        let a = self;
+        Ok(Request::AllowFutureConnect(FutureConnectRequest {
+            session: a.session,
+            address: a.address,
+            peer: a.peer,
+            proxy_external: a.proxy_external,
             protocol: a.protocol.into(),
             flags: flags(a.flags)?,
             protocol_name: a.protocol_name,

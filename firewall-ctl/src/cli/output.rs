@@ -3,7 +3,7 @@
 use comfy_table::{presets, CellAlignment, Table};
 use firewall_ctl::{
     api::{ApiError, FlowView, PinholeView, SessionOpened, Status},
-    engine::{BindResult, ObjectInfo, RedirectResult, SessionInfo},
+    engine::{BindResult, FutureConnectResult, ObjectInfo, RedirectResult, SessionInfo},
 };
 
 /// Prints an error: the kind and the message, or `{"error": {...}}` with `-j`.
@@ -274,6 +274,10 @@ pub fn redirected_text(r: &RedirectResult) -> String {
         o += &format!("  action {}: {} -> {}\n", a.id, a.internal, a.connect);
     }
     o
+}
+
+pub fn permitted_text(r: &FutureConnectResult) -> String {
+    format!("action {}: {} from {}\n", r.id, r.address, r.external)
 }
 
 pub fn session_text(s: &SessionOpened) -> String {

@@ -275,6 +275,9 @@ async fn handle(req: Request, shared: &Arc<Shared>) -> Result<Answer, ApiError> 
         Request::RedirectConnections(req) => {
             Answer::Redirected(engine.call(move |e| e.redirect_connections(&req)).await??)
         }
+        Request::AllowFutureConnect(req) => {
+            Answer::Permitted(engine.call(move |e| e.allow_future_connect(&req)).await??)
+        }
         Request::Kill { id } => {
             engine.call(move |e| e.kill(id)).await??;
             Answer::Killed(Killed { killed: id })
