@@ -18,7 +18,10 @@ pub struct WallConf {
     pub nat_port_hi: u16,
     /// Where new outbound connections must leave (the external interface).
     pub external_ifindex: u32,
-    pub _pad: u32,
+    /// The secret of the NAT port selection's hashes (`nat_start`), random
+    /// per `up`: an outside observer cannot predict where a destination's
+    /// sequence of ports starts.
+    pub port_secret: u32,
 }
 
 impl WallConf {
@@ -77,18 +80,69 @@ pub struct PublishValue {
 /// How many NAT ports the first packet of a connection tries.
 pub const NAT_TRIES: u32 = 16;
 
+/// Slots of the NAT port selection's counters (`NAT_COUNTERS`).
+pub const NAT_COUNTER_SLOTS: u32 = 4096;
+
+/// A keyed mix of a destination endpoint (the murmur3 finalizer over the
+/// secret and the endpoint's words): `seed` tells the two hashes apart.
+#[inline(always)]
+pub const fn destination_hash(
+    secret: u32,
+    seed: u32,
+    protocol: u8,
+    addr: [u8; 4],
+    port: u16,
+) -> u32 {
+    let mut h = secret ^ seed.wrapping_mul(0x9e37_79b9);
+    let words = [
+        u32::from_be_bytes(addr),
+        ((port as u32) << 8) | protocol as u32,
+    ];
+    let mut i = 0;
+    while i < words.len() {
+        h ^= words[i];
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        i += 1;
+    }
+    h
+}
+
+/// Where the NAT port search starts for a connection to a destination
+/// endpoint (RFC 6056 §3.3.4, "double-hash port selection"): a keyed hash of
+/// the destination plus the count of connections so far that share its
+/// counter slot (`counter_slot`). Connections to one destination take the
+/// ports one after the other, so a port is used toward it again only after
+/// the rest of the range was: a server keeps the TIME_WAIT of a connection it
+/// closed for a minute, and a new connection from another client on that
+/// same address and port (with its own TCP timestamps) would be refused by
+/// its PAWS check. A random start reuses recently freed ports much sooner.
+#[inline(always)]
+pub const fn nat_start(secret: u32, protocol: u8, addr: [u8; 4], port: u16, count: u32) -> u32 {
+    destination_hash(secret, 1, protocol, addr, port).wrapping_add(count)
+}
+
+/// The slot of `NAT_COUNTERS` that counts connections to this destination.
+#[inline(always)]
+pub const fn counter_slot(secret: u32, protocol: u8, addr: [u8; 4], port: u16) -> u32 {
+    destination_hash(secret, 2, protocol, addr, port) % NAT_COUNTER_SLOTS
+}
+
 /// The `attempt`-th NAT port to try (0-based) for a connection from
 /// `src_port`, in `lo..=hi`: the source port itself first when it lies in the
-/// range (port preservation), otherwise from `random` on; then the ports
-/// after it, wrapping around.
+/// range (port preservation), otherwise from `start` (`nat_start`) on; then
+/// the ports after it, wrapping around.
 #[inline(always)]
-pub const fn nat_port(lo: u16, hi: u16, src_port: u16, random: u32, attempt: u32) -> u16 {
+pub const fn nat_port(lo: u16, hi: u16, src_port: u16, start: u32, attempt: u32) -> u16 {
     // Wrapping arithmetic: the datapath has no panics (callers check lo <= hi).
     let span = (hi.wrapping_sub(lo) as u32).wrapping_add(1);
     let first = if src_port >= lo && src_port <= hi {
         src_port.wrapping_sub(lo) as u32
     } else {
-        random % span
+        start % span
     };
     lo.wrapping_add((first.wrapping_add(attempt) % span) as u16)
 }
@@ -131,6 +185,37 @@ mod tests {
     }
 
     #[test]
+    fn connections_to_one_destination_take_the_ports_in_turn() {
+        let (secret, s) = (0x1234_5678, [10, 2, 0, 2]);
+        let span = 19999 - 1024 + 1;
+        let first = |count| nat_port(1024, 19999, 40000, nat_start(secret, 6, s, 80, count), 0);
+        // Consecutive connections: consecutive ports, a port again only after
+        // the whole range.
+        for count in 0..100 {
+            let (a, b) = (first(count), first(count + 1));
+            assert_eq!(b, if a == 19999 { 1024 } else { a + 1 });
+        }
+        assert_eq!(first(7), first(7 + span));
+        // Other destinations start elsewhere, and the secret moves them.
+        assert_ne!(
+            first(0),
+            nat_port(1024, 19999, 40000, nat_start(secret, 6, s, 81, 0), 0)
+        );
+        assert_ne!(
+            first(0),
+            nat_port(1024, 19999, 40000, nat_start(7, 6, s, 80, 0), 0)
+        );
+        assert_ne!(
+            nat_start(secret, 6, s, 80, 0),
+            nat_start(secret, 17, s, 80, 0),
+            "the protocol counts"
+        );
+        for port in 0..2000u16 {
+            assert!(counter_slot(secret, 6, s, port) < NAT_COUNTER_SLOTS);
+        }
+    }
+
+    #[test]
     fn the_full_range_is_usable() {
         assert_eq!(nat_port(1, u16::MAX, 0, 0, 0), 1);
         assert_eq!(nat_port(1, u16::MAX, u16::MAX, 0, 1), 1);
@@ -144,7 +229,7 @@ mod tests {
             nat_port_lo: 1024,
             nat_port_hi: 19999,
             external_ifindex: 3,
-            _pad: 0,
+            port_secret: 7,
         };
         assert!(c.admits());
         assert!(!WallConf {

@@ -26,7 +26,10 @@ use firewall_common::{
     map_sizes,
     pinhole::side,
     stats::Counter,
-    wall::{nat_port, PublishKey, PublishValue, SourceValue, WallConf, NAT_TRIES},
+    wall::{
+        counter_slot, nat_port, nat_start, PublishKey, PublishValue, SourceValue, WallConf,
+        NAT_COUNTER_SLOTS, NAT_TRIES,
+    },
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -46,6 +49,11 @@ static WALL_CONF: Array<WallConf, 1> = Array::new();
 #[btf_map]
 static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as usize }> =
     HashMap::new();
+
+/// Connections so far per destination slot (`wall::counter_slot`): where
+/// the next connection's NAT port search starts (`wall::nat_start`).
+#[btf_map]
+static NAT_COUNTERS: Array<u32, { NAT_COUNTER_SLOTS as usize }> = Array::new();
 
 /// Source networks that may open connections through the firewall.
 #[btf_map]
@@ -245,8 +253,23 @@ fn create_flows<H: Hook>(
     v: &mut FlowValue,
 ) -> Result<(), Counter> {
     let k = &pkt.key;
-    // SAFETY: helpers without arguments.
-    let (now, random) = unsafe { (bpf_ktime_get_coarse_ns(), bpf_get_prandom_u32()) };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let secret = conf.port_secret;
+    let slot = counter_slot(secret, k.protocol, k.dst_addr, k.dst_port);
+    // A plain read and write, not atomic: two CPUs that read the same count
+    // start at the same port, and the second takes the next free one.
+    let count = match NAT_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a slot of the array; u32 reads and writes do not tear.
+        Some(c) => unsafe {
+            let n = *c;
+            *c = n.wrapping_add(1);
+            n
+        },
+        // SAFETY: a helper without arguments (unreachable: the slot is in range).
+        None => unsafe { bpf_get_prandom_u32() },
+    };
+    let start = nat_start(secret, k.protocol, k.dst_addr, k.dst_port, count);
     // One value on the stack, the reply's first and then the packet's.
     *v = FlowValue::forward(k.dst_addr, k.dst_port, k.src_addr, k.src_port);
     v.kind = flow_kind::PRIMARY;
@@ -261,7 +284,7 @@ fn create_flows<H: Hook>(
             conf.nat_port_lo,
             conf.nat_port_hi,
             k.src_port,
-            random,
+            start,
             attempt,
         );
         let rk = FlowKey::new(k.protocol, k.dst_addr, k.dst_port, conf.nat_addr, candidate);

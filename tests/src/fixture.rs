@@ -186,7 +186,7 @@ impl Fixture {
             nat_port_lo: *ports.start(),
             nat_port_hi: *ports.end(),
             external_ifindex: self.ex_ifindex,
-            _pad: 0,
+            port_secret: 0x5eed,
         };
         WallTables::open(&self.pins)?.set(conf, &["10.1.0.0/24".parse()?], &published)
     }

@@ -198,6 +198,22 @@ fn source_ports_are_preserved_when_free() {
     // Another server: the same port is free there.
     let r = fx.run(Side::Internal, &syn(other, 5000, SERVER, 81).build());
     assert_eq!(view(&r.frame).sport, 5000);
+    // Ports outside the range: connections to one server take the NAT ports
+    // in turn (a port toward it is reused only after the whole range).
+    let ports: Vec<u16> = (0..4)
+        .map(|i| {
+            let r = fx.run(Side::Internal, &syn(CLIENT, 40000 + i, SERVER, 443).build());
+            assert_eq!(r.action, XDP_REDIRECT);
+            view(&r.frame).sport
+        })
+        .collect();
+    for w in ports.windows(2) {
+        assert_eq!(
+            w[1],
+            if w[0] == 19999 { 1024 } else { w[0] + 1 },
+            "{ports:?}"
+        );
+    }
 }
 
 /// What the wall refuses: TCP that opens nothing, a source no rule allows,

@@ -41,14 +41,17 @@ fn parse_range(text: &str) -> anyhow::Result<(u16, u16)> {
 /// The wall's settings for this configuration: new outbound connections
 /// from `outbound_from` leave through `external`, translated to the first
 /// external address.
-fn conf(config: &Config, external: &Interface) -> WallConf {
-    WallConf {
+fn conf(config: &Config, external: &Interface) -> anyhow::Result<WallConf> {
+    let mut secret = [0u8; 4];
+    getrandom::fill(&mut secret)
+        .map_err(|e| anyhow::anyhow!("a random secret for the NAT port selection: {e}"))?;
+    Ok(WallConf {
         nat_addr: config.external_addresses[0].octets(),
         nat_port_lo: *config.nat_port_range.start(),
         nat_port_hi: *config.nat_port_range.end(),
         external_ifindex: external.index,
-        _pad: 0,
-    }
+        port_secret: u32::from_ne_bytes(secret),
+    })
 }
 
 /// Writes the wall's settings, then turns forwarding on (the datapath is
@@ -61,7 +64,7 @@ pub fn raise(
     external: &Interface,
     saved: &mut BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
-    let conf = conf(config, external);
+    let conf = conf(config, external)?;
     let published: Vec<(PublishKey, PublishValue)> = config
         .published
         .iter()

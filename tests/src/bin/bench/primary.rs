@@ -74,6 +74,14 @@ pub(crate) fn run(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
             rate,
         );
         r.add("primary connections", CONN_CPU, setup.name(), "µs", cpu);
+        if let Some(fw) = &prepared.fw {
+            // What the datapath dropped meanwhile says why a rate is low.
+            let drops = drop_counters(fw);
+            if !drops.is_empty() {
+                r.notes
+                    .push(format!("{} (connection bursts): {drops}", setup.name()));
+            }
+        }
 
         let mut gbits = Vec::new();
         for _ in 0..opts.reps() {
@@ -97,8 +105,7 @@ pub(crate) fn run(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
 }
 
 /// Listeners on the server that close every connection as soon as it is
-/// accepted: the server closes first, so the client leaves no TIME_WAIT
-/// behind and never runs out of ports.
+/// accepted (the client then resets: `abort`).
 struct Acceptors {
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -139,7 +146,7 @@ impl Acceptors {
 }
 
 /// Opens short connections from the client for `seconds` (connect, wait for
-/// the server's close, close): (completed, failed, busy CPU ns of the
+/// the server's close, reset): (completed, failed, busy CPU ns of the
 /// whole machine meanwhile).
 fn connection_burst(client: &Ns, seconds: f64) -> anyhow::Result<(u64, u64, u64)> {
     let made = Arc::new(AtomicU64::new(0));
@@ -165,6 +172,7 @@ fn connection_burst(client: &Ns, seconds: f64) -> anyhow::Result<(u64, u64, u64)
                                     Ok(0) => made.fetch_add(1, Ordering::Relaxed),
                                     _ => failed.fetch_add(1, Ordering::Relaxed),
                                 };
+                                abort(&s);
                             }
                             Err(_) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
@@ -185,6 +193,33 @@ fn connection_burst(client: &Ns, seconds: f64) -> anyhow::Result<(u64, u64, u64)
         failed.load(Ordering::Relaxed),
         cpu,
     ))
+}
+
+/// Closes with a reset (SO_LINGER 0), as connection-rate testers do: no
+/// TIME_WAIT stays behind on either host. A server's TIME_WAIT would outlive
+/// the setup that made it, and the next setup's connections from reused
+/// addresses and ports, with other TCP timestamps, would meet its PAWS check.
+fn abort(s: &TcpStream) {
+    let zero = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &zero);
+}
+
+/// The datapath's non-zero drop counters, "name packets, ...".
+fn drop_counters(fw: &Firewall) -> String {
+    let status = fw.status();
+    let mut out = Vec::new();
+    for c in status["counters"].as_array().into_iter().flatten() {
+        let (Some(name), Some(packets)) = (c["name"].as_str(), c["packets"].as_u64()) else {
+            continue;
+        };
+        if name.starts_with("drop_") && packets > 0 {
+            out.push(format!("{name} {packets}"));
+        }
+    }
+    out.join(", ")
 }
 
 /// One iperf3 run of `seconds`, the server sending to the client (`-R`):
