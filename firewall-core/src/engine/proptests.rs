@@ -27,6 +27,12 @@ enum Op {
         udp: bool,
         flags: u32,
     },
+    /// AllowFutureConnect to one of a few destinations (so they collide).
+    Permit {
+        port: u16,
+        udp: bool,
+        flags: u32,
+    },
     Kill(usize),
     Cancel(usize),
     SetClient(usize),
@@ -52,6 +58,11 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         (1usize..3, any::<bool>(), 0u32..8).prop_map(|(n, udp, flags)| Op::Redirect {
             n,
+            udp,
+            flags
+        }),
+        (0u16..3, any::<bool>(), 0u32..8).prop_map(|(port, udp, flags)| Op::Permit {
+            port,
             udp,
             flags
         }),
@@ -158,6 +169,19 @@ impl World {
                     protocol: if udp { Transport::Udp } else { Transport::Tcp },
                     flags: bind_flags(flags & 0b111),
                     ..redirect(s, &refs)
+                });
+            }
+            Op::Permit { port, udp, flags } => {
+                let _ = self.e.allow_future_connect(&FutureConnectRequest {
+                    session: s,
+                    address: SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 3000 + port),
+                    peer: Some(Ipv4Addr::new(198, 51, 100, 7)),
+                    proxy_external: None,
+                    protocol: if udp { Transport::Udp } else { Transport::Tcp },
+                    flags: bind_flags(flags & 0b111),
+                    protocol_name: "ftp".into(),
+                    notify: true,
+                    context: None,
                 });
             }
             Op::Kill(i) => {
