@@ -243,7 +243,7 @@ impl<M: Maps> Engine<M> {
         } else {
             1
         };
-        Ok(self.ports.reserve_block(*ext.ip(), t, count)?)
+        self.ports.reserve_block(*ext.ip(), t, count)
     }
 
     pub(super) fn deadline(&self, flags: ConnFlags, t: Transport) -> u64 {
