@@ -50,6 +50,8 @@ fn permit(fw: &Firewall, session: &str, port: u16, flags: &str) -> serde_json::V
         "tcp",
         "--flags",
         flags,
+        "--context",
+        "pasv-1",
     ])
 }
 
@@ -68,6 +70,7 @@ fn a_permission_lets_exactly_the_expected_connection_out() {
     assert!(fw.counter("drop_not_allowed") >= 1);
 
     let s = fw.session(addr::CLIENT);
+    let events = fw.follow_events(30);
     let r = permit(fw, &s, 9000, "timeout");
     assert_eq!(r["address"], format!("{}:9000", addr::SERVER));
     let external = r["external"].as_str().unwrap().to_string();
@@ -82,6 +85,14 @@ fn a_permission_lets_exactly_the_expected_connection_out() {
         "permitted, from the external address"
     );
     assert!(fw.counter("redirect_pinhole_established") >= 1);
+    // The caller hears of it (fwx_EstablishedConnection): the client opened
+    // it, to the permitted destination, with the caller's context.
+    let e = events.wait_for("established", |e| {
+        e["event"] == "established" && e["connection"] == r["id"]
+    });
+    assert!(e["from"].as_str().unwrap().starts_with(addr::CLIENT), "{e}");
+    assert_eq!(e["to"], format!("{}:9000", addr::SERVER));
+    assert_eq!(e["context"], "pasv-1");
     // Single use: the next connection is the wall's again.
     assert_eq!(connect(lab, 9000), None);
     // The permission was used: its connection is listed, the client its peer.
