@@ -3,6 +3,7 @@
 
 use firewall_common::{
     flow::{flow_kind, FlowKey},
+    pinhole::{pinhole_flags, side, PinholeKey, PinholeValue},
     stats::Counter,
     IPPROTO_TCP,
 };
@@ -357,4 +358,61 @@ fn a_published_server_is_reached_from_outside() {
     let r = fx.run(Side::Internal, &syn(CLIENT, 8080, SERVER, 443).build());
     assert_eq!(r.action, XDP_REDIRECT);
     assert_ne!(view(&r.frame).sport, 8080);
+}
+
+/// A permission (AllowFutureConnect): a pinhole keyed by an external
+/// destination that claims only the permitted client's connection; the
+/// rest goes to the wall as if there were no pinhole, even after its use.
+#[test]
+fn a_permission_claims_only_what_it_permits() {
+    let mut fx = Fixture::new("wallperm").unwrap();
+    fx.raise_wall(1024..=19999).unwrap();
+    let key = PinholeKey::new(IPPROTO_TCP, SERVER, 2121, side::INTERNAL);
+    let permission = PinholeValue {
+        target_addr: SERVER,
+        target_port: 2121,
+        flags: pinhole_flags::CLIENT_ONLY | pinhole_flags::PERMISSION,
+        snat_addr: FW_EXTERNAL,
+        snat_port_base: 20500,
+        snat_port_count: 1,
+        allowed_src: CLIENT,
+        remaining: 1,
+        owner: 77,
+        egress_ifindex: fx.ex_ifindex,
+        ..Default::default()
+    };
+    fx.pinholes.insert(&key, &permission).unwrap();
+    // Another client: not refused, the wall's (primary NAT, not the permission's port).
+    let r = fx.run(
+        Side::Internal,
+        &syn([10, 1, 0, 3], 40000, SERVER, 2121).build(),
+    );
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_ne!(view(&r.frame).sport, 20500);
+    assert_eq!(fx.counter(Counter::PrimaryEstablished), 1);
+    assert_eq!(fx.counter(Counter::DropPinholeSource), 0);
+    // A segment other than a SYN from the permitted client: the wall's too.
+    let r = fx.run(
+        Side::Internal,
+        &Spec::tcp(CLIENT, 40001, SERVER, 2121).build(),
+    );
+    assert_eq!(r.action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropNoFlow), 1);
+    assert_eq!(fx.counter(Counter::DropPinholeNotSyn), 0);
+    // The permitted connection: from the permission's source port, reported.
+    let r = fx.run(Side::Internal, &syn(CLIENT, 40002, SERVER, 2121).build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    let v = view(&r.frame);
+    assert_eq!(
+        (v.src, v.sport, v.dst, v.dport),
+        (FW_EXTERNAL, 20500, SERVER, 2121)
+    );
+    check_checksums(&r.frame).unwrap();
+    assert_eq!(fx.counter(Counter::PinholeEstablished), 1);
+    // Used up: the client's next connection there is an ordinary one.
+    let r = fx.run(Side::Internal, &syn(CLIENT, 40003, SERVER, 2121).build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_ne!(view(&r.frame).sport, 20500);
+    assert_eq!(fx.counter(Counter::PrimaryEstablished), 2);
+    assert_eq!(fx.counter(Counter::DropPinholeUsed), 0);
 }
