@@ -25,11 +25,12 @@ pub const fn is_error(kind: u8) -> bool {
     matches!(kind, DEST_UNREACHABLE | TIME_EXCEEDED | PARAMETER_PROBLEM)
 }
 
-/// The "ports" of a quoted ICMP echo, as the flow keys hold them (the
-/// identifier is the request's source port and the reply's destination
-/// port); `None` for any other quoted ICMP message.
+/// The "ports" of an ICMP echo, as the flow keys hold them (the identifier
+/// is the request's source port and the reply's destination port, so that a
+/// reply's key is the reverse of its request's); `None` for any other ICMP
+/// message.
 #[inline(always)]
-pub const fn quoted_echo_ports(kind: u8, code: u8, id: u16) -> Option<(u16, u16)> {
+pub const fn echo_ports(kind: u8, code: u8, id: u16) -> Option<(u16, u16)> {
     match (kind, code) {
         (ECHO_REQUEST, 0) => Some((id, 0)),
         (ECHO_REPLY, 0) => Some((0, id)),
@@ -181,10 +182,10 @@ mod tests {
 
     #[test]
     fn quoted_echoes_carry_their_identifier_where_the_keys_do() {
-        assert_eq!(quoted_echo_ports(ECHO_REQUEST, 0, 77), Some((77, 0)));
-        assert_eq!(quoted_echo_ports(ECHO_REPLY, 0, 77), Some((0, 77)));
-        assert_eq!(quoted_echo_ports(13, 0, 77), None);
-        assert_eq!(quoted_echo_ports(ECHO_REQUEST, 1, 77), None);
+        assert_eq!(echo_ports(ECHO_REQUEST, 0, 77), Some((77, 0)));
+        assert_eq!(echo_ports(ECHO_REPLY, 0, 77), Some((0, 77)));
+        assert_eq!(echo_ports(13, 0, 77), None);
+        assert_eq!(echo_ports(ECHO_REQUEST, 1, 77), None);
         assert!(is_error(DEST_UNREACHABLE) && is_error(TIME_EXCEEDED));
         assert!(!is_error(5) && !is_error(4) && !is_error(ECHO_REPLY));
     }

@@ -176,16 +176,14 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         // SAFETY: `take` bounds-checked the echo header.
         let e = unsafe { &*icmp };
         let id = u16::from_be_bytes(e.id);
-        // The identifier plays the port: the request's source port, the
-        // reply's destination port, so that a reply's key is the reverse of
-        // its request's. Errors are about a flow (`icmp_error`); other ICMP
-        // is not tracked.
-        let (src_port, dst_port, request) = match (e.kind, e.code) {
-            (icmp::ECHO_REQUEST, 0) => (id, 0, true),
-            (icmp::ECHO_REPLY, 0) => (0, id, false),
-            (kind, _) if icmp::is_error(kind) => return Err(Counter::PassIcmpError),
-            _ => return Err(Counter::PassNotTcpUdp),
+        // The identifier plays the port. Errors are about a flow
+        // (`icmp_error`); other ICMP is not tracked.
+        let (src_port, dst_port) = match icmp::echo_ports(e.kind, e.code, id) {
+            Some(ports) => ports,
+            None if icmp::is_error(e.kind) => return Err(Counter::PassIcmpError),
+            None => return Err(Counter::PassNotTcpUdp),
         };
+        let request = e.kind == icmp::ECHO_REQUEST;
         // SAFETY: a field of the bounds-checked header; no reference is made.
         let check = unsafe { &raw mut (*icmp).check };
         (icmp as *mut u8, check, src_port, dst_port, 0, request)
@@ -303,7 +301,7 @@ pub fn icmp_error(start: usize, end: usize) -> Result<IcmpError, Counter> {
             u16::from_be_bytes([l4[0], l4[1]]),
             u16::from_be_bytes([l4[2], l4[3]]),
         ),
-        IPPROTO_ICMP => icmp::quoted_echo_ports(l4[0], l4[1], u16::from_be_bytes([l4[4], l4[5]]))
+        IPPROTO_ICMP => icmp::echo_ports(l4[0], l4[1], u16::from_be_bytes([l4[4], l4[5]]))
             .ok_or(Counter::PassIcmpError)?,
         _ => return Err(Counter::PassIcmpError),
     };

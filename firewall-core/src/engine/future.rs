@@ -9,17 +9,6 @@
 use super::*;
 
 impl<M: Maps> Engine<M> {
-    /// AllowFutureConnect made by an in-process filter (see `bind_for_client_by`).
-    pub fn allow_future_connect_by(
-        &mut self,
-        caller: Arc<dyn AppFilter>,
-        req: &FutureConnectRequest,
-    ) -> Result<FutureConnectResult, ApiError> {
-        let r = self.allow_future_connect(req)?;
-        self.objects.get_mut(&r.id).expect("just made").caller = Some(caller);
-        Ok(r)
-    }
-
     pub fn allow_future_connect(
         &mut self,
         req: &FutureConnectRequest,
@@ -125,9 +114,10 @@ impl<M: Maps> Engine<M> {
             ..Default::default()
         };
         if let Err(e) = self.maps.put_pinhole(&key, &value) {
-            for l in &snat {
-                self.ports.release(l);
-            }
+            self.rollback(Undo {
+                leases: snat,
+                ..Undo::default()
+            });
             return Err(e.into());
         }
         let external = snat[0].endpoint();
