@@ -93,6 +93,10 @@ counters! {
 /// Number of slots in the STATS map.
 pub const COUNTER_SLOTS: u32 = 64;
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
+/// The STATS slot that counts events the EVENTS ring had no room for (not a
+/// verdict: `packets` counts lost events). The last slot, after every counter.
+pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS - 1;
+const _: () = assert!((Counter::ALL.len() as u32) < EVENTS_LOST_SLOT);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -9,8 +9,8 @@ use firewall_common::{
 #[btf_map]
 static EVENTS: RingBuf<DatapathEvent, { 256 * 1024 }> = RingBuf::new();
 
-/// Sends an event; when the ring is full it is lost (the control plane's
-/// timers still reconcile: flows expire, pinholes count their uses). The
+/// Sends an event; when the ring is full it is lost and counted (the control
+/// plane's timers still reconcile: flows expire, pinholes count their uses). The
 /// reader is not woken: it polls (a wake-up is an interrupt, most of the cost
 /// of a connection's first packet).
 #[inline(always)]
@@ -42,6 +42,8 @@ fn emit_detail(
             (*p).timestamp_ns = bpf_ktime_get_coarse_ns();
         }
         e.submit(aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64);
+    } else {
+        crate::stats::count_event_lost();
     }
 }
 

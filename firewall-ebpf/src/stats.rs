@@ -1,7 +1,7 @@
 //! Per-CPU verdict counters, one slot per `Counter`.
 
 use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use firewall_common::stats::{Counter, StatValue, COUNTER_SLOTS};
+use firewall_common::stats::{Counter, StatValue, COUNTER_SLOTS, EVENTS_LOST_SLOT};
 
 #[btf_map]
 static STATS: PerCpuArray<StatValue, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
@@ -15,5 +15,15 @@ pub fn count(counter: Counter, bytes: u64) {
             (*v).packets += 1;
             (*v).bytes += bytes;
         }
+    }
+}
+
+/// An event the ring had no room for: the control plane's timers reconcile,
+/// but an operator must see that it happens.
+#[inline(always)]
+pub fn count_event_lost() {
+    if let Some(v) = STATS.get_ptr_mut(EVENTS_LOST_SLOT) {
+        // SAFETY: this CPU's slot of a per-CPU map; no other CPU writes it.
+        unsafe { (*v).packets += 1 };
     }
 }

@@ -43,6 +43,11 @@ pub struct Firewall {
 
 impl Firewall {
     pub fn up(lab: &Lab, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::up_with_env(lab, extra, &[])
+    }
+
+    /// `up` with more environment variables (NOTIFY_SOCKET, ...).
+    pub fn up_with_env(lab: &Lab, extra: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let socket = format!("/run/firewall/{}.sock", lab.prefix);
         let log = std::env::temp_dir().join(format!("{}-daemon.log", lab.prefix));
         let logfile = std::fs::File::create(&log)?;
@@ -60,6 +65,7 @@ impl Firewall {
                 addr::IF_EXTERNAL,
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("FIREWALL_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -14,7 +14,8 @@ use anyhow::{bail, Context as _};
 use crate::{run, run_stdout};
 
 /// Debian packages: the lab (iproute2, ethtool, ping, traceroute, tracepath), inspection
-/// (bpftool), and the peers (python3 for ftplib).
+/// (bpftool), the peers (python3 for ftplib), and the metrics test's parser
+/// (python3-prometheus-client).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -27,6 +28,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "lftp",
     "vsftpd",
     "python3",
+    "python3-prometheus-client",
     "iperf3",
     "nftables",
     "conntrack",

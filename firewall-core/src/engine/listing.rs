@@ -42,3 +42,80 @@ impl<M: Maps> Engine<M> {
             .collect()
     }
 }
+
+/// How many connection objects there are of each kind, mode and state (for
+/// metrics: counted in the engine's memory, no map read).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    pub sessions: u64,
+    pub objects: BTreeMap<(Kind, Mode, State), u64>,
+}
+
+impl<M: Maps> Engine<M> {
+    pub fn census(&self) -> Census {
+        let mut objects = BTreeMap::new();
+        for o in self.objects.values() {
+            *objects.entry((o.kind, o.mode, o.state)).or_insert(0) += 1;
+        }
+        Census {
+            sessions: self.sessions.len() as u64,
+            objects,
+        }
+    }
+}
+
+impl Kind {
+    /// The name in the API's JSON (and metrics' labels).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kind::Bind => "bind",
+            Kind::Accepted => "accepted",
+            Kind::Redirect => "redirect",
+            Kind::Redirected => "redirected",
+            Kind::FutureConnect => "future-connect",
+        }
+    }
+}
+
+impl Mode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel",
+            Mode::User => "user",
+        }
+    }
+}
+
+impl State {
+    pub const fn name(self) -> &'static str {
+        match self {
+            State::Listening => "listening",
+            State::Established => "established",
+            State::Terminated => "terminated",
+        }
+    }
+}
+
+#[cfg(test)]
+mod census_tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_json_names() {
+        for k in [
+            Kind::Bind,
+            Kind::Accepted,
+            Kind::Redirect,
+            Kind::Redirected,
+            Kind::FutureConnect,
+        ] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.name());
+        }
+        for m in [Mode::Kernel, Mode::User] {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.name());
+        }
+        for s in [State::Listening, State::Established, State::Terminated] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+    }
+}

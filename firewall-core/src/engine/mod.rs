@@ -424,7 +424,7 @@ const DEFAULT_BACKLOG: u32 = 16;
 const INCREASED_RECEIVE_BUFFER: usize = 64 * 1024;
 
 /// Where a connection is forwarded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Flows in the XDP datapath.
@@ -504,6 +504,7 @@ mod tests_objects;
 mod timers;
 
 pub use calls::*;
+pub use listing::Census;
 pub use object::FORGET_AFTER;
 use object::{Object, Session};
 pub use timers::Readings;

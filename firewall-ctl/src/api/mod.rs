@@ -66,6 +66,26 @@ pub enum Request {
     Events,
 }
 
+impl Request {
+    /// The request's `op` (its name on the wire, and in metrics).
+    pub const fn op(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Shutdown => "shutdown",
+            Request::SessionOpen { .. } => "session-open",
+            Request::SessionClose { .. } => "session-close",
+            Request::BindForClient(_) => "bind-for-client",
+            Request::RedirectConnections(_) => "redirect-connections",
+            Request::AllowFutureConnect(_) => "allow-future-connect",
+            Request::Kill { .. } => "kill",
+            Request::Cancel { .. } => "cancel",
+            Request::SetClientAddress { .. } => "set-client-address",
+            Request::List { .. } => "list",
+            Request::Events => "events",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ListWhat {
@@ -207,6 +227,30 @@ mod tests {
         .unwrap();
         assert_eq!(line, r#"{"v":1,"op":"status"}"#);
         assert_eq!(parse_request(&line).unwrap(), Request::Status);
+    }
+
+    #[test]
+    fn op_is_the_wire_name() {
+        for r in [
+            Request::Status,
+            Request::Shutdown,
+            Request::SessionOpen {
+                client: Ipv4Addr::LOCALHOST,
+            },
+            Request::SessionClose { session: 1 },
+            Request::Kill { id: 1 },
+            Request::Cancel { id: 1 },
+            Request::SetClientAddress {
+                id: 1,
+                address: "1.2.3.4:5".parse().unwrap(),
+            },
+            Request::List {
+                what: ListWhat::Flows,
+            },
+            Request::Events,
+        ] {
+            assert_eq!(serde_json::to_value(&r).unwrap()["op"], r.op());
+        }
     }
 
     #[test]

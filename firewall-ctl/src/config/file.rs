@@ -34,6 +34,14 @@ pub(super) struct File {
     #[serde(default)]
     pub wall: WallFile,
     pub publish: Option<Vec<PublishFile>>,
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MetricsFile {
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]

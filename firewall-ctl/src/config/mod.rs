@@ -76,6 +76,9 @@ pub struct Config {
     pub fwmark: u32,
     /// The routing table holding the local route for marked segments.
     pub route_table: u32,
+    /// Where the Prometheus metrics are served (`[metrics] listen`); None:
+    /// not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A published server (`[[publish]]`).
@@ -450,7 +453,16 @@ impl Config {
             ));
         }
 
+        let metrics_listen = file.metrics.listen;
+        if metrics_listen.is_some_and(|a| a.port() == 0) {
+            return Err(err(
+                "metrics.listen",
+                "needs a port (9469 is the usual one)",
+            ));
+        }
+
         Ok(Config {
+            metrics_listen,
             ftp_ports,
             ftp_user_mode,
             fwmark,

@@ -181,6 +181,9 @@ fn errors_name_the_key() {
         ("[[protocols]]\nname = \"tftp\"\ntransport = \"udp\"", "ftp.enabled"),
         ("[interception]\nfwmark = 0", "interception.fwmark"),
         ("[interception]\nroute_table = 254", "interception.route_table"),
+        ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+        ("[metrics]\nlisten = \"127.0.0.1:0\"", "metrics.listen"),
+        ("[metrics]\nport = 9469", "unknown field `port`"),
     ];
     for (text, want) in cases {
         let got = Config::parse(text, &i, &e).unwrap_err().to_string();
@@ -199,4 +202,12 @@ fn timeouts_take_units() {
     .unwrap();
     assert_eq!(c.timeouts.tcp_established, Duration::from_secs(7200));
     assert_eq!(c.timeouts.udp_idle, Duration::from_secs(45));
+}
+
+#[test]
+fn metrics_are_opt_in() {
+    let (i, e) = ifs();
+    assert_eq!(Config::defaults(&i, &e).unwrap().metrics_listen, None);
+    let c = Config::parse("[metrics]\nlisten = \"[::1]:9469\"", &i, &e).unwrap();
+    assert_eq!(c.metrics_listen, Some("[::1]:9469".parse().unwrap()));
 }

@@ -169,8 +169,22 @@ async fn serve_connection(
                     follow_events(&mut write, shared).await;
                     return;
                 }
-                Ok(req) => (answer(req, shared).await, false),
-                Err(e) => (Response::Error(e), false),
+                Ok(req) => {
+                    let op = req.op();
+                    let response = answer(req, shared).await;
+                    shared.api_calls.record(
+                        op,
+                        match &response {
+                            Response::Ok(_) => Ok(()),
+                            Response::Error(e) => Err(e.kind),
+                        },
+                    );
+                    (response, false)
+                }
+                Err(e) => {
+                    shared.api_calls.record("unparsed", Err(e.kind));
+                    (Response::Error(e), false)
+                }
             },
             // Errors in the framing itself end the connection, after an
             // answer that says why.
@@ -216,6 +230,10 @@ async fn follow_events(write: &mut OwnedWriteHalf, shared: &Arc<Shared>) {
         let line = match rx.recv().await {
             Ok(e) => serde_json::to_value(&e).expect("events serialize"),
             Err(broadcast::error::RecvError::Lagged(n)) => {
+                shared
+                    .work
+                    .events_lagged
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 serde_json::json!({ "event": "lost", "count": n })
             }
             Err(broadcast::error::RecvError::Closed) => return,
@@ -328,7 +346,7 @@ async fn list(shared: &Arc<Shared>, what: ListWhat) -> Result<Answer, ApiError> 
     })
 }
 
-async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
+pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
     let flows_expired = shared.engine.call(|e| e.expired().clone()).await?;
     let s = shared.clone();
     blocking(move || {

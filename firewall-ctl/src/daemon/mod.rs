@@ -33,6 +33,8 @@ use crate::{
 };
 
 mod api_server;
+mod metrics;
+mod notify;
 mod state;
 mod tasks;
 mod wall;
@@ -64,6 +66,8 @@ struct Shared {
     executables_blocked: Arc<std::sync::atomic::AtomicU64>,
     ftp: Arc<FtpStats>,
     api_connections: api_server::Connections,
+    api_calls: metrics::ApiCalls,
+    work: metrics::Work,
 }
 
 /// Raises the soft limit of open files to the hard one: every intercepted
@@ -127,6 +131,17 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             ),
         )));
     }
+
+    // Bound before anything is attached: a taken address fails `up` with
+    // nothing to undo.
+    let metrics_listener = match config.metrics_listen {
+        Some(at) => Some(tokio::net::TcpListener::bind(at).await.map_err(|e| {
+            invalid(anyhow::anyhow!(
+                "metrics.listen: cannot listen on {at}: {e}"
+            ))
+        })?),
+        None => None,
+    };
 
     let pins = PinPaths::default();
     datapath::check_bpffs(&pins.dir)?;
@@ -238,6 +253,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         executables_blocked,
         ftp: Arc::new(FtpStats::default()),
         api_connections: Default::default(),
+        api_calls: Default::default(),
+        work: Default::default(),
     });
     let interception_task =
         match start_interception(&mut dp, &config, &internal, &external, &shared, &mut state) {
@@ -284,6 +301,10 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         tokio::spawn(tasks::tick(shared.clone())),
         tokio::spawn(api_server::serve(listener, shared.clone())),
     ];
+    if let Some(l) = metrics_listener {
+        log::info!("metrics on http://{}/metrics", l.local_addr()?);
+        tasks.push(tokio::spawn(metrics::serve(l, shared.clone())));
+    }
     tasks.extend(
         dp.logger
             .take()
@@ -294,6 +315,13 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             .take()
             .map(|rb| tokio::spawn(tasks::read_datapath_events(rb, shared.clone()))),
     );
+    if notify::enabled() {
+        tasks.push(tokio::spawn(notify::keep_alive(shared.clone())));
+    }
+    notify::ready(&format!(
+        "up: internal {}, external {}, {:?}",
+        internal.name, external.name, opts.xdp_mode
+    ));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut keep = opts.keep_datapath;
@@ -302,6 +330,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         _ = sigterm.recv() => log::info!("SIGTERM"),
         _ = shutdown_rx.changed() => { log::info!("shutdown requested over the API"); keep = false; }
     }
+    notify::stopping();
 
     if let Some(p) = interception_task {
         p.stop();

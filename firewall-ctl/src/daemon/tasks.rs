@@ -1,7 +1,11 @@
 //! The daemon's background tasks: the engine's timers, and what the datapath
 //! and the relay report, handed to the engine's owner.
 
-use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
 
 use firewall_common::pinhole::event_kind;
 
@@ -36,7 +40,14 @@ pub(super) async fn tick(shared: Arc<Shared>) {
     let mut scan = Scan::default();
     loop {
         tokio::time::sleep(TICK).await;
-        if let Err(e) = tick_once(&shared, &flows, &mut scan).await {
+        let started = std::time::Instant::now();
+        let result = tick_once(&shared, &flows, &mut scan).await;
+        let work = &shared.work;
+        work.sweeps.fetch_add(1, Relaxed);
+        work.sweep_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        if let Err(e) = result {
+            work.sweep_errors.fetch_add(1, Relaxed);
             log::warn!("engine timers: {e:#}");
         }
     }

@@ -1,0 +1,217 @@
+//! The daemon as an operator runs it: Prometheus scrapes /metrics and reads
+//! what the traffic did; systemd hears READY and STOPPING.
+
+use std::{collections::BTreeMap, os::unix::net::UnixDatagram, time::Duration};
+
+use firewall_common::IPPROTO_TCP;
+use firewall_tests::{
+    daemon::{Firewall, LabRun},
+    lab::{addr, Lab},
+    traffic::*,
+};
+
+const METRICS: &str = "127.0.0.1:9469";
+
+/// Python's reference parser of the OpenMetrics text format (the one
+/// Prometheus' own client library ships): each sample as a JSON line.
+const PARSER: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        print(json.dumps({"name": s.name, "labels": s.labels, "value": s.value, "type": family.type}))
+"#;
+
+type Samples = BTreeMap<String, f64>;
+
+/// Scrapes /metrics in the firewall's namespace; samples by
+/// `name{label="value",...}` (labels sorted).
+fn scrape(lab: &Lab) -> Samples {
+    let script = std::env::temp_dir().join(format!("{}-parse.py", lab.prefix));
+    std::fs::write(&script, PARSER).unwrap();
+    let out = lab
+        .fw
+        .sh(&format!(
+            "curl -sSf --max-time 10 -o {page} http://{METRICS}/metrics && /usr/bin/python3 {} < {page}",
+            script.display(),
+            page = script.with_extension("txt").display()
+        ))
+        .unwrap_or_else(|e| {
+            panic!("scrape or parse failed (python3-prometheus-client is a test prerequisite): {e:#}")
+        });
+    std::fs::remove_file(&script).ok();
+    std::fs::remove_file(script.with_extension("txt")).ok();
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let mut labels: Vec<String> = v["labels"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+                .collect();
+            labels.sort();
+            let key = format!("{}{{{}}}", v["name"].as_str().unwrap(), labels.join(","));
+            (key, v["value"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn get(s: &Samples, key: &str) -> f64 {
+    s.get(key).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn prometheus_reads_what_the_traffic_did() {
+    let mut run = LabRun::with_config("opmet", &format!("[metrics]\nlisten = \"{METRICS}\"\n"));
+    let LabRun { lab, fw, .. } = &mut run;
+    prime_neighbours(lab);
+    let before = scrape(lab);
+    assert_eq!(
+        get(&before, "firewall_build_info{version=0.1.0}"),
+        1.0,
+        "{before:?}"
+    );
+
+    // Three connections out, tracked and translated; one attempt in, dropped.
+    for port in [9000, 9001, 9002] {
+        let got = exchange(lab, IPPROTO_TCP, 45000 + port - 9000, port, "hi");
+        assert!(got.ends_with("hi\n"), "{got:?}");
+    }
+    lab.server
+        .sh(&format!(
+            "ip route add 10.1.0.0/24 via {}",
+            addr::FW_EXTERNAL
+        ))
+        .unwrap();
+    assert!(!tcp_connects(
+        &lab.server,
+        &format!("{}:8080", addr::CLIENT)
+    ));
+    // API calls: a bind that works, one the policy refuses.
+    let s = fw.session(addr::CLIENT);
+    fw.bind_ok(&s, "10.1.0.2:5001", "tcp", &[]);
+    // A client that is not the session's.
+    let refused = fw.bind_fails(&s, "10.1.0.9:5002", "tcp", &[]);
+
+    let after = scrape(lab);
+    let delta = |k: &str| get(&after, k) - get(&before, k);
+    assert!(
+        delta("firewall_datapath_packets_total{reason=primary_established,verdict=redirect}")
+            >= 3.0,
+        "{after:?}"
+    );
+    assert!(delta("firewall_datapath_packets_total{reason=redirected,verdict=redirect}") >= 6.0);
+    assert!(
+        delta("firewall_datapath_bytes_total{reason=redirected,verdict=redirect}") >= 6.0 * 40.0
+    );
+    assert!(delta("firewall_datapath_packets_total{reason=no_flow,verdict=drop}") >= 1.0);
+    assert_eq!(
+        delta("firewall_api_requests_total{op=bind-for-client,result=ok}"),
+        1.0
+    );
+    assert_eq!(
+        delta(&format!(
+            "firewall_api_requests_total{{op=bind-for-client,result={refused}}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        delta("firewall_api_requests_total{op=session-open,result=ok}"),
+        1.0
+    );
+    assert_eq!(get(&after, "firewall_sessions{}"), 1.0);
+    assert_eq!(
+        get(
+            &after,
+            "firewall_connections{kind=bind,mode=kernel,state=listening}"
+        ),
+        1.0
+    );
+    assert!(get(&after, "firewall_map_entries{map=FLOWS}") >= 6.0);
+    assert!(get(&after, "firewall_map_capacity{map=FLOWS}") >= 1024.0);
+    assert!(get(&after, "firewall_map_entries{map=PINHOLES}") >= 1.0);
+    assert!(get(&after, "firewall_primary_flows{}") >= 6.0);
+    assert!(delta("firewall_sweeper_runs_total{}") >= 1.0);
+    assert_eq!(get(&after, "firewall_datapath_events_lost_total{}"), 0.0);
+
+    // Anything but GET /metrics is refused plainly.
+    let code = lab
+        .fw
+        .sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' http://{METRICS}/"
+        ))
+        .unwrap();
+    assert_eq!(code, "404");
+    let code = lab
+        .fw
+        .sh(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' -X POST http://{METRICS}/metrics"
+        ))
+        .unwrap();
+    assert_eq!(code, "405");
+}
+
+#[test]
+fn a_taken_metrics_address_fails_up_naming_the_key() {
+    firewall_tests::require_root();
+    let _turn = firewall_tests::exclusive();
+    let lab = Lab::create(&firewall_tests::lab::unique_prefix("opmtk")).unwrap();
+    let _squatter = Peer::new(
+        lab.fw
+            .spawn("exec socat TCP-LISTEN:9469,bind=127.0.0.1,reuseaddr,fork -")
+            .unwrap(),
+    );
+    wait_listening(&lab.fw, 9469);
+    let config = std::env::temp_dir().join(format!("{}-metrics.toml", lab.prefix));
+    std::fs::write(&config, format!("[metrics]\nlisten = \"{METRICS}\"\n")).unwrap();
+    let err = match Firewall::up(&lab, &["--config", config.to_str().unwrap()]) {
+        Ok(_) => panic!("up succeeded on a taken address"),
+        Err(e) => format!("{e:#}"),
+    };
+    std::fs::remove_file(&config).ok();
+    assert!(err.contains("metrics.listen"), "{err}");
+    assert!(err.contains("invalid-argument"), "{err}");
+    // Nothing was attached.
+    assert!(!std::path::Path::new("/sys/fs/bpf/firewall/FLOWS").exists());
+}
+
+#[test]
+fn systemd_hears_ready_and_stopping() {
+    firewall_tests::require_root();
+    let _turn = firewall_tests::exclusive();
+    let lab = Lab::create(&firewall_tests::lab::unique_prefix("opsd")).unwrap();
+    let path = std::env::temp_dir().join(format!("{}-notify.sock", lab.prefix));
+    let _ = std::fs::remove_file(&path);
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut fw = Firewall::up_with_env(
+        &lab,
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    )
+    .unwrap();
+    let mut seen = String::new();
+    let read_until = |want: &str, seen: &mut String| {
+        let mut buf = [0u8; 4096];
+        while !seen.contains(want) {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("waiting for {want}: {e}; got {seen:?}"));
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    };
+    read_until("READY=1", &mut seen);
+    assert!(seen.contains("STATUS=up: internal"), "{seen:?}");
+    // The watchdog is petted while the engine answers (half of 2 s).
+    read_until("WATCHDOG=1", &mut seen);
+    let out = fw.down();
+    assert!(out.status.success());
+    read_until("STOPPING=1", &mut seen);
+    std::fs::remove_file(&path).ok();
+}
