@@ -33,6 +33,34 @@ fn main() -> ExitCode {
             e.exit();
         }
     };
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "firewall-ctl",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man { dir } => {
+            let written = std::fs::create_dir_all(dir).and_then(|()| {
+                clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+            });
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let e = ApiError::new(
+                        ErrorKind::InvalidArgument,
+                        format!("writing the manual pages into {}: {e}", dir.display()),
+                    );
+                    output::print_error(cli.json, &e);
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let json = cli.json;
     match run(cli) {
@@ -135,7 +163,12 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                     Request::SetClientAddress { id, address }
                 }
                 Command::List { what } => Request::List { what: what.into() },
-                Command::Up { .. } | Command::Down | Command::Status | Command::Events { .. } => {
+                Command::Up { .. }
+                | Command::Down
+                | Command::Status
+                | Command::Events { .. }
+                | Command::Completions { .. }
+                | Command::Man { .. } => {
                     unreachable!("handled above")
                 }
             };

@@ -51,6 +51,9 @@ enum Task {
         /// Only this target.
         target: Option<String>,
     },
+    /// Setup, build (release) and package: target/debian/firewall_VERSION_ARCH.deb
+    /// with the unit, man pages and completions, checked by lintian.
+    Package,
     /// Create or destroy the namespace lab by hand.
     Lab {
         #[command(subcommand)]
@@ -234,6 +237,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("xtask: removing leftover lab {p}");
                 lab::destroy_prefix(&p);
             }
+            // The package test installs it.
+            let deb = xtask::package::package(&workspace_root())?;
+            std::env::set_var("FIREWALL_DEB", deb);
             cargo(&["build", "--bins"])?;
             // The lab tests share one pin directory and so run one firewall at a
             // time; they serialize themselves, the rest runs in parallel.
@@ -276,6 +282,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("clippy on firewall-ebpf failed ({status})");
             }
             Ok(())
+        }
+        Task::Package => {
+            setup::setup()?;
+            xtask::package::package(&workspace_root()).map(|_| ())
         }
         Task::Demo => {
             setup::setup()?;

@@ -15,7 +15,8 @@ use crate::{run, run_stdout};
 
 /// Debian packages: the lab (iproute2, ethtool, ping, traceroute, tracepath), inspection
 /// (bpftool), the peers (python3 for ftplib), and the metrics test's parser
-/// (python3-prometheus-client).
+/// (python3-prometheus-client), the package's checks (lintian, man-db and
+/// systemd for `systemd-analyze verify`).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -35,9 +36,13 @@ pub const APT_PACKAGES: &[&str] = &[
     "netsniff-ng",
     "tcpdump",
     "util-linux",
+    "lintian",
+    "man-db",
+    "systemd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 pub fn setup() -> anyhow::Result<()> {
     if !crate::is_root() {
@@ -205,25 +210,29 @@ fn cargo_bin(name: &str) -> PathBuf {
 /// cargo-fuzz, for `cargo xtask fuzz` (the fuzz targets build with the
 /// nightly toolchain and libFuzzer).
 pub fn cargo_fuzz() -> anyhow::Result<()> {
-    let works = Command::new(cargo_bin("cargo-fuzz"))
+    cargo_tool("cargo-fuzz", CARGO_FUZZ_VERSION)
+}
+
+/// cargo-deb and lintian, for `cargo xtask package`.
+pub fn package_tools() -> anyhow::Result<()> {
+    cargo_tool("cargo-deb", CARGO_DEB_VERSION)
+}
+
+/// A cargo subcommand at a pinned version, built once.
+fn cargo_tool(name: &str, version: &str) -> anyhow::Result<()> {
+    let works = Command::new(cargo_bin(name))
         .arg("--version")
         .output()
-        .map(|o| o.status.success())
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version))
         .unwrap_or(false);
     if works {
-        step("cargo-fuzz", false);
+        step(name, false);
         return Ok(());
     }
-    println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
-    run(Command::new("cargo").args([
-        "install",
-        "cargo-fuzz",
-        "--version",
-        CARGO_FUZZ_VERSION,
-        "--locked",
-    ]))
-    .context("cargo install cargo-fuzz")?;
-    step("cargo-fuzz", true);
+    println!("setup: building {name} {version} (about a minute)");
+    run(Command::new("cargo").args(["install", name, "--version", version, "--locked"]))
+        .with_context(|| format!("cargo install {name}"))?;
+    step(name, true);
     Ok(())
 }
 

@@ -20,7 +20,19 @@ use ipnet::Ipv4Net;
 #[command(
     name = "firewall-ctl",
     version,
-    about = "eBPF firewall for secondary connections (FTP, SIP, ...)"
+    about = "eBPF firewall for secondary connections (FTP, SIP, ...)",
+    long_about = "eBPF firewall for secondary connections (FTP, SIP, ...).\n\n\
+`firewall-ctl up` attaches the datapath (XDP, or TC) to an internal and an external interface and runs the \
+daemon: a default-deny stateful wall with NAT of outbound connections, published servers, and the \
+secondary connections (FTP data connections and the filter API's BindForClient, RedirectConnections and \
+AllowFutureConnect) forwarded in the kernel. The other subcommands talk to the running daemon over its \
+API socket.",
+    after_long_help = "FILES\n  \
+/etc/firewall/firewall.toml   configuration (--config); every key optional\n  \
+/run/firewall/ctl.sock        the daemon's API socket (root only)\n  \
+/sys/fs/bpf/firewall/         pinned maps and links (bpftool map dump pinned ...)\n\n\
+EXIT STATUS\n  \
+0 on success; 1 when the daemon or the kernel refused (the error names its kind); 2 for bad arguments."
 )]
 pub struct Cli {
     /// The daemon's API socket.
@@ -38,10 +50,10 @@ pub enum Command {
     /// Load and attach the datapath, then run the daemon in the foreground until SIGINT/SIGTERM.
     Up {
         /// Interface facing the internal networks.
-        #[arg(long)]
+        #[arg(long, env = "FIREWALL_INTERNAL")]
         internal: String,
         /// Interface facing the external networks.
-        #[arg(long)]
+        #[arg(long, env = "FIREWALL_EXTERNAL")]
         external: String,
         /// Configuration file (TOML); without it, defaults come from the interfaces.
         #[arg(long)]
@@ -81,6 +93,14 @@ pub enum Command {
         #[arg(value_enum)]
         what: ListArg,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (firewall-ctl.1 and one per subcommand) into a directory.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Follow established and terminating events.
     Events {
         /// Stop after this many events.
