@@ -157,6 +157,7 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                 Command::BindForClient(a) => a.request()?,
                 Command::RedirectConnections(a) => a.request()?,
                 Command::AllowFutureConnect(a) => a.request()?,
+                Command::Reload => Request::Reload,
                 Command::Kill { id } => Request::Kill { id },
                 Command::Cancel { id } => Request::Cancel { id },
                 Command::SetClientAddress { id, address } => {
@@ -192,6 +193,14 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                 Request::SessionClose { session } => {
                     client.call(request)?;
                     format!("session {session} closed\n")
+                }
+                Request::Reload => {
+                    let r: api::Reloaded = client.call_as(request)?;
+                    if r.changed.is_empty() {
+                        "configuration reloaded: nothing changed\n".to_string()
+                    } else {
+                        format!("configuration reloaded: {} applied\n", r.changed.join(", "))
+                    }
                 }
                 Request::Kill { id } => {
                     client.call(request)?;

@@ -235,6 +235,21 @@ impl<M: Maps> Engine<M> {
         &self.maps
     }
 
+    /// A reloaded configuration: rules, policy and timeouts apply to the next
+    /// call and the next timer; objects, pinholes and flows stay as they are
+    /// (what they were granted stands). The interfaces and addresses are the
+    /// running ones: changing them needs a restart.
+    pub fn reconfigure(&mut self, cfg: EngineConfig) {
+        self.cfg = EngineConfig {
+            internal_addrs: std::mem::take(&mut self.cfg.internal_addrs),
+            external_addrs: std::mem::take(&mut self.cfg.external_addrs),
+            internal_networks: std::mem::take(&mut self.cfg.internal_networks),
+            internal_ifindex: self.cfg.internal_ifindex,
+            external_ifindex: self.cfg.external_ifindex,
+            ..cfg
+        };
+    }
+
     /// What the calls since the last take decided: the owner carries it out
     /// (the relay's work first, then the events, in order).
     pub fn take_effects(&mut self) -> Effects {

@@ -354,6 +354,27 @@ fn the_bounce_guard_and_its_widening_flags() {
 }
 
 #[test]
+fn a_reloaded_rule_applies_to_the_next_call_and_spares_what_exists() {
+    let (mut e, s) = engine();
+    let bound = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
+    let mut narrower = cfg();
+    narrower.protocols[0].clients = vec!["10.1.0.99/32".parse().unwrap()];
+    narrower.timeouts.udp_idle = Duration::from_secs(5);
+    e.reconfigure(narrower);
+    assert_eq!(
+        kind(e.bind_for_client(&bind(s, &["10.1.0.2:5002"]))),
+        ErrorKind::ProtocolDenied
+    );
+    assert_eq!(e.cfg.timeouts.udp_idle, Duration::from_secs(5));
+    let id = bound.connections[0].id;
+    assert!(e
+        .objects()
+        .iter()
+        .any(|o| o.id == id && o.state == State::Listening));
+    assert_eq!(e.maps.pinholes().unwrap().len(), 1);
+}
+
+#[test]
 fn protocol_rules_and_addresses() {
     let (mut e, _) = engine();
     // 10.1.1.5 is internal but not allowed FTP by the rules (10.1.0.0/24 only).

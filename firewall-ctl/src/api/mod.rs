@@ -64,6 +64,8 @@ pub enum Request {
     },
     /// Follow events: the answer is followed by one event per line.
     Events,
+    /// Read the configuration file again and apply it (what SIGHUP does).
+    Reload,
 }
 
 impl Request {
@@ -82,6 +84,7 @@ impl Request {
             Request::SetClientAddress { .. } => "set-client-address",
             Request::List { .. } => "list",
             Request::Events => "events",
+            Request::Reload => "reload",
         }
     }
 }
@@ -123,6 +126,7 @@ pub enum Answer {
     Bound(BindResult),
     Redirected(RedirectResult),
     Permitted(FutureConnectResult),
+    Reloaded(Reloaded),
     Killed(Killed),
     Cancelled(Cancelled),
     ClientAddressSet(ClientAddressSet),
@@ -132,6 +136,13 @@ pub enum Answer {
     Flows(Vec<FlowView>),
     /// The first line of an event stream; events follow, one per line.
     Following(Following),
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The configuration keys that changed (empty: the file says what runs).
+    pub changed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -248,6 +259,7 @@ mod tests {
                 what: ListWhat::Flows,
             },
             Request::Events,
+            Request::Reload,
         ] {
             assert_eq!(serde_json::to_value(&r).unwrap()["op"], r.op());
         }

@@ -71,6 +71,10 @@ pub enum Command {
     Down,
     /// Interfaces, attach mode, map fill levels and counters.
     Status,
+    /// Read the configuration file again and apply it: rules, policy, timeouts, the wall's
+    /// sources and published servers (what SIGHUP and `systemctl reload` do). Established flows
+    /// and pending pinholes stay; a change only a restart applies is refused, naming its key.
+    Reload,
     /// Open or close a client's session.
     Session {
         #[command(subcommand)]

@@ -19,6 +19,7 @@ use crate::{
 };
 
 mod file;
+mod reload;
 #[cfg(test)]
 mod tests;
 mod types;

@@ -272,6 +272,7 @@ async fn handle(req: Request, shared: &Arc<Shared>) -> Result<Answer, ApiError> 
             })
         }
         Request::Events => unreachable!("served by serve_connection"),
+        Request::Reload => Answer::Reloaded(super::reload::reload(shared).await?),
         Request::SessionOpen { client } => {
             let session = engine.call(move |e| e.open_session(client)).await??;
             Answer::SessionOpened(SessionOpened { session, client })
@@ -354,7 +355,8 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
         let flows = FlowTable::open(&shared.pins)?;
         let pinholes = PinholeTable::open(&shared.pins)?;
         let stats = Stats::open(&shared.pins)?;
-        let (internal_networks, external_addresses) = Status::config_fields(&shared.config);
+        let config = shared.config();
+        let (internal_networks, external_addresses) = Status::config_fields(&config);
         let map = |name: &str, entries: usize, capacity: u32| MapStatus {
             name: name.into(),
             pinned: shared.pins.map(name).display().to_string(),
@@ -367,7 +369,7 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
             .filter(|(_, v)| v.kind == firewall_common::flow::flow_kind::PRIMARY)
             .count() as u64;
         Ok(Status {
-            wall: WallStatus::new(&shared.config, primary),
+            wall: WallStatus::new(&config, primary),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             interfaces: shared.interfaces.clone(),
@@ -389,7 +391,7 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
             executables_blocked: shared
                 .executables_blocked
                 .load(std::sync::atomic::Ordering::Relaxed),
-            ftp_ports: shared.config.ftp_ports.clone(),
+            ftp_ports: config.ftp_ports.clone(),
             ftp: shared.ftp.view(),
             api_connections: shared.api_connections.len() as u64,
             counters: stats

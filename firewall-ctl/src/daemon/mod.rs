@@ -35,6 +35,7 @@ use crate::{
 mod api_server;
 mod metrics;
 mod notify;
+mod reload;
 mod state;
 mod tasks;
 mod wall;
@@ -56,7 +57,13 @@ pub struct UpOptions {
 /// What the API server and the daemon's tasks share.
 struct Shared {
     pins: PinPaths,
-    config: Config,
+    /// The running configuration; a reload replaces it.
+    config: std::sync::RwLock<Arc<Config>>,
+    /// Where it was read from (None: the embedded defaults), for a reload.
+    config_path: Option<PathBuf>,
+    internal: Interface,
+    external: Interface,
+    reload_turn: tokio::sync::Mutex<()>,
     interfaces: Vec<InterfaceStatus>,
     shutdown: watch::Sender<bool>,
     engine: EngineHandle<KernelMaps>,
@@ -68,6 +75,15 @@ struct Shared {
     api_connections: api_server::Connections,
     api_calls: metrics::ApiCalls,
     work: metrics::Work,
+}
+
+impl Shared {
+    fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Raises the soft limit of open files to the hard one: every intercepted
@@ -240,7 +256,11 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     .context("starting the engine's thread")?;
     let shared = Arc::new(Shared {
         pins: pins.clone(),
-        config: config.clone(),
+        config: std::sync::RwLock::new(Arc::new(config.clone())),
+        config_path: opts.config.clone(),
+        internal: internal.clone(),
+        external: external.clone(),
+        reload_turn: Default::default(),
         interfaces: vec![
             InterfaceStatus::new(Side::Internal, &internal, opts.xdp_mode),
             InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
@@ -324,11 +344,16 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     ));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut keep = opts.keep_datapath;
-    tokio::select! {
-        _ = sigint.recv() => log::info!("SIGINT"),
-        _ = sigterm.recv() => log::info!("SIGTERM"),
-        _ = shutdown_rx.changed() => { log::info!("shutdown requested over the API"); keep = false; }
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { log::info!("SIGINT"); break; }
+            _ = sigterm.recv() => { log::info!("SIGTERM"); break; }
+            _ = shutdown_rx.changed() => { log::info!("shutdown requested over the API"); keep = false; break; }
+            // Errors are logged by the reload; the daemon runs on.
+            _ = sighup.recv() => { log::info!("SIGHUP: reloading the configuration"); let _ = reload::reload(&shared).await; }
+        }
     }
     notify::stopping();
 

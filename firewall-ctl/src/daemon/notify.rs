@@ -22,6 +22,15 @@ pub(super) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+pub(super) fn reloading() {
+    send(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
+}
+
+/// After a reload, applied or refused: serving again.
+pub(super) fn ready_again() {
+    send(&[NotifyState::Ready, NotifyState::Status("up")]);
+}
+
 pub(super) fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
 }

@@ -65,22 +65,7 @@ pub fn raise(
     saved: &mut BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
     let conf = conf(config, external)?;
-    let published: Vec<(PublishKey, PublishValue)> = config
-        .published
-        .iter()
-        .map(|p| {
-            let protocol = p.transport.ipproto();
-            (
-                PublishKey::new(protocol, conf.nat_addr, p.port),
-                PublishValue {
-                    server_addr: p.server.ip().octets(),
-                    server_port: p.server.port(),
-                    _pad: 0,
-                    egress_ifindex: internal.index,
-                },
-            )
-        })
-        .collect();
+    let published = published(config, internal);
     WallTables::open(pins)?
         .set(conf, &config.outbound_from, &published)
         .context("writing the wall's settings")?;
@@ -94,6 +79,37 @@ pub fn raise(
         );
     }
     netif::set_sysctls(&netif::forwarding_sysctls(&[internal, external]), saved)
+}
+
+/// The published servers as the datapath holds them.
+fn published(config: &Config, internal: &Interface) -> Vec<(PublishKey, PublishValue)> {
+    config
+        .published
+        .iter()
+        .map(|p| {
+            (
+                PublishKey::new(
+                    p.transport.ipproto(),
+                    config.external_addresses[0].octets(),
+                    p.port,
+                ),
+                PublishValue {
+                    server_addr: p.server.ip().octets(),
+                    server_port: p.server.port(),
+                    _pad: 0,
+                    egress_ifindex: internal.index,
+                },
+            )
+        })
+        .collect()
+}
+
+/// A reloaded configuration's sources and published servers into the
+/// running wall (its settings, the NAT address and ports, stay).
+pub fn reapply(pins: &PinPaths, config: &Config, internal: &Interface) -> anyhow::Result<()> {
+    WallTables::open(pins)?
+        .update(&config.outbound_from, &published(config, internal))
+        .context("updating the wall's sources and published servers")
 }
 
 #[cfg(test)]

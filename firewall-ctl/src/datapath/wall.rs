@@ -58,4 +58,47 @@ impl WallTables {
         self.conf.set(0, conf, 0)?;
         Ok(())
     }
+
+    /// A reload: the allowed sources and published servers become these,
+    /// the settings stay. New entries go in before old ones go out, so a
+    /// source or server in both is never missing, not even for a moment.
+    pub fn update(
+        &mut self,
+        sources: &[Ipv4Net],
+        published: &[(PublishKey, PublishValue)],
+    ) -> anyhow::Result<()> {
+        for (k, v) in published {
+            self.published.insert(k, v, 0)?;
+        }
+        let stale: Vec<PublishKey> = self
+            .published
+            .keys()
+            .filter(|k| {
+                !k.as_ref()
+                    .is_ok_and(|k| published.iter().any(|(p, _)| p == k))
+            })
+            .collect::<Result<_, _>>()?;
+        for k in stale {
+            self.published.remove(&k)?;
+        }
+        let keys: Vec<LpmKey<[u8; 4]>> = sources
+            .iter()
+            .map(|n| LpmKey::new(n.prefix_len() as u32, n.network().octets()))
+            .collect();
+        for k in &keys {
+            self.sources.insert(k, SourceValue { allow: 1 }, 0)?;
+        }
+        let same = |a: &LpmKey<[u8; 4]>, b: &LpmKey<[u8; 4]>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        let stale: Vec<LpmKey<[u8; 4]>> = self
+            .sources
+            .keys()
+            .filter(|k| !k.as_ref().is_ok_and(|k| keys.iter().any(|n| same(n, k))))
+            .collect::<Result<_, _>>()?;
+        for k in stale {
+            self.sources.remove(&k)?;
+        }
+        Ok(())
+    }
 }

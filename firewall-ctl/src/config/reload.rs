@@ -1,0 +1,149 @@
+//! What a reload may change. Rules, policy, timeouts, the wall's sources and
+//! published servers apply to a running daemon; what the datapath was built
+//! with (map sizes, addresses, port ranges) or what holds kernel state
+//! (interception, the metrics listener, data filters) needs a restart.
+
+use super::{err, Config, ConfigError};
+
+/// Keys a reload applies.
+const RELOADABLE: &[&str] = &[
+    "timeouts",
+    "policy",
+    "protocols",
+    "networks",
+    "wall.outbound_from",
+    "publish",
+];
+
+impl Config {
+    /// The keys that differ between the running configuration and `new`,
+    /// or an error naming the first one that only a restart can change.
+    pub fn reload_changes(&self, new: &Config) -> Result<Vec<&'static str>, ConfigError> {
+        let restart = |key: &str| {
+            err(
+                key,
+                "changed, but only a restart applies it (systemctl restart firewall, or down and up); nothing was reloaded",
+            )
+        };
+        let restart_only: [(&str, bool); 13] = [
+            (
+                "addresses.internal_networks",
+                self.internal_networks != new.internal_networks,
+            ),
+            (
+                "addresses.external_addresses",
+                self.external_addresses != new.external_addresses,
+            ),
+            ("maps.flows", self.flow_table_size != new.flow_table_size),
+            (
+                "maps.pinholes",
+                self.pinhole_table_size != new.pinhole_table_size,
+            ),
+            ("ports.range", self.port_range != new.port_range),
+            ("ports.snat_block", self.snat_block != new.snat_block),
+            ("nat.ports", self.nat_port_range != new.nat_port_range),
+            ("ftp.ports", self.ftp_ports != new.ftp_ports),
+            (
+                "ftp.data_connections",
+                self.ftp_user_mode != new.ftp_user_mode,
+            ),
+            (
+                "scan.block_executables",
+                self.block_executables != new.block_executables,
+            ),
+            ("interception.fwmark", self.fwmark != new.fwmark),
+            (
+                "interception.route_table",
+                self.route_table != new.route_table,
+            ),
+            ("metrics.listen", self.metrics_listen != new.metrics_listen),
+        ];
+        if let Some((key, _)) = restart_only.iter().find(|(_, changed)| *changed) {
+            return Err(restart(key));
+        }
+        let reloadable = [
+            self.timeouts != new.timeouts,
+            self.client_quota != new.client_quota
+                || self.max_pending_per_session != new.max_pending_per_session
+                || self.default_allowed_addresses != new.default_allowed_addresses,
+            self.protocols != new.protocols,
+            self.networks != new.networks,
+            self.outbound_from != new.outbound_from,
+            self.published != new.published,
+        ];
+        Ok(RELOADABLE
+            .iter()
+            .zip(reloadable)
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netif::Interface;
+
+    fn parse(text: &str) -> Config {
+        let i = Interface {
+            name: "in0".into(),
+            index: 2,
+            networks: vec!["10.1.0.1/24".parse().unwrap()],
+        };
+        let e = Interface {
+            name: "ex0".into(),
+            index: 3,
+            networks: vec!["10.2.0.1/24".parse().unwrap()],
+        };
+        Config::parse(text, &i, &e).unwrap()
+    }
+
+    #[test]
+    fn rules_policy_and_timeouts_reload() {
+        let old = parse("");
+        assert_eq!(old.reload_changes(&parse("")).unwrap(), Vec::<&str>::new());
+        let new = parse(
+            "[timeouts]\nudp_idle = 30\n[policy]\nclient_quota = 10\n[wall]\noutbound_from = [\"10.1.0.0/25\"]\n\
+             [[publish]]\ntransport = \"tcp\"\nport = 8080\nserver = \"10.1.0.2:80\"\n\
+             [[protocols]]\nname = \"ftp\"\ntransport = \"tcp\"\nports = [21]\nclients = [\"10.1.0.2/32\"]",
+        );
+        assert_eq!(
+            old.reload_changes(&new).unwrap(),
+            vec![
+                "timeouts",
+                "policy",
+                "protocols",
+                "wall.outbound_from",
+                "publish"
+            ]
+        );
+    }
+
+    #[test]
+    fn what_needs_a_restart_is_refused_by_key() {
+        let old = parse("");
+        for (text, key) in [
+            ("[maps]\nflows = 2048", "maps.flows"),
+            ("[maps]\npinholes = 128", "maps.pinholes"),
+            (
+                "[addresses]\ninternal_networks = [\"10.1.0.0/25\"]",
+                "addresses.internal_networks",
+            ),
+            ("[ports]\nrange = \"30000-40000\"", "ports.range"),
+            ("[nat]\nports = \"2000-3000\"", "nat.ports"),
+            ("[ftp]\nports = [2121]", "ftp.ports"),
+            ("[ftp]\nenabled = false", "ftp.ports"),
+            ("[interception]\nfwmark = 7", "interception.fwmark"),
+            ("[metrics]\nlisten = \"127.0.0.1:9469\"", "metrics.listen"),
+            (
+                "[scan]\nblock_executables = [\"ftp\"]",
+                "scan.block_executables",
+            ),
+        ] {
+            let e = old.reload_changes(&parse(text)).unwrap_err();
+            assert_eq!(e.key, key, "{text}");
+            assert!(e.to_string().contains("restart"), "{e}");
+        }
+    }
+}
