@@ -83,19 +83,10 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netif::Interface;
+    use crate::config::tests::ifs;
 
     fn parse(text: &str) -> Config {
-        let i = Interface {
-            name: "in0".into(),
-            index: 2,
-            networks: vec!["10.1.0.1/24".parse().unwrap()],
-        };
-        let e = Interface {
-            name: "ex0".into(),
-            index: 3,
-            networks: vec!["10.2.0.1/24".parse().unwrap()],
-        };
+        let (i, e) = ifs();
         Config::parse(text, &i, &e).unwrap()
     }
 

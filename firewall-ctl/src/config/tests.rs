@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::*;
 
-fn ifs() -> (Interface, Interface) {
+pub(super) fn ifs() -> (Interface, Interface) {
     let i = Interface {
         name: "in0".into(),
         index: 2,
