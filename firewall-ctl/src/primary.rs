@@ -15,7 +15,10 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering::SeqCst},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -29,7 +32,7 @@ use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
 };
 
-use crate::ftp::{Control, FtpStats, Output, Secondaries};
+use crate::ftp::{Control, ControlState, FtpStats, Output, Secondaries};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -56,10 +59,60 @@ pub fn listener() -> anyhow::Result<(std::net::TcpListener, SocketAddrV4)> {
 pub struct Proxy {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    handover: Arc<HandOver>,
 }
 
+/// A control connection handed from a daemon that restarts to the next one:
+/// its two sockets and the filter's state between two reads.
+pub struct Handed {
+    pub client: std::net::TcpStream,
+    pub server: std::net::TcpStream,
+    pub state: ControlState,
+}
+
+/// Control connections' hand-over: asked of every connection's task, which
+/// leaves its sockets and state here at its next quiet moment.
+struct HandOver {
+    asked: tokio::sync::watch::Sender<bool>,
+    handed: Mutex<Vec<Handed>>,
+    /// Control connections' tasks running.
+    live: AtomicUsize,
+}
+
+/// Counts a control connection's task while it runs.
+struct Live(Arc<HandOver>);
+
+impl Live {
+    fn new(h: &Arc<HandOver>) -> Self {
+        h.live.fetch_add(1, SeqCst);
+        Self(h.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, SeqCst);
+    }
+}
+
+/// How long a hand-over waits for connections busy with a transfer of
+/// control data (a line being written to a slow peer).
+const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
 impl Proxy {
-    pub fn start(listener: std::net::TcpListener, ctx: Arc<Interception>) -> anyhow::Result<Self> {
+    /// Starts the proxy; `resumed` are control connections a previous daemon
+    /// handed over, filtered on from where it stopped.
+    pub fn start(
+        listener: std::net::TcpListener,
+        ctx: Arc<Interception>,
+        resumed: Vec<Handed>,
+    ) -> anyhow::Result<Self> {
+        let handover = Arc::new(HandOver {
+            asked: tokio::sync::watch::channel(false).0,
+            handed: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+        });
+        let ho = handover.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -76,8 +129,17 @@ impl Proxy {
                             return;
                         }
                     };
+                    for h in resumed {
+                        let (ctx, live) = (ctx.clone(), Live::new(&ho));
+                        tokio::spawn(async move {
+                            let (client, server) = (h.state.client, h.state.server);
+                            if let Err(e) = resume(h, &ctx, live).await {
+                                log::warn!("ftp {client} → {server}: not resumed: {e:#}");
+                            }
+                        });
+                    }
                     tokio::select! {
-                        _ = serve(listener, ctx) => {}
+                        _ = serve(listener, ctx, ho) => {}
                         _ = stopped => {}
                     }
                 });
@@ -87,7 +149,23 @@ impl Proxy {
         Ok(Self {
             stop: Some(stop),
             thread: Some(thread),
+            handover,
         })
+    }
+
+    /// Stops, handing the control connections over instead of ending them:
+    /// each leaves its sockets and state at its next quiet moment (within
+    /// HANDOVER_WAIT); the ones that do not are ended.
+    pub fn hand_over(self) -> Vec<Handed> {
+        let ho = self.handover.clone();
+        ho.asked.send_replace(true);
+        let start = std::time::Instant::now();
+        while ho.live.load(SeqCst) > 0 && start.elapsed() < HANDOVER_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.stop();
+        let handed = std::mem::take(&mut *ho.handed.lock().unwrap_or_else(|p| p.into_inner()));
+        handed
     }
 
     /// Stops accepting and ends the control connections.
@@ -113,7 +191,7 @@ pub struct Interception {
 }
 
 /// Accepts intercepted connections until the task is aborted.
-pub async fn serve(listener: TcpListener, ctx: Arc<Interception>) {
+async fn serve(listener: TcpListener, ctx: Arc<Interception>, ho: Arc<HandOver>) {
     let mut spare = Spare::new();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -137,9 +215,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Interception>) {
             log::debug!("interception: dropping a direct connection from {client}");
             continue;
         }
-        let ctx = ctx.clone();
+        let (ctx, live) = (ctx.clone(), Live::new(&ho));
         tokio::spawn(async move {
-            if let Err(e) = ftp_control(stream, client, server, &ctx).await {
+            if let Err(e) = ftp_control(stream, client, server, &ctx, live).await {
                 log::info!("ftp {client} → {server}: {e:#}");
             }
         });
@@ -198,7 +276,11 @@ struct ClientSide(AsyncFd<std::net::TcpStream>);
 
 impl ClientSide {
     fn new(stream: TcpStream) -> std::io::Result<Self> {
-        let stream = stream.into_std()?;
+        Self::from_std(stream.into_std()?)
+    }
+
+    fn from_std(stream: std::net::TcpStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
         // ABOR comes as urgent data (ftplib sends the whole command so).
         SockRef::from(&stream).set_out_of_band_inline(true)?;
         // SAFETY: the AsyncFd owns the stream, so its fd stays open and the
@@ -342,10 +424,10 @@ async fn ftp_control(
     client: SocketAddrV4,
     server: SocketAddrV4,
     ctx: &Interception,
+    live: Live,
 ) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
     let client_side = ClientSide::new(client_stream)?;
-    let mut control = match Control::new(
+    let control = match Control::new(
         ctx.api.clone(),
         ctx.stats.clone(),
         client,
@@ -380,6 +462,39 @@ async fn ftp_control(
     let _ = client_side.sock().set_nodelay(true);
     let _ = SockRef::from(&server_stream).set_keepalive(true);
     let _ = client_side.sock().set_keepalive(true);
+    relay(client_side, server_stream, control, live).await;
+    Ok(())
+}
+
+/// Goes on with a control connection a previous daemon handed over.
+async fn resume(h: Handed, ctx: &Interception, live: Live) -> anyhow::Result<()> {
+    let (client, server) = (h.state.client, h.state.server);
+    let client_side = ClientSide::from_std(h.client)?;
+    h.server.set_nonblocking(true)?;
+    let server_stream = TcpStream::from_std(h.server)?;
+    let control = match Control::resume(ctx.api.clone(), ctx.stats.clone(), h.state) {
+        Ok(c) => c,
+        Err(e) => {
+            reset(client_side.sock());
+            bail!("not filtered: {e}");
+        }
+    };
+    log::info!("ftp {client} → {server}: resumed from the previous daemon");
+    relay(client_side, server_stream, control, live).await;
+    Ok(())
+}
+
+/// Relays and filters a control connection until it ends or is handed over.
+async fn relay(
+    client_side: ClientSide,
+    server_stream: TcpStream,
+    mut control: Control,
+    live: Live,
+) {
+    let started = std::time::Instant::now();
+    let (client, server) = (control.client(), control.server());
+    let mut asked = live.0.asked.subscribe();
+    let mut handing_over = false;
     let (c, s) = (&client_side, &server_stream);
     let (mut client_open, mut server_open) = (true, true);
     let mut outcome = "closed";
@@ -416,6 +531,12 @@ async fn ftp_control(
                     shutdown_write(c.sock());
                 }
             },
+            // Only between two reads with nothing left to write: the
+            // state is whole. A half-closed connection just ends.
+            _ = asked.wait_for(|a| *a), if client_open && server_open => {
+                handing_over = true;
+                break;
+            },
         }
         // A side that cannot take what is due ends the connection.
         if !out.to_server.is_empty() && send(s, &out.to_server, out.urgent_at).await.is_err() {
@@ -427,13 +548,31 @@ async fn ftp_control(
             break;
         }
     }
+    if handing_over {
+        let ho = live.0.clone();
+        let client_std = client_side.0.into_inner();
+        match server_stream.into_std() {
+            Ok(server_std) => {
+                log::debug!("ftp {client} → {server}: handed over");
+                ho.handed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Handed {
+                        client: client_std,
+                        server: server_std,
+                        state: control.hand_over(),
+                    });
+            }
+            Err(e) => log::warn!("ftp {client} → {server}: could not be handed over: {e}"),
+        }
+        return;
+    }
     control.finish();
     log::info!(
         "ftp {client} → {server}: {outcome} after {:.1} s; {}",
         started.elapsed().as_secs_f64(),
         control.summary()
     );
-    Ok(())
 }
 
 /// Connects to the server from the firewall's external address.

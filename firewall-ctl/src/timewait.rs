@@ -50,8 +50,11 @@ fn own_addresses() -> anyhow::Result<HashSet<IpAddr>> {
 /// Destroys the TCP sockets bound to addresses this machine does not have
 /// (the transparent sockets of intercepted connections), in every state:
 /// TIME_WAIT ones go silently, live ones are reset (the daemon that
-/// answered for those servers is going). Returns how many there were.
-pub fn destroy_transparent() -> anyhow::Result<usize> {
+/// answered for those servers is going), but those in `except` (local,
+/// remote: handed to the next daemon). Returns how many there were.
+pub fn destroy_transparent(
+    except: &[(std::net::SocketAddrV4, std::net::SocketAddrV4)],
+) -> anyhow::Result<usize> {
     let own = own_addresses()?;
     let mut nl = Netlink::open(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
     let ours: Vec<SocketId> = nl
@@ -63,6 +66,14 @@ pub fn destroy_transparent() -> anyhow::Result<usize> {
             _ => None,
         })
         .filter(|id| !own.contains(&id.source_address))
+        .filter(|id| {
+            !except.iter().any(|(local, remote)| {
+                id.source_address == IpAddr::V4(*local.ip())
+                    && id.source_port == local.port()
+                    && id.destination_address == IpAddr::V4(*remote.ip())
+                    && id.destination_port == remote.port()
+            })
+        })
         .collect();
     let mut destroyed = 0;
     for id in ours {

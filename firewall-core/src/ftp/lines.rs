@@ -35,7 +35,7 @@ pub(super) enum Piece {
 
 /// Splits a stream into lines, however the bytes arrive; a line longer than
 /// MAX_LINE is dropped as it comes, not buffered.
-#[derive(Default)]
+#[derive(Default, Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Lines {
     buf: Vec<u8>,
     /// Inside a line longer than MAX_LINE (dropping it).
@@ -174,7 +174,7 @@ fn code(body: &[u8], sep: u8) -> Option<u16> {
 }
 
 /// Follows the reply structure of the server's side.
-#[derive(Default)]
+#[derive(Default, Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(super) struct Replies {
     /// The code of the multi-line reply in progress.
     open: Option<u16>,

@@ -134,7 +134,7 @@ pub struct Control {
 }
 
 /// What one control connection did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Tally {
     active: u32,
     passive: u32,
@@ -142,7 +142,77 @@ struct Tally {
     failed: u32,
 }
 
+/// A control connection's filter state between two reads, as a restarting
+/// daemon hands it to the next one (with the connection's two sockets).
+/// The calls' ids are not in it: the next daemon's engine starts afresh.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ControlState {
+    pub client: SocketAddrV4,
+    pub server: SocketAddrV4,
+    pub external: Ipv4Addr,
+    extra_flags: ConnFlags,
+    from_client: Lines,
+    from_server: Lines,
+    replies: Replies,
+    dropping_reply: bool,
+    tally: Tally,
+}
+
 impl Control {
+    /// The client, as it connected.
+    pub fn client(&self) -> SocketAddrV4 {
+        self.client
+    }
+
+    /// The server, as the client dialled it.
+    pub fn server(&self) -> SocketAddrV4 {
+        self.server
+    }
+
+    /// What the next daemon needs to go on filtering this connection. The
+    /// pinholes it made stay the engine's (whatever became a connection
+    /// stays in the kernel; unused ones go with the engine).
+    pub fn hand_over(mut self) -> ControlState {
+        self.opened.clear();
+        ControlState {
+            client: self.client,
+            server: self.server,
+            external: self.external,
+            extra_flags: self.extra_flags,
+            from_client: std::mem::take(&mut self.from_client),
+            from_server: std::mem::take(&mut self.from_server),
+            replies: std::mem::take(&mut self.replies),
+            dropping_reply: self.dropping_reply,
+            tally: self.tally,
+        }
+    }
+
+    /// Goes on filtering a connection a previous daemon handed over, in a
+    /// session of this daemon's engine (not counted again as a new control
+    /// connection).
+    pub fn resume(
+        api: Arc<dyn Secondaries>,
+        stats: Arc<FtpStats>,
+        state: ControlState,
+    ) -> Result<Self, ApiError> {
+        let session = api.session(*state.client.ip())?;
+        Ok(Self {
+            api,
+            stats,
+            session,
+            client: state.client,
+            server: state.server,
+            external: state.external,
+            extra_flags: state.extra_flags,
+            from_client: state.from_client,
+            from_server: state.from_server,
+            replies: state.replies,
+            dropping_reply: state.dropping_reply,
+            opened: Vec::new(),
+            tally: state.tally,
+        })
+    }
+
     pub fn new(
         api: Arc<dyn Secondaries>,
         stats: Arc<FtpStats>,

@@ -394,3 +394,39 @@ fn a_failed_call_answers_425() {
     );
     assert_eq!(stats.view().failed_calls, 1);
 }
+
+#[test]
+fn a_handed_over_connection_reads_on_where_it_stopped() {
+    let (mut whole, _, _) = control();
+    let (mut first, fake, stats) = control();
+    // Half a PORT command and half a multi-line reply, then the hand-over.
+    let cmd = b"PORT 10,1,0,2,19,137\r\n";
+    let reply = b"150-Opening\r\n150 data connection\r\n";
+    let (c1, c2) = cmd.split_at(9);
+    let (r1, r2) = reply.split_at(15);
+    assert!(from_client(&mut first, c1).to_server.is_empty());
+    let mut out = Output::default();
+    first.server_data(r1, &mut out);
+    let state = first.hand_over();
+    assert!(
+        fake.withdrawn.lock().unwrap().is_empty(),
+        "nothing withdrawn at a hand-over"
+    );
+    let json = serde_json::to_string(&state).unwrap();
+    let state: ControlState = serde_json::from_str(&json).unwrap();
+    let mut next = Control::resume(fake.clone(), stats.clone(), state).unwrap();
+    assert_eq!(stats.view().control_connections, 1, "not counted twice");
+    let got = from_client(&mut next, c2);
+    let want = from_client(&mut whole, cmd);
+    assert_eq!(got, want);
+    assert!(!got.to_server.is_empty());
+    let mut got = Output::default();
+    next.server_data(r2, &mut got);
+    let mut want = Output::default();
+    whole.server_data(reply, &mut want);
+    assert_eq!(
+        [out.to_client, got.to_client].concat(),
+        want.to_client,
+        "the reply reads the same across the hand-over"
+    );
+}

@@ -33,6 +33,7 @@ use crate::{
 };
 
 mod api_server;
+mod handover;
 mod metrics;
 mod notify;
 mod reload;
@@ -276,17 +277,20 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         api_calls: Default::default(),
         work: Default::default(),
     });
-    let interception_task =
-        match start_interception(&mut dp, &config, &internal, &external, &shared, &mut state) {
-            Ok(t) => t,
-            Err(e) => {
-                engine.stop();
-                drop(dp);
-                let _ = teardown(&pins, Some(&state));
-                let _ = fs::remove_file(&opts.socket);
-                return Err(e.context("starting the interception of primary connections"));
-            }
-        };
+    // Control connections a restarting daemon left in systemd's store.
+    let resumed = handover::take();
+    let interception_task = match start_interception(
+        &mut dp, &config, &internal, &external, &shared, &mut state, resumed,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            engine.stop();
+            drop(dp);
+            let _ = teardown(&pins, Some(&state));
+            let _ = fs::remove_file(&opts.socket);
+            return Err(e.context("starting the interception of primary connections"));
+        }
+    };
     let raised = wall::raise(
         &pins,
         &config,
@@ -357,8 +361,26 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     }
     notify::stopping();
 
+    // A restart under systemd (the datapath stays): the control connections
+    // go to its store for the next daemon instead of ending.
+    let mut kept_sockets = Vec::new();
     if let Some(p) = interception_task {
-        p.stop();
+        if keep && notify::enabled() {
+            let handed = p.hand_over();
+            kept_sockets = handover::client_sockets(&handed);
+            match handover::store(handed) {
+                Ok(0) => {}
+                Ok(n) => {
+                    log::info!("{n} FTP control connections handed to the service manager's store")
+                }
+                Err(e) => {
+                    kept_sockets.clear();
+                    log::warn!("handing the FTP control connections over failed ({e:#}): they end");
+                }
+            }
+        } else {
+            p.stop();
+        }
     }
     // Stops accepting API connections too (the listener goes with its task).
     for t in &tasks {
@@ -373,7 +395,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     drop(dp);
     let result = if keep {
         log::info!("leaving the datapath attached and pinned (--keep-datapath); `firewall-ctl down` removes it");
-        remove_transparent_sockets();
+        remove_transparent_sockets(&kept_sockets);
         Ok(())
     } else {
         teardown(&pins, Some(&state)).map(|removed| {
@@ -417,10 +439,17 @@ fn start_interception(
     external: &Interface,
     shared: &Arc<Shared>,
     state: &mut State,
+    resumed: Vec<primary::Handed>,
 ) -> anyhow::Result<Option<primary::Proxy>> {
     let mut tables = InterceptTables::open(dp.pins())?;
     if config.ftp_ports.is_empty() {
         tables.set(InterceptConf::default(), &[])?;
+        if !resumed.is_empty() {
+            log::warn!(
+                "FTP filter off: {} handed-over control connections end",
+                resumed.len()
+            );
+        }
         log::info!("FTP filter off: no interception");
         return Ok(None);
     }
@@ -473,7 +502,7 @@ fn start_interception(
         config.fwmark,
         config.route_table
     );
-    Ok(Some(primary::Proxy::start(listener, ctx)?))
+    Ok(Some(primary::Proxy::start(listener, ctx, resumed)?))
 }
 
 /// The FTP filter's calls, made from the interception's own thread: they

@@ -55,8 +55,11 @@ impl State {
 
 /// Removes the sockets that answered for servers' addresses: left behind,
 /// they would stall forwarded connections of the same 5-tuples.
-pub(super) fn remove_transparent_sockets() {
-    match crate::timewait::destroy_transparent() {
+/// `except`: (local, remote) of sockets handed to the next daemon.
+pub(super) fn remove_transparent_sockets(
+    except: &[(std::net::SocketAddrV4, std::net::SocketAddrV4)],
+) {
+    match crate::timewait::destroy_transparent(except) {
         Ok(0) => {}
         Ok(n) => log::info!("closed {n} sockets of intercepted connections"),
         Err(e) => log::warn!("closing the sockets of intercepted connections: {e:#}"),
@@ -68,7 +71,7 @@ pub fn teardown(pins: &PinPaths, state: Option<&State>) -> anyhow::Result<Vec<Pa
     if let Some(d) = state.and_then(|s| s.local_delivery) {
         d.remove();
     }
-    remove_transparent_sockets();
+    remove_transparent_sockets(&[]);
     let removed = datapath::unpin_all(pins)?;
     if let Some(s) = state {
         for (k, v) in &s.saved_sysctls {

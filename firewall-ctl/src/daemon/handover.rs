@@ -1,0 +1,134 @@
+//! FTP control connections kept across a restart in systemd's
+//! file-descriptor store (`FDSTORE=1`, `FileDescriptorStoreMax=` in the
+//! unit): the stopping daemon stores each connection's two sockets and one
+//! memfd with the filter's states; systemd passes them to the next daemon
+//! (`LISTEN_FDS`, `LISTEN_FDNAMES`), which filters on from where the old one
+//! stopped and removes them from the store. Clients notice nothing: their
+//! segments wait in the kernel's socket buffers meanwhile. Without a service
+//! manager (no NOTIFY_SOCKET) the connections end with the daemon.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Seek as _, Write as _},
+    net::SocketAddrV4,
+    os::fd::{AsFd as _, FromRawFd as _, OwnedFd},
+};
+
+use sd_notify::NotifyState;
+use serde::{Deserialize, Serialize};
+
+use crate::{ftp::ControlState, primary::Handed};
+
+/// The memfd with the filter states.
+const STATES: &str = "ftp-states";
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    n: usize,
+    state: ControlState,
+}
+
+fn client_name(n: usize) -> String {
+    format!("ftp-client-{n}")
+}
+
+fn server_name(n: usize) -> String {
+    format!("ftp-server-{n}")
+}
+
+/// The (local, remote) addresses of the client sides stored: sockets that
+/// must outlive this daemon.
+pub(super) fn client_sockets(handed: &[Handed]) -> Vec<(SocketAddrV4, SocketAddrV4)> {
+    handed
+        .iter()
+        .map(|h| (h.state.server, h.state.client))
+        .collect()
+}
+
+fn store_fd(name: &str, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd])
+}
+
+/// Stores the connections with the service manager; returns how many. The
+/// descriptors here close as they are dropped: the store holds its own.
+pub(super) fn store(handed: Vec<Handed>) -> anyhow::Result<usize> {
+    if handed.is_empty() {
+        return Ok(0);
+    }
+    let mut entries = Vec::new();
+    for (n, h) in handed.into_iter().enumerate() {
+        store_fd(&client_name(n), h.client.as_fd())?;
+        store_fd(&server_name(n), h.server.as_fd())?;
+        entries.push(Entry { n, state: h.state });
+    }
+    let fd = nix::sys::memfd::memfd_create(
+        c"firewall-ftp-states",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(&serde_json::to_vec(&entries)?)?;
+    store_fd(STATES, file.as_fd())?;
+    Ok(entries.len())
+}
+
+/// Takes the connections a previous daemon stored, and has the store
+/// forget them (the next restart stores what is alive then).
+pub(super) fn take() -> Vec<Handed> {
+    let fds: BTreeMap<String, OwnedFd> = match sd_notify::listen_fds_with_names() {
+        // SAFETY: the service manager passed these descriptors to this
+        // process (LISTEN_PID checked); each is owned once, here.
+        Ok(fds) => fds
+            .map(|(fd, name)| (name, unsafe { OwnedFd::from_raw_fd(fd) }))
+            .collect(),
+        Err(e) => {
+            log::warn!("descriptors from the service manager: {e}");
+            return Vec::new();
+        }
+    };
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    if fds.is_empty() {
+        return Vec::new();
+    }
+    for name in fds.keys() {
+        let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+    }
+    let mut fds = fds;
+    let entries: Vec<Entry> = match fds.remove(STATES).map(read_states) {
+        Some(Ok(e)) => e,
+        Some(Err(e)) => {
+            log::warn!("the previous daemon's FTP states are unreadable ({e:#}): its control connections end");
+            return Vec::new();
+        }
+        None => {
+            log::warn!("descriptors without the previous daemon's FTP states: ignored");
+            return Vec::new();
+        }
+    };
+    let handed: Vec<Handed> = entries
+        .into_iter()
+        .filter_map(|e| {
+            let client = fds.remove(&client_name(e.n))?;
+            let server = fds.remove(&server_name(e.n))?;
+            Some(Handed {
+                client: client.into(),
+                server: server.into(),
+                state: e.state,
+            })
+        })
+        .collect();
+    log::info!(
+        "{} FTP control connections taken over from the previous daemon",
+        handed.len()
+    );
+    handed
+}
+
+fn read_states(fd: OwnedFd) -> anyhow::Result<Vec<Entry>> {
+    let mut file = std::fs::File::from(fd);
+    file.rewind()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(serde_json::from_str(&text)?)
+}
