@@ -204,9 +204,43 @@ fn carry_out<M: Maps + Send + 'static>(
         }
     }
     for e in effects.events {
-        if log::log_enabled!(log::Level::Debug) {
-            log::debug!("event: {}", serde_json::to_string(&e).unwrap_or_default());
-        }
+        record(&e);
         let _ = outlets.events.send(e);
+    }
+}
+
+/// An event as a structured log record (target `firewall::events`, debug).
+fn record(e: &Event) {
+    match e {
+        Event::Established {
+            connection,
+            parent,
+            session,
+            protocol,
+            from,
+            to,
+            context,
+        } => tracing::debug!(
+            target: "firewall::events",
+            event = "established",
+            connection,
+            parent,
+            session,
+            protocol = protocol.name(),
+            %from,
+            %to,
+            context = context.as_deref(),
+        ),
+        Event::Terminating {
+            connection,
+            session,
+            reason,
+        } => tracing::debug!(
+            target: "firewall::events",
+            event = "terminating",
+            connection,
+            session,
+            reason = reason.as_str(),
+        ),
     }
 }

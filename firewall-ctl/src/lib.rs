@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod engine_owner;
 pub mod lock;
+pub mod logging;
 pub mod mapops;
 pub mod netif;
 pub mod netlink;

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    firewall_ctl::logging::init(cli.log_format.into());
     let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,6 +31,7 @@ use tokio::{
     },
     net::{TcpListener, TcpSocket, TcpStream},
 };
+use tracing::Instrument as _;
 
 use crate::ftp::{Control, ControlState, FtpStats, Output, Secondaries};
 
@@ -131,12 +132,16 @@ impl Proxy {
                     };
                     for h in resumed {
                         let (ctx, live) = (ctx.clone(), Live::new(&ho));
-                        tokio::spawn(async move {
-                            let (client, server) = (h.state.client, h.state.server);
-                            if let Err(e) = resume(h, &ctx, live).await {
-                                log::warn!("ftp {client} → {server}: not resumed: {e:#}");
+                        let (client, server) = (h.state.client, h.state.server);
+                        let span = tracing::info_span!("ftp", %client, %server);
+                        tokio::spawn(
+                            async move {
+                                if let Err(e) = resume(h, &ctx, live).await {
+                                    log::warn!("ftp {client} → {server}: not resumed: {e:#}");
+                                }
                             }
-                        });
+                            .instrument(span),
+                        );
                     }
                     tokio::select! {
                         _ = serve(listener, ctx, ho) => {}
@@ -216,11 +221,16 @@ async fn serve(listener: TcpListener, ctx: Arc<Interception>, ho: Arc<HandOver>)
             continue;
         }
         let (ctx, live) = (ctx.clone(), Live::new(&ho));
-        tokio::spawn(async move {
-            if let Err(e) = ftp_control(stream, client, server, &ctx, live).await {
-                log::info!("ftp {client} → {server}: {e:#}");
+        // Every record of the control connection carries its endpoints.
+        let span = tracing::info_span!("ftp", %client, %server);
+        tokio::spawn(
+            async move {
+                if let Err(e) = ftp_control(stream, client, server, &ctx, live).await {
+                    log::info!("ftp {client} → {server}: {e:#}");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 

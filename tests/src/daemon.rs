@@ -65,11 +65,11 @@ impl Firewall {
                 addr::IF_EXTERNAL,
             ])
             .args(extra)
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("FIREWALL_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logfile.try_clone()?)
             .stderr(logfile)

@@ -177,6 +177,84 @@ fn a_taken_metrics_address_fails_up_naming_the_key() {
 }
 
 #[test]
+fn logs_are_structured_records_with_spans() {
+    firewall_tests::require_root();
+    let _turn = firewall_tests::exclusive();
+    let lab = Lab::create(&firewall_tests::lab::unique_prefix("oplog")).unwrap();
+    let fw = Firewall::up_with_env(
+        &lab,
+        &["--log-format", "json"],
+        &[(
+            "RUST_LOG",
+            "info,firewall::events=debug,firewall_core=debug",
+        )],
+    )
+    .unwrap();
+    prime_neighbours(&lab);
+    let server = firewall_tests::ftp::FtpServer::start(&lab.server, &lab.prefix).unwrap();
+    server.random_file("log.bin", 100_000).unwrap();
+    let got = std::env::temp_dir().join(format!("{}-log.bin", lab.prefix));
+    for c in [
+        firewall_tests::ftp::Client::CurlPassive,
+        firewall_tests::ftp::Client::CurlActive,
+    ] {
+        firewall_tests::ftp::check(c.name(), &c.download(&lab.client, "log.bin", &got));
+    }
+    std::fs::remove_file(&got).ok();
+    // Their data connections end now rather than after the closing timeout.
+    for c in fw.list("connections") {
+        if c["state"] == "terminated" {
+            continue;
+        }
+        let verb = if c["kind"] == "redirect" {
+            "cancel"
+        } else {
+            "kill"
+        };
+        let out = fw.ctl(&[verb, &c["id"].to_string()]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let text = fw.log_text();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let client = addr::CLIENT;
+    // The control connection's end, inside its span.
+    let ftp_end = records.iter().find(|r| {
+        r["span"]["name"] == "ftp"
+            && r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("closed after"))
+    });
+    let ftp_end = ftp_end.unwrap_or_else(|| panic!("no record in an ftp span: {text}"));
+    assert!(
+        ftp_end["span"]["client"]
+            .as_str()
+            .unwrap()
+            .starts_with(client),
+        "{ftp_end}"
+    );
+    assert_eq!(ftp_end["span"]["server"], format!("{}:21", addr::SERVER));
+    // The events stream, a record per event with its fields.
+    let ended: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["target"] == "firewall::events" && r["event"] == "terminating")
+        .collect();
+    assert!(ended.len() >= 2, "{text}");
+    assert!(ended
+        .iter()
+        .all(|r| r["connection"].as_u64().is_some() && r["reason"].is_string()));
+    // What the engine says about a connection object carries its span.
+    assert!(
+        records.iter().any(|r| r["spans"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "conn" && s["id"].is_u64()))),
+        "no record in a conn span: {text}"
+    );
+}
+
+#[test]
 fn systemd_hears_ready_and_stopping() {
     firewall_tests::require_root();
     let _turn = firewall_tests::exclusive();

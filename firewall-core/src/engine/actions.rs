@@ -248,6 +248,8 @@ impl<M: Maps> Engine<M> {
     }
 
     pub(super) fn end(&mut self, id: u64, reason: &str, delete_flows: bool) {
+        let span = self.objects.get(&id).map(|o| o.span.clone());
+        let _entered = span.as_ref().map(|s| s.enter());
         let children: Vec<u64> = self
             .objects
             .get(&id)
@@ -262,6 +264,7 @@ impl<M: Maps> Engine<M> {
         if o.state == State::Terminated {
             return;
         }
+        tracing::debug!(reason, "ends");
         let now = self.clock.now_ns();
         let was_pending = o.state == State::Listening && o.parent.is_none();
         o.state = State::Terminated;

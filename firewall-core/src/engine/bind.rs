@@ -409,7 +409,7 @@ impl<M: Maps> Engine<M> {
         *self.pending.entry(req.session).or_default() += made.len();
         let mut out = Vec::with_capacity(made.len());
         for m in made {
-            self.objects.insert(m.id, m.object);
+            self.objects.insert(m.id, m.object.with_span(m.id));
             if ctx.deadline != 0 {
                 self.timers
                     .at(ctx.deadline, timers::Timer::PinholeTimeout(m.id));

@@ -15,6 +15,8 @@ impl<M: Maps> Engine<M> {
         fill: impl FnOnce(&mut Object),
     ) -> u64 {
         let o = self.objects.get(&owner).expect("checked by the caller");
+        let span = o.span.clone();
+        let _entered = span.enter();
         let to = o
             .target
             .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -43,7 +45,7 @@ impl<M: Maps> Engine<M> {
             };
             fill(&mut child);
             let id = self.new_id();
-            self.objects.insert(id, child);
+            self.objects.insert(id, child.with_span(id));
             if let Some(parent) = self.objects.get_mut(&owner) {
                 parent.children.push(id);
             }

@@ -137,7 +137,8 @@ impl<M: Maps> Engine<M> {
                     f,
                     a,
                 )
-            },
+            }
+            .with_span(id),
         );
         *self.pending.entry(req.session).or_default() += 1;
         if deadline != 0 {

@@ -8,6 +8,9 @@ pub(super) struct Session {
 }
 
 pub(super) struct Object {
+    /// The object's span: what the engine logs about it carries its id,
+    /// kind, session and mode.
+    pub(super) span: tracing::Span,
     pub(super) session: u64,
     pub(super) kind: Kind,
     pub(super) parent: Option<u64>,
@@ -57,6 +60,19 @@ pub(super) struct Object {
 pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 impl Object {
+    /// The object under its id, with its span.
+    pub(super) fn with_span(mut self, id: u64) -> Self {
+        self.span = tracing::info_span!(
+            "conn",
+            id,
+            kind = self.kind.name(),
+            session = self.session,
+            mode = self.mode.name(),
+            parent = self.parent,
+        );
+        self
+    }
+
     /// A listening object with nothing attached yet.
     pub(super) fn new(
         session: u64,
@@ -67,6 +83,7 @@ impl Object {
         endpoint: SocketAddrV4,
     ) -> Self {
         Self {
+            span: tracing::Span::none(),
             session,
             kind,
             parent: None,

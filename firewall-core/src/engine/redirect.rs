@@ -195,7 +195,7 @@ impl<M: Maps> Engine<M> {
         }
         *self.pending.entry(req.session).or_default() += created.len();
         for (id, o) in created {
-            self.objects.insert(id, o);
+            self.objects.insert(id, o.with_span(id));
             if deadline != 0 {
                 self.timers.at(deadline, timers::Timer::PinholeTimeout(id));
             }

@@ -41,8 +41,32 @@ pub struct Cli {
     /// JSON output, for scripts.
     #[arg(short = 'j', long = "json", global = true)]
     pub json: bool,
+    /// Log records as text, or as one JSON object per line with their fields and spans.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "FIREWALL_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormatArg,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for firewall_ctl::logging::LogFormat {
+    fn from(f: LogFormatArg) -> Self {
+        match f {
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
