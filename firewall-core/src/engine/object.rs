@@ -60,9 +60,11 @@ pub(super) struct Object {
 pub const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 impl Object {
-    /// The object under its id, with its span.
+    /// The object under its id, with its span. A debug-level span: at the
+    /// default level it costs nothing (measured: an info span per object
+    /// took ~5 % of the daemon's CPU per FTP session).
     pub(super) fn with_span(mut self, id: u64) -> Self {
-        self.span = tracing::info_span!(
+        self.span = tracing::debug_span!(
             "conn",
             id,
             kind = self.kind.name(),
