@@ -131,17 +131,14 @@ impl Proxy {
                         }
                     };
                     for h in resumed {
-                        let (ctx, live) = (ctx.clone(), Live::new(&ho));
                         let (client, server) = (h.state.client, h.state.server);
-                        let span = tracing::info_span!("ftp", %client, %server);
-                        tokio::spawn(
-                            async move {
-                                if let Err(e) = resume(h, &ctx, live).await {
-                                    log::warn!("ftp {client} → {server}: not resumed: {e:#}");
-                                }
+                        let (ctx, live) = (ctx.clone(), Live::new(&ho));
+                        spawn_control(client, server, async move {
+                            if let Err(e) = resume(h, &ctx, live).await {
+                                log::warn!("ftp {client} → {server}: not resumed: {e:#}");
                             }
-                            .instrument(span),
-                        );
+                            Ok(())
+                        });
                     }
                     tokio::select! {
                         _ = serve(listener, ctx, ho) => {}
@@ -221,17 +218,28 @@ async fn serve(listener: TcpListener, ctx: Arc<Interception>, ho: Arc<HandOver>)
             continue;
         }
         let (ctx, live) = (ctx.clone(), Live::new(&ho));
-        // Every record of the control connection carries its endpoints.
-        let span = tracing::info_span!("ftp", %client, %server);
-        tokio::spawn(
-            async move {
-                if let Err(e) = ftp_control(stream, client, server, &ctx, live).await {
-                    log::info!("ftp {client} → {server}: {e:#}");
-                }
-            }
-            .instrument(span),
-        );
+        spawn_control(client, server, async move {
+            ftp_control(stream, client, server, &ctx, live).await
+        });
     }
+}
+
+/// Runs a control connection's task in its span: every record of the
+/// connection carries its endpoints.
+fn spawn_control(
+    client: SocketAddrV4,
+    server: SocketAddrV4,
+    task: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) {
+    let span = tracing::info_span!("ftp", %client, %server);
+    tokio::spawn(
+        async move {
+            if let Err(e) = task.await {
+                log::info!("ftp {client} → {server}: {e:#}");
+            }
+        }
+        .instrument(span),
+    );
 }
 
 fn out_of_descriptors(e: &std::io::Error) -> bool {
@@ -503,7 +511,10 @@ async fn relay(
 ) {
     let started = std::time::Instant::now();
     let (client, server) = (control.client(), control.server());
+    // One future for the whole connection, not one per read.
     let mut asked = live.0.asked.subscribe();
+    let handover = asked.wait_for(|a| *a);
+    tokio::pin!(handover);
     let mut handing_over = false;
     let (c, s) = (&client_side, &server_stream);
     let (mut client_open, mut server_open) = (true, true);
@@ -543,7 +554,7 @@ async fn relay(
             },
             // Only between two reads with nothing left to write: the
             // state is whole. A half-closed connection just ends.
-            _ = asked.wait_for(|a| *a), if client_open && server_open => {
+            _ = &mut handover, if client_open && server_open => {
                 handing_over = true;
                 break;
             },
@@ -559,12 +570,12 @@ async fn relay(
         }
     }
     if handing_over {
-        let ho = live.0.clone();
         let client_std = client_side.0.into_inner();
         match server_stream.into_std() {
             Ok(server_std) => {
                 log::debug!("ftp {client} → {server}: handed over");
-                ho.handed
+                live.0
+                    .handed
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(Handed {

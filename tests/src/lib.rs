@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod ftp;
 pub mod ftp_load;
 pub mod netns;
+pub mod notify;
 pub mod packet;
 pub mod traffic;
 

@@ -1,12 +1,13 @@
 //! The daemon as an operator runs it: Prometheus scrapes /metrics and reads
 //! what the traffic did; systemd hears READY and STOPPING.
 
-use std::{collections::BTreeMap, os::unix::net::UnixDatagram, time::Duration};
+use std::collections::BTreeMap;
 
 use firewall_common::IPPROTO_TCP;
 use firewall_tests::{
     daemon::{Firewall, LabRun},
     lab::{addr, Lab},
+    notify::ServiceManager,
     traffic::*,
 };
 
@@ -136,20 +137,15 @@ fn prometheus_reads_what_the_traffic_did() {
     assert_eq!(get(&after, "firewall_datapath_events_lost_total{}"), 0.0);
 
     // Anything but GET /metrics is refused plainly.
-    let code = lab
-        .fw
-        .sh(&format!(
-            "curl -s -o /dev/null -w '%{{http_code}}' http://{METRICS}/"
-        ))
-        .unwrap();
-    assert_eq!(code, "404");
-    let code = lab
-        .fw
-        .sh(&format!(
-            "curl -s -o /dev/null -w '%{{http_code}}' -X POST http://{METRICS}/metrics"
-        ))
-        .unwrap();
-    assert_eq!(code, "405");
+    let code = |request: &str| {
+        lab.fw
+            .sh(&format!(
+                "curl -s -o /dev/null -w '%{{http_code}}' {request}"
+            ))
+            .unwrap()
+    };
+    assert_eq!(code(&format!("http://{METRICS}/")), "404");
+    assert_eq!(code(&format!("-X POST http://{METRICS}/metrics")), "405");
 }
 
 #[test]
@@ -259,37 +255,21 @@ fn systemd_hears_ready_and_stopping() {
     firewall_tests::require_root();
     let _turn = firewall_tests::exclusive();
     let lab = Lab::create(&firewall_tests::lab::unique_prefix("opsd")).unwrap();
-    let path = std::env::temp_dir().join(format!("{}-notify.sock", lab.prefix));
-    let _ = std::fs::remove_file(&path);
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut sm = ServiceManager::new(&lab.prefix);
     let mut fw = Firewall::up_with_env(
         &lab,
         &[],
         &[
-            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("NOTIFY_SOCKET", sm.path.to_str().unwrap()),
             ("WATCHDOG_USEC", "2000000"),
         ],
     )
     .unwrap();
-    let mut seen = String::new();
-    let read_until = |want: &str, seen: &mut String| {
-        let mut buf = [0u8; 4096];
-        while !seen.contains(want) {
-            let n = socket
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("waiting for {want}: {e}; got {seen:?}"));
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    };
-    read_until("READY=1", &mut seen);
+    let seen = sm.until("READY=1", 30, &fw.log);
     assert!(seen.contains("STATUS=up: internal"), "{seen:?}");
     // The watchdog is petted while the engine answers (half of 2 s).
-    read_until("WATCHDOG=1", &mut seen);
+    sm.until("WATCHDOG=1", 30, &fw.log);
     let out = fw.down();
     assert!(out.status.success());
-    read_until("STOPPING=1", &mut seen);
-    std::fs::remove_file(&path).ok();
+    sm.until("STOPPING=1", 30, &fw.log);
 }

@@ -7,15 +7,14 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Duration,
 };
 
 use firewall_tests::{
     ftp::{check, sha256, Client, FtpServer},
     lab::{addr, Lab},
+    notify::ServiceManager,
 };
 
 const UNIT: &str = "/usr/lib/systemd/system/firewall.service";
@@ -184,33 +183,17 @@ fn the_package_installs_and_its_unit_runs_the_firewall() {
     let env = environment_file(settings["EnvironmentFile"].trim_start_matches('-'));
     let mut argv = as_the_unit_runs_it(&settings);
     argv.extend(expand(&settings["ExecStart"], &env));
-    let notify = std::env::temp_dir().join(format!("{}-notify.sock", lab.prefix));
-    let _ = std::fs::remove_file(&notify);
-    let socket = UnixDatagram::bind(&notify).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    let mut sm = ServiceManager::new(&lab.prefix);
     let log = std::env::temp_dir().join(format!("{}-daemon.log", lab.prefix));
     let mut cmd = lab.fw.cmd(&argv[0]);
     cmd.args(&argv[1..])
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("NOTIFY_SOCKET", &notify)
+        .env("NOTIFY_SOCKET", &sm.path)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&log).unwrap());
     let mut daemon = Daemon(cmd.spawn().expect("starting the daemon as the unit does"));
-    let mut buf = [0u8; 4096];
-    let n = socket.recv(&mut buf).unwrap_or_else(|e| {
-        panic!(
-            "no READY=1 from {argv:?}: {e}; log: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        )
-    });
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).contains("READY=1"),
-        "{}",
-        String::from_utf8_lossy(&buf[..n])
-    );
+    sm.until("READY=1", 30, &log);
 
     // FTP through it, active and passive, with the unit's capabilities.
     let server = FtpServer::start(&lab.server, &lab.prefix).unwrap();
@@ -253,6 +236,5 @@ fn the_package_installs_and_its_unit_runs_the_firewall() {
         !Path::new("/sys/fs/bpf/firewall/FLOWS").exists(),
         "ExecStopPost left the datapath: {out:?}"
     );
-    std::fs::remove_file(&notify).ok();
     std::fs::remove_file(&log).ok();
 }

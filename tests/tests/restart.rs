@@ -6,112 +6,21 @@
 //! `LISTEN_FDNAMES`, `LISTEN_PID`) — so it runs where systemd is not PID 1.
 
 use std::{
-    io::IoSliceMut,
     os::{
-        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-        unix::{net::UnixDatagram, process::CommandExt as _},
+        fd::{AsRawFd as _, RawFd},
+        unix::process::CommandExt as _,
     },
     path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
 };
 
 use firewall_tests::{
     daemon::ctl_binary,
     ftp::{eventually, sha256, FtpServer},
     lab::{addr, Lab, Ns},
+    notify::ServiceManager,
     traffic::{prime_neighbours, Peer},
 };
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-
-/// systemd's side: the notification socket and the descriptors stored in it.
-struct ServiceManager {
-    socket: UnixDatagram,
-    path: PathBuf,
-    store: Vec<(String, OwnedFd)>,
-}
-
-impl ServiceManager {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("{tag}-notify.sock"));
-        let _ = std::fs::remove_file(&path);
-        let socket = UnixDatagram::bind(&path).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        Self {
-            socket,
-            path,
-            store: Vec::new(),
-        }
-    }
-
-    /// One notification, with the descriptors it carries; None on timeout.
-    fn recv(&self) -> Option<(String, Vec<OwnedFd>)> {
-        let mut buf = [0u8; 4096];
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([RawFd; 8]);
-        let (n, fds) = {
-            let msg = recvmsg::<()>(
-                self.socket.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
-            .ok()?;
-            let mut fds = Vec::new();
-            for c in msg.cmsgs().ok()? {
-                if let ControlMessageOwned::ScmRights(rights) = c {
-                    // SAFETY: SCM_RIGHTS gave this process these descriptors.
-                    fds.extend(
-                        rights
-                            .into_iter()
-                            .map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
-                    );
-                }
-            }
-            (msg.bytes, fds)
-        };
-        Some((String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
-    }
-
-    /// Reads notifications until one says `want` (or `secs` pass); stores
-    /// descriptors sent with FDSTORE=1 and forgets those FDSTOREREMOVE=1 names.
-    fn until(&mut self, want: &str, secs: u64, log: &PathBuf) -> String {
-        let start = Instant::now();
-        let mut seen = String::new();
-        while start.elapsed() < Duration::from_secs(secs) {
-            let Some((text, fds)) = self.recv() else {
-                continue;
-            };
-            let name = text
-                .lines()
-                .find_map(|l| l.strip_prefix("FDNAME="))
-                .unwrap_or("stored")
-                .to_string();
-            if text.lines().any(|l| l == "FDSTORE=1") {
-                self.store
-                    .extend(fds.into_iter().map(|f| (name.clone(), f)));
-            } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
-                self.store.retain(|(n, _)| *n != name);
-            }
-            seen.push_str(&text);
-            if seen.contains(want) {
-                return seen;
-            }
-        }
-        panic!(
-            "no {want} within {secs} s (got {seen:?}); log: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-    }
-}
-
-impl Drop for ServiceManager {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
 
 /// `firewall-ctl up` as systemd runs it: `--keep-datapath`, NOTIFY_SOCKET,
 /// and the stored descriptors from fd 3 on with their names.

@@ -161,6 +161,20 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
+    /// The file at `path`, or the embedded defaults without one (what `up`
+    /// and a reload read).
+    pub fn read(
+        path: Option<&Path>,
+        internal: &Interface,
+        external: &Interface,
+    ) -> anyhow::Result<Self> {
+        match path {
+            Some(path) => Self::load(path, internal, external),
+            None => Self::defaults(internal, external)
+                .map_err(|e| anyhow::anyhow!("embedded defaults: {e}")),
+        }
+    }
+
     /// The embedded defaults: networks and addresses of the two interfaces.
     pub fn defaults(internal: &Interface, external: &Interface) -> Result<Self, ConfigError> {
         Self::parse("", internal, external)

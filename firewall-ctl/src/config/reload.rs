@@ -5,26 +5,10 @@
 
 use super::{err, Config, ConfigError};
 
-/// Keys a reload applies.
-const RELOADABLE: &[&str] = &[
-    "timeouts",
-    "policy",
-    "protocols",
-    "networks",
-    "wall.outbound_from",
-    "publish",
-];
-
 impl Config {
     /// The keys that differ between the running configuration and `new`,
     /// or an error naming the first one that only a restart can change.
     pub fn reload_changes(&self, new: &Config) -> Result<Vec<&'static str>, ConfigError> {
-        let restart = |key: &str| {
-            err(
-                key,
-                "changed, but only a restart applies it (systemctl restart firewall, or down and up); nothing was reloaded",
-            )
-        };
         let restart_only: [(&str, bool); 13] = [
             (
                 "addresses.internal_networks",
@@ -59,23 +43,31 @@ impl Config {
             ("metrics.listen", self.metrics_listen != new.metrics_listen),
         ];
         if let Some((key, _)) = restart_only.iter().find(|(_, changed)| *changed) {
-            return Err(restart(key));
+            return Err(err(
+                *key,
+                "changed, but only a restart applies it (systemctl restart firewall, or down and up); nothing was reloaded",
+            ));
         }
         let reloadable = [
-            self.timeouts != new.timeouts,
-            self.client_quota != new.client_quota
-                || self.max_pending_per_session != new.max_pending_per_session
-                || self.default_allowed_addresses != new.default_allowed_addresses,
-            self.protocols != new.protocols,
-            self.networks != new.networks,
-            self.outbound_from != new.outbound_from,
-            self.published != new.published,
+            ("timeouts", self.timeouts != new.timeouts),
+            (
+                "policy",
+                self.client_quota != new.client_quota
+                    || self.max_pending_per_session != new.max_pending_per_session
+                    || self.default_allowed_addresses != new.default_allowed_addresses,
+            ),
+            ("protocols", self.protocols != new.protocols),
+            ("networks", self.networks != new.networks),
+            (
+                "wall.outbound_from",
+                self.outbound_from != new.outbound_from,
+            ),
+            ("publish", self.published != new.published),
         ];
-        Ok(RELOADABLE
-            .iter()
-            .zip(reloadable)
+        Ok(reloadable
+            .into_iter()
             .filter(|(_, changed)| *changed)
-            .map(|(key, _)| *key)
+            .map(|(key, _)| key)
             .collect())
     }
 }

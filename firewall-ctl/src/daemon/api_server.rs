@@ -249,7 +249,7 @@ fn internal(e: anyhow::Error) -> ApiError {
 }
 
 /// Runs blocking kernel reads (whole tables) off the runtime's workers.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -287,7 +287,7 @@ async fn handle(req: Request, shared: &Arc<Shared>) -> Result<Answer, ApiError> 
             for c in &r.connections {
                 shared
                     .neighbours
-                    .resolve(shared.internal_ifindex, *c.client.ip());
+                    .resolve(shared.internal.index, *c.client.ip());
             }
             Answer::Bound(r)
         }

@@ -149,12 +149,9 @@ async fn snapshot(shared: &Arc<Shared>) -> Result<Snapshot, ApiError> {
     let status = super::api_server::status(shared).await?;
     let census = shared.engine.call(|e| e.census()).await?;
     let pins = shared.pins.clone();
-    let events_lost = tokio::task::spawn_blocking(move || {
-        crate::datapath::Stats::open(&pins).and_then(|s| s.events_lost())
-    })
-    .await
-    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
-    .map_err(|e| ApiError::new(ErrorKind::Internal, format!("{e:#}")))?;
+    let events_lost =
+        super::api_server::blocking(move || crate::datapath::Stats::open(&pins)?.events_lost())
+            .await?;
     let work = &shared.work;
     Ok(Snapshot {
         status,

@@ -70,7 +70,6 @@ struct Shared {
     engine: EngineHandle<KernelMaps>,
     events: broadcast::Sender<Event>,
     neighbours: Arc<Resolver>,
-    internal_ifindex: u32,
     executables_blocked: Arc<std::sync::atomic::AtomicU64>,
     ftp: Arc<FtpStats>,
     api_connections: api_server::Connections,
@@ -120,11 +119,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let external = Interface::by_name(&opts.external)
         .context("--external")
         .map_err(invalid)?;
-    let config = match &opts.config {
-        Some(path) => Config::load(path, &internal, &external).map_err(invalid)?,
-        None => Config::defaults(&internal, &external)
-            .map_err(|e| invalid(anyhow::anyhow!("embedded defaults: {e}")))?,
-    };
+    let config = Config::read(opts.config.as_deref(), &internal, &external).map_err(invalid)?;
 
     wall::check_nat_ports(&config).map_err(invalid)?;
 
@@ -270,7 +265,6 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         engine: engine.clone(),
         events,
         neighbours: Arc::new(Resolver::new()),
-        internal_ifindex: internal.index,
         executables_blocked,
         ftp: Arc::new(FtpStats::default()),
         api_connections: Default::default(),
@@ -488,7 +482,7 @@ fn start_interception(
         api: Arc::new(FtpCalls {
             engine: shared.engine.clone(),
             neighbours: shared.neighbours.clone(),
-            internal_ifindex: shared.internal_ifindex,
+            internal_ifindex: shared.internal.index,
         }),
         stats: shared.ftp.clone(),
         external: config.external_addresses[0],

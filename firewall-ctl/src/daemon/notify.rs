@@ -18,17 +18,13 @@ fn send(states: &[NotifyState]) {
     }
 }
 
+/// Serving: at start, and again after a reload (applied or refused).
 pub(super) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 pub(super) fn reloading() {
     send(&[NotifyState::Reloading, NotifyState::Status("reloading")]);
-}
-
-/// After a reload, applied or refused: serving again.
-pub(super) fn ready_again() {
-    send(&[NotifyState::Ready, NotifyState::Status("up")]);
 }
 
 pub(super) fn stopping() {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{notify, wall, Shared};
+use super::{api_server::blocking, notify, wall, Shared};
 use crate::{
     api::{ApiError, ErrorKind, Reloaded},
     config::Config,
@@ -17,7 +17,7 @@ pub(super) async fn reload(shared: &Arc<Shared>) -> Result<Reloaded, ApiError> {
     let _turn = shared.reload_turn.lock().await;
     notify::reloading();
     let result = apply(shared).await;
-    notify::ready_again();
+    notify::ready("up");
     match &result {
         Ok(r) if r.changed.is_empty() => log::info!("reload: nothing changed"),
         Ok(r) => log::info!("reload: applied {}", r.changed.join(", ")),
@@ -28,11 +28,11 @@ pub(super) async fn reload(shared: &Arc<Shared>) -> Result<Reloaded, ApiError> {
 
 async fn apply(shared: &Arc<Shared>) -> Result<Reloaded, ApiError> {
     let invalid = |e: String| ApiError::new(ErrorKind::InvalidArgument, e);
-    let internal_error = |e: anyhow::Error| ApiError::new(ErrorKind::Internal, format!("{e:#}"));
-    let new = match &shared.config_path {
-        Some(path) => Config::load(path, &shared.internal, &shared.external),
-        None => Config::defaults(&shared.internal, &shared.external).map_err(Into::into),
-    }
+    let new = Config::read(
+        shared.config_path.as_deref(),
+        &shared.internal,
+        &shared.external,
+    )
     .map_err(|e| invalid(format!("{e:#}")))?;
     let old = shared.config();
     let changed = old
@@ -47,10 +47,7 @@ async fn apply(shared: &Arc<Shared>) -> Result<Reloaded, ApiError> {
         .call(move |e| e.reconfigure(engine_config))
         .await?;
     let (pins, cfg, internal) = (shared.pins.clone(), new.clone(), shared.internal.clone());
-    tokio::task::spawn_blocking(move || wall::reapply(&pins, &cfg, &internal))
-        .await
-        .map_err(|e| internal_error(e.into()))?
-        .map_err(internal_error)?;
+    blocking(move || wall::reapply(&pins, &cfg, &internal)).await?;
     *shared.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     Ok(Reloaded {
         changed: changed.into_iter().map(String::from).collect(),
