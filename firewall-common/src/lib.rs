@@ -8,6 +8,7 @@
 
 pub mod csum;
 pub mod flow;
+pub mod frag;
 pub mod icmp;
 pub mod intercept;
 pub mod pinhole;
@@ -20,6 +21,7 @@ pub const PIN_DIR: &str = "/sys/fs/bpf/firewall";
 /// Names of the pinned maps (also the names of the statics in firewall-ebpf).
 pub mod map_names {
     pub const FLOWS: &str = "FLOWS";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
     pub const STATS: &str = "STATS";
     pub const CSUM_SCRATCH: &str = "CSUM_SCRATCH";
     pub const PINHOLES: &str = "PINHOLES";
@@ -44,6 +46,8 @@ pub mod map_sizes {
     /// One entry per direction of a connection.
     pub const FLOWS: u32 = 262_144;
     pub const PINHOLES: u32 = 65_536;
+    /// Datagrams whose first fragment was forwarded, for their later fragments.
+    pub const FRAGMENTS: u32 = 8192;
     /// Rules of every peer filter together.
     pub const PEER_FILTERS: u32 = 65_536;
     /// Clients at their connection quota.

@@ -81,13 +81,14 @@ counters! {
     DropNoFlow = 31, Drop, "drop_no_flow", "to be forwarded, but no flow, pinhole or rule allows it (default deny)";
     DropNotAllowed = 32, Drop, "drop_not_allowed", "a new connection from a source no rule allows (or before the wall is configured)";
     DropNatExhausted = 33, Drop, "drop_nat_exhausted", "no free NAT port for a new outbound connection";
-    DropFragment = 34, Drop, "drop_fragment", "an IPv4 fragment to be forwarded (fragments are not tracked)";
+    DropFragment = 34, Drop, "drop_fragment", "an IPv4 fragment to be forwarded that no forwarded first fragment speaks for (arrived first, its first refused or 30 s old), or one overlapping the L4 header";
     DropNotTcpUdp = 35, Drop, "drop_not_tcp_udp", "ICMP other than echo and errors, or another protocol, to be forwarded (not tracked)";
     DropIpv6 = 36, Drop, "drop_ipv6", "IPv6 to be forwarded (not tracked yet)";
     PublishedEstablished = 37, Redirect, "redirect_published_established", "first packet of a connection to a published server: its flows created, forwarded to the server";
     PassIcmpError = 38, Pass, "pass_icmp_error", "an ICMP error quoting no tracked flow, addressed to the firewall itself: the stack's";
     RedirectedIcmpError = 39, Redirect, "redirect_icmp_error", "an ICMP error quoting a tracked flow: outer and quoted headers translated, forwarded (RFC 5508)";
     DropIcmpUnrelated = 40, Drop, "drop_icmp_unrelated", "an ICMP error to be forwarded that quotes no tracked flow, or not addressed to the quoted packet's source";
+    RedirectedFragment = 41, Redirect, "redirect_fragment", "a later fragment of a datagram whose first fragment was forwarded: its addresses translated, forwarded";
 }
 
 /// Number of slots in the STATS map.

@@ -69,7 +69,7 @@ pub fn remember(flow: *mut FlowValue, pkt: &Packet, hop: &NextHop, now_units: u3
 /// IPv4 total length of the packet.
 #[inline(always)]
 pub fn l3_len(pkt: &Packet) -> u16 {
-    pkt.l4_len + (pkt.l4_off - pkt.l3_off) as u16
+    pkt.l4_len + (pkt.l4_off - pkt.l3_off)
 }
 
 /// Asks the kernel FIB for the route of a packet from `src` to `dst` that

@@ -12,6 +12,7 @@
 mod events;
 mod fib;
 mod flow;
+mod frag;
 mod hook;
 mod icmp_error;
 mod intercept;

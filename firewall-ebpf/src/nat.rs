@@ -15,7 +15,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
     EbpfContext as _,
 };
-use firewall_common::{csum, flow::FlowValue, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP};
+use firewall_common::{
+    csum, flow::FlowValue, frag::Fragment, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP,
+};
 
 use crate::parse::Packet;
 
@@ -32,6 +34,11 @@ static CSUM_SCRATCH: PerCpuArray<[u8; CHUNK], 1> = PerCpuArray::new();
 /// the IPv4 and L4 checksums.
 #[inline(always)]
 pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+    if pkt.fragment == Fragment::Later {
+        // The L4 header and its checksum went with the first fragment.
+        rewrite_ip(pkt, flow);
+        return Ok(());
+    }
     let key = &pkt.key;
     let is_tcp = key.protocol == IPPROTO_TCP;
     let check_ptr = pkt.l4_check;
@@ -57,34 +64,22 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(),
         }
     }
 
-    // IPv4 header: addresses and TTL, incremental header checksum.
-    // SAFETY: `pkt.ip` was bounds-checked by the parser; nothing else points at it here.
-    let ip = unsafe { &mut *pkt.ip };
-    let mut ip_check = u16::from_be_bytes(ip.check);
-    ip_check = csum::replace_addr(ip_check, key.src_addr, flow.nat_src_addr);
-    ip_check = csum::replace_addr(ip_check, key.dst_addr, flow.nat_dst_addr);
-    let ttl_proto_old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    ip.ttl -= 1;
-    ip_check = csum::replace_u16(
-        ip_check,
-        ttl_proto_old,
-        u16::from_be_bytes([ip.ttl, ip.proto]),
-    );
-    ip.src_addr = flow.nat_src_addr;
-    ip.dst_addr = flow.nat_dst_addr;
-    ip.check = ip_check.to_be_bytes();
+    rewrite_ip(pkt, flow);
 
     if is_icmp || (!is_tcp && old_check == 0) {
         // UDP without checksum stays without checksum.
         return Ok(());
     }
-    let new_check = if csum::looks_partial(
-        old_check,
-        key.src_addr,
-        key.dst_addr,
-        key.protocol,
-        pkt.l4_len,
-    ) {
+    // A fragment's checksum is final: the sender computed it over the whole
+    // datagram before fragmenting it.
+    let new_check = if pkt.fragment == Fragment::Whole
+        && csum::looks_partial(
+            old_check,
+            key.src_addr,
+            key.dst_addr,
+            key.protocol,
+            pkt.l4_len,
+        ) {
         full_l4_checksum(ctx, pkt, flow, old_check)?
     } else {
         let mut c = csum::replace_addr(old_check, key.src_addr, flow.nat_src_addr);
@@ -100,6 +95,27 @@ pub fn translate(ctx: &XdpContext, pkt: &Packet, flow: &FlowValue) -> Result<(),
     // SAFETY: as for the read above.
     unsafe { *check_ptr = new_check.to_be_bytes() };
     Ok(())
+}
+
+/// The IPv4 header: addresses and TTL, incremental header checksum.
+#[inline(always)]
+fn rewrite_ip(pkt: &Packet, flow: &FlowValue) {
+    let key = &pkt.key;
+    // SAFETY: `pkt.ip` was bounds-checked by the parser; nothing else points at it here.
+    let ip = unsafe { &mut *pkt.ip };
+    let mut ip_check = u16::from_be_bytes(ip.check);
+    ip_check = csum::replace_addr(ip_check, key.src_addr, flow.nat_src_addr);
+    ip_check = csum::replace_addr(ip_check, key.dst_addr, flow.nat_dst_addr);
+    let ttl_proto_old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    ip_check = csum::replace_u16(
+        ip_check,
+        ttl_proto_old,
+        u16::from_be_bytes([ip.ttl, ip.proto]),
+    );
+    ip.src_addr = flow.nat_src_addr;
+    ip.dst_addr = flow.nat_dst_addr;
+    ip.check = ip_check.to_be_bytes();
 }
 
 /// Checksum of the (already translated) segment from scratch. `field` is the
@@ -139,7 +155,7 @@ fn full_l4_checksum(
         let rc = unsafe {
             bpf_xdp_load_bytes(
                 ctx.as_ptr() as *mut _,
-                (pkt.l4_off + off) as u32,
+                (pkt.l4_off as usize + off) as u32,
                 buf as *mut _,
                 n as u32,
             )
@@ -174,9 +190,12 @@ fn full_l4_checksum(
 /// first one.
 #[inline(always)]
 pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+    if pkt.fragment == Fragment::Later {
+        // The L4 header and its checksum went with the first fragment.
+        return rewrite_ip_skb(ctx, pkt, flow);
+    }
     let k = &pkt.key;
-    let l3 = pkt.l3_off;
-    let l4 = pkt.l4_off;
+    let l4 = pkt.l4_off as usize;
     let is_tcp = k.protocol == IPPROTO_TCP;
     let is_icmp = k.protocol == IPPROTO_ICMP;
     let check_off = l4
@@ -190,8 +209,6 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
     // SAFETY: `l4_check` was bounds-checked by the parser, and no helper
     // has run yet.
     let old_check = u16::from_be_bytes(unsafe { *pkt.l4_check });
-    let ttl = pkt.ttl;
-    let proto = k.protocol;
     let addr = |a: [u8; 4]| u32::from_ne_bytes(a) as u64;
     let port = |p: u16| p.to_be() as u64;
     let fail = |_| Counter::DropChecksum;
@@ -226,6 +243,28 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
         )
         .map_err(fail)?;
     }
+    rewrite_ip_skb(ctx, pkt, flow)?;
+    if is_icmp {
+        let (_, new_id) = csum::echo_ids(k, flow);
+        ctx.store(l4 + 4, &new_id.to_be_bytes(), 0).map_err(fail)?;
+        return Ok(());
+    }
+    ctx.store(l4, &flow.nat_src_port.to_be_bytes(), 0)
+        .map_err(fail)?;
+    ctx.store(l4 + 2, &flow.nat_dst_port.to_be_bytes(), 0)
+        .map_err(fail)?;
+    Ok(())
+}
+
+/// `rewrite_ip` at TC: addresses and TTL, the header checksum by the helper.
+#[inline(always)]
+fn rewrite_ip_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
+    let k = &pkt.key;
+    let l3 = pkt.l3_off as usize;
+    let ttl = pkt.ttl;
+    let proto = k.protocol;
+    let addr = |a: [u8; 4]| u32::from_ne_bytes(a) as u64;
+    let fail = |_| Counter::DropChecksum;
     let ip_check = l3 + 10;
     ctx.l3_csum_replace(ip_check, addr(k.src_addr), addr(flow.nat_src_addr), 4)
         .map_err(fail)?;
@@ -237,14 +276,5 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
     ctx.store(l3 + 8, &(ttl - 1), 0).map_err(fail)?;
     ctx.store(l3 + 12, &flow.nat_src_addr, 0).map_err(fail)?;
     ctx.store(l3 + 16, &flow.nat_dst_addr, 0).map_err(fail)?;
-    if is_icmp {
-        let (_, new_id) = csum::echo_ids(k, flow);
-        ctx.store(l4 + 4, &new_id.to_be_bytes(), 0).map_err(fail)?;
-        return Ok(());
-    }
-    ctx.store(l4, &flow.nat_src_port.to_be_bytes(), 0)
-        .map_err(fail)?;
-    ctx.store(l4 + 2, &flow.nat_dst_port.to_be_bytes(), 0)
-        .map_err(fail)?;
     Ok(())
 }

@@ -6,7 +6,12 @@
 use core::mem::size_of;
 
 use firewall_common::{
-    flow::tcp_seen, flow::FlowKey, icmp, stats::Counter, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    flow::tcp_seen,
+    flow::FlowKey,
+    frag::{self, Fragment},
+    icmp,
+    stats::Counter,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
 };
 use network_types::{
     eth::EthHdr,
@@ -20,8 +25,6 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-/// IPv4 flags/fragment-offset bits that mark a fragment: MF and the offset.
-const IP_MF_OFFSET: u16 = 0x3fff;
 const IP_DF: u16 = 0x4000;
 
 /// The start of an ICMP echo request or reply (RFC 792).
@@ -35,13 +38,17 @@ struct IcmpEcho {
 }
 
 /// A parsed TCP, UDP or ICMP echo over IPv4 packet: where its headers are and its flow key.
+///
+/// A later fragment (`fragment == Later`) has no L4 header: its key's ports
+/// are 0 until `frag::later` fills them in, and `l4`/`l4_check` point at the
+/// IPv4 header (valid, never used for it).
 pub struct Packet {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
     /// Offset of the IPv4 header from the start of the packet.
-    pub l3_off: usize,
+    pub l3_off: u16,
     /// Offset of the L4 header from the start of the packet.
-    pub l4_off: usize,
+    pub l4_off: u16,
     /// Pointer to the L4 header (at least a full TCP or UDP header is in bounds).
     pub l4: *mut u8,
     /// The L4 checksum field, derived where its header was bounds-checked (the
@@ -58,6 +65,9 @@ pub struct Packet {
     /// A TCP SYN without ACK, or an ICMP echo request: the only packets
     /// that may open a connection.
     pub syn_only: bool,
+    pub fragment: Fragment,
+    /// The IPv4 identification (a fragment's datagram).
+    pub ip_id: u16,
 }
 
 struct Cursor {
@@ -106,11 +116,12 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
     let l3_off = cur.pos - start;
     let ip: *mut Ipv4Hdr = cur.take().ok_or(Counter::DropMalformed)?;
     // SAFETY: `take` bounds-checked the IPv4 header.
-    let (vihl, tot_len, frags, ttl, protocol, src_addr, dst_addr) = unsafe {
+    let (vihl, tot_len, ip_id, frags, ttl, protocol, src_addr, dst_addr) = unsafe {
         let h = &*ip;
         (
             h.vihl,
             u16::from_be_bytes(h.tot_len),
+            u16::from_be_bytes(h.id),
             u16::from_be_bytes(h.frags),
             h.ttl,
             h.proto,
@@ -126,15 +137,41 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
     if (tot_len as usize) < ihl || l3_off + tot_len as usize > len {
         return Err(Counter::DropMalformed);
     }
-    if frags & IP_MF_OFFSET != 0 {
-        return Err(Counter::PassFragment);
-    }
+    let fragment = frag::classify(frags, protocol);
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && protocol != IPPROTO_ICMP {
-        return Err(Counter::PassNotTcpUdp);
+        return Err(if fragment == Some(Fragment::Whole) {
+            Counter::PassNotTcpUdp
+        } else {
+            Counter::PassFragment
+        });
     }
+    let Some(fragment) = fragment else {
+        return Err(Counter::DropMalformed);
+    };
 
     let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl as u16;
+    if fragment == Fragment::Later {
+        // No L4 header; the datagram's first fragment had it.
+        return Ok(Packet {
+            eth,
+            ip,
+            l3_off: l3_off as u16,
+            l4_off: l4_off as u16,
+            l4: ip as *mut u8,
+            // SAFETY: a field of the bounds-checked IPv4 header; no reference is made.
+            l4_check: unsafe { &raw mut (*ip).check },
+            l4_len,
+            key: FlowKey::new(protocol, src_addr, 0, dst_addr, 0),
+            ttl,
+            dont_fragment: false,
+            vlan_tagged,
+            tcp_flags: 0,
+            syn_only: false,
+            fragment,
+            ip_id,
+        });
+    }
     let mut l4cur = Cursor {
         pos: start + l4_off,
         end,
@@ -180,7 +217,11 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         // (`icmp_error`); other ICMP is not tracked.
         let (src_port, dst_port) = match icmp::echo_ports(e.kind, e.code, id) {
             Some(ports) => ports,
-            None if icmp::is_error(e.kind) => return Err(Counter::PassIcmpError),
+            // A fragmented error is not translated (errors are short).
+            None if icmp::is_error(e.kind) && fragment == Fragment::Whole => {
+                return Err(Counter::PassIcmpError)
+            }
+            None if icmp::is_error(e.kind) => return Err(Counter::PassFragment),
             None => return Err(Counter::PassNotTcpUdp),
         };
         let request = e.kind == icmp::ECHO_REQUEST;
@@ -192,7 +233,13 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         // SAFETY: `take` bounds-checked the UDP header.
         let u = unsafe { &*udp };
         let len = u16::from_be_bytes(u.len) as usize;
-        if len < UdpHdr::LEN || len > l4_len as usize {
+        // A first fragment holds only the start of the datagram the length
+        // covers.
+        let whole = fragment == Fragment::Whole;
+        if len < UdpHdr::LEN
+            || (whole && len > l4_len as usize)
+            || (!whole && len <= l4_len as usize)
+        {
             return Err(Counter::DropMalformed);
         }
         // SAFETY: a field of the bounds-checked UDP header; no reference is made.
@@ -210,8 +257,8 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
     Ok(Packet {
         eth,
         ip,
-        l3_off,
-        l4_off,
+        l3_off: l3_off as u16,
+        l4_off: l4_off as u16,
         l4,
         l4_check,
         l4_len,
@@ -221,6 +268,8 @@ pub fn parse_range(start: usize, end: usize, len: usize) -> Result<Packet, Count
         vlan_tagged,
         tcp_flags,
         syn_only,
+        fragment,
+        ip_id,
     })
 }
 

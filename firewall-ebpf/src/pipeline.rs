@@ -6,10 +6,11 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use firewall_common::{
     flow::FlowAction,
+    frag::Fragment,
     stats::{Counter, Verdict},
 };
 
-use crate::{events, fib, flow, hook::Hook, icmp_error, parse, pinhole, stats, wall};
+use crate::{events, fib, flow, frag, hook::Hook, icmp_error, parse, pinhole, stats, wall};
 
 /// Outcome of processing: the counter, and for redirects the egress interface.
 pub struct Outcome {
@@ -37,7 +38,7 @@ impl From<Counter> for Outcome {
 #[inline(always)]
 pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     ctx.prepare();
-    let pkt = match parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) {
+    let mut pkt = match parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) {
         Ok(p) => p,
         Err(Counter::PassIcmpError) => {
             let out = icmp_error::forward(ctx);
@@ -56,21 +57,50 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
         // wall: dropped before anything (a single-use pinhole) is spent on it.
         return Counter::DropVlan.into();
     }
-    // An existing flow first; otherwise a pinhole may create one. A SYN on a
-    // flow that has ended is a new connection reusing the 5-tuple (its ports
-    // were released at close while the old flows wait out their closing
-    // time): a pinhole opened for it wins over the old translation.
+    let claimed = if pkt.fragment == Fragment::Later {
+        // Only through the flow its first fragment took: a fragment never
+        // opens anything.
+        let found = if frag::later(&mut pkt) {
+            flow::lookup(&pkt.key)
+        } else {
+            None
+        };
+        match found {
+            Some(f) => Ok((f, Counter::RedirectedFragment)),
+            None => Err(wall::untracked(ctx, Counter::PassFragment).into()),
+        }
+    } else {
+        claim(ctx, &pkt, side)
+    };
+    let (flow_ptr, counter) = match claimed {
+        Ok(found) => found,
+        Err(out) => return out,
+    };
+    forward(ctx, &pkt, flow_ptr, counter)
+}
+
+/// The flow a whole packet or first fragment takes: an existing flow first;
+/// otherwise a pinhole or the wall may create one.
+#[inline(always)]
+fn claim<H: Hook>(
+    ctx: &H,
+    pkt: &parse::Packet,
+    side: u8,
+) -> Result<(*mut firewall_common::flow::FlowValue, Counter), Outcome> {
+    // A SYN on a flow that has ended is a new connection reusing the 5-tuple
+    // (its ports were released at close while the old flows wait out their
+    // closing time): a pinhole opened for it wins over the old translation.
     let found = flow::lookup(&pkt.key);
-    let (flow_ptr, counter) = match found {
+    Ok(match found {
         Some(f) if !(pkt.syn_only && flow::ended(f)) => (f, Counter::Redirected),
-        _ => match (pinhole::admit(&pkt, side), found) {
+        _ => match (pinhole::admit(pkt, side), found) {
             // No pinhole for it: the old flow goes on as before.
             (Counter::PassNoFlow, Some(old)) => (old, Counter::Redirected),
             (pinhole, _) => {
                 // Nothing claims it: the wall decides. Both create the flows
                 // in a function of their own; the packet then takes its flow.
                 let created = if pinhole == Counter::PassNoFlow {
-                    wall::admit(ctx, &pkt, side)
+                    wall::admit(ctx, pkt, side)
                 } else {
                     pinhole
                 };
@@ -80,15 +110,25 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
                         | Counter::PrimaryEstablished
                         | Counter::PublishedEstablished
                 ) {
-                    return created.into();
+                    return Err(created.into());
                 }
                 match flow::lookup(&pkt.key) {
                     Some(f) => (f, created),
-                    None => return Counter::DropNatExhausted.into(),
+                    None => return Err(Counter::DropNatExhausted.into()),
                 }
             }
         },
-    };
+    })
+}
+
+/// The packet has its flow: translated and sent on as the flow says.
+#[inline(always)]
+fn forward<H: Hook>(
+    ctx: &H,
+    pkt: &parse::Packet,
+    flow_ptr: *mut firewall_common::flow::FlowValue,
+    counter: Counter,
+) -> Outcome {
     // SAFETY: a FLOWS entry found or created for this packet.
     let flow = unsafe { &*flow_ptr };
     if FlowAction::from_u32(flow.action) != Some(FlowAction::Forward) {
@@ -101,25 +141,29 @@ pub fn process<H: Hook>(ctx: &H, side: u8) -> Outcome {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let now_units = (now >> 20) as u32;
-    let hop = match fib::cached(flow, fib::l3_len(&pkt), now_units) {
+    let hop = match fib::cached(flow, fib::l3_len(pkt), now_units) {
         Some(h) => h,
         None => {
-            let h = match fib::lookup(ctx, &pkt, flow) {
+            let h = match fib::lookup(ctx, pkt, flow) {
                 Ok(h) => h,
                 Err(c) => return c.into(),
             };
             if flow.egress_ifindex != 0 && flow.egress_ifindex != h.ifindex {
                 return Counter::DropEgressMismatch.into();
             }
-            fib::remember(flow_ptr, &pkt, &h, now_units);
+            fib::remember(flow_ptr, pkt, &h, now_units);
             h
         }
     };
-    if let Err(c) = ctx.translate(&pkt, flow) {
+    if let Err(c) = ctx.translate(pkt, flow) {
         return c.into();
     }
-    if let Err(c) = ctx.set_macs(&pkt, &hop) {
+    if let Err(c) = ctx.set_macs(pkt, &hop) {
         return c.into();
+    }
+    if pkt.fragment == Fragment::First {
+        // Its untranslated key: later fragments arrive as it did.
+        frag::remember(pkt, now);
     }
     flow::account(flow_ptr, &pkt.key, ctx.len(), pkt.tcp_flags, now);
     Outcome {

@@ -293,6 +293,96 @@ pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Splits the IPv4 packet in `frame` (untagged, no options) into fragments
+/// of at most `chunk` payload bytes (a multiple of 8), as a sender's stack
+/// does: each with its own header, offset, MF and header checksum.
+pub fn fragments(frame: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+    assert!(chunk.is_multiple_of(8) && chunk > 0);
+    let ip = &frame[14..];
+    let ihl = ((ip[0] & 0xf) as usize) * 4;
+    let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let payload = &ip[ihl..tot];
+    let mut out = Vec::new();
+    for (i, part) in payload.chunks(chunk).enumerate() {
+        let offset = i * chunk;
+        let more = offset + part.len() < payload.len();
+        let mut hdr = ip[..ihl].to_vec();
+        hdr[2..4].copy_from_slice(&((ihl + part.len()) as u16).to_be_bytes());
+        let field = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        hdr[6..8].copy_from_slice(&field.to_be_bytes());
+        hdr[10] = 0;
+        hdr[11] = 0;
+        let hc = csum::ipv4_header_checksum(&hdr);
+        hdr[10..12].copy_from_slice(&hc.to_be_bytes());
+        let mut f = frame[..14].to_vec();
+        f.extend_from_slice(&hdr);
+        f.extend_from_slice(part);
+        out.push(f);
+    }
+    out
+}
+
+/// Reassembles fragments (any order) into one unfragmented frame, as the
+/// receiver's stack does, refusing what it would refuse: headers that
+/// disagree on the datagram's identity, gaps, overlaps, a header checksum
+/// that does not hold, no last fragment.
+pub fn reassemble(frags: &[Vec<u8>]) -> Result<Vec<u8>, String> {
+    let mut parts: Vec<(usize, bool, &[u8])> = Vec::new();
+    let first = frags
+        .iter()
+        .find(|f| u16::from_be_bytes([f[20], f[21]]) & 0x1fff == 0)
+        .ok_or("no first fragment")?;
+    let identity = |f: &[u8]| {
+        (
+            f[14 + 4..14 + 6].to_vec(),
+            f[14 + 9],
+            f[14 + 12..14 + 20].to_vec(),
+        )
+    };
+    for f in frags {
+        let ip = &f[14..];
+        let ihl = ((ip[0] & 0xf) as usize) * 4;
+        if csum::ipv4_header_checksum(&ip[..ihl]) != 0 {
+            return Err("a fragment's header checksum does not hold".into());
+        }
+        if identity(f) != identity(first) {
+            return Err("fragments of different datagrams".into());
+        }
+        let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        let field = u16::from_be_bytes([ip[6], ip[7]]);
+        parts.push((
+            (field & 0x1fff) as usize * 8,
+            field & 0x2000 != 0,
+            &ip[ihl..tot],
+        ));
+    }
+    parts.sort_by_key(|p| p.0);
+    let mut payload = Vec::new();
+    for (offset, _, data) in &parts {
+        if *offset != payload.len() {
+            return Err(format!("gap or overlap at {offset}"));
+        }
+        payload.extend_from_slice(data);
+    }
+    if parts.last().is_some_and(|p| p.1) {
+        return Err("no last fragment".into());
+    }
+    let ip = &first[14..];
+    let ihl = ((ip[0] & 0xf) as usize) * 4;
+    let mut hdr = ip[..ihl].to_vec();
+    hdr[2..4].copy_from_slice(&((ihl + payload.len()) as u16).to_be_bytes());
+    hdr[6] = 0;
+    hdr[7] = 0;
+    hdr[10] = 0;
+    hdr[11] = 0;
+    let hc = csum::ipv4_header_checksum(&hdr);
+    hdr[10..12].copy_from_slice(&hc.to_be_bytes());
+    let mut f = first[..14].to_vec();
+    f.extend_from_slice(&hdr);
+    f.extend_from_slice(&payload);
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,10 +210,11 @@ fn passthrough_is_unchanged_and_counted() {
         ("arp", arp, Counter::PassNotIpv4),
         ("ipv6 (forwarding off for IPv6)", ipv6, Counter::PassNotIpv4),
         ("icmp to the firewall", icmp, Counter::PassNotTcpUdp),
+        // A first fragment is read like a whole packet (it has the ports).
         (
-            "fragment with MF to the firewall",
+            "first fragment to the firewall",
             frag_mf,
-            Counter::PassFragment,
+            Counter::PassNoFlow,
         ),
         (
             "fragment with offset to the firewall",

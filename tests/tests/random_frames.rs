@@ -3,12 +3,15 @@
 //! flags, VLAN stacks, IPv4 options, fragments and lengths, then bytes
 //! flipped, truncations and plain noise. Checked:
 //! - no frame is redirected unless its 5-tuple has a flow or opens a pinhole;
+//! - a later fragment only after its datagram's first fragment was
+//!   redirected, and only if that fragment's 5-tuple has a flow;
 //! - every redirected frame that came in with valid checksums (or a partial
-//!   one) leaves with valid IPv4 and L4 checksums, and no VLAN tag or
-//!   fragment is ever redirected;
+//!   one, unfragmented) leaves with valid IPv4 and L4 checksums (a later
+//!   fragment: a valid IPv4 header checksum), and no VLAN tag is ever
+//!   redirected;
 //! - every frame is counted under exactly one reason.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use firewall_common::{
     flow::{FlowKey, FlowValue},
@@ -62,15 +65,31 @@ fn key_of(f: &[u8]) -> Option<FlowKey> {
     Some(FlowKey::new(proto, src, sport, dst, dport))
 }
 
-fn tagged_or_fragment(f: &[u8]) -> bool {
-    if f.len() < 14 {
-        return false;
-    }
-    let et = u16::from_be_bytes([f[12], f[13]]);
-    if et == 0x8100 || et == 0x88a8 {
-        return true;
-    }
-    et == 0x0800 && f.len() >= 22 && u16::from_be_bytes([f[20], f[21]]) & 0x3fff != 0
+fn tagged(f: &[u8]) -> bool {
+    f.len() >= 14 && matches!(u16::from_be_bytes([f[12], f[13]]), 0x8100 | 0x88a8)
+}
+
+/// The flags/fragment-offset field of an untagged IPv4 frame.
+fn frag_field(f: &[u8]) -> Option<u16> {
+    (f.len() >= 34 && f[12..14] == [0x08, 0x00]).then(|| u16::from_be_bytes([f[20], f[21]]))
+}
+
+fn is_later_fragment(f: &[u8]) -> bool {
+    frag_field(f).is_some_and(|v| v & 0x1fff != 0)
+}
+
+fn is_first_fragment(f: &[u8]) -> bool {
+    frag_field(f).is_some_and(|v| v & 0x3fff == 0x2000)
+}
+
+/// A fragment's datagram: source, destination, protocol, identification.
+fn datagram(f: &[u8]) -> ([u8; 4], [u8; 4], u8, u16) {
+    (
+        f[26..30].try_into().unwrap(),
+        f[30..34].try_into().unwrap(),
+        f[23],
+        u16::from_be_bytes([f[18], f[19]]),
+    )
 }
 
 /// Whether the IPv4 header checksum is right.
@@ -118,7 +137,7 @@ fn random_frame(r: &mut Rng) -> Vec<u8> {
         s.ip_options = vec![1; 4 * (1 + r.below(10) as usize)];
     }
     if r.below(8) == 0 {
-        s.frag = r.pick(&[0x2000u16, 0x0001, 0x2010, 0x1fff]);
+        s.frag = r.pick(&[0x2000u16, 0x0001, 0x2010, 0x1fff, 0x0040, 0x2003]);
     }
     s.partial_checksum = r.below(4) == 0;
     s.no_udp_checksum = udp && r.below(8) == 0;
@@ -209,6 +228,9 @@ fn a_million_random_frames_keep_every_rule() {
         .unwrap_or(1_000_000);
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
     let mut redirected = 0u64;
+    let mut later_redirected = 0u64;
+    // Datagrams whose first fragment was redirected, and its 5-tuple.
+    let mut firsts: HashMap<([u8; 4], [u8; 4], u8, u16), FlowKey> = HashMap::new();
     let counted_before: u64 = Counter::ALL.iter().map(|c| fx.counter(*c)).sum();
     fx.run_each(|run| {
         for n in 0..total {
@@ -219,7 +241,9 @@ fn a_million_random_frames_keep_every_rule() {
                 Side::External
             };
             let out = run(side, &frame);
-            let key = key_of(&frame);
+            let later = is_later_fragment(&frame);
+            // A later fragment has no ports of its own.
+            let key = if later { None } else { key_of(&frame) };
             let opens = key.is_some_and(|k| {
                 pinholes.contains(&PinholeKey::new(
                     k.protocol,
@@ -251,12 +275,28 @@ fn a_million_random_frames_keep_every_rule() {
                 continue;
             }
             redirected += 1;
+            assert!(!tagged(&frame), "frame {n}: a tagged frame was redirected");
+            if later {
+                let first = firsts.get(&datagram(&frame)).unwrap_or_else(|| {
+                    panic!("frame {n}: a later fragment redirected before its first: {frame:02x?}")
+                });
+                assert!(
+                    flows.contains(first),
+                    "frame {n}: a later fragment redirected without its flow {first:?}"
+                );
+                assert!(
+                    !ip_header_ok(&frame) || ip_header_ok(&out.frame),
+                    "frame {n}: a fragment's header checksum: in {frame:02x?} out {:02x?}",
+                    out.frame
+                );
+                later_redirected += 1;
+                continue;
+            }
             let key = key
                 .unwrap_or_else(|| panic!("frame {n}: redirected but unparseable: {frame:02x?}"));
-            assert!(
-                !tagged_or_fragment(&frame),
-                "frame {n}: a tag or fragment was redirected"
-            );
+            if is_first_fragment(&frame) {
+                firsts.insert(datagram(&frame), key);
+            }
             assert!(
                 known || opens,
                 "frame {n}: {key:?} redirected without a flow or pinhole"
@@ -264,7 +304,12 @@ fn a_million_random_frames_keep_every_rule() {
             // The datapath does not verify checksums (routers do not; the
             // receiver drops a corrupted segment): a frame that came in
             // with valid ones leaves with valid ones.
-            if check_checksums(&frame).is_ok() || (ip_header_ok(&frame) && partial(&frame)) {
+            // (CHECKSUM_PARTIAL is never a fragment's: the sender
+            // completes the checksum before it fragments.)
+            let unfragmented = frag_field(&frame).is_some_and(|v| v & 0x3fff == 0);
+            if check_checksums(&frame).is_ok()
+                || (ip_header_ok(&frame) && unfragmented && partial(&frame))
+            {
                 check_checksums(&out.frame).unwrap_or_else(|e| {
                     panic!("frame {n}: {e}: in {frame:02x?} out {:02x?}", out.frame)
                 });
@@ -281,5 +326,9 @@ fn a_million_random_frames_keep_every_rule() {
         redirected > 1000,
         "only {redirected} frames were forwarded: the test tests little"
     );
-    eprintln!("{total} frames, {redirected} redirected");
+    assert!(
+        total < 100_000 || later_redirected > 100,
+        "only {later_redirected} later fragments were forwarded: the test tests little"
+    );
+    eprintln!("{total} frames, {redirected} redirected ({later_redirected} later fragments)");
 }

@@ -57,16 +57,16 @@ fn what_would_be_forwarded_untracked_is_dropped_and_counted() {
     let cases: Vec<(&str, Side, Vec<u8>, Counter)> = vec![
         ("icmp through", Side::Internal, icmp, Counter::DropNotTcpUdp),
         (
-            "fragment with MF, of a flow",
-            Side::Internal,
-            frag(0x2000),
-            Counter::DropFragment,
-        ),
-        (
-            "fragment with offset",
+            "a later fragment whose first was not seen",
             Side::Internal,
             frag(0x0010),
             Counter::DropFragment,
+        ),
+        (
+            "a TCP fragment rewriting the header's flags",
+            Side::Internal,
+            frag(0x0001),
+            Counter::DropMalformed,
         ),
         ("two VLAN tags", Side::Internal, qinq, Counter::DropVlan),
         (

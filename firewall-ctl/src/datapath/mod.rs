@@ -22,6 +22,7 @@ use aya::{
 };
 use firewall_common::{
     flow::{FlowKey, FlowValue},
+    frag::{FragKey, FragValue},
     intercept::{InterceptConf, InterceptKey, InterceptValue},
     map_names,
     pinhole::{
@@ -212,6 +213,11 @@ const MAPS: &[MapSpec] = &[
         name: map_names::FLOWS,
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<FlowValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::FRAGMENTS,
+        key_size: size_of::<FragKey>() as u32,
+        value_size: size_of::<FragValue>() as u32,
     },
     MapSpec {
         name: map_names::STATS,
