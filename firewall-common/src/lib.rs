@@ -12,6 +12,7 @@ pub mod frag;
 pub mod icmp;
 pub mod intercept;
 pub mod pinhole;
+pub mod rules;
 pub mod stats;
 pub mod wall;
 
@@ -33,6 +34,8 @@ pub mod map_names {
     pub const WALL_CONF: &str = "WALL_CONF";
     pub const WALL_SOURCES: &str = "WALL_SOURCES";
     pub const PUBLISHED: &str = "PUBLISHED";
+    pub const RULES: &str = "RULES";
+    pub const RULES_ACTIVE: &str = "RULES_ACTIVE";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).

@@ -89,6 +89,7 @@ counters! {
     RedirectedIcmpError = 39, Redirect, "redirect_icmp_error", "an ICMP error quoting a tracked flow: outer and quoted headers translated, forwarded (RFC 5508)";
     DropIcmpUnrelated = 40, Drop, "drop_icmp_unrelated", "an ICMP error to be forwarded that quotes no tracked flow, or not addressed to the quoted packet's source";
     RedirectedFragment = 41, Redirect, "redirect_fragment", "a later fragment of a datagram whose first fragment was forwarded: its addresses translated, forwarded";
+    DropRule = 42, Drop, "drop_rule", "a new outbound connection no access rule allows (a deny rule matched, or none did)";
 }
 
 /// Number of slots in the STATS map.

@@ -25,6 +25,7 @@ use firewall_common::{
     flow::{flow_kind, FlowKey, FlowValue},
     map_sizes,
     pinhole::side,
+    rules::{rule_action, Rule, RULE_BANKS, RULE_SLOTS},
     stats::Counter,
     wall::{
         counter_slot, nat_port, nat_start, PublishKey, PublishValue, SourceValue, WallConf,
@@ -59,6 +60,14 @@ static NAT_COUNTERS: Array<u32, { NAT_COUNTER_SLOTS as usize }> = Array::new();
 #[btf_map]
 static WALL_SOURCES: LpmTrie<[u8; 4], SourceValue, { map_sizes::WALL_SOURCES as usize }> =
     LpmTrie::new();
+
+/// Access rules for new outbound connections, two banks (`rules`).
+#[btf_map]
+static RULES: Array<Rule, { (RULE_SLOTS * RULE_BANKS) as usize }> = Array::new();
+
+/// The bank of `RULES` in force (0 or 1).
+#[btf_map]
+static RULES_ACTIVE: Array<u32, 1> = Array::new();
 
 /// For a parsed packet without a flow or pinhole: `PrimaryEstablished` (or
 /// `PublishedEstablished`) once the new connection's flows are in `FLOWS`,
@@ -152,14 +161,19 @@ fn admit_inner<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Result<(), Counter> 
         // The stack delivers it to the socket (TC marks it for local delivery).
         return Err(Counter::PassNoFlow);
     }
-    if let Some(c) = intercept::claim(ctx, pkt, egress, &mut scratch.tuple) {
-        return Err(c);
-    }
     let Some(conf) = WALL_CONF.get(0) else {
         return Err(Counter::DropNotAllowed);
     };
+    // Before the interception: the FTP filter sees only connections the
+    // rules let out (its own connection to the server is the firewall's).
     if !conf.admits() || !source_allowed(k.src_addr) {
         return Err(Counter::DropNotAllowed);
+    }
+    if egress == conf.external_ifindex && !rules_allow(k) {
+        return Err(Counter::DropRule);
+    }
+    if let Some(c) = intercept::claim(ctx, pkt, egress, &mut scratch.tuple) {
+        return Err(c);
     }
     if egress != conf.external_ifindex || (k.protocol != IPPROTO_UDP && !pkt.syn_only) {
         // Between internal networks (not tracked), or TCP/ICMP that opens nothing.
@@ -198,6 +212,28 @@ pub fn untracked<H: Hook>(ctx: &H, parsed: Counter) -> Counter {
         Counter::PassNotIpv4 => Counter::DropIpv6,
         other => other,
     }
+}
+
+/// The first entry of the active bank that matches decides; the end of the
+/// list or no match denies (`rules::allows` is the same on the host).
+#[inline(always)]
+fn rules_allow(k: &FlowKey) -> bool {
+    let bank = match RULES_ACTIVE.get(0) {
+        Some(b) if *b < RULE_BANKS => *b,
+        _ => return false,
+    };
+    for i in 0..RULE_SLOTS {
+        let Some(r) = RULES.get(bank * RULE_SLOTS + i) else {
+            return false;
+        };
+        if r.action == rule_action::END {
+            return false;
+        }
+        if r.matches(k.protocol, k.src_addr, k.dst_addr, k.dst_port) {
+            return r.action == rule_action::ALLOW;
+        }
+    }
+    false
 }
 
 #[inline(always)]

@@ -8,6 +8,7 @@
 use std::process::Command;
 
 use anyhow::Context as _;
+pub use firewall_common::rules::{rule_action, Rule};
 use firewall_common::{
     flow::{FlowKey, FlowValue},
     wall::{PublishKey, PublishValue, WallConf},
@@ -188,7 +189,17 @@ impl Fixture {
             external_ifindex: self.ex_ifindex,
             port_secret: 0x5eed,
         };
-        WallTables::open(&self.pins)?.set(conf, &["10.1.0.0/24".parse()?], &published)
+        WallTables::open(&self.pins)?.set(
+            conf,
+            &["10.1.0.0/24".parse()?],
+            &[Rule::everything(rule_action::ALLOW)],
+            &published,
+        )
+    }
+
+    /// Replaces the access rules (the wall raised).
+    pub fn set_rules(&self, rules: &[Rule]) -> anyhow::Result<()> {
+        WallTables::open(&self.pins)?.set_rules(rules)
     }
 
     /// The fixture's network namespace (for `netns::in_netns`).

@@ -174,3 +174,41 @@ pub fn client_server(lab: &Lab, protocol: u8, port: u16) -> Peer {
     wait_listening(&lab.client, port);
     Peer::new(c)
 }
+
+/// `python3 -m http.server` on `bind`:8000 in `ns`, serving `index.txt`;
+/// stopped and its directory removed when dropped.
+pub struct HttpServer {
+    _peer: Peer,
+    dir: std::path::PathBuf,
+}
+
+impl HttpServer {
+    pub fn start(ns: &Ns, bind: &str, body: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-www", ns.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("index.txt"), body).unwrap();
+        let peer = Peer::new(
+            ns.spawn(&format!(
+                "cd {} && exec python3 -m http.server 8000 --bind {bind} >/dev/null 2>&1",
+                dir.display()
+            ))
+            .unwrap(),
+        );
+        wait_listening(ns, 8000);
+        Self { _peer: peer, dir }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `index.txt` of the HTTP server at `host:port`, fetched with curl from `ns`.
+pub fn http_get(ns: &Ns, host: &str, port: u16) -> String {
+    ns.sh(&format!(
+        "curl -sS --max-time 10 http://{host}:{port}/index.txt"
+    ))
+    .unwrap_or_else(|e| panic!("curl http://{host}:{port}/index.txt: {e:#}"))
+}

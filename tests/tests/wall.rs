@@ -4,11 +4,7 @@
 
 use firewall_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use firewall_tests::{
-    daemon::LabRun,
-    lab::{addr, Ns},
-    traffic::*,
-};
+use firewall_tests::{daemon::LabRun, lab::addr, traffic::*};
 
 #[test]
 fn an_attacker_outside_gets_nothing_in() {
@@ -89,13 +85,7 @@ fn internal_clients_reach_the_outside_translated() {
 
     // HTTP with curl against python's http.server.
     let _http = HttpServer::start(&lab.server, addr::SERVER, "hello through the wall\n");
-    let body = lab
-        .client
-        .sh(&format!(
-            "curl -sS --max-time 10 http://{}:8000/index.txt",
-            addr::SERVER
-        ))
-        .unwrap();
+    let body = http_get(&lab.client, addr::SERVER, 8000);
     assert_eq!(body, "hello through the wall\n");
 
     assert!(fw.counter("redirect_primary_established") >= 5);
@@ -132,13 +122,7 @@ fn a_published_server_is_reached_from_outside() {
     let _http = HttpServer::start(&lab.client, addr::CLIENT, "published from inside\n");
     // The external host has no route to the internal network: it talks to
     // the firewall's external address only.
-    let body = lab
-        .server
-        .sh(&format!(
-            "curl -sS --max-time 10 http://{}:8080/index.txt",
-            addr::FW_EXTERNAL
-        ))
-        .unwrap();
+    let body = http_get(&lab.server, addr::FW_EXTERNAL, 8080);
     assert_eq!(body, "published from inside\n");
     assert!(fw.counter("redirect_published_established") >= 1);
     assert_eq!(
@@ -150,36 +134,6 @@ fn a_published_server_is_reached_from_outside() {
         &lab.server,
         &format!("{}:8081", addr::FW_EXTERNAL)
     ));
-}
-
-/// `python3 -m http.server` on `bind`:8000 in `ns`, serving `index.txt`;
-/// stopped and its directory removed when dropped.
-struct HttpServer {
-    _peer: Peer,
-    dir: std::path::PathBuf,
-}
-
-impl HttpServer {
-    fn start(ns: &Ns, bind: &str, body: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{}-www", ns.name));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("index.txt"), body).unwrap();
-        let peer = Peer::new(
-            ns.spawn(&format!(
-                "cd {} && exec python3 -m http.server 8000 --bind {bind} >/dev/null 2>&1",
-                dir.display()
-            ))
-            .unwrap(),
-        );
-        wait_listening(ns, 8000);
-        Self { _peer: peer, dir }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Datagrams larger than the path's MTU cross in fragments, both ways, at

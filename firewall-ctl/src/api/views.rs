@@ -45,6 +45,9 @@ pub struct Status {
 pub struct WallStatus {
     /// Sources that may open connections out.
     pub outbound_from: Vec<String>,
+    /// The access rules, in order, one line each.
+    #[serde(default)]
+    pub rules: Vec<String>,
     /// The address and ports they are translated to.
     pub nat_address: String,
     pub nat_ports: String,
@@ -58,6 +61,7 @@ impl WallStatus {
     pub fn new(config: &Config, primary_flows: u64) -> Self {
         Self {
             outbound_from: config.outbound_from.iter().map(|n| n.to_string()).collect(),
+            rules: config.rules.iter().map(|r| r.describe()).collect(),
             nat_address: config.external_addresses[0].to_string(),
             nat_ports: format!(
                 "{}-{}",

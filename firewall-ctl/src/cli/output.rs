@@ -75,6 +75,9 @@ pub fn status_text(s: &Status) -> String {
         w.nat_ports,
         w.primary_flows
     );
+    for (i, r) in w.rules.iter().enumerate() {
+        o += &format!("  rule {}: {r}\n", i + 1);
+    }
     if !w.published.is_empty() {
         o += &format!("  published: {}\n", w.published.join("; "));
     }

@@ -34,6 +34,7 @@ pub(super) struct File {
     #[serde(default)]
     pub wall: WallFile,
     pub publish: Option<Vec<PublishFile>>,
+    pub rule: Option<Vec<super::rules::RuleFile>>,
     #[serde(default)]
     pub metrics: MetricsFile,
 }

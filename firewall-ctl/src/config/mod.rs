@@ -20,11 +20,13 @@ use crate::{
 
 mod file;
 mod reload;
+mod rules;
 #[cfg(test)]
 mod tests;
 mod types;
 
 use file::File;
+pub use rules::{AccessRule, Action, RuleProtocol};
 pub use types::{DataConnections, Network, PortRange, Timeout, TIMEOUT_RANGE};
 
 /// The validated configuration the daemon runs with.
@@ -49,6 +51,9 @@ pub struct Config {
     /// Source networks that may open connections out through the firewall
     /// (the wall's embedded rule: the internal networks).
     pub outbound_from: Vec<Ipv4Net>,
+    /// Access rules for new outbound connections, in order (`[[rule]]`;
+    /// without any, the embedded rule: anything out from `outbound_from`).
+    pub rules: Vec<AccessRule>,
     /// Published servers: a port of the first external address forwarded to
     /// an internal server.
     pub published: Vec<Published>,
@@ -295,6 +300,8 @@ impl Config {
             Some(nets) => nets.into_iter().map(|n| n.0).collect(),
         };
 
+        let rules = rules::read(file.rule, &outbound_from)?;
+
         let mut published: Vec<Published> = Vec::new();
         for (i, p) in file.publish.into_iter().flatten().enumerate() {
             let key = |f: &str| format!("publish[{i}].{f}");
@@ -492,6 +499,7 @@ impl Config {
             snat_block,
             nat_port_range,
             outbound_from,
+            rules,
             published,
             client_quota,
             max_pending_per_session,
@@ -528,6 +536,11 @@ fn describe_span(text: &str, span: std::ops::Range<usize>) -> String {
 }
 
 impl Config {
+    /// The access rules as the datapath holds them.
+    pub fn datapath_rules(&self) -> Vec<firewall_common::rules::Rule> {
+        rules::compile(&self.rules)
+    }
+
     /// What the engine needs of the configuration and the interfaces.
     pub fn engine_config(
         &self,

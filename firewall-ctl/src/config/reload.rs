@@ -62,6 +62,13 @@ impl Config {
                 "wall.outbound_from",
                 self.outbound_from != new.outbound_from,
             ),
+            // The embedded rule follows wall.outbound_from, reported as such.
+            (
+                "rule",
+                self.rules != new.rules
+                    && !(self.rules.iter().all(|r| r.embedded)
+                        && new.rules.iter().all(|r| r.embedded)),
+            ),
             ("publish", self.published != new.published),
         ];
         Ok(reloadable

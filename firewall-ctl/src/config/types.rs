@@ -9,7 +9,7 @@ use serde::{de, Deserialize, Deserializer};
 use crate::flags::ConnFlags;
 
 /// Deserializes a value from its string form through `FromStr`.
-fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+pub(super) fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: FromStr<Err = String>,

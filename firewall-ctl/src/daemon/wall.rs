@@ -67,8 +67,16 @@ pub fn raise(
     let conf = conf(config, external)?;
     let published = published(config, internal);
     WallTables::open(pins)?
-        .set(conf, &config.outbound_from, &published)
+        .set(
+            conf,
+            &config.outbound_from,
+            &config.datapath_rules(),
+            &published,
+        )
         .context("writing the wall's settings")?;
+    for r in &config.rules {
+        log::info!("rule: {}", r.describe());
+    }
     for p in &config.published {
         log::info!(
             "published: {:?} {}:{} -> {}",
@@ -104,12 +112,16 @@ fn published(config: &Config, internal: &Interface) -> Vec<(PublishKey, PublishV
         .collect()
 }
 
-/// A reloaded configuration's sources and published servers into the
+/// A reloaded configuration's sources, rules and published servers into the
 /// running wall (its settings, the NAT address and ports, stay).
 pub fn reapply(pins: &PinPaths, config: &Config, internal: &Interface) -> anyhow::Result<()> {
     WallTables::open(pins)?
-        .update(&config.outbound_from, &published(config, internal))
-        .context("updating the wall's sources and published servers")
+        .update(
+            &config.outbound_from,
+            &config.datapath_rules(),
+            &published(config, internal),
+        )
+        .context("updating the wall's sources, rules and published servers")
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use firewall_common::{
         BusyClientKey, BusyClientValue, PeerFilterKey, PeerFilterValue, PinholeKey, PinholeValue,
     },
     program_names,
+    rules::Rule,
     stats::StatValue,
     wall::{PublishKey, PublishValue, SourceValue, WallConf},
     PIN_DIR,
@@ -259,6 +260,16 @@ const MAPS: &[MapSpec] = &[
         name: map_names::PUBLISHED,
         key_size: size_of::<PublishKey>() as u32,
         value_size: size_of::<PublishValue>() as u32,
+    },
+    MapSpec {
+        name: map_names::RULES,
+        key_size: 4,
+        value_size: size_of::<Rule>() as u32,
+    },
+    MapSpec {
+        name: map_names::RULES_ACTIVE,
+        key_size: 4,
+        value_size: 4,
     },
     MapSpec {
         name: map_names::WALL_SOURCES,

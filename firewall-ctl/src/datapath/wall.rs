@@ -1,5 +1,6 @@
 //! The wall's tables: its settings (the NAT address and ports, the external
-//! interface) and the source networks that may open connections.
+//! interface), the source networks that may open connections, the access
+//! rules and the published servers.
 
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
@@ -7,6 +8,7 @@ use aya::maps::{
 };
 use firewall_common::{
     map_names,
+    rules::{Rule, RULE_SLOTS},
     wall::{PublishKey, PublishValue, SourceValue, WallConf},
 };
 use ipnet::Ipv4Net;
@@ -17,6 +19,8 @@ pub struct WallTables {
     conf: Array<MapData, WallConf>,
     sources: LpmTrie<MapData, [u8; 4], SourceValue>,
     published: HashMap<MapData, PublishKey, PublishValue>,
+    rules: Array<MapData, Rule>,
+    rules_active: Array<MapData, u32>,
 }
 
 impl WallTables {
@@ -27,7 +31,31 @@ impl WallTables {
             conf: Array::try_from(open(map_names::WALL_CONF)?)?,
             sources: LpmTrie::try_from(open(map_names::WALL_SOURCES)?)?,
             published: HashMap::try_from(open(map_names::PUBLISHED)?)?,
+            rules: Array::try_from(open(map_names::RULES)?)?,
+            rules_active: Array::try_from(open(map_names::RULES_ACTIVE)?)?,
         })
+    }
+
+    /// Writes the access rules into the bank the datapath does not read,
+    /// then switches to it: a packet sees the old rules or the new, never a
+    /// mixture. At most `RULE_SLOTS` entries (the configuration checks).
+    pub fn set_rules(&mut self, rules: &[Rule]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            rules.len() <= RULE_SLOTS as usize,
+            "{} rule entries, more than the {RULE_SLOTS} the datapath holds",
+            rules.len()
+        );
+        let active = self.rules_active.get(&0, 0)?;
+        let bank = if active == 0 { 1 } else { 0 };
+        // The entries, then the end of the list.
+        let end = Rule::default();
+        for (i, r) in rules.iter().chain(std::iter::once(&end)).enumerate() {
+            if i < RULE_SLOTS as usize {
+                self.rules.set(bank * RULE_SLOTS + i as u32, *r, 0)?;
+            }
+        }
+        self.rules_active.set(0, bank, 0)?;
+        Ok(())
     }
 
     /// Replaces the settings, the allowed sources and the published servers.
@@ -37,9 +65,11 @@ impl WallTables {
         &mut self,
         conf: WallConf,
         sources: &[Ipv4Net],
+        rules: &[Rule],
         published: &[(PublishKey, PublishValue)],
     ) -> anyhow::Result<()> {
         self.conf.set(0, WallConf::default(), 0)?;
+        self.set_rules(rules)?;
         let old: Vec<PublishKey> = self.published.keys().collect::<Result<_, _>>()?;
         for k in old {
             self.published.remove(&k)?;
@@ -59,14 +89,16 @@ impl WallTables {
         Ok(())
     }
 
-    /// A reload: the allowed sources and published servers become these,
-    /// the settings stay. New entries go in before old ones go out, so a
+    /// A reload: the allowed sources, rules and published servers become
+    /// these, the settings stay. New entries go in before old ones go out, so a
     /// source or server in both is never missing, not even for a moment.
     pub fn update(
         &mut self,
         sources: &[Ipv4Net],
+        rules: &[Rule],
         published: &[(PublishKey, PublishValue)],
     ) -> anyhow::Result<()> {
+        self.set_rules(rules)?;
         for (k, v) in published {
             self.published.insert(k, v, 0)?;
         }

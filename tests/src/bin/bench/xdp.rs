@@ -167,6 +167,34 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         "ns/packet",
         v,
     );
+    // A later fragment: its first fragment (and, since repetitions run on
+    // the translated frame, the translated datagram's) seen before.
+    let fragment = |src, sport, frag| {
+        Spec {
+            tcp_flags: TCP_ACK,
+            payload: vec![0; 6],
+            ttl: 255,
+            frag,
+            ..Spec::tcp(src, sport, SERVER, 80)
+        }
+        .build()
+    };
+    for (src, sport) in [(CLIENT, 33000), (FW_EXTERNAL, NAT_PORT)] {
+        let first = fx.run(Side::Internal, &fragment(src, sport, 0x2000));
+        anyhow::ensure!(
+            first.action == XDP_REDIRECT,
+            "a first fragment was not forwarded"
+        );
+    }
+    let later = fragment(CLIENT, 33000, 0x0040);
+    let v = timed(&mut fx, Side::Internal, &later, repeat, reps, XDP_REDIRECT)?;
+    r.add(
+        "xdp cost",
+        "later fragment of a tracked datagram",
+        "kernel",
+        "ns/packet",
+        v,
+    );
     let miss = tcp(CLIENT, 34000, SERVER, 443, TCP_ACK);
     let v = timed(&mut fx, Side::Internal, &miss, repeat, reps, XDP_DROP)?;
     r.add(
