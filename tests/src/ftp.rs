@@ -96,7 +96,16 @@ impl FtpServer {
         Ok((dir, root))
     }
 
+    /// vsftpd on port 21 of the lab's internal client (a server to publish).
+    pub fn start_inside(ns: &Ns, tag: &str) -> anyhow::Result<Self> {
+        Self::vsftpd_at(ns, tag, addr::CLIENT, 21, "")
+    }
+
     fn vsftpd(ns: &Ns, tag: &str, port: u16, extra: &str) -> anyhow::Result<Self> {
+        Self::vsftpd_at(ns, tag, addr::SERVER, port, extra)
+    }
+
+    fn vsftpd_at(ns: &Ns, tag: &str, listen: &str, port: u16, extra: &str) -> anyhow::Result<Self> {
         let (dir, root) = Self::dirs(tag)?;
         let conf = dir.join("vsftpd.conf");
         // isolate/isolate_network off: vsftpd would make namespaces for every
@@ -112,7 +121,7 @@ impl FtpServer {
                  xferlog_enable=NO\nuse_sendfile=YES\nftp_username=ftp\nidle_session_timeout=120\n\
                  data_connection_timeout=120\nasync_abor_enable=YES\n\
                  max_clients=0\nmax_per_ip=0\nisolate=NO\nisolate_network=NO\n{extra}",
-                server = addr::SERVER,
+                server = listen,
                 root = root.display(),
                 empty = dir.join("empty").display(),
             ),

@@ -10,6 +10,14 @@
 //!   connection (229: the port only). That address is the server's own, which
 //!   the firewall answers for transparently, as it does for the control
 //!   connection: EPSV carries no address, and curl ignores 227's.
+//! - A published FTP server (`Control::published`) mirrors both: the client
+//!   is outside, the server inside, and the firewall is a full proxy (the
+//!   server sees the firewall's internal address, ISA's proxy-mode
+//!   publishing). `227`/`229` from the server become a BindForClient for the
+//!   server's data port with PROXY_MODE, rewritten to the external address
+//!   and port; `PORT`/`EPRT` from the client become a RedirectConnections to
+//!   the client's data port, rewritten to the firewall's internal address
+//!   (`published.rs`).
 //! - Anti-bounce: a PORT/EPRT naming another address than the client's own,
 //!   or a port below 1024, is answered with a 5xx reply and never forwarded;
 //!   a 227/229 naming another address than the server's is refused.
@@ -39,6 +47,7 @@ use crate::{
 };
 
 mod lines;
+mod published;
 mod syntax;
 
 pub use lines::MAX_LINE;
@@ -122,6 +131,8 @@ pub struct Control {
     external: Ipv4Addr,
     /// Added to every call's flags (no-kernel-mode when so configured).
     extra_flags: ConnFlags,
+    /// A published server's: the client outside, the server inside.
+    published: bool,
     from_client: Lines,
     from_server: Lines,
     replies: Replies,
@@ -151,6 +162,8 @@ pub struct ControlState {
     pub server: SocketAddrV4,
     pub external: Ipv4Addr,
     extra_flags: ConnFlags,
+    #[serde(default)]
+    pub published: bool,
     from_client: Lines,
     from_server: Lines,
     replies: Replies,
@@ -179,6 +192,7 @@ impl Control {
             server: self.server,
             external: self.external,
             extra_flags: self.extra_flags,
+            published: self.published,
             from_client: std::mem::take(&mut self.from_client),
             from_server: std::mem::take(&mut self.from_server),
             replies: std::mem::take(&mut self.replies),
@@ -195,7 +209,7 @@ impl Control {
         stats: Arc<FtpStats>,
         state: ControlState,
     ) -> Result<Self, ApiError> {
-        let session = api.session(*state.client.ip())?;
+        let session = api.session(*session_host(state.published, &state.client, &state.server))?;
         Ok(Self {
             api,
             stats,
@@ -204,6 +218,7 @@ impl Control {
             server: state.server,
             external: state.external,
             extra_flags: state.extra_flags,
+            published: state.published,
             from_client: state.from_client,
             from_server: state.from_server,
             replies: state.replies,
@@ -221,7 +236,31 @@ impl Control {
         external: Ipv4Addr,
         extra_flags: ConnFlags,
     ) -> Result<Self, ApiError> {
-        let session = api.session(*client.ip())?;
+        Self::with_role(api, stats, (client, server), external, extra_flags, false)
+    }
+
+    /// A control connection to a published server: `client` outside,
+    /// `server` the internal server (as the firewall connects to it).
+    pub fn published(
+        api: Arc<dyn Secondaries>,
+        stats: Arc<FtpStats>,
+        client: SocketAddrV4,
+        server: SocketAddrV4,
+        external: Ipv4Addr,
+        extra_flags: ConnFlags,
+    ) -> Result<Self, ApiError> {
+        Self::with_role(api, stats, (client, server), external, extra_flags, true)
+    }
+
+    fn with_role(
+        api: Arc<dyn Secondaries>,
+        stats: Arc<FtpStats>,
+        (client, server): (SocketAddrV4, SocketAddrV4),
+        external: Ipv4Addr,
+        extra_flags: ConnFlags,
+        published: bool,
+    ) -> Result<Self, ApiError> {
+        let session = api.session(*session_host(published, &client, &server))?;
         stats.control_connections.fetch_add(1, Relaxed);
         Ok(Self {
             api,
@@ -231,6 +270,7 @@ impl Control {
             server,
             external,
             extra_flags,
+            published,
             from_client: Lines::default(),
             from_server: Lines::default(),
             replies: Replies::default(),
@@ -419,6 +459,9 @@ impl Control {
             );
             return self.refuse(verb, None, &reply, out);
         }
+        if self.published {
+            return self.published_active(verb, a, out);
+        }
         let req = BindRequest {
             session: self.session,
             clients: vec![a],
@@ -436,21 +479,8 @@ impl Control {
         };
         match self.api.bind_for_client(&req) {
             Ok(r) => {
-                self.replace_unused(r.connections[0].id);
-                self.stats.active_opened.fetch_add(1, Relaxed);
-                self.tally.active += 1;
                 let p = r.proxy_address;
-                log::debug!(
-                    "ftp {} → {}: {verb} {a} opened as {p}",
-                    self.client,
-                    self.server
-                );
-                let cmd = if verb == "PORT" {
-                    format!("PORT {}\r\n", host_port(p))
-                } else {
-                    format!("EPRT |1|{}|{}|\r\n", p.ip(), p.port())
-                };
-                out.to_server.extend_from_slice(cmd.as_bytes());
+                self.opened_active(r.connections[0].id, verb, a, p, out);
             }
             Err(e) => self.call_failed("data connection", &e, out),
         }
@@ -476,6 +506,9 @@ impl Control {
         if a.port() == 0 {
             return self.refuse_reply("a passive reply with port 0", out);
         }
+        if self.published {
+            return self.published_passive(extended, a, out);
+        }
         let req = RedirectRequest {
             session: self.session,
             connects: vec![a],
@@ -493,24 +526,62 @@ impl Control {
         };
         match self.api.redirect_connections(&req) {
             Ok(r) => {
-                self.replace_unused(r.actions[0].id);
-                self.stats.passive_opened.fetch_add(1, Relaxed);
-                self.tally.passive += 1;
                 let i = r.internal_address;
-                log::debug!(
-                    "ftp {} → {}: passive {a} opened as {i}",
-                    self.client,
-                    self.server
-                );
-                let reply = if extended {
-                    format!("229 Entering Extended Passive Mode (|||{}|)\r\n", i.port())
-                } else {
-                    format!("227 Entering Passive Mode ({}).\r\n", host_port(i))
-                };
-                out.to_client.extend_from_slice(reply.as_bytes());
+                self.opened_passive(r.actions[0].id, extended, a, i, out);
             }
             Err(e) => self.call_failed("passive connection", &e, out),
         }
+    }
+
+    /// An active data connection was opened: the command goes on naming `to`.
+    fn opened_active(
+        &mut self,
+        id: u64,
+        verb: &str,
+        a: SocketAddrV4,
+        to: SocketAddrV4,
+        out: &mut Output,
+    ) {
+        self.replace_unused(id);
+        self.stats.active_opened.fetch_add(1, Relaxed);
+        self.tally.active += 1;
+        log::debug!(
+            "ftp {} → {}: {verb} {a} opened as {to}",
+            self.client,
+            self.server
+        );
+        let cmd = if verb == "PORT" {
+            format!("PORT {}\r\n", host_port(to))
+        } else {
+            format!("EPRT |1|{}|{}|\r\n", to.ip(), to.port())
+        };
+        out.to_server.extend_from_slice(cmd.as_bytes());
+    }
+
+    /// A passive data connection was opened: the reply goes on naming `to`
+    /// (229: its port only).
+    fn opened_passive(
+        &mut self,
+        id: u64,
+        extended: bool,
+        a: SocketAddrV4,
+        to: SocketAddrV4,
+        out: &mut Output,
+    ) {
+        self.replace_unused(id);
+        self.stats.passive_opened.fetch_add(1, Relaxed);
+        self.tally.passive += 1;
+        log::debug!(
+            "ftp {} → {}: passive {a} opened as {to}",
+            self.client,
+            self.server
+        );
+        let reply = if extended {
+            format!("229 Entering Extended Passive Mode (|||{}|)\r\n", to.port())
+        } else {
+            format!("227 Entering Passive Mode ({}).\r\n", host_port(to))
+        };
+        out.to_client.extend_from_slice(reply.as_bytes());
     }
 
     fn call_failed(&mut self, what: &str, e: &ApiError, out: &mut Output) {
@@ -526,6 +597,20 @@ impl Control {
     }
 }
 
+/// The internal host whose SecureNAT session the secondary connections
+/// belong to (ISA's "client"): the FTP client, or a published server.
+fn session_host<'a>(
+    published: bool,
+    client: &'a SocketAddrV4,
+    server: &'a SocketAddrV4,
+) -> &'a Ipv4Addr {
+    if published {
+        server.ip()
+    } else {
+        client.ip()
+    }
+}
+
 impl Drop for Control {
     fn drop(&mut self) {
         self.finish();
@@ -534,3 +619,5 @@ impl Drop for Control {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_published;

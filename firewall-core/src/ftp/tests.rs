@@ -8,20 +8,22 @@ use crate::{
 
 const CLIENT: &str = "10.1.0.2:40000";
 const SERVER: &str = "10.2.0.2:21";
-const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
-const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+pub(super) const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+pub(super) const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
 /// Records the calls; answers like the engine would.
 #[derive(Default)]
-struct Fake {
-    binds: Mutex<Vec<BindRequest>>,
-    redirects: Mutex<Vec<RedirectRequest>>,
+pub(super) struct Fake {
+    pub(super) sessions: Mutex<Vec<Ipv4Addr>>,
+    pub(super) binds: Mutex<Vec<BindRequest>>,
+    pub(super) redirects: Mutex<Vec<RedirectRequest>>,
     withdrawn: Mutex<Vec<u64>>,
     fail: Mutex<bool>,
 }
 
 impl Secondaries for Fake {
-    fn session(&self, _client: Ipv4Addr) -> Result<u64, ApiError> {
+    fn session(&self, client: Ipv4Addr) -> Result<u64, ApiError> {
+        self.sessions.lock().unwrap().push(client);
         Ok(7)
     }
     fn bind_for_client(&self, req: &BindRequest) -> Result<BindResult, ApiError> {
@@ -74,19 +76,19 @@ fn control() -> (Control, Arc<Fake>, Arc<FtpStats>) {
     (c, fake, stats)
 }
 
-fn from_client(c: &mut Control, data: &[u8]) -> Output {
+pub(super) fn from_client(c: &mut Control, data: &[u8]) -> Output {
     let mut out = Output::default();
     c.client_data(data, &mut out);
     out
 }
 
-fn from_server(c: &mut Control, data: &[u8]) -> Output {
+pub(super) fn from_server(c: &mut Control, data: &[u8]) -> Output {
     let mut out = Output::default();
     c.server_data(data, &mut out);
     out
 }
 
-fn text(b: &[u8]) -> String {
+pub(super) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 

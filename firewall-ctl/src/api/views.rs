@@ -71,7 +71,15 @@ impl WallStatus {
             published: config
                 .published
                 .iter()
-                .map(|p| format!("{} {} -> {}", p.transport.name(), p.port, p.server))
+                .map(|p| {
+                    format!(
+                        "{} {} -> {}{}",
+                        p.transport.name(),
+                        p.port,
+                        p.server,
+                        if p.ftp { " (FTP filter)" } else { "" }
+                    )
+                })
                 .collect(),
             primary_flows,
         }

@@ -94,6 +94,10 @@ pub struct Published {
     /// The port on the first external address.
     pub port: u16,
     pub server: std::net::SocketAddrV4,
+    /// An FTP server (TCP, its port one of `ftp.ports`, the filter on): the
+    /// daemon proxies its control connections through the FTP filter
+    /// instead of forwarding them in the kernel.
+    pub ftp: bool,
 }
 
 pub const DEFAULT_FTP_PORTS: &[u16] = &[21];
@@ -336,6 +340,7 @@ impl Config {
                 transport: p.transport,
                 port: p.port,
                 server: p.server,
+                ftp: false,
             });
         }
 
@@ -481,6 +486,10 @@ impl Config {
                 "metrics.listen",
                 "needs a port (9469 is the usual one)",
             ));
+        }
+
+        for p in &mut published {
+            p.ftp = p.transport == Transport::Tcp && ftp_ports.contains(&p.server.port());
         }
 
         Ok(Config {

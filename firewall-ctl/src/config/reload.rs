@@ -9,7 +9,15 @@ impl Config {
     /// The keys that differ between the running configuration and `new`,
     /// or an error naming the first one that only a restart can change.
     pub fn reload_changes(&self, new: &Config) -> Result<Vec<&'static str>, ConfigError> {
-        let restart_only: [(&str, bool); 13] = [
+        let ftp_published = |c: &Config| -> Vec<super::Published> {
+            c.published.iter().filter(|p| p.ftp).cloned().collect()
+        };
+        let restart_only: [(&str, bool); 14] = [
+            // Their listeners belong to the FTP filter's interception.
+            (
+                "publish (an FTP server)",
+                ftp_published(self) != ftp_published(new),
+            ),
             (
                 "addresses.internal_networks",
                 self.internal_networks != new.internal_networks,

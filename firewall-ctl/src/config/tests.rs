@@ -211,3 +211,23 @@ fn metrics_are_opt_in() {
     let c = Config::parse("[metrics]\nlisten = \"[::1]:9469\"", &i, &e).unwrap();
     assert_eq!(c.metrics_listen, Some("[::1]:9469".parse().unwrap()));
 }
+
+#[test]
+fn a_published_ftp_server_goes_through_the_filter() {
+    let (i, e) = ifs();
+    let publish = "[[publish]]\ntransport = \"tcp\"\nport = 2121\nserver = \"10.1.0.2:21\"\n\
+                   [[publish]]\ntransport = \"tcp\"\nport = 8080\nserver = \"10.1.0.2:80\"\n";
+    let c = Config::parse(publish, &i, &e).unwrap();
+    assert!(c.published[0].ftp && !c.published[1].ftp);
+    let off = Config::parse(&format!("{publish}[ftp]\nenabled = false\n"), &i, &e).unwrap();
+    assert!(
+        !off.published[0].ftp,
+        "the filter off: forwarded in the kernel"
+    );
+    // Its listener belongs to the interception: a restart changes it.
+    let moved = Config::parse(&publish.replace("2121", "2122"), &i, &e).unwrap();
+    let err = c.reload_changes(&moved).unwrap_err();
+    assert_eq!(err.key, "publish (an FTP server)");
+    let other = Config::parse(&publish.replace("8080", "8081"), &i, &e).unwrap();
+    assert_eq!(c.reload_changes(&other).unwrap(), vec!["publish"]);
+}

@@ -455,6 +455,10 @@ fn start_interception(
     state.local_delivery = Some(delivery);
     state.write()?;
     delivery.install()?;
+    let internal_addr = internal
+        .addresses()
+        .next()
+        .context("the internal interface has no IPv4 address")?;
     let (listener, at) = primary::listener()?;
     let ports: Vec<(InterceptKey, InterceptValue)> = config
         .ftp_ports
@@ -478,6 +482,21 @@ fn start_interception(
         &ports,
     )?;
     dp.attach_interception(internal, &listener)?;
+    // Published FTP servers: listeners on their external ports, so that a
+    // taken port fails `up` with everything else.
+    let published = config
+        .published
+        .iter()
+        .filter(|p| p.ftp)
+        .map(|p| primary::published_listener(config.external_addresses[0], p.port, p.server))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for p in &published {
+        log::info!(
+            "published FTP server {} through the FTP filter (full proxy from {})",
+            p.server,
+            internal_addr
+        );
+    }
     let ctx = Arc::new(Interception {
         api: Arc::new(FtpCalls {
             engine: shared.engine.clone(),
@@ -486,6 +505,7 @@ fn start_interception(
         }),
         stats: shared.ftp.clone(),
         external: config.external_addresses[0],
+        internal: internal_addr,
         ftp_ports: config.ftp_ports.clone(),
         ftp_user_mode: config.ftp_user_mode,
     });
@@ -496,7 +516,9 @@ fn start_interception(
         config.fwmark,
         config.route_table
     );
-    Ok(Some(primary::Proxy::start(listener, ctx, resumed)?))
+    Ok(Some(primary::Proxy::start(
+        listener, ctx, resumed, published,
+    )?))
 }
 
 /// The FTP filter's calls, made from the interception's own thread: they

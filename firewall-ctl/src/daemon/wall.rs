@@ -94,6 +94,8 @@ fn published(config: &Config, internal: &Interface) -> Vec<(PublishKey, PublishV
     config
         .published
         .iter()
+        // An FTP server's connections go through the daemon's filter.
+        .filter(|p| !p.ftp)
         .map(|p| {
             (
                 PublishKey::new(

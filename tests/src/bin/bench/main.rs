@@ -31,6 +31,7 @@ use anyhow::{bail, Context as _};
 use firewall_common::{
     flow::{FlowKey, FlowValue},
     pinhole::{side, PinholeKey, PinholeValue},
+    rules::{rule_action, Rule, RULE_SLOTS},
     IPPROTO_TCP, IPPROTO_UDP,
 };
 use firewall_ctl::{

@@ -255,6 +255,26 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         "ns/packet",
         v,
     );
+    // The rules' worst case: every entry read, the last one allows.
+    let mut rules = vec![
+        Rule {
+            protocol: IPPROTO_UDP,
+            ..Rule::everything(rule_action::DENY)
+        };
+        RULE_SLOTS as usize - 1
+    ];
+    rules.push(Rule::everything(rule_action::ALLOW));
+    fx.set_rules(&rules)?;
+    let v = (0..reps)
+        .map(|_| primary_first_packet_ns(&mut fx, runs))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    r.add(
+        "xdp cost",
+        "first packet of an outbound connection, 64 access rules (the last allows)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
     Ok(())
 }
 

@@ -12,6 +12,11 @@
 //!    holding `local 0.0.0.0/0 dev lo`) delivers marked packets locally;
 //! 3. the accepted socket's local address is the server's: the original
 //!    destination, with no table to look it up in.
+//!
+//! A published FTP server's control connections come to a listener of the
+//! daemon on the external address (the published port): the daemon connects
+//! to the server from the firewall's internal address, and the FTP filter
+//! works in its published role (a full proxy).
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -25,15 +30,17 @@ use std::{
 use anyhow::{bail, Context as _};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::{
-    io::{
-        unix::{AsyncFd, AsyncFdReadyGuard},
-        Interest, Ready,
-    },
+    io::Interest,
     net::{TcpListener, TcpSocket, TcpStream},
 };
 use tracing::Instrument as _;
 
 use crate::ftp::{Control, ControlState, FtpStats, Output, Secondaries};
+
+mod sockets;
+use sockets::{
+    out_of_descriptors, read_once, reset, send, shutdown_write, ClientSide, Spare, TOO_MANY,
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -107,6 +114,7 @@ impl Proxy {
         listener: std::net::TcpListener,
         ctx: Arc<Interception>,
         resumed: Vec<Handed>,
+        published: Vec<PublishedFtp>,
     ) -> anyhow::Result<Self> {
         let handover = Arc::new(HandOver {
             asked: tokio::sync::watch::channel(false).0,
@@ -130,6 +138,14 @@ impl Proxy {
                             return;
                         }
                     };
+                    for p in published {
+                        match TcpListener::from_std(p.listener) {
+                            Ok(l) => {
+                                tokio::spawn(serve_published(l, p.server, ctx.clone(), ho.clone()));
+                            }
+                            Err(e) => log::error!("published FTP server {}: {e}", p.server),
+                        }
+                    }
                     for h in resumed {
                         let (client, server) = (h.state.client, h.state.server);
                         let (ctx, live) = (ctx.clone(), Live::new(&ho));
@@ -181,12 +197,42 @@ impl Proxy {
     }
 }
 
+/// A published FTP server: the listener on its published port (the
+/// external address), and the server.
+pub struct PublishedFtp {
+    pub listener: std::net::TcpListener,
+    pub server: SocketAddrV4,
+}
+
+/// The listener of a published FTP server's port on `external`.
+pub fn published_listener(
+    external: Ipv4Addr,
+    port: u16,
+    server: SocketAddrV4,
+) -> anyhow::Result<PublishedFtp> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    // A restarted daemon binds it again while handed-over connections live.
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddrV4::new(external, port).into())
+        .with_context(|| {
+            format!("listening on {external}:{port} for the published FTP server {server}")
+        })?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(PublishedFtp {
+        listener: s.into(),
+        server,
+    })
+}
+
 /// What intercepted connections need.
 pub struct Interception {
     pub api: Arc<dyn Secondaries>,
     pub stats: Arc<FtpStats>,
     /// The external address the daemon connects to servers from.
     pub external: Ipv4Addr,
+    /// The internal address it connects to published servers from.
+    pub internal: Ipv4Addr,
     pub ftp_ports: Vec<u16>,
     /// FTP data connections through the relay (no-kernel-mode).
     pub ftp_user_mode: bool,
@@ -219,7 +265,36 @@ async fn serve(listener: TcpListener, ctx: Arc<Interception>, ho: Arc<HandOver>)
         }
         let (ctx, live) = (ctx.clone(), Live::new(&ho));
         spawn_control(client, server, async move {
-            ftp_control(stream, client, server, &ctx, live).await
+            ftp_control(stream, client, server, &ctx, live, false).await
+        });
+    }
+}
+
+/// Accepts the control connections of a published FTP server.
+async fn serve_published(
+    listener: TcpListener,
+    server: SocketAddrV4,
+    ctx: Arc<Interception>,
+    ho: Arc<HandOver>,
+) {
+    let mut spare = Spare::new();
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok((stream, SocketAddr::V4(client))) => (stream, client),
+            Ok(_) => continue,
+            Err(e) if out_of_descriptors(&e) => {
+                spare.refuse(&listener).await;
+                continue;
+            }
+            Err(e) => {
+                log::warn!("published FTP server {server}: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (ctx, live) = (ctx.clone(), Live::new(&ho));
+        spawn_control(client, server, async move {
+            ftp_control(stream, client, server, &ctx, live, true).await
         });
     }
 }
@@ -242,191 +317,6 @@ fn spawn_control(
     );
 }
 
-fn out_of_descriptors(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// Told to a client whose control connection the firewall cannot carry.
-const TOO_MANY: &[u8] = b"421 Too many connections through the firewall, try again later.\r\n";
-
-/// A descriptor kept in reserve: out of descriptors, the listener's pending
-/// connections could not even be accepted, and their clients would wait for
-/// a banner forever. Given up for a moment, it lets each be told 421.
-struct Spare {
-    file: Option<std::fs::File>,
-    logged: Option<std::time::Instant>,
-}
-
-impl Spare {
-    fn new() -> Self {
-        Self {
-            file: std::fs::File::open("/dev/null").ok(),
-            logged: None,
-        }
-    }
-
-    async fn refuse(&mut self, listener: &TcpListener) {
-        if self
-            .logged
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-        {
-            self.logged = Some(std::time::Instant::now());
-            log::error!(
-                "out of file descriptors: intercepted FTP connections are refused with 421 (raise the open-files limit, LimitNOFILE)"
-            );
-        }
-        self.file = None;
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.try_write(TOO_MANY);
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-        self.file = std::fs::File::open("/dev/null").ok();
-    }
-}
-
-/// The client's side of a control connection. Registered for urgent data
-/// too (EPOLLPRI): ABOR comes as TCP urgent data, read in line, and a read
-/// stops at the urgent mark; the kernel's signal says when to read on past
-/// it, so no read is spent otherwise to learn that the socket is drained.
-struct ClientSide(AsyncFd<std::net::TcpStream>);
-
-impl ClientSide {
-    fn new(stream: TcpStream) -> std::io::Result<Self> {
-        Self::from_std(stream.into_std()?)
-    }
-
-    fn from_std(stream: std::net::TcpStream) -> std::io::Result<Self> {
-        stream.set_nonblocking(true)?;
-        // ABOR comes as urgent data (ftplib sends the whole command so).
-        SockRef::from(&stream).set_out_of_band_inline(true)?;
-        // SAFETY: the AsyncFd owns the stream, so its fd stays open and the
-        // same for as long as the AsyncFd lives.
-        let fd = unsafe {
-            AsyncFd::register_with_interest(
-                stream,
-                Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
-            )
-        };
-        Ok(Self(fd.map_err(|e| e.into_parts().1)?))
-    }
-
-    /// Reads what arrived into `buf` once the socket is `ready`: the length
-    /// read, 0 at the end of the stream, None when there was nothing after all.
-    fn read_ready(
-        &self,
-        ready: &mut AsyncFdReadyGuard<'_, std::net::TcpStream>,
-        buf: &mut [u8],
-    ) -> std::io::Result<Option<usize>> {
-        use std::io::Read as _;
-        let urgent = ready.ready().is_priority();
-        let mut filled = 0;
-        // One read, and more only past an urgent mark (a handful at most).
-        for _ in 0..if urgent { 8 } else { 1 } {
-            match self.0.get_ref().read(&mut buf[filled..]) {
-                Ok(0) if filled == 0 => return Ok(Some(0)),
-                Ok(0) => break,
-                Ok(n) => {
-                    filled += n;
-                    if filled == buf.len() {
-                        // More may be there: stay ready.
-                        return Ok(Some(filled));
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-        // Short: drained (reads stop at an urgent mark, hence the loop above).
-        ready.clear_ready_matching(Ready::READABLE | Ready::PRIORITY);
-        Ok((filled > 0).then_some(filled))
-    }
-
-    async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
-        use std::io::Write as _;
-        while !data.is_empty() {
-            let mut guard = self.0.writable().await?;
-            match guard.try_io(|s| s.get_ref().write(data)) {
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
-        }
-        Ok(())
-    }
-
-    fn try_write(&self, data: &[u8]) {
-        use std::io::Write as _;
-        let _ = self.0.get_ref().write(data);
-    }
-
-    fn sock(&self) -> SockRef<'_> {
-        SockRef::from(self.0.get_ref())
-    }
-}
-
-/// Writes all of `data`, waiting when the socket's buffer is full.
-async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// One read of what `stream` has: Ok(None) when there is nothing after all,
-/// Ok(Some(0)) at the end of the stream. A short read clears the socket's
-/// readiness, as tokio's own reads do, so no second call is spent to learn
-/// that it is drained.
-fn read_once(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
-    use std::io::Read as _;
-    let mut got = 0;
-    let r = stream.try_io(Interest::READABLE, || {
-        let n = (&*SockRef::from(stream)).read(buf)?;
-        got = n;
-        if n > 0 && n < buf.len() {
-            // Drained: wait for the next edge.
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        Ok(())
-    });
-    match r {
-        Ok(()) => Ok(Some(got)),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Writes `data`, the byte at `urgent_at` as TCP urgent data.
-async fn send(stream: &TcpStream, data: &[u8], urgent_at: Option<usize>) -> std::io::Result<()> {
-    let Some(at) = urgent_at.filter(|i| *i < data.len()) else {
-        return write_all(stream, data).await;
-    };
-    write_all(stream, &data[..at]).await?;
-    loop {
-        // MSG_OOB marks the last byte sent as urgent.
-        match SockRef::from(stream).send_out_of_band(&data[at..=at]) {
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    write_all(stream, &data[at + 1..]).await
-}
-
-/// Ends a connection with a reset, as an unreachable server would.
-fn reset(sock: SockRef<'_>) {
-    let _ = sock.set_linger(Some(Duration::ZERO));
-}
-
-fn shutdown_write(sock: SockRef<'_>) {
-    let _ = sock.shutdown(std::net::Shutdown::Write);
-}
-
 /// Control lines are short: reads go through one buffer of the proxy's
 /// thread (a line longer than the filter's limit is refused anyway), so an
 /// idle control connection holds no buffer of its own.
@@ -443,9 +333,15 @@ async fn ftp_control(
     server: SocketAddrV4,
     ctx: &Interception,
     live: Live,
+    published: bool,
 ) -> anyhow::Result<()> {
     let client_side = ClientSide::new(client_stream)?;
-    let control = match Control::new(
+    let (role, from): (fn(_, _, _, _, _, _) -> _, _) = if published {
+        (Control::published, ctx.internal)
+    } else {
+        (Control::new, ctx.external)
+    };
+    let control = match role(
         ctx.api.clone(),
         ctx.stats.clone(),
         client,
@@ -463,7 +359,7 @@ async fn ftp_control(
             bail!("not filtered: {e}");
         }
     };
-    let server_stream = match connect_server(ctx.external, server).await {
+    let server_stream = match connect_server(from, server).await {
         Ok(s) => s,
         Err(e) if out_of_descriptors(&e) => {
             log::error!("ftp {client} → {server}: out of file descriptors: refused with 421");
@@ -596,7 +492,8 @@ async fn relay(
     );
 }
 
-/// Connects to the server from the firewall's external address.
+/// Connects to the server from `from` (the firewall's external address, or
+/// its internal one for a published server).
 async fn connect_server(from: Ipv4Addr, server: SocketAddrV4) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(from.into(), 0))?;

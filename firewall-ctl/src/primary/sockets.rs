@@ -1,0 +1,204 @@
+//! The control connections' sockets: the client's side with urgent data
+//! read in line, writes that wait, reads that stop when drained, and a
+//! descriptor in reserve for when there are none.
+
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::{
+    io::{
+        unix::{AsyncFd, AsyncFdReadyGuard},
+        Interest, Ready,
+    },
+    net::{TcpListener, TcpStream},
+};
+
+pub(super) fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Told to a client whose control connection the firewall cannot carry.
+pub(super) const TOO_MANY: &[u8] =
+    b"421 Too many connections through the firewall, try again later.\r\n";
+
+/// A descriptor kept in reserve: out of descriptors, the listener's pending
+/// connections could not even be accepted, and their clients would wait for
+/// a banner forever. Given up for a moment, it lets each be told 421.
+pub(super) struct Spare {
+    file: Option<std::fs::File>,
+    logged: Option<std::time::Instant>,
+}
+
+impl Spare {
+    pub(super) fn new() -> Self {
+        Self {
+            file: std::fs::File::open("/dev/null").ok(),
+            logged: None,
+        }
+    }
+
+    pub(super) async fn refuse(&mut self, listener: &TcpListener) {
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.logged = Some(std::time::Instant::now());
+            log::error!(
+                "out of file descriptors: intercepted FTP connections are refused with 421 (raise the open-files limit, LimitNOFILE)"
+            );
+        }
+        self.file = None;
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.try_write(TOO_MANY);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+        self.file = std::fs::File::open("/dev/null").ok();
+    }
+}
+
+/// The client's side of a control connection. Registered for urgent data
+/// too (EPOLLPRI): ABOR comes as TCP urgent data, read in line, and a read
+/// stops at the urgent mark; the kernel's signal says when to read on past
+/// it, so no read is spent otherwise to learn that the socket is drained.
+pub(super) struct ClientSide(pub(super) AsyncFd<std::net::TcpStream>);
+
+impl ClientSide {
+    pub(super) fn new(stream: TcpStream) -> std::io::Result<Self> {
+        Self::from_std(stream.into_std()?)
+    }
+
+    pub(super) fn from_std(stream: std::net::TcpStream) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        // ABOR comes as urgent data (ftplib sends the whole command so).
+        SockRef::from(&stream).set_out_of_band_inline(true)?;
+        // SAFETY: the AsyncFd owns the stream, so its fd stays open and the
+        // same for as long as the AsyncFd lives.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                stream,
+                Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
+            )
+        };
+        Ok(Self(fd.map_err(|e| e.into_parts().1)?))
+    }
+
+    /// Reads what arrived into `buf` once the socket is `ready`: the length
+    /// read, 0 at the end of the stream, None when there was nothing after all.
+    pub(super) fn read_ready(
+        &self,
+        ready: &mut AsyncFdReadyGuard<'_, std::net::TcpStream>,
+        buf: &mut [u8],
+    ) -> std::io::Result<Option<usize>> {
+        use std::io::Read as _;
+        let urgent = ready.ready().is_priority();
+        let mut filled = 0;
+        // One read, and more only past an urgent mark (a handful at most).
+        for _ in 0..if urgent { 8 } else { 1 } {
+            match self.0.get_ref().read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 => return Ok(Some(0)),
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        // More may be there: stay ready.
+                        return Ok(Some(filled));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // Short: drained (reads stop at an urgent mark, hence the loop above).
+        ready.clear_ready_matching(Ready::READABLE | Ready::PRIORITY);
+        Ok((filled > 0).then_some(filled))
+    }
+
+    pub(super) async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        while !data.is_empty() {
+            let mut guard = self.0.writable().await?;
+            match guard.try_io(|s| s.get_ref().write(data)) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn try_write(&self, data: &[u8]) {
+        use std::io::Write as _;
+        let _ = self.0.get_ref().write(data);
+    }
+
+    pub(super) fn sock(&self) -> SockRef<'_> {
+        SockRef::from(self.0.get_ref())
+    }
+}
+
+/// Writes all of `data`, waiting when the socket's buffer is full.
+pub(super) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One read of what `stream` has: Ok(None) when there is nothing after all,
+/// Ok(Some(0)) at the end of the stream. A short read clears the socket's
+/// readiness, as tokio's own reads do, so no second call is spent to learn
+/// that it is drained.
+pub(super) fn read_once(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    use std::io::Read as _;
+    let mut got = 0;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(stream)).read(buf)?;
+        got = n;
+        if n > 0 && n < buf.len() {
+            // Drained: wait for the next edge.
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => Ok(Some(got)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `data`, the byte at `urgent_at` as TCP urgent data.
+pub(super) async fn send(
+    stream: &TcpStream,
+    data: &[u8],
+    urgent_at: Option<usize>,
+) -> std::io::Result<()> {
+    let Some(at) = urgent_at.filter(|i| *i < data.len()) else {
+        return write_all(stream, data).await;
+    };
+    write_all(stream, &data[..at]).await?;
+    loop {
+        // MSG_OOB marks the last byte sent as urgent.
+        match SockRef::from(stream).send_out_of_band(&data[at..=at]) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    write_all(stream, &data[at + 1..]).await
+}
+
+/// Ends a connection with a reset, as an unreachable server would.
+pub(super) fn reset(sock: SockRef<'_>) {
+    let _ = sock.set_linger(Some(Duration::ZERO));
+}
+
+pub(super) fn shutdown_write(sock: SockRef<'_>) {
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
