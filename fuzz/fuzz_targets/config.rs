@@ -19,7 +19,19 @@ fuzz_target!(|data: &[u8]| {
         index: 3,
         networks: vec!["10.2.0.1/24".parse().unwrap()],
     };
-    if let Err(e) = Config::parse(text, &internal, &external) {
-        assert!(!e.to_string().is_empty());
+    match Config::parse(text, &internal, &external) {
+        Err(e) => assert!(!e.to_string().is_empty()),
+        Ok(c) => {
+            // The rules fit the datapath and read as it reads them.
+            let rules = c.datapath_rules();
+            assert!(!rules.is_empty() || c.rules.is_empty());
+            assert!(rules.len() <= firewall_common::rules::RULE_SLOTS as usize);
+            for r in &c.rules {
+                assert!(!r.describe().is_empty());
+            }
+            let _ = firewall_common::rules::allows(&rules, 6, [10, 1, 0, 2], [192, 0, 2, 1], 80);
+            // An FTP server's publishing is never in the kernel's table.
+            assert!(c.published.iter().all(|p| !p.ftp || c.ftp_ports.contains(&p.server.port())));
+        }
     }
 });
