@@ -455,10 +455,6 @@ fn start_interception(
     state.local_delivery = Some(delivery);
     state.write()?;
     delivery.install()?;
-    let internal_addr = internal
-        .addresses()
-        .next()
-        .context("the internal interface has no IPv4 address")?;
     let (listener, at) = primary::listener()?;
     let ports: Vec<(InterceptKey, InterceptValue)> = config
         .ftp_ports
@@ -483,7 +479,16 @@ fn start_interception(
     )?;
     dp.attach_interception(internal, &listener)?;
     // Published FTP servers: listeners on their external ports, so that a
-    // taken port fails `up` with everything else.
+    // taken port fails `up` with everything else. The daemon connects to
+    // them from the internal address.
+    let internal_addr = internal.addresses().next();
+    if internal_addr.is_none() && config.published.iter().any(|p| p.ftp) {
+        anyhow::bail!(
+            "{} has no IPv4 address to connect to the published FTP servers from",
+            internal.name
+        );
+    }
+    let internal_addr = internal_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let published = config
         .published
         .iter()
