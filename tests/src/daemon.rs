@@ -214,12 +214,19 @@ impl LabRun {
 impl LabRun {
     /// Like `start`, with a configuration file of the given text.
     pub fn with_config(tag: &str, toml: &str) -> Self {
+        let (run, path) = Self::with_config_file(tag, toml);
+        std::fs::remove_file(&path).ok();
+        run
+    }
+
+    /// `with_config`, the file kept for the test to change and reload (and
+    /// remove).
+    pub fn with_config_file(tag: &str, toml: &str) -> (Self, std::path::PathBuf) {
         let path =
             std::env::temp_dir().join(format!("{}-{tag}.toml", crate::lab::unique_prefix("cfg")));
         std::fs::write(&path, toml).expect("writing the config");
         let run = Self::start(tag, &["--config", path.to_str().expect("utf-8")]);
-        std::fs::remove_file(&path).ok();
-        run
+        (run, path)
     }
 }
 

@@ -27,12 +27,7 @@ ports = ["21"]
 
 #[test]
 fn only_what_a_rule_allows_goes_out() {
-    let path = std::env::temp_dir().join(format!(
-        "{}-rules.toml",
-        firewall_tests::lab::unique_prefix("cfg")
-    ));
-    std::fs::write(&path, WEB_AND_PING).unwrap();
-    let mut run = LabRun::start("rules", &["--config", path.to_str().unwrap()]);
+    let (mut run, path) = LabRun::with_config_file("rules", WEB_AND_PING);
     let LabRun { lab, fw, .. } = &mut run;
     prime_neighbours(lab);
 

@@ -20,12 +20,7 @@ const CLOSED: &str = "[wall]\noutbound_from = [\"10.1.0.99/32\"]\n\n\
 
 #[test]
 fn a_rule_changed_during_a_transfer_applies_after_it() {
-    let path = std::env::temp_dir().join(format!(
-        "{}-reload.toml",
-        firewall_tests::lab::unique_prefix("cfg")
-    ));
-    std::fs::write(&path, OPEN).unwrap();
-    let mut run = LabRun::start("rld", &["--config", path.to_str().unwrap()]);
+    let (mut run, path) = LabRun::with_config_file("rld", OPEN);
     let LabRun { lab, fw, .. } = &mut run;
     prime_neighbours(lab);
     let got = exchange(lab, IPPROTO_TCP, 5000, 9000, "before");

@@ -17,7 +17,7 @@
 //!   server's data port with PROXY_MODE, rewritten to the external address
 //!   and port; `PORT`/`EPRT` from the client become a RedirectConnections to
 //!   the client's data port, rewritten to the firewall's internal address
-//!   (`published.rs`).
+//!   (`openings.rs`).
 //! - Anti-bounce: a PORT/EPRT naming another address than the client's own,
 //!   or a port below 1024, is answered with a 5xx reply and never forwarded;
 //!   a 227/229 naming another address than the server's is refused.
@@ -36,18 +36,16 @@ use std::{
     },
 };
 
-use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::{
     engine::{BindRequest, BindResult, RedirectRequest, RedirectResult},
     error::ApiError,
     flags::ConnFlags,
-    policy::{IpFilter, Transport},
 };
 
 mod lines;
-mod published;
+mod openings;
 mod syntax;
 
 pub use lines::MAX_LINE;
@@ -436,9 +434,10 @@ impl Control {
             .extend_from_slice(format!("500 Firewall refused {what}.\r\n").as_bytes());
     }
 
-    /// One data connection at a time per control connection (RFC 959): a
-    /// new PORT or passive reply makes the unused earlier pinholes void.
-    fn replace_unused(&mut self, id: u64) {
+    /// A data connection was opened. One at a time per control connection
+    /// (RFC 959): a new PORT or passive reply makes the unused earlier
+    /// pinholes void.
+    fn track_opening(&mut self, id: u64) {
         self.finish();
         self.opened.push(id);
     }
@@ -459,31 +458,7 @@ impl Control {
             );
             return self.refuse(verb, None, &reply, out);
         }
-        if self.published {
-            return self.published_active(verb, a, out);
-        }
-        let req = BindRequest {
-            session: self.session,
-            clients: vec![a],
-            proxy: Some(SocketAddrV4::new(self.external, 0)),
-            protocol: Transport::Tcp,
-            flags: ConnFlags::TIMEOUT | self.extra_flags,
-            backlog: Some(1),
-            protocol_name: PROTOCOL.into(),
-            ip_filter: Some(IpFilter {
-                include: vec![Ipv4Net::from(*self.server.ip())],
-                exclude: Vec::new(),
-            }),
-            notify: false,
-            context: None,
-        };
-        match self.api.bind_for_client(&req) {
-            Ok(r) => {
-                let p = r.proxy_address;
-                self.opened_active(r.connections[0].id, verb, a, p, out);
-            }
-            Err(e) => self.call_failed("data connection", &e, out),
-        }
+        self.open_active(verb, a, out);
     }
 
     /// 227/229: the client will connect to the server at `a`.
@@ -506,94 +481,7 @@ impl Control {
         if a.port() == 0 {
             return self.refuse_reply("a passive reply with port 0", out);
         }
-        if self.published {
-            return self.published_passive(extended, a, out);
-        }
-        let req = RedirectRequest {
-            session: self.session,
-            connects: vec![a],
-            proxy_external: Some(SocketAddrV4::new(self.external, 0)),
-            // The client believes it talks to the server: the firewall
-            // answers at the server's address. EPSV names no address, and
-            // curl ignores 227's by default (--ftp-skip-pasv-ip), so any
-            // other address would not be dialled.
-            internal: Some(*self.server.ip()),
-            protocol: Transport::Tcp,
-            flags: ConnFlags::TIMEOUT | self.extra_flags,
-            protocol_name: PROTOCOL.into(),
-            notify: false,
-            context: None,
-        };
-        match self.api.redirect_connections(&req) {
-            Ok(r) => {
-                let i = r.internal_address;
-                self.opened_passive(r.actions[0].id, extended, a, i, out);
-            }
-            Err(e) => self.call_failed("passive connection", &e, out),
-        }
-    }
-
-    /// An active data connection was opened: the command goes on naming `to`.
-    fn opened_active(
-        &mut self,
-        id: u64,
-        verb: &str,
-        a: SocketAddrV4,
-        to: SocketAddrV4,
-        out: &mut Output,
-    ) {
-        self.replace_unused(id);
-        self.stats.active_opened.fetch_add(1, Relaxed);
-        self.tally.active += 1;
-        log::debug!(
-            "ftp {} → {}: {verb} {a} opened as {to}",
-            self.client,
-            self.server
-        );
-        let cmd = if verb == "PORT" {
-            format!("PORT {}\r\n", host_port(to))
-        } else {
-            format!("EPRT |1|{}|{}|\r\n", to.ip(), to.port())
-        };
-        out.to_server.extend_from_slice(cmd.as_bytes());
-    }
-
-    /// A passive data connection was opened: the reply goes on naming `to`
-    /// (229: its port only).
-    fn opened_passive(
-        &mut self,
-        id: u64,
-        extended: bool,
-        a: SocketAddrV4,
-        to: SocketAddrV4,
-        out: &mut Output,
-    ) {
-        self.replace_unused(id);
-        self.stats.passive_opened.fetch_add(1, Relaxed);
-        self.tally.passive += 1;
-        log::debug!(
-            "ftp {} → {}: passive {a} opened as {to}",
-            self.client,
-            self.server
-        );
-        let reply = if extended {
-            format!("229 Entering Extended Passive Mode (|||{}|)\r\n", to.port())
-        } else {
-            format!("227 Entering Passive Mode ({}).\r\n", host_port(to))
-        };
-        out.to_client.extend_from_slice(reply.as_bytes());
-    }
-
-    fn call_failed(&mut self, what: &str, e: &ApiError, out: &mut Output) {
-        self.tally.failed += 1;
-        self.stats.failed_calls.fetch_add(1, Relaxed);
-        log::warn!(
-            "ftp {} → {}: cannot open the {what}: {e}",
-            self.client,
-            self.server
-        );
-        let reply = format!("425 Can't open {what}: {}.\r\n", e.message);
-        out.to_client.extend_from_slice(reply.as_bytes());
+        self.open_passive(extended, a, out);
     }
 }
 

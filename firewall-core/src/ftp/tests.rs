@@ -4,6 +4,7 @@ use super::*;
 use crate::{
     engine::{BoundConnection, RedirectAction},
     error::ErrorKind,
+    policy::Transport,
 };
 
 const CLIENT: &str = "10.1.0.2:40000";

@@ -124,33 +124,36 @@ impl AccessRule {
     }
 
     /// Its datapath entries: one per source × destination × port range.
-    fn entries(&self) -> impl Iterator<Item = Rule> + '_ {
+    fn entries(&self) -> Vec<Rule> {
         let all = [0..=u16::MAX];
-        let ports: &[RangeInclusive<u16>] = if self.ports.is_empty() {
-            &all
+        let ports = if self.ports.is_empty() {
+            &all[..]
         } else {
-            &self.ports
+            &self.ports[..]
         };
-        let ports = ports.to_vec();
-        self.from.iter().flat_map(move |src| {
-            let ports = ports.clone();
-            self.to.iter().flat_map(move |dst| {
-                ports.clone().into_iter().map(move |p| Rule {
-                    src_addr: src.network().octets(),
-                    src_mask: src.netmask().octets(),
-                    dst_addr: dst.network().octets(),
-                    dst_mask: dst.netmask().octets(),
-                    port_lo: *p.start(),
-                    port_hi: *p.end(),
-                    protocol: self.protocol.ipproto(),
-                    action: match self.action {
-                        Action::Allow => rule_action::ALLOW,
-                        Action::Deny => rule_action::DENY,
-                    },
-                    _pad: [0; 2],
-                })
-            })
-        })
+        let action = match self.action {
+            Action::Allow => rule_action::ALLOW,
+            Action::Deny => rule_action::DENY,
+        };
+        let mut entries = Vec::new();
+        for src in &self.from {
+            for dst in &self.to {
+                for p in ports {
+                    entries.push(Rule {
+                        src_addr: src.network().octets(),
+                        src_mask: src.netmask().octets(),
+                        dst_addr: dst.network().octets(),
+                        dst_mask: dst.netmask().octets(),
+                        port_lo: *p.start(),
+                        port_hi: *p.end(),
+                        protocol: self.protocol.ipproto(),
+                        action,
+                        _pad: [0; 2],
+                    });
+                }
+            }
+        }
+        entries
     }
 
     /// One line: "allow tcp from 10.1.0.0/24 to any ports 80,443 (web)".
@@ -257,7 +260,7 @@ pub(super) fn read(
             embedded: false,
         });
     }
-    let entries: usize = rules.iter().map(|r| r.entries().count()).sum();
+    let entries: usize = rules.iter().map(|r| r.entries().len()).sum();
     if entries > RULE_SLOTS as usize {
         return Err(err(
             "rule",

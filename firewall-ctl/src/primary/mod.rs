@@ -141,7 +141,7 @@ impl Proxy {
                     for p in published {
                         match TcpListener::from_std(p.listener) {
                             Ok(l) => {
-                                tokio::spawn(serve_published(l, p.server, ctx.clone(), ho.clone()));
+                                tokio::spawn(serve(l, Some(p.server), ctx.clone(), ho.clone()));
                             }
                             Err(e) => log::error!("published FTP server {}: {e}", p.server),
                         }
@@ -157,7 +157,7 @@ impl Proxy {
                         });
                     }
                     tokio::select! {
-                        _ = serve(listener, ctx, ho) => {}
+                        _ = serve(listener, None, ctx, ho) => {}
                         _ = stopped => {}
                     }
                 });
@@ -238,8 +238,15 @@ pub struct Interception {
     pub ftp_user_mode: bool,
 }
 
-/// Accepts intercepted connections until the task is aborted.
-async fn serve(listener: TcpListener, ctx: Arc<Interception>, ho: Arc<HandOver>) {
+/// Accepts control connections until the task is aborted: intercepted ones
+/// (`published` none: the server is the accepted socket's local address, the
+/// original destination) or a published FTP server's.
+async fn serve(
+    listener: TcpListener,
+    published: Option<SocketAddrV4>,
+    ctx: Arc<Interception>,
+    ho: Arc<HandOver>,
+) {
     let mut spare = Spare::new();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -249,52 +256,30 @@ async fn serve(listener: TcpListener, ctx: Arc<Interception>, ho: Arc<HandOver>)
                 continue;
             }
             Err(e) => {
-                log::warn!("interception accept failed: {e}");
+                log::warn!("FTP control connections: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let (SocketAddr::V4(client), Ok(SocketAddr::V4(server))) = (peer, stream.local_addr())
-        else {
+        let SocketAddr::V4(client) = peer else {
             continue;
         };
-        if server.ip().is_loopback() || !ctx.ftp_ports.contains(&server.port()) {
-            // Someone dialled the listener itself.
-            log::debug!("interception: dropping a direct connection from {client}");
-            continue;
-        }
-        let (ctx, live) = (ctx.clone(), Live::new(&ho));
-        spawn_control(client, server, async move {
-            ftp_control(stream, client, server, &ctx, live, false).await
-        });
-    }
-}
-
-/// Accepts the control connections of a published FTP server.
-async fn serve_published(
-    listener: TcpListener,
-    server: SocketAddrV4,
-    ctx: Arc<Interception>,
-    ho: Arc<HandOver>,
-) {
-    let mut spare = Spare::new();
-    loop {
-        let (stream, client) = match listener.accept().await {
-            Ok((stream, SocketAddr::V4(client))) => (stream, client),
-            Ok(_) => continue,
-            Err(e) if out_of_descriptors(&e) => {
-                spare.refuse(&listener).await;
-                continue;
+        let server = match (published, stream.local_addr()) {
+            (Some(server), _) => server,
+            (None, Ok(SocketAddr::V4(s)))
+                if !s.ip().is_loopback() && ctx.ftp_ports.contains(&s.port()) =>
+            {
+                s
             }
-            Err(e) => {
-                log::warn!("published FTP server {server}: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            (None, _) => {
+                // Someone dialled the listener itself.
+                log::debug!("interception: dropping a direct connection from {client}");
                 continue;
             }
         };
         let (ctx, live) = (ctx.clone(), Live::new(&ho));
         spawn_control(client, server, async move {
-            ftp_control(stream, client, server, &ctx, live, true).await
+            ftp_control(stream, client, server, &ctx, live, published.is_some()).await
         });
     }
 }
@@ -327,6 +312,16 @@ thread_local! {
         std::cell::RefCell::new(Box::new([0; CONTROL_BUFFER]));
 }
 
+/// `Control::new` or `Control::published`.
+type OpenControl = fn(
+    Arc<dyn Secondaries>,
+    Arc<FtpStats>,
+    SocketAddrV4,
+    SocketAddrV4,
+    Ipv4Addr,
+    crate::flags::ConnFlags,
+) -> Result<Control, firewall_core::error::ApiError>;
+
 async fn ftp_control(
     client_stream: TcpStream,
     client: SocketAddrV4,
@@ -336,12 +331,12 @@ async fn ftp_control(
     published: bool,
 ) -> anyhow::Result<()> {
     let client_side = ClientSide::new(client_stream)?;
-    let (role, from): (fn(_, _, _, _, _, _) -> _, _) = if published {
-        (Control::published, ctx.internal)
+    let (open, from) = if published {
+        (Control::published as OpenControl, ctx.internal)
     } else {
-        (Control::new, ctx.external)
+        (Control::new as OpenControl, ctx.external)
     };
-    let control = match role(
+    let control = match open(
         ctx.api.clone(),
         ctx.stats.clone(),
         client,

@@ -1,0 +1,151 @@
+//! The data connections a control connection opens, in either role.
+//!
+//! Which call an opening takes depends on which side is inside. For an
+//! internal client (the usual case) its PORT is a BindForClient and the
+//! server's passive reply a RedirectConnections. In front of a published
+//! server (the client outside, the server inside, the firewall a full proxy
+//! the server sees as its client) it is the mirror image: the server's
+//! passive port is bound on the external address with PROXY_MODE (the data
+//! connection reaches the server from the firewall's internal address, as
+//! the control connection does, which servers check), and the client's
+//! active port is reached through the firewall's internal address.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::Ordering::Relaxed;
+
+use ipnet::Ipv4Net;
+
+use super::{host_port, Control, Output, PROTOCOL};
+use crate::{
+    engine::{BindRequest, RedirectRequest},
+    error::ApiError,
+    flags::ConnFlags,
+    policy::{IpFilter, Transport},
+};
+
+impl Control {
+    /// PORT/EPRT naming the client's own data endpoint `a` (checked): the
+    /// command goes on naming where the server is to connect instead.
+    pub(super) fn open_active(&mut self, verb: &str, a: SocketAddrV4, out: &mut Output) {
+        let opened = if self.published {
+            self.redirect(a, None)
+        } else {
+            self.bind(a, self.server, ConnFlags::empty())
+        };
+        match opened {
+            Ok((id, to)) => {
+                self.track_opening(id);
+                self.stats.active_opened.fetch_add(1, Relaxed);
+                self.tally.active += 1;
+                log::debug!(
+                    "ftp {} → {}: {verb} {a} opened as {to}",
+                    self.client,
+                    self.server
+                );
+                let cmd = if verb == "PORT" {
+                    format!("PORT {}\r\n", host_port(to))
+                } else {
+                    format!("EPRT |1|{}|{}|\r\n", to.ip(), to.port())
+                };
+                out.to_server.extend_from_slice(cmd.as_bytes());
+            }
+            Err(e) => self.call_failed("data connection", &e, out),
+        }
+    }
+
+    /// 227/229 naming the server's own data endpoint `a` (checked): the
+    /// reply goes on naming where the client is to connect instead (229:
+    /// its port only).
+    pub(super) fn open_passive(&mut self, extended: bool, a: SocketAddrV4, out: &mut Output) {
+        let opened = if self.published {
+            self.bind(a, self.client, ConnFlags::PROXY_MODE)
+        } else {
+            // The client believes it talks to the server: the firewall
+            // answers at the server's address. EPSV names no address, and
+            // curl ignores 227's by default (--ftp-skip-pasv-ip), so any
+            // other address would not be dialled.
+            self.redirect(a, Some(*self.server.ip()))
+        };
+        match opened {
+            Ok((id, to)) => {
+                self.track_opening(id);
+                self.stats.passive_opened.fetch_add(1, Relaxed);
+                self.tally.passive += 1;
+                log::debug!(
+                    "ftp {} → {}: passive {a} opened as {to}",
+                    self.client,
+                    self.server
+                );
+                let reply = if extended {
+                    format!("229 Entering Extended Passive Mode (|||{}|)\r\n", to.port())
+                } else {
+                    format!("227 Entering Passive Mode ({}).\r\n", host_port(to))
+                };
+                out.to_client.extend_from_slice(reply.as_bytes());
+            }
+            Err(e) => self.call_failed("passive connection", &e, out),
+        }
+    }
+
+    /// BindForClient: `a` (inside) takes one connection from `peer`'s
+    /// address, at a port of the external address; its id and that address.
+    fn bind(
+        &self,
+        a: SocketAddrV4,
+        peer: SocketAddrV4,
+        flags: ConnFlags,
+    ) -> Result<(u64, SocketAddrV4), ApiError> {
+        let req = BindRequest {
+            session: self.session,
+            clients: vec![a],
+            proxy: Some(SocketAddrV4::new(self.external, 0)),
+            protocol: Transport::Tcp,
+            flags: ConnFlags::TIMEOUT | flags | self.extra_flags,
+            backlog: Some(1),
+            protocol_name: PROTOCOL.into(),
+            ip_filter: Some(IpFilter {
+                include: vec![Ipv4Net::from(*peer.ip())],
+                exclude: Vec::new(),
+            }),
+            notify: false,
+            context: None,
+        };
+        let r = self.api.bind_for_client(&req)?;
+        Ok((r.connections[0].id, r.proxy_address))
+    }
+
+    /// RedirectConnections: the inside host's connection to `a` (outside)
+    /// goes through `internal` (none: the firewall's internal address) and
+    /// leaves from the external address; its id and the address to dial.
+    fn redirect(
+        &self,
+        a: SocketAddrV4,
+        internal: Option<Ipv4Addr>,
+    ) -> Result<(u64, SocketAddrV4), ApiError> {
+        let req = RedirectRequest {
+            session: self.session,
+            connects: vec![a],
+            proxy_external: Some(SocketAddrV4::new(self.external, 0)),
+            internal,
+            protocol: Transport::Tcp,
+            flags: ConnFlags::TIMEOUT | self.extra_flags,
+            protocol_name: PROTOCOL.into(),
+            notify: false,
+            context: None,
+        };
+        let r = self.api.redirect_connections(&req)?;
+        Ok((r.actions[0].id, r.internal_address))
+    }
+
+    fn call_failed(&mut self, what: &str, e: &ApiError, out: &mut Output) {
+        self.tally.failed += 1;
+        self.stats.failed_calls.fetch_add(1, Relaxed);
+        log::warn!(
+            "ftp {} → {}: cannot open the {what}: {e}",
+            self.client,
+            self.server
+        );
+        let reply = format!("425 Can't open {what}: {}.\r\n", e.message);
+        out.to_client.extend_from_slice(reply.as_bytes());
+    }
+}
