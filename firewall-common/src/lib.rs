@@ -36,6 +36,8 @@ pub mod map_names {
     pub const PUBLISHED: &str = "PUBLISHED";
     pub const RULES: &str = "RULES";
     pub const RULES_ACTIVE: &str = "RULES_ACTIVE";
+    pub const UDP_MAPPINGS: &str = "UDP_MAPPINGS";
+    pub const UDP_PORT_OWNERS: &str = "UDP_PORT_OWNERS";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).
@@ -61,6 +63,8 @@ pub mod map_sizes {
     pub const WALL_SOURCES: u32 = 1024;
     /// Published servers.
     pub const PUBLISHED: u32 = 1024;
+    /// UDP mappings, and the NAT ports they own: one per port at most.
+    pub const UDP_MAPPINGS: u32 = 65_536;
     /// SYNs on their way to the interception listener.
     pub const INTERCEPTING: u32 = 16_384;
 }

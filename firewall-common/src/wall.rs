@@ -77,6 +77,41 @@ pub struct PublishValue {
     pub egress_ifindex: u32,
 }
 
+/// An internal endpoint with a UDP mapping: the key of `UDP_MAPPINGS` and
+/// the owner a NAT port names in `UDP_PORT_OWNERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatEndpoint {
+    pub addr: [u8; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl NatEndpoint {
+    pub const fn new(addr: [u8; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of `UDP_MAPPINGS`: the external port an internal UDP endpoint
+/// sends from to every destination (RFC 4787's endpoint-independent
+/// mapping), and when the mapping was last known to be in use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpMapping {
+    /// Host byte order.
+    pub nat_port: u16,
+    pub _pad: [u8; 6],
+    /// CLOCK_MONOTONIC: set by the datapath when a flow is created under the
+    /// mapping, raised by the daemon from the mapping's flows.
+    pub last_seen_ns: u64,
+}
+
 /// How many NAT ports the first packet of a connection tries.
 pub const NAT_TRIES: u32 = 16;
 
@@ -154,11 +189,15 @@ mod pod {
     unsafe impl aya::Pod for super::SourceValue {}
     unsafe impl aya::Pod for super::PublishKey {}
     unsafe impl aya::Pod for super::PublishValue {}
+    unsafe impl aya::Pod for super::NatEndpoint {}
+    unsafe impl aya::Pod for super::UdpMapping {}
 }
 
 const _: () = assert!(core::mem::size_of::<WallConf>() == 16);
 const _: () = assert!(core::mem::size_of::<PublishKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PublishValue>() == 12);
+const _: () = assert!(core::mem::size_of::<NatEndpoint>() == 8);
+const _: () = assert!(core::mem::size_of::<UdpMapping>() == 16);
 
 #[cfg(test)]
 mod tests {

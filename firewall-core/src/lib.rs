@@ -18,3 +18,4 @@ pub mod ports;
 pub mod relay;
 pub mod sweeper;
 pub mod timeouts;
+pub mod udp_mappings;

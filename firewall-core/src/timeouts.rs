@@ -19,6 +19,11 @@ pub struct Timeouts {
     /// Idle time after which a UDP flow is removed.
     #[serde(with = "secs")]
     pub udp_idle: Duration,
+    /// Quiet time after which a UDP mapping (an internal endpoint's
+    /// external port, the same toward every destination) ends: RFC 4787
+    /// asks for at least 2 minutes and recommends 5.
+    #[serde(with = "secs")]
+    pub udp_mapping: Duration,
     /// TIMEOUT flag: an unused pinhole (TCP listener) closes after this.
     #[serde(with = "secs")]
     pub pinhole: Duration,
@@ -36,6 +41,7 @@ impl Default for Timeouts {
             tcp_closing: Duration::from_secs(10),
             tcp_transitory: Duration::from_secs(240),
             udp_idle: Duration::from_secs(60),
+            udp_mapping: Duration::from_secs(300),
             pinhole: Duration::from_secs(60),
             udp_pinhole_idle: Duration::from_secs(60),
         }

@@ -40,15 +40,15 @@ use crate::{
     hook::Hook,
     intercept,
     parse::{Bare, Packet},
-    scratch,
+    scratch, udp_nat,
 };
 
 #[btf_map]
-static WALL_CONF: Array<WallConf, 1> = Array::new();
+pub(crate) static WALL_CONF: Array<WallConf, 1> = Array::new();
 
 /// Published servers: external endpoints forwarded to internal servers.
 #[btf_map]
-static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as usize }> =
+pub(crate) static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as usize }> =
     HashMap::new();
 
 /// Connections so far per destination slot (`wall::counter_slot`): where
@@ -281,6 +281,8 @@ fn own_socket<H: Hook>(ctx: &H, k: &FlowKey, tuple: &mut bpf_sock_tuple) -> bool
 
 /// Both entries of a new primary connection: the reply's first, under a
 /// free NAT port (taken with BPF_NOEXIST, so two CPUs never share one).
+/// UDP sends from its source endpoint's mapping (`udp_nat`); TCP and ICMP
+/// echo take a port per destination (`nat_start`).
 #[inline(always)]
 fn create_flows<H: Hook>(
     ctx: &H,
@@ -291,21 +293,6 @@ fn create_flows<H: Hook>(
     let k = &pkt.key;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let secret = conf.port_secret;
-    let slot = counter_slot(secret, k.protocol, k.dst_addr, k.dst_port);
-    // A plain read and write, not atomic: two CPUs that read the same count
-    // start at the same port, and the second takes the next free one.
-    let count = match NAT_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: a slot of the array; u32 reads and writes do not tear.
-        Some(c) => unsafe {
-            let n = *c;
-            *c = n.wrapping_add(1);
-            n
-        },
-        // SAFETY: a helper without arguments (unreachable: the slot is in range).
-        None => unsafe { bpf_get_prandom_u32() },
-    };
-    let start = nat_start(secret, k.protocol, k.dst_addr, k.dst_port, count);
     // One value on the stack, the reply's first and then the packet's.
     *v = FlowValue::forward(k.dst_addr, k.dst_port, k.src_addr, k.src_port);
     v.kind = flow_kind::PRIMARY;
@@ -315,25 +302,47 @@ fn create_flows<H: Hook>(
     let mut port = 0u16;
     // By reference: a copy would take stack room there is not.
     let reply: &FlowValue = v;
-    for attempt in 0..NAT_TRIES {
-        let candidate = nat_port(
-            conf.nat_port_lo,
-            conf.nat_port_hi,
-            k.src_port,
-            start,
-            attempt,
-        );
-        let rk = FlowKey::new(k.protocol, k.dst_addr, k.dst_port, conf.nat_addr, candidate);
-        let published = PublishKey::new(k.protocol, conf.nat_addr, candidate);
-        // SAFETY: a presence check; nothing is read.
-        if unsafe { PUBLISHED.get(published) }.is_some() {
-            // A published port is the server's, never a translation's.
-            continue;
+    if k.protocol == IPPROTO_UDP {
+        let mapped = udp_nat::mapped_port(u32::from_ne_bytes(k.src_addr), k.src_port, now) as u16;
+        // The port is the endpoint's alone: its reply key is free unless
+        // this very flow was made meanwhile (another CPU).
+        if mapped != 0 && claim_reply(k, conf, mapped, reply) {
+            port = mapped;
         }
-        // A lookup first: a failed insert into an LRU map may evict an entry.
-        if FLOWS.get_ptr(rk).is_none() && FLOWS.insert(rk, reply, BPF_NOEXIST as u64).is_ok() {
-            port = candidate;
-            break;
+    } else {
+        let secret = conf.port_secret;
+        let slot = counter_slot(secret, k.protocol, k.dst_addr, k.dst_port);
+        // A plain read and write, not atomic: two CPUs that read the same count
+        // start at the same port, and the second takes the next free one.
+        let count = match NAT_COUNTERS.get_ptr_mut(slot) {
+            // SAFETY: a slot of the array; u32 reads and writes do not tear.
+            Some(c) => unsafe {
+                let n = *c;
+                *c = n.wrapping_add(1);
+                n
+            },
+            // SAFETY: a helper without arguments (unreachable: the slot is in range).
+            None => unsafe { bpf_get_prandom_u32() },
+        };
+        let start = nat_start(secret, k.protocol, k.dst_addr, k.dst_port, count);
+        for attempt in 0..NAT_TRIES {
+            let candidate = nat_port(
+                conf.nat_port_lo,
+                conf.nat_port_hi,
+                k.src_port,
+                start,
+                attempt,
+            );
+            let published = PublishKey::new(k.protocol, conf.nat_addr, candidate);
+            // SAFETY: a presence check; nothing is read.
+            if unsafe { PUBLISHED.get(published) }.is_some() {
+                // A published port is the server's, never a translation's.
+                continue;
+            }
+            if claim_reply(k, conf, candidate, reply) {
+                port = candidate;
+                break;
+            }
         }
     }
     if port == 0 {
@@ -345,4 +354,13 @@ fn create_flows<H: Hook>(
     v.nat_dst_port = k.dst_port;
     v.egress_ifindex = conf.external_ifindex;
     flow::insert(k, v)
+}
+
+/// Inserts the reply entry of `k` translated to NAT port `port`, unless
+/// that key is taken.
+#[inline(always)]
+fn claim_reply(k: &FlowKey, conf: &WallConf, port: u16, reply: &FlowValue) -> bool {
+    let rk = FlowKey::new(k.protocol, k.dst_addr, k.dst_port, conf.nat_addr, port);
+    // A lookup first: a failed insert into an LRU map may evict an entry.
+    FLOWS.get_ptr(rk).is_none() && FLOWS.insert(rk, reply, BPF_NOEXIST as u64).is_ok()
 }

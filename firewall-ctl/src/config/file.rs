@@ -108,6 +108,7 @@ pub(super) struct TimeoutsFile {
     pub tcp_closing: Option<Timeout>,
     pub tcp_transitory: Option<Timeout>,
     pub udp_idle: Option<Timeout>,
+    pub udp_mapping: Option<Timeout>,
     pub pinhole: Option<Timeout>,
     pub udp_pinhole_idle: Option<Timeout>,
 }

@@ -114,6 +114,8 @@ pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=59999;
 /// so the firewall's own connections never meet a translated one.
 pub const DEFAULT_NAT_PORT_RANGE: RangeInclusive<u16> = 1024..=19999;
 pub const DEFAULT_SNAT_BLOCK: u16 = 64;
+/// The shortest UDP mapping timeout (RFC 4787, REQ-5).
+pub const MIN_UDP_MAPPING: std::time::Duration = std::time::Duration::from_secs(120);
 /// ISA Server 2004's per-client connection limit (KB 838706).
 /// Concurrent live secondary connections per client and transport. ISA
 /// Server 2004 had 160; counting only live connections (a connection stops
@@ -273,9 +275,27 @@ impl Config {
             tcp_closing: or(t.tcp_closing, d.tcp_closing),
             tcp_transitory: or(t.tcp_transitory, d.tcp_transitory),
             udp_idle: or(t.udp_idle, d.udp_idle),
+            // Unset, it outlives a longer udp_idle too.
+            udp_mapping: or(
+                t.udp_mapping,
+                d.udp_mapping.max(or(t.udp_idle, d.udp_idle)),
+            ),
             pinhole: or(t.pinhole, d.pinhole),
             udp_pinhole_idle: or(t.udp_pinhole_idle, d.udp_pinhole_idle),
         };
+        let mapping = timeouts.udp_mapping.as_secs();
+        if timeouts.udp_mapping < MIN_UDP_MAPPING {
+            let min = MIN_UDP_MAPPING.as_secs();
+            let why = format!("{mapping} s is below RFC 4787's minimum of {min} s");
+            return Err(err("timeouts.udp_mapping", why));
+        }
+        if timeouts.udp_mapping < timeouts.udp_idle {
+            let idle = timeouts.udp_idle.as_secs();
+            let why = format!(
+                "{mapping} s is shorter than timeouts.udp_idle ({idle} s): a mapping must outlive its flows"
+            );
+            return Err(err("timeouts.udp_mapping", why));
+        }
 
         let port_range = file.ports.range.map_or(DEFAULT_PORT_RANGE, |r| r.0);
         let snat_block = ranged(

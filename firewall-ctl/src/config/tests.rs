@@ -177,6 +177,8 @@ fn errors_name_the_key() {
         ("[ftp]\nport = 21", "unknown field `port`"),
         ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
         ("[timeouts]\nudp_idle = \"5 parsecs\"", "timeouts.udp_idle"),
+        ("[timeouts]\nudp_mapping = 60", "RFC 4787's minimum of 120 s"),
+        ("[timeouts]\nudp_idle = 600\nudp_mapping = 300", "shorter than timeouts.udp_idle"),
         ("[addresses]\nexternal_addresses = [\"10.2.0\"]", "addresses.external_addresses[0]"),
         ("[[protocols]]\nname = \"tftp\"\ntransport = \"udp\"", "ftp.enabled"),
         ("[interception]\nfwmark = 0", "interception.fwmark"),
@@ -202,6 +204,12 @@ fn timeouts_take_units() {
     .unwrap();
     assert_eq!(c.timeouts.tcp_established, Duration::from_secs(7200));
     assert_eq!(c.timeouts.udp_idle, Duration::from_secs(45));
+    assert_eq!(c.timeouts.udp_mapping, Duration::from_secs(300));
+    // Unset, the UDP mapping outlives a long udp_idle.
+    let c = Config::parse("[timeouts]\nudp_idle = \"15m\"", &i, &e).unwrap();
+    assert_eq!(c.timeouts.udp_mapping, Duration::from_secs(900));
+    let c = Config::parse("[timeouts]\nudp_mapping = \"2m\"", &i, &e).unwrap();
+    assert_eq!(c.timeouts.udp_mapping, Duration::from_secs(120));
 }
 
 #[test]

@@ -22,7 +22,7 @@ use crate::{
         Following, Killed, ListWhat, MapStatus, PinholeView, Request, Response, SessionClosed,
         SessionOpened, ShuttingDown, Status, WallStatus,
     },
-    datapath::{FlowTable, PinholeTable, Stats},
+    datapath::{FlowTable, PinholeTable, Stats, UdpMappings},
 };
 
 /// API connections the daemon holds at once. When a new one would exceed
@@ -355,6 +355,7 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
         let flows = FlowTable::open(&shared.pins)?;
         let pinholes = PinholeTable::open(&shared.pins)?;
         let stats = Stats::open(&shared.pins)?;
+        let udp_mappings = UdpMappings::open(&shared.pins)?.all()?.len();
         let config = shared.config();
         let (internal_networks, external_addresses) = Status::config_fields(&config);
         let map = |name: &str, entries: usize, capacity: u32| MapStatus {
@@ -385,6 +386,11 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
                     firewall_common::map_names::PINHOLES,
                     pinholes.entries()?.len(),
                     pinholes.capacity(),
+                ),
+                map(
+                    firewall_common::map_names::UDP_MAPPINGS,
+                    udp_mappings,
+                    firewall_common::map_sizes::UDP_MAPPINGS,
                 ),
             ],
             flows_expired,

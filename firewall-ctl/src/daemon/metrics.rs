@@ -68,6 +68,8 @@ pub(super) struct Work {
     pub sweeps: AtomicU64,
     pub sweep_nanos: AtomicU64,
     pub sweep_errors: AtomicU64,
+    /// UDP mappings ended quiet.
+    pub udp_mappings_ended: AtomicU64,
     /// Events an API follower was too slow for (dropped for it).
     pub events_lagged: AtomicU64,
 }
@@ -81,6 +83,7 @@ pub(super) struct Snapshot {
     pub sweeps: u64,
     pub sweep_seconds: f64,
     pub sweep_errors: u64,
+    pub udp_mappings_ended: u64,
     pub events_lagged: u64,
 }
 
@@ -161,6 +164,7 @@ async fn snapshot(shared: &Arc<Shared>) -> Result<Snapshot, ApiError> {
         sweeps: work.sweeps.load(Relaxed),
         sweep_seconds: work.sweep_nanos.load(Relaxed) as f64 / 1e9,
         sweep_errors: work.sweep_errors.load(Relaxed),
+        udp_mappings_ended: work.udp_mappings_ended.load(Relaxed),
         events_lagged: work.events_lagged.load(Relaxed),
     })
 }
@@ -345,6 +349,12 @@ pub(super) fn render(s: &Snapshot) -> String {
         "sweeper_errors",
         "Runs of the timers and flow sweeper that failed",
         s.sweep_errors,
+    );
+    counter(
+        &mut r,
+        "udp_mappings_ended",
+        "UDP mappings ended after their quiet time",
+        s.udp_mappings_ended,
     );
     let secs = Counter::<f64, std::sync::atomic::AtomicU64>::default();
     secs.inc_by(s.sweep_seconds);

@@ -40,6 +40,7 @@ fn snapshot() -> Snapshot {
         sweeps: 10,
         sweep_seconds: 0.5,
         sweep_errors: 0,
+        udp_mappings_ended: 4,
         events_lagged: 0,
     }
 }
@@ -61,6 +62,7 @@ fn names_follow_the_conventions() {
         "firewall_sweeper_seconds_total 0.5",
         "firewall_sessions 1",
         "firewall_primary_flows 2",
+        "firewall_udp_mappings_ended_total 4",
     ] {
         assert!(
             text.lines().any(|l| l == line),

@@ -7,16 +7,21 @@ use std::{
     time::Duration,
 };
 
-use firewall_common::pinhole::event_kind;
+use firewall_common::{
+    flow::{FlowKey, FlowValue},
+    pinhole::event_kind,
+    wall::UdpMapping,
+};
 
 use super::Shared;
 use crate::{
-    datapath::{self, FlowTable},
+    datapath::{self, FlowTable, UdpMappings},
     engine::Readings,
     mapops::Scan,
     relay::RelayEvent,
     sweeper,
 };
+use firewall_core::udp_mappings;
 
 /// Entries of the flow table the timers read per tick: how the flows of
 /// primary connections (which the datapath tracks without the engine)
@@ -37,11 +42,23 @@ pub(super) async fn tick(shared: Arc<Shared>) {
             return;
         }
     };
+    let mappings = match UdpMappings::open(&shared.pins) {
+        Ok(m) => Arc::new(std::sync::Mutex::new(m)),
+        Err(e) => {
+            log::error!("engine timers: cannot open the UDP mappings: {e:#}");
+            return;
+        }
+    };
     let mut scan = Scan::default();
+    let mut mapping_scan = Scan::default();
     loop {
         tokio::time::sleep(TICK).await;
         let started = std::time::Instant::now();
         let result = tick_once(&shared, &flows, &mut scan).await;
+        let result = match result {
+            Ok(batch) => sweep_mappings(&shared, &mappings, &mut mapping_scan, batch).await,
+            Err(e) => Err(e),
+        };
         let work = &shared.work;
         work.sweeps.fetch_add(1, Relaxed);
         work.sweep_nanos
@@ -53,7 +70,12 @@ pub(super) async fn tick(shared: Arc<Shared>) {
     }
 }
 
-async fn tick_once(shared: &Shared, flows: &Arc<FlowTable>, scan: &mut Scan) -> anyhow::Result<()> {
+/// One tick of the engine's timers; the batch of the flow table it read.
+async fn tick_once(
+    shared: &Shared,
+    flows: &Arc<FlowTable>,
+    scan: &mut Scan,
+) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
     let now = crate::netif::monotonic_ns();
     let keys = shared.engine.call(move |e| e.timers_due(now)).await?;
     let table = flows.clone();
@@ -81,12 +103,63 @@ async fn tick_once(shared: &Shared, flows: &Arc<FlowTable>, scan: &mut Scan) -> 
     })
     .await?;
     *scan = cursor;
-    let batch = batch?;
+    let batch = Arc::new(batch?);
+    let read = batch.clone();
     shared
         .engine
-        .call(move |e| e.timers_apply(now, &readings, &batch))
+        .call(move |e| e.timers_apply(now, &readings, &read))
         .await?
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone()))
+}
+
+/// The UDP mappings' part of a tick: the flows just read stamp their
+/// mappings, and a batch of the mappings is checked for quiet ones.
+async fn sweep_mappings(
+    shared: &Shared,
+    mappings: &Arc<std::sync::Mutex<UdpMappings>>,
+    scan: &mut Scan,
+    flows: Vec<(FlowKey, FlowValue)>,
+) -> anyhow::Result<()> {
+    let config = shared.config();
+    let nat_addr = config.external_addresses[0].octets();
+    let t = config.timeouts;
+    // A full pass over the flow table (sized by the configuration).
+    let lag = TICK * (config.flow_table_size as usize).div_ceil(SCAN_BATCH) as u32;
+    let quiet = udp_mappings::quiet_needed(t.udp_mapping, t.udp_idle, lag);
+    let maps = mappings.clone();
+    let mut cursor = *scan;
+    let (ended, cursor) = tokio::task::spawn_blocking(move || {
+        let mut maps = maps.lock().unwrap_or_else(|p| p.into_inner());
+        let result = (|| {
+            for (ep, seen) in udp_mappings::refreshes(&flows, nat_addr) {
+                if let Some(m) = maps.get(&ep)? {
+                    if let Some(t) = udp_mappings::raised(&m, seen) {
+                        maps.stamp(&ep, UdpMapping { last_seen_ns: t, ..m })?;
+                    }
+                }
+            }
+            let now = crate::netif::monotonic_ns();
+            let batch = maps.scan(&mut cursor, SCAN_BATCH)?;
+            let mut ended = 0u64;
+            for (ep, port) in udp_mappings::expired(&batch, now, quiet) {
+                if maps.end(&ep, port)? {
+                    log::debug!(
+                        "UDP mapping of {}:{} to port {port} ended (quiet)",
+                        Ipv4Addr::from(ep.addr),
+                        ep.port
+                    );
+                    ended += 1;
+                }
+            }
+            anyhow::Ok(ended)
+        })();
+        (result, cursor)
+    })
+    .await?;
+    *scan = cursor;
+    shared.work.udp_mappings_ended.fetch_add(ended?, Relaxed);
+    Ok(())
 }
 
 /// Hands the relay's connection events to the engine.

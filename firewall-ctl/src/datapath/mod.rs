@@ -31,7 +31,7 @@ use firewall_common::{
     program_names,
     rules::Rule,
     stats::StatValue,
-    wall::{PublishKey, PublishValue, SourceValue, WallConf},
+    wall::{NatEndpoint, PublishKey, PublishValue, SourceValue, UdpMapping, WallConf},
     PIN_DIR,
 };
 use serde::{Deserialize, Serialize};
@@ -49,7 +49,7 @@ pub use tables::{
     TableName, TableValue,
 };
 pub use test_run::{BenchPrograms, TestRunOutput};
-pub use wall::WallTables;
+pub use wall::{UdpMappings, WallTables};
 
 /// The eBPF object built from firewall-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/firewall"));
@@ -270,6 +270,16 @@ const MAPS: &[MapSpec] = &[
         name: map_names::RULES_ACTIVE,
         key_size: 4,
         value_size: 4,
+    },
+    MapSpec {
+        name: map_names::UDP_MAPPINGS,
+        key_size: size_of::<NatEndpoint>() as u32,
+        value_size: size_of::<UdpMapping>() as u32,
+    },
+    MapSpec {
+        name: map_names::UDP_PORT_OWNERS,
+        key_size: 4,
+        value_size: size_of::<NatEndpoint>() as u32,
     },
     MapSpec {
         name: map_names::WALL_SOURCES,
