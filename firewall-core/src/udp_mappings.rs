@@ -88,12 +88,7 @@ mod tests {
 
     /// Both entries of an outbound UDP flow from IN:5000 to PEER:port,
     /// translated to NAT:nat_port, last seen at `out` and `back`.
-    fn pair(
-        peer_port: u16,
-        nat_port: u16,
-        out: u64,
-        back: u64,
-    ) -> [(FlowKey, FlowValue); 2] {
+    fn pair(peer_port: u16, nat_port: u16, out: u64, back: u64) -> [(FlowKey, FlowValue); 2] {
         let k = FlowKey::new(IPPROTO_UDP, IN, 5000, PEER, peer_port);
         let mut v = FlowValue::forward(NAT, nat_port, PEER, peer_port);
         v.kind = flow_kind::PRIMARY;

@@ -21,7 +21,10 @@ const OTHER_CLIENT: [u8; 4] = [10, 1, 0, 3];
 /// The NAT port a UDP datagram from `src:sport` to SERVER:`dport` left
 /// with (it must have been forwarded).
 fn sent(fx: &mut Fixture, src: [u8; 4], sport: u16, dport: u16) -> u16 {
-    let r = fx.run(Side::Internal, &Spec::udp(src, sport, SERVER, dport).build());
+    let r = fx.run(
+        Side::Internal,
+        &Spec::udp(src, sport, SERVER, dport).build(),
+    );
     assert_eq!(r.action, XDP_REDIRECT, "{src:?}:{sport} -> {dport}");
     check_checksums(&r.frame).unwrap();
     let v = view(&r.frame);
@@ -114,7 +117,11 @@ fn a_nat_port_belongs_to_one_endpoint() {
     assert_eq!(sent(&mut fx, third, 5000, 60), 5000);
     // CLIENT:5000's old flow still runs on its port; a new destination gets
     // a new mapping, on another port.
-    assert_eq!(sent(&mut fx, CLIENT, 5000, 53), 5000, "the flow that exists");
+    assert_eq!(
+        sent(&mut fx, CLIENT, 5000, 53),
+        5000,
+        "the flow that exists"
+    );
     let renewed = sent(&mut fx, CLIENT, 5000, 61);
     assert_ne!(renewed, 5000);
     assert_eq!(mapping(&fx, CLIENT, 5000).unwrap().nat_port, renewed);

@@ -276,10 +276,7 @@ impl Config {
             tcp_transitory: or(t.tcp_transitory, d.tcp_transitory),
             udp_idle: or(t.udp_idle, d.udp_idle),
             // Unset, it outlives a longer udp_idle too.
-            udp_mapping: or(
-                t.udp_mapping,
-                d.udp_mapping.max(or(t.udp_idle, d.udp_idle)),
-            ),
+            udp_mapping: or(t.udp_mapping, d.udp_mapping.max(or(t.udp_idle, d.udp_idle))),
             pinhole: or(t.pinhole, d.pinhole),
             udp_pinhole_idle: or(t.udp_pinhole_idle, d.udp_pinhole_idle),
         };

@@ -135,7 +135,13 @@ async fn sweep_mappings(
             for (ep, seen) in udp_mappings::refreshes(&flows, nat_addr) {
                 if let Some(m) = maps.get(&ep)? {
                     if let Some(t) = udp_mappings::raised(&m, seen) {
-                        maps.stamp(&ep, UdpMapping { last_seen_ns: t, ..m })?;
+                        maps.stamp(
+                            &ep,
+                            UdpMapping {
+                                last_seen_ns: t,
+                                ..m
+                            },
+                        )?;
                     }
                 }
             }
