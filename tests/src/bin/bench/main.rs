@@ -32,11 +32,12 @@ use firewall_common::{
     flow::{FlowKey, FlowValue},
     pinhole::{side, PinholeKey, PinholeValue},
     rules::{rule_action, Rule, RULE_SLOTS},
+    wall::NatEndpoint,
     IPPROTO_TCP, IPPROTO_UDP,
 };
 use firewall_ctl::{
     api::{Client, Request},
-    datapath::{BenchPrograms, KernelMaps, MapSizes, Side},
+    datapath::{BenchPrograms, KernelMaps, MapSizes, Side, UdpMappings},
     engine::{BindRequest, Engine, EngineConfig, RedirectRequest},
     flags::ConnFlags,
     policy::{IpFilter, Transport},

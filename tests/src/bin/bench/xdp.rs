@@ -255,6 +255,21 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         "ns/packet",
         v,
     );
+    for (what, one_endpoint) in [
+        (
+            "first packet of an outbound UDP flow, new endpoint (claims a mapping)",
+            false,
+        ),
+        (
+            "first packet of an outbound UDP flow, mapped endpoint, new destination",
+            true,
+        ),
+    ] {
+        let v = (0..reps)
+            .map(|_| udp_first_packet_ns(&mut fx, runs, one_endpoint))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        r.add("xdp cost", what, "kernel", "ns/packet", v);
+    }
     // The rules' worst case: every entry read, the last one allows.
     let mut rules = vec![
         Rule {
@@ -303,3 +318,39 @@ pub(crate) fn primary_first_packet_ns(fx: &mut Fixture, runs: usize) -> anyhow::
 // ---------------------------------------------------------------------------
 // 3. Control plane
 // ---------------------------------------------------------------------------
+
+/// The wall's first-packet path for UDP: from a new endpoint each run (its
+/// mapping ended after the run), or from one endpoint to a new destination
+/// each run (its mapping kept). The flows are removed after each run.
+pub(crate) fn udp_first_packet_ns(
+    fx: &mut Fixture,
+    runs: usize,
+    one_endpoint: bool,
+) -> anyhow::Result<f64> {
+    let mut mappings = UdpMappings::open(&fx.pins)?;
+    let mut v = Vec::new();
+    for i in 0..runs {
+        let (sport, dport) = if one_endpoint {
+            (40000, 1000 + (i % 20000) as u16)
+        } else {
+            (40000 + (i % 20000) as u16, 53)
+        };
+        let frame = Spec::udp(CLIENT, sport, SERVER, dport).build();
+        let out = fx.run(Side::Internal, &frame);
+        if out.action != XDP_REDIRECT {
+            bail!("outbound UDP first packet: verdict {}", out.action);
+        }
+        v.push(out.duration.as_nanos() as f64);
+        let key = FlowKey::new(IPPROTO_UDP, CLIENT, sport, SERVER, dport);
+        if let Some(f) = fx.flows.get(&key)? {
+            let back = FlowKey::new(IPPROTO_UDP, SERVER, dport, FW_EXTERNAL, f.nat_src_port);
+            let _ = fx.flows.remove(&back);
+            if !one_endpoint {
+                mappings.end(&NatEndpoint::new(CLIENT, sport), f.nat_src_port)?;
+            }
+        }
+        let _ = fx.flows.remove(&key);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
+}
