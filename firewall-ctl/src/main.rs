@@ -87,7 +87,7 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                 external,
                 config,
                 socket: cli.socket,
-                xdp_mode: xdp_mode.into(),
+                xdp_mode: xdp_mode.named(),
                 keep_datapath,
             };
             let rt = tokio::runtime::Runtime::new().map_err(|e| internal_error(e.into()))?;

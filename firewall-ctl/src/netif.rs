@@ -45,6 +45,39 @@ impl Interface {
     pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.networks.iter().map(|n| n.addr())
     }
+
+    /// The kind of a virtual interface as rtnetlink names it ("veth",
+    /// "bridge", "bond", "vlan", …); None for a device with a driver of its
+    /// own (a NIC).
+    pub fn link_kind(&self) -> anyhow::Result<Option<String>> {
+        use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
+        use netlink_packet_route::{
+            link::{LinkAttribute, LinkInfo, LinkMessage},
+            RouteNetlinkMessage,
+        };
+        let mut nl = crate::netlink::Netlink::open(crate::netlink::NETLINK_ROUTE)
+            .context("opening rtnetlink")?;
+        let mut ask = LinkMessage::default();
+        ask.header.index = self.index;
+        let answer = nl
+            .request(RouteNetlinkMessage::GetLink(ask), NLM_F_REQUEST | NLM_F_ACK)
+            .with_context(|| format!("reading link {} from rtnetlink", self.name))?;
+        for m in answer {
+            let RouteNetlinkMessage::NewLink(link) = m else {
+                continue;
+            };
+            for a in link.attributes {
+                if let LinkAttribute::LinkInfo(infos) = a {
+                    for i in infos {
+                        if let LinkInfo::Kind(kind) = i {
+                            return Ok(Some(kind.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Rejects names the kernel could never have (and paths in disguise).

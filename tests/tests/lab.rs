@@ -354,6 +354,31 @@ fn generic_mode_by_option() {
     assert_eq!(fw.status()["interfaces"][0]["xdp_mode"], "generic");
 }
 
+/// Without `--xdp-mode`, `up` picks the hook by the interfaces' kind: TC on
+/// veth (XDP there would turn off the peers' GSO and GRO), and says why.
+#[test]
+fn the_default_mode_is_tc_on_veth() {
+    let mut run = LabRun::start("auto", &["--xdp-mode", "auto"]);
+    let LabRun { lab, fw, .. } = &mut run;
+    let net: Value = serde_json::from_str(&lab.fw.sh("bpftool -j net").unwrap()).unwrap();
+    assert!(
+        net[0]["xdp"].as_array().is_none_or(|a| a.is_empty()),
+        "no XDP program: {net}"
+    );
+    for i in fw.status()["interfaces"].as_array().unwrap() {
+        assert_eq!(i["xdp_mode"], "tc", "{i}");
+    }
+    assert!(
+        fw.log_text().contains("a veth interface keeps its offloads at TC"),
+        "{}",
+        fw.log_text()
+    );
+    // It forwards at TC like the named mode.
+    prime_neighbours(lab);
+    let got = exchange(lab, IPPROTO_TCP, 5000, 9000, "auto");
+    assert_eq!(got, format!("{} 5000\nauto\n", addr::FW_EXTERNAL));
+}
+
 #[test]
 fn bad_arguments_and_configs_get_clear_errors() {
     require_root();

@@ -82,9 +82,10 @@ pub enum Command {
         /// Configuration file (TOML); without it, defaults come from the interfaces.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Where the datapath runs: XDP native (default) or generic, or tc
-        /// (tcx ingress: keeps GRO/GSO, faster for bulk TCP on veth).
-        #[arg(long, value_enum, default_value = "native")]
+        /// Where the datapath runs: auto (default: native XDP on NICs, tc on
+        /// veth, bridges, bonds, VLANs), XDP native or generic, or tc (tcx
+        /// ingress: keeps GRO/GSO, faster for bulk TCP on veth).
+        #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: ModeArg,
         /// Leave the datapath attached when the daemon exits, for a restart or upgrade
         /// without interrupting established flows.
@@ -277,17 +278,20 @@ impl From<TransportArg> for Transport {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ModeArg {
+    Auto,
     Native,
     Generic,
     Tc,
 }
 
-impl From<ModeArg> for AttachMode {
-    fn from(m: ModeArg) -> Self {
-        match m {
-            ModeArg::Native => AttachMode::Native,
-            ModeArg::Generic => AttachMode::Generic,
-            ModeArg::Tc => AttachMode::Tc,
+impl ModeArg {
+    /// The mode named; None: the daemon chooses (`datapath::mode::choose`).
+    pub fn named(self) -> Option<AttachMode> {
+        match self {
+            ModeArg::Auto => None,
+            ModeArg::Native => Some(AttachMode::Native),
+            ModeArg::Generic => Some(AttachMode::Generic),
+            ModeArg::Tc => Some(AttachMode::Tc),
         }
     }
 }

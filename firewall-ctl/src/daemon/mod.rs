@@ -33,6 +33,7 @@ use crate::{
 };
 
 mod api_server;
+mod attach;
 mod handover;
 mod metrics;
 mod notify;
@@ -50,7 +51,8 @@ pub struct UpOptions {
     pub external: String,
     pub config: Option<PathBuf>,
     pub socket: PathBuf,
-    pub xdp_mode: AttachMode,
+    /// The hook named by `--xdp-mode`; None: chosen by the interfaces' kinds.
+    pub xdp_mode: Option<AttachMode>,
     /// Leave the datapath attached when the daemon exits (for restarts/upgrades).
     pub keep_datapath: bool,
 }
@@ -160,12 +162,13 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // Pins left by a daemon that died: re-adopt them if they belong to the same
     // interfaces (established flows keep forwarding), otherwise clear them.
     let previous = State::read();
+    let mode = attach::mode(&opts, previous.as_ref(), &pins, &internal, &external);
     let adopt = match &previous {
         Some(s)
             if pins.any_exists()
                 && s.internal_ifindex == internal.index
                 && s.external_ifindex == external.index
-                && s.xdp_mode == opts.xdp_mode =>
+                && s.xdp_mode == mode =>
         {
             log::info!("re-adopting the datapath left by daemon pid {}", s.pid);
             true
@@ -194,7 +197,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         internal_ifindex: internal.index,
         external: external.name.clone(),
         external_ifindex: external.index,
-        xdp_mode: opts.xdp_mode,
+        xdp_mode: mode,
         socket: opts.socket.clone(),
         saved_sysctls,
         local_delivery: None,
@@ -202,11 +205,16 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // Written before attaching, so that `down` can undo a half-done `up`.
     state.write()?;
 
-    let mut dp = match start_datapath(&pins, &config, &internal, &external, opts.xdp_mode, adopt) {
+    let mut dp = match attach::start(&pins, &config, &internal, &external, mode, adopt) {
         Ok(dp) => dp,
         Err(e) => {
             // Nothing half-allocated stays behind.
             let _ = teardown(&pins, Some(&state));
+            if opts.xdp_mode.is_none() && mode == AttachMode::Native {
+                return Err(e.context(
+                    "native XDP was chosen for these NICs; `--xdp-mode tc` runs on any driver",
+                ));
+            }
             return Err(e);
         }
     };
@@ -258,8 +266,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         external: external.clone(),
         reload_turn: Default::default(),
         interfaces: vec![
-            InterfaceStatus::new(Side::Internal, &internal, opts.xdp_mode),
-            InterfaceStatus::new(Side::External, &external, opts.xdp_mode),
+            InterfaceStatus::new(Side::Internal, &internal, mode),
+            InterfaceStatus::new(Side::External, &external, mode),
         ],
         shutdown: shutdown_tx,
         engine: engine.clone(),
@@ -310,7 +318,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         internal.index,
         external.name,
         external.index,
-        opts.xdp_mode,
+        mode,
         opts.socket.display()
     );
 
@@ -338,7 +346,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     }
     notify::ready(&format!(
         "up: internal {}, external {}, {:?}",
-        internal.name, external.name, opts.xdp_mode
+        internal.name, external.name, mode
     ));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -402,26 +410,6 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     };
     let _ = fs::remove_file(&opts.socket);
     result
-}
-
-fn start_datapath(
-    pins: &PinPaths,
-    config: &Config,
-    internal: &Interface,
-    external: &Interface,
-    mode: AttachMode,
-    adopt: bool,
-) -> anyhow::Result<Datapath> {
-    let mut dp = Datapath::load(
-        pins,
-        datapath::MapSizes {
-            flows: config.flow_table_size,
-            pinholes: config.pinhole_table_size,
-        },
-    )?;
-    dp.attach(Side::Internal, internal, mode, adopt)?;
-    dp.attach(Side::External, external, mode, adopt)?;
-    Ok(dp)
 }
 
 /// Intercepts the primary connections of the FTP filter's ports (or turns

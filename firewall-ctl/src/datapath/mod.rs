@@ -16,7 +16,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{TcAttachOptions, TcAttachType},
-        LinkOrder, SchedClassifier, SkLookup, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, SkLookup, Xdp,
     },
     Ebpf, EbpfLoader,
 };
@@ -39,11 +39,13 @@ use serde::{Deserialize, Serialize};
 use crate::netif::Interface;
 
 mod kernel_maps;
+mod mode;
 mod tables;
 mod test_run;
 mod wall;
 
 pub use kernel_maps::KernelMaps;
+pub use mode::{choose, AttachMode};
 pub use tables::{
     decode_event, BusyClients, FlowTable, InterceptTables, PeerFilters, PinholeTable, Stats, Table,
     TableName, TableValue,
@@ -88,35 +90,6 @@ impl Side {
         match self {
             Side::Internal => "internal",
             Side::External => "external",
-        }
-    }
-}
-
-/// Where the datapath runs: XDP native (in the driver), XDP generic (in the
-/// stack, slower), or TC (tcx ingress: sees GRO/GSO super-packets, and keeps
-/// veth's offloads, which XDP turns off on the peer; faster for bulk TCP on
-/// veth, slower per packet).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    Native,
-    Generic,
-    Tc,
-}
-
-impl AttachMode {
-    fn xdp(self) -> XdpMode {
-        match self {
-            AttachMode::Native => XdpMode::Driver,
-            AttachMode::Generic | AttachMode::Tc => XdpMode::Skb,
-        }
-    }
-
-    /// The program of `side` in this mode.
-    pub const fn program(self, side: Side) -> &'static str {
-        match self {
-            AttachMode::Tc => side.tc_program(),
-            _ => side.program(),
         }
     }
 }
