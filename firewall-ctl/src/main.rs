@@ -164,6 +164,15 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                     Request::SetClientAddress { id, address }
                 }
                 Command::List { what } => Request::List { what: what.into() },
+                Command::ConnectionFlags {
+                    protocol,
+                    client,
+                    server,
+                } => Request::ConnectionFlags {
+                    transport: protocol.into(),
+                    client,
+                    server,
+                },
                 Command::Up { .. }
                 | Command::Down
                 | Command::Status
@@ -214,6 +223,7 @@ fn run(cli: Cli) -> Result<(), ApiError> {
                     client.call(request)?;
                     format!("connection {id}: client {address}\n")
                 }
+                Request::ConnectionFlags { .. } => output::primary_text(&client.call_as(request)?),
                 other => unreachable!("{other:?} is handled above"),
             };
             print!("{text}");

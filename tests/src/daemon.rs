@@ -68,13 +68,11 @@ impl Firewall {
             // Native XDP unless the test names a mode: the hook NICs get, and
             // the one the fixtures' BPF_PROG_RUN exercise (`up` alone picks
             // TC on veth; `--xdp-mode auto` tests that).
-            .args(
-                if extra.contains(&"--xdp-mode") {
-                    &[][..]
-                } else {
-                    &["--xdp-mode", "native"][..]
-                },
-            )
+            .args(if extra.contains(&"--xdp-mode") {
+                &[][..]
+            } else {
+                &["--xdp-mode", "native"][..]
+            })
             .env(
                 "RUST_LOG",
                 std::env::var("FIREWALL_TEST_LOG").unwrap_or_else(|_| "info".into()),

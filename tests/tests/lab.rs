@@ -369,7 +369,8 @@ fn the_default_mode_is_tc_on_veth() {
         assert_eq!(i["xdp_mode"], "tc", "{i}");
     }
     assert!(
-        fw.log_text().contains("a veth interface keeps its offloads at TC"),
+        fw.log_text()
+            .contains("a veth interface keeps its offloads at TC"),
         "{}",
         fw.log_text()
     );

@@ -66,6 +66,13 @@ pub enum Request {
     Events,
     /// Read the configuration file again and apply it (what SIGHUP does).
     Reload,
+    /// The flags of a primary connection (GetConnectionFlags), named by its
+    /// endpoints as the client sees them.
+    ConnectionFlags {
+        transport: crate::policy::Transport,
+        client: SocketAddrV4,
+        server: SocketAddrV4,
+    },
 }
 
 impl Request {
@@ -85,6 +92,7 @@ impl Request {
             Request::List { .. } => "list",
             Request::Events => "events",
             Request::Reload => "reload",
+            Request::ConnectionFlags { .. } => "connection-flags",
         }
     }
 }
@@ -136,6 +144,48 @@ pub enum Answer {
     Flows(Vec<FlowView>),
     /// The first line of an event stream; events follow, one per line.
     Following(Following),
+    ConnectionFlags(PrimaryConnection),
+}
+
+/// A primary connection and its flags (GetConnectionFlags).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PrimaryConnection {
+    pub transport: crate::policy::Transport,
+    pub client: SocketAddrV4,
+    pub server: SocketAddrV4,
+    /// How the firewall carries it.
+    pub kind: PrimaryKind,
+    /// `internal-address-translation` (FWX_CONNECTION_INTERNAL_ADDRESS_TRANSLATION):
+    /// the server sees the firewall's internal address instead of the
+    /// client's, a publishing rule's full proxy mode. A filter then passes
+    /// PROXY_MODE to BindForClient for the connection's secondaries.
+    pub flags: Vec<String>,
+}
+
+/// How the firewall carries a primary connection.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrimaryKind {
+    /// An FTP control connection to a published server, proxied by the FTP
+    /// filter from the firewall's internal address (full proxy mode).
+    PublishedProxy,
+    /// A connection to a published server, forwarded in the kernel (DNAT:
+    /// the server sees the client's address).
+    Published,
+    /// An outbound FTP control connection the FTP filter intercepts.
+    Intercepted,
+    /// An outbound connection tracked and translated in the kernel.
+    Outbound,
+}
+
+impl PrimaryKind {
+    /// The connection flags its kind implies.
+    pub fn flags(self) -> Vec<String> {
+        match self {
+            PrimaryKind::PublishedProxy => vec!["internal-address-translation".into()],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// What a reload changed.

@@ -117,6 +117,20 @@ pub enum Command {
     Cancel { id: u64 },
     /// Set the client address of a connection bound with a 0.0.0.0:0 placeholder.
     SetClientAddress { id: u64, address: SocketAddrV4 },
+    /// The flags of a primary connection (GetConnectionFlags): how the
+    /// firewall carries it, and whether the server sees the firewall's
+    /// internal address (internal-address-translation: pass proxy-mode to
+    /// bind-for-client for its secondaries).
+    ConnectionFlags {
+        #[arg(long, value_enum)]
+        protocol: TransportArg,
+        /// The client's endpoint, as the client sees it.
+        #[arg(long)]
+        client: SocketAddrV4,
+        /// The server's endpoint, as the client dialled it.
+        #[arg(long)]
+        server: SocketAddrV4,
+    },
     /// List sessions, connections (and actions), pinholes or flows.
     List {
         #[arg(value_enum)]

@@ -287,6 +287,25 @@ pub fn session_text(s: &SessionOpened) -> String {
     format!("session {} (client {})\n", s.session, s.client)
 }
 
+/// A primary connection's kind and flags (`connection-flags`).
+pub fn primary_text(p: &crate::api::PrimaryConnection) -> String {
+    let kind = serde_json::to_value(p.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    format!(
+        "{} {} -> {}: {kind}; flags: {}\n",
+        p.transport.name(),
+        p.client,
+        p.server,
+        if p.flags.is_empty() {
+            "none".to_string()
+        } else {
+            p.flags.join(", ")
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use firewall_ctl::engine::{BoundConnection, RedirectAction};

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddrV4,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -19,11 +20,13 @@ use super::Shared;
 use crate::{
     api::{
         self, Answer, ApiError, Cancelled, ClientAddressSet, CounterStatus, ErrorKind, FlowView,
-        Following, Killed, ListWhat, MapStatus, PinholeView, Request, Response, SessionClosed,
-        SessionOpened, ShuttingDown, Status, WallStatus,
+        Following, Killed, ListWhat, MapStatus, PinholeView, PrimaryConnection, PrimaryKind,
+        Request, Response, SessionClosed, SessionOpened, ShuttingDown, Status, WallStatus,
     },
     datapath::{FlowTable, PinholeTable, Stats, UdpMappings},
+    policy::Transport,
 };
+use firewall_common::flow::{flow_kind, FlowKey};
 
 /// API connections the daemon holds at once. When a new one would exceed
 /// it, the connection idle the longest is closed (after a line saying why);
@@ -315,6 +318,63 @@ async fn handle(req: Request, shared: &Arc<Shared>) -> Result<Answer, ApiError> 
             })
         }
         Request::List { what } => list(shared, what).await?,
+        Request::ConnectionFlags {
+            transport,
+            client,
+            server,
+        } => Answer::ConnectionFlags(primary_connection(shared, transport, client, server).await?),
+    })
+}
+
+/// GetConnectionFlags of a primary connection: a control connection the FTP
+/// filter proxies, or a connection the datapath tracks.
+async fn primary_connection(
+    shared: &Arc<Shared>,
+    transport: Transport,
+    client: SocketAddrV4,
+    server: SocketAddrV4,
+) -> Result<PrimaryConnection, ApiError> {
+    let proxied = match transport {
+        Transport::Tcp => shared.controls.published(client, server),
+        Transport::Udp => None,
+    };
+    let kind = match proxied {
+        Some(true) => Some(PrimaryKind::PublishedProxy),
+        Some(false) => Some(PrimaryKind::Intercepted),
+        None => {
+            let pins = shared.pins.clone();
+            let key = FlowKey::new(
+                transport.ipproto(),
+                client.ip().octets(),
+                client.port(),
+                server.ip().octets(),
+                server.port(),
+            );
+            let flow = blocking(move || FlowTable::open(&pins)?.get(&key)).await?;
+            flow.filter(|v| v.kind == flow_kind::PRIMARY).map(|v| {
+                if (v.nat_dst_addr, v.nat_dst_port) != (key.dst_addr, key.dst_port) {
+                    PrimaryKind::Published
+                } else {
+                    PrimaryKind::Outbound
+                }
+            })
+        }
+    };
+    let kind = kind.ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "no primary connection {} {client} -> {server} through the firewall",
+                transport.name()
+            ),
+        )
+    })?;
+    Ok(PrimaryConnection {
+        transport,
+        client,
+        server,
+        kind,
+        flags: kind.flags(),
     })
 }
 

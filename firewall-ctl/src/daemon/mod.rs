@@ -77,6 +77,8 @@ struct Shared {
     api_connections: api_server::Connections,
     api_calls: metrics::ApiCalls,
     work: metrics::Work,
+    /// The control connections the FTP filter proxies (`connection-flags`).
+    controls: Arc<primary::Controls>,
 }
 
 impl Shared {
@@ -278,6 +280,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         api_connections: Default::default(),
         api_calls: Default::default(),
         work: Default::default(),
+        controls: Default::default(),
     });
     // Control connections a restarting daemon left in systemd's store.
     let resumed = handover::take();
@@ -510,7 +513,11 @@ fn start_interception(
         config.route_table
     );
     Ok(Some(primary::Proxy::start(
-        listener, ctx, resumed, published,
+        listener,
+        ctx,
+        resumed,
+        published,
+        shared.controls.clone(),
     )?))
 }
 

@@ -34,7 +34,6 @@ impl AttachMode {
     }
 }
 
-
 /// The hook `up` takes when none is named, from the interfaces' kinds
 /// (`Interface::link_kind`: None for a NIC), with the reason.
 ///

@@ -19,6 +19,7 @@
 //! works in its published role (a full proxy).
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         atomic::{AtomicUsize, Ordering::SeqCst},
@@ -85,20 +86,41 @@ struct HandOver {
     handed: Mutex<Vec<Handed>>,
     /// Control connections' tasks running.
     live: AtomicUsize,
+    controls: Arc<Controls>,
 }
 
-/// Counts a control connection's task while it runs.
-struct Live(Arc<HandOver>);
+/// The control connections being proxied, by their (client, server)
+/// endpoints as the client sees them (the server's as dialled): whether each is a published server's,
+/// which the daemon dials from its internal address (full proxy mode). What
+/// `connection-flags` answers from.
+#[derive(Default)]
+pub struct Controls(Mutex<HashMap<(SocketAddrV4, SocketAddrV4), bool>>);
+
+impl Controls {
+    /// Some(published) while the control connection is proxied.
+    pub fn published(&self, client: SocketAddrV4, server: SocketAddrV4) -> Option<bool> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&(client, server)).copied()
+    }
+}
+
+/// Counts a control connection's task while it runs, and lists it.
+struct Live(Arc<HandOver>, (SocketAddrV4, SocketAddrV4));
 
 impl Live {
-    fn new(h: &Arc<HandOver>) -> Self {
+    fn new(h: &Arc<HandOver>, client: SocketAddrV4, server: SocketAddrV4, published: bool) -> Self {
         h.live.fetch_add(1, SeqCst);
-        Self(h.clone())
+        let mut map = h.controls.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert((client, server), published);
+        Self(h.clone(), (client, server))
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
+        let mut map = self.0.controls.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&self.1);
+        drop(map);
         self.0.live.fetch_sub(1, SeqCst);
     }
 }
@@ -115,11 +137,13 @@ impl Proxy {
         ctx: Arc<Interception>,
         resumed: Vec<Handed>,
         published: Vec<PublishedFtp>,
+        controls: Arc<Controls>,
     ) -> anyhow::Result<Self> {
         let handover = Arc::new(HandOver {
             asked: tokio::sync::watch::channel(false).0,
             handed: Mutex::new(Vec::new()),
             live: AtomicUsize::new(0),
+            controls,
         });
         let ho = handover.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -148,7 +172,12 @@ impl Proxy {
                     }
                     for h in resumed {
                         let (client, server) = (h.state.client, h.state.server);
-                        let (ctx, live) = (ctx.clone(), Live::new(&ho));
+                        let dialled = match h.client.local_addr() {
+                            Ok(SocketAddr::V4(a)) => a,
+                            _ => server,
+                        };
+                        let live = Live::new(&ho, client, dialled, h.state.published);
+                        let ctx = ctx.clone();
                         spawn_control(client, server, async move {
                             if let Err(e) = resume(h, &ctx, live).await {
                                 log::warn!("ftp {client} → {server}: not resumed: {e:#}");
@@ -277,7 +306,16 @@ async fn serve(
                 continue;
             }
         };
-        let (ctx, live) = (ctx.clone(), Live::new(&ho));
+        // Listed under the endpoint the client dialled: a published server's
+        // is the firewall's, not the server's.
+        let dialled = match stream.local_addr() {
+            Ok(SocketAddr::V4(a)) => a,
+            _ => server,
+        };
+        let (ctx, live) = (
+            ctx.clone(),
+            Live::new(&ho, client, dialled, published.is_some()),
+        );
         spawn_control(client, server, async move {
             ftp_control(stream, client, server, &ctx, live, published.is_some()).await
         });
