@@ -148,6 +148,18 @@ impl PortPool {
         transport: Transport,
         port: u16,
     ) -> Result<Lease, ApiError> {
+        self.reserve_exact_held(addr, transport, port, Hold::Kernel)
+    }
+
+    /// `reserve_exact`, with a socket also on an address the firewall
+    /// answers for transparently (a relay will listen on it).
+    pub fn reserve_exact_held(
+        &mut self,
+        addr: Ipv4Addr,
+        transport: Transport,
+        port: u16,
+        hold: Hold,
+    ) -> Result<Lease, ApiError> {
         if port == 0 {
             return Err(ApiError::new(
                 ErrorKind::InvalidArgument,
@@ -159,7 +171,7 @@ impl PortPool {
             transport,
             port,
         };
-        self.take(lease, Hold::Kernel)?;
+        self.take(lease, hold)?;
         Ok(lease)
     }
 

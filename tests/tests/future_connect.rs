@@ -116,7 +116,7 @@ fn a_permission_lets_exactly_the_expected_connection_out() {
     assert_eq!(connect(lab, 9001), None, "withdrawn");
 
     // A third party (an FTP bounce through the permission) is refused; so
-    // is a destination on the inside, and user mode (not implemented).
+    // is a destination on the inside.
     let refused = |address: String, more: &[&str]| {
         let mut args = vec![
             "allow-future-connect",
@@ -137,11 +137,37 @@ fn a_permission_lets_exactly_the_expected_connection_out() {
         &["--flags", "allow-addresses-all"],
     );
     assert!(inside.contains("invalid-argument"), "{inside}");
-    let user = refused(
-        format!("{}:9002", addr::SERVER),
-        &["--peer", addr::SERVER, "--flags", "no-kernel-mode"],
+}
+
+/// User mode (no-kernel-mode): the relay takes the client's connection at
+/// the destination's address and makes its own from the external address;
+/// single use, or as many as allowed until cancelled.
+#[test]
+fn a_user_mode_permission_relays_the_connection() {
+    let mut run = LabRun::with_config("futusr", "[wall]\noutbound_from = [\"10.9.0.0/16\"]\n");
+    let LabRun { lab, fw, .. } = &mut run;
+    prime_neighbours(lab);
+    let _single = whoami_server(lab, 9000);
+    let _multi = whoami_server(lab, 9001);
+    let s = fw.session(addr::CLIENT);
+    let r = permit(fw, &s, 9000, "no-kernel-mode,timeout");
+    assert_eq!(r["external"], format!("{}:0", addr::FW_EXTERNAL), "{r}");
+    let listed = fw.list("connections");
+    assert_eq!(listed[0]["mode"], "user", "{listed:?}");
+    assert_eq!(
+        connect(lab, 9000).as_deref(),
+        Some(addr::FW_EXTERNAL),
+        "relayed, from the external address"
     );
-    assert!(user.contains("not-supported"), "{user}");
+    assert_eq!(connect(lab, 9000), None, "single use");
+
+    let m = permit(fw, &s, 9001, "no-kernel-mode,allow-multiple");
+    for _ in 0..2 {
+        assert_eq!(connect(lab, 9001).as_deref(), Some(addr::FW_EXTERNAL));
+    }
+    let id = m["id"].as_u64().unwrap().to_string();
+    fw.ok(&["cancel", &id]);
+    assert_eq!(connect(lab, 9001), None, "withdrawn");
 }
 
 #[test]

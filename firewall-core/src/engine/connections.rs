@@ -56,12 +56,25 @@ impl<M: Maps> Engine<M> {
             o.peer = Some(from);
             fill(o);
             let session = o.session;
-            // A used permission is spent: its destination is free for the next.
+            // A used permission is spent: its destination is free for the next
+            // (in user mode once the relay's socket there closes, with the
+            // connection).
             let spent = if o.kind == Kind::FutureConnect {
                 o.pinhole.take()
             } else {
                 None
             };
+            let dest = match (spent, o.target) {
+                (Some(_), Some(t)) => o
+                    .leases
+                    .iter()
+                    .position(|l| l.addr == *t.ip() && l.port == t.port())
+                    .map(|i| o.leases.remove(i)),
+                _ => None,
+            };
+            if let Some(l) = dest {
+                self.ports.release(&l);
+            }
             if let Some(k) = spent {
                 if let Err(e) = self.maps.del_pinhole(&k) {
                     log::warn!("removing the used permission {owner}: {e:#}");

@@ -4,7 +4,10 @@
 //! wall's general rules say. A pinhole on the internal side keyed by the
 //! destination: the client's first packet to it creates the connection's
 //! flows, translated like a redirect's, without the detour through an
-//! address of the firewall.
+//! address of the firewall. In user mode (no-kernel-mode, or a data filter
+//! for the connection) the relay listens transparently at the destination
+//! itself, takes the client's connection and makes its own from the
+//! external address, so the bytes pass through the filters.
 
 use super::*;
 
@@ -58,14 +61,8 @@ impl<M: Maps> Engine<M> {
             }
         }
         let expected = Self::resulting_event(Kind::FutureConnect, req.protocol);
-        if self.user_mode(f, &req.protocol_name, expected)
-            || expected.is_some_and(|e| self.factory_for(e, a).is_some())
-        {
-            return Err(err(
-                ErrorKind::NotSupported,
-                "AllowFutureConnect in user mode (no-kernel-mode, or a data filter for this protocol) is not supported yet: RedirectConnections relays such connections through the firewall",
-            ));
-        }
+        let user = self.user_mode(f, &req.protocol_name, expected)
+            || expected.is_some_and(|e| self.factory_for(e, a).is_some());
         self.check_not_busy(client_ip, req.protocol)?;
         self.check_pending(req.session, 1)?;
         let ext = self.proxy_external(req.proxy_external)?;
@@ -73,6 +70,9 @@ impl<M: Maps> Engine<M> {
             return Err(invalid(format!(
                 "an explicit proxy external port ({ext}) is allowed only for a single-use permission"
             )));
+        }
+        if ext.port() != 0 && user {
+            return Err(invalid(format!("an explicit proxy external port ({ext}) is not supported in user mode (no-kernel-mode): the relay uses any port of that address")));
         }
         policy::check_protocol(&self.cfg.protocols, &req.protocol_name, client_ip)?;
         let key = PinholeKey::new(
@@ -92,7 +92,34 @@ impl<M: Maps> Engine<M> {
             ));
         }
 
-        let snat = self.snat_block(ext, req.protocol, f)?;
+        // The destination, as the firewall answers for it: bookkeeping in
+        // kernel mode (one permission per destination, whichever mode), the
+        // relay's transparent listener in user mode.
+        self.ports.answer_transparently(*a.ip(), req.protocol);
+        let hold = if user { Hold::Socket } else { Hold::Kernel };
+        let dest = self
+            .ports
+            .reserve_exact_held(*a.ip(), req.protocol, a.port(), hold)
+            .map_err(|e| match e.kind {
+                ErrorKind::AddressInUse => err(
+                    ErrorKind::AddressInUse,
+                    format!(
+                        "a permission for {} {a} is pending already (another client's, or this one's)",
+                        req.protocol.name()
+                    ),
+                ),
+                _ => e,
+            })?;
+        if user {
+            return Ok(self.future_connect_user(req, client_ip, dest, ext, expected));
+        }
+        let snat = match self.snat_block(ext, req.protocol, f) {
+            Ok(s) => s,
+            Err(e) => {
+                self.ports.release(&dest);
+                return Err(e);
+            }
+        };
         let deadline = self.deadline(f, req.protocol);
         let id = self.new_id();
         let mut flags = pinhole_flags::CLIENT_ONLY | pinhole_flags::PERMISSION;
@@ -113,41 +140,95 @@ impl<M: Maps> Engine<M> {
             deadline_ns: deadline,
             ..Default::default()
         };
+        let mut leases = snat;
+        leases.push(dest);
         if let Err(e) = self.maps.put_pinhole(&key, &value) {
             self.rollback(Undo {
-                leases: snat,
+                leases,
                 ..Undo::default()
             });
             return Err(e.into());
         }
-        let external = snat[0].endpoint();
-        self.objects.insert(
-            id,
-            Object {
-                target: Some(a),
-                pinhole: Some(key),
-                leases: snat,
-                notify: req.notify,
-                context: req.context.clone(),
-                ..Object::new(
-                    req.session,
-                    Kind::FutureConnect,
-                    req.protocol,
-                    &req.protocol_name,
-                    f,
-                    a,
-                )
-            }
-            .with_span(id),
-        );
-        *self.pending.entry(req.session).or_default() += 1;
-        if deadline != 0 {
-            self.timers.at(deadline, timers::Timer::PinholeTimeout(id));
-        }
+        let external = leases[0].endpoint();
+        self.permission_made(req, id, deadline, Some(key), leases, Mode::Kernel);
         Ok(FutureConnectResult {
             id,
             address: a,
             external,
         })
+    }
+
+    /// The user-mode permission: the relay listens at the destination
+    /// `dest` (transparently; only the session's client is admitted) and
+    /// connects to it from the external address `ext` (any port).
+    fn future_connect_user(
+        &mut self,
+        req: &FutureConnectRequest,
+        client_ip: Ipv4Addr,
+        dest: Lease,
+        ext: SocketAddrV4,
+        event: Option<EventKind>,
+    ) -> FutureConnectResult {
+        let a = req.address;
+        let f = req.flags;
+        let deadline = self.deadline(f, req.protocol);
+        let id = self.new_id();
+        let job = Job {
+            owner: id,
+            transport: req.protocol,
+            socket: self.ports.take_socket(&dest),
+            backlog: DEFAULT_BACKLOG,
+            admit: Admit::Client(client_ip),
+            target: Some(a),
+            source: SocketAddrV4::new(*ext.ip(), 0),
+            multiple: f.contains(ConnFlags::ALLOW_MULTIPLE),
+            idle: None,
+            recv_buffer: None,
+            filters: self.filters_for(&req.protocol_name),
+            event,
+            hook: None,
+        };
+        self.permission_made(req, id, deadline, None, vec![dest], Mode::User);
+        self.relay.push(RelayCmd::Start(job));
+        FutureConnectResult {
+            id,
+            address: a,
+            external: SocketAddrV4::new(*ext.ip(), 0),
+        }
+    }
+
+    /// Records a permission's object (pending until used, timed out at
+    /// `deadline` when not 0).
+    fn permission_made(
+        &mut self,
+        req: &FutureConnectRequest,
+        id: u64,
+        deadline: u64,
+        pinhole: Option<PinholeKey>,
+        leases: Vec<Lease>,
+        mode: Mode,
+    ) {
+        let a = req.address;
+        let o = Object {
+            target: Some(a),
+            pinhole,
+            leases,
+            notify: req.notify,
+            context: req.context.clone(),
+            mode,
+            ..Object::new(
+                req.session,
+                Kind::FutureConnect,
+                req.protocol,
+                &req.protocol_name,
+                req.flags,
+                a,
+            )
+        };
+        self.objects.insert(id, o.with_span(id));
+        *self.pending.entry(req.session).or_default() += 1;
+        if deadline != 0 {
+            self.timers.at(deadline, timers::Timer::PinholeTimeout(id));
+        }
     }
 }

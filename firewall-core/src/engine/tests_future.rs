@@ -112,9 +112,10 @@ fn bad_permissions_are_refused_and_leave_nothing_behind() {
         (
             FutureConnectRequest {
                 flags: ConnFlags::NO_KERNEL_MODE,
+                proxy_external: Some(a("10.2.0.1:30000")),
                 ..permit(s, "10.2.0.2:40000")
             },
-            ErrorKind::NotSupported,
+            ErrorKind::InvalidArgument,
         ),
         (
             FutureConnectRequest {
@@ -194,4 +195,64 @@ fn address_based_belongs_to_allow_future_connect_only() {
         ..permit(s, "10.2.0.2:40000")
     };
     e.allow_future_connect(&p).unwrap();
+}
+
+/// User mode: no pinhole; the relay listens at the destination itself
+/// (transparently) for the session's client only and connects out from the
+/// external address; the destination stays the permission's until it ends.
+#[test]
+fn a_user_mode_permission_is_a_relay_listening_at_the_destination() {
+    let (mut e, s) = engine();
+    let dest: Ipv4Addr = SERVER.parse().unwrap();
+    e.take_relay_cmds();
+    let r = e
+        .allow_future_connect(&FutureConnectRequest {
+            flags: ConnFlags::NO_KERNEL_MODE | ConnFlags::TIMEOUT,
+            ..permit(s, "10.2.0.2:40000")
+        })
+        .unwrap();
+    assert_eq!(r.external, SocketAddrV4::new(EXT, 0), "any port of it");
+    assert!(e.maps.pinholes.is_empty(), "no pinhole");
+    assert_eq!(e.objects[&r.id].mode, Mode::User);
+    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 1);
+    let cmds = e.take_relay_cmds();
+    assert!(
+        matches!(&cmds[..], [RelayCmd::Start(j)] if j.owner == r.id
+            && j.target == Some(a("10.2.0.2:40000"))
+            && j.source == SocketAddrV4::new(EXT, 0)
+            && matches!(j.admit, Admit::Client(c) if c == "10.1.0.2".parse::<Ipv4Addr>().unwrap())
+            && !j.multiple),
+        "{}",
+        cmds.len()
+    );
+    // The same destination is taken, in either mode.
+    let other = e.open_session("10.1.0.3".parse().unwrap()).unwrap();
+    assert_eq!(
+        kind(e.allow_future_connect(&permit(other, "10.2.0.2:40000"))),
+        ErrorKind::AddressInUse
+    );
+    // Withdrawn: the relay is told, and the destination is free again.
+    e.cancel(r.id).unwrap();
+    assert!(e
+        .take_relay_cmds()
+        .iter()
+        .any(|c| matches!(c, RelayCmd::Stop { owner, .. } if *owner == r.id)));
+    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 0);
+    e.allow_future_connect(&permit(other, "10.2.0.2:40000"))
+        .unwrap();
+}
+
+/// Kernel mode: a used permission frees its destination at once.
+#[test]
+fn a_used_permission_frees_its_destination() {
+    let (mut e, s) = engine();
+    let dest: Ipv4Addr = SERVER.parse().unwrap();
+    let r = e
+        .allow_future_connect(&permit(s, "10.2.0.2:40000"))
+        .unwrap();
+    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 1);
+    established(&mut e, r.id, "10.1.0.2", 45000);
+    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 0);
+    e.allow_future_connect(&permit(s, "10.2.0.2:40000"))
+        .unwrap();
 }
