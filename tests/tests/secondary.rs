@@ -187,11 +187,20 @@ fn allow_multiple_accepts_each_connection_as_its_own_object() {
         let _ = c.wait();
         assert!(got.ends_with("again\n"), "connection {i}: {got}");
     }
-    let children: Vec<Value> =
-        r.fw.list("connections")
-            .into_iter()
-            .filter(|c| c["parent"] == id)
-            .collect();
+    // The datapath reports establishments every 10 ms: the last one may be
+    // on its way still.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let children: Vec<Value> = loop {
+        let children: Vec<Value> =
+            r.fw.list("connections")
+                .into_iter()
+                .filter(|c| c["parent"] == id)
+                .collect();
+        if children.len() >= 3 || std::time::Instant::now() > deadline {
+            break children;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(children.len(), 3);
     assert!(children.iter().all(|c| c["kind"] == "accepted"));
     thread::sleep(Duration::from_millis(300));
