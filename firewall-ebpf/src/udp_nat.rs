@@ -19,11 +19,11 @@ use aya_ebpf::{
 };
 use firewall_common::{
     map_sizes,
-    wall::{nat_port, NatEndpoint, PublishKey, UdpMapping, NAT_TRIES},
+    wall::{nat_port, NatEndpoint, UdpMapping, NAT_TRIES},
     IPPROTO_UDP,
 };
 
-use crate::wall::{PUBLISHED, WALL_CONF};
+use crate::wall::{self, WALL_CONF};
 
 /// Internal endpoint → its mapping.
 #[btf_map]
@@ -61,10 +61,7 @@ pub fn mapped_port(addr: u32, port: u16, now: u64) -> u32 {
     let start = unsafe { bpf_get_prandom_u32() };
     for attempt in 0..NAT_TRIES {
         let candidate = nat_port(conf.nat_port_lo, conf.nat_port_hi, port, start, attempt);
-        // SAFETY: a presence check; nothing is read.
-        if unsafe { PUBLISHED.get(PublishKey::new(IPPROTO_UDP, conf.nat_addr, candidate)) }
-            .is_some()
-        {
+        if wall::published(IPPROTO_UDP, conf.nat_addr, candidate) {
             continue;
         }
         if UDP_PORT_OWNERS

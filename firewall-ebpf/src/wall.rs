@@ -48,7 +48,7 @@ pub(crate) static WALL_CONF: Array<WallConf, 1> = Array::new();
 
 /// Published servers: external endpoints forwarded to internal servers.
 #[btf_map]
-pub(crate) static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as usize }> =
+static PUBLISHED: HashMap<PublishKey, PublishValue, { map_sizes::PUBLISHED as usize }> =
     HashMap::new();
 
 /// Connections so far per destination slot (`wall::counter_slot`): where
@@ -333,10 +333,7 @@ fn create_flows<H: Hook>(
                 start,
                 attempt,
             );
-            let published = PublishKey::new(k.protocol, conf.nat_addr, candidate);
-            // SAFETY: a presence check; nothing is read.
-            if unsafe { PUBLISHED.get(published) }.is_some() {
-                // A published port is the server's, never a translation's.
+            if published(k.protocol, conf.nat_addr, candidate) {
                 continue;
             }
             if claim_reply(k, conf, candidate, reply) {
@@ -354,6 +351,13 @@ fn create_flows<H: Hook>(
     v.nat_dst_port = k.dst_port;
     v.egress_ifindex = conf.external_ifindex;
     flow::insert(k, v)
+}
+
+/// Whether `addr:port` is a published server's: never a translation's.
+#[inline(always)]
+pub(crate) fn published(protocol: u8, addr: [u8; 4], port: u16) -> bool {
+    // SAFETY: a presence check; nothing is read.
+    unsafe { PUBLISHED.get(PublishKey::new(protocol, addr, port)) }.is_some()
 }
 
 /// Inserts the reply entry of `k` translated to NAT port `port`, unless

@@ -415,7 +415,7 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
         let flows = FlowTable::open(&shared.pins)?;
         let pinholes = PinholeTable::open(&shared.pins)?;
         let stats = Stats::open(&shared.pins)?;
-        let udp_mappings = UdpMappings::open(&shared.pins)?.all()?.len();
+        let udp_mappings = UdpMappings::open(&shared.pins)?.mappings.count()?;
         let config = shared.config();
         let (internal_networks, external_addresses) = Status::config_fields(&config);
         let map = |name: &str, entries: usize, capacity: u32| MapStatus {

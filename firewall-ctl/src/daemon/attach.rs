@@ -20,13 +20,8 @@ pub(super) fn mode(
     if let Some(m) = opts.xdp_mode {
         return m;
     }
-    if let Some(s) = previous {
-        if pins.any_exists()
-            && s.internal_ifindex == internal.index
-            && s.external_ifindex == external.index
-        {
-            return s.xdp_mode;
-        }
+    if let Some(s) = previous.filter(|s| left_here(s, pins, internal, external)) {
+        return s.xdp_mode;
     }
     let kind = |i: &Interface| {
         i.link_kind().unwrap_or_else(|e| {
@@ -37,6 +32,18 @@ pub(super) fn mode(
     let (mode, why) = datapath::choose(kind(internal).as_deref(), kind(external).as_deref());
     log::info!("datapath at {mode:?}: {why} (--xdp-mode names another)");
     mode
+}
+
+/// Whether the datapath the daemon of `s` left pinned is on these interfaces.
+pub(super) fn left_here(
+    s: &State,
+    pins: &PinPaths,
+    internal: &Interface,
+    external: &Interface,
+) -> bool {
+    pins.any_exists()
+        && s.internal_ifindex == internal.index
+        && s.external_ifindex == external.index
 }
 
 pub(super) fn start(

@@ -166,12 +166,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let previous = State::read();
     let mode = attach::mode(&opts, previous.as_ref(), &pins, &internal, &external);
     let adopt = match &previous {
-        Some(s)
-            if pins.any_exists()
-                && s.internal_ifindex == internal.index
-                && s.external_ifindex == external.index
-                && s.xdp_mode == mode =>
-        {
+        Some(s) if attach::left_here(s, &pins, &internal, &external) && s.xdp_mode == mode => {
             log::info!("re-adopting the datapath left by daemon pid {}", s.pid);
             true
         }

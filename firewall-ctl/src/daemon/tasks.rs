@@ -8,9 +8,8 @@ use std::{
 };
 
 use firewall_common::{
-    flow::{FlowKey, FlowValue},
     pinhole::event_kind,
-    wall::UdpMapping,
+    wall::{NatEndpoint, UdpMapping},
 };
 
 use super::Shared;
@@ -56,7 +55,7 @@ pub(super) async fn tick(shared: Arc<Shared>) {
         let started = std::time::Instant::now();
         let result = tick_once(&shared, &flows, &mut scan).await;
         let result = match result {
-            Ok(batch) => sweep_mappings(&shared, &mappings, &mut mapping_scan, batch).await,
+            Ok(seen) => sweep_mappings(&shared, &mappings, &mut mapping_scan, seen).await,
             Err(e) => Err(e),
         };
         let work = &shared.work;
@@ -70,13 +69,15 @@ pub(super) async fn tick(shared: Arc<Shared>) {
     }
 }
 
-/// One tick of the engine's timers; the batch of the flow table it read.
+/// One tick of the engine's timers; what the batch of the flow table it
+/// read says of the UDP mappings' activity (`udp_mappings::refreshes`).
 async fn tick_once(
     shared: &Shared,
     flows: &Arc<FlowTable>,
     scan: &mut Scan,
-) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+) -> anyhow::Result<Refreshes> {
     let now = crate::netif::monotonic_ns();
+    let nat_addr = shared.config().external_addresses[0].octets();
     let keys = shared.engine.call(move |e| e.timers_due(now)).await?;
     let table = flows.clone();
     let mut cursor = std::mem::take(scan);
@@ -103,26 +104,28 @@ async fn tick_once(
     })
     .await?;
     *scan = cursor;
-    let batch = Arc::new(batch?);
-    let read = batch.clone();
+    let batch = batch?;
+    let seen = udp_mappings::refreshes(&batch, nat_addr);
     shared
         .engine
-        .call(move |e| e.timers_apply(now, &readings, &read))
+        .call(move |e| e.timers_apply(now, &readings, &batch))
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone()))
+    Ok(seen)
 }
 
+/// Internal endpoint → (NAT port, last seen) of its flows.
+type Refreshes = std::collections::HashMap<NatEndpoint, (u16, u64)>;
+
 /// The UDP mappings' part of a tick: the flows just read stamp their
-/// mappings, and a batch of the mappings is checked for quiet ones.
+/// mappings (`seen`), and a batch of the mappings is checked for quiet ones.
 async fn sweep_mappings(
     shared: &Shared,
     mappings: &Arc<std::sync::Mutex<UdpMappings>>,
     scan: &mut Scan,
-    flows: Vec<(FlowKey, FlowValue)>,
+    seen: Refreshes,
 ) -> anyhow::Result<()> {
     let config = shared.config();
-    let nat_addr = config.external_addresses[0].octets();
     let t = config.timeouts;
     // A full pass over the flow table (sized by the configuration).
     let lag = TICK * (config.flow_table_size as usize).div_ceil(SCAN_BATCH) as u32;
@@ -132,21 +135,19 @@ async fn sweep_mappings(
     let (ended, cursor) = tokio::task::spawn_blocking(move || {
         let mut maps = maps.lock().unwrap_or_else(|p| p.into_inner());
         let result = (|| {
-            for (ep, seen) in udp_mappings::refreshes(&flows, nat_addr) {
+            for (ep, seen) in seen {
                 if let Some(m) = maps.get(&ep)? {
                     if let Some(t) = udp_mappings::raised(&m, seen) {
-                        maps.stamp(
-                            &ep,
-                            UdpMapping {
-                                last_seen_ns: t,
-                                ..m
-                            },
-                        )?;
+                        let stamped = UdpMapping {
+                            last_seen_ns: t,
+                            ..m
+                        };
+                        maps.mappings.replace(&ep, &stamped)?;
                     }
                 }
             }
             let now = crate::netif::monotonic_ns();
-            let batch = maps.scan(&mut cursor, SCAN_BATCH)?;
+            let batch = maps.mappings.scan(&mut cursor, SCAN_BATCH)?;
             let mut ended = 0u64;
             for (ep, port) in udp_mappings::expired(&batch, now, quiet) {
                 if maps.end(&ep, port)? {

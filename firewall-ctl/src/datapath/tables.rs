@@ -14,6 +14,7 @@ use firewall_common::{
         PinholeValue,
     },
     stats::{Counter, StatValue, COUNTER_SLOTS},
+    wall::{NatEndpoint, UdpMapping},
 };
 
 use super::PinPaths;
@@ -147,6 +148,17 @@ impl TableName for Table<BusyClientKey, BusyClientValue> {
     const NAME: &'static str = map_names::BUSY_CLIENTS;
 }
 
+impl TableValue for UdpMapping {}
+impl TableValue for NatEndpoint {}
+
+impl TableName for Table<NatEndpoint, UdpMapping> {
+    const NAME: &'static str = map_names::UDP_MAPPINGS;
+}
+
+impl TableName for Table<u32, NatEndpoint> {
+    const NAME: &'static str = map_names::UDP_PORT_OWNERS;
+}
+
 impl<K: aya::Pod + std::fmt::Debug, V: TableValue> Table<K, V>
 where
     Self: TableName,
@@ -225,6 +237,22 @@ where
         self.map
             .insert(key, value, 0)
             .with_context(|| format!("inserting {key:?} into {}", Self::NAME))
+    }
+
+    /// Replaces an entry that exists, never creating one (the datapath may
+    /// have removed or replaced it meanwhile). Whether it was there.
+    pub fn replace(&mut self, key: &K, value: &V) -> anyhow::Result<bool> {
+        // "Only if the key exists" (BPF_EXIST in linux/bpf.h).
+        const BPF_EXIST: u64 = 2;
+        match self.map.insert(key, *value, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).with_context(|| format!("replacing {key:?} in {}", Self::NAME)),
+        }
     }
 
     pub fn get(&self, key: &K) -> anyhow::Result<Option<V>> {

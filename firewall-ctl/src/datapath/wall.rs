@@ -2,9 +2,6 @@
 //! interface), the source networks that may open connections, the access
 //! rules and the published servers; and the UDP mappings the datapath makes.
 
-use std::os::fd::{AsFd as _, OwnedFd};
-
-use anyhow::Context as _;
 use aya::maps::{
     lpm_trie::{Key as LpmKey, LpmTrie},
     Array, HashMap, Map, MapData,
@@ -16,8 +13,7 @@ use firewall_common::{
 };
 use ipnet::Ipv4Net;
 
-use super::PinPaths;
-use crate::mapops;
+use super::{PinPaths, Table};
 
 pub struct WallTables {
     conf: Array<MapData, WallConf>,
@@ -139,72 +135,24 @@ impl WallTables {
     }
 }
 
-/// The update flag "only if the key exists" (linux/bpf.h).
-const BPF_EXIST: u64 = 2;
-
 /// The UDP mappings (`UDP_MAPPINGS`) and the NAT ports they own
 /// (`UDP_PORT_OWNERS`): the datapath makes them, the daemon keeps their
 /// stamps current and ends the quiet ones.
 pub struct UdpMappings {
-    mappings: HashMap<MapData, NatEndpoint, UdpMapping>,
-    owners: HashMap<MapData, u32, NatEndpoint>,
-    /// The mappings' fd again, for batched reads.
-    fd: OwnedFd,
+    pub mappings: Table<NatEndpoint, UdpMapping>,
+    owners: Table<u32, NatEndpoint>,
 }
 
 impl UdpMappings {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let data = pins.open_map(map_names::UDP_MAPPINGS)?;
-        let fd = data.fd().as_fd().try_clone_to_owned()?;
-        let owners = pins.open_map(map_names::UDP_PORT_OWNERS)?;
         Ok(Self {
-            mappings: HashMap::try_from(Map::from_map_data(data)?)?,
-            owners: HashMap::try_from(Map::from_map_data(owners)?)?,
-            fd,
+            mappings: Table::open(pins)?,
+            owners: Table::open(pins)?,
         })
     }
 
-    /// Up to `max` mappings from `scan` on.
-    pub fn scan(
-        &self,
-        scan: &mut mapops::Scan,
-        max: usize,
-    ) -> anyhow::Result<Vec<(NatEndpoint, UdpMapping)>> {
-        mapops::lookup_batch(self.fd.as_fd(), scan, max).context("reading UDP_MAPPINGS in batches")
-    }
-
-    /// Every mapping.
-    pub fn all(&self) -> anyhow::Result<Vec<(NatEndpoint, UdpMapping)>> {
-        let mut scan = mapops::Scan::default();
-        let mut out = Vec::new();
-        loop {
-            out.extend(self.scan(&mut scan, 4096)?);
-            if scan.wrapped {
-                return Ok(out);
-            }
-        }
-    }
-
     pub fn get(&self, ep: &NatEndpoint) -> anyhow::Result<Option<UdpMapping>> {
-        match self.mappings.get(ep, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading UDP_MAPPINGS"),
-        }
-    }
-
-    /// Sets a mapping's stamp, if the mapping (still) exists: one the
-    /// datapath made or replaced meanwhile is never recreated.
-    pub fn stamp(&mut self, ep: &NatEndpoint, m: UdpMapping) -> anyhow::Result<()> {
-        match self.mappings.insert(ep, m, BPF_EXIST) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).with_context(|| format!("stamping the UDP mapping of {ep:?}")),
-        }
+        self.mappings.get(ep)
     }
 
     /// Ends the mapping of `ep` to NAT `port` and frees the port (when
@@ -212,22 +160,13 @@ impl UdpMappings {
     /// meanwhile stays. Whether a mapping ended.
     pub fn end(&mut self, ep: &NatEndpoint, port: u16) -> anyhow::Result<bool> {
         let ended = match self.get(ep)? {
-            Some(m) if m.nat_port == port => match self.mappings.remove(ep) {
-                Ok(()) => true,
-                Err(aya::maps::MapError::KeyNotFound) => false,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("ending the UDP mapping of {ep:?}"))
-                }
-            },
+            Some(m) if m.nat_port == port => self.mappings.remove(ep)?,
             _ => false,
         };
         // After the mapping: the datapath then claims the port afresh, never
         // through a mapping whose port is gone.
-        if self.owners.get(&(port as u32), 0).is_ok_and(|o| o == *ep) {
-            match self.owners.remove(&(port as u32)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).with_context(|| format!("freeing NAT port {port}")),
-            }
+        if self.owners.get(&(port as u32))? == Some(*ep) {
+            self.owners.remove(&(port as u32))?;
         }
         Ok(ended)
     }

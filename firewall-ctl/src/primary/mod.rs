@@ -90,9 +90,9 @@ struct HandOver {
 }
 
 /// The control connections being proxied, by their (client, server)
-/// endpoints as the client sees them (the server's as dialled): whether each is a published server's,
-/// which the daemon dials from its internal address (full proxy mode). What
-/// `connection-flags` answers from.
+/// endpoints as the client sees them (the server's as dialled): whether
+/// each is a published server's, which the daemon dials from its internal
+/// address (full proxy mode). What `connection-flags` answers from.
 #[derive(Default)]
 pub struct Controls(Mutex<HashMap<(SocketAddrV4, SocketAddrV4), bool>>);
 
@@ -101,6 +101,16 @@ impl Controls {
     pub fn published(&self, client: SocketAddrV4, server: SocketAddrV4) -> Option<bool> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.get(&(client, server)).copied()
+    }
+}
+
+/// The endpoint a control connection's client dialled, from the local
+/// address of the firewall's client-side socket (a published server's is the
+/// firewall's, not the server's): what `Controls` lists it under.
+fn dialled(local: std::io::Result<SocketAddr>, server: SocketAddrV4) -> SocketAddrV4 {
+    match local {
+        Ok(SocketAddr::V4(a)) => a,
+        _ => server,
     }
 }
 
@@ -172,10 +182,7 @@ impl Proxy {
                     }
                     for h in resumed {
                         let (client, server) = (h.state.client, h.state.server);
-                        let dialled = match h.client.local_addr() {
-                            Ok(SocketAddr::V4(a)) => a,
-                            _ => server,
-                        };
+                        let dialled = dialled(h.client.local_addr(), server);
                         let live = Live::new(&ho, client, dialled, h.state.published);
                         let ctx = ctx.clone();
                         spawn_control(client, server, async move {
@@ -306,12 +313,7 @@ async fn serve(
                 continue;
             }
         };
-        // Listed under the endpoint the client dialled: a published server's
-        // is the firewall's, not the server's.
-        let dialled = match stream.local_addr() {
-            Ok(SocketAddr::V4(a)) => a,
-            _ => server,
-        };
+        let dialled = dialled(stream.local_addr(), server);
         let (ctx, live) = (
             ctx.clone(),
             Live::new(&ho, client, dialled, published.is_some()),
