@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
             }
             let _ = firewall_common::rules::allows(&rules, 6, [10, 1, 0, 2], [192, 0, 2, 1], 80);
             // An FTP server's publishing is never in the kernel's table.
-            assert!(c.published.iter().all(|p| !p.ftp || c.ftp_ports.contains(&p.server.port())));
+            assert!(c
+                .published
+                .iter()
+                .all(|p| !p.ftp || c.ftp_ports.contains(&p.server.port())));
         }
     }
 });

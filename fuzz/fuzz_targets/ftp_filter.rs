@@ -53,6 +53,13 @@ impl Secondaries for Fake {
             }],
         })
     }
+    fn redirect_connections_at(
+        &self,
+        req: &RedirectRequest,
+        _: u16,
+    ) -> Result<RedirectResult, ApiError> {
+        self.redirect_connections(req)
+    }
     fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError> {
         assert_eq!(*req.connects[0].ip(), SERVER, "a redirect to another host");
         let mut r = self.redirects.lock().unwrap();
@@ -168,7 +175,9 @@ fn check_replies(to_client: &[u8], redirects: &[SocketAddrV4]) {
     for line in readings(to_client, false) {
         let t = String::from_utf8_lossy(&line).to_string();
         let Some(code) = t.get(..3) else { continue };
-        if !matches!(code, "227" | "228" | "229") || !matches!(t.as_bytes().get(3), Some(b' ' | b'-')) {
+        if !matches!(code, "227" | "228" | "229")
+            || !matches!(t.as_bytes().get(3), Some(b' ' | b'-'))
+        {
             continue;
         }
         assert_ne!(code, "228", "a 228 reply reached the client: {t:?}");
@@ -212,7 +221,11 @@ fuzz_target!(|data: &[u8]| {
         }
         to_server.extend(out.to_server);
         to_client.extend(out.to_client);
-        assert!(c.buffered() <= 2 * MAX_LINE, "the filter holds {} bytes", c.buffered());
+        assert!(
+            c.buffered() <= 2 * MAX_LINE,
+            "the filter holds {} bytes",
+            c.buffered()
+        );
     }
     check_commands(&to_server, &fake.binds.lock().unwrap());
     check_replies(&to_client, &fake.redirects.lock().unwrap());

@@ -138,6 +138,31 @@ impl<M: Maps> Engine<M> {
         }
     }
 
+    /// Those of `ids` that still wait for their first connection: listening,
+    /// and their kernel pinhole not yet won by a packet (read from the map,
+    /// which is ahead of the establishment events). What a restarting daemon
+    /// asks before handing a control connection's announced openings on.
+    pub fn still_waiting(&self, ids: &[u64]) -> Vec<u64> {
+        ids.iter()
+            .copied()
+            .filter(|id| {
+                let Some(o) = self.objects.get(id) else {
+                    return false;
+                };
+                if o.state != State::Listening {
+                    return false;
+                }
+                match &o.pinhole {
+                    Some(key) => matches!(
+                        self.maps.get_pinhole(key),
+                        Ok(Some(v)) if !timers::pinhole_used(&v)
+                    ),
+                    None => true,
+                }
+            })
+            .collect()
+    }
+
     /// Withdraws a redirect (Cancel). An action that was already used (single
     /// use), cancelled, or timed out answers `terminating`.
     pub fn cancel(&mut self, id: u64) -> Result<(), ApiError> {

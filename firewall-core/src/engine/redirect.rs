@@ -23,6 +23,18 @@ impl<M: Maps> Engine<M> {
         &mut self,
         req: &RedirectRequest,
     ) -> Result<RedirectResult, ApiError> {
+        self.redirect_connections_at(req, None)
+    }
+
+    /// RedirectConnections taken at a given port of the internal address
+    /// (one single-use redirect): how a restarting daemon makes again an
+    /// opening the previous one announced but that was not used yet. Not an
+    /// API member: a caller of the API is given the port, as in ISA Server.
+    pub fn redirect_connections_at(
+        &mut self,
+        req: &RedirectRequest,
+        internal_port: Option<u16>,
+    ) -> Result<RedirectResult, ApiError> {
         let client_ip = self.live_session(req.session)?;
         let n = req.connects.len();
         check_shape("RedirectConnections", "connect", n, req.flags)?;
@@ -57,6 +69,13 @@ impl<M: Maps> Engine<M> {
         if ext.port() != 0 && (n > 1 || f.contains(ConnFlags::ALLOW_MULTIPLE)) {
             return Err(invalid(format!("an explicit proxy external port ({ext}) is allowed only for one single-use redirect")));
         }
+        if let Some(p) = internal_port {
+            if n > 1 || f.contains(ConnFlags::ALLOW_MULTIPLE) {
+                return Err(invalid(format!(
+                    "an explicit internal port ({p}) is allowed only for one single-use redirect"
+                )));
+            }
+        }
         policy::check_protocol(&self.cfg.protocols, &req.protocol_name, client_ip)?;
         let int = match req.internal {
             None => *self.cfg.internal_addrs.first().ok_or_else(|| {
@@ -77,7 +96,7 @@ impl<M: Maps> Engine<M> {
         };
 
         let mut undo = Undo::default();
-        match self.redirect_apply(req, client_ip, int, ext, &mut undo) {
+        match self.redirect_apply(req, client_ip, (int, internal_port), ext, &mut undo) {
             Ok(r) => Ok(r),
             Err(e) => {
                 self.rollback(undo);
@@ -90,7 +109,7 @@ impl<M: Maps> Engine<M> {
         &mut self,
         req: &RedirectRequest,
         client_ip: Ipv4Addr,
-        int: Ipv4Addr,
+        (int, int_port): (Ipv4Addr, Option<u16>),
         ext: SocketAddrV4,
         undo: &mut Undo,
     ) -> Result<RedirectResult, ApiError> {
@@ -104,9 +123,12 @@ impl<M: Maps> Engine<M> {
                 .iter()
                 .any(|c| expected.is_some_and(|e| self.factory_for(e, *c).is_some()));
         let hold = if user { Hold::Socket } else { Hold::Kernel };
-        let int_block = self
-            .ports
-            .reserve_block_held(int, req.protocol, n as u16, hold)?;
+        let int_block = match int_port {
+            Some(p) => vec![self.ports.reserve_exact_held(int, req.protocol, p, hold)?],
+            None => self
+                .ports
+                .reserve_block_held(int, req.protocol, n as u16, hold)?,
+        };
         undo.leases.extend(&int_block);
         let mut snat = Vec::new();
         for _ in 0..if user { 0 } else { n } {

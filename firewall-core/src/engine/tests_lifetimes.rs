@@ -169,3 +169,64 @@ fn ended_objects_are_forgotten_after_a_while() {
     assert_eq!(kind(e.cancel(rid)), ErrorKind::Terminating);
     assert_eq!(kind(e.kill(999_999)), ErrorKind::InvalidArgument);
 }
+
+#[test]
+fn a_redirect_made_again_at_the_port_it_was_announced_at() {
+    let (mut e, s) = engine();
+    let server: Ipv4Addr = "198.51.100.7".parse().unwrap();
+    let req = RedirectRequest {
+        internal: Some(server),
+        ..redirect(s, &["198.51.100.7:6000"])
+    };
+    let r = e.redirect_connections_at(&req, Some(20500)).unwrap();
+    assert_eq!(r.internal_address, SocketAddrV4::new(server, 20500));
+    let k = e.objects[&r.actions[0].id].pinhole.unwrap();
+    assert_eq!((k.addr, k.port), (server.octets(), 20500));
+    // Taken: refused whole, nothing more made.
+    let objects = e.objects.len();
+    assert_eq!(
+        kind(e.redirect_connections_at(&req, Some(20500))),
+        ErrorKind::AddressInUse
+    );
+    // Only one single-use redirect can be given a port.
+    let two = redirect(s, &["198.51.100.7:6000", "198.51.100.7:6001"]);
+    assert_eq!(
+        kind(e.redirect_connections_at(&two, Some(20600))),
+        ErrorKind::InvalidArgument
+    );
+    let multiple = RedirectRequest {
+        flags: ConnFlags::ALLOW_MULTIPLE,
+        ..req.clone()
+    };
+    assert_eq!(
+        kind(e.redirect_connections_at(&multiple, Some(20600))),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(e.objects.len(), objects);
+    assert_eq!(e.maps.pinholes.len(), 1);
+}
+
+#[test]
+fn still_waiting_reads_the_pinholes() {
+    let (mut e, s) = engine();
+    let waiting = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    let won = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5002"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    let used = e
+        .bind_for_client(&bind(s, &["10.1.0.2:5003"]))
+        .unwrap()
+        .connections[0]
+        .id;
+    // A first packet won this pinhole; its event has not arrived yet.
+    let k = e.objects[&won].pinhole.unwrap();
+    e.maps.pinholes.get_mut(&k).unwrap().remaining = 0;
+    established(&mut e, used, "198.51.100.7", 1000);
+    assert_eq!(e.still_waiting(&[waiting, won, used, 999]), vec![waiting]);
+}

@@ -50,6 +50,7 @@ mod syntax;
 
 pub use lines::MAX_LINE;
 use lines::{Lines, Piece, Replies, Reply};
+pub use openings::Opening;
 use syntax::{host_port, parse_eprt, parse_epsv, parse_host_port, parse_pasv, Eprt};
 
 /// The protocol name of FTP's connections (its rule in `[[protocols]]`).
@@ -61,6 +62,13 @@ pub trait Secondaries: Send + Sync {
     fn session(&self, client: Ipv4Addr) -> Result<u64, ApiError>;
     fn bind_for_client(&self, req: &BindRequest) -> Result<BindResult, ApiError>;
     fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError>;
+    /// RedirectConnections taken at `internal_port` of the internal address
+    /// (making again an opening a previous daemon announced).
+    fn redirect_connections_at(
+        &self,
+        req: &RedirectRequest,
+        internal_port: u16,
+    ) -> Result<RedirectResult, ApiError>;
     /// Ends those of `ids` that are still waiting for their connection;
     /// established ones go on.
     fn withdraw_unused(&self, ids: &[u64]);
@@ -136,8 +144,9 @@ pub struct Control {
     replies: Replies,
     /// Dropping a multi-line passive reply (refused at its last line).
     dropping_reply: bool,
-    /// Pinholes made for this control connection.
-    opened: Vec<u64>,
+    /// Data connections opened for this control connection (the unused
+    /// ones end with it).
+    opened: Vec<Opening>,
     /// What it did, for the line logged at its end.
     tally: Tally,
 }
@@ -167,6 +176,24 @@ pub struct ControlState {
     replies: Replies,
     dropping_reply: bool,
     tally: Tally,
+    /// Openings announced but not yet used, to be made again by the next
+    /// daemon (see `ControlState::keep_pending`).
+    #[serde(default)]
+    pending: Vec<Opening>,
+}
+
+impl ControlState {
+    /// The openings handed on with the connection.
+    pub fn pending(&self) -> &[Opening] {
+        &self.pending
+    }
+
+    /// Keeps only the openings `waiting` says no connection has used (asked
+    /// of the engine as late as possible: one used meanwhile would be made
+    /// again for nothing, and expire).
+    pub fn keep_pending(&mut self, waiting: impl Fn(u64) -> bool) {
+        self.pending.retain(|o| waiting(o.id()));
+    }
 }
 
 impl Control {
@@ -182,9 +209,10 @@ impl Control {
 
     /// What the next daemon needs to go on filtering this connection. The
     /// pinholes it made stay the engine's (whatever became a connection
-    /// stays in the kernel; unused ones go with the engine).
+    /// stays in the kernel; unused ones go with the engine, and the next
+    /// daemon makes them again: `ControlState::keep_pending`).
     pub fn hand_over(mut self) -> ControlState {
-        self.opened.clear();
+        let pending = std::mem::take(&mut self.opened);
         ControlState {
             client: self.client,
             server: self.server,
@@ -196,19 +224,21 @@ impl Control {
             replies: std::mem::take(&mut self.replies),
             dropping_reply: self.dropping_reply,
             tally: self.tally,
+            pending,
         }
     }
 
     /// Goes on filtering a connection a previous daemon handed over, in a
     /// session of this daemon's engine (not counted again as a new control
-    /// connection).
+    /// connection), with the openings it announced that were not used yet
+    /// made again where they were announced.
     pub fn resume(
         api: Arc<dyn Secondaries>,
         stats: Arc<FtpStats>,
         state: ControlState,
     ) -> Result<Self, ApiError> {
         let session = api.session(*session_host(state.published, &state.client, &state.server))?;
-        Ok(Self {
+        let mut c = Self {
             api,
             stats,
             session,
@@ -223,7 +253,9 @@ impl Control {
             dropping_reply: state.dropping_reply,
             opened: Vec::new(),
             tally: state.tally,
-        })
+        };
+        c.reopen(state.pending);
+        Ok(c)
     }
 
     pub fn new(
@@ -324,8 +356,8 @@ impl Control {
     /// The control connection ended: its pinholes that were not used go.
     pub fn finish(&mut self) {
         if !self.opened.is_empty() {
-            self.api.withdraw_unused(&self.opened);
-            self.opened.clear();
+            let ids: Vec<u64> = self.opened.drain(..).map(|o| o.id()).collect();
+            self.api.withdraw_unused(&ids);
         }
     }
 
@@ -437,9 +469,9 @@ impl Control {
     /// A data connection was opened. One at a time per control connection
     /// (RFC 959): a new PORT or passive reply makes the unused earlier
     /// pinholes void.
-    fn track_opening(&mut self, id: u64) {
+    fn track_opening(&mut self, opening: Opening) {
         self.finish();
-        self.opened.push(id);
+        self.opened.push(opening);
     }
 
     /// PORT/EPRT: the server will connect to the client at `a`.

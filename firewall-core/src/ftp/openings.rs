@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering::Relaxed;
 
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 
 use super::{host_port, Control, Output, PROTOCOL};
 use crate::{
@@ -27,14 +28,19 @@ impl Control {
     /// PORT/EPRT naming the client's own data endpoint `a` (checked): the
     /// command goes on naming where the server is to connect instead.
     pub(super) fn open_active(&mut self, verb: &str, a: SocketAddrV4, out: &mut Output) {
-        let opened = if self.published {
-            self.redirect(a, None)
+        let call = if self.published {
+            Call::Redirect { a, internal: None }
         } else {
-            self.bind(a, self.server, ConnFlags::empty())
+            Call::Bind {
+                a,
+                peer: *self.server.ip(),
+                flags: ConnFlags::empty(),
+            }
         };
-        match opened {
-            Ok((id, to)) => {
-                self.track_opening(id);
+        match self.open(call, None) {
+            Ok(opening) => {
+                let to = opening.at;
+                self.track_opening(opening);
                 self.stats.active_opened.fetch_add(1, Relaxed);
                 self.tally.active += 1;
                 log::debug!(
@@ -57,18 +63,26 @@ impl Control {
     /// reply goes on naming where the client is to connect instead (229:
     /// its port only).
     pub(super) fn open_passive(&mut self, extended: bool, a: SocketAddrV4, out: &mut Output) {
-        let opened = if self.published {
-            self.bind(a, self.client, ConnFlags::PROXY_MODE)
+        let call = if self.published {
+            Call::Bind {
+                a,
+                peer: *self.client.ip(),
+                flags: ConnFlags::PROXY_MODE,
+            }
         } else {
             // The client believes it talks to the server: the firewall
             // answers at the server's address. EPSV names no address, and
             // curl ignores 227's by default (--ftp-skip-pasv-ip), so any
             // other address would not be dialled.
-            self.redirect(a, Some(*self.server.ip()))
+            Call::Redirect {
+                a,
+                internal: Some(*self.server.ip()),
+            }
         };
-        match opened {
-            Ok((id, to)) => {
-                self.track_opening(id);
+        match self.open(call, None) {
+            Ok(opening) => {
+                let to = opening.at;
+                self.track_opening(opening);
                 self.stats.passive_opened.fetch_add(1, Relaxed);
                 self.tally.passive += 1;
                 log::debug!(
@@ -87,24 +101,75 @@ impl Control {
         }
     }
 
-    /// BindForClient: `a` (inside) takes one connection from `peer`'s
-    /// address, at a port of the external address; its id and that address.
+    /// Makes the call; `at`: where the opening must be taken (one a previous
+    /// daemon announced), else anywhere the engine chooses.
+    fn open(&self, call: Call, at: Option<SocketAddrV4>) -> Result<Opening, ApiError> {
+        let (id, to) = match call {
+            Call::Bind { a, peer, flags } => self.bind(a, peer, flags, at)?,
+            Call::Redirect { a, internal } => self.redirect(a, internal, at)?,
+        };
+        if at.is_some_and(|at| at != to) {
+            // Not where it was announced: no use to the client.
+            self.api.withdraw_unused(&[id]);
+            return Err(ApiError::new(
+                crate::error::ErrorKind::AddressNotAvailable,
+                format!("made at {to}, not where it was announced"),
+            ));
+        }
+        Ok(Opening { id, call, at: to })
+    }
+
+    /// Makes again, in this daemon's engine, the openings a previous daemon
+    /// announced that no connection had used yet; each goes back to where it
+    /// was announced (the client or server was told that address). One that
+    /// cannot be made is logged and counted as a failed call: the peer's
+    /// connection will fail as it would have without the hand-over.
+    pub(super) fn reopen(&mut self, pending: Vec<Opening>) {
+        for p in pending {
+            match self.open(p.call, Some(p.at)) {
+                Ok(o) => {
+                    log::debug!(
+                        "ftp {} → {}: the opening at {} made again",
+                        self.client,
+                        self.server,
+                        o.at
+                    );
+                    self.opened.push(o);
+                }
+                Err(e) => {
+                    self.tally.failed += 1;
+                    self.stats.failed_calls.fetch_add(1, Relaxed);
+                    log::warn!(
+                        "ftp {} → {}: the opening at {} announced before the restart is lost: {e}",
+                        self.client,
+                        self.server,
+                        p.at
+                    );
+                }
+            }
+        }
+    }
+
+    /// BindForClient: `a` (inside) takes one connection from `peer`, at a
+    /// port of the external address (`at`: that one); its id and that
+    /// address.
     fn bind(
         &self,
         a: SocketAddrV4,
-        peer: SocketAddrV4,
+        peer: Ipv4Addr,
         flags: ConnFlags,
+        at: Option<SocketAddrV4>,
     ) -> Result<(u64, SocketAddrV4), ApiError> {
         let req = BindRequest {
             session: self.session,
             clients: vec![a],
-            proxy: Some(SocketAddrV4::new(self.external, 0)),
+            proxy: Some(at.unwrap_or(SocketAddrV4::new(self.external, 0))),
             protocol: Transport::Tcp,
             flags: ConnFlags::TIMEOUT | flags | self.extra_flags,
             backlog: Some(1),
             protocol_name: PROTOCOL.into(),
             ip_filter: Some(IpFilter {
-                include: vec![Ipv4Net::from(*peer.ip())],
+                include: vec![Ipv4Net::from(peer)],
                 exclude: Vec::new(),
             }),
             notify: false,
@@ -116,24 +181,29 @@ impl Control {
 
     /// RedirectConnections: the inside host's connection to `a` (outside)
     /// goes through `internal` (none: the firewall's internal address) and
-    /// leaves from the external address; its id and the address to dial.
+    /// leaves from the external address; its id and the address to dial
+    /// (`at`: that one).
     fn redirect(
         &self,
         a: SocketAddrV4,
         internal: Option<Ipv4Addr>,
+        at: Option<SocketAddrV4>,
     ) -> Result<(u64, SocketAddrV4), ApiError> {
         let req = RedirectRequest {
             session: self.session,
             connects: vec![a],
             proxy_external: Some(SocketAddrV4::new(self.external, 0)),
-            internal,
+            internal: at.map(|at| *at.ip()).or(internal),
             protocol: Transport::Tcp,
             flags: ConnFlags::TIMEOUT | self.extra_flags,
             protocol_name: PROTOCOL.into(),
             notify: false,
             context: None,
         };
-        let r = self.api.redirect_connections(&req)?;
+        let r = match at {
+            Some(at) => self.api.redirect_connections_at(&req, at.port())?,
+            None => self.api.redirect_connections(&req)?,
+        };
         Ok((r.actions[0].id, r.internal_address))
     }
 
@@ -148,4 +218,38 @@ impl Control {
         let reply = format!("425 Can't open {what}: {}.\r\n", e.message);
         out.to_client.extend_from_slice(reply.as_bytes());
     }
+}
+
+/// A data connection the filter opened and announced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opening {
+    /// The engine's id: meaningful only in the daemon that made it.
+    #[serde(skip)]
+    pub(super) id: u64,
+    call: Call,
+    /// Where the firewall takes the connection (what was announced).
+    at: SocketAddrV4,
+}
+
+impl Opening {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// The call that made an opening, to make it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "call")]
+enum Call {
+    /// BindForClient for `a` (inside), one connection from `peer`.
+    Bind {
+        a: SocketAddrV4,
+        peer: Ipv4Addr,
+        flags: ConnFlags,
+    },
+    /// RedirectConnections to `a` (outside), through `internal`.
+    Redirect {
+        a: SocketAddrV4,
+        internal: Option<Ipv4Addr>,
+    },
 }

@@ -18,6 +18,8 @@ pub(super) struct Fake {
     pub(super) sessions: Mutex<Vec<Ipv4Addr>>,
     pub(super) binds: Mutex<Vec<BindRequest>>,
     pub(super) redirects: Mutex<Vec<RedirectRequest>>,
+    /// The internal ports asked of `redirect_connections_at`.
+    redirects_at: Mutex<Vec<u16>>,
     withdrawn: Mutex<Vec<u64>>,
     fail: Mutex<bool>,
 }
@@ -33,7 +35,10 @@ impl Secondaries for Fake {
         }
         let mut binds = self.binds.lock().unwrap();
         binds.push(req.clone());
-        let external = SocketAddrV4::new(EXT, 40000 + binds.len() as u16);
+        let external = match req.proxy {
+            Some(p) if p.port() != 0 => p,
+            _ => SocketAddrV4::new(EXT, 40000 + binds.len() as u16),
+        };
         Ok(BindResult {
             proxy_address: external,
             connections: vec![BoundConnection {
@@ -44,10 +49,30 @@ impl Secondaries for Fake {
         })
     }
     fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError> {
+        let port = 50001 + self.redirects.lock().unwrap().len() as u16;
+        self.redirect_at(req, port)
+    }
+    fn redirect_connections_at(
+        &self,
+        req: &RedirectRequest,
+        internal_port: u16,
+    ) -> Result<RedirectResult, ApiError> {
+        self.redirects_at.lock().unwrap().push(internal_port);
+        self.redirect_at(req, internal_port)
+    }
+    fn withdraw_unused(&self, ids: &[u64]) {
+        self.withdrawn.lock().unwrap().extend_from_slice(ids);
+    }
+}
+
+impl Fake {
+    fn redirect_at(&self, req: &RedirectRequest, port: u16) -> Result<RedirectResult, ApiError> {
+        if *self.fail.lock().unwrap() {
+            return Err(ApiError::new(ErrorKind::Exhausted, "no free port"));
+        }
         let mut redirects = self.redirects.lock().unwrap();
         redirects.push(req.clone());
-        let internal =
-            SocketAddrV4::new(req.internal.unwrap_or(INT), 50000 + redirects.len() as u16);
+        let internal = SocketAddrV4::new(req.internal.unwrap_or(INT), port);
         Ok(RedirectResult {
             internal_address: internal,
             actions: vec![RedirectAction {
@@ -56,9 +81,6 @@ impl Secondaries for Fake {
                 connect: req.connects[0],
             }],
         })
-    }
-    fn withdraw_unused(&self, ids: &[u64]) {
-        self.withdrawn.lock().unwrap().extend_from_slice(ids);
     }
 }
 
@@ -432,4 +454,69 @@ fn a_handed_over_connection_reads_on_where_it_stopped() {
         want.to_client,
         "the reply reads the same across the hand-over"
     );
+}
+
+/// A hand-over through JSON, as the daemon stores it, keeping the openings
+/// the engine says are `waiting`.
+fn handed(c: Control, waiting: impl Fn(u64) -> bool) -> ControlState {
+    let mut state = c.hand_over();
+    state.keep_pending(waiting);
+    let json = serde_json::to_string(&state).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+#[test]
+fn an_unused_opening_is_made_again_where_it_was_announced() {
+    // Active: the server was told 10.2.0.1:40001.
+    let (mut c, fake, stats) = control();
+    let out = from_client(&mut c, b"PORT 10,1,0,2,19,137\r\n");
+    assert_eq!(text(&out.to_server), "PORT 10,2,0,1,156,65\r\n");
+    let state = handed(c, |_| true);
+    assert_eq!(state.pending().len(), 1);
+    let next = Control::resume(fake.clone(), stats.clone(), state).unwrap();
+    let binds = fake.binds.lock().unwrap();
+    assert_eq!(binds.len(), 2);
+    assert_eq!(binds[1].proxy, Some("10.2.0.1:40001".parse().unwrap()));
+    assert_eq!(binds[1].clients, binds[0].clients);
+    assert_eq!(binds[1].ip_filter, binds[0].ip_filter);
+    assert_eq!(binds[1].flags, binds[0].flags);
+    assert_eq!(stats.view().active_opened, 1, "not counted twice");
+    drop(binds);
+    // It ends with the control connection, as the first one would have.
+    drop(next);
+    assert_eq!(*fake.withdrawn.lock().unwrap(), vec![102]);
+
+    // Passive: the client was told the server's address, port 50001.
+    let (mut c, fake, _) = control();
+    let out = from_server(&mut c, b"229 Entering Extended Passive Mode (|||6000|)\r\n");
+    assert!(text(&out.to_client).contains("(|||50001|)"));
+    let state = handed(c, |_| true);
+    let _next = Control::resume(fake.clone(), Arc::new(FtpStats::default()), state).unwrap();
+    assert_eq!(*fake.redirects_at.lock().unwrap(), vec![50001]);
+    let r = fake.redirects.lock().unwrap();
+    assert_eq!(r[1].internal, Some("10.2.0.2".parse().unwrap()));
+    assert_eq!(r[1].connects, r[0].connects);
+}
+
+#[test]
+fn only_openings_still_waiting_are_made_again() {
+    let (mut c, fake, stats) = control();
+    from_client(&mut c, b"PORT 10,1,0,2,19,137\r\n");
+    // The engine says a connection used it before the hand-over.
+    let state = handed(c, |id| id != 101);
+    assert!(state.pending().is_empty());
+    Control::resume(fake.clone(), stats.clone(), state).unwrap();
+    assert_eq!(fake.binds.lock().unwrap().len(), 1, "nothing made again");
+
+    // One that cannot be made again is counted as a failed call; the
+    // connection goes on.
+    let (mut c, fake, stats) = control();
+    from_server(&mut c, b"227 Entering Passive Mode (10,2,0,2,23,112).\r\n");
+    let state = handed(c, |_| true);
+    *fake.fail.lock().unwrap() = true;
+    let mut next = Control::resume(fake.clone(), stats.clone(), state).unwrap();
+    assert_eq!(stats.view().failed_calls, 1);
+    *fake.fail.lock().unwrap() = false;
+    let out = from_client(&mut next, b"NOOP\r\n");
+    assert_eq!(text(&out.to_server), "NOOP\r\n");
 }

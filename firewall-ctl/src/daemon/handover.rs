@@ -17,7 +17,7 @@ use std::{
 use sd_notify::NotifyState;
 use serde::{Deserialize, Serialize};
 
-use crate::{ftp::ControlState, primary::Handed};
+use crate::{datapath::KernelMaps, engine_owner::EngineHandle, ftp::ControlState, primary::Handed};
 
 /// The memfd with the filter states.
 const STATES: &str = "ftp-states";
@@ -43,6 +43,37 @@ pub(super) fn client_sockets(handed: &[Handed]) -> Vec<(SocketAddrV4, SocketAddr
         .iter()
         .map(|h| (h.state.server, h.state.client))
         .collect()
+}
+
+/// Keeps, of the openings each connection announced, those no connection
+/// has used yet: the next daemon makes them again where they were announced.
+/// Asked once all connections stopped, so that as few as possible are used
+/// between this answer and the next daemon's start (one that is made again
+/// for nothing expires with its timeout).
+pub(super) async fn keep_pending(handed: &mut [Handed], engine: &EngineHandle<KernelMaps>) {
+    let ids: Vec<u64> = handed
+        .iter()
+        .flat_map(|h| h.state.pending().iter().map(|o| o.id()))
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let waiting = match engine.call(move |e| e.still_waiting(&ids)).await {
+        Ok(w) => w,
+        Err(e) => {
+            log::warn!("the announced data connections are not handed over ({e}): they fail");
+            Vec::new()
+        }
+    };
+    for h in handed.iter_mut() {
+        h.state.keep_pending(|id| waiting.contains(&id));
+    }
+    if !waiting.is_empty() {
+        log::info!(
+            "{} announced data connections not yet opened handed over",
+            waiting.len()
+        );
+    }
 }
 
 fn store_fd(name: &str, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {

@@ -366,7 +366,8 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let mut kept_sockets = Vec::new();
     if let Some(p) = interception_task {
         if keep && notify::enabled() {
-            let handed = p.hand_over();
+            let mut handed = p.hand_over();
+            handover::keep_pending(&mut handed, &engine).await;
             kept_sockets = handover::client_sockets(&handed);
             match handover::store(handed) {
                 Ok(0) => {}
@@ -545,6 +546,16 @@ impl Secondaries for FtpCalls {
         let req = req.clone();
         self.engine
             .call_blocking(move |e| e.redirect_connections(&req))?
+    }
+
+    fn redirect_connections_at(
+        &self,
+        req: &RedirectRequest,
+        internal_port: u16,
+    ) -> Result<RedirectResult, ApiError> {
+        let req = req.clone();
+        self.engine
+            .call_blocking(move |e| e.redirect_connections_at(&req, Some(internal_port)))?
     }
 
     fn withdraw_unused(&self, ids: &[u64]) {
