@@ -1,6 +1,7 @@
 //! A restart that clients do not notice: FTP downloads in progress (kernel
 //! mode, passive and active) while the daemon restarts as systemd restarts
-//! it. The test plays systemd's part of the protocol — the notification
+//! it, and data connections announced before the restart (227, 200 for a
+//! PORT) but opened only after it. The test plays systemd's part of the protocol — the notification
 //! socket, the file-descriptor store (`FDSTORE=1` with SCM_RIGHTS), and the
 //! stored descriptors passed to the next daemon (`LISTEN_FDS`,
 //! `LISTEN_FDNAMES`, `LISTEN_PID`) — so it runs where systemd is not PID 1.
@@ -82,6 +83,45 @@ fn start_daemon(ns: &Ns, sm: &ServiceManager, log: &PathBuf) -> Child {
     child
 }
 
+/// An FTP client (Python's ftplib) that has a data connection announced
+/// (`passive`: PASV, else PORT), says so by creating `marker`, and opens it
+/// only once `go` exists: RETR `file` into `out`.
+const ANNOUNCED_THEN_OPENED: &str = r#"
+import ftplib, os, socket, sys, time
+mode, server, client, file, marker, go, out = sys.argv[1:]
+f = ftplib.FTP(server, timeout=30)
+f.login()
+f.voidcmd("TYPE I")
+if mode == "passive":
+    host, port = f.makepasv()
+else:
+    listener = socket.create_server((client, 0))
+    listener.settimeout(30)
+    f.sendport(client, listener.getsockname()[1])
+open(marker, "w").close()
+deadline = time.time() + 60
+while not os.path.exists(go):
+    if time.time() > deadline:
+        sys.exit("never told to go on")
+    time.sleep(0.05)
+if mode == "passive":
+    data = socket.create_connection((host, port), timeout=30)
+    f.sendcmd("RETR " + file)
+else:
+    f.sendcmd("RETR " + file)
+    data, _ = listener.accept()
+got = bytearray()
+while True:
+    b = data.recv(65536)
+    if not b:
+        break
+    got += b
+data.close()
+f.voidresp()
+f.quit()
+open(out, "wb").write(got)
+"#;
+
 struct Daemon(Option<Child>);
 
 impl Drop for Daemon {
@@ -140,6 +180,32 @@ fn ftp_clients_do_not_notice_a_restart() {
         .iter()
         .map(|(name, script, _)| (*name, Peer::new(lab.client.spawn(script).unwrap())))
         .collect();
+    // Two more: a data connection announced before the restart and opened
+    // after it, passive and active.
+    let script = std::env::temp_dir().join(format!("{}-announced.py", lab.prefix));
+    std::fs::write(&script, ANNOUNCED_THEN_OPENED).unwrap();
+    let go = dest("go");
+    let announced = ["announced-passive", "announced-active"];
+    for (name, mode) in announced.iter().zip(["passive", "active"]) {
+        let cmd = format!(
+            "exec python3 {} {mode} {} {} small.bin {} {} {}",
+            script.display(),
+            addr::SERVER,
+            addr::CLIENT,
+            dest(&format!("{name}.marker")).display(),
+            go.display(),
+            dest(name).display()
+        );
+        running.push((name, Peer::new(lab.client.spawn(&cmd).unwrap())));
+    }
+    for n in announced {
+        let marker = dest(&format!("{n}.marker"));
+        assert!(
+            eventually(10, || marker.exists()),
+            "{n}: no data connection announced"
+        );
+        let _ = std::fs::remove_file(marker);
+    }
     for n in ["passive", "active", "lftp-big"] {
         assert!(
             eventually(10, || dest(n)
@@ -177,16 +243,21 @@ fn ftp_clients_do_not_notice_a_restart() {
             .iter()
             .filter(|n| n.starts_with("ftp-client-"))
             .count(),
-        3,
-        "three control connections stored: {stored:?}"
+        5,
+        "five control connections stored: {stored:?}"
     );
     daemon.0 = Some(start_daemon(&lab.fw, &sm, &log));
     sm.until("READY=1", 30, &log);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.contains("3 FTP control connections taken over from the previous daemon"),
+        text.contains("5 FTP control connections taken over from the previous daemon"),
         "{text}"
     );
+    assert!(
+        text.contains("2 announced data connections not yet opened handed over"),
+        "{text}"
+    );
+    std::fs::write(&go, b"").unwrap();
 
     for (name, mut peer) in running.drain(..) {
         let status = peer.wait().unwrap();
@@ -202,6 +273,12 @@ fn ftp_clients_do_not_notice_a_restart() {
             let _ = std::fs::remove_file(dest(n));
         }
     }
+    for n in announced {
+        assert_eq!(sha256(&dest(n)), sha256(&small), "{n}");
+        let _ = std::fs::remove_file(dest(n));
+    }
+    let _ = std::fs::remove_file(go);
+    let _ = std::fs::remove_file(script);
     // The new daemon took them out of the store.
     assert!(
         sm.store.iter().all(|(n, _)| !n.starts_with("ftp-")),
