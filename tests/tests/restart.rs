@@ -98,7 +98,7 @@ else:
     listener = socket.create_server((client, 0))
     listener.settimeout(30)
     f.sendport(client, listener.getsockname()[1])
-open(marker, "w").close()
+open(marker, "w").write("%s:%d" % f.sock.getsockname())
 deadline = time.time() + 60
 while not os.path.exists(go):
     if time.time() > deadline:
@@ -121,6 +121,25 @@ f.voidresp()
 f.quit()
 open(out, "wb").write(got)
 "#;
+
+/// What `connection-flags` says of the control connection from `client` to
+/// the FTP server.
+fn primary_kind(client: &str) -> String {
+    let out = std::process::Command::new(ctl_binary())
+        .args([
+            "-j",
+            "connection-flags",
+            "--protocol",
+            "tcp",
+            "--client",
+            client,
+        ])
+        .args(["--server", &format!("{}:21", addr::SERVER)])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["kind"].as_str().unwrap_or("none").to_string()
+}
 
 struct Daemon(Option<Child>);
 
@@ -198,13 +217,20 @@ fn ftp_clients_do_not_notice_a_restart() {
         );
         running.push((name, Peer::new(lab.client.spawn(&cmd).unwrap())));
     }
+    // The control connections' client endpoints.
+    let mut controls = Vec::new();
     for n in announced {
         let marker = dest(&format!("{n}.marker"));
         assert!(
-            eventually(10, || marker.exists()),
+            eventually(10, || std::fs::read_to_string(&marker)
+                .is_ok_and(|t| t.contains(':'))),
             "{n}: no data connection announced"
         );
+        controls.push(std::fs::read_to_string(&marker).unwrap());
         let _ = std::fs::remove_file(marker);
+    }
+    for c in &controls {
+        assert_eq!(primary_kind(c), "intercepted", "{c}");
     }
     for n in ["passive", "active", "lftp-big"] {
         assert!(
@@ -257,6 +283,10 @@ fn ftp_clients_do_not_notice_a_restart() {
         text.contains("2 announced data connections not yet opened handed over"),
         "{text}"
     );
+    // GetConnectionFlags knows them in the new daemon too.
+    for c in &controls {
+        assert_eq!(primary_kind(c), "intercepted", "{c}");
+    }
     std::fs::write(&go, b"").unwrap();
 
     for (name, mut peer) in running.drain(..) {
