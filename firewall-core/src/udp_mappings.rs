@@ -7,7 +7,9 @@
 //! daemon carries the flows' stamps over to their mapping as its sweeper
 //! reads the flow table (`refreshes`), and ends a mapping once it has been
 //! quiet for the mapping timeout (`expired`): both directions count, as the
-//! flows' own timeout counts them.
+//! flows' own timeout counts them. A port whose owner no mapping names (a
+//! daemon stopped between ending a mapping and freeing its port) is freed
+//! once it and its flows have been quiet as long (`Orphans`).
 
 use std::{collections::HashMap, time::Duration};
 
@@ -17,14 +19,14 @@ use firewall_common::{
     IPPROTO_UDP,
 };
 
-/// The latest activity of each mapping's flows in `batch`: internal
-/// endpoint → (NAT port, last seen). `nat_addr` is the address primary
-/// connections are translated to.
-pub fn refreshes(
-    batch: &[(FlowKey, FlowValue)],
-    nat_addr: [u8; 4],
-) -> HashMap<NatEndpoint, (u16, u64)> {
-    let mut out: HashMap<NatEndpoint, (u16, u64)> = HashMap::new();
+/// The latest activity of UDP primary flows, by the internal endpoint and
+/// the NAT port they were translated to.
+pub type Activity = HashMap<(NatEndpoint, u16), u64>;
+
+/// The latest activity of the flows in `batch` (`Activity`). `nat_addr` is
+/// the address primary connections are translated to.
+pub fn refreshes(batch: &[(FlowKey, FlowValue)], nat_addr: [u8; 4]) -> Activity {
+    let mut out = Activity::new();
     for (k, v) in batch {
         if k.protocol != IPPROTO_UDP || v.kind != flow_kind::PRIMARY {
             continue;
@@ -38,19 +40,17 @@ pub fn refreshes(
         } else {
             continue;
         };
-        let seen = out.entry(ep).or_insert((port, 0));
-        if seen.0 == port {
-            seen.1 = seen.1.max(v.last_seen_ns);
-        }
+        let seen = out.entry((ep, port)).or_insert(0);
+        *seen = (*seen).max(v.last_seen_ns);
     }
     out
 }
 
-/// The stamp `m` should carry given its flows' latest activity `seen`
-/// (`refreshes`), if that is newer and the flows are the mapping's own
-/// (same port); None: nothing to write.
-pub fn raised(m: &UdpMapping, seen: (u16, u64)) -> Option<u64> {
-    (seen.0 == m.nat_port && seen.1 > m.last_seen_ns).then_some(seen.1)
+/// The stamp `m` should carry given the latest activity `seen` of flows
+/// translated to `port` (`refreshes`), if that is newer and the flows are
+/// the mapping's own (same port); None: nothing to write.
+pub fn raised(m: &UdpMapping, port: u16, seen: u64) -> Option<u64> {
+    (port == m.nat_port && seen > m.last_seen_ns).then_some(seen)
 }
 
 /// How long a mapping must be quiet before it ends at `now_ns`. The
@@ -73,6 +73,75 @@ pub fn expired(
         .filter(|(_, m)| now_ns.saturating_sub(m.last_seen_ns) >= quiet)
         .map(|(ep, m)| (*ep, m.nat_port))
         .collect()
+}
+
+/// NAT ports whose owner (`UDP_PORT_OWNERS`) no mapping names, watched
+/// until they may be freed: since first seen so, or since their flows were
+/// last active, whichever is later, for the mapping's quiet time. Fed a
+/// batch of the owners table at a time, as the sweeper reads it.
+#[derive(Debug, Default)]
+pub struct Orphans {
+    /// (port, owner) → (quiet since, the pass of the owners table it was
+    /// last seen in).
+    watched: HashMap<(u16, NatEndpoint), (u64, u64)>,
+    pass: u64,
+}
+
+impl Orphans {
+    /// Flows still translated to a watched port keep it.
+    pub fn touch(&mut self, seen: &Activity) {
+        for ((ep, port), t) in seen {
+            if let Some(w) = self.watched.get_mut(&(*port, *ep)) {
+                w.0 = w.0.max(*t);
+            }
+        }
+    }
+
+    /// A batch of the owners table: each port, its owner, and the port the
+    /// owner's mapping names now (None: it has none). The orphans quiet for
+    /// `quiet` at `now`: to be freed (if they still are orphans then).
+    pub fn batch(
+        &mut self,
+        owners: &[(u16, NatEndpoint, Option<u16>)],
+        now: u64,
+        quiet: Duration,
+    ) -> Vec<(u16, NatEndpoint)> {
+        let quiet = quiet.as_nanos() as u64;
+        let mut free = Vec::new();
+        for &(port, ep, mapped) in owners {
+            if mapped == Some(port) {
+                self.watched.remove(&(port, ep));
+                continue;
+            }
+            let w = self.watched.entry((port, ep)).or_insert((now, self.pass));
+            w.1 = self.pass;
+            if now.saturating_sub(w.0) >= quiet {
+                free.push((port, ep));
+            }
+        }
+        free
+    }
+
+    /// The owners table was read to its end: those not seen in this pass
+    /// are gone (freed, or their mapping ended).
+    pub fn pass_done(&mut self) {
+        let pass = self.pass;
+        self.watched.retain(|_, w| w.1 == pass);
+        self.pass += 1;
+    }
+
+    /// A port was freed.
+    pub fn freed(&mut self, port: u16, ep: NatEndpoint) {
+        self.watched.remove(&(port, ep));
+    }
+
+    pub fn len(&self) -> usize {
+        self.watched.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watched.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -107,10 +176,16 @@ mod tests {
         batch.extend(pair(3478, 7000, 40 * SEC, 5 * SEC));
         let r = refreshes(&batch, NAT);
         assert_eq!(r.len(), 1);
-        assert_eq!(r[&NatEndpoint::new(IN, 5000)], (7000, 40 * SEC));
+        assert_eq!(r[&(NatEndpoint::new(IN, 5000), 7000)], 40 * SEC);
         // Only the inbound entry of a pair in this batch still counts.
         let r = refreshes(&batch[1..2], NAT);
-        assert_eq!(r[&NatEndpoint::new(IN, 5000)], (7000, 12 * SEC));
+        assert_eq!(r[&(NatEndpoint::new(IN, 5000), 7000)], 12 * SEC);
+        // Flows of one endpoint on two ports (two CPUs mapped it at once)
+        // are told apart.
+        batch.extend(pair(123, 7005, 50 * SEC, 0));
+        let r = refreshes(&batch, NAT);
+        assert_eq!(r[&(NatEndpoint::new(IN, 5000), 7000)], 40 * SEC);
+        assert_eq!(r[&(NatEndpoint::new(IN, 5000), 7005)], 50 * SEC);
     }
 
     #[test]
@@ -134,9 +209,9 @@ mod tests {
             last_seen_ns: SEC,
             ..Default::default()
         };
-        assert_eq!(raised(&m, (7000, 9 * SEC)), None);
-        assert_eq!(raised(&m, (7002, 9 * SEC)), Some(9 * SEC));
-        assert_eq!(raised(&m, (7002, SEC)), None, "not newer");
+        assert_eq!(raised(&m, 7000, 9 * SEC), None);
+        assert_eq!(raised(&m, 7002, 9 * SEC), Some(9 * SEC));
+        assert_eq!(raised(&m, 7002, SEC), None, "not newer");
     }
 
     #[test]
@@ -174,5 +249,52 @@ mod tests {
         );
         // A stamp from the future (a clock read before it) is not expired.
         assert!(expired(&[m(7000, now + SEC)], now, quiet).is_empty());
+    }
+
+    #[test]
+    fn an_orphaned_port_is_freed_once_it_and_its_flows_are_quiet() {
+        let ep = NatEndpoint::new(IN, 5000);
+        let other = NatEndpoint::new(IN, 5001);
+        let quiet = Duration::from_secs(300);
+        let mut o = Orphans::default();
+        // 7000 is its mapping's; 7001's owner has no mapping; 7002's owner
+        // is mapped to another port.
+        let owners = [
+            (7000, ep, Some(7000)),
+            (7001, other, None),
+            (7002, ep, Some(7000)),
+        ];
+        let t0 = 1000 * SEC;
+        assert!(o.batch(&owners, t0, quiet).is_empty(), "first seen now");
+        assert_eq!(o.len(), 2);
+        // A flow still translated to 7002 keeps it.
+        o.touch(&Activity::from([((ep, 7002), t0 + 100 * SEC)]));
+        assert_eq!(o.batch(&owners, t0 + 300 * SEC, quiet), vec![(7001, other)]);
+        o.freed(7001, other);
+        assert_eq!(o.batch(&owners[2..], t0 + 399 * SEC, quiet), vec![]);
+        assert_eq!(
+            o.batch(&owners[2..], t0 + 400 * SEC, quiet),
+            vec![(7002, ep)]
+        );
+        // Mapped again meanwhile: no longer watched.
+        assert!(o
+            .batch(&[(7002, ep, Some(7002))], t0 + 500 * SEC, quiet)
+            .is_empty());
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_port_not_seen_in_a_whole_pass_is_forgotten() {
+        let ep = NatEndpoint::new(IN, 5000);
+        let quiet = Duration::from_secs(300);
+        let mut o = Orphans::default();
+        o.batch(&[(7001, ep, None)], SEC, quiet);
+        o.pass_done();
+        assert_eq!(o.len(), 1, "seen in the pass that ended");
+        o.batch(&[(7003, ep, None)], 2 * SEC, quiet);
+        o.pass_done();
+        assert_eq!(o.len(), 1, "7001 was freed by someone else");
+        // Seen again later: watched from then, not from before.
+        assert!(o.batch(&[(7001, ep, None)], 400 * SEC, quiet).is_empty());
     }
 }

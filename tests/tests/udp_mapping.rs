@@ -2,7 +2,9 @@
 //! client socket reaches two external peers from one external port (what
 //! STUN tells a peer-to-peer application is then true for every peer);
 //! another client gets another port; the daemon stamps the mapping from its
-//! flows' traffic and ends it once it has been quiet for its timeout.
+//! flows' traffic and ends it once it has been quiet for its timeout; a port
+//! whose owner no mapping names (what a daemon stopped mid-sweep leaves) is
+//! freed after as long.
 
 use std::time::{Duration, Instant};
 
@@ -115,6 +117,54 @@ fn a_udp_endpoint_reaches_every_peer_from_one_port() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // An orphaned port: owned by an endpoint that has no mapping (written
+    // by hand, as a daemon killed between ending a mapping and freeing its
+    // port leaves it). Key: the port (u32, host order); value: the endpoint.
+    let orphan = 19_000u32;
+    let hex = |b: &[u8]| {
+        b.iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut value = ip4("10.1.0.77").to_vec();
+    value.extend(5555u16.to_ne_bytes());
+    value.extend([0, 0]);
+    let update = std::process::Command::new("bpftool")
+        .args([
+            "map",
+            "update",
+            "pinned",
+            "/sys/fs/bpf/firewall/UDP_PORT_OWNERS",
+        ])
+        .arg("key")
+        .args(["hex"])
+        .args(hex(&orphan.to_ne_bytes()).split(' '))
+        .arg("value")
+        .args(["hex"])
+        .args(hex(&value).split(' '))
+        .arg("noexist")
+        .output()
+        .unwrap();
+    assert!(update.status.success(), "{update:?}");
+    let owned = |port: u32| {
+        std::process::Command::new("bpftool")
+            .args([
+                "-j",
+                "map",
+                "lookup",
+                "pinned",
+                "/sys/fs/bpf/firewall/UDP_PORT_OWNERS",
+            ])
+            .args(["key", "hex"])
+            .args(hex(&port.to_ne_bytes()).split(' '))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(owned(orphan));
+
     // Quiet for its timeout (its flows went after 5 s): it ends, its port is
     // free, and the metrics count it.
     let deadline = Instant::now() + Duration::from_secs(150);
@@ -129,4 +179,14 @@ fn a_udp_endpoint_reaches_every_peer_from_one_port() {
     // The port is free again: a source port equal to it is kept.
     let again = ask(&lab.client2, addr::CLIENT2, port, &[a]);
     assert_eq!(again, vec![format!("{} {port}", addr::FW_EXTERNAL)]);
+    // The orphan went after as long (watched from the sweep after it was
+    // written).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while owned(orphan) {
+        assert!(
+            Instant::now() < deadline,
+            "the orphaned port was never freed"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }

@@ -70,6 +70,8 @@ pub(super) struct Work {
     pub sweep_errors: AtomicU64,
     /// UDP mappings ended quiet.
     pub udp_mappings_ended: AtomicU64,
+    /// NAT ports freed whose owner no UDP mapping named.
+    pub udp_orphan_ports_freed: AtomicU64,
     /// Events an API follower was too slow for (dropped for it).
     pub events_lagged: AtomicU64,
 }
@@ -84,6 +86,7 @@ pub(super) struct Snapshot {
     pub sweep_seconds: f64,
     pub sweep_errors: u64,
     pub udp_mappings_ended: u64,
+    pub udp_orphan_ports_freed: u64,
     pub events_lagged: u64,
 }
 
@@ -165,6 +168,7 @@ async fn snapshot(shared: &Arc<Shared>) -> Result<Snapshot, ApiError> {
         sweep_seconds: work.sweep_nanos.load(Relaxed) as f64 / 1e9,
         sweep_errors: work.sweep_errors.load(Relaxed),
         udp_mappings_ended: work.udp_mappings_ended.load(Relaxed),
+        udp_orphan_ports_freed: work.udp_orphan_ports_freed.load(Relaxed),
         events_lagged: work.events_lagged.load(Relaxed),
     })
 }
@@ -355,6 +359,12 @@ pub(super) fn render(s: &Snapshot) -> String {
         "udp_mappings_ended",
         "UDP mappings ended after their quiet time",
         s.udp_mappings_ended,
+    );
+    counter(
+        &mut r,
+        "udp_orphan_ports_freed",
+        "NAT ports freed whose owner no UDP mapping named (left by a daemon stopped mid-sweep)",
+        s.udp_orphan_ports_freed,
     );
     let secs = Counter::<f64, std::sync::atomic::AtomicU64>::default();
     secs.inc_by(s.sweep_seconds);

@@ -41,6 +41,7 @@ fn snapshot() -> Snapshot {
         sweep_seconds: 0.5,
         sweep_errors: 0,
         udp_mappings_ended: 4,
+        udp_orphan_ports_freed: 1,
         events_lagged: 0,
     }
 }
@@ -63,6 +64,7 @@ fn names_follow_the_conventions() {
         "firewall_sessions 1",
         "firewall_primary_flows 2",
         "firewall_udp_mappings_ended_total 4",
+        "firewall_udp_orphan_ports_freed_total 1",
     ] {
         assert!(
             text.lines().any(|l| l == line),

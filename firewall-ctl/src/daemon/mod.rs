@@ -40,6 +40,7 @@ mod notify;
 mod reload;
 mod state;
 mod tasks;
+mod udp_sweep;
 mod wall;
 
 pub use api_server::MAX_API_CONNECTIONS;

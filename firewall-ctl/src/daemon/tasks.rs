@@ -7,12 +7,9 @@ use std::{
     time::Duration,
 };
 
-use firewall_common::{
-    pinhole::event_kind,
-    wall::{NatEndpoint, UdpMapping},
-};
+use firewall_common::pinhole::event_kind;
 
-use super::Shared;
+use super::{udp_sweep, Shared};
 use crate::{
     datapath::{self, FlowTable, UdpMappings},
     engine::Readings,
@@ -27,8 +24,8 @@ use firewall_core::udp_mappings;
 /// expire, and the safety net for flows no timer knows (lost events, an
 /// earlier daemon's flows). A full pass over N entries takes N / SCAN_BATCH
 /// ticks: 64 s for the default table, full.
-const SCAN_BATCH: usize = 4096;
-const TICK: Duration = Duration::from_secs(1);
+pub(super) const SCAN_BATCH: usize = 4096;
+pub(super) const TICK: Duration = Duration::from_secs(1);
 
 /// The engine's timers, once a second. The engine names the flows its due
 /// timers need; they and a bounded batch of the table are read here, away
@@ -41,21 +38,20 @@ pub(super) async fn tick(shared: Arc<Shared>) {
             return;
         }
     };
-    let mappings = match UdpMappings::open(&shared.pins) {
-        Ok(m) => Arc::new(std::sync::Mutex::new(m)),
+    let mut mappings = match UdpMappings::open(&shared.pins) {
+        Ok(m) => udp_sweep::Sweep::new(m),
         Err(e) => {
             log::error!("engine timers: cannot open the UDP mappings: {e:#}");
             return;
         }
     };
     let mut scan = Scan::default();
-    let mut mapping_scan = Scan::default();
     loop {
         tokio::time::sleep(TICK).await;
         let started = std::time::Instant::now();
         let result = tick_once(&shared, &flows, &mut scan).await;
         let result = match result {
-            Ok(seen) => sweep_mappings(&shared, &mappings, &mut mapping_scan, seen).await,
+            Ok(seen) => mappings.run(&shared, seen).await,
             Err(e) => Err(e),
         };
         let work = &shared.work;
@@ -75,7 +71,7 @@ async fn tick_once(
     shared: &Shared,
     flows: &Arc<FlowTable>,
     scan: &mut Scan,
-) -> anyhow::Result<Refreshes> {
+) -> anyhow::Result<udp_mappings::Activity> {
     let now = crate::netif::monotonic_ns();
     let nat_addr = shared.config().external_addresses[0].octets();
     let keys = shared.engine.call(move |e| e.timers_due(now)).await?;
@@ -112,61 +108,6 @@ async fn tick_once(
         .await?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(seen)
-}
-
-/// Internal endpoint → (NAT port, last seen) of its flows.
-type Refreshes = std::collections::HashMap<NatEndpoint, (u16, u64)>;
-
-/// The UDP mappings' part of a tick: the flows just read stamp their
-/// mappings (`seen`), and a batch of the mappings is checked for quiet ones.
-async fn sweep_mappings(
-    shared: &Shared,
-    mappings: &Arc<std::sync::Mutex<UdpMappings>>,
-    scan: &mut Scan,
-    seen: Refreshes,
-) -> anyhow::Result<()> {
-    let config = shared.config();
-    let t = config.timeouts;
-    // A full pass over the flow table (sized by the configuration).
-    let lag = TICK * (config.flow_table_size as usize).div_ceil(SCAN_BATCH) as u32;
-    let quiet = udp_mappings::quiet_needed(t.udp_mapping, t.udp_idle, lag);
-    let maps = mappings.clone();
-    let mut cursor = *scan;
-    let (ended, cursor) = tokio::task::spawn_blocking(move || {
-        let mut maps = maps.lock().unwrap_or_else(|p| p.into_inner());
-        let result = (|| {
-            for (ep, seen) in seen {
-                if let Some(m) = maps.get(&ep)? {
-                    if let Some(t) = udp_mappings::raised(&m, seen) {
-                        let stamped = UdpMapping {
-                            last_seen_ns: t,
-                            ..m
-                        };
-                        maps.mappings.replace(&ep, &stamped)?;
-                    }
-                }
-            }
-            let now = crate::netif::monotonic_ns();
-            let batch = maps.mappings.scan(&mut cursor, SCAN_BATCH)?;
-            let mut ended = 0u64;
-            for (ep, port) in udp_mappings::expired(&batch, now, quiet) {
-                if maps.end(&ep, port)? {
-                    log::debug!(
-                        "UDP mapping of {}:{} to port {port} ended (quiet)",
-                        Ipv4Addr::from(ep.addr),
-                        ep.port
-                    );
-                    ended += 1;
-                }
-            }
-            anyhow::Ok(ended)
-        })();
-        (result, cursor)
-    })
-    .await?;
-    *scan = cursor;
-    shared.work.udp_mappings_ended.fetch_add(ended?, Relaxed);
-    Ok(())
 }
 
 /// Hands the relay's connection events to the engine.

@@ -170,4 +170,30 @@ impl UdpMappings {
         }
         Ok(ended)
     }
+
+    /// A batch of the port owners: NAT port → internal endpoint.
+    pub fn owners(
+        &self,
+        scan: &mut crate::mapops::Scan,
+        max: usize,
+    ) -> anyhow::Result<Vec<(u16, NatEndpoint)>> {
+        Ok(self
+            .owners
+            .scan(scan, max)?
+            .into_iter()
+            .map(|(p, ep)| (p as u16, ep))
+            .collect())
+    }
+
+    /// Frees `port` if `ep` still owns it and no mapping of `ep` names it
+    /// (an orphan); whether it was freed. The datapath never maps an
+    /// endpoint to a port another claim holds, so the check stands.
+    pub fn free_orphan(&mut self, port: u16, ep: &NatEndpoint) -> anyhow::Result<bool> {
+        if self.owners.get(&(port as u32))? != Some(*ep)
+            || self.get(ep)?.is_some_and(|m| m.nat_port == port)
+        {
+            return Ok(false);
+        }
+        self.owners.remove(&(port as u32))
+    }
 }
