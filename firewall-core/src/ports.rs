@@ -121,6 +121,11 @@ impl PortPool {
             .map_or(0, |s| s.used.len())
     }
 
+    /// Ports reserved on every address and transport.
+    pub fn total_in_use(&self) -> usize {
+        self.spaces.values().map(|s| s.used.len()).sum()
+    }
+
     fn take(&mut self, lease: Lease, hold: Hold) -> Result<(), ApiError> {
         let space = self
             .spaces

@@ -8,38 +8,45 @@ impl<M: Maps> Engine<M> {
     pub fn objects(&self) -> Vec<ObjectInfo> {
         self.objects
             .iter()
-            .map(|(id, o)| {
-                let (packets, mut bytes) = o
-                    .flows
-                    .iter()
-                    .filter_map(|k| self.maps.get_flow(k).ok().flatten())
-                    .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
-                // User mode counts payload bytes relayed (no packets).
-                if let Some(r) = &o.relayed {
-                    bytes += r.load(Ordering::Relaxed);
-                }
-
-                ObjectInfo {
-                    id: *id,
-                    session: o.session,
-                    kind: o.kind,
-                    state: o.state,
-                    parent: o.parent,
-                    protocol: o.transport,
-                    protocol_name: o.protocol_name.clone(),
-                    flags: o.flags,
-                    mode: o.mode,
-                    endpoint: o.endpoint,
-                    target: o
-                        .target
-                        .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
-                    peer: o.peer,
-                    packets,
-                    bytes,
-                    reason: o.reason.clone(),
-                }
-            })
+            .map(|(id, o)| self.info_of(*id, o))
             .collect()
+    }
+
+    /// One object as listed (an ended one until it is forgotten).
+    pub fn info(&self, id: u64) -> Option<ObjectInfo> {
+        self.objects.get(&id).map(|o| self.info_of(id, o))
+    }
+
+    fn info_of(&self, id: u64, o: &Object) -> ObjectInfo {
+        let (packets, mut bytes) = o
+            .flows
+            .iter()
+            .filter_map(|k| self.maps.get_flow(k).ok().flatten())
+            .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+        // User mode counts payload bytes relayed (no packets).
+        if let Some(r) = &o.relayed {
+            bytes += r.load(Ordering::Relaxed);
+        }
+
+        ObjectInfo {
+            id,
+            session: o.session,
+            kind: o.kind,
+            state: o.state,
+            parent: o.parent,
+            protocol: o.transport,
+            protocol_name: o.protocol_name.clone(),
+            flags: o.flags,
+            mode: o.mode,
+            endpoint: o.endpoint,
+            target: o
+                .target
+                .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+            peer: o.peer,
+            packets,
+            bytes,
+            reason: o.reason.clone(),
+        }
     }
 }
 

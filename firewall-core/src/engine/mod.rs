@@ -235,6 +235,23 @@ impl<M: Maps> Engine<M> {
         &self.maps
     }
 
+    /// The configuration in force (as last reconfigured).
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The port pool: what the engine's objects hold.
+    pub fn ports(&self) -> &PortPool {
+        &self.ports
+    }
+
+    /// The maps as the datapath shares them: what the kernel writes (flows,
+    /// their counters and TCP flags, a pinhole's use) is written there, not
+    /// by the engine. Tests play the datapath through it.
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// A reloaded configuration: rules, policy and timeouts apply to the next
     /// call and the next timer; objects, pinholes and flows stay as they are
     /// (what they were granted stands). The interfaces and addresses are the
@@ -494,6 +511,7 @@ pub enum RelayCmd {
 
 mod actions;
 mod bind;
+mod books;
 mod calls;
 mod connections;
 mod future;

@@ -3,6 +3,15 @@
 use super::*;
 
 impl<M: Maps> Engine<M> {
+    /// How many live secondary connections of `client` over `transport`
+    /// count against its quota.
+    pub fn quota_count(&self, client: Ipv4Addr, transport: Transport) -> usize {
+        self.established_count
+            .get(&(client, transport))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Keeps the number of established connections per client and transport
     /// (what the quota compares), so no check has to scan the objects.
     pub(super) fn count_established(&mut self, session: u64, transport: Transport, up: bool) {

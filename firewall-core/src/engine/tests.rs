@@ -93,20 +93,63 @@ pub(super) fn kind(r: Result<impl std::fmt::Debug, ApiError>) -> ErrorKind {
 /// Nothing reserved, written or created.
 pub(super) fn assert_clean(e: &Engine<MemMaps>) {
     assert!(
-        e.maps.pinholes.is_empty(),
+        e.maps().pinholes.is_empty(),
         "pinholes left: {:?}",
-        e.maps.pinholes
+        e.maps().pinholes
     );
-    assert!(e.maps.rules.is_empty(), "peer rules left");
+    assert!(e.maps().rules.is_empty(), "peer rules left");
     assert_eq!(
-        e.ports.in_use(EXT, Transport::Tcp) + e.ports.in_use(INT, Transport::Tcp),
+        e.ports().in_use(EXT, Transport::Tcp) + e.ports().in_use(INT, Transport::Tcp),
         0,
         "ports left"
     );
     assert!(
-        e.objects.values().all(|o| o.state == State::Terminated),
+        e.objects().iter().all(|o| o.state == State::Terminated),
         "live objects left"
     );
+}
+
+/// The id of a single-address BindForClient for `client` (which must
+/// succeed).
+pub(super) fn bound(e: &mut Engine<MemMaps>, session: u64, client: &str) -> u64 {
+    e.bind_for_client(&bind(session, &[client]))
+        .unwrap()
+        .connections[0]
+        .id
+}
+
+/// An object's state, as listed.
+pub(super) fn state(e: &Engine<MemMaps>, id: u64) -> State {
+    e.info(id).expect("the object").state
+}
+
+/// An object's mode, as listed.
+pub(super) fn mode(e: &Engine<MemMaps>, id: u64) -> Mode {
+    e.info(id).expect("the object").mode
+}
+
+/// Why an object ended, as listed.
+pub(super) fn reason(e: &Engine<MemMaps>, id: u64) -> Option<String> {
+    e.info(id).expect("the object").reason
+}
+
+/// The pinhole object `id` owns in the maps.
+pub(super) fn pinhole(e: &Engine<MemMaps>, id: u64) -> PinholeKey {
+    e.maps()
+        .pinholes
+        .iter()
+        .find(|(_, v)| v.owner == id)
+        .map(|(k, _)| *k)
+        .expect("a pinhole of the object")
+}
+
+/// The connections accepted under `parent` (allow-multiple), as listed.
+pub(super) fn children(e: &Engine<MemMaps>, parent: u64) -> Vec<u64> {
+    e.objects()
+        .iter()
+        .filter(|o| o.parent == Some(parent))
+        .map(|o| o.id)
+        .collect()
 }
 
 pub(super) fn established(
@@ -115,8 +158,8 @@ pub(super) fn established(
     peer: &str,
     peer_port: u16,
 ) -> (FlowKey, FlowKey) {
-    let k = e.objects[&id].pinhole.unwrap();
-    let v = e.maps.pinholes[&k];
+    let k = pinhole(e, id);
+    let v = e.maps().pinholes[&k];
     established_through(e, id, k, v, peer, peer_port)
 }
 
@@ -140,8 +183,8 @@ pub(super) fn established_through(
     let mut rv = FlowValue::forward(k.addr, k.port, pip.octets(), peer_port);
     rv.owner = id;
     rv.last_seen_ns = fv.last_seen_ns;
-    e.maps.flows.insert(forward, fv);
-    e.maps.flows.insert(reply, rv);
+    e.maps_mut().flows.insert(forward, fv);
+    e.maps_mut().flows.insert(reply, rv);
     e.on_datapath_event(&DatapathEvent {
         kind: event_kind::ESTABLISHED,
         owner: id,
@@ -171,14 +214,14 @@ fn bind_for_client_installs_a_pinhole_per_address() {
         r.proxy_address.port(),
         side::EXTERNAL,
     );
-    let v = e.maps.pinholes[&key];
+    let v = e.maps().pinholes[&key];
     assert_eq!((v.target_addr, v.target_port), ([10, 1, 0, 2], 5001));
     assert_eq!(v.flags & pinhole_flags::MULTIPLE, 0);
     assert_eq!(
         (v.remaining, v.owner, v.deadline_ns, v.egress_ifindex),
         (1, c.id, 0, 2)
     );
-    assert_eq!(e.ports.in_use(EXT, Transport::Tcp), 1);
+    assert_eq!(e.ports().in_use(EXT, Transport::Tcp), 1);
 }
 
 #[test]
@@ -365,13 +408,13 @@ fn a_reloaded_rule_applies_to_the_next_call_and_spares_what_exists() {
         kind(e.bind_for_client(&bind(s, &["10.1.0.2:5002"]))),
         ErrorKind::ProtocolDenied
     );
-    assert_eq!(e.cfg.timeouts.udp_idle, Duration::from_secs(5));
+    assert_eq!(e.config().timeouts.udp_idle, Duration::from_secs(5));
     let id = bound.connections[0].id;
     assert!(e
         .objects()
         .iter()
         .any(|o| o.id == id && o.state == State::Listening));
-    assert_eq!(e.maps.pinholes().unwrap().len(), 1);
+    assert_eq!(e.maps().pinholes().unwrap().len(), 1);
 }
 
 #[test]
@@ -399,7 +442,7 @@ fn protocol_rules_and_addresses() {
         })
         .unwrap();
     assert_eq!(r.proxy_address, a("10.1.0.2:5001"));
-    assert_eq!(e.ports.in_use(EXT, Transport::Tcp), 0);
+    assert_eq!(e.ports().in_use(EXT, Transport::Tcp), 0);
     assert_eq!(
         kind(e.bind_for_client(&BindRequest {
             proxy: Some(a("10.1.0.2:0")),
@@ -472,19 +515,22 @@ fn explicit_ports_conflicts_and_exhaustion() {
 fn a_failure_at_the_last_allocation_leaves_nothing() {
     // Proxy mode needs a SNAT port on the internal address per connection;
     // with 2 internal ports free, N = 4 fails after the external block was taken.
-    let (mut e, s) = engine_with(cfg(), 30000..=30003);
+    // Two internal ports were taken before the engine started.
+    let mut ports = PortPool::new(30000..=30003, NoReservation);
+    for p in [30000, 30001] {
+        ports.reserve_exact(INT, Transport::Tcp, p).unwrap();
+    }
+    let mut e = Engine::new(cfg(), MemMaps::default(), ports, clock()).unwrap();
+    let s = e.open_session(CLIENT.parse().unwrap()).unwrap();
     let req = BindRequest {
         flags: ConnFlags::PROXY_MODE,
         ..bind(s, &["10.1.0.2:1", "10.1.0.2:2", "10.1.0.2:3", "10.1.0.2:4"])
     };
-    for p in [30000, 30001] {
-        e.ports.reserve_exact(INT, Transport::Tcp, p).unwrap();
-    }
     assert_eq!(kind(e.bind_for_client(&req)), ErrorKind::Exhausted);
-    assert!(e.maps.pinholes.is_empty());
-    assert_eq!(e.ports.in_use(EXT, Transport::Tcp), 0);
+    assert!(e.maps().pinholes.is_empty());
+    assert_eq!(e.ports().in_use(EXT, Transport::Tcp), 0);
     assert_eq!(
-        e.ports.in_use(INT, Transport::Tcp),
+        e.ports().in_use(INT, Transport::Tcp),
         2,
         "only what was taken before"
     );
@@ -500,7 +546,7 @@ fn flags_reach_the_pinholes() {
             ..bind(s, &["10.1.0.2:5001"])
         })
         .unwrap();
-    let v = *e.maps.pinholes.values().next().unwrap();
+    let v = *e.maps().pinholes.values().next().unwrap();
     assert_ne!(v.flags & pinhole_flags::MULTIPLE, 0);
     assert_eq!(
         (v.snat_addr, v.snat_port_count),
@@ -517,7 +563,7 @@ fn flags_reach_the_pinholes() {
             ..bind(s, &["10.1.0.2:6000"])
         })
         .unwrap();
-    let v = e.maps.pinholes.values().next().unwrap();
+    let v = e.maps().pinholes.values().next().unwrap();
     assert_ne!(v.flags & pinhole_flags::BIDIRECTIONAL, 0);
     assert!(v.deadline_ns > T0, "TIMEOUT sets a deadline");
     assert_eq!(v.remaining, 1);
@@ -533,21 +579,21 @@ fn flags_reach_the_pinholes() {
             ..bind(s, &["10.1.0.2:1", "10.1.0.2:2"])
         })
         .unwrap();
-    let fid = e.maps.pinholes.values().next().unwrap().peer_filter;
+    let fid = e.maps().pinholes.values().next().unwrap().peer_filter;
     assert_ne!(fid, 0);
     assert_eq!(
-        e.maps.rules.get(&(fid, "10.2.0.2/32".parse().unwrap())),
+        e.maps().rules.get(&(fid, "10.2.0.2/32".parse().unwrap())),
         Some(&true)
     );
     e.kill(r.connections[0].id).unwrap();
-    assert_eq!(e.maps.rules.len(), 1, "still used by connection 1");
+    assert_eq!(e.maps().rules.len(), 1, "still used by connection 1");
     e.kill(r.connections[1].id).unwrap();
-    assert!(e.maps.rules.is_empty());
+    assert!(e.maps().rules.is_empty());
     // An empty filter: a filter id with no rules (nobody matches).
     e.bind_for_client(&BindRequest {
         ip_filter: Some(IpFilter::default()),
         ..bind(s, &["10.1.0.2:1"])
     })
     .unwrap();
-    assert_ne!(e.maps.pinholes.values().next().unwrap().peer_filter, 0);
+    assert_ne!(e.maps().pinholes.values().next().unwrap().peer_filter, 0);
 }

@@ -5,55 +5,52 @@
 use firewall_common::flow::tcp_seen;
 
 use super::tests::{
-    bind, cfg, engine, engine_with, established, established_through, kind, redirect, CLIENT, T0,
+    bind, bound, cfg, engine, engine_with, established, established_through, kind, pinhole, reason,
+    redirect, state, CLIENT, T0,
 };
 use super::*;
 
 const S: u64 = 1_000_000_000;
 
 fn closing(e: &mut Engine<MemMaps>, key: FlowKey, bits: u8) {
-    e.maps.flows.get_mut(&key).unwrap().tcp_flags_seen |= bits;
+    e.maps_mut().flows.get_mut(&key).unwrap().tcp_flags_seen |= bits;
     e.on_datapath_event(&DatapathEvent {
         kind: event_kind::CLOSING,
         detail: bits as u32,
-        owner: e.maps.flows[&key].owner,
+        owner: e.maps().flows[&key].owner,
         forward: key,
         ..Default::default()
     });
 }
 
 fn ports_in_use(e: &Engine<MemMaps>) -> usize {
-    e.ports.in_use(super::tests::EXT, Transport::Tcp)
-        + e.ports.in_use(super::tests::INT, Transport::Tcp)
+    e.ports().in_use(super::tests::EXT, Transport::Tcp)
+        + e.ports().in_use(super::tests::INT, Transport::Tcp)
 }
 
 #[test]
 fn fin_both_ways_ends_the_connection_and_frees_its_ports_at_once() {
     let (mut e, s) = engine();
-    let id = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
-        .unwrap()
-        .connections[0]
-        .id;
+    let id = bound(&mut e, s, "10.1.0.2:5001");
     let (f, r) = established(&mut e, id, "198.51.100.7", 20);
     e.take_events();
     assert_eq!(ports_in_use(&e), 1);
     closing(&mut e, f, tcp_seen::FIN);
-    assert_eq!(e.objects[&id].state, State::Established, "half closed");
+    assert_eq!(state(&e, id), State::Established, "half closed");
     closing(&mut e, r, tcp_seen::FIN);
-    assert_eq!(e.objects[&id].state, State::Terminated);
-    assert_eq!(e.objects[&id].reason.as_deref(), Some("closed"));
+    assert_eq!(state(&e, id), State::Terminated);
+    assert_eq!(reason(&e, id).as_deref(), Some("closed"));
     assert_eq!(ports_in_use(&e), 0, "its port went with it");
     assert!(
         matches!(e.take_events()[..], [Event::Terminating { connection, .. }] if connection == id)
     );
     // The flows stay for the last ACK, then go once quiet for tcp_closing.
-    assert_eq!(e.maps.flows.len(), 2);
+    assert_eq!(e.maps().flows.len(), 2);
     let now = T0;
     e.tick(now + 5 * S).unwrap();
-    assert_eq!(e.maps.flows.len(), 2);
+    assert_eq!(e.maps().flows.len(), 2);
     e.tick(now + 11 * S).unwrap();
-    assert!(e.maps.flows.is_empty());
+    assert!(e.maps().flows.is_empty());
     assert!(e.take_events().is_empty(), "terminating is raised once");
 }
 
@@ -67,7 +64,7 @@ fn a_reset_ends_the_connection_at_once() {
         .id;
     let (f, _) = established(&mut e, id, CLIENT, 40000);
     closing(&mut e, f, tcp_seen::RST);
-    assert_eq!(e.objects[&id].state, State::Terminated);
+    assert_eq!(state(&e, id), State::Terminated);
     assert_eq!(ports_in_use(&e), 0);
 }
 
@@ -90,7 +87,7 @@ fn the_quota_counts_live_connections_only() {
             .id;
         flows.push(established(&mut e, id, "198.51.100.7", port - 5000));
     }
-    assert!(e.maps.busy.contains_key(&client));
+    assert!(e.maps().busy.contains_key(&client));
     // At its quota, a new TCP secondary is refused at the call (FWX_E_IS_BUSY),
     // so the FTP filter answers 425 instead of a SYN being dropped later.
     assert_eq!(
@@ -110,12 +107,12 @@ fn the_quota_counts_live_connections_only() {
     // The first FIN of either direction ends the count: the flows still
     // wait out the teardown, but the client may open a new one.
     closing(&mut e, flows[0].1, tcp_seen::FIN);
-    assert!(!e.maps.busy.contains_key(&client));
+    assert!(!e.maps().busy.contains_key(&client));
     e.bind_for_client(&bind(s, &["10.1.0.2:5003"])).unwrap();
     // Counted once: the rest of the teardown changes nothing.
     closing(&mut e, flows[0].0, tcp_seen::FIN);
     closing(&mut e, flows[0].0, tcp_seen::RST);
-    assert_eq!(e.established_count[&(client, Transport::Tcp)], 1);
+    assert_eq!(e.quota_count(client, Transport::Tcp), 1);
 }
 
 #[test]
@@ -127,22 +124,18 @@ fn a_pinhole_used_as_its_control_connection_ends_is_kept() {
         .actions[0]
         .id;
     // A first packet won the pinhole in the kernel; its event is not read yet.
-    let key = e.objects[&id].pinhole.unwrap();
-    e.maps.pinholes.get_mut(&key).unwrap().remaining = 0;
-    let value = e.maps.pinholes[&key];
+    let key = pinhole(&e, id);
+    e.maps_mut().pinholes.get_mut(&key).unwrap().remaining = 0;
+    let value = e.maps().pinholes[&key];
     e.withdraw_unused(&[id], "control connection ended");
-    assert_eq!(e.objects[&id].state, State::Listening, "not withdrawn");
-    assert!(e.maps.pinholes.is_empty(), "the pinhole is spent");
+    assert_eq!(state(&e, id), State::Listening, "not withdrawn");
+    assert!(e.maps().pinholes.is_empty(), "the pinhole is spent");
     // The event arrives: the connection goes on.
     established_through(&mut e, id, key, value, CLIENT, 40000);
-    assert_eq!(e.objects[&id].state, State::Established);
+    assert_eq!(state(&e, id), State::Established);
     e.tick(T0 + 2 * S).unwrap();
-    assert_eq!(
-        e.objects[&id].state,
-        State::Established,
-        "the wait timer is void"
-    );
-    assert_eq!(e.maps.flows.len(), 2, "its flows are intact");
+    assert_eq!(state(&e, id), State::Established, "the wait timer is void");
+    assert_eq!(e.maps().flows.len(), 2, "its flows are intact");
 
     // A pinhole won but never reported (the datapath failed to make the
     // flows): given up on after a second.
@@ -151,14 +144,14 @@ fn a_pinhole_used_as_its_control_connection_ends_is_kept() {
         .unwrap()
         .actions[0]
         .id;
-    let key = e.objects[&lost].pinhole.unwrap();
-    e.maps.pinholes.get_mut(&key).unwrap().remaining = 0;
+    let key = pinhole(&e, lost);
+    e.maps_mut().pinholes.get_mut(&key).unwrap().remaining = 0;
     e.withdraw_unused(&[lost], "control connection ended");
-    assert_eq!(e.objects[&lost].state, State::Listening);
+    assert_eq!(state(&e, lost), State::Listening);
     e.tick(T0 + 2 * S).unwrap();
-    assert_eq!(e.objects[&lost].state, State::Terminated);
+    assert_eq!(state(&e, lost), State::Terminated);
     assert_eq!(
-        e.objects[&lost].reason.as_deref(),
+        reason(&e, lost).as_deref(),
         Some("control connection ended")
     );
 }
@@ -174,10 +167,10 @@ fn a_timed_out_pinhole_in_use_waits_for_its_event() {
         .unwrap()
         .connections[0]
         .id;
-    let key = e.objects[&id].pinhole.unwrap();
-    e.maps.pinholes.get_mut(&key).unwrap().remaining = 0;
+    let key = pinhole(&e, id);
+    e.maps_mut().pinholes.get_mut(&key).unwrap().remaining = 0;
     e.tick(T0 + 61 * S).unwrap();
-    assert_eq!(e.objects[&id].state, State::Listening);
+    assert_eq!(state(&e, id), State::Listening);
     assert_eq!(e.expired().pinholes_timed_out, 0);
 }
 
@@ -198,12 +191,12 @@ fn a_user_mode_endpoint_is_withdrawn_by_the_relay() {
         e.take_relay_cmds()[..],
         [RelayCmd::Withdraw { owner, .. }] if owner == id
     ));
-    assert_eq!(e.objects[&id].state, State::Listening, "the relay decides");
+    assert_eq!(state(&e, id), State::Listening, "the relay decides");
     e.on_relay_event(RelayEvent::Withdrawn {
         owner: id,
         reason: "control connection ended",
     });
-    assert_eq!(e.objects[&id].state, State::Terminated);
+    assert_eq!(state(&e, id), State::Terminated);
 }
 
 #[test]
@@ -211,29 +204,21 @@ fn a_flow_taken_over_by_a_new_connection_is_not_the_old_ones() {
     // The datapath re-admits a SYN that reuses a closed connection's 5-tuple
     // through a new pinhole: the key now belongs to the new connection.
     let (mut e, s) = engine();
-    let old = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
-        .unwrap()
-        .connections[0]
-        .id;
+    let old = bound(&mut e, s, "10.1.0.2:5001");
     let (f, _) = established(&mut e, old, "198.51.100.7", 20);
-    let new = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5002"]))
-        .unwrap()
-        .connections[0]
-        .id;
-    e.maps.flows.get_mut(&f).unwrap().owner = new;
+    let new = bound(&mut e, s, "10.1.0.2:5002");
+    e.maps_mut().flows.get_mut(&f).unwrap().owner = new;
     e.on_datapath_event(&DatapathEvent {
         kind: event_kind::ESTABLISHED,
         owner: new,
         forward: f,
         reply: FlowKey::default(),
-        pinhole: e.objects[&new].pinhole.unwrap(),
+        pinhole: pinhole(&e, new),
         ..Default::default()
     });
     e.kill(old).unwrap();
     assert!(
-        e.maps.flows.contains_key(&f),
+        e.maps().flows.contains_key(&f),
         "the new connection's flow stays"
     );
 }
@@ -256,7 +241,7 @@ fn a_tick_reads_only_what_is_due() {
             .id;
         established(&mut e, id, "198.51.100.7", 1000 + port);
     }
-    assert_eq!(e.maps.flows.len(), 400);
+    assert_eq!(e.maps().flows.len(), 400);
     assert!(e.timers_due(now + S).is_empty(), "nothing due for an hour");
     e.timers_apply(now + S, &Readings::new(), &[]).unwrap();
     // Two hours on, every connection's idle check asks for its two flows.
@@ -264,11 +249,11 @@ fn a_tick_reads_only_what_is_due() {
     assert_eq!(due.len(), 400);
     let readings: Readings = due
         .iter()
-        .map(|k| (*k, e.maps.flows.get(k).copied()))
+        .map(|k| (*k, e.maps().flows.get(k).copied()))
         .collect();
     e.timers_apply(now + 7201 * S, &readings, &[]).unwrap();
-    assert!(e.maps.flows.is_empty());
-    assert!(e.objects.values().all(|o| o.state == State::Terminated));
+    assert!(e.maps().flows.is_empty());
+    assert!(e.objects().iter().all(|o| o.state == State::Terminated));
 }
 
 #[test]

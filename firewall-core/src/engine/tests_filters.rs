@@ -122,7 +122,7 @@ fn calls_are_valid_only_in_their_events() {
     e.register_filter(f.clone());
     let t = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
     assert_eq!(
-        e.objects[&t.connections[0].id].state,
+        state(&e, t.connections[0].id),
         State::Listening,
         "a deny in listen has no effect"
     );
@@ -160,7 +160,7 @@ fn calls_are_valid_only_in_their_events() {
         vec![Ok(()), Err(ErrorKind::AlreadyEmulated)]
     );
     // The UDP bind with a data filter attached is user mode; the TCP one is kernel.
-    let mode = |id: u64| e.objects[&id].mode;
+    let mode = |id: u64| mode(&e, id);
     assert_eq!(mode(t.connections[0].id), Mode::Kernel);
     assert_eq!(mode(u.connections[0].id), Mode::User);
     // Terminating reaches the filters without registration.
@@ -174,7 +174,7 @@ fn a_filter_registered_for_the_resulting_event_keeps_connections_in_user_mode() 
     let (mut e, s) = engine();
     let k = e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).unwrap();
     assert_eq!(
-        e.objects[&k.connections[0].id].mode,
+        mode(&e, k.connections[0].id),
         Mode::Kernel,
         "nobody registered"
     );
@@ -184,12 +184,12 @@ fn a_filter_registered_for_the_resulting_event_keeps_connections_in_user_mode() 
         &[],
     ));
     let u = e.bind_for_client(&bind(s, &["10.1.0.2:5002"])).unwrap();
-    assert_eq!(e.objects[&u.connections[0].id].mode, Mode::User);
+    assert_eq!(mode(&e, u.connections[0].id), Mode::User);
     let r = e
         .redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
         .unwrap();
     assert_eq!(
-        e.objects[&r.actions[0].id].mode,
+        mode(&e, r.actions[0].id),
         Mode::Kernel,
         "redirects raise connect, not accept"
     );
@@ -269,7 +269,7 @@ fn established_goes_only_to_the_calling_filter() {
         .unwrap()
         .connections[0]
         .id;
-    assert_eq!(e.objects[&id].mode, Mode::User);
+    assert_eq!(mode(&e, id), Mode::User);
     made(&mut e, id, 1);
     assert_eq!(
         *caller.1.lock().unwrap(),
@@ -328,7 +328,7 @@ fn data_filter_factories_by_address() {
         .unwrap()
         .connections[0]
         .id;
-    assert_eq!(e.objects[&id].mode, Mode::User);
+    assert_eq!(mode(&e, id), Mode::User);
     let d = e
         .on_connection_event(id, EventKind::AcceptedConnection, a("198.51.100.7:20"))
         .unwrap();
@@ -362,7 +362,7 @@ fn data_filter_factories_by_address() {
         .unwrap()
         .data_filters
         .is_empty());
-    assert_eq!(e.objects[&id].mode, Mode::User);
+    assert_eq!(mode(&e, id), Mode::User);
 
     // Without a factory at call time: kernel mode, and a later factory cannot change that.
     let k = e
@@ -375,7 +375,7 @@ fn data_filter_factories_by_address() {
         .id;
     e.set_data_filter_factory(EventKind::AcceptedConnection, a("10.2.0.1:45002"), f())
         .unwrap();
-    assert_eq!(e.objects[&k].mode, Mode::Kernel);
+    assert_eq!(mode(&e, k), Mode::Kernel);
 
     // UDP binds take theirs at bind time; redirects are keyed by the destination; any port with port 0.
     e.set_data_filter_factory(EventKind::BindUdp, a("10.2.0.1:0"), f())
@@ -388,7 +388,7 @@ fn data_filter_factories_by_address() {
         .unwrap()
         .connections[0]
         .id;
-    assert_eq!(e.objects[&u].mode, Mode::User);
+    assert_eq!(mode(&e, u), Mode::User);
     let cmds = e.take_relay_cmds();
     assert!(cmds
         .iter()
@@ -398,7 +398,7 @@ fn data_filter_factories_by_address() {
     let r = e
         .redirect_connections(&redirect(s, &["198.51.100.7:2000"]))
         .unwrap();
-    assert_eq!(e.objects[&r.actions[0].id].mode, Mode::User);
+    assert_eq!(mode(&e, r.actions[0].id), Mode::User);
     assert_eq!(
         e.on_connection_event(
             r.actions[0].id,
@@ -439,7 +439,7 @@ fn udp_destination_events_of_redirects() {
         })
         .unwrap();
     let id = r.actions[0].id;
-    assert_eq!(e.objects[&id].mode, Mode::User);
+    assert_eq!(mode(&e, id), Mode::User);
     assert!(
         matches!(&e.take_relay_cmds()[..], [RelayCmd::Start(j)] if j.event == Some(EventKind::UdpDestination))
     );

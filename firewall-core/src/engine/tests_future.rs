@@ -29,7 +29,7 @@ fn a_permission_is_a_pinhole_keyed_by_the_destination() {
     assert_eq!(r.address, a("10.2.0.2:40000"));
     assert_eq!(*r.external.ip(), EXT, "the primary's external address");
     let key = PinholeKey::new(IPPROTO_TCP, [10, 2, 0, 2], 40000, side::INTERNAL);
-    let v = e.maps.pinholes[&key];
+    let v = e.maps().pinholes[&key];
     assert_eq!((v.target_addr, v.target_port), ([10, 2, 0, 2], 40000));
     assert_eq!(v.allowed_src, [10, 1, 0, 2], "only the session's client");
     assert_eq!(
@@ -52,8 +52,8 @@ fn a_permission_is_a_pinhole_keyed_by_the_destination() {
     // is the action's (and cancels nothing any more).
     let client = "10.1.0.2";
     established(&mut e, r.id, client, 45000);
-    assert!(!e.maps.pinholes.contains_key(&key), "single use");
-    assert_eq!(e.objects[&r.id].state, State::Established);
+    assert!(!e.maps().pinholes.contains_key(&key), "single use");
+    assert_eq!(state(&e, r.id), State::Established);
     assert_eq!(kind(e.cancel(r.id)), ErrorKind::Terminating);
     assert_eq!(kind(e.kill(r.id)), ErrorKind::InvalidArgument);
 }
@@ -165,8 +165,11 @@ fn allow_multiple_takes_a_block_and_makes_connections_of_its_own() {
         ..permit(s, "10.2.0.2:40000")
     };
     let r = e.allow_future_connect(&req).unwrap();
-    let key = e.objects[&r.id].pinhole.unwrap();
-    assert_eq!(e.maps.pinholes[&key].snat_port_count, e.cfg.snat_block);
+    let key = pinhole(&e, r.id);
+    assert_eq!(
+        e.maps().pinholes[&key].snat_port_count,
+        e.config().snat_block
+    );
     established(&mut e, r.id, "10.1.0.2", 45000);
     established(&mut e, r.id, "10.1.0.2", 45001);
     let children: Vec<_> = e
@@ -176,9 +179,9 @@ fn allow_multiple_takes_a_block_and_makes_connections_of_its_own() {
         .collect();
     assert_eq!(children.len(), 2);
     assert!(children.iter().all(|c| c.kind == Kind::Redirected));
-    assert!(e.maps.pinholes.contains_key(&key), "still permitted");
+    assert!(e.maps().pinholes.contains_key(&key), "still permitted");
     e.cancel(r.id).unwrap();
-    assert!(!e.maps.pinholes.contains_key(&key));
+    assert!(!e.maps().pinholes.contains_key(&key));
 }
 
 #[test]
@@ -212,9 +215,9 @@ fn a_user_mode_permission_is_a_relay_listening_at_the_destination() {
         })
         .unwrap();
     assert_eq!(r.external, SocketAddrV4::new(EXT, 0), "any port of it");
-    assert!(e.maps.pinholes.is_empty(), "no pinhole");
-    assert_eq!(e.objects[&r.id].mode, Mode::User);
-    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 1);
+    assert!(e.maps().pinholes.is_empty(), "no pinhole");
+    assert_eq!(mode(&e, r.id), Mode::User);
+    assert_eq!(e.ports().in_use(dest, Transport::Tcp), 1);
     let cmds = e.take_relay_cmds();
     assert!(
         matches!(&cmds[..], [RelayCmd::Start(j)] if j.owner == r.id
@@ -237,7 +240,7 @@ fn a_user_mode_permission_is_a_relay_listening_at_the_destination() {
         .take_relay_cmds()
         .iter()
         .any(|c| matches!(c, RelayCmd::Stop { owner, .. } if *owner == r.id)));
-    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 0);
+    assert_eq!(e.ports().in_use(dest, Transport::Tcp), 0);
     e.allow_future_connect(&permit(other, "10.2.0.2:40000"))
         .unwrap();
 }
@@ -250,9 +253,9 @@ fn a_used_permission_frees_its_destination() {
     let r = e
         .allow_future_connect(&permit(s, "10.2.0.2:40000"))
         .unwrap();
-    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 1);
+    assert_eq!(e.ports().in_use(dest, Transport::Tcp), 1);
     established(&mut e, r.id, "10.1.0.2", 45000);
-    assert_eq!(e.ports.in_use(dest, Transport::Tcp), 0);
+    assert_eq!(e.ports().in_use(dest, Transport::Tcp), 0);
     e.allow_future_connect(&permit(s, "10.2.0.2:40000"))
         .unwrap();
 }

@@ -27,10 +27,10 @@ fn the_per_client_quota() {
         .id;
     e.take_relay_cmds();
     established(&mut e, m, "198.51.100.7", 1000);
-    assert!(e.maps.busy.is_empty());
+    assert!(e.maps().busy.is_empty());
     established(&mut e, m, "198.51.100.7", 1001);
     assert_eq!(
-        e.maps.busy.get(&client),
+        e.maps().busy.get(&client),
         Some(&BusyClientValue {
             established_tcp: 2,
             quota: 2
@@ -40,14 +40,9 @@ fn the_per_client_quota() {
         .take_relay_cmds()
         .iter()
         .any(|c| matches!(c, RelayCmd::ClientBusy { client: c, busy: true } if *c == client)));
-    let first = e
-        .objects
-        .iter()
-        .find(|(_, o)| o.parent == Some(m))
-        .map(|(k, _)| *k)
-        .unwrap();
+    let first = children(&e, m)[0];
     e.kill(first).unwrap();
-    assert!(e.maps.busy.is_empty(), "below the quota again");
+    assert!(e.maps().busy.is_empty(), "below the quota again");
     assert!(e
         .take_relay_cmds()
         .iter()
@@ -66,7 +61,11 @@ fn the_per_client_quota() {
     for port in [2000, 2001, 2002] {
         established(&mut e, u, "198.51.100.7", port);
     }
-    let udp: Vec<&Object> = e.objects.values().filter(|o| o.parent == Some(u)).collect();
+    let udp: Vec<ObjectInfo> = e
+        .objects()
+        .into_iter()
+        .filter(|o| o.parent == Some(u))
+        .collect();
     assert_eq!(udp.len(), 3);
     let ended: Vec<_> = udp
         .iter()
@@ -74,18 +73,18 @@ fn the_per_client_quota() {
         .map(|o| (o.peer.unwrap().port(), o.reason.clone()))
         .collect();
     assert_eq!(ended, [(2000, Some("client-quota".to_string()))]);
-    assert!(e.maps.busy.is_empty(), "UDP never marks the client busy");
+    assert!(e.maps().busy.is_empty(), "UDP never marks the client busy");
 
     // A restarted engine starts counting afresh.
-    e.maps.busy.insert(client, BusyClientValue::default());
+    e.maps_mut().busy.insert(client, BusyClientValue::default());
     let e2 = Engine::new(
         cfg(),
-        std::mem::take(&mut e.maps),
+        std::mem::take(e.maps_mut()),
         PortPool::new(20000..=20999, NoReservation),
         clock(),
     )
     .unwrap();
-    assert!(e2.maps.busy.is_empty());
+    assert!(e2.maps().busy.is_empty());
 }
 
 #[test]
@@ -107,9 +106,9 @@ fn a_redirect_can_answer_for_an_external_address_transparently() {
         r.internal_address.port(),
         side::INTERNAL,
     );
-    assert!(e.maps.pinholes.contains_key(&key));
+    assert!(e.maps().pinholes.contains_key(&key));
     e.cancel(r.actions[0].id).unwrap();
-    assert!(e.maps.pinholes.is_empty());
+    assert!(e.maps().pinholes.is_empty());
     // An address on an internal network, or the firewall's external one, cannot stand in.
     for bad in ["10.1.0.7", "10.2.0.1", "224.0.0.1", "0.0.0.0"] {
         assert_eq!(
@@ -180,10 +179,10 @@ fn a_redirect_made_again_at_the_port_it_was_announced_at() {
     };
     let r = e.redirect_connections_at(&req, Some(20500)).unwrap();
     assert_eq!(r.internal_address, SocketAddrV4::new(server, 20500));
-    let k = e.objects[&r.actions[0].id].pinhole.unwrap();
+    let k = pinhole(&e, r.actions[0].id);
     assert_eq!((k.addr, k.port), (server.octets(), 20500));
     // Taken: refused whole, nothing more made.
-    let objects = e.objects.len();
+    let objects = e.objects().len();
     assert_eq!(
         kind(e.redirect_connections_at(&req, Some(20500))),
         ErrorKind::AddressInUse
@@ -202,31 +201,19 @@ fn a_redirect_made_again_at_the_port_it_was_announced_at() {
         kind(e.redirect_connections_at(&multiple, Some(20600))),
         ErrorKind::InvalidArgument
     );
-    assert_eq!(e.objects.len(), objects);
-    assert_eq!(e.maps.pinholes.len(), 1);
+    assert_eq!(e.objects().len(), objects);
+    assert_eq!(e.maps().pinholes.len(), 1);
 }
 
 #[test]
 fn still_waiting_reads_the_pinholes() {
     let (mut e, s) = engine();
-    let waiting = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
-        .unwrap()
-        .connections[0]
-        .id;
-    let won = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5002"]))
-        .unwrap()
-        .connections[0]
-        .id;
-    let used = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5003"]))
-        .unwrap()
-        .connections[0]
-        .id;
+    let waiting = bound(&mut e, s, "10.1.0.2:5001");
+    let won = bound(&mut e, s, "10.1.0.2:5002");
+    let used = bound(&mut e, s, "10.1.0.2:5003");
     // A first packet won this pinhole; its event has not arrived yet.
-    let k = e.objects[&won].pinhole.unwrap();
-    e.maps.pinholes.get_mut(&k).unwrap().remaining = 0;
+    let k = pinhole(&e, won);
+    e.maps_mut().pinholes.get_mut(&k).unwrap().remaining = 0;
     established(&mut e, used, "198.51.100.7", 1000);
     assert_eq!(e.still_waiting(&[waiting, won, used, 999]), vec![waiting]);
 }

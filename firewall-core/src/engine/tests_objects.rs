@@ -10,11 +10,7 @@ use crate::ports::NoReservation;
 #[test]
 fn kill_is_idempotent_and_raises_terminating_once() {
     let (mut e, s) = engine();
-    let id = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
-        .unwrap()
-        .connections[0]
-        .id;
+    let id = bound(&mut e, s, "10.1.0.2:5001");
     e.take_events();
     e.kill(id).unwrap();
     e.kill(id).unwrap();
@@ -32,12 +28,8 @@ fn kill_is_idempotent_and_raises_terminating_once() {
 #[test]
 fn placeholders_and_set_client_address() {
     let (mut e, s) = engine();
-    let id = e
-        .bind_for_client(&bind(s, &["0.0.0.0:0"]))
-        .unwrap()
-        .connections[0]
-        .id;
-    let v = *e.maps.pinholes.values().next().unwrap();
+    let id = bound(&mut e, s, "0.0.0.0:0");
+    let v = *e.maps().pinholes.values().next().unwrap();
     assert_ne!(
         v.flags & pinhole_flags::NO_TARGET,
         0,
@@ -49,12 +41,12 @@ fn placeholders_and_set_client_address() {
         "the bounce guard applies"
     );
     assert_ne!(
-        e.maps.pinholes.values().next().unwrap().flags & pinhole_flags::NO_TARGET,
+        e.maps().pinholes.values().next().unwrap().flags & pinhole_flags::NO_TARGET,
         0,
         "still unusable"
     );
     e.set_client_address(id, a("10.1.0.2:5001")).unwrap();
-    let v = *e.maps.pinholes.values().next().unwrap();
+    let v = *e.maps().pinholes.values().next().unwrap();
     assert_eq!(
         (
             v.flags & pinhole_flags::NO_TARGET,
@@ -73,11 +65,7 @@ fn placeholders_and_set_client_address() {
 #[test]
 fn established_single_and_multiple() {
     let (mut e, s) = engine();
-    let id = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5001"]))
-        .unwrap()
-        .connections[0]
-        .id;
+    let id = bound(&mut e, s, "10.1.0.2:5001");
     established(&mut e, id, "198.51.100.7", 20);
     let ev = e.take_events();
     assert!(
@@ -85,7 +73,7 @@ fn established_single_and_multiple() {
         if *connection == id && *from == a("198.51.100.7:20") && *to == a("10.1.0.2:5001") && c == "ctx"),
         "{ev:?}"
     );
-    assert_eq!(e.objects[&id].state, State::Established);
+    assert_eq!(state(&e, id), State::Established);
 
     // ALLOW_MULTIPLE: each connection gets its own object and event.
     let m = e
@@ -101,19 +89,12 @@ fn established_single_and_multiple() {
     }
     let ev = e.take_events();
     assert_eq!(ev.len(), 3);
-    let children: Vec<u64> = e
-        .objects
-        .iter()
-        .filter(|(_, o)| o.parent == Some(m))
-        .map(|(k, _)| *k)
-        .collect();
+    let children: Vec<u64> = children(&e, m);
     assert_eq!(children.len(), 3);
-    assert_eq!(e.objects[&m].state, State::Listening, "still accepting");
+    assert_eq!(state(&e, m), State::Listening, "still accepting");
     // Killing the parent ends the children and removes their flows.
     e.kill(m).unwrap();
-    assert!(children
-        .iter()
-        .all(|c| e.objects[c].state == State::Terminated));
+    assert!(children.iter().all(|c| state(&e, *c) == State::Terminated));
 
     // Without notify there is no established event (pSessionFilter = NULL).
     let q = e
@@ -140,19 +121,15 @@ fn timers_end_unused_and_closed_connections() {
         .unwrap()
         .connections[0]
         .id;
-    let keep = e
-        .bind_for_client(&bind(s, &["10.1.0.2:5002"]))
-        .unwrap()
-        .connections[0]
-        .id;
+    let keep = bound(&mut e, s, "10.1.0.2:5002");
     let now = T0;
     e.tick(now + 30_000_000_000).unwrap();
-    assert_eq!(e.objects[&t].state, State::Listening, "at 30 s still there");
+    assert_eq!(state(&e, t), State::Listening, "at 30 s still there");
     e.tick(now + 61_000_000_000).unwrap();
-    assert_eq!(e.objects[&t].state, State::Terminated, "at 61 s closed");
-    assert_eq!(e.objects[&t].reason.as_deref(), Some("timeout"));
+    assert_eq!(state(&e, t), State::Terminated, "at 61 s closed");
+    assert_eq!(reason(&e, t).as_deref(), Some("timeout"));
     assert_eq!(
-        e.objects[&keep].state,
+        state(&e, keep),
         State::Listening,
         "no TIMEOUT: lives until Kill"
     );
@@ -160,12 +137,13 @@ fn timers_end_unused_and_closed_connections() {
     // A TCP connection whose flows saw FIN both ways ends after tcp_closing.
     let (f, r) = established(&mut e, keep, "198.51.100.7", 20);
     for k in [f, r] {
-        e.maps.flows.get_mut(&k).unwrap().tcp_flags_seen = firewall_common::flow::tcp_seen::FIN;
+        e.maps_mut().flows.get_mut(&k).unwrap().tcp_flags_seen =
+            firewall_common::flow::tcp_seen::FIN;
     }
     e.take_events();
     e.tick(T0 + 11_000_000_000).unwrap();
-    assert_eq!(e.objects[&keep].state, State::Terminated);
-    assert!(e.maps.flows.is_empty());
+    assert_eq!(state(&e, keep), State::Terminated);
+    assert!(e.maps().flows.is_empty());
     assert!(
         matches!(e.take_events()[..], [Event::Terminating { ref reason, .. }] if reason == "closed")
     );
@@ -185,8 +163,8 @@ fn udp_without_timeout_lives_until_kill() {
         .id;
     established(&mut e, id, "198.51.100.7", 7000);
     e.tick(T0 + 3_600_000_000_000).unwrap();
-    assert_eq!(e.objects[&id].state, State::Established);
-    assert_eq!(e.maps.flows.len(), 2);
+    assert_eq!(state(&e, id), State::Established);
+    assert_eq!(e.maps().flows.len(), 2);
     // With TIMEOUT it ends when idle.
     let t = e
         .bind_for_client(&BindRequest {
@@ -199,8 +177,8 @@ fn udp_without_timeout_lives_until_kill() {
         .id;
     established(&mut e, t, "198.51.100.7", 7001);
     e.tick(T0 + 61_000_000_000).unwrap();
-    assert_eq!(e.objects[&t].state, State::Terminated);
-    assert_eq!(e.objects[&id].state, State::Established);
+    assert_eq!(state(&e, t), State::Terminated);
+    assert_eq!(state(&e, id), State::Established);
 }
 
 #[test]
@@ -249,7 +227,7 @@ fn redirect_connections() {
             act.internal.port(),
             side::INTERNAL,
         );
-        let v = e.maps.pinholes[&k];
+        let v = e.maps().pinholes[&k];
         assert_eq!(
             (v.target_addr, v.target_port),
             ([198, 51, 100, 7], 2000 + i as u16)
@@ -327,7 +305,8 @@ fn redirect_connections() {
         side::INTERNAL,
     );
     assert_eq!(
-        e.maps.pinholes[&k].snat_port_count, 4,
+        e.maps().pinholes[&k].snat_port_count,
+        4,
         "a SNAT block for multiple connections"
     );
 }
@@ -352,8 +331,8 @@ fn a_restarted_engine_clears_orphaned_pinholes_and_keeps_flows() {
         clock(),
     )
     .unwrap();
-    assert!(e.maps.pinholes.is_empty());
-    assert_eq!(e.maps.flows.len(), 1);
+    assert!(e.maps().pinholes.is_empty());
+    assert_eq!(e.maps().flows.len(), 1);
     assert!(
         e.open_session(CLIENT.parse().unwrap()).unwrap() > 41,
         "ids after the surviving owners"
@@ -370,8 +349,8 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
         })
         .unwrap();
     let id = r.connections[0].id;
-    assert!(e.maps.pinholes.is_empty(), "user mode writes no pinhole");
-    assert!(e.maps.rules.is_empty());
+    assert!(e.maps().pinholes.is_empty(), "user mode writes no pinhole");
+    assert!(e.maps().rules.is_empty());
     let cmds = e.take_relay_cmds();
     assert!(
         matches!(&cmds[..], [RelayCmd::Start(j)] if j.owner == id && j.transport == Transport::Tcp && j.target.is_none())
@@ -396,9 +375,9 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
         matches!(e.take_events()[..], [Event::Established { connection, .. }] if connection == id)
     );
     assert_eq!(e.objects()[0].bytes, 42);
-    assert!(e.maps.flows.is_empty(), "never in the flow table");
+    assert!(e.maps().flows.is_empty(), "never in the flow table");
     e.on_relay_event(RelayEvent::Closed { owner: id, conn: 9 });
-    assert_eq!(e.objects[&id].state, State::Terminated);
+    assert_eq!(state(&e, id), State::Terminated);
     assert!(matches!(e.take_relay_cmds()[..], [RelayCmd::Stop { owner }] if owner == id));
     assert_clean(&e);
 
@@ -412,7 +391,7 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
         .connections[0]
         .id;
     e.tick(T0 + 61_000_000_000).unwrap();
-    assert_eq!(e.objects[&t].reason.as_deref(), Some("timeout"));
+    assert_eq!(reason(&e, t).as_deref(), Some("timeout"));
     let m = e
         .bind_for_client(&BindRequest {
             flags: ConnFlags::NO_KERNEL_MODE | ConnFlags::ALLOW_MULTIPLE,
@@ -429,17 +408,12 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
         to: a("10.1.0.2:5003"),
         bytes: Arc::default(),
     });
-    let child = e
-        .objects
-        .iter()
-        .find(|(_, o)| o.parent == Some(m))
-        .map(|(k, _)| *k)
-        .unwrap();
+    let child = children(&e, m)[0];
     e.kill(child).unwrap();
     assert!(
         matches!(e.take_relay_cmds()[..], [RelayCmd::StopConn { owner, conn: 1 }] if owner == m)
     );
-    assert_eq!(e.objects[&m].state, State::Listening);
+    assert_eq!(state(&e, m), State::Listening);
     // Redirects too; an explicit external port is not supported in user mode.
     let rr = e
         .redirect_connections(&RedirectRequest {
@@ -447,7 +421,7 @@ fn no_kernel_mode_goes_to_the_relay_and_never_to_the_maps() {
             ..redirect(s, &["198.51.100.7:2000"])
         })
         .unwrap();
-    assert!(e.maps.pinholes.is_empty());
+    assert!(e.maps().pinholes.is_empty());
     assert!(
         matches!(&e.take_relay_cmds()[..], [RelayCmd::Start(j)] if j.owner == rr.actions[0].id && matches!(j.admit, Admit::Client(c) if c == Ipv4Addr::new(10, 1, 0, 2)))
     );
