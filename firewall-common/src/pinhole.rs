@@ -5,7 +5,7 @@
 //! entries itself, consumes a single-use pinhole and reports the establishment
 //! through the EVENTS ring buffer.
 
-use crate::flow::FlowKey;
+use crate::flow::{FlowKey, FlowValue};
 
 /// Which interface a pinhole's first packet arrives on.
 pub mod side {
@@ -177,3 +177,40 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<PinholeKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PinholeValue>() == 72);
 const _: () = assert!(core::mem::size_of::<DatapathEvent>() == 64);
+
+/// The flows of a connection admitted through a pinhole: what the datapath
+/// writes on its first packet `key`, translated to source `src` (the SNAT
+/// address and a port of the pinhole's block, or the packet's own source).
+/// The values are written into `e` one at a time: the datapath builds them
+/// in place, its stack has no room for two.
+impl PinholeValue {
+    /// The reply entry's key: from the target back to `src`.
+    #[inline(always)]
+    pub const fn reply_key(&self, key: &FlowKey, src: ([u8; 4], u16)) -> FlowKey {
+        FlowKey::new(
+            key.protocol,
+            self.target_addr,
+            self.target_port,
+            src.0,
+            src.1,
+        )
+    }
+
+    /// The reply entry's value: back to the packet's source, from the
+    /// endpoint it was addressed to.
+    #[inline(always)]
+    pub fn reply_value(&self, key: &FlowKey, now: u64, e: &mut FlowValue) {
+        *e = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
+        e.owner = self.owner;
+        e.last_seen_ns = now;
+    }
+
+    /// The packet's own entry's value: from `src` to the target.
+    #[inline(always)]
+    pub fn forward_value(&self, src: ([u8; 4], u16), now: u64, e: &mut FlowValue) {
+        *e = FlowValue::forward(src.0, src.1, self.target_addr, self.target_port);
+        e.owner = self.owner;
+        e.egress_ifindex = self.egress_ifindex;
+        e.last_seen_ns = now;
+    }
+}

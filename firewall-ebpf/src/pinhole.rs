@@ -151,7 +151,7 @@ fn create_flows(
     let key = &pkt.key;
     // SAFETY: `p` is a PINHOLES value the lookup returned.
     let v = unsafe { &*p };
-    let (src_addr, src_port) = if v.snat_port_count > 0 {
+    let src = if v.snat_port_count > 0 {
         (
             v.snat_addr,
             pick_snat_port(key, p).ok_or(Counter::DropNatPortsBusy)?,
@@ -159,13 +159,7 @@ fn create_flows(
     } else {
         (key.src_addr, key.src_port)
     };
-    let reply_key = FlowKey::new(
-        key.protocol,
-        v.target_addr,
-        v.target_port,
-        src_addr,
-        src_port,
-    );
+    let reply_key = v.reply_key(key, src);
     // Both entries are built in the scratch space, one after the other (the
     // stack has no room for them next to the pipeline).
     let e = &mut crate::scratch::get().ok_or(Counter::DropNatPortsBusy)?.flow;
@@ -173,14 +167,9 @@ fn create_flows(
     // neighbour yet) must not look idle since boot to the sweeper.
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    *e = FlowValue::forward(key.dst_addr, key.dst_port, key.src_addr, key.src_port);
-    e.owner = v.owner;
-    e.last_seen_ns = now;
+    v.reply_value(key, now, e);
     flow::insert(&reply_key, e)?;
-    *e = FlowValue::forward(src_addr, src_port, v.target_addr, v.target_port);
-    e.owner = v.owner;
-    e.egress_ifindex = v.egress_ifindex;
-    e.last_seen_ns = now;
+    v.forward_value(src, now, e);
     flow::insert(key, e)?;
     // SAFETY: an atomic add on a field of the map value `p`.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).uses, 1) };

@@ -173,16 +173,19 @@ pub(super) fn established_through(
     peer: &str,
     peer_port: u16,
 ) -> (FlowKey, FlowKey) {
-    let proto = k.protocol;
     let pip: Ipv4Addr = peer.parse().unwrap();
-    let forward = FlowKey::new(proto, pip.octets(), peer_port, k.addr, k.port);
-    let reply = FlowKey::new(proto, v.target_addr, v.target_port, pip.octets(), peer_port);
-    let mut fv = FlowValue::forward(pip.octets(), peer_port, v.target_addr, v.target_port);
-    fv.owner = id;
-    fv.last_seen_ns = T0;
-    let mut rv = FlowValue::forward(k.addr, k.port, pip.octets(), peer_port);
-    rv.owner = id;
-    rv.last_seen_ns = fv.last_seen_ns;
+    let forward = FlowKey::new(k.protocol, pip.octets(), peer_port, k.addr, k.port);
+    // The datapath's construction, with the first port of a SNAT block
+    // (the datapath searches the block for a free one).
+    let src = if v.snat_port_count > 0 {
+        (v.snat_addr, v.snat_port_base)
+    } else {
+        (pip.octets(), peer_port)
+    };
+    let reply = v.reply_key(&forward, src);
+    let (mut fv, mut rv) = (FlowValue::default(), FlowValue::default());
+    v.forward_value(src, T0, &mut fv);
+    v.reply_value(&forward, T0, &mut rv);
     e.maps_mut().flows.insert(forward, fv);
     e.maps_mut().flows.insert(reply, rv);
     e.on_datapath_event(&DatapathEvent {
