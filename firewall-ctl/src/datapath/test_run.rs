@@ -101,7 +101,12 @@ impl BenchPrograms {
         let mut ebpf = EbpfLoader::new()
             .load(BENCH_OBJECT)
             .context("loading the benchmark's eBPF object")?;
-        for name in ["xdp_bench_tx", "xdp_bench_sink"] {
+        for name in [
+            "xdp_bench_tx",
+            "xdp_bench_sink",
+            "xdp_bench_lookup16",
+            "xdp_bench_lookup40",
+        ] {
             let prog: &mut Xdp = typed(&mut ebpf, name)?;
             load_retrying(name, || prog.load())?;
         }
@@ -161,6 +166,51 @@ impl BenchPrograms {
         Ok(r.duration)
     }
 
+    /// Fills the lookup measurement's table of `key_len`-byte keys (16 or
+    /// 40) with `entries` distinct keys; the frame to look one of them up.
+    pub fn fill_lookup(&mut self, key_len: usize, entries: u32) -> anyhow::Result<Vec<u8>> {
+        fn fill<const N: usize>(ebpf: &mut Ebpf, name: &str, entries: u32) -> anyhow::Result<()> {
+            let mut map: aya::maps::HashMap<&mut MapData, [u8; N], u64> =
+                aya::maps::HashMap::try_from(
+                    ebpf.map_mut(name)
+                        .ok_or_else(|| anyhow!("map {name} missing"))?,
+                )?;
+            for i in 0..entries {
+                map.insert(lookup_key::<N>(i), i as u64, 0)?;
+            }
+            Ok(())
+        }
+        match key_len {
+            16 => fill::<16>(&mut self.ebpf, "BENCH_KEYS16", entries)?,
+            40 => fill::<40>(&mut self.ebpf, "BENCH_KEYS40", entries)?,
+            n => return Err(anyhow!("no lookup table with {n}-byte keys")),
+        }
+        let mut frame = lookup_key::<40>(entries / 2)[..key_len].to_vec();
+        frame.resize(64, 0);
+        Ok(frame)
+    }
+
+    /// Runs the `key_len`-byte lookup on `frame` `repeat` times; the kernel's
+    /// time per run, and whether the key was found.
+    pub fn lookup_run(
+        &mut self,
+        key_len: usize,
+        frame: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<(std::time::Duration, bool)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = repeat;
+        let r = self
+            .prog(&format!("xdp_bench_lookup{key_len}"))?
+            .test_run(opts)?;
+        // 1: XDP_DROP, which the program returns for a key it found.
+        Ok((r.duration, r.return_value == 1))
+    }
+
     /// Attaches the sink (native XDP) to `ifindex` of the calling thread's namespace.
     pub fn attach_sink(&mut self, ifindex: u32) -> anyhow::Result<()> {
         let id = self
@@ -187,4 +237,21 @@ impl BenchPrograms {
         )?;
         Ok(map.get(&0, 0)?.iter().map(|v| v.packets).sum())
     }
+}
+
+/// Key `i` of the lookup measurement: spread over all bytes as addresses
+/// and ports are (a hash of `i`), distinct for distinct `i`.
+fn lookup_key<const N: usize>(i: u32) -> [u8; N] {
+    let mut k = [0u8; N];
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for (n, b) in k.iter_mut().enumerate() {
+        if n % 8 == 0 {
+            x ^= x >> 29;
+            x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        }
+        *b = (x >> ((n % 8) * 8)) as u8;
+    }
+    // The index itself, so that no two keys collide.
+    k[..4].copy_from_slice(&i.to_be_bytes());
+    k
 }

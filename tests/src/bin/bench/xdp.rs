@@ -148,6 +148,29 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         "ns/packet",
         v,
     );
+    // The flow key's size for a second address family (docs/ipv6.md): one
+    // hash lookup that finds its key among 64 Ki, by the key's size.
+    for (len, what) in [
+        (16, "16-byte key (the IPv4 flow key)"),
+        (40, "40-byte key (a flow key for either family)"),
+    ] {
+        let frame = progs.fill_lookup(len, 65536)?;
+        let mut v = Vec::new();
+        for _ in 0..reps {
+            let (d, found) = progs.lookup_run(len, &frame, repeat)?;
+            if !found {
+                bail!("the {len}-byte lookup did not find its key");
+            }
+            v.push(d.as_nanos() as f64);
+        }
+        r.add(
+            "xdp cost",
+            &format!("one hash lookup among 64 Ki entries, {what}"),
+            "kernel",
+            "ns/packet",
+            v,
+        );
+    }
     flow_pair(&mut fx, 33000);
     let out = tcp(CLIENT, 33000, SERVER, 80, TCP_ACK);
     let v = timed(&mut fx, Side::Internal, &out, repeat, reps, XDP_REDIRECT)?;
