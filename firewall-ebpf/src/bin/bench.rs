@@ -83,30 +83,25 @@ static BENCH_KEYS40: HashMap<[u8; 40], u64, LOOKUP_ENTRIES> = HashMap::new();
 /// Looks the frame's first 16 bytes up in BENCH_KEYS16: drop when found.
 #[xdp]
 pub fn xdp_bench_lookup16(ctx: XdpContext) -> u32 {
-    let (start, end) = (ctx.data(), ctx.data_end());
-    if start + 16 > end {
-        return xdp_action::XDP_ABORTED;
-    }
-    // SAFETY: 16 bytes of the frame (checked above), copied to the stack.
-    let key = unsafe { *(start as *const [u8; 16]) };
-    // SAFETY: a presence check; nothing is read from the value.
-    match unsafe { BENCH_KEYS16.get(key) } {
-        Some(_) => xdp_action::XDP_DROP,
-        None => xdp_action::XDP_PASS,
-    }
+    lookup(&ctx, &BENCH_KEYS16)
 }
 
 /// Looks the frame's first 40 bytes up in BENCH_KEYS40: drop when found.
 #[xdp]
 pub fn xdp_bench_lookup40(ctx: XdpContext) -> u32 {
+    lookup(&ctx, &BENCH_KEYS40)
+}
+
+#[inline(always)]
+fn lookup<const N: usize>(ctx: &XdpContext, keys: &HashMap<[u8; N], u64, LOOKUP_ENTRIES>) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + 40 > end {
+    if start + N > end {
         return xdp_action::XDP_ABORTED;
     }
-    // SAFETY: 40 bytes of the frame (checked above), copied to the stack.
-    let key = unsafe { *(start as *const [u8; 40]) };
+    // SAFETY: N bytes of the frame (checked above), copied to the stack.
+    let key = unsafe { *(start as *const [u8; N]) };
     // SAFETY: a presence check; nothing is read from the value.
-    match unsafe { BENCH_KEYS40.get(key) } {
+    match unsafe { keys.get(key) } {
         Some(_) => xdp_action::XDP_DROP,
         None => xdp_action::XDP_PASS,
     }
