@@ -6,7 +6,7 @@
 use firewall_common::flow::tcp_seen;
 use proptest::prelude::*;
 
-use super::tests::{bind, cfg, established_through, redirect, CLIENT, T0};
+use super::tests::{bind, cfg, established_through, pinhole_of, redirect, CLIENT, T0};
 use super::*;
 use crate::ports::NoReservation;
 
@@ -278,14 +278,7 @@ impl World {
         } else {
             CLIENT
         };
-        let pinhole = self
-            .e
-            .maps()
-            .pinholes
-            .iter()
-            .find(|(_, v)| v.owner == id)
-            .map(|(k, _)| *k);
-        match (o.mode, pinhole) {
+        match (o.mode, pinhole_of(&self.e, id)) {
             (Mode::Kernel, Some(k)) => {
                 let Some(v) = self.e.maps().pinholes.get(&k).copied() else {
                     return;

@@ -133,14 +133,18 @@ pub(super) fn reason(e: &Engine<MemMaps>, id: u64) -> Option<String> {
     e.info(id).expect("the object").reason
 }
 
-/// The pinhole object `id` owns in the maps.
-pub(super) fn pinhole(e: &Engine<MemMaps>, id: u64) -> PinholeKey {
+/// The pinhole object `id` owns in the maps, if any.
+pub(super) fn pinhole_of(e: &Engine<MemMaps>, id: u64) -> Option<PinholeKey> {
     e.maps()
         .pinholes
         .iter()
         .find(|(_, v)| v.owner == id)
         .map(|(k, _)| *k)
-        .expect("a pinhole of the object")
+}
+
+/// The pinhole object `id` owns in the maps.
+pub(super) fn pinhole(e: &Engine<MemMaps>, id: u64) -> PinholeKey {
+    pinhole_of(e, id).expect("a pinhole of the object")
 }
 
 /// The connections accepted under `parent` (allow-multiple), as listed.

@@ -38,7 +38,7 @@ pub(super) async fn tick(shared: Arc<Shared>) {
             return;
         }
     };
-    let mut mappings = match UdpMappings::open(&shared.pins) {
+    let mappings = match UdpMappings::open(&shared.pins) {
         Ok(m) => udp_sweep::Sweep::new(m),
         Err(e) => {
             log::error!("engine timers: cannot open the UDP mappings: {e:#}");

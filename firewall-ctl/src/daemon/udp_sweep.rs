@@ -18,15 +18,12 @@ use super::{
 };
 use crate::{datapath::UdpMappings, mapops::Scan};
 
-/// The sweep's tables and where it is in them.
-pub(super) struct Sweep {
-    maps: Arc<Mutex<UdpMappings>>,
-    state: Option<State>,
-}
+/// The sweep's tables and where it is in them, taken by each tick's
+/// blocking task.
+pub(super) struct Sweep(Arc<Mutex<State>>);
 
-/// Moved into the blocking task and back each tick.
-#[derive(Default)]
 struct State {
+    maps: UdpMappings,
     mappings: Scan,
     owners: Scan,
     orphans: Orphans,
@@ -41,28 +38,27 @@ struct Done {
 
 impl Sweep {
     pub(super) fn new(maps: UdpMappings) -> Self {
-        Self {
-            maps: Arc::new(Mutex::new(maps)),
-            state: Some(State::default()),
-        }
+        Self(Arc::new(Mutex::new(State {
+            maps,
+            mappings: Scan::default(),
+            owners: Scan::default(),
+            orphans: Orphans::default(),
+        })))
     }
 
     /// One tick, with the activity of the flows the tick read.
-    pub(super) async fn run(&mut self, shared: &Shared, seen: Activity) -> anyhow::Result<()> {
+    pub(super) async fn run(&self, shared: &Shared, seen: Activity) -> anyhow::Result<()> {
         let config = shared.config();
         let t = config.timeouts;
         // A full pass over the flow table (sized by the configuration).
         let lag = TICK * (config.flow_table_size as usize).div_ceil(SCAN_BATCH) as u32;
         let quiet = udp_mappings::quiet_needed(t.udp_mapping, t.udp_idle, lag);
-        let maps = self.maps.clone();
-        let mut state = self.state.take().unwrap_or_default();
-        let (done, state) = tokio::task::spawn_blocking(move || {
-            let mut maps = maps.lock().unwrap_or_else(|p| p.into_inner());
-            let done = sweep(&mut maps, &mut state, &seen, quiet);
-            (done, state)
+        let state = self.0.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            sweep(&mut state, &seen, quiet)
         })
         .await?;
-        self.state = Some(state);
         let done = done?;
         shared
             .work
@@ -76,12 +72,8 @@ impl Sweep {
     }
 }
 
-fn sweep(
-    maps: &mut UdpMappings,
-    state: &mut State,
-    seen: &Activity,
-    quiet: std::time::Duration,
-) -> anyhow::Result<Done> {
+fn sweep(state: &mut State, seen: &Activity, quiet: std::time::Duration) -> anyhow::Result<Done> {
+    let maps = &mut state.maps;
     let mut done = Done::default();
     for (&(ep, port), &t) in seen {
         if let Some(m) = maps.get(&ep)? {
