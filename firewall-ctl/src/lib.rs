@@ -13,6 +13,7 @@ pub mod engine_owner;
 pub mod lock;
 pub mod logging;
 pub mod mapops;
+pub mod netdev_genl;
 pub mod netif;
 pub mod netlink;
 pub mod primary;

@@ -99,6 +99,11 @@ impl Lab {
         ["c1", "c2", "fw", "s1", "s2", "swi", "swe"].map(|n| format!("{prefix}-{n}"))
     }
 
+    /// The external segment's switch (its port "fw" faces the firewall).
+    pub fn switch_external(&self) -> &Ns {
+        &self.switch_ext
+    }
+
     /// Creates the topology. `prefix` must be short and unique per run.
     pub fn create(prefix: &str) -> anyhow::Result<Self> {
         Self::create_with(prefix, false)

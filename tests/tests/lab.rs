@@ -42,6 +42,18 @@ fn up_attaches_native_xdp_and_down_removes_everything() {
         assert_eq!(e["mode"], "driver", "{e}");
     }
 
+    // The lab's peers take redirected frames (the drivers say so once the
+    // programs are attached), so `up` has nothing to warn about.
+    let log = fw.log_text();
+    for ifname in [addr::IF_INTERNAL, addr::IF_EXTERNAL] {
+        let offers = log
+            .lines()
+            .find(|l| l.contains(&format!("{ifname}: its driver offers at XDP")))
+            .unwrap_or_else(|| panic!("no XDP features of {ifname} logged: {log}"));
+        assert!(offers.contains("redirect, ndo-xmit"), "{offers}");
+    }
+    assert!(!log.contains("takes no redirected frames"), "{log}");
+
     // status reports the same.
     let s = fw.status();
     let ifs = s["interfaces"].as_array().unwrap();
@@ -352,6 +364,65 @@ fn generic_mode_by_option() {
         assert_eq!(e["mode"], "generic", "{e}");
     }
     assert_eq!(fw.status()["interfaces"][0]["xdp_mode"], "generic");
+}
+
+/// Native XDP forwards into a device only if its driver takes redirected
+/// frames (a veth: when its peer has GRO or an XDP program). Named
+/// explicitly on a segment where that is missing, `up` says which device
+/// will drop what is forwarded to it (chosen by itself, it would take TC).
+#[test]
+fn native_xdp_names_a_device_that_takes_no_redirected_frames() {
+    require_root();
+    let _g = exclusive();
+    let lab = Lab::create(&unique_prefix("ndox")).unwrap();
+    lab.switch_external()
+        .sh("ethtool -K fw gro off >/dev/null")
+        .unwrap();
+    let fw = Firewall::up(&lab, &["--xdp-mode", "native"]).unwrap();
+    let log = fw.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("takes no redirected frames"))
+        .unwrap_or_else(|| panic!("no warning: {log}"));
+    assert!(warning.contains(addr::IF_EXTERNAL), "{warning}");
+    assert!(!warning.contains(addr::IF_INTERNAL), "{warning}");
+    assert_eq!(fw.status()["interfaces"][1]["xdp_mode"], "native");
+}
+
+/// A driver that refuses native XDP (a veth whose peer's MTU is beyond what
+/// XDP takes: ERANGE) when `native` is named: `up` fails as an invalid
+/// argument naming the device and why, and leaves nothing attached or pinned
+/// (chosen by itself, it would fall back to TC).
+#[test]
+fn a_named_native_xdp_the_driver_refuses_fails_cleanly() {
+    require_root();
+    let _g = exclusive();
+    let lab = Lab::create(&unique_prefix("ndrf")).unwrap();
+    lab.switch_external().sh("ip link set fw mtu 9000").unwrap();
+    let e = Firewall::up(&lab, &["--xdp-mode", "native"])
+        .err()
+        .expect("up fails");
+    let e = format!("{e:#}");
+    assert!(e.contains("invalid-argument"), "{e}");
+    assert!(
+        e.contains(addr::IF_EXTERNAL) && e.contains("out of range"),
+        "{e}"
+    );
+    let link: Value = serde_json::from_str(
+        &lab.fw
+            .sh(&format!("ip -j -d link show {}", addr::IF_INTERNAL))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        link[0].get("xdp").is_none(),
+        "nothing left attached: {}",
+        link[0]
+    );
+    assert!(
+        !lab.fw.try_sh("ls /sys/fs/bpf/firewall/FLOWS"),
+        "nothing left pinned"
+    );
 }
 
 /// Without `--xdp-mode`, `up` picks the hook by the interfaces' kind: TC on

@@ -52,7 +52,8 @@ pub struct UpOptions {
     pub external: String,
     pub config: Option<PathBuf>,
     pub socket: PathBuf,
-    /// The hook named by `--xdp-mode`; None: chosen by the interfaces' kinds.
+    /// The hook named by `--xdp-mode`; None: chosen by the interfaces' kinds
+    /// and drivers.
     pub xdp_mode: Option<AttachMode>,
     /// Leave the datapath attached when the daemon exits (for restarts/upgrades).
     pub keep_datapath: bool,
@@ -165,9 +166,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // Pins left by a daemon that died: re-adopt them if they belong to the same
     // interfaces (established flows keep forwarding), otherwise clear them.
     let previous = State::read();
-    let mode = attach::mode(&opts, previous.as_ref(), &pins, &internal, &external);
+    let hook = attach::mode(&opts, previous.as_ref(), &pins, &internal, &external);
     let adopt = match &previous {
-        Some(s) if attach::left_here(s, &pins, &internal, &external) && s.xdp_mode == mode => {
+        Some(s) if attach::left_here(s, &pins, &internal, &external) && s.xdp_mode == hook.mode => {
             log::info!("re-adopting the datapath left by daemon pid {}", s.pid);
             true
         }
@@ -195,7 +196,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         internal_ifindex: internal.index,
         external: external.name.clone(),
         external_ifindex: external.index,
-        xdp_mode: mode,
+        xdp_mode: hook.mode,
         socket: opts.socket.clone(),
         saved_sysctls,
         local_delivery: None,
@@ -203,19 +204,27 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // Written before attaching, so that `down` can undo a half-done `up`.
     state.write()?;
 
-    let mut dp = match attach::start(&pins, &config, &internal, &external, mode, adopt) {
-        Ok(dp) => dp,
+    let mut dp = match attach::start(&pins, &config, &internal, &external, hook, adopt) {
+        Ok((dp, mode)) => {
+            state.xdp_mode = mode;
+            dp
+        }
         Err(e) => {
             // Nothing half-allocated stays behind.
             let _ = teardown(&pins, Some(&state));
-            if opts.xdp_mode.is_none() && mode == AttachMode::Native {
+            if hook.chosen && hook.mode == AttachMode::Native {
                 return Err(e.context(
                     "native XDP was chosen for these NICs; `--xdp-mode tc` runs on any driver",
                 ));
             }
+            // A hook the driver cannot run, named or kept: the operator's to change.
+            if e.chain().any(|c| c.is::<datapath::DriverRefused>()) {
+                return Err(invalid(e));
+            }
             return Err(e);
         }
     };
+    let mode = state.xdp_mode;
     state.pid = std::process::id();
     state.write()?;
 

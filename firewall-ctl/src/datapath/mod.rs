@@ -45,7 +45,7 @@ mod test_run;
 mod wall;
 
 pub use kernel_maps::KernelMaps;
-pub use mode::{choose, AttachMode};
+pub use mode::{choose, redirect_targets_missing, AttachMode, Choice, LinkFacts};
 pub use tables::{
     decode_event, BusyClients, FlowTable, InterceptTables, PeerFilters, PinholeTable, Stats, Table,
     TableName, TableValue,
@@ -327,6 +327,26 @@ pub struct Datapath {
     pub events: Option<RingBuf<MapData>>,
 }
 
+/// Native XDP refused by a driver that cannot run it (no XDP in the driver,
+/// an MTU beyond what its XDP takes, no redirect into it): when `up` chose
+/// native XDP by itself, it runs the datapath at TC instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DriverRefused(pub String);
+
+/// Whether an XDP attach failed for what the driver cannot do, rather than
+/// for something an operator must look at (another program attached: EBUSY
+/// or EEXIST; permissions).
+fn driver_refused(e: &aya::programs::ProgramError) -> bool {
+    use aya::programs::{ProgramError, XdpError};
+    let errno = match e {
+        ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        ProgramError::XdpError(XdpError::NetlinkError(n)) => n.raw_os_error(),
+        _ => None,
+    };
+    matches!(errno, Some(libc::EOPNOTSUPP | libc::ERANGE | libc::EINVAL))
+}
+
 impl Datapath {
     /// Loads the programs, creating or re-adopting the pinned maps.
     pub fn load(pins: &PinPaths, sizes: MapSizes) -> anyhow::Result<Self> {
@@ -409,18 +429,25 @@ impl Datapath {
             let id = prog
                 .attach_to_if_index(iface.index, mode.xdp())
                 .map_err(|e| {
-                    let hint = match mode {
-                        AttachMode::Native => {
-                            " (if the driver has no native XDP, try --xdp-mode generic)"
-                        }
-                        AttachMode::Generic | AttachMode::Tc => "",
+                    let refused = mode == AttachMode::Native && driver_refused(&e);
+                    let hint = if refused {
+                        " (the driver runs no XDP here; --xdp-mode tc runs on any driver)"
+                    } else {
+                        ""
                     };
-                    anyhow!(
-                        "attaching {} to {} in {:?} mode{hint}: {e}",
+                    // `{:#}`: the errno too, not only the failed call.
+                    let message = format!(
+                        "attaching {} to {} in {:?} mode{hint}: {:#}",
                         side.program(),
                         iface.name,
-                        mode
-                    )
+                        mode,
+                        anyhow::Error::new(e)
+                    );
+                    if refused {
+                        anyhow::Error::new(DriverRefused(message))
+                    } else {
+                        anyhow!(message)
+                    }
                 })?;
             let link = prog.take_link(id)?;
             let fd: FdLink = link
