@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Context as _};
 use aya::{
     maps::{MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{SchedClassifier, Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 use firewall_common::stats::StatValue;
@@ -94,6 +94,7 @@ pub struct TestRunOutput {
 pub struct BenchPrograms {
     ebpf: Ebpf,
     sink_link: Option<aya::programs::xdp::XdpLinkId>,
+    forward_links: Vec<aya::programs::tc::SchedClassifierLinkId>,
 }
 
 impl BenchPrograms {
@@ -110,10 +111,58 @@ impl BenchPrograms {
             let prog: &mut Xdp = typed(&mut ebpf, name)?;
             load_retrying(name, || prog.load())?;
         }
+        let tc: &mut SchedClassifier = typed(&mut ebpf, "tc_bench_forward")?;
+        load_retrying("tc_bench_forward", || tc.load())?;
         Ok(Self {
             ebpf,
             sink_link: None,
+            forward_links: Vec::new(),
         })
+    }
+
+    /// Attaches the bound forwarder (`tc_bench_forward`) at tcx ingress of
+    /// `ifname` (of the calling thread's namespace): IPv4 frames arriving
+    /// there leave from `egress` with MACs `dst` and `src`.
+    pub fn attach_forward(
+        &mut self,
+        ifname: &str,
+        egress: u32,
+        dst: [u8; 6],
+        src: [u8; 6],
+    ) -> anyhow::Result<()> {
+        use aya::programs::tc::{TcAttachOptions, TcAttachType};
+        let ingress = nix::net::if_::if_nametoindex(ifname)
+            .with_context(|| format!("no interface {ifname}"))?;
+        let mut cfg = [0u8; 16];
+        cfg[..6].copy_from_slice(&dst);
+        cfg[6..12].copy_from_slice(&src);
+        cfg[12..].copy_from_slice(&egress.to_ne_bytes());
+        let mut map: aya::maps::HashMap<&mut MapData, u32, [u8; 16]> =
+            aya::maps::HashMap::try_from(
+                self.ebpf
+                    .map_mut("BENCH_FORWARD")
+                    .ok_or_else(|| anyhow!("map BENCH_FORWARD missing"))?,
+            )?;
+        map.insert(ingress, cfg, 0)?;
+        let tc: &mut SchedClassifier = typed(&mut self.ebpf, "tc_bench_forward")?;
+        let id = tc
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(aya::programs::LinkOrder::first()),
+            )
+            .with_context(|| format!("attaching the bound forwarder to {ifname}"))?;
+        self.forward_links.push(id);
+        Ok(())
+    }
+
+    /// Detaches every bound forwarder.
+    pub fn detach_forward(&mut self) -> anyhow::Result<()> {
+        let tc: &mut SchedClassifier = typed(&mut self.ebpf, "tc_bench_forward")?;
+        for id in self.forward_links.drain(..) {
+            tc.detach(id)?;
+        }
+        Ok(())
     }
 
     fn prog(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {

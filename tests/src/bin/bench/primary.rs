@@ -26,8 +26,9 @@ const CONN_PORT_BASE: u16 = 7100;
 const CONNECTORS: usize = 2;
 const IPERF_PORT: u16 = 5201;
 
-const SETUPS: [Setup; 4] = [
+const SETUPS: [Setup; 5] = [
     Setup::Plain,
+    Setup::TcBound,
     Setup::Netfilter,
     Setup::KernelTc,
     Setup::Kernel,
@@ -50,6 +51,9 @@ pub(crate) fn run(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
     for setup in SETUPS {
         println!(" setup {}", setup.name());
         let prepared = prepare(&lab, setup)?;
+        if setup == Setup::TcBound {
+            attach_bound(&lab, &mut progs)?;
+        }
         let (mut rate, mut cpu) = (Vec::new(), Vec::new());
         // One untimed round first (neighbours, caches, the first flows).
         for rep in 0..=opts.reps() {
@@ -98,10 +102,26 @@ pub(crate) fn run(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
             "ns",
             frame_cpu,
         );
+        if setup == Setup::TcBound {
+            in_netns(&lab.fw.path(), || progs.detach_forward())??;
+        }
         prepared.down(&lab)?;
     }
     acceptors.stop(&lab.server);
     Ok(())
+}
+
+/// The bound forwarder on both firewall interfaces, each to the other with
+/// the MACs of the host behind it.
+fn attach_bound(lab: &Lab, progs: &mut BenchPrograms) -> anyhow::Result<()> {
+    let (vfi, vfe) = (addr::IF_INTERNAL, addr::IF_EXTERNAL);
+    let (fi, fe) = (ifindex(&lab.fw, vfi)?, ifindex(&lab.fw, vfe)?);
+    let (mi, me) = (mac(&lab.fw, vfi)?, mac(&lab.fw, vfe)?);
+    let (client, server) = (mac(&lab.client, "eth0")?, mac(&lab.server, "eth0")?);
+    in_netns(&lab.fw.path(), || -> anyhow::Result<()> {
+        progs.attach_forward(vfi, fe, server, me)?;
+        progs.attach_forward(vfe, fi, client, mi)
+    })?
 }
 
 /// Listeners on the server that close every connection as soon as it is
@@ -242,6 +262,40 @@ fn iperf(lab: &Lab, seconds: f64) -> anyhow::Result<f64> {
         .as_f64()
         .with_context(|| format!("iperf3 reported no throughput: {out}"))?;
     Ok(bps / 1e9)
+}
+
+/// Section 6 of the report: a row per figure, the setups side by side with
+/// their ratio to netfilter's.
+pub(crate) fn report(r: &Results, o: &mut String) {
+    use std::fmt::Write as _;
+    const SECTION: &str = "primary connections";
+    if !r.figures.iter().any(|f| f.section == SECTION) {
+        return;
+    }
+    let _ = writeln!(o, "\n## 6. Primary connections (RFC 9693)\n");
+    let _ = writeln!(
+        o,
+        "`tc-bound`: plain routing with only new MACs and a redirect at tcx ingress, the bound of any datapath there.\n"
+    );
+    let setups = ["kernel", "kernel-tc", "tc-bound", "netfilter", "plain"];
+    let _ = writeln!(o, "| Figure | {} |", setups.join(" | "));
+    let _ = writeln!(o, "|---|{}", "---|".repeat(setups.len()));
+    for name in [CONN_RATE, CONN_CPU, BULK, FRAMES, FRAME_CPU] {
+        let nf = r.get(name, "netfilter").map(|f| f.median);
+        let unit = r.get(name, "netfilter").map_or("", |f| f.unit.as_str());
+        let mut row = format!("| {name} ({unit}) |");
+        for setup in setups {
+            let cell = match (r.get(name, setup), nf) {
+                (Some(f), Some(n)) if setup != "netfilter" && n > 0.0 => {
+                    format!(" {} = **{:.2}×** |", crate::fmt_fig(f), f.median / n)
+                }
+                (Some(f), _) => format!(" {} |", crate::fmt_fig(f)),
+                (None, _) => " – |".into(),
+            };
+            row.push_str(&cell);
+        }
+        let _ = writeln!(o, "{row}");
+    }
 }
 
 /// The section's targets: kernel modes against netfilter, as RFC 9693

@@ -157,6 +157,7 @@ pub(crate) fn report(r: &Results) -> String {
         }
     }
     sessions::report(r, &mut o);
+    crate::primary::report(r, &mut o);
     let _ = writeln!(o, "\n## Targets\n");
     let med = |n: &str, s: &str| r.get(n, s).map(|f| f.median).unwrap_or(f64::NAN);
     let pps_ratio = med(

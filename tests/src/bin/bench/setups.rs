@@ -11,6 +11,10 @@ pub(crate) enum Setup {
     User,
     Netfilter,
     Plain,
+    /// Plain routing, with the least a forwarder at tcx ingress can do on
+    /// both firewall interfaces (`tc_bench_forward`: new MACs, redirect):
+    /// the bound of any datapath at that hook, not a firewall.
+    TcBound,
 }
 
 impl Setup {
@@ -29,6 +33,7 @@ impl Setup {
             Setup::User => "user",
             Setup::Netfilter => "netfilter",
             Setup::Plain => "plain",
+            Setup::TcBound => "tc-bound",
         }
     }
 }
@@ -79,7 +84,7 @@ pub(crate) fn prepare(lab: &Lab, setup: Setup) -> anyhow::Result<Prepared> {
             let _ = std::fs::remove_file(&path);
             None
         }
-        Setup::Plain => {
+        Setup::Plain | Setup::TcBound => {
             lab.fw.sh("sysctl -qw net.ipv4.conf.all.forwarding=1")?;
             lab.server.sh(&format!(
                 "ip route add 10.1.0.0/24 via {}",
@@ -99,7 +104,7 @@ impl Prepared {
             Setup::Netfilter => {
                 lab.fw.sh("nft delete table ip fw; sysctl -qw net.ipv4.conf.all.forwarding=0; conntrack -F 2>/dev/null || true")?;
             }
-            Setup::Plain => {
+            Setup::Plain | Setup::TcBound => {
                 lab.fw.sh("sysctl -qw net.ipv4.conf.all.forwarding=0")?;
                 lab.server.sh("ip route del 10.1.0.0/24")?;
             }
