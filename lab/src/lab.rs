@@ -104,6 +104,11 @@ impl Lab {
         &self.switch_ext
     }
 
+    /// The internal segment's switch (its port "fw" faces the firewall).
+    pub fn switch_internal(&self) -> &Ns {
+        &self.switch_int
+    }
+
     /// Creates the topology. `prefix` must be short and unique per run.
     pub fn create(prefix: &str) -> anyhow::Result<Self> {
         Self::create_with(prefix, false)

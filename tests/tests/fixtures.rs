@@ -454,6 +454,77 @@ fn the_next_hop_is_cached_but_the_mtu_and_changes_still_apply() {
     );
 }
 
+/// Translations whose address change moves the checksum: the lab's client
+/// (10.1.0.2) and external address (10.2.0.1) have the same ones'-complement
+/// sum, so every other fixture's address change is checksum-neutral and
+/// only its port change is checked. Both hooks, both directions, TCP (with
+/// and without payload) and UDP, and ports that change.
+#[test]
+fn address_changes_that_move_the_checksum() {
+    let mut fx = Fixture::new("csumaddr").unwrap();
+    // Words 0x0a02 + 0x0009: not the client's 0x0a02 + 0x0002.
+    let nat: [u8; 4] = [10, 2, 0, 9];
+    for (protocol, cport, sport, nport) in [
+        (IPPROTO_TCP, 40100, 80, 3000),
+        (IPPROTO_UDP, 40101, 53, 3001),
+    ] {
+        fx.flows
+            .insert(
+                &FlowKey::new(protocol, CLIENT, cport, SERVER, sport),
+                &FlowValue::forward(nat, nport, SERVER, sport),
+            )
+            .unwrap();
+        fx.flows
+            .insert(
+                &FlowKey::new(protocol, SERVER, sport, nat, nport),
+                &FlowValue::forward(SERVER, sport, CLIENT, cport),
+            )
+            .unwrap();
+    }
+    let specs = [
+        Spec {
+            tcp_flags: TCP_SYN,
+            ..Spec::tcp(CLIENT, 40100, SERVER, 80)
+        },
+        Spec {
+            payload: vec![0x5c; 777],
+            ..Spec::tcp(CLIENT, 40100, SERVER, 80)
+        },
+        Spec::udp(CLIENT, 40101, SERVER, 53),
+        Spec::tcp(SERVER, 80, nat, 3000),
+        Spec {
+            payload: vec![0xc5; 333],
+            ..Spec::udp(SERVER, 53, nat, 3001)
+        },
+    ];
+    for tc in [false, true] {
+        for spec in &specs {
+            let side = if spec.src == CLIENT {
+                Side::Internal
+            } else {
+                Side::External
+            };
+            let r = if tc {
+                fx.run_tc(side, &spec.build())
+            } else {
+                fx.run(side, &spec.build())
+            };
+            assert_eq!(
+                r.action,
+                if tc { TC_REDIRECT } else { XDP_REDIRECT },
+                "tc {tc}: {spec:?}"
+            );
+            let v = view(&r.frame);
+            if side == Side::Internal {
+                assert_eq!(v.src, nat, "tc {tc}: {spec:?}");
+            } else {
+                assert_eq!(v.dst, CLIENT, "tc {tc}: {spec:?}");
+            }
+            check_checksums(&r.frame).unwrap_or_else(|e| panic!("tc {tc}: {e} for {spec:?}"));
+        }
+    }
+}
+
 /// TC verdicts (`--xdp-mode tc`): TCX_NEXT passes on to the next program.
 const TC_REDIRECT: u32 = 7;
 const TC_NEXT: u32 = u32::MAX;

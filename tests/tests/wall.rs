@@ -173,3 +173,112 @@ fn fragmented_datagrams_cross_translated() {
         assert_eq!(fw.counter("drop_fragment"), 0, "{mode}");
     }
 }
+
+/// Where the stack finishes checksums in software — no checksum offload on
+/// the firewall's egress, and receivers that verify every segment — a
+/// translated TCP stream arrives intact both ways, in either hook: the
+/// datapath left each L4 checksum right, also in the senders'
+/// CHECKSUM_PARTIAL super-packets (whose field holds only the pseudo-header
+/// sum, updated for the new addresses and not for the ports). On veth with
+/// offloads on, nobody would notice a wrong one. The second client: the
+/// first one's address and the external one sum alike, so translating
+/// between them never moves a checksum.
+#[test]
+fn checksums_hold_where_the_stack_finishes_them() {
+    for mode in ["tc", "native"] {
+        let mut run = LabRun::start(&format!("csum{}", &mode[..2]), &["--xdp-mode", mode]);
+        let LabRun { lab, fw, .. } = &mut run;
+        prime_neighbours(lab);
+        for i in [addr::IF_INTERNAL, addr::IF_EXTERNAL] {
+            lab.fw
+                .sh(&format!("ethtool -K {i} tx off >/dev/null"))
+                .unwrap();
+        }
+        for sw in [lab.switch_internal(), lab.switch_external()] {
+            sw.sh("ethtool -K fw rx off >/dev/null").unwrap();
+        }
+        for host in [&lab.client2, &lab.server] {
+            host.sh("ethtool -K eth0 rx off >/dev/null").unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("{}-csum", lab.prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |n: &str| dir.join(n).display().to_string();
+        lab.client2
+            .sh(&format!("head -c 4000000 /dev/urandom > {}", file("up")))
+            .unwrap();
+        lab.server
+            .sh(&format!("head -c 4000000 /dev/urandom > {}", file("down")))
+            .unwrap();
+
+        let dump = lab
+            .server
+            .spawn(&format!(
+                "exec timeout 10 tcpdump -c 20 -nvv -i eth0 tcp port 9100 > {} 2>&1",
+                file("dump")
+            ))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // Upload, client to server.
+        let sink = lab
+            .server
+            .spawn(&format!(
+                "exec socat -u TCP-LISTEN:9100,reuseaddr OPEN:{},creat,trunc",
+                file("up.got")
+            ))
+            .unwrap();
+        wait_listening(&lab.server, 9100);
+        lab.client2
+            .sh(&format!(
+                "timeout 20 socat -u FILE:{} TCP:{}:9100",
+                file("up"),
+                addr::SERVER
+            ))
+            .unwrap();
+        let _ = Peer::new(sink).wait();
+        let _ = Peer::new(dump).wait();
+        eprintln!(
+            "DUMP {mode} {}",
+            std::fs::read_to_string(file("dump")).unwrap_or_default()
+        );
+        // Download, server to client.
+        let _source = Peer::new(
+            lab.server
+                .spawn(&format!(
+                    "exec socat -u FILE:{} TCP-LISTEN:9101,reuseaddr",
+                    file("down")
+                ))
+                .unwrap(),
+        );
+        wait_listening(&lab.server, 9101);
+        lab.client2
+            .sh(&format!(
+                "timeout 20 socat -u TCP:{}:9101 OPEN:{},creat,trunc",
+                addr::SERVER,
+                file("down.got")
+            ))
+            .unwrap();
+
+        let same =
+            |a: &str, b: &str| std::fs::read(file(a)).unwrap() == std::fs::read(file(b)).unwrap();
+        assert!(
+            same("up", "up.got"),
+            "{mode}: the upload arrived changed or cut"
+        );
+        assert!(
+            same("down", "down.got"),
+            "{mode}: the download arrived changed or cut"
+        );
+        for host in [&lab.client2, &lab.server] {
+            let errors = host
+                .sh("awk '/^Tcp:/ { if (!n++) { for (i = 1; i <= NF; i++) if ($i == \"InCsumErrors\") c = i } else print $c }' /proc/net/snmp")
+                .unwrap();
+            assert_eq!(
+                errors.trim(),
+                "0",
+                "{mode}: TCP segments with a bad checksum"
+            );
+        }
+        assert!(fw.counter("redirect_primary_established") >= 2, "{mode}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
