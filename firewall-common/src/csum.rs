@@ -209,3 +209,86 @@ mod echo_tests {
         assert_eq!(echo_ids(&reply, &back), (5000, 77));
     }
 }
+
+/// A checksum difference in the kernel's convention (`__wsum`): 32-bit
+/// ones'-complement sums of fields as the CPU loads them from the packet
+/// (`u32::from_ne_bytes` of the bytes). What `bpf_l3_csum_replace` and
+/// `bpf_l4_csum_replace` take with a size of 0: one helper call then applies
+/// the changes of several fields, each as the helper would with its size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wsum(pub u32);
+
+impl Wsum {
+    /// Ones'-complement addition with end-around carry (`csum_add`).
+    #[inline(always)]
+    pub const fn add(self, v: u32) -> Self {
+        let (s, carry) = self.0.overflowing_add(v);
+        Self(s.wrapping_add(carry as u32))
+    }
+
+    /// A 4-byte field changing from `old` to `new` (the helpers' size 4).
+    #[inline(always)]
+    pub const fn replace4(self, old: [u8; 4], new: [u8; 4]) -> Self {
+        self.add(!u32::from_ne_bytes(old))
+            .add(u32::from_ne_bytes(new))
+    }
+
+    /// A 2-byte field changing from `old` to `new`, both as the packet holds
+    /// them (the helpers' size 2, which widens each to 32 bits).
+    #[inline(always)]
+    pub const fn replace2(self, old: [u8; 2], new: [u8; 2]) -> Self {
+        self.add(!(u16::from_ne_bytes(old) as u32))
+            .add(u16::from_ne_bytes(new) as u32)
+    }
+}
+
+#[cfg(test)]
+mod wsum_tests {
+    use super::*;
+
+    /// The kernel's `csum_replace_by_diff` on a field as the packet holds it.
+    fn by_diff(field: [u8; 2], diff: Wsum) -> [u8; 2] {
+        let sum = diff.add(!(u16::from_ne_bytes(field) as u32)).0 as u64;
+        (!fold(sum)).to_ne_bytes()
+    }
+
+    proptest::proptest! {
+        /// Any addresses, ports and starting checksum: one difference in the
+        /// kernel's convention does what our field-by-field updates (the
+        /// XDP path's) do, equal as ones'-complement numbers (0x0000 and
+        /// 0xffff are both zero).
+        #[test]
+        fn one_diff_does_what_the_sized_replacements_do(
+            sa: [u8; 4], sa2: [u8; 4], da: [u8; 4], da2: [u8; 4],
+            sp: u16, sp2: u16, dp: u16, dp2: u16, check: u16,
+        ) {
+            let mut want = replace_addr(check, sa, sa2);
+            want = replace_addr(want, da, da2);
+            want = replace_u16(want, sp, sp2);
+            want = replace_u16(want, dp, dp2);
+            let diff = Wsum::default()
+                .replace4(sa, sa2)
+                .replace4(da, da2)
+                .replace2(sp.to_be_bytes(), sp2.to_be_bytes())
+                .replace2(dp.to_be_bytes(), dp2.to_be_bytes());
+            let got = u16::from_be_bytes(by_diff(check.to_be_bytes(), diff));
+            proptest::prop_assert!(
+                got == want || (got | want == 0xffff && got & want == 0),
+                "{check:#x}: {got:#x} vs {want:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_diff_is_the_sum_of_its_parts() {
+        let a = Wsum::default().replace4([1, 2, 3, 4], [5, 6, 7, 8]);
+        let b = Wsum::default().replace2([0, 80], [31, 144]);
+        let both = Wsum::default()
+            .replace4([1, 2, 3, 4], [5, 6, 7, 8])
+            .replace2([0, 80], [31, 144]);
+        assert_eq!(
+            by_diff(by_diff([0x12, 0x34], a), b),
+            by_diff([0x12, 0x34], both)
+        );
+    }
+}

@@ -4,8 +4,8 @@
 //! A checksum that only holds the pseudo-header sum (CHECKSUM_PARTIAL from a
 //! local socket, see `csum::looks_partial`) is recomputed over the whole
 //! segment instead, because XDP_REDIRECT forgets that the kernel was still to
-//! finish it. At TC (`translate_skb`) the kernel's helpers do it, knowing
-//! the skb's checksum state.
+//! finish it. At TC (`translate_skb`) the kernel's helper updates the L4
+//! checksum, knowing the skb's checksum state.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -185,14 +185,20 @@ fn full_l4_checksum(
     Ok(!csum::fold(sum))
 }
 
-/// `translate` at TC, with the kernel's helpers only: they invalidate packet
-/// pointers, so every offset and old value is taken from `pkt` before the
-/// first one.
+/// `translate` at TC. The bytes are written directly, as at XDP (the
+/// headers are linear and writable: `Hook::prepare` pulled them), and so is
+/// the IPv4 header checksum, which is always final. The L4 checksum is left to
+/// the kernel's helper, which knows the skb's checksum state (final, or only
+/// the pseudo-header sum: CHECKSUM_PARTIAL, where port changes must not touch
+/// it; CHECKSUM_COMPLETE, whose `skb->csum` it keeps in step): at most two
+/// calls, each the sum of its fields' changes. The helpers invalidate packet
+/// pointers, so they come last and nothing here reads the packet after them.
 #[inline(always)]
 pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
     if pkt.fragment == Fragment::Later {
         // The L4 header and its checksum went with the first fragment.
-        return rewrite_ip_skb(ctx, pkt, flow);
+        rewrite_ip(pkt, flow);
+        return Ok(());
     }
     let k = &pkt.key;
     let l4 = pkt.l4_off as usize;
@@ -207,74 +213,54 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
             6
         };
     // SAFETY: `l4_check` was bounds-checked by the parser, and no helper
-    // has run yet.
+    // that moves packet data has run since.
     let old_check = u16::from_be_bytes(unsafe { *pkt.l4_check });
-    let addr = |a: [u8; 4]| u32::from_ne_bytes(a) as u64;
-    let port = |p: u16| p.to_be() as u64;
     let fail = |_| Counter::DropChecksum;
 
     if is_icmp {
         let (old_id, new_id) = csum::echo_ids(k, flow);
-        ctx.l4_csum_replace(check_off, port(old_id), port(new_id), 2)
-            .map_err(fail)?;
-    } else if is_tcp || old_check != 0 {
-        let mangled = if is_tcp {
-            0
-        } else {
-            BPF_F_MARK_MANGLED_0 as u64
-        };
-        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
-        ctx.l4_csum_replace(check_off, addr(k.src_addr), addr(flow.nat_src_addr), pseudo)
-            .map_err(fail)?;
-        ctx.l4_csum_replace(check_off, addr(k.dst_addr), addr(flow.nat_dst_addr), pseudo)
-            .map_err(fail)?;
-        ctx.l4_csum_replace(
-            check_off,
-            port(k.src_port),
-            port(flow.nat_src_port),
-            mangled | 2,
-        )
-        .map_err(fail)?;
-        ctx.l4_csum_replace(
-            check_off,
-            port(k.dst_port),
-            port(flow.nat_dst_port),
-            mangled | 2,
-        )
-        .map_err(fail)?;
+        // SAFETY: the identifier lies within the echo header the parser bounds-checked.
+        unsafe { *(pkt.l4.add(4) as *mut [u8; 2]) = new_id.to_be_bytes() };
+        rewrite_ip(pkt, flow);
+        let port = |p: u16| p.to_be() as u64;
+        return ctx
+            .l4_csum_replace(check_off, port(old_id), port(new_id), 2)
+            .map_err(fail);
     }
-    rewrite_ip_skb(ctx, pkt, flow)?;
-    if is_icmp {
-        let (_, new_id) = csum::echo_ids(k, flow);
-        ctx.store(l4 + 4, &new_id.to_be_bytes(), 0).map_err(fail)?;
+    // SAFETY: the ports lie within the L4 header the parser bounds-checked.
+    unsafe {
+        *(pkt.l4 as *mut [u8; 2]) = flow.nat_src_port.to_be_bytes();
+        *(pkt.l4.add(2) as *mut [u8; 2]) = flow.nat_dst_port.to_be_bytes();
+    }
+    rewrite_ip(pkt, flow);
+    if !is_tcp && old_check == 0 {
+        // UDP without checksum stays without checksum.
         return Ok(());
     }
-    ctx.store(l4, &flow.nat_src_port.to_be_bytes(), 0)
+    let mangled = if is_tcp {
+        0
+    } else {
+        BPF_F_MARK_MANGLED_0 as u64
+    };
+    let addrs = csum::Wsum::default()
+        .replace4(k.src_addr, flow.nat_src_addr)
+        .replace4(k.dst_addr, flow.nat_dst_addr);
+    if k.src_addr != flow.nat_src_addr || k.dst_addr != flow.nat_dst_addr {
+        // Size 0: `to` is the difference, `from` must be 0.
+        ctx.l4_csum_replace(
+            check_off,
+            0,
+            addrs.0 as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled,
+        )
         .map_err(fail)?;
-    ctx.store(l4 + 2, &flow.nat_dst_port.to_be_bytes(), 0)
-        .map_err(fail)?;
-    Ok(())
-}
-
-/// `rewrite_ip` at TC: addresses and TTL, the header checksum by the helper.
-#[inline(always)]
-fn rewrite_ip_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
-    let k = &pkt.key;
-    let l3 = pkt.l3_off as usize;
-    let ttl = pkt.ttl;
-    let proto = k.protocol;
-    let addr = |a: [u8; 4]| u32::from_ne_bytes(a) as u64;
-    let fail = |_| Counter::DropChecksum;
-    let ip_check = l3 + 10;
-    ctx.l3_csum_replace(ip_check, addr(k.src_addr), addr(flow.nat_src_addr), 4)
-        .map_err(fail)?;
-    ctx.l3_csum_replace(ip_check, addr(k.dst_addr), addr(flow.nat_dst_addr), 4)
-        .map_err(fail)?;
-    let word = |t: u8| u16::from_ne_bytes([t, proto]) as u64;
-    ctx.l3_csum_replace(ip_check, word(ttl), word(ttl - 1), 2)
-        .map_err(fail)?;
-    ctx.store(l3 + 8, &(ttl - 1), 0).map_err(fail)?;
-    ctx.store(l3 + 12, &flow.nat_src_addr, 0).map_err(fail)?;
-    ctx.store(l3 + 16, &flow.nat_dst_addr, 0).map_err(fail)?;
+    }
+    if k.src_port != flow.nat_src_port || k.dst_port != flow.nat_dst_port {
+        let ports = csum::Wsum::default()
+            .replace2(k.src_port.to_be_bytes(), flow.nat_src_port.to_be_bytes())
+            .replace2(k.dst_port.to_be_bytes(), flow.nat_dst_port.to_be_bytes());
+        ctx.l4_csum_replace(check_off, 0, ports.0 as u64, mangled)
+            .map_err(fail)?;
+    }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The datapath at tcx ingress (`--xdp-mode tc`). The stack hands over
 //! GRO'd/GSO super-packets and veth keeps its offloads (an XDP program on a
 //! veth turns off GSO on its peer), so bulk TCP is forwarded 64 KiB at a
-//! time; checksums are fixed with the kernel's helpers
-//! (`nat::translate_skb`), which know whether the skb carries a final or a
+//! time; the L4 checksum is fixed with the kernel's helper
+//! (`nat::translate_skb`), which knows whether the skb carries a final or a
 //! partial (pseudo-header) checksum.
 
 use aya_ebpf::{
@@ -101,10 +101,18 @@ impl Hook for TcContext {
 
     #[inline(always)]
     fn set_macs(&self, _pkt: &Packet, hop: &NextHop) -> Result<(), Counter> {
-        self.store(0, &hop.dmac, 0)
-            .map_err(|_| Counter::DropRedirectFailed)?;
-        self.store(6, &hop.smac, 0)
-            .map_err(|_| Counter::DropRedirectFailed)?;
+        // The checksum helpers of `translate` invalidated the parser's
+        // pointers: the frame's start is read and checked again.
+        let (start, end) = (TcContext::data(self), TcContext::data_end(self));
+        if start + 12 > end {
+            return Err(Counter::DropRedirectFailed);
+        }
+        // SAFETY: the two MACs lie within the frame (checked above), which
+        // `prepare` made writable.
+        unsafe {
+            *(start as *mut [u8; 6]) = hop.dmac;
+            *((start + 6) as *mut [u8; 6]) = hop.smac;
+        }
         Ok(())
     }
 }
