@@ -305,7 +305,10 @@ pub(crate) fn targets(r: &Results) -> Vec<(String, String, bool)> {
         Some(r.get(name, setup)?.median / r.get(name, "netfilter")?.median)
     };
     let mut rows = Vec::new();
-    for (setup, mode) in [("kernel", "XDP, the default"), ("kernel-tc", "TC")] {
+    for (setup, mode) in [
+        ("kernel", "XDP, the default on NICs"),
+        ("kernel-tc", "TC, the default on virtual interfaces"),
+    ] {
         for (name, what, want) in [
             (CONN_RATE, "new-connection rate", 1.0),
             (FRAMES, "small-packet rate per generating core", 3.0),
