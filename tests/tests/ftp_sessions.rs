@@ -1,8 +1,9 @@
 //! Many short FTP sessions through the firewall with its default
 //! configuration, as an operator's workload would be: sequential and
 //! concurrent sessions, a client reusing its port, a control connection
-//! closed while its transfer runs, the quota of live connections, and no
-//! socket left behind by `down`.
+//! closed while its transfer runs, the quota of live connections, no
+//! socket left behind by `down`, and the client's session closed between
+//! sessions.
 
 use std::time::Duration;
 
@@ -86,6 +87,28 @@ fn nstat(ns: &Ns, name: &str) -> u64 {
         .trim()
         .parse()
         .unwrap_or(0)
+}
+
+/// The FTP filter remembers each client host's session rather than asking
+/// the engine at every control connection; an operator closing that session
+/// (which ends what it owns) must not leave the next sessions with the old
+/// one: they get a new session and work.
+#[test]
+fn sessions_go_on_after_the_clients_session_is_closed() {
+    let run = LabRun::start("ftpclose", &[]);
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    server.random_file("small.bin", 4096).unwrap();
+    let some = |n| {
+        let out = ftp_load::run(&run.lab.client, &load(DataMode::Passive, 1, n)).unwrap();
+        assert_eq!((out.completed, out.failed), (n, 0), "{:?}", out.errors);
+    };
+    some(5);
+    // `session open` answers the client's existing session: the filter's.
+    let first = run.fw.session(addr::CLIENT);
+    run.fw.ok(&["session", "close", &first]);
+    some(5);
+    assert_ne!(run.fw.session(addr::CLIENT), first, "a new session");
+    assert_eq!(ftp_stat(&run, "failed_calls"), 0);
 }
 
 #[test]

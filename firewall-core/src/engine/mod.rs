@@ -135,6 +135,9 @@ pub struct Engine<M: Maps> {
     clock: std::sync::Arc<dyn Clock>,
     sessions: BTreeMap<u64, Session>,
     by_client: HashMap<Ipv4Addr, u64>,
+    /// Sessions closed so far, shared with whoever remembers sessions
+    /// (`sessions_closed`).
+    sessions_closed: std::sync::Arc<std::sync::atomic::AtomicU64>,
     objects: BTreeMap<u64, Object>,
     /// Which object a flow entry belongs to.
     flow_owner: HashMap<FlowKey, u64>,
@@ -211,6 +214,7 @@ impl<M: Maps> Engine<M> {
             clock,
             sessions: BTreeMap::new(),
             by_client: HashMap::new(),
+            sessions_closed: Default::default(),
             objects: BTreeMap::new(),
             flow_owner: HashMap::new(),
             filters: HashMap::new(),
@@ -250,6 +254,14 @@ impl<M: Maps> Engine<M> {
     /// by the engine. Tests play the datapath through it.
     pub fn maps_mut(&mut self) -> &mut M {
         &mut self.maps
+    }
+
+    /// How many sessions have been closed so far, as a counter shared with
+    /// the caller: one that remembers a client's session (`open_session`
+    /// answers the same id until that session is closed) asks again once
+    /// the counter moved.
+    pub fn sessions_closed(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.sessions_closed.clone()
     }
 
     /// A reloaded configuration: rules, policy and timeouts apply to the next

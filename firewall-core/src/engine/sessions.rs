@@ -43,6 +43,8 @@ impl<M: Maps> Engine<M> {
         s.terminated = true;
         let client = s.client;
         self.by_client.remove(&client);
+        self.sessions_closed
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let owned: Vec<u64> = self
             .objects
             .iter()

@@ -464,6 +464,30 @@ fn protocol_rules_and_addresses() {
     );
 }
 
+/// A client host has one session until it is closed; the shared count of
+/// closed sessions tells a caller that remembers ids when to ask again.
+#[test]
+fn a_clients_session_is_the_same_until_closed() {
+    use std::sync::atomic::Ordering;
+    let (mut e, s) = engine();
+    let closed = e.sessions_closed();
+    let client = CLIENT.parse().unwrap();
+    assert_eq!(e.open_session(client).unwrap(), s);
+    assert_eq!(closed.load(Ordering::Acquire), 0);
+    e.close_session(s).unwrap();
+    assert_eq!(closed.load(Ordering::Acquire), 1);
+    e.close_session(s).unwrap();
+    assert_eq!(
+        closed.load(Ordering::Acquire),
+        1,
+        "closing again changes nothing"
+    );
+    let s2 = e.open_session(client).unwrap();
+    assert_ne!(s2, s, "a new session after the close");
+    assert!(e.bind_for_client(&bind(s, &["10.1.0.2:5001"])).is_err());
+    assert!(e.bind_for_client(&bind(s2, &["10.1.0.2:5001"])).is_ok());
+}
+
 #[test]
 fn explicit_ports_conflicts_and_exhaustion() {
     let (mut e, s) = engine_with(cfg(), 30000..=30009);

@@ -16,14 +16,15 @@ use tokio::{
     sync::{broadcast, watch},
 };
 
+use self::ftp_calls::FtpCalls;
 use crate::{
     api::{self, ApiError, ErrorKind, InterfaceStatus},
     config::Config,
     datapath::{self, AttachMode, Datapath, InterceptTables, KernelMaps, PinPaths, Side},
-    engine::{BindRequest, BindResult, Engine, Event, RedirectRequest, RedirectResult},
+    engine::{Engine, Event},
     engine_owner::{EngineHandle, Outlets},
     filters::{DataFilterFactory, ExecutableBlockerFactory},
-    ftp::{FtpStats, Secondaries},
+    ftp::FtpStats,
     lock::DaemonLock,
     netif::Interface,
     ports::PortPool,
@@ -34,6 +35,7 @@ use crate::{
 
 mod api_server;
 mod attach;
+mod ftp_calls;
 mod handover;
 mod metrics;
 mod notify;
@@ -74,6 +76,9 @@ struct Shared {
     engine: EngineHandle<KernelMaps>,
     events: broadcast::Sender<Event>,
     neighbours: Arc<Resolver>,
+    /// The engine's count of closed sessions (the FTP calls remember
+    /// sessions until it moves).
+    sessions_closed: Arc<std::sync::atomic::AtomicU64>,
     executables_blocked: Arc<std::sync::atomic::AtomicU64>,
     ftp: Arc<FtpStats>,
     api_connections: api_server::Connections,
@@ -256,6 +261,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     let (relay_tx, relay_rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
     let events = broadcast::channel(1024).0;
+    let sessions_closed = engine.sessions_closed();
     let engine = EngineHandle::spawn(
         engine,
         Outlets {
@@ -280,6 +286,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         engine: engine.clone(),
         events,
         neighbours: Arc::new(Resolver::new()),
+        sessions_closed,
         executables_blocked,
         ftp: Arc::new(FtpStats::default()),
         api_connections: Default::default(),
@@ -500,11 +507,12 @@ fn start_interception(
         );
     }
     let ctx = Arc::new(Interception {
-        api: Arc::new(FtpCalls {
-            engine: shared.engine.clone(),
-            neighbours: shared.neighbours.clone(),
-            internal_ifindex: shared.internal.index,
-        }),
+        api: Arc::new(FtpCalls::new(
+            shared.engine.clone(),
+            shared.neighbours.clone(),
+            shared.internal.index,
+            shared.sessions_closed.clone(),
+        )),
         stats: shared.ftp.clone(),
         external: config.external_addresses[0],
         internal: internal_addr,
@@ -525,54 +533,6 @@ fn start_interception(
         published,
         shared.controls.clone(),
     )?))
-}
-
-/// The FTP filter's calls, made from the interception's own thread: they
-/// wait there for the engine's answer.
-struct FtpCalls {
-    engine: EngineHandle<KernelMaps>,
-    neighbours: Arc<Resolver>,
-    internal_ifindex: u32,
-}
-
-impl Secondaries for FtpCalls {
-    fn session(&self, client: Ipv4Addr) -> Result<u64, ApiError> {
-        self.engine.call_blocking(move |e| e.open_session(client))?
-    }
-
-    fn bind_for_client(&self, req: &BindRequest) -> Result<BindResult, ApiError> {
-        let req = req.clone();
-        let r = self
-            .engine
-            .call_blocking(move |e| e.bind_for_client(&req))??;
-        for c in &r.connections {
-            self.neighbours
-                .resolve(self.internal_ifindex, *c.client.ip());
-        }
-        Ok(r)
-    }
-
-    fn redirect_connections(&self, req: &RedirectRequest) -> Result<RedirectResult, ApiError> {
-        let req = req.clone();
-        self.engine
-            .call_blocking(move |e| e.redirect_connections(&req))?
-    }
-
-    fn redirect_connections_at(
-        &self,
-        req: &RedirectRequest,
-        internal_port: u16,
-    ) -> Result<RedirectResult, ApiError> {
-        let req = req.clone();
-        self.engine
-            .call_blocking(move |e| e.redirect_connections_at(&req, Some(internal_port)))?
-    }
-
-    fn withdraw_unused(&self, ids: &[u64]) {
-        let ids = ids.to_vec();
-        self.engine
-            .send(move |e| e.withdraw_unused(&ids, "control connection ended"));
-    }
 }
 
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
