@@ -217,12 +217,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
         Err(e) => {
             // Nothing half-allocated stays behind.
             let _ = teardown(&pins, Some(&state));
-            if hook.chosen && hook.mode == AttachMode::Native {
-                return Err(e.context(
-                    "native XDP was chosen for these NICs; `--xdp-mode tc` runs on any driver",
-                ));
-            }
-            // A hook the driver cannot run, named or kept: the operator's to change.
+            // A chosen native XDP that a driver refused was already tried at
+            // TC (`attach::start`). A hook the driver cannot run, named or
+            // kept: the operator's to change.
             if e.chain().any(|c| c.is::<datapath::DriverRefused>()) {
                 return Err(invalid(e));
             }
