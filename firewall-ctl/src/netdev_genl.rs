@@ -42,17 +42,10 @@ impl XdpFeatures {
 
     /// The kernel's names of the features, for log lines.
     pub fn names(self) -> String {
-        let names: Vec<&str> = self
+        // The kernel's spelling: "NDO_XMIT" is "ndo-xmit".
+        let names: Vec<String> = self
             .iter_names()
-            .map(|(n, _)| match n {
-                "BASIC" => "basic",
-                "REDIRECT" => "redirect",
-                "NDO_XMIT" => "ndo-xmit",
-                "XSK_ZEROCOPY" => "xsk-zerocopy",
-                "HW_OFFLOAD" => "hw-offload",
-                "RX_SG" => "rx-sg",
-                _ => "ndo-xmit-sg",
-            })
+            .map(|(n, _)| n.to_lowercase().replace('_', "-"))
             .collect();
         if names.is_empty() {
             "none".into()

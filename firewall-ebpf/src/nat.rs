@@ -242,10 +242,10 @@ pub fn translate_skb(ctx: &TcContext, pkt: &Packet, flow: &FlowValue) -> Result<
     } else {
         BPF_F_MARK_MANGLED_0 as u64
     };
-    let addrs = csum::Wsum::default()
-        .replace4(k.src_addr, flow.nat_src_addr)
-        .replace4(k.dst_addr, flow.nat_dst_addr);
     if k.src_addr != flow.nat_src_addr || k.dst_addr != flow.nat_dst_addr {
+        let addrs = csum::Wsum::default()
+            .replace4(k.src_addr, flow.nat_src_addr)
+            .replace4(k.dst_addr, flow.nat_dst_addr);
         // Size 0: `to` is the difference, `from` must be 0.
         ctx.l4_csum_replace(
             check_off,
