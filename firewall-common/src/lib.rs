@@ -14,6 +14,7 @@ pub mod intercept;
 pub mod pinhole;
 pub mod rules;
 pub mod stats;
+pub mod tftp;
 pub mod wall;
 
 /// bpffs directory under which every map and link of the firewall is pinned.
@@ -38,6 +39,7 @@ pub mod map_names {
     pub const RULES_ACTIVE: &str = "RULES_ACTIVE";
     pub const UDP_MAPPINGS: &str = "UDP_MAPPINGS";
     pub const UDP_PORT_OWNERS: &str = "UDP_PORT_OWNERS";
+    pub const TFTP_CONF: &str = "TFTP_CONF";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).

@@ -90,6 +90,7 @@ counters! {
     DropIcmpUnrelated = 40, Drop, "drop_icmp_unrelated", "an ICMP error to be forwarded that quotes no tracked flow, or not addressed to the quoted packet's source";
     RedirectedFragment = 41, Redirect, "redirect_fragment", "a later fragment of a datagram whose first fragment was forwarded: its addresses translated, forwarded";
     DropRule = 42, Drop, "drop_rule", "a new outbound connection no access rule allows (a deny rule matched, or none did)";
+    TftpEstablished = 43, Redirect, "redirect_tftp_established", "a TFTP server's first answer from its transfer port, to the endpoint that asked it: tracked, its flows created, translated";
 }
 
 /// Number of slots in the STATS map.

@@ -23,6 +23,7 @@ mod pipeline;
 mod scratch;
 mod stats;
 mod tc;
+mod tftp;
 mod udp_nat;
 mod wall;
 mod xdp;

@@ -8,9 +8,12 @@ use firewall_common::{
     flow::FlowAction,
     frag::Fragment,
     stats::{Counter, Verdict},
+    IPPROTO_UDP,
 };
 
-use crate::{events, fib, flow, frag, hook::Hook, icmp_error, parse, pinhole, stats, wall};
+use firewall_common::pinhole::side as sides;
+
+use crate::{events, fib, flow, frag, hook::Hook, icmp_error, parse, pinhole, stats, tftp, wall};
 
 /// Outcome of processing: the counter, and for redirects the egress interface.
 pub struct Outcome {
@@ -97,18 +100,27 @@ fn claim<H: Hook>(
             // No pinhole for it: the old flow goes on as before.
             (Counter::PassNoFlow, Some(old)) => (old, Counter::Redirected),
             (pinhole, _) => {
-                // Nothing claims it: the wall decides. Both create the flows
-                // in a function of their own; the packet then takes its flow.
-                let created = if pinhole == Counter::PassNoFlow {
-                    wall::admit(ctx, pkt, side)
-                } else {
-                    pinhole
+                // Nothing claims it: a TFTP server's answer, or the wall
+                // decides. Each creates the flows in a function of its own;
+                // the packet then takes its flow.
+                let created = match pinhole {
+                    Counter::PassNoFlow
+                        if side == sides::EXTERNAL && pkt.key.protocol == IPPROTO_UDP =>
+                    {
+                        match tftp::admit(pkt) {
+                            Counter::PassNoFlow => wall::admit(ctx, pkt, side),
+                            answered => answered,
+                        }
+                    }
+                    Counter::PassNoFlow => wall::admit(ctx, pkt, side),
+                    pinhole => pinhole,
                 };
                 if !matches!(
                     created,
                     Counter::PinholeEstablished
                         | Counter::PrimaryEstablished
                         | Counter::PublishedEstablished
+                        | Counter::TftpEstablished
                 ) {
                     return Err(created.into());
                 }

@@ -16,8 +16,9 @@ pub struct Scratch {
     pub fib: FibParams,
     /// Socket lookups.
     pub tuple: bpf_sock_tuple,
-    /// A flow entry being built.
+    /// A flow entry being built, and a second (the TFTP helper copies two).
     pub flow: FlowValue,
+    pub flow2: FlowValue,
     /// An ICMP error's translation, next hop and the egress its flow allows.
     pub icmp: ErrorRewrite,
     pub hop: NextHop,

@@ -15,7 +15,8 @@ use crate::{run, run_stdout};
 
 /// Debian packages: the lab (iproute2, ethtool, ping, traceroute, tracepath), inspection
 /// (bpftool), the peers (python3 for ftplib), and the metrics test's parser
-/// (python3-prometheus-client), the package's checks (lintian, man-db and
+/// (python3-prometheus-client), TFTP's server and client (tftpd-hpa, tftp-hpa; the
+/// server runs only inside the lab, its system service is turned off), the package's checks (lintian, man-db and
 /// systemd for `systemd-analyze verify`).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
@@ -28,6 +29,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "curl",
     "lftp",
     "vsftpd",
+    "tftpd-hpa",
+    "tftp-hpa",
     "python3",
     "python3-prometheus-client",
     "iperf3",
@@ -143,6 +146,12 @@ fn apt_packages() -> anyhow::Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("apt-get install {}", missing.join(" ")))?;
+    if missing.contains(&"tftpd-hpa") {
+        // The tests run in.tftpd inside their namespaces; the host needs no TFTP server.
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", "tftpd-hpa"])
+            .output();
+    }
     step("apt packages", true);
     Ok(())
 }

@@ -28,6 +28,8 @@ pub(super) struct File {
     #[serde(default)]
     pub ftp: FtpFile,
     #[serde(default)]
+    pub tftp: TftpFile,
+    #[serde(default)]
     pub interception: InterceptionFile,
     #[serde(default)]
     pub nat: NatFile,
@@ -72,6 +74,12 @@ pub(super) struct FtpFile {
     pub ports: Option<Vec<u16>>,
     #[serde(default)]
     pub data_connections: DataConnections,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TftpFile {
+    pub ports: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -19,6 +19,7 @@ use crate::{
 };
 
 mod file;
+mod helpers;
 mod reload;
 mod rules;
 #[cfg(test)]
@@ -78,6 +79,8 @@ pub struct Config {
     /// FTP data connections go through the user-mode relay even without a
     /// data filter (`[ftp] data_connections = "user"`).
     pub ftp_user_mode: bool,
+    /// Server ports of the TFTP helper (`[tftp] ports`); empty: off.
+    pub tftp_ports: Vec<u16>,
     /// Mark that makes policy routing deliver intercepted segments locally.
     pub fwmark: u32,
     /// The routing table holding the local route for marked segments.
@@ -101,6 +104,7 @@ pub struct Published {
 }
 
 pub const DEFAULT_FTP_PORTS: &[u16] = &[21];
+pub use helpers::DEFAULT_TFTP_PORTS;
 /// "FW" and 0x21 (FTP's port); any value no other software on the machine uses.
 pub const DEFAULT_FWMARK: u32 = 0x4657_0021;
 pub const DEFAULT_ROUTE_TABLE: u32 = 18_007;
@@ -455,32 +459,8 @@ impl Config {
             block_executables.push(name.clone());
         }
 
-        let ftp_ports = if file.ftp.enabled.unwrap_or(true) {
-            let ports = file.ftp.ports.unwrap_or_else(|| DEFAULT_FTP_PORTS.to_vec());
-            if ports.is_empty() || ports.len() > 16 {
-                return Err(err(
-                    "ftp.ports",
-                    "give 1 to 16 ports (or enabled = false to turn the FTP filter off)",
-                ));
-            }
-            for (i, p) in ports.iter().enumerate() {
-                if *p == 0 || ports[..i].contains(p) {
-                    return Err(err(
-                        format!("ftp.ports[{i}]"),
-                        format!("{p} is 0 or listed twice"),
-                    ));
-                }
-            }
-            if !protocols.iter().any(|p| p.name == "ftp") {
-                return Err(err(
-                    "ftp.enabled",
-                    "the FTP filter needs a protocol named \"ftp\" in [[protocols]] (or enabled = false)",
-                ));
-            }
-            ports
-        } else {
-            Vec::new()
-        };
+        let ftp_ports = helpers::ftp_ports(&file.ftp, &protocols)?;
+        let tftp_ports = helpers::tftp_ports(&file.tftp)?;
         let ftp_user_mode = file.ftp.data_connections == DataConnections::User;
         let fwmark = file.interception.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
@@ -513,6 +493,7 @@ impl Config {
             metrics_listen,
             ftp_ports,
             ftp_user_mode,
+            tftp_ports,
             fwmark,
             route_table,
             block_executables,

@@ -78,6 +78,7 @@ impl Config {
                         && new.rules.iter().all(|r| r.embedded)),
             ),
             ("publish", self.published != new.published),
+            ("tftp.ports", self.tftp_ports != new.tftp_ports),
         ];
         Ok(reloadable
             .into_iter()
@@ -104,7 +105,8 @@ mod tests {
         let new = parse(
             "[timeouts]\nudp_idle = 30\n[policy]\nclient_quota = 10\n[wall]\noutbound_from = [\"10.1.0.0/25\"]\n\
              [[publish]]\ntransport = \"tcp\"\nport = 8080\nserver = \"10.1.0.2:80\"\n\
-             [[protocols]]\nname = \"ftp\"\ntransport = \"tcp\"\nports = [21]\nclients = [\"10.1.0.2/32\"]",
+             [[protocols]]\nname = \"ftp\"\ntransport = \"tcp\"\nports = [21]\nclients = [\"10.1.0.2/32\"]\n\
+             [tftp]\nports = [69, 1069]",
         );
         assert_eq!(
             old.reload_changes(&new).unwrap(),
@@ -113,7 +115,8 @@ mod tests {
                 "policy",
                 "protocols",
                 "wall.outbound_from",
-                "publish"
+                "publish",
+                "tftp.ports"
             ]
         );
     }

@@ -34,6 +34,9 @@ fn defaults_come_from_interfaces() {
     assert_eq!(c.protocols[0].clients, c.internal_networks);
     assert_eq!(c.networks[0].ranges, c.internal_networks);
     assert!(c.default_allowed_addresses.is_empty());
+    assert_eq!(c.tftp_ports, vec![69], "the TFTP helper is on");
+    let off = Config::parse("[tftp]\nports = []", &i, &e).unwrap();
+    assert!(off.tftp_ports.is_empty());
 }
 
 #[test]
@@ -186,6 +189,10 @@ fn errors_name_the_key() {
         ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
         ("[metrics]\nlisten = \"127.0.0.1:0\"", "metrics.listen"),
         ("[metrics]\nport = 9469", "unknown field `port`"),
+        ("[tftp]\nports = [69, 69]", "tftp.ports[1]"),
+        ("[tftp]\nports = [0]", "tftp.ports[0]"),
+        ("[tftp]\nports = [69, 70, 71, 72, 73]", "at most 4 ports"),
+        ("[tftp]\nenabled = true", "unknown field `enabled`"),
     ];
     for (text, want) in cases {
         let got = Config::parse(text, &i, &e).unwrap_err().to_string();

@@ -66,7 +66,11 @@ pub fn raise(
 ) -> anyhow::Result<()> {
     let conf = conf(config, external)?;
     let published = published(config, internal);
-    WallTables::open(pins)?
+    let mut tables = WallTables::open(pins)?;
+    tables
+        .set_tftp(&config.tftp_ports)
+        .context("writing the TFTP helper's ports")?;
+    tables
         .set(
             conf,
             &config.outbound_from,
@@ -76,6 +80,10 @@ pub fn raise(
         .context("writing the wall's settings")?;
     for r in &config.rules {
         log::info!("rule: {}", r.describe());
+    }
+    match config.tftp_ports.as_slice() {
+        [] => log::info!("TFTP helper: off"),
+        ports => log::info!("TFTP helper: answers to requests to port {ports:?}"),
     }
     for p in &config.published {
         log::info!(
@@ -114,16 +122,20 @@ fn published(config: &Config, internal: &Interface) -> Vec<(PublishKey, PublishV
         .collect()
 }
 
-/// A reloaded configuration's sources, rules and published servers into the
-/// running wall (its settings, the NAT address and ports, stay).
+/// A reloaded configuration's sources, rules, published servers and TFTP
+/// helper ports into the running wall (its settings, the NAT address and ports, stay).
 pub fn reapply(pins: &PinPaths, config: &Config, internal: &Interface) -> anyhow::Result<()> {
-    WallTables::open(pins)?
+    let mut tables = WallTables::open(pins)?;
+    tables
         .update(
             &config.outbound_from,
             &config.datapath_rules(),
             &published(config, internal),
         )
-        .context("updating the wall's sources, rules and published servers")
+        .context("updating the wall's sources, rules and published servers")?;
+    tables
+        .set_tftp(&config.tftp_ports)
+        .context("updating the TFTP helper's ports")
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use firewall_common::{
     program_names,
     rules::Rule,
     stats::StatValue,
+    tftp::TftpConf,
     wall::{NatEndpoint, PublishKey, PublishValue, SourceValue, UdpMapping, WallConf},
     PIN_DIR,
 };
@@ -253,6 +254,11 @@ const MAPS: &[MapSpec] = &[
         name: map_names::UDP_PORT_OWNERS,
         key_size: 4,
         value_size: size_of::<NatEndpoint>() as u32,
+    },
+    MapSpec {
+        name: map_names::TFTP_CONF,
+        key_size: 4,
+        value_size: size_of::<TftpConf>() as u32,
     },
     MapSpec {
         name: map_names::WALL_SOURCES,

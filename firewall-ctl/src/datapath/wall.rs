@@ -9,6 +9,7 @@ use aya::maps::{
 use firewall_common::{
     map_names,
     rules::{Rule, RULE_SLOTS},
+    tftp::{TftpConf, TFTP_PORTS},
     wall::{NatEndpoint, PublishKey, PublishValue, SourceValue, UdpMapping, WallConf},
 };
 use ipnet::Ipv4Net;
@@ -21,6 +22,7 @@ pub struct WallTables {
     published: HashMap<MapData, PublishKey, PublishValue>,
     rules: Array<MapData, Rule>,
     rules_active: Array<MapData, u32>,
+    tftp: Array<MapData, TftpConf>,
 }
 
 impl WallTables {
@@ -33,6 +35,7 @@ impl WallTables {
             published: HashMap::try_from(open(map_names::PUBLISHED)?)?,
             rules: Array::try_from(open(map_names::RULES)?)?,
             rules_active: Array::try_from(open(map_names::RULES_ACTIVE)?)?,
+            tftp: Array::try_from(open(map_names::TFTP_CONF)?)?,
         })
     }
 
@@ -55,6 +58,20 @@ impl WallTables {
             }
         }
         self.rules_active.set(0, bank, 0)?;
+        Ok(())
+    }
+
+    /// The TFTP helper's server ports (none: off). At most `TFTP_PORTS`
+    /// (the configuration checks).
+    pub fn set_tftp(&mut self, ports: &[u16]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            ports.len() <= TFTP_PORTS,
+            "{} TFTP ports, more than the {TFTP_PORTS} the datapath holds",
+            ports.len()
+        );
+        let mut conf = TftpConf::default();
+        conf.ports[..ports.len()].copy_from_slice(ports);
+        self.tftp.set(0, conf, 0)?;
         Ok(())
     }
 

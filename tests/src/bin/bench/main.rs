@@ -45,7 +45,7 @@ use firewall_ctl::{
 };
 use firewall_tests::{
     daemon::Firewall,
-    fixture::{Fixture, CLIENT, FW_EXTERNAL, SERVER, XDP_DROP, XDP_REDIRECT},
+    fixture::{Fixture, CLIENT, FW_EXTERNAL, SERVER, XDP_DROP, XDP_PASS, XDP_REDIRECT},
     ftp::FtpServer,
     lab::{addr, unique_prefix, Lab, Ns},
     netns::in_netns,

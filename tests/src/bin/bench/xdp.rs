@@ -293,6 +293,7 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         r.add("xdp cost", what, "kernel", "ns/packet", v);
     }
+    tftp_costs(&mut fx, r, runs, reps, repeat)?;
     // The rules' worst case: every entry read, the last one allows.
     let mut rules = vec![
         Rule {
@@ -314,6 +315,81 @@ pub(crate) fn xdp_cost(opts: &Opts, r: &mut Results) -> anyhow::Result<()> {
         v,
     );
     Ok(())
+}
+
+/// The TFTP helper: a server's first answer from its transfer port (the
+/// helper copies the request's flows, removed after each run), and what it
+/// adds to a datagram from outside to a NAT port that answers no request
+/// (left to the stack), with the helper on and off.
+fn tftp_costs(
+    fx: &mut Fixture,
+    r: &mut Results,
+    runs: usize,
+    reps: usize,
+    repeat: u32,
+) -> anyhow::Result<()> {
+    let mut wall = firewall_ctl::datapath::WallTables::open(&fx.pins)?;
+    wall.set_tftp(&[69])?;
+    let request = fx.run(
+        Side::Internal,
+        &Spec::udp(CLIENT, 45000, SERVER, 69).build(),
+    );
+    if request.action != XDP_REDIRECT {
+        bail!("TFTP request: verdict {}", request.action);
+    }
+    let nat = view_sport(&request.frame);
+    let v = (0..reps)
+        .map(|_| {
+            let mut v = Vec::new();
+            for i in 0..runs {
+                let tid = 50000 + (i % 10000) as u16;
+                let out = fx.run(
+                    Side::External,
+                    &Spec::udp(SERVER, tid, FW_EXTERNAL, nat).build(),
+                );
+                if out.action != XDP_REDIRECT {
+                    bail!("TFTP answer: verdict {}", out.action);
+                }
+                v.push(out.duration.as_nanos() as f64);
+                let _ = fx
+                    .flows
+                    .remove(&FlowKey::new(IPPROTO_UDP, SERVER, tid, FW_EXTERNAL, nat));
+                let _ = fx
+                    .flows
+                    .remove(&FlowKey::new(IPPROTO_UDP, CLIENT, 45000, SERVER, tid));
+            }
+            v.sort_by(|a, b| a.total_cmp(b));
+            Ok(v[v.len() / 2])
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    r.add(
+        "xdp cost",
+        "a TFTP server's first answer (the helper copies the request's flows)",
+        "kernel",
+        "ns/packet",
+        v,
+    );
+    let stray = Spec::udp([10, 2, 0, 77], 53, FW_EXTERNAL, nat).build();
+    for (what, ports) in [
+        (
+            "UDP from outside to a NAT port, no request (TFTP helper on)",
+            &[69][..],
+        ),
+        (
+            "UDP from outside to a NAT port, no request (TFTP helper off)",
+            &[][..],
+        ),
+    ] {
+        wall.set_tftp(ports)?;
+        let v = timed(fx, Side::External, &stray, repeat, reps, XDP_PASS)?;
+        r.add("xdp cost", what, "kernel", "ns/packet", v);
+    }
+    Ok(())
+}
+
+/// The source port of a frame (IPv4 without options).
+fn view_sport(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
 }
 
 /// The wall's first-packet path: an outbound SYN creates both flows (which

@@ -1,0 +1,174 @@
+//! TFTP through the firewall with real peers: tftpd-hpa in the server's
+//! namespace, tftp-hpa and curl as clients inside. A TFTP server answers
+//! from a transfer port of its own; the TFTP helper lets exactly that
+//! answer in (`tftp_fixtures.rs` has the packets it refuses).
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use firewall_tests::{
+    daemon::LabRun,
+    ftp::{eventually, sha256},
+    lab::{addr, Ns},
+    traffic::{prime_neighbours, wait_listening, Peer},
+};
+
+/// in.tftpd (tftpd-hpa) on SERVER:69, serving and taking files in `dir`.
+struct TftpServer {
+    _daemon: Peer,
+    dir: PathBuf,
+}
+
+impl TftpServer {
+    fn start(ns: &Ns, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{tag}-tftpd"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        // Uploads are written as the server's unprivileged user.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let daemon = ns
+            .cmd("in.tftpd")
+            .args(["--listen", "--foreground", "--create", "--secure"])
+            .args(["--address", &format!("{}:69", addr::SERVER)])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("in.tftpd (tftpd-hpa; `cargo xtask setup` installs it)");
+        let daemon = Peer::new(daemon);
+        wait_listening(ns, 69);
+        Self {
+            _daemon: daemon,
+            dir,
+        }
+    }
+
+    fn file(&self, name: &str, size: usize) -> PathBuf {
+        let path = self.dir.join(name);
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+        fs::write(&path, data).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        path
+    }
+}
+
+impl Drop for TftpServer {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// tftp-hpa's `get` or `put` from the client, at most `secs` seconds.
+fn tftp(client: &Ns, secs: u32, command: &str) -> bool {
+    client.try_sh(&format!(
+        "timeout {secs} tftp -m binary {} -c {command}",
+        addr::SERVER
+    ))
+}
+
+fn local(tag: &str, name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("{tag}-{name}"));
+    let _ = fs::remove_file(&p);
+    p
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    b.exists() && sha256(a) == sha256(b)
+}
+
+#[test]
+fn files_go_both_ways_through_the_tftp_helper() {
+    let run = LabRun::start("tftp", &[]);
+    prime_neighbours(&run.lab);
+    let tag = &run.lab.prefix;
+    let server = TftpServer::start(&run.lab.server, tag);
+    // Many blocks of 512 bytes, each answered by the client.
+    let file = server.file("f.bin", 200_000);
+
+    let got = local(tag, "got.bin");
+    assert!(tftp(
+        &run.lab.client,
+        20,
+        &format!("get f.bin {}", got.display())
+    ));
+    assert!(same(&file, &got), "tftp get");
+
+    let up = local(tag, "up.bin");
+    fs::copy(&file, &up).unwrap();
+    assert!(tftp(
+        &run.lab.client,
+        20,
+        &format!("put {} up.bin", up.display())
+    ));
+    assert!(
+        eventually(5, || same(&up, &server.dir.join("up.bin"))),
+        "tftp put"
+    );
+
+    let curled = local(tag, "curl.bin");
+    assert!(run.lab.client.try_sh(&format!(
+        "curl -s --max-time 20 -o {} tftp://{}/f.bin",
+        curled.display(),
+        addr::SERVER
+    )));
+    assert!(same(&file, &curled), "curl tftp://");
+
+    // Each transfer's first answer came in through the helper.
+    assert_eq!(run.fw.counter("redirect_tftp_established"), 3);
+    // The transfers are tracked like any connection: from a server port
+    // other than 69, kind primary.
+    let server = addr::SERVER.to_string();
+    let transfers = run
+        .fw
+        .list("flows")
+        .into_iter()
+        .filter(|f| {
+            f["protocol"] == "udp"
+                && f["kind"] == "primary"
+                && f["from"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with(&server) && !a.ends_with(":69"))
+        })
+        .count();
+    assert!(transfers >= 3, "{transfers} transfers' flows listed");
+    for f in [got, up, curled] {
+        let _ = fs::remove_file(f);
+    }
+}
+
+#[test]
+fn turned_off_no_answer_gets_in_and_a_reload_turns_it_on() {
+    let (run, path) = LabRun::with_config_file("tftpoff", "[tftp]\nports = []\n");
+    prime_neighbours(&run.lab);
+    let tag = &run.lab.prefix;
+    let server = TftpServer::start(&run.lab.server, tag);
+    let file = server.file("f.bin", 3000);
+    let got = local(tag, "off.bin");
+    assert!(!tftp(
+        &run.lab.client,
+        4,
+        &format!("get f.bin {}", got.display())
+    ));
+    assert!(!same(&file, &got));
+    assert_eq!(run.fw.counter("redirect_tftp_established"), 0);
+
+    fs::write(&path, "[tftp]\nports = [69]\n").unwrap();
+    let answer = run.fw.call(&["reload"]).unwrap();
+    assert_eq!(
+        answer["changed"],
+        serde_json::json!(["tftp.ports"]),
+        "{answer}"
+    );
+    assert!(tftp(
+        &run.lab.client,
+        20,
+        &format!("get f.bin {}", got.display())
+    ));
+    assert!(same(&file, &got));
+    assert_eq!(run.fw.counter("redirect_tftp_established"), 1);
+    let _ = fs::remove_file(&got);
+    let _ = fs::remove_file(&path);
+}
