@@ -99,6 +99,11 @@ pub struct FlowValue {
     /// interface or the packet is dropped (guards against route changes
     /// sending a flow out of the wrong side).
     pub egress_ifindex: u32,
+    /// A TFTP request's own flow: its packet count (low 32 bits) plus one
+    /// when the TFTP helper last let a server's answer in; 0: never. An
+    /// answer needs a request packet after the last one answered
+    /// (`tftp::armed`). 0 in every other flow.
+    pub answered: u32,
     /// Connection object that owns this entry (0: none, e.g. a static flow).
     pub owner: u64,
     /// Packets and bytes forwarded (L2 frame length), updated atomically.
@@ -142,6 +147,7 @@ impl FlowValue {
             nat_dst_port,
             action: FlowAction::Forward as u32,
             egress_ifindex: 0,
+            answered: 0,
             owner: 0,
             packets: 0,
             bytes: 0,

@@ -17,6 +17,9 @@ pub mod stats;
 pub mod tftp;
 pub mod wall;
 
+#[cfg(test)]
+mod layout_tests;
+
 /// bpffs directory under which every map and link of the firewall is pinned.
 pub const PIN_DIR: &str = "/sys/fs/bpf/firewall";
 

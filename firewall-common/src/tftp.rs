@@ -74,6 +74,22 @@ pub fn answers(answer: &FlowKey, request: &FlowValue, reply: &FlowValue) -> bool
         && reply.nat_src_addr == answer.src_addr
 }
 
+/// Whether the request may be answered now: not yet, or the client asked
+/// again since the last answer (a retransmitted request, which a server may
+/// answer from a new port). One answer per request packet, as netfilter's
+/// expectations: a server the client asked cannot open flows from every
+/// port it has.
+#[inline(always)]
+pub fn armed(request: &FlowValue) -> bool {
+    request.answered != (request.packets as u32).wrapping_add(1)
+}
+
+/// Records on the request's flow that its latest packet was answered.
+#[inline(always)]
+pub fn mark_answered(request: &mut FlowValue) {
+    request.answered = (request.packets as u32).wrapping_add(1);
+}
+
 /// Turns copies of the request's flows (`out`: the request's own, `back`:
 /// its reply's) into the transfer's: the server's port is its transfer
 /// port `tid` instead of the asked one, the rest of the translation and the
@@ -82,6 +98,7 @@ pub fn answers(answer: &FlowKey, request: &FlowValue, reply: &FlowValue) -> bool
 pub fn transfer(out: &mut FlowValue, back: &mut FlowValue, tid: u16, now_ns: u64) {
     out.nat_dst_port = tid;
     back.nat_src_port = tid;
+    out.answered = 0;
     for v in [out, back] {
         v.packets = 0;
         v.bytes = 0;
@@ -158,9 +175,27 @@ mod tests {
     }
 
     #[test]
+    fn one_answer_per_request_packet() {
+        let (mut out, _) = request();
+        assert!(armed(&out), "never answered");
+        mark_answered(&mut out);
+        assert!(!armed(&out), "answered, no request since");
+        out.packets += 1;
+        assert!(armed(&out), "the client asked again");
+        mark_answered(&mut out);
+        assert!(!armed(&out));
+        out.packets = u64::from(u32::MAX);
+        assert!(armed(&out));
+        mark_answered(&mut out);
+        assert_eq!(out.answered, 0, "wraps");
+        assert!(!armed(&out));
+    }
+
+    #[test]
     fn the_transfer_s_flows_translate_to_the_transfer_port() {
         let (mut out, mut back) = request();
         out.owner = 9;
+        out.answered = 4;
         back.tcp_flags_seen = 1;
         transfer(&mut out, &mut back, 40001, 77);
         // CLIENT:5000 → SERVER:40001 leaves as NAT:5000 → SERVER:40001.

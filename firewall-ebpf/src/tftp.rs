@@ -7,7 +7,8 @@ use aya_ebpf::{btf_maps::Array, helpers::generated::bpf_ktime_get_coarse_ns, mac
 use firewall_common::{
     stats::Counter,
     tftp::{
-        answer_out_key, answers, request_key, request_reply_key, transfer, TftpConf, TFTP_PORTS,
+        answer_out_key, answers, armed, mark_answered, request_key, request_reply_key, transfer,
+        TftpConf, TFTP_PORTS,
     },
     IPPROTO_UDP,
 };
@@ -46,13 +47,18 @@ pub fn admit(pkt: &Packet) -> Counter {
         // SAFETY: a FLOWS value found just now; values stay valid for the
         // program's run (copied before any insert can recycle them).
         let reply = unsafe { &*reply };
-        let Some(request) = FLOWS.get_ptr(request_key(k, port, reply)) else {
+        let Some(request) = FLOWS.get_ptr_mut(request_key(k, port, reply)) else {
             continue;
         };
-        // SAFETY: as above.
-        let request = unsafe { &*request };
+        // SAFETY: as above; the one field written (`answered`) is the
+        // helper's alone.
+        let request = unsafe { &mut *request };
         if !answers(k, request, reply) {
             continue;
+        }
+        if !armed(request) {
+            // Answered already: one answer per request packet.
+            return Counter::PassNoFlow;
         }
         let Some(s) = scratch::get() else {
             return Counter::DropNoFlow;
@@ -62,6 +68,7 @@ pub fn admit(pkt: &Packet) -> Counter {
         let out_key = answer_out_key(k, reply);
         s.flow = *reply;
         s.flow2 = *request;
+        mark_answered(request);
         transfer(&mut s.flow2, &mut s.flow, k.src_port, now);
         if flow::insert(&out_key, &s.flow2).is_err() {
             return Counter::DropNatExhausted;

@@ -1,6 +1,6 @@
 //! BPF_PROG_RUN fixtures of the TFTP helper: a server's first answer from
 //! its transfer port gets the request's flows copied for that port, at XDP
-//! and at TC; nothing else gets in through it.
+//! and at TC, once per request packet; nothing else gets in through it.
 
 use firewall_common::{flow::FlowKey, stats::Counter, IPPROTO_UDP};
 use firewall_ctl::datapath::{Side, WallTables};
@@ -66,6 +66,15 @@ fn the_server_s_answer_from_its_transfer_port_reaches_the_client() {
     );
     assert_eq!(r.action, XDP_REDIRECT);
     assert_eq!(fx.counter(Counter::TftpEstablished), 1, "an existing flow");
+    // One answer per request packet: another port of the server's gets
+    // nothing in until the client asks again (a retransmitted request,
+    // which a server may answer from a new port).
+    let r = fx.run(
+        Side::External,
+        &Spec::udp(SERVER, 50009, FW_EXTERNAL, p).build(),
+    );
+    assert_ne!(r.action, XDP_REDIRECT, "answered already");
+    assert_eq!(request(&mut fx, 40000, 69), p, "the same request again");
     // The same at TC.
     let r = fx.run_tc(
         Side::External,
