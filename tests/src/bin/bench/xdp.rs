@@ -330,10 +330,8 @@ fn tftp_costs(
 ) -> anyhow::Result<()> {
     let mut wall = firewall_ctl::datapath::WallTables::open(&fx.pins)?;
     wall.set_tftp(&[69])?;
-    let request = fx.run(
-        Side::Internal,
-        &Spec::udp(CLIENT, 45000, SERVER, 69).build(),
-    );
+    let ask = Spec::udp(CLIENT, 45000, SERVER, 69).build();
+    let request = fx.run(Side::Internal, &ask);
     if request.action != XDP_REDIRECT {
         bail!("TFTP request: verdict {}", request.action);
     }
@@ -342,6 +340,8 @@ fn tftp_costs(
         .map(|_| {
             let mut v = Vec::new();
             for i in 0..runs {
+                // One answer per request packet: the client asks again.
+                fx.run(Side::Internal, &ask);
                 let tid = 50000 + (i % 10000) as u16;
                 let out = fx.run(
                     Side::External,
