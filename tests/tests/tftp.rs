@@ -118,6 +118,12 @@ fn files_go_both_ways_through_the_tftp_helper() {
 
     // Each transfer's first answer came in through the helper.
     assert_eq!(run.fw.counter("redirect_tftp_established"), 3);
+    let text = String::from_utf8_lossy(&run.fw.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        text.contains("tftp helper: udp port 69: 3 transfers let in"),
+        "{text}"
+    );
+    assert_eq!(run.fw.status()["tftp_ports"], serde_json::json!([69]));
     // The transfers are tracked like any connection: from a server port
     // other than 69, kind primary.
     let server = addr::SERVER.to_string();
@@ -154,6 +160,8 @@ fn turned_off_no_answer_gets_in_and_a_reload_turns_it_on() {
     ));
     assert!(!same(&file, &got));
     assert_eq!(run.fw.counter("redirect_tftp_established"), 0);
+    let text = String::from_utf8_lossy(&run.fw.ctl(&["status"]).stdout).into_owned();
+    assert!(text.contains("tftp helper: off"), "{text}");
 
     fs::write(&path, "[tftp]\nports = [69]\n").unwrap();
     let answer = run.fw.call(&["reload"]).unwrap();

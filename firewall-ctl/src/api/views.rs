@@ -32,6 +32,9 @@ pub struct Status {
     pub ftp_ports: Vec<u16>,
     #[serde(default)]
     pub ftp: crate::ftp::FtpStatsView,
+    /// The TFTP helper's server ports (none: off).
+    #[serde(default)]
+    pub tftp_ports: Vec<u16>,
     /// API connections open now (this one included).
     #[serde(default)]
     pub api_connections: u64,

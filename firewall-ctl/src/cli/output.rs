@@ -1,6 +1,7 @@
 //! Output for people, and the JSON of `-j` (like `ip -j` and `bpftool -j`).
 
 use comfy_table::{presets, CellAlignment, Table};
+use firewall_common::stats::Counter;
 use firewall_ctl::{
     api::{ApiError, FlowView, PinholeView, SessionOpened, Status},
     engine::{BindResult, FutureConnectResult, ObjectInfo, RedirectResult, SessionInfo},
@@ -111,6 +112,20 @@ pub fn status_text(s: &Status) -> String {
             f.bounces_refused,
             f.commands_refused,
             f.failed_calls
+        );
+    }
+    if s.tftp_ports.is_empty() {
+        o += "tftp helper: off\n";
+    } else {
+        let ports: Vec<String> = s.tftp_ports.iter().map(u16::to_string).collect();
+        let let_in = s
+            .counters
+            .iter()
+            .find(|c| c.name == Counter::TftpEstablished.name())
+            .map_or(0, |c| c.packets);
+        o += &format!(
+            "tftp helper: udp port {}: {let_in} transfers let in\n",
+            ports.join(",")
         );
     }
     o += "counters:\n";

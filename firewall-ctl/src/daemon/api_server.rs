@@ -459,6 +459,7 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
                 .load(std::sync::atomic::Ordering::Relaxed),
             ftp_ports: config.ftp_ports.clone(),
             ftp: shared.ftp.view(),
+            tftp_ports: config.tftp_ports.clone(),
             api_connections: shared.api_connections.len() as u64,
             counters: stats
                 .read()?

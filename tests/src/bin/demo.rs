@@ -2,7 +2,9 @@
 //! runs the firewall on it, and has a real FTP client (curl, lftp, ftplib)
 //! talk to a real FTP server (vsftpd) through it: an active and a passive
 //! download and an upload, whose data connections the firewall opens as
-//! pinholes and forwards in the kernel; then a bounce attempt it refuses.
+//! pinholes and forwards in the kernel; then a bounce attempt it refuses, a
+//! TFTP download (tftp-hpa from tftpd-hpa) through the kernel's TFTP helper,
+//! and the wall.
 //! Prints what happened and cleans up.
 
 use std::{
@@ -16,7 +18,7 @@ use firewall_tests::{
     daemon::Firewall,
     ftp::{python, sha256, FtpServer},
     lab::{addr, unique_prefix, Lab},
-    traffic::prime_neighbours,
+    traffic::{prime_neighbours, wait_listening, Peer},
 };
 use serde_json::Value;
 
@@ -278,6 +280,48 @@ fn run() -> anyhow::Result<()> {
 
     step(
         8,
+        "TFTP: tftp-hpa gets a file from tftpd-hpa, which answers from a port of its own",
+    );
+    let tftp_dir = dir.join("tftp");
+    std::fs::create_dir_all(&tftp_dir)?;
+    // TFTP moves 512-byte blocks one at a time: a boot image of 1 MiB.
+    let tftp_file = tftp_dir.join("boot.img");
+    std::fs::write(
+        &tftp_file,
+        (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect::<Vec<u8>>(),
+    )?;
+    let tftpd = Peer::new(
+        lab.server
+            .cmd("in.tftpd")
+            .args(["--listen", "--foreground", "--secure", "--address"])
+            .arg(format!("{}:69", addr::SERVER))
+            .arg(&tftp_dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting in.tftpd (tftpd-hpa)")?,
+    );
+    wait_listening(&lab.server, 69);
+    let got = dir.join("tftp-got");
+    let fetched = lab.client.try_sh(&format!(
+        "timeout 30 tftp -m binary {} -c get boot.img {}",
+        addr::SERVER,
+        got.display()
+    ));
+    drop(tftpd);
+    if !fetched {
+        bail!("the TFTP transfer failed");
+    }
+    check_same("boot.img", &tftp_file, &got)?;
+    println!(
+        "    the server's first answer came from its transfer port; the kernel's TFTP helper let it in \
+         (redirect_tftp_established: {}) and tracked the transfer",
+        fw.counter("redirect_tftp_established")
+    );
+
+    step(
+        9,
         "The wall: the server routes 10.1.0.0/24 through the firewall and tries the client directly",
     );
     lab.server
@@ -306,7 +350,7 @@ fn run() -> anyhow::Result<()> {
         if pinged { "answered" } else { "no answer" }
     );
 
-    step(9, "Counters (firewall-ctl status):");
+    step(10, "Counters (firewall-ctl status):");
     let st = fw.status();
     let f = &st["ftp"];
     println!(
@@ -328,7 +372,7 @@ fn run() -> anyhow::Result<()> {
     }
     let refused = f["bounces_refused"].as_u64().unwrap_or(0);
 
-    step(10, "firewall-ctl down");
+    step(11, "firewall-ctl down");
     drop(fw);
     println!("    programs detached, pins and routing rule removed; deleting the lab");
     drop(server);
