@@ -2,7 +2,9 @@
 //! against loaded flows and pinholes: valid TCP/UDP with random addresses,
 //! flags, VLAN stacks, IPv4 options, fragments and lengths, then bytes
 //! flipped, truncations and plain noise. Checked:
-//! - no frame is redirected unless its 5-tuple has a flow or opens a pinhole;
+//! - no frame is redirected unless its 5-tuple has a flow or opens a pinhole,
+//!   or is a TFTP server's answer to a tracked request (the helper is on for
+//!   the server's port 21 here), let in at most once per request frame;
 //! - a later fragment only after its datagram's first fragment was
 //!   redirected, and only if that fragment's 5-tuple has a flow;
 //! - every redirected frame that came in with valid checksums (or a partial
@@ -14,12 +16,12 @@
 use std::collections::{HashMap, HashSet};
 
 use firewall_common::{
-    flow::{FlowKey, FlowValue},
+    flow::{flow_kind, FlowKey, FlowValue},
     pinhole::{pinhole_flags, side, PinholeKey, PinholeValue},
     stats::Counter,
     IPPROTO_TCP, IPPROTO_UDP,
 };
-use firewall_ctl::datapath::Side;
+use firewall_ctl::datapath::{FlowTable, Side, WallTables};
 use firewall_tests::{
     fixture::*,
     packet::{check_checksums, Spec},
@@ -121,7 +123,11 @@ fn partial(f: &[u8]) -> bool {
 fn random_frame(r: &mut Rng) -> Vec<u8> {
     let udp = r.below(2) == 0;
     let (src, dst) = (r.pick(&ADDRS), r.pick(&ADDRS));
-    let (sport, dport) = (r.pick(&PORTS), r.pick(&PORTS));
+    let (mut sport, dport) = (r.pick(&PORTS), r.pick(&PORTS));
+    if udp && r.below(8) == 0 {
+        // Any port (a TFTP server's transfer port, say).
+        sport = 1 + r.below(65535) as u16;
+    }
     let mut s = if udp {
         Spec::udp(src, sport, dst, dport)
     } else {
@@ -188,6 +194,27 @@ fn a_million_random_frames_keep_every_rule() {
             .unwrap();
         flows.extend([out, back]);
     }
+    // A TFTP request the wall tracks (kind primary), CLIENT:20 to SERVER:21
+    // through FW_EXTERNAL:61000, with the helper on for port 21: the
+    // server's answers from its other ports may come in, once per request
+    // frame. (Not from CLIENT:5001: a pinhole's first packet writes that
+    // endpoint's flows.)
+    let request = FlowKey::new(IPPROTO_UDP, CLIENT, 20, SERVER, 21);
+    let reply = FlowKey::new(IPPROTO_UDP, SERVER, 21, FW_EXTERNAL, 61000);
+    for (k, mut v) in [
+        (request, FlowValue::forward(FW_EXTERNAL, 61000, SERVER, 21)),
+        (reply, FlowValue::forward(SERVER, 21, CLIENT, 20)),
+    ] {
+        v.kind = flow_kind::PRIMARY;
+        fx.flows.insert(&k, &v).unwrap();
+        flows.insert(k);
+    }
+    WallTables::open(&fx.pins).unwrap().set_tftp(&[21]).unwrap();
+    // Read from inside the runs (the fixture is borrowed by them).
+    let table = FlowTable::open(&fx.pins).unwrap();
+    // Whether a request frame has come since the helper last let an answer in.
+    let mut asked = true;
+    let mut tftp_answers = 0u64;
     // Pinholes (multiple use, so they stay) on both sides.
     let mut pinholes: HashSet<PinholeKey> = HashSet::new();
     for (proto, port, side) in [
@@ -257,6 +284,34 @@ fn a_million_random_frames_keep_every_rule() {
                 ))
             });
             let known = key.is_some_and(|k| flows.contains(&k));
+            // A frame of the request (or a later fragment of one) may count
+            // as the client asking again, whatever became of it.
+            if key == Some(request) || (later && firsts.get(&datagram(&frame)) == Some(&request)) {
+                asked = true;
+            }
+            // The server's answer from another port to the request's NAT
+            // endpoint: the helper may have copied the request's flows for it.
+            let answer = key.filter(|k| {
+                side == Side::External
+                    && !known
+                    && !opens
+                    && k.protocol == IPPROTO_UDP
+                    && (k.src_addr, k.dst_addr, k.dst_port) == (SERVER, FW_EXTERNAL, 61000)
+                    && k.src_port != 21
+            });
+            if let Some(k) = answer {
+                if table.get(&k).unwrap().is_some() {
+                    assert!(
+                        asked,
+                        "frame {n}: a second TFTP answer without a new request"
+                    );
+                    asked = false;
+                    tftp_answers += 1;
+                    flows.insert(k);
+                    flows.insert(FlowKey::new(IPPROTO_UDP, CLIENT, 20, SERVER, k.src_port));
+                }
+            }
+            let known = known || answer.is_some_and(|k| flows.contains(&k));
             if let (true, Some(k)) = (opens, key) {
                 // Its flows may exist now (also when the frame itself was not
                 // forwarded, its TTL spent say): this 5-tuple, and the
@@ -330,5 +385,11 @@ fn a_million_random_frames_keep_every_rule() {
         total < 100_000 || later_redirected > 100,
         "only {later_redirected} later fragments were forwarded: the test tests little"
     );
-    eprintln!("{total} frames, {redirected} redirected ({later_redirected} later fragments)");
+    assert!(
+        total < 100_000 || tftp_answers > 20,
+        "only {tftp_answers} TFTP answers were let in: the test tests little"
+    );
+    eprintln!(
+        "{total} frames, {redirected} redirected ({later_redirected} later fragments, {tftp_answers} TFTP answers)"
+    );
 }
