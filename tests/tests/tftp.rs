@@ -81,7 +81,16 @@ fn same(a: &Path, b: &Path) -> bool {
 
 #[test]
 fn files_go_both_ways_through_the_tftp_helper() {
-    let run = LabRun::start("tftp", &[]);
+    both_ways("tftp", &[]);
+}
+
+#[test]
+fn files_go_both_ways_through_the_tftp_helper_at_tc() {
+    both_ways("tftptc", &["--xdp-mode", "tc"]);
+}
+
+fn both_ways(tag: &str, mode: &[&str]) {
+    let run = LabRun::start(tag, mode);
     prime_neighbours(&run.lab);
     let tag = &run.lab.prefix;
     let server = TftpServer::start(&run.lab.server, tag);
