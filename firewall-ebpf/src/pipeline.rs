@@ -7,11 +7,10 @@ use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use firewall_common::{
     flow::FlowAction,
     frag::Fragment,
+    pinhole::side as sides,
     stats::{Counter, Verdict},
     IPPROTO_UDP,
 };
-
-use firewall_common::pinhole::side as sides;
 
 use crate::{events, fib, flow, frag, hook::Hook, icmp_error, parse, pinhole, stats, tftp, wall};
 

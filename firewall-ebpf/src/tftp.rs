@@ -8,9 +8,8 @@ use firewall_common::{
     stats::Counter,
     tftp::{
         answer_out_key, answers, armed, mark_answered, request_key, request_reply_key, transfer,
-        TftpConf, TFTP_PORTS,
+        TftpConf,
     },
-    IPPROTO_UDP,
 };
 
 use crate::{
@@ -23,20 +22,17 @@ use crate::{
 #[btf_map]
 static TFTP_CONF: Array<TftpConf, 1> = Array::new();
 
-/// For a UDP packet from outside that no flow or pinhole claims:
-/// `TftpEstablished` once the answer's flows are in `FLOWS`, otherwise
+/// For a UDP packet from outside (the pipeline checks both) that no flow or
+/// pinhole claims: `TftpEstablished` once the answer's flows are in `FLOWS`, otherwise
 /// `PassNoFlow` (the wall decides). A BPF-to-BPF call: its frame is not
 /// the pipeline's.
 #[inline(never)]
 pub fn admit(pkt: &Packet) -> Counter {
     let k = &pkt.key;
-    if k.protocol != IPPROTO_UDP {
-        return Counter::PassNoFlow;
-    }
     let Some(conf) = TFTP_CONF.get(0) else {
         return Counter::PassNoFlow;
     };
-    for port in conf.ports.iter().take(TFTP_PORTS) {
+    for port in conf.ports.iter() {
         let port = *port;
         if port == 0 || port == k.src_port {
             continue;

@@ -145,19 +145,7 @@ impl FtpServer {
     /// A file of `bytes` random bytes in the server's root; its path.
     pub fn random_file(&self, name: &str, bytes: u64) -> anyhow::Result<PathBuf> {
         let path = self.root.join(name);
-        let status = Command::new("sh")
-            .args([
-                "-c",
-                &format!(
-                    "head -c {bytes} /dev/urandom > '{}' && chmod 644 '{}'",
-                    path.display(),
-                    path.display()
-                ),
-            ])
-            .status()?;
-        if !status.success() {
-            bail!("writing {}", path.display());
-        }
+        random_file(&path, bytes)?;
         Ok(path)
     }
 
@@ -337,6 +325,25 @@ pub fn python(ns: &Ns, code: &str) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("running python3")
+}
+
+/// Writes `bytes` random bytes to `path`, readable by everyone (servers
+/// serve files as unprivileged users).
+pub fn random_file(path: &Path, bytes: u64) -> anyhow::Result<()> {
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "head -c {bytes} /dev/urandom > '{}' && chmod 644 '{}'",
+                path.display(),
+                path.display()
+            ),
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("writing {}", path.display());
+    }
+    Ok(())
 }
 
 /// Succeeded, or panics with what the client said.

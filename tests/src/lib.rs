@@ -8,6 +8,7 @@ pub mod ftp_load;
 pub mod netns;
 pub mod notify;
 pub mod packet;
+pub mod tftp;
 pub mod traffic;
 
 pub use firewall_lab as lab;

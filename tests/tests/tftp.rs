@@ -5,61 +5,16 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::Stdio,
 };
 
 use firewall_tests::{
     daemon::LabRun,
     ftp::{eventually, sha256},
     lab::{addr, Ns},
-    traffic::{prime_neighbours, wait_listening, Peer},
+    tftp::TftpServer,
+    traffic::prime_neighbours,
 };
-
-/// in.tftpd (tftpd-hpa) on SERVER:69, serving and taking files in `dir`.
-struct TftpServer {
-    _daemon: Peer,
-    dir: PathBuf,
-}
-
-impl TftpServer {
-    fn start(ns: &Ns, tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("{tag}-tftpd"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        // Uploads are written as the server's unprivileged user.
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
-        let daemon = ns
-            .cmd("in.tftpd")
-            .args(["--listen", "--foreground", "--create", "--secure"])
-            .args(["--address", &format!("{}:69", addr::SERVER)])
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("in.tftpd (tftpd-hpa; `cargo xtask setup` installs it)");
-        let daemon = Peer::new(daemon);
-        wait_listening(ns, 69);
-        Self {
-            _daemon: daemon,
-            dir,
-        }
-    }
-
-    fn file(&self, name: &str, size: usize) -> PathBuf {
-        let path = self.dir.join(name);
-        let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
-        fs::write(&path, data).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        path
-    }
-}
-
-impl Drop for TftpServer {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// tftp-hpa's `get` or `put` from the client, at most `secs` seconds.
 fn tftp(client: &Ns, secs: u32, command: &str) -> bool {
@@ -93,9 +48,9 @@ fn both_ways(tag: &str, mode: &[&str]) {
     let run = LabRun::start(tag, mode);
     prime_neighbours(&run.lab);
     let tag = &run.lab.prefix;
-    let server = TftpServer::start(&run.lab.server, tag);
+    let server = TftpServer::start(&run.lab.server, tag).unwrap();
     // Many blocks of 512 bytes, each answered by the client.
-    let file = server.file("f.bin", 200_000);
+    let file = server.random_file("f.bin", 200_000).unwrap();
 
     let got = local(tag, "got.bin");
     assert!(tftp(
@@ -159,8 +114,8 @@ fn turned_off_no_answer_gets_in_and_a_reload_turns_it_on() {
     let (run, path) = LabRun::with_config_file("tftpoff", "[tftp]\nports = []\n");
     prime_neighbours(&run.lab);
     let tag = &run.lab.prefix;
-    let server = TftpServer::start(&run.lab.server, tag);
-    let file = server.file("f.bin", 3000);
+    let server = TftpServer::start(&run.lab.server, tag).unwrap();
+    let file = server.random_file("f.bin", 3000).unwrap();
     let got = local(tag, "off.bin");
     assert!(!tftp(
         &run.lab.client,

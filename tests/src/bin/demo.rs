@@ -18,7 +18,8 @@ use firewall_tests::{
     daemon::Firewall,
     ftp::{python, sha256, FtpServer},
     lab::{addr, unique_prefix, Lab},
-    traffic::{prime_neighbours, wait_listening, Peer},
+    tftp::TftpServer,
+    traffic::prime_neighbours,
 };
 use serde_json::Value;
 
@@ -282,38 +283,20 @@ fn run() -> anyhow::Result<()> {
         8,
         "TFTP: tftp-hpa gets a file from tftpd-hpa, which answers from a port of its own",
     );
-    let tftp_dir = dir.join("tftp");
-    std::fs::create_dir_all(&tftp_dir)?;
     // TFTP moves 512-byte blocks one at a time: a boot image of 1 MiB.
-    let tftp_file = tftp_dir.join("boot.img");
-    std::fs::write(
-        &tftp_file,
-        (0..1u32 << 20)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-            .collect::<Vec<u8>>(),
-    )?;
-    let tftpd = Peer::new(
-        lab.server
-            .cmd("in.tftpd")
-            .args(["--listen", "--foreground", "--secure", "--address"])
-            .arg(format!("{}:69", addr::SERVER))
-            .arg(&tftp_dir)
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting in.tftpd (tftpd-hpa)")?,
-    );
-    wait_listening(&lab.server, 69);
+    let tftpd = TftpServer::start(&lab.server, &lab.prefix)?;
+    let tftp_file = tftpd.random_file("boot.img", 1 << 20)?;
     let got = dir.join("tftp-got");
     let fetched = lab.client.try_sh(&format!(
         "timeout 30 tftp -m binary {} -c get boot.img {}",
         addr::SERVER,
         got.display()
     ));
-    drop(tftpd);
     if !fetched {
         bail!("the TFTP transfer failed");
     }
     check_same("boot.img", &tftp_file, &got)?;
+    drop(tftpd);
     println!(
         "    the server's first answer came from its transfer port; the kernel's TFTP helper let it in \
          (redirect_tftp_established: {}) and tracked the transfer",

@@ -335,7 +335,7 @@ fn tftp_costs(
     if request.action != XDP_REDIRECT {
         bail!("TFTP request: verdict {}", request.action);
     }
-    let nat = view_sport(&request.frame);
+    let nat = firewall_tests::packet::view(&request.frame).sport;
     let v = (0..reps)
         .map(|_| {
             let mut v = Vec::new();
@@ -385,11 +385,6 @@ fn tftp_costs(
         r.add("xdp cost", what, "kernel", "ns/packet", v);
     }
     Ok(())
-}
-
-/// The source port of a frame (IPv4 without options).
-fn view_sport(frame: &[u8]) -> u16 {
-    u16::from_be_bytes([frame[34], frame[35]])
 }
 
 /// The wall's first-packet path: an outbound SYN creates both flows (which
