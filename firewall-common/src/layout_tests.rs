@@ -4,7 +4,8 @@
 //! not hold.
 
 use super::{
-    flow::*, frag::*, icmp::*, intercept::*, pinhole::*, rules::*, stats::*, tftp::*, wall::*,
+    flow::*, frag::*, ftp_lines::*, icmp::*, intercept::*, pinhole::*, rules::*, stats::*, tftp::*,
+    wall::*,
 };
 
 /// The size of the field `f` picks out of a `T`.
@@ -25,6 +26,16 @@ macro_rules! fills {
 
 #[test]
 fn shared_types_have_no_hidden_padding() {
+    fills!(LineState {
+        kernel,
+        budget,
+        passed,
+        redirected,
+        resume,
+        lines,
+        peer,
+        role,
+    });
     fills!(FlowKey {
         src_addr,
         dst_addr,

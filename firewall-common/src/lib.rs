@@ -9,6 +9,7 @@
 pub mod csum;
 pub mod flow;
 pub mod frag;
+pub mod ftp_lines;
 pub mod icmp;
 pub mod intercept;
 pub mod pinhole;
@@ -43,6 +44,11 @@ pub mod map_names {
     pub const UDP_MAPPINGS: &str = "UDP_MAPPINGS";
     pub const UDP_PORT_OWNERS: &str = "UDP_PORT_OWNERS";
     pub const TFTP_CONF: &str = "TFTP_CONF";
+    /// FTP control lines forwarded in the kernel: the proxy's sockets (a
+    /// SOCKMAP), their slots by socket cookie, and each slot's state.
+    pub const LINE_SOCKS: &str = "LINE_SOCKS";
+    pub const LINE_SLOTS: &str = "LINE_SLOTS";
+    pub const LINE_STATE: &str = "LINE_STATE";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).
@@ -86,6 +92,9 @@ pub mod program_names {
     /// The datapath at tcx ingress (`--xdp-mode tc`).
     pub const TC_FORWARD_INTERNAL: &str = "tc_forward_internal";
     pub const TC_FORWARD_EXTERNAL: &str = "tc_forward_external";
+    /// Stream verdict on the FTP proxy's sockets: plain lines forwarded in
+    /// the kernel.
+    pub const FTP_LINES: &str = "ftp_lines";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

@@ -91,6 +91,7 @@ counters! {
     RedirectedFragment = 41, Redirect, "redirect_fragment", "a later fragment of a datagram whose first fragment was forwarded: its addresses translated, forwarded";
     DropRule = 42, Drop, "drop_rule", "a new outbound connection no access rule allows (a deny rule matched, or none did)";
     TftpEstablished = 43, Redirect, "redirect_tftp_established", "a TFTP server's first answer from its transfer port, to the endpoint that asked it: tracked, its flows created, translated";
+    FtpLineSpliced = 44, Redirect, "redirect_ftp_line", "an FTP control line forwarded from one of the proxy's sockets to the other in the kernel (a plain command or reply, byte for byte; bytes are its payload)";
 }
 
 /// Number of slots in the STATS map.

@@ -13,6 +13,7 @@ mod events;
 mod fib;
 mod flow;
 mod frag;
+mod ftp_lines;
 mod hook;
 mod icmp_error;
 mod intercept;

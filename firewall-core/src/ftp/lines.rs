@@ -82,6 +82,11 @@ impl Lines {
     pub(super) fn pending(&self) -> usize {
         self.buf.len()
     }
+
+    /// Between two lines: nothing held, not inside an overlong line.
+    pub(super) fn idle(&self) -> bool {
+        self.buf.is_empty() && !self.in_long
+    }
 }
 
 /// The line without its end (LF, or CR LF).
@@ -181,6 +186,11 @@ pub(super) struct Replies {
 }
 
 impl Replies {
+    /// No multi-line reply in progress.
+    pub(super) fn idle(&self) -> bool {
+        self.open.is_none()
+    }
+
     /// Reads a server line (with its end). Bytes a client could take for a
     /// line end or an escape (CR, NUL, 0xFF) become blanks.
     pub(super) fn read(&mut self, line: &[u8]) -> Reply {

@@ -344,6 +344,18 @@ impl Control {
         self.from_client.pending() + self.from_server.pending()
     }
 
+    /// Whether the filter is between two lines of the client's commands
+    /// (`commands`) or of the server's replies, with nothing held and no
+    /// multi-line reply open: where a line the kernel forwards byte for
+    /// byte (`firewall_common::ftp_lines::plain`) would leave it as it is.
+    pub fn at_line_boundary(&self, commands: bool) -> bool {
+        if commands {
+            self.from_client.idle()
+        } else {
+            self.from_server.idle() && self.replies.idle() && !self.dropping_reply
+        }
+    }
+
     /// What the connection did, in a few words (for its log line).
     pub fn summary(&self) -> String {
         let t = self.tally;
@@ -539,5 +551,7 @@ impl Drop for Control {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_kernel_lines;
 #[cfg(test)]
 mod tests_published;

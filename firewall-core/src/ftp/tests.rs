@@ -84,7 +84,7 @@ impl Fake {
     }
 }
 
-fn control() -> (Control, Arc<Fake>, Arc<FtpStats>) {
+pub(super) fn control() -> (Control, Arc<Fake>, Arc<FtpStats>) {
     let fake = Arc::new(Fake::default());
     let stats = Arc::new(FtpStats::default());
     let c = Control::new(

@@ -9,7 +9,7 @@ use super::*;
 const CLIENT: &str = "192.0.2.7:50000";
 const SERVER: &str = "10.1.0.5:21";
 
-fn published() -> (Control, Arc<Fake>) {
+pub(super) fn published() -> (Control, Arc<Fake>) {
     let fake = Arc::new(Fake::default());
     let c = Control::published(
         fake.clone(),

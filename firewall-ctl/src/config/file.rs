@@ -74,6 +74,9 @@ pub(super) struct FtpFile {
     pub ports: Option<Vec<u16>>,
     #[serde(default)]
     pub data_connections: DataConnections,
+    /// Where plain control lines are forwarded (the same two words).
+    #[serde(default)]
+    pub control_lines: DataConnections,
 }
 
 #[derive(Debug, Default, Deserialize)]

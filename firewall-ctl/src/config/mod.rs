@@ -79,6 +79,10 @@ pub struct Config {
     /// FTP data connections go through the user-mode relay even without a
     /// data filter (`[ftp] data_connections = "user"`).
     pub ftp_user_mode: bool,
+    /// Plain FTP control lines (commands and replies the filter forwards as
+    /// they are) are forwarded by the kernel between the proxy's sockets
+    /// (`[ftp] control_lines = "kernel"`, the default).
+    pub ftp_kernel_lines: bool,
     /// Server ports of the TFTP helper (`[tftp] ports`); empty: off.
     pub tftp_ports: Vec<u16>,
     /// Mark that makes policy routing deliver intercepted segments locally.
@@ -462,6 +466,7 @@ impl Config {
         let ftp_ports = helpers::ftp_ports(&file.ftp, &protocols)?;
         let tftp_ports = helpers::tftp_ports(&file.tftp)?;
         let ftp_user_mode = file.ftp.data_connections == DataConnections::User;
+        let ftp_kernel_lines = file.ftp.control_lines == DataConnections::Kernel;
         let fwmark = file.interception.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
             return Err(err(
@@ -493,6 +498,7 @@ impl Config {
             metrics_listen,
             ftp_ports,
             ftp_user_mode,
+            ftp_kernel_lines,
             tftp_ports,
             fwmark,
             route_table,

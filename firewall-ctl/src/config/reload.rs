@@ -12,7 +12,7 @@ impl Config {
         let ftp_published = |c: &Config| -> Vec<super::Published> {
             c.published.iter().filter(|p| p.ftp).cloned().collect()
         };
-        let restart_only: [(&str, bool); 14] = [
+        let restart_only: [(&str, bool); 15] = [
             // Their listeners belong to the FTP filter's interception.
             (
                 "publish (an FTP server)",
@@ -38,6 +38,10 @@ impl Config {
             (
                 "ftp.data_connections",
                 self.ftp_user_mode != new.ftp_user_mode,
+            ),
+            (
+                "ftp.control_lines",
+                self.ftp_kernel_lines != new.ftp_kernel_lines,
             ),
             (
                 "scan.block_executables",

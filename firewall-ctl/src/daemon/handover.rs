@@ -17,7 +17,12 @@ use std::{
 use sd_notify::NotifyState;
 use serde::{Deserialize, Serialize};
 
-use crate::{datapath::KernelMaps, engine_owner::EngineHandle, ftp::ControlState, primary::Handed};
+use crate::{
+    datapath::KernelMaps,
+    engine_owner::EngineHandle,
+    ftp::ControlState,
+    primary::{Handed, HandedLines},
+};
 
 /// The memfd with the filter states.
 const STATES: &str = "ftp-states";
@@ -26,6 +31,9 @@ const STATES: &str = "ftp-states";
 struct Entry {
     n: usize,
     state: ControlState,
+    /// The sockets' slots in the kernel's line forwarding (pinned maps).
+    #[serde(default)]
+    lines: Option<HandedLines>,
 }
 
 fn client_name(n: usize) -> String {
@@ -90,7 +98,11 @@ pub(super) fn store(handed: Vec<Handed>) -> anyhow::Result<usize> {
     for (n, h) in handed.into_iter().enumerate() {
         store_fd(&client_name(n), h.client.as_fd())?;
         store_fd(&server_name(n), h.server.as_fd())?;
-        entries.push(Entry { n, state: h.state });
+        entries.push(Entry {
+            n,
+            state: h.state,
+            lines: h.lines,
+        });
     }
     let fd = nix::sys::memfd::memfd_create(
         c"firewall-ftp-states",
@@ -146,6 +158,7 @@ pub(super) fn take() -> Vec<Handed> {
                 client: client.into(),
                 server: server.into(),
                 state: e.state,
+                lines: e.lines,
             })
         })
         .collect();

@@ -20,7 +20,7 @@ use self::ftp_calls::FtpCalls;
 use crate::{
     api::{self, ApiError, ErrorKind, InterfaceStatus},
     config::Config,
-    datapath::{self, AttachMode, Datapath, InterceptTables, KernelMaps, PinPaths, Side},
+    datapath::{self, AttachMode, Datapath, InterceptTables, KernelMaps, LineMaps, PinPaths, Side},
     engine::{Engine, Event},
     engine_owner::{EngineHandle, Outlets},
     filters::{DataFilterFactory, ExecutableBlockerFactory},
@@ -503,6 +503,7 @@ fn start_interception(
             internal_addr
         );
     }
+    let lines = kernel_lines(dp, config, &resumed)?;
     let ctx = Arc::new(Interception {
         api: Arc::new(FtpCalls::new(
             shared.engine.clone(),
@@ -515,6 +516,8 @@ fn start_interception(
         internal: internal_addr,
         ftp_ports: config.ftp_ports.clone(),
         ftp_user_mode: config.ftp_user_mode,
+        lines,
+        kernel_lines: config.ftp_kernel_lines,
     });
     log::info!(
         "FTP filter on: TCP ports {:?} from {} intercepted (listener {at}, fwmark {:#x}, table {})",
@@ -530,6 +533,32 @@ fn start_interception(
         published,
         shared.controls.clone(),
     )?))
+}
+
+/// The maps of control lines forwarded in the kernel, with its verdict
+/// attached when the configuration asks for it. Opened for handed-over
+/// connections whose lines the kernel forwarded even when not.
+fn kernel_lines(
+    dp: &mut Datapath,
+    config: &Config,
+    resumed: &[primary::Handed],
+) -> anyhow::Result<Option<Arc<LineMaps>>> {
+    let in_use: Vec<u32> = resumed
+        .iter()
+        .filter_map(|h| h.lines.as_ref())
+        .flat_map(|l| l.slots)
+        .collect();
+    if !config.ftp_kernel_lines && in_use.is_empty() {
+        log::info!(
+            "FTP control lines: every line through the daemon (ftp.control_lines = \"user\")"
+        );
+        return Ok(None);
+    }
+    if config.ftp_kernel_lines {
+        dp.attach_ftp_lines()?;
+        log::info!("FTP control lines: plain commands and replies forwarded in the kernel");
+    }
+    Ok(Some(Arc::new(LineMaps::open(dp.pins(), &in_use)?)))
 }
 
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {

@@ -16,36 +16,26 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{TcAttachOptions, TcAttachType},
-        LinkOrder, SchedClassifier, SkLookup, Xdp,
+        LinkOrder, SchedClassifier, SkLookup, SkSkb, Xdp,
     },
     Ebpf, EbpfLoader,
 };
-use firewall_common::{
-    flow::{FlowKey, FlowValue},
-    frag::{FragKey, FragValue},
-    intercept::{InterceptConf, InterceptKey, InterceptValue},
-    map_names,
-    pinhole::{
-        BusyClientKey, BusyClientValue, PeerFilterKey, PeerFilterValue, PinholeKey, PinholeValue,
-    },
-    program_names,
-    rules::Rule,
-    stats::StatValue,
-    tftp::TftpConf,
-    wall::{NatEndpoint, PublishKey, PublishValue, SourceValue, UdpMapping, WallConf},
-    PIN_DIR,
-};
+use firewall_common::{map_names, program_names, PIN_DIR};
 use serde::{Deserialize, Serialize};
 
 use crate::netif::Interface;
 
 mod kernel_maps;
+mod line_maps;
+mod map_specs;
 mod mode;
 mod tables;
 mod test_run;
 mod wall;
 
 pub use kernel_maps::KernelMaps;
+pub use line_maps::LineMaps;
+use map_specs::MAPS;
 pub use mode::{choose, redirect_targets_missing, AttachMode, Choice, LinkFacts};
 pub use tables::{
     decode_event, BusyClients, FlowTable, InterceptTables, PeerFilters, PinholeTable, Stats, Table,
@@ -176,97 +166,6 @@ fn load_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
     )
 }
 
-/// The maps the datapath pins, and the layout a pinned map must have to be re-adopted.
-struct MapSpec {
-    name: &'static str,
-    key_size: u32,
-    value_size: u32,
-}
-
-const MAPS: &[MapSpec] = &[
-    MapSpec {
-        name: map_names::FLOWS,
-        key_size: size_of::<FlowKey>() as u32,
-        value_size: size_of::<FlowValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::FRAGMENTS,
-        key_size: size_of::<FragKey>() as u32,
-        value_size: size_of::<FragValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::STATS,
-        key_size: 4,
-        value_size: size_of::<StatValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::PINHOLES,
-        key_size: size_of::<PinholeKey>() as u32,
-        value_size: size_of::<PinholeValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::BUSY_CLIENTS,
-        key_size: size_of::<BusyClientKey>() as u32,
-        value_size: size_of::<BusyClientValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::PEER_FILTERS,
-        // struct bpf_lpm_trie_key: prefix length, then the data.
-        key_size: 4 + size_of::<PeerFilterKey>() as u32,
-        value_size: size_of::<PeerFilterValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::INTERCEPT,
-        key_size: size_of::<InterceptKey>() as u32,
-        value_size: size_of::<InterceptValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::INTERCEPT_CONF,
-        key_size: 4,
-        value_size: size_of::<InterceptConf>() as u32,
-    },
-    MapSpec {
-        name: map_names::WALL_CONF,
-        key_size: 4,
-        value_size: size_of::<WallConf>() as u32,
-    },
-    MapSpec {
-        name: map_names::PUBLISHED,
-        key_size: size_of::<PublishKey>() as u32,
-        value_size: size_of::<PublishValue>() as u32,
-    },
-    MapSpec {
-        name: map_names::RULES,
-        key_size: 4,
-        value_size: size_of::<Rule>() as u32,
-    },
-    MapSpec {
-        name: map_names::RULES_ACTIVE,
-        key_size: 4,
-        value_size: 4,
-    },
-    MapSpec {
-        name: map_names::UDP_MAPPINGS,
-        key_size: size_of::<NatEndpoint>() as u32,
-        value_size: size_of::<UdpMapping>() as u32,
-    },
-    MapSpec {
-        name: map_names::UDP_PORT_OWNERS,
-        key_size: 4,
-        value_size: size_of::<NatEndpoint>() as u32,
-    },
-    MapSpec {
-        name: map_names::TFTP_CONF,
-        key_size: 4,
-        value_size: size_of::<TftpConf>() as u32,
-    },
-    MapSpec {
-        name: map_names::WALL_SOURCES,
-        key_size: 4 + 4,
-        value_size: size_of::<SourceValue>() as u32,
-    },
-];
-
 /// Capacities of the maps the configuration sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -388,6 +287,8 @@ impl Datapath {
         load_retrying(program_names::TC_INTERNAL, || tc.load())?;
         let lookup: &mut SkLookup = typed(&mut ebpf, program_names::SK_LOOKUP_INTERCEPT)?;
         load_retrying(program_names::SK_LOOKUP_INTERCEPT, || lookup.load())?;
+        let lines: &mut SkSkb = typed(&mut ebpf, program_names::FTP_LINES)?;
+        load_retrying(program_names::FTP_LINES, || lines.load())?;
         for side in Side::BOTH {
             let tc = tc_program(&mut ebpf, side)?;
             load_retrying(side.tc_program(), || tc.load())?;

@@ -38,7 +38,10 @@ use tracing::Instrument as _;
 
 use crate::ftp::{Control, ControlState, FtpStats, Output, Secondaries};
 
+mod kernel_lines;
 mod sockets;
+pub use kernel_lines::HandedLines;
+use kernel_lines::{KernelLines, Side};
 use sockets::{
     out_of_descriptors, read_once, reset, send, shutdown_write, ClientSide, Spare, TOO_MANY,
 };
@@ -77,6 +80,8 @@ pub struct Handed {
     pub client: std::net::TcpStream,
     pub server: std::net::TcpStream,
     pub state: ControlState,
+    /// Its sockets' slots in the kernel's line forwarding, if they have.
+    pub lines: Option<HandedLines>,
 }
 
 /// Control connections' hand-over: asked of every connection's task, which
@@ -272,6 +277,12 @@ pub struct Interception {
     pub ftp_ports: Vec<u16>,
     /// FTP data connections through the relay (no-kernel-mode).
     pub ftp_user_mode: bool,
+    /// The maps of control lines forwarded in the kernel (`[ftp]
+    /// control_lines`); None: the daemon forwards every line.
+    pub lines: Option<Arc<crate::datapath::LineMaps>>,
+    /// Whether new connections' plain lines go through the kernel (the
+    /// maps are there for handed-over connections even when not).
+    pub kernel_lines: bool,
 }
 
 /// Accepts control connections until the task is aborted: intercepted ones
@@ -411,7 +422,13 @@ async fn ftp_control(
     let _ = client_side.sock().set_nodelay(true);
     let _ = SockRef::from(&server_stream).set_keepalive(true);
     let _ = client_side.sock().set_keepalive(true);
-    relay(client_side, server_stream, control, live).await;
+    let lines = match &ctx.lines {
+        Some(maps) if ctx.kernel_lines => {
+            KernelLines::join(maps, client_side.0.get_ref(), &server_stream)
+        }
+        _ => None,
+    };
+    relay(client_side, server_stream, control, live, lines).await;
     Ok(())
 }
 
@@ -428,17 +445,25 @@ async fn resume(h: Handed, ctx: &Interception, live: Live) -> anyhow::Result<()>
             bail!("not filtered: {e}");
         }
     };
+    let lines = match (h.lines, &ctx.lines) {
+        (Some(l), Some(maps)) => Some(KernelLines::resume(maps, l, ctx.kernel_lines)),
+        (Some(_), None) => bail!("its lines were forwarded in the kernel, whose maps are gone"),
+        (None, _) => None,
+    };
     log::info!("ftp {client} → {server}: resumed from the previous daemon");
-    relay(client_side, server_stream, control, live).await;
+    relay(client_side, server_stream, control, live, lines).await;
     Ok(())
 }
 
 /// Relays and filters a control connection until it ends or is handed over.
+/// With `lines`, the kernel forwards the plain lines of a direction the
+/// daemon offered it (`kernel_lines`).
 async fn relay(
     client_side: ClientSide,
     server_stream: TcpStream,
     mut control: Control,
     live: Live,
+    mut lines: Option<KernelLines>,
 ) {
     let started = std::time::Instant::now();
     let (client, server) = (control.client(), control.server());
@@ -450,8 +475,14 @@ async fn relay(
     let (c, s) = (&client_side, &server_stream);
     let (mut client_open, mut server_open) = (true, true);
     let mut outcome = "closed";
+    if let Some(l) = &lines {
+        l.offer(Side::Client, c.0.get_ref(), control.at_line_boundary(true));
+        l.offer(Side::Server, s, control.at_line_boundary(false));
+    }
     while client_open || server_open {
         let mut out = Output::default();
+        // The side whose stream ended: the other's write side is shut.
+        let mut ended = None;
         tokio::select! {
             ready = c.0.ready(Interest::READABLE | Interest::PRIORITY), if client_open => {
                 let got = ready.and_then(|mut r| {
@@ -463,9 +494,13 @@ async fn relay(
                         got
                     })
                 });
-                if !matches!(got, Ok(None) | Ok(Some(1..))) {
-                    client_open = false;
-                    shutdown_write(SockRef::from(s));
+                match got {
+                    Ok(None) => {}
+                    Ok(Some(n @ 1..)) => count_read(&mut lines, Side::Client, n),
+                    _ => {
+                        client_open = false;
+                        ended = Some(Side::Client);
+                    }
                 }
             },
             ready = s.ready(Interest::READABLE), if server_open => {
@@ -478,9 +513,13 @@ async fn relay(
                         got
                     })
                 });
-                if !matches!(got, Ok(None) | Ok(Some(1..))) {
-                    server_open = false;
-                    shutdown_write(c.sock());
+                match got {
+                    Ok(None) => {}
+                    Ok(Some(n @ 1..)) => count_read(&mut lines, Side::Server, n),
+                    _ => {
+                        server_open = false;
+                        ended = Some(Side::Server);
+                    }
                 }
             },
             // Only between two reads with nothing left to write: the
@@ -490,14 +529,44 @@ async fn relay(
                 break;
             },
         }
-        // A side that cannot take what is due ends the connection.
-        if !out.to_server.is_empty() && send(s, &out.to_server, out.urgent_at).await.is_err() {
-            outcome = "the server stopped taking data";
-            break;
+        // A side that cannot take what is due ends the connection. What the
+        // kernel forwarded into a socket goes before the daemon's bytes.
+        if !out.to_server.is_empty() {
+            if flushed(&lines, Side::Server, s).await.is_err()
+                || send(s, &out.to_server, out.urgent_at).await.is_err()
+            {
+                outcome = "the server stopped taking data";
+                break;
+            }
+            count_written(&mut lines, Side::Server, out.to_server.len());
         }
-        if !out.to_client.is_empty() && c.write_all(&out.to_client).await.is_err() {
-            outcome = "the client stopped taking data";
-            break;
+        if !out.to_client.is_empty() {
+            if flushed(&lines, Side::Client, c.0.get_ref()).await.is_err()
+                || c.write_all(&out.to_client).await.is_err()
+            {
+                outcome = "the client stopped taking data";
+                break;
+            }
+            count_written(&mut lines, Side::Client, out.to_client.len());
+        }
+        match ended {
+            Some(Side::Client) => {
+                let _ = flushed(&lines, Side::Server, s).await;
+                shutdown_write(SockRef::from(s));
+            }
+            Some(Side::Server) => {
+                let _ = flushed(&lines, Side::Client, c.0.get_ref()).await;
+                shutdown_write(c.sock());
+            }
+            None => {}
+        }
+        if let Some(l) = &lines {
+            if client_open {
+                l.offer(Side::Client, c.0.get_ref(), control.at_line_boundary(true));
+            }
+            if server_open {
+                l.offer(Side::Server, s, control.at_line_boundary(false));
+            }
         }
     }
     if handing_over {
@@ -513,6 +582,7 @@ async fn relay(
                         client: client_std,
                         server: server_std,
                         state: control.hand_over(),
+                        lines: lines.map(KernelLines::hand_over),
                     });
             }
             Err(e) => log::warn!("ftp {client} → {server}: could not be handed over: {e}"),
@@ -520,11 +590,35 @@ async fn relay(
         return;
     }
     control.finish();
+    let in_kernel = lines.as_ref().map_or(0, KernelLines::lines);
     log::info!(
-        "ftp {client} → {server}: {outcome} after {:.1} s; {}",
+        "ftp {client} → {server}: {outcome} after {:.1} s; {}; {in_kernel} lines forwarded in the kernel",
         started.elapsed().as_secs_f64(),
         control.summary()
     );
+}
+
+fn count_read(lines: &mut Option<KernelLines>, side: Side, n: usize) {
+    if let Some(l) = lines {
+        l.read(side, n);
+    }
+}
+
+fn count_written(lines: &mut Option<KernelLines>, side: Side, n: usize) {
+    if let Some(l) = lines {
+        l.wrote(side, n);
+    }
+}
+
+async fn flushed(
+    lines: &Option<KernelLines>,
+    side: Side,
+    fd: &impl std::os::fd::AsFd,
+) -> std::io::Result<()> {
+    match lines {
+        Some(l) => l.flushed(side, fd).await,
+        None => Ok(()),
+    }
 }
 
 /// Connects to the server from `from` (the firewall's external address, or

@@ -1,0 +1,214 @@
+//! One control connection's plain lines forwarded in the kernel: the
+//! daemon's half of the hand-offs described in `firewall_common::ftp_lines`.
+//!
+//! - After reading a direction and writing what the filter made of it, the
+//!   daemon offers the direction back when the filter is at a line boundary
+//!   and every byte the socket received was either read by the daemon or
+//!   forwarded by the kernel (`TCP_INFO`'s bytes received).
+//! - Before writing to a socket (or shutting it), the daemon waits until the
+//!   bytes the kernel forwarded into it are in its send queue: queued =
+//!   bytes sent − bytes retransmitted + not yet sent (one `TCP_INFO`), which
+//!   must reach what the daemon wrote plus what the peer's verdict
+//!   redirected.
+
+use std::{
+    os::fd::{AsFd, AsRawFd as _},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::LineMaps;
+
+/// How long a write waits for the kernel's forwarded bytes to reach the
+/// socket before going on (they take microseconds; a wait this long means
+/// the socket's counters said something unexpected, logged).
+const FLUSH_WAIT: Duration = Duration::from_millis(500);
+
+/// The two sockets of a connection: 0 the client's (commands come in on
+/// it), 1 the server's (replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Side {
+    Client = 0,
+    Server = 1,
+}
+
+impl Side {
+    fn peer(self) -> Self {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
+        }
+    }
+}
+
+/// What the next daemon needs to go on with a connection in kernel
+/// forwarding (its slots stay in the pinned maps meanwhile).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedLines {
+    pub slots: [u32; 2],
+    pub cookies: [u64; 2],
+    /// Bytes the daemon read from, and wrote to, each socket in all.
+    pub read: [u64; 2],
+    pub written: [u64; 2],
+}
+
+/// A connection whose plain lines the kernel forwards.
+pub(super) struct KernelLines {
+    maps: Arc<LineMaps>,
+    h: HandedLines,
+    /// Whether to offer directions back (false: the daemon keeps them, as
+    /// with a connection resumed by a daemon configured without).
+    offering: bool,
+    handed_over: bool,
+}
+
+fn tcp_info(fd: &impl AsFd) -> std::io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain integers; the kernel fills at most `len`.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, a buffer of `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+/// Queued into a socket in all: sent (retransmissions once) and not sent.
+fn queued(fd: &impl AsFd) -> std::io::Result<u64> {
+    let info = tcp_info(fd)?;
+    Ok(info
+        .tcpi_bytes_sent
+        .saturating_sub(info.tcpi_bytes_retrans)
+        .saturating_add(info.tcpi_notsent_bytes as u64))
+}
+
+impl KernelLines {
+    /// Puts a new connection's sockets into kernel forwarding; None (logged)
+    /// when that cannot be done: the daemon then forwards every line.
+    pub(super) fn join(
+        maps: &Arc<LineMaps>,
+        client: &impl AsFd,
+        server: &impl AsFd,
+    ) -> Option<Self> {
+        let cookies = [
+            socket2::SockRef::from(client).cookie().ok()?,
+            socket2::SockRef::from(server).cookie().ok()?,
+        ];
+        match maps.join(client.as_fd(), server.as_fd()) {
+            Ok(slots) => Some(Self {
+                maps: maps.clone(),
+                h: HandedLines {
+                    slots,
+                    cookies,
+                    read: [0; 2],
+                    written: [0; 2],
+                },
+                offering: true,
+                handed_over: false,
+            }),
+            Err(e) => {
+                log::debug!("FTP control lines stay with the daemon: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Goes on with a connection a previous daemon handed over.
+    pub(super) fn resume(maps: &Arc<LineMaps>, h: HandedLines, offering: bool) -> Self {
+        Self {
+            maps: maps.clone(),
+            h,
+            offering,
+            handed_over: false,
+        }
+    }
+
+    pub(super) fn read(&mut self, side: Side, n: usize) {
+        self.h.read[side as usize] += n as u64;
+    }
+
+    pub(super) fn wrote(&mut self, side: Side, n: usize) {
+        self.h.written[side as usize] += n as u64;
+    }
+
+    /// Lines the kernel forwarded, both ways.
+    pub(super) fn lines(&self) -> u64 {
+        self.h.slots.iter().map(|s| self.maps.view(*s).lines).sum()
+    }
+
+    /// Waits until what the kernel forwarded into the socket of `side` is in
+    /// its send queue, so that the daemon's next bytes come after it.
+    pub(super) async fn flushed(&self, side: Side, fd: &impl AsFd) -> std::io::Result<()> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let redirected = self
+                .maps
+                .view(self.h.slots[side.peer() as usize])
+                .redirected;
+            let due = self.h.written[side as usize] + redirected;
+            if queued(fd)? >= due {
+                return Ok(());
+            }
+            if start.elapsed() > FLUSH_WAIT {
+                log::warn!(
+                    "FTP control lines: a socket's queue did not reach {due} bytes in {FLUSH_WAIT:?}; writing on"
+                );
+                return Ok(());
+            }
+            spins += 1;
+            if spins < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// Offers the direction coming in on `side` back to the kernel when
+    /// the filter is `at_boundary` and the daemon has read everything the
+    /// kernel did not forward.
+    pub(super) fn offer(&self, side: Side, fd: &impl AsFd, at_boundary: bool) {
+        if !self.offering || !at_boundary {
+            return;
+        }
+        let slot = self.h.slots[side as usize];
+        let v = self.maps.view(slot);
+        if v.kernel || v.resume == v.passed + 1 {
+            return;
+        }
+        // `passed` is read before the socket's total: a segment counted in
+        // the total but not yet given to the daemon makes them disagree.
+        match tcp_info(fd) {
+            Ok(i) if i.tcpi_bytes_received == self.h.read[side as usize] + v.redirected => {
+                self.maps.offer(slot, v.passed)
+            }
+            _ => {}
+        }
+    }
+
+    /// Leaves the slots in the maps for the next daemon.
+    pub(super) fn hand_over(mut self) -> HandedLines {
+        self.handed_over = true;
+        self.h.clone()
+    }
+}
+
+impl Drop for KernelLines {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            self.maps.leave(self.h.slots, self.h.cookies);
+        }
+    }
+}
