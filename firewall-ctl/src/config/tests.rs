@@ -140,6 +140,15 @@ fn ftp_filter_is_on_by_default_and_can_be_turned_off() {
 }
 
 #[test]
+fn plain_control_lines_go_through_the_kernel_unless_asked_otherwise() {
+    let (i, e) = ifs();
+    assert!(Config::defaults(&i, &e).unwrap().ftp_kernel_lines);
+    let user = Config::parse("[ftp]\ncontrol_lines = \"user\"", &i, &e).unwrap();
+    assert!(!user.ftp_kernel_lines);
+    assert!(!user.ftp_user_mode, "data connections stay in the kernel");
+}
+
+#[test]
 fn errors_name_the_key() {
     let (i, e) = ifs();
     let cases = [
@@ -179,6 +188,7 @@ fn errors_name_the_key() {
         ("[[publish]]\ntransport = \"tcp\"\nport = 80\nserver = \"10.1.0.2:80\"\n[[publish]]\ntransport = \"tcp\"\nport = 80\nserver = \"10.1.0.3:80\"", "publish[1].port"),
         ("[ftp]\nport = 21", "unknown field `port`"),
         ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
+        ("[ftp]\ncontrol_lines = \"fast\"", "ftp.control_lines"),
         ("[timeouts]\nudp_idle = \"5 parsecs\"", "timeouts.udp_idle"),
         ("[timeouts]\nudp_mapping = 60", "RFC 4787's minimum of 120 s"),
         ("[timeouts]\nudp_idle = 600\nudp_mapping = 300", "shorter than timeouts.udp_idle"),

@@ -106,13 +106,14 @@ impl LineMaps {
     }
 
     /// Puts two sockets of a connection into kernel forwarding, each the
-    /// other's peer (both start with the daemon). None when no slot is free
-    /// or a map refused them (the connection then stays with the daemon).
+    /// other's peer (both start with the daemon): their slots and cookies.
+    /// An error when no slot is free or a map refused them (nothing is left
+    /// in the maps; the connection then stays with the daemon).
     pub fn join(
         &self,
         commands: BorrowedFd<'_>,
         replies: BorrowedFd<'_>,
-    ) -> anyhow::Result<[u32; 2]> {
+    ) -> anyhow::Result<([u32; 2], [u64; 2])> {
         let pair = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             if free.len() < 2 {
@@ -149,7 +150,7 @@ impl LineMaps {
             self.leave(pair, cookies);
             return Err(e);
         }
-        Ok(pair)
+        Ok((pair, cookies))
     }
 
     /// Takes two slots out of kernel forwarding and frees them. Removing a

@@ -13,6 +13,7 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd as _},
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -62,6 +63,9 @@ pub(super) struct KernelLines {
     /// with a connection resumed by a daemon configured without).
     offering: bool,
     handed_over: bool,
+    /// Per socket, the peer's `redirected` last seen in its send queue: as
+    /// long as it stays so, the daemon's writes need no look at the queue.
+    flushed_to: [AtomicU64; 2],
 }
 
 fn tcp_info(fd: &impl AsFd) -> std::io::Result<libc::tcp_info> {
@@ -101,12 +105,8 @@ impl KernelLines {
         client: &impl AsFd,
         server: &impl AsFd,
     ) -> Option<Self> {
-        let cookies = [
-            socket2::SockRef::from(client).cookie().ok()?,
-            socket2::SockRef::from(server).cookie().ok()?,
-        ];
         match maps.join(client.as_fd(), server.as_fd()) {
-            Ok(slots) => Some(Self {
+            Ok((slots, cookies)) => Some(Self {
                 maps: maps.clone(),
                 h: HandedLines {
                     slots,
@@ -116,6 +116,7 @@ impl KernelLines {
                 },
                 offering: true,
                 handed_over: false,
+                flushed_to: Default::default(),
             }),
             Err(e) => {
                 log::debug!("FTP control lines stay with the daemon: {e:#}");
@@ -131,6 +132,7 @@ impl KernelLines {
             h,
             offering,
             handed_over: false,
+            flushed_to: Default::default(),
         }
     }
 
@@ -157,8 +159,13 @@ impl KernelLines {
                 .maps
                 .view(self.h.slots[side.peer() as usize])
                 .redirected;
+            let known = &self.flushed_to[side as usize];
+            if redirected == known.load(Relaxed) {
+                return Ok(());
+            }
             let due = self.h.written[side as usize] + redirected;
             if queued(fd)? >= due {
+                known.store(redirected, Relaxed);
                 return Ok(());
             }
             if start.elapsed() > FLUSH_WAIT {
