@@ -158,12 +158,40 @@ fn client_must_get(out: &str) -> Result<(), String> {
     matches(&out.lines().collect::<Vec<_>>(), &want).map_err(|e| format!("{e}: {out}"))
 }
 
-/// Runs the script through a firewall with `config`; the number of lines
-/// the kernel forwarded.
-fn script(tag: &str, config: &str) -> u64 {
-    let run = LabRun::with_config(tag, config);
+/// A client that sends 50,000 commands and reads no reply for a second:
+/// the replies (5.5 MB, more than a socket's largest send buffer) fill its
+/// socket's buffers and the firewall's, with lines queued in the kernel and
+/// writes of the daemon waiting; then it reads them all, which must come in
+/// order.
+const SLOW_READER: &str = r#"
+import socket, sys, threading, time
+N = 50000
+PAD = b"x" * 100
+s = socket.create_connection((sys.argv[1], 21), timeout=30)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+f = s.makefile("rb")
+if f.readline() != b"220 scripted\r\n":
+    sys.exit("no banner")
+def send():
+    for i in range(0, N, 100):
+        s.sendall(b"".join(b"NOOP %d %s\r\n" % (j, PAD) for j in range(i, i + 100)))
+t = threading.Thread(target=send); t.start()
+time.sleep(1)
+for i in range(N):
+    l = f.readline()
+    if l != b"200 %d %s\r\n" % (i, PAD):
+        sys.exit("reply %d: %r" % (i, l))
+t.join()
+s.sendall(b"QUIT\r\n")
+if f.readline() != b"221 bye\r\n":
+    sys.exit("no goodbye")
+"#;
+
+/// The scripted server in the lab's server, recording into a file: the
+/// server (ended when dropped) and the file.
+fn scripted_server(run: &LabRun) -> (Peer, std::path::PathBuf) {
     let got = std::env::temp_dir().join(format!("{}-server-got", run.lab.prefix));
-    let _server = Peer::new(
+    let server = Peer::new(
         run.lab
             .server
             .cmd("python3")
@@ -173,13 +201,25 @@ fn script(tag: &str, config: &str) -> u64 {
             .unwrap(),
     );
     wait_listening(&run.lab.server, 21);
-    let out = run
-        .lab
+    (server, got)
+}
+
+/// Runs a client script (Python) in the lab's client against the server.
+fn client(run: &LabRun, code: &str) -> std::process::Output {
+    run.lab
         .client
         .cmd("python3")
-        .args(["-c", CLIENT, addr::SERVER])
+        .args(["-c", code, addr::SERVER])
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs the script through a firewall with `config`; the number of lines
+/// the kernel forwarded.
+fn script(tag: &str, config: &str) -> u64 {
+    let run = LabRun::with_config(tag, config);
+    let (_server, got) = scripted_server(&run);
+    let out = client(&run, CLIENT);
     check("the scripted client", &out);
     let replies = String::from_utf8_lossy(&out.stdout).into_owned();
     if let Err(e) = client_must_get(&replies) {
@@ -205,5 +245,27 @@ fn lines_in_every_shape_arrive_as_the_filter_reads_them_in_order() {
     assert_eq!(
         in_daemon, 0,
         "control_lines = \"user\": the daemon forwards every line"
+    );
+}
+
+/// Runs the client that stops reading through a firewall with `config`;
+/// the number of lines the kernel forwarded.
+fn slow_reader(tag: &str, config: &str) -> u64 {
+    let run = LabRun::with_config(tag, config);
+    let (_server, got) = scripted_server(&run);
+    let out = client(&run, SLOW_READER);
+    let _ = std::fs::remove_file(&got);
+    check(&format!("{tag}: the client that stops reading"), &out);
+    run.fw.counter("redirect_ftp_line")
+}
+
+#[test]
+fn a_client_that_stops_reading_gets_every_reply_in_order() {
+    assert!(slow_reader("ftpslowk", "") > 0);
+    // The daemon alone must not stall either: replies go on while the
+    // commands wait for the server.
+    assert_eq!(
+        slow_reader("ftpslowu", "[ftp]\ncontrol_lines = \"user\"\n"),
+        0
     );
 }

@@ -503,7 +503,7 @@ fn start_interception(
             internal_addr
         );
     }
-    let lines = kernel_lines(dp, config, &resumed)?;
+    let (lines, kernel_lines) = kernel_lines(dp, config, &resumed)?;
     let ctx = Arc::new(Interception {
         api: Arc::new(FtpCalls::new(
             shared.engine.clone(),
@@ -517,7 +517,7 @@ fn start_interception(
         ftp_ports: config.ftp_ports.clone(),
         ftp_user_mode: config.ftp_user_mode,
         lines,
-        kernel_lines: config.ftp_kernel_lines,
+        kernel_lines,
     });
     log::info!(
         "FTP filter on: TCP ports {:?} from {} intercepted (listener {at}, fwmark {:#x}, table {})",
@@ -535,14 +535,15 @@ fn start_interception(
     )?))
 }
 
-/// The maps of control lines forwarded in the kernel, with its verdict
-/// attached when the configuration asks for it. Opened for handed-over
-/// connections whose lines the kernel forwarded even when not.
+/// The maps of control lines forwarded in the kernel, and whether its
+/// verdict is attached (when the configuration asks for it). The maps are
+/// opened for handed-over connections whose lines the kernel forwarded even
+/// when not.
 fn kernel_lines(
     dp: &mut Datapath,
     config: &Config,
     resumed: &[primary::Handed],
-) -> anyhow::Result<Option<Arc<LineMaps>>> {
+) -> anyhow::Result<(Option<Arc<LineMaps>>, bool)> {
     let in_use: Vec<u32> = resumed
         .iter()
         .filter_map(|h| h.lines.as_ref())
@@ -552,13 +553,22 @@ fn kernel_lines(
         log::info!(
             "FTP control lines: every line through the daemon (ftp.control_lines = \"user\")"
         );
-        return Ok(None);
+        return Ok((None, false));
     }
-    if config.ftp_kernel_lines {
-        dp.attach_ftp_lines()?;
-        log::info!("FTP control lines: plain commands and replies forwarded in the kernel");
-    }
-    Ok(Some(Arc::new(LineMaps::open(dp.pins(), &in_use)?)))
+    let maps = Arc::new(LineMaps::open(dp.pins(), &in_use)?);
+    // An optimisation: without it every line goes through the daemon.
+    let attached = config.ftp_kernel_lines
+        && match dp.attach_ftp_lines() {
+            Ok(()) => {
+                log::info!("FTP control lines: plain commands and replies forwarded in the kernel");
+                true
+            }
+            Err(e) => {
+                log::warn!("FTP control lines: every line through the daemon: {e:#}");
+                false
+            }
+        };
+    Ok((Some(maps), attached))
 }
 
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {

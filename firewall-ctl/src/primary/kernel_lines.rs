@@ -13,7 +13,6 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd as _},
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,10 +21,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::datapath::LineMaps;
 
-/// How long a write waits for the kernel's forwarded bytes to reach the
-/// socket before going on (they take microseconds; a wait this long means
-/// the socket's counters said something unexpected, logged).
-const FLUSH_WAIT: Duration = Duration::from_millis(500);
+/// How long the daemon's bytes wait for the kernel's forwarded ones to
+/// reach an idle socket (all sent and acknowledged). They take microseconds;
+/// a socket whose peer is slow to read waits as long as it takes, but one
+/// that is idle this long while the count says bytes are missing means the
+/// counts went wrong: the connection ends rather than risk the order.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// The two sockets of a connection: 0 the client's (commands come in on
 /// it), 1 the server's (replies).
@@ -65,7 +66,9 @@ pub(super) struct KernelLines {
     handed_over: bool,
     /// Per socket, the peer's `redirected` last seen in its send queue: as
     /// long as it stays so, the daemon's writes need no look at the queue.
-    flushed_to: [AtomicU64; 2],
+    flushed_to: [u64; 2],
+    /// Per socket, since when the daemon's bytes wait for the kernel's.
+    waiting_since: [Option<Instant>; 2],
 }
 
 fn tcp_info(fd: &impl AsFd) -> std::io::Result<libc::tcp_info> {
@@ -88,13 +91,18 @@ fn tcp_info(fd: &impl AsFd) -> std::io::Result<libc::tcp_info> {
     Ok(info)
 }
 
-/// Queued into a socket in all: sent (retransmissions once) and not sent.
-fn queued(fd: &impl AsFd) -> std::io::Result<u64> {
+/// Queued into a socket in all: sent (retransmissions once) and not sent;
+/// and whether it is idle (nothing unsent or unacknowledged).
+fn queued(fd: &impl AsFd) -> std::io::Result<(u64, bool)> {
     let info = tcp_info(fd)?;
-    Ok(info
+    let queued = info
         .tcpi_bytes_sent
         .saturating_sub(info.tcpi_bytes_retrans)
-        .saturating_add(info.tcpi_notsent_bytes as u64))
+        .saturating_add(info.tcpi_notsent_bytes as u64);
+    Ok((
+        queued,
+        info.tcpi_notsent_bytes == 0 && info.tcpi_unacked == 0,
+    ))
 }
 
 impl KernelLines {
@@ -116,7 +124,8 @@ impl KernelLines {
                 },
                 offering: true,
                 handed_over: false,
-                flushed_to: Default::default(),
+                flushed_to: [0; 2],
+                waiting_since: [None; 2],
             }),
             Err(e) => {
                 log::debug!("FTP control lines stay with the daemon: {e:#}");
@@ -132,7 +141,8 @@ impl KernelLines {
             h,
             offering,
             handed_over: false,
-            flushed_to: Default::default(),
+            flushed_to: [0; 2],
+            waiting_since: [None; 2],
         }
     }
 
@@ -149,38 +159,38 @@ impl KernelLines {
         self.h.slots.iter().map(|s| self.maps.view(*s).lines).sum()
     }
 
-    /// Waits until what the kernel forwarded into the socket of `side` is in
-    /// its send queue, so that the daemon's next bytes come after it.
-    pub(super) async fn flushed(&self, side: Side, fd: &impl AsFd) -> std::io::Result<()> {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            let redirected = self
-                .maps
-                .view(self.h.slots[side.peer() as usize])
-                .redirected;
-            let known = &self.flushed_to[side as usize];
-            if redirected == known.load(Relaxed) {
-                return Ok(());
-            }
-            let due = self.h.written[side as usize] + redirected;
-            if queued(fd)? >= due {
-                known.store(redirected, Relaxed);
-                return Ok(());
-            }
-            if start.elapsed() > FLUSH_WAIT {
-                log::warn!(
-                    "FTP control lines: a socket's queue did not reach {due} bytes in {FLUSH_WAIT:?}; writing on"
-                );
-                return Ok(());
-            }
-            spins += 1;
-            if spins < 64 {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+    /// Whether what the kernel forwarded into the socket of `side` is in
+    /// its send queue, so that the daemon's next bytes can follow it. An
+    /// error when the socket has been idle for FLUSH_WAIT without it.
+    pub(super) fn flushed(&mut self, side: Side, fd: &impl AsFd) -> std::io::Result<bool> {
+        let redirected = self
+            .maps
+            .view(self.h.slots[side.peer() as usize])
+            .redirected;
+        let i = side as usize;
+        if redirected == self.flushed_to[i] {
+            return Ok(true);
         }
+        let due = self.h.written[i] + redirected;
+        let (queued, idle) = queued(fd)?;
+        if queued >= due {
+            self.flushed_to[i] = redirected;
+            self.waiting_since[i] = None;
+            return Ok(true);
+        }
+        if !idle {
+            // A slow reader: the kernel's bytes wait for room.
+            self.waiting_since[i] = None;
+            return Ok(false);
+        }
+        let since = *self.waiting_since[i].get_or_insert_with(Instant::now);
+        if since.elapsed() > FLUSH_WAIT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the kernel's forwarded lines did not reach the socket in {FLUSH_WAIT:?}"),
+            ));
+        }
+        Ok(false)
     }
 
     /// Offers the direction coming in on `side` back to the kernel when

@@ -10,7 +10,7 @@ use tokio::{
         unix::{AsyncFd, AsyncFdReadyGuard},
         Interest, Ready,
     },
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
 };
 
 pub(super) fn out_of_descriptors(e: &std::io::Error) -> bool {
@@ -58,30 +58,38 @@ impl Spare {
     }
 }
 
-/// The client's side of a control connection. Registered for urgent data
-/// too (EPOLLPRI): ABOR comes as TCP urgent data, read in line, and a read
-/// stops at the urgent mark; the kernel's signal says when to read on past
-/// it, so no read is spent otherwise to learn that the socket is drained.
-pub(super) struct ClientSide(pub(super) AsyncFd<std::net::TcpStream>);
+/// One side of a control connection, registered for reading only: a
+/// socket whose lines the kernel forwards gets a write-space wake-up for
+/// each of them, which would wake the daemon for nothing. What a full
+/// buffer (a peer that stopped reading) does not take is written again
+/// after a pause (`Due`). The client's side is registered for urgent data too
+/// (EPOLLPRI): ABOR comes as TCP urgent data, read in line, and a read stops
+/// at the urgent mark; the kernel's signal says when to read on past it, so
+/// no read is spent otherwise to learn that the socket is drained.
+pub(super) struct Leg(pub(super) AsyncFd<std::net::TcpStream>);
 
-impl ClientSide {
-    pub(super) fn new(stream: TcpStream) -> std::io::Result<Self> {
-        Self::from_std(stream.into_std()?)
-    }
-
-    pub(super) fn from_std(stream: std::net::TcpStream) -> std::io::Result<Self> {
+impl Leg {
+    /// The client's side (`urgent`: ABOR read in line) or the server's.
+    pub(super) fn new(stream: std::net::TcpStream, urgent: bool) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
-        // ABOR comes as urgent data (ftplib sends the whole command so).
-        SockRef::from(&stream).set_out_of_band_inline(true)?;
+        let interest = if urgent {
+            // ABOR comes as urgent data (ftplib sends the whole command so).
+            SockRef::from(&stream).set_out_of_band_inline(true)?;
+            Interest::READABLE | Interest::PRIORITY
+        } else {
+            Interest::READABLE
+        };
         // SAFETY: the AsyncFd owns the stream, so its fd stays open and the
         // same for as long as the AsyncFd lives.
-        let fd = unsafe {
-            AsyncFd::register_with_interest(
-                stream,
-                Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
-            )
-        };
+        let fd = unsafe { AsyncFd::register_with_interest(stream, interest) };
         Ok(Self(fd.map_err(|e| e.into_parts().1)?))
+    }
+
+    /// Waits until there is something to read (or urgent data).
+    pub(super) async fn ready(
+        &self,
+    ) -> std::io::Result<AsyncFdReadyGuard<'_, std::net::TcpStream>> {
+        self.0.ready(Interest::READABLE | Interest::PRIORITY).await
     }
 
     /// Reads what arrived into `buf` once the socket is `ready`: the length
@@ -115,17 +123,24 @@ impl ClientSide {
         Ok((filled > 0).then_some(filled))
     }
 
-    pub(super) async fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+    /// Writes what the socket takes of `data` now: 0 when its buffer is
+    /// full.
+    pub(super) fn write_some(&self, data: &[u8]) -> std::io::Result<usize> {
         use std::io::Write as _;
-        while !data.is_empty() {
-            let mut guard = self.0.writable().await?;
-            match guard.try_io(|s| s.get_ref().write(data)) {
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
-            }
+        match self.0.get_ref().write(data) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            r => r,
         }
-        Ok(())
+    }
+
+    /// Sends `byte` as TCP urgent data (MSG_OOB marks the last byte sent
+    /// as urgent): false when the socket's buffer is full.
+    pub(super) fn write_urgent(&self, byte: u8) -> std::io::Result<bool> {
+        match self.sock().send_out_of_band(&[byte]) {
+            Ok(n) => Ok(n == 1),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     pub(super) fn try_write(&self, data: &[u8]) {
@@ -136,62 +151,6 @@ impl ClientSide {
     pub(super) fn sock(&self) -> SockRef<'_> {
         SockRef::from(self.0.get_ref())
     }
-}
-
-/// Writes all of `data`, waiting when the socket's buffer is full.
-pub(super) async fn write_all(stream: &TcpStream, mut data: &[u8]) -> std::io::Result<()> {
-    while !data.is_empty() {
-        match stream.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// One read of what `stream` has: Ok(None) when there is nothing after all,
-/// Ok(Some(0)) at the end of the stream. A short read clears the socket's
-/// readiness, as tokio's own reads do, so no second call is spent to learn
-/// that it is drained.
-pub(super) fn read_once(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
-    use std::io::Read as _;
-    let mut got = 0;
-    let r = stream.try_io(Interest::READABLE, || {
-        let n = (&*SockRef::from(stream)).read(buf)?;
-        got = n;
-        if n > 0 && n < buf.len() {
-            // Drained: wait for the next edge.
-            return Err(std::io::ErrorKind::WouldBlock.into());
-        }
-        Ok(())
-    });
-    match r {
-        Ok(()) => Ok(Some(got)),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok((got > 0).then_some(got)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Writes `data`, the byte at `urgent_at` as TCP urgent data.
-pub(super) async fn send(
-    stream: &TcpStream,
-    data: &[u8],
-    urgent_at: Option<usize>,
-) -> std::io::Result<()> {
-    let Some(at) = urgent_at.filter(|i| *i < data.len()) else {
-        return write_all(stream, data).await;
-    };
-    write_all(stream, &data[..at]).await?;
-    loop {
-        // MSG_OOB marks the last byte sent as urgent.
-        match SockRef::from(stream).send_out_of_band(&data[at..=at]) {
-            Ok(_) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
-    write_all(stream, &data[at + 1..]).await
 }
 
 /// Ends a connection with a reset, as an unreachable server would.
