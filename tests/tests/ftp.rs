@@ -58,7 +58,13 @@ fn every_client_downloads_lists_and_uploads_in_kernel_mode() {
     every_client(&run, &server);
     // Each data connection was opened by its first packet in XDP.
     assert!(run.fw.counter("redirect_pinhole_established") >= 24);
-    eprintln!("lines in kernel: {}", run.fw.counter("redirect_ftp_line"));
+    // Most of each control connection's lines went through the kernel
+    // (342 for the 24 connections when measured).
+    let in_kernel = run.fw.counter("redirect_ftp_line");
+    assert!(
+        in_kernel >= 100,
+        "{in_kernel} lines forwarded in the kernel"
+    );
     assert!(run.fw.counter("pass_intercepted") >= 24);
     let modes: Vec<String> = run
         .fw

@@ -34,7 +34,9 @@ pub struct LineMaps {
 }
 
 // SAFETY: `states` points at a shared mapping that lives as long as the
-// LineMaps; every access to it goes through atomics (`Slot`).
+// LineMaps; the daemon reads and writes the verdict's slots through atomics
+// (`view`, `offer`), and writes a whole slot only while no socket uses it
+// (`reset`).
 unsafe impl Send for LineMaps {}
 // SAFETY: as above.
 unsafe impl Sync for LineMaps {}
@@ -54,6 +56,7 @@ impl LineMaps {
     /// Opens the pinned maps; `in_use` are the slots of connections a
     /// previous daemon handed over.
     pub fn open(pins: &PinPaths, in_use: &[u32]) -> anyhow::Result<Self> {
+        let in_use: std::collections::HashSet<u32> = in_use.iter().copied().collect();
         let socks = SockMap::try_from(Map::from_map_data(pins.open_map(map_names::LINE_SOCKS)?)?)?;
         let mut slots: HashMap<MapData, u64, u32> =
             HashMap::try_from(Map::from_map_data(pins.open_map(map_names::LINE_SLOTS)?)?)?;

@@ -2,7 +2,26 @@
 //! kernel's line forwarding) and relaying it through the FTP filter until it
 //! ends or is handed over.
 
-use super::*;
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::bail;
+use tokio::{
+    io::unix::AsyncFdReadyGuard,
+    net::{TcpSocket, TcpStream},
+};
+
+use super::{
+    kernel_lines::{KernelLines, Side},
+    sockets::{out_of_descriptors, reset, shutdown_write, Leg, TOO_MANY},
+    Handed, Interception, Live,
+};
+use crate::ftp::{Control, FtpStats, Output, Secondaries};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Control lines are short: reads go through one buffer of the proxy's
 /// thread (a line longer than the filter's limit is refused anyway), so an
@@ -220,8 +239,8 @@ async fn relay(
 
 /// How long the relay waits before trying again to write what a side did
 /// not take (doubling while nothing moves).
-const DUE_PAUSE_MIN: std::time::Duration = std::time::Duration::from_millis(1);
-const DUE_PAUSE_MAX: std::time::Duration = std::time::Duration::from_millis(64);
+const DUE_PAUSE_MIN: Duration = Duration::from_millis(1);
+const DUE_PAUSE_MAX: Duration = Duration::from_millis(64);
 
 /// Most bytes held for a side before the relay stops reading what would
 /// add to them.
@@ -313,7 +332,7 @@ fn write_due(
 /// it to the filter: what `Leg::read_ready` says.
 fn read_into(
     leg: &Leg,
-    ready: std::io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, std::net::TcpStream>>,
+    ready: std::io::Result<AsyncFdReadyGuard<'_, std::net::TcpStream>>,
     feed: impl FnOnce(&[u8]),
 ) -> std::io::Result<Option<usize>> {
     ready.and_then(|mut r| {

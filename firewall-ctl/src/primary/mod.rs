@@ -28,22 +28,19 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpListener;
 use tracing::Instrument as _;
 
-use crate::ftp::{Control, ControlState, FtpStats, Output, Secondaries};
+use crate::ftp::{ControlState, FtpStats, Secondaries};
 
 mod control;
 mod kernel_lines;
 mod sockets;
 use control::{ftp_control, resume};
 pub use kernel_lines::HandedLines;
-use kernel_lines::{KernelLines, Side};
-use sockets::{out_of_descriptors, reset, shutdown_write, Leg, Spare, TOO_MANY};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+use sockets::{out_of_descriptors, Spare};
 
 /// The listener the TC program hands intercepted SYNs to: loopback, any
 /// port, transparent (its connections answer from the servers' addresses).
