@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::check,
+    ftp::{check, python},
     lab::addr,
     traffic::{wait_listening, Peer},
 };
@@ -50,10 +50,11 @@ while True:
             c.sendall(b"502 " + verb + b"\r\n")
 "#;
 
-/// The client: sends the script, prints every reply line it got.
+/// The client: sends the script, prints every reply line it got (`SERVER`
+/// is defined before it).
 const CLIENT: &str = r#"
 import socket, sys, time
-s = socket.create_connection((sys.argv[1], 21), timeout=15)
+s = socket.create_connection((SERVER, 21), timeout=15)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 f = s.makefile("rb")
 def replies(n):
@@ -167,7 +168,7 @@ const SLOW_READER: &str = r#"
 import socket, sys, threading, time
 N = 50000
 PAD = b"x" * 100
-s = socket.create_connection((sys.argv[1], 21), timeout=30)
+s = socket.create_connection((SERVER, 21), timeout=30)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 f = s.makefile("rb")
 if f.readline() != b"220 scripted\r\n":
@@ -204,14 +205,12 @@ fn scripted_server(run: &LabRun) -> (Peer, std::path::PathBuf) {
     (server, got)
 }
 
-/// Runs a client script (Python) in the lab's client against the server.
+/// Runs a client script in the lab's client, `SERVER` the server's address.
 fn client(run: &LabRun, code: &str) -> std::process::Output {
-    run.lab
-        .client
-        .cmd("python3")
-        .args(["-c", code, addr::SERVER])
-        .output()
-        .unwrap()
+    python(
+        &run.lab.client,
+        &format!("SERVER = '{}'\n{code}", addr::SERVER),
+    )
 }
 
 /// Runs the script through a firewall with `config`; the number of lines

@@ -151,11 +151,17 @@ async fn relay(
     let (mut to_client, mut to_server) = (Due::default(), Due::default());
     let mut pause = DUE_PAUSE_MIN;
     let mut outcome = "closed";
-    if let Some(l) = &lines {
-        l.offer(Side::Client, c.0.get_ref(), control.at_line_boundary(true));
-        l.offer(Side::Server, s.0.get_ref(), control.at_line_boundary(false));
-    }
     loop {
+        if let Some(l) = &lines {
+            // A direction goes back to the kernel only once all the daemon
+            // made of it is written.
+            if client_open && to_server.is_empty() {
+                l.offer(Side::Client, c.0.get_ref(), control.at_line_boundary(true));
+            }
+            if server_open && to_client.is_empty() {
+                l.offer(Side::Server, s.0.get_ref(), control.at_line_boundary(false));
+            }
+        }
         let pending = !to_client.idle() || !to_server.idle();
         if !client_open && !server_open && !pending {
             break;
@@ -203,16 +209,6 @@ async fn relay(
         } else {
             (pause * 2).min(DUE_PAUSE_MAX)
         };
-        if let Some(l) = &lines {
-            // A direction goes back to the kernel only once all the daemon
-            // made of it is written.
-            if client_open && to_server.is_empty() {
-                l.offer(Side::Client, c.0.get_ref(), control.at_line_boundary(true));
-            }
-            if server_open && to_client.is_empty() {
-                l.offer(Side::Server, s.0.get_ref(), control.at_line_boundary(false));
-            }
-        }
     }
     if handing_over {
         log::debug!("ftp {client} → {server}: handed over");
@@ -319,7 +315,9 @@ fn write_due(
     if let Some(u) = due.urgent_at.as_mut() {
         *u -= moved;
     }
-    count_written(lines, side, moved);
+    if let Some(l) = lines {
+        l.wrote(side, moved);
+    }
     if due.buf.is_empty() && due.shut {
         shutdown_write(leg.sock());
         due.shut = false;
@@ -366,12 +364,6 @@ fn after_read(
             *open = false;
             other.shut = true;
         }
-    }
-}
-
-fn count_written(lines: &mut Option<KernelLines>, side: Side, n: usize) {
-    if let Some(l) = lines {
-        l.wrote(side, n);
     }
 }
 

@@ -1,6 +1,7 @@
-//! The control connections' sockets: the client's side with urgent data
-//! read in line, writes that wait, reads that stop when drained, and a
-//! descriptor in reserve for when there are none.
+//! The control connections' sockets: registered for reading only, the
+//! client's side with urgent data read in line, reads that stop when
+//! drained, writes of what the socket takes now, and a descriptor in
+//! reserve for when there are none.
 
 use std::time::Duration;
 
