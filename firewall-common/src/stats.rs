@@ -91,7 +91,6 @@ counters! {
     RedirectedFragment = 41, Redirect, "redirect_fragment", "a later fragment of a datagram whose first fragment was forwarded: its addresses translated, forwarded";
     DropRule = 42, Drop, "drop_rule", "a new outbound connection no access rule allows (a deny rule matched, or none did)";
     TftpEstablished = 43, Redirect, "redirect_tftp_established", "a TFTP server's first answer from its transfer port, to the endpoint that asked it: tracked, its flows created, translated";
-    FtpLineSpliced = 44, Redirect, "redirect_ftp_line", "an FTP control line forwarded from one of the proxy's sockets to the other in the kernel (a plain command or reply, byte for byte; bytes are its payload)";
 }
 
 /// Number of slots in the STATS map.
@@ -100,7 +99,11 @@ const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 /// The STATS slot that counts events the EVENTS ring had no room for (not a
 /// verdict: `packets` counts lost events). The last slot, after every counter.
 pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS - 1;
-const _: () = assert!((Counter::ALL.len() as u32) < EVENTS_LOST_SLOT);
+/// The STATS slot of the FTP control lines the stream verdict forwarded from
+/// one of the proxy's sockets to the other (`packets` counts lines, `bytes`
+/// their payload): not a verdict on a packet, so not among the counters.
+pub const FTP_LINES_SLOT: u32 = COUNTER_SLOTS - 2;
+const _: () = assert!((Counter::ALL.len() as u32) < FTP_LINES_SLOT);
 
 #[cfg(feature = "user")]
 mod pod {

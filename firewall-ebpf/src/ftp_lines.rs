@@ -14,9 +14,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
     EbpfContext as _,
 };
-use firewall_common::{
-    ftp_lines::{plain, LineState, KERNEL_LINE_BUDGET, KERNEL_LINE_MAX, LINE_SLOT_COUNT},
-    stats::Counter,
+use firewall_common::ftp_lines::{
+    plain, LineState, KERNEL_LINE_BUDGET, KERNEL_LINE_MAX, LINE_SLOT_COUNT,
 };
 
 use crate::stats;
@@ -69,7 +68,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
                 (*st).budget -= 1;
                 (*st).redirected += len as u64;
                 (*st).lines += 1;
-                stats::count(Counter::FtpLineSpliced, len as u64);
+                stats::count_ftp_line(len as u64);
                 return SK_PASS;
             }
         }

@@ -121,4 +121,23 @@ asyncio.run(main())
     let status = run.fw.status();
     assert!(status["ftp"]["control_connections"].as_u64().unwrap() >= connections);
     assert!(!run.fw.log_text().contains("out of file descriptors"));
+    // Past the kernel's slots the rest stayed with the daemon, counted, with
+    // one warning.
+    let slots = u64::from(firewall_common::ftp_lines::LINE_SLOT_COUNT / 2);
+    assert_eq!(
+        status["ftp"]["kernel_slots_exhausted"].as_u64().unwrap(),
+        connections.saturating_sub(slots),
+        "{status}"
+    );
+    if connections > slots {
+        let log = run.fw.log_text();
+        let warned = log.matches("kernel slots are taken").count();
+        assert_eq!(warned, 1, "{log}");
+    }
+    // The server never closes its side: every connection is still there.
+    assert_eq!(
+        status["ftp"]["kernel_line_connections"].as_u64().unwrap(),
+        connections.min(slots),
+        "{status}"
+    );
 }

@@ -6,7 +6,10 @@
 //! order; the same script with the daemon forwarding every line must give
 //! the same bytes.
 
-use std::process::Stdio;
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use firewall_tests::{
     daemon::LabRun,
@@ -229,7 +232,13 @@ fn script(tag: &str, config: &str) -> u64 {
     if let Err(e) = server_must_get(&String::from_utf8_lossy(&received)) {
         panic!("{tag}: the server: {e}");
     }
-    run.fw.counter("redirect_ftp_line")
+    // The connection ended: its slots are free again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run.fw.status()["ftp"]["kernel_line_connections"] != 0 {
+        assert!(Instant::now() < deadline, "{tag}: slots still taken");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run.fw.status()["ftp"]["kernel_lines"].as_u64().unwrap()
 }
 
 #[test]
@@ -255,7 +264,7 @@ fn slow_reader(tag: &str, config: &str) -> u64 {
     let out = client(&run, SLOW_READER);
     let _ = std::fs::remove_file(&got);
     check(&format!("{tag}: the client that stops reading"), &out);
-    run.fw.counter("redirect_ftp_line")
+    run.fw.status()["ftp"]["kernel_lines"].as_u64().unwrap()
 }
 
 #[test]

@@ -83,6 +83,10 @@ pub struct FtpStats {
     pub bounces_refused: AtomicU64,
     pub commands_refused: AtomicU64,
     pub failed_calls: AtomicU64,
+    /// Control connections whose plain lines the kernel forwards now.
+    pub kernel_line_connections: AtomicU64,
+    /// Control connections left with the daemon for want of a kernel slot.
+    pub kernel_slots_exhausted: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -99,6 +103,19 @@ pub struct FtpStatsView {
     pub commands_refused: u64,
     /// BindForClient/RedirectConnections that failed (answered 425).
     pub failed_calls: u64,
+    /// Lines the kernel forwarded from one of the proxy's sockets to the
+    /// other, and their bytes (filled in from the datapath's counters).
+    #[serde(default)]
+    pub kernel_lines: u64,
+    #[serde(default)]
+    pub kernel_line_bytes: u64,
+    /// Control connections whose plain lines the kernel forwards now.
+    #[serde(default)]
+    pub kernel_line_connections: u64,
+    /// Control connections whose every line went through the daemon because
+    /// all of the kernel's slots were taken.
+    #[serde(default)]
+    pub kernel_slots_exhausted: u64,
 }
 
 impl FtpStats {
@@ -110,6 +127,10 @@ impl FtpStats {
             bounces_refused: self.bounces_refused.load(Relaxed),
             commands_refused: self.commands_refused.load(Relaxed),
             failed_calls: self.failed_calls.load(Relaxed),
+            kernel_lines: 0,
+            kernel_line_bytes: 0,
+            kernel_line_connections: self.kernel_line_connections.load(Relaxed),
+            kernel_slots_exhausted: self.kernel_slots_exhausted.load(Relaxed),
         }
     }
 }

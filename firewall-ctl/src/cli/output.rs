@@ -113,6 +113,10 @@ pub fn status_text(s: &Status) -> String {
             f.commands_refused,
             f.failed_calls
         );
+        o += &format!(
+            "  {} lines forwarded in the kernel; {} control connections there now, {} left with the daemon for want of a slot\n",
+            f.kernel_lines, f.kernel_line_connections, f.kernel_slots_exhausted
+        );
     }
     if s.tftp_ports.is_empty() {
         o += "tftp helper: off\n";

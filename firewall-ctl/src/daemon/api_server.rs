@@ -458,7 +458,14 @@ pub(super) async fn status(shared: &Arc<Shared>) -> Result<Status, ApiError> {
                 .executables_blocked
                 .load(std::sync::atomic::Ordering::Relaxed),
             ftp_ports: config.ftp_ports.clone(),
-            ftp: shared.ftp.view(),
+            ftp: {
+                let lines = stats.ftp_lines()?;
+                crate::ftp::FtpStatsView {
+                    kernel_lines: lines.packets,
+                    kernel_line_bytes: lines.bytes,
+                    ..shared.ftp.view()
+                }
+            },
             tftp_ports: config.tftp_ports.clone(),
             api_connections: shared.api_connections.len() as u64,
             counters: stats

@@ -332,9 +332,33 @@ pub(super) fn render(s: &Snapshot) -> String {
             "FTP filter calls that failed (answered 425)",
             ftp.failed_calls,
         ),
+        (
+            "ftp_kernel_lines",
+            "FTP control lines the kernel forwarded from one of the proxy's sockets to the other",
+            ftp.kernel_lines,
+        ),
+        (
+            "ftp_kernel_slots_exhausted",
+            "FTP control connections whose lines all went through the daemon: every kernel slot was taken",
+            ftp.kernel_slots_exhausted,
+        ),
     ] {
         counter(&mut r, name, help, v);
     }
+    let line_bytes_counter = Counter::<u64>::default();
+    line_bytes_counter.inc_by(ftp.kernel_line_bytes);
+    r.register_with_unit(
+        "ftp_kernel_line",
+        "Bytes of the FTP control lines the kernel forwarded",
+        Unit::Bytes,
+        line_bytes_counter,
+    );
+    gauge(
+        &mut r,
+        "ftp_kernel_line_connections",
+        "FTP control connections whose plain lines the kernel forwards now",
+        ftp.kernel_line_connections,
+    );
     counter(
         &mut r,
         "executables_blocked",

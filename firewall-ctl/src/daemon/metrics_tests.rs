@@ -17,7 +17,8 @@ fn snapshot() -> Snapshot {
         ],
         "flows_expired": {"tcp_closed": 2, "tcp_idle": 0, "udp_idle": 1},
         "ftp": {"control_connections": 3, "active_opened": 1, "passive_opened": 2,
-                "bounces_refused": 0, "commands_refused": 0, "failed_calls": 0},
+                "bounces_refused": 0, "commands_refused": 0, "failed_calls": 0,
+                "kernel_lines": 9, "kernel_line_bytes": 90, "kernel_line_connections": 6, "kernel_slots_exhausted": 8},
         "api_connections": 1,
         "wall": {"outbound_from": [], "nat_address": "", "nat_ports": "", "published": [], "primary_flows": 2}
     }))
@@ -60,6 +61,10 @@ fn names_follow_the_conventions() {
         "firewall_connections_ended_total{reason=\"tcp_closed\"} 2",
         "firewall_api_requests_total{op=\"bind-for-client\",result=\"invalid-argument\"} 1",
         "firewall_ftp_control_connections_total 3",
+        "firewall_ftp_kernel_lines_total 9",
+        "firewall_ftp_kernel_line_bytes_total 90",
+        "firewall_ftp_kernel_line_connections 6",
+        "firewall_ftp_kernel_slots_exhausted_total 8",
         "firewall_sweeper_seconds_total 0.5",
         "firewall_sessions 1",
         "firewall_primary_flows 2",

@@ -24,6 +24,16 @@ use firewall_common::{
 
 use super::PinPaths;
 
+/// Why a connection could not join kernel forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// Every slot is taken (`LINE_SLOT_COUNT / 2` connections).
+    #[error("all {LINE_SLOT_COUNT} slots are in use (exhausted)")]
+    Exhausted,
+    #[error("{0:#}")]
+    Map(anyhow::Error),
+}
+
 /// The three maps, and which slots are free.
 pub struct LineMaps {
     socks: Mutex<SockMap<MapData>>,
@@ -116,11 +126,11 @@ impl LineMaps {
         &self,
         commands: BorrowedFd<'_>,
         replies: BorrowedFd<'_>,
-    ) -> anyhow::Result<([u32; 2], [u64; 2])> {
+    ) -> Result<([u32; 2], [u64; 2]), JoinError> {
         let pair = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             if free.len() < 2 {
-                bail!("all {LINE_SLOT_COUNT} slots are in use (exhausted)");
+                return Err(JoinError::Exhausted);
             }
             [
                 free.pop().unwrap_or_default(),
@@ -151,7 +161,7 @@ impl LineMaps {
         })();
         if let Err(e) = r {
             self.leave(pair, cookies);
-            return Err(e);
+            return Err(JoinError::Map(e));
         }
         Ok((pair, cookies))
     }

@@ -34,7 +34,7 @@ mod test_run;
 mod wall;
 
 pub use kernel_maps::KernelMaps;
-pub use line_maps::LineMaps;
+pub use line_maps::{JoinError, LineMaps};
 use map_specs::MAPS;
 pub use mode::{choose, redirect_targets_missing, AttachMode, Choice, LinkFacts};
 pub use tables::{

@@ -39,14 +39,23 @@ impl Stats {
         let mut out = Vec::new();
         for c in Counter::ALL {
             debug_assert!((*c as u32) < COUNTER_SLOTS);
-            let per_cpu = self.map.get(&(*c as u32), 0)?;
-            let sum = per_cpu.iter().fold(StatValue::default(), |a, v| StatValue {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-            });
-            out.push((*c, sum));
+            out.push((*c, self.sum(*c as u32)?));
         }
         Ok(out)
+    }
+
+    /// The FTP control lines the stream verdict forwarded (`packets` are
+    /// lines).
+    pub fn ftp_lines(&self) -> anyhow::Result<StatValue> {
+        self.sum(firewall_common::stats::FTP_LINES_SLOT)
+    }
+
+    fn sum(&self, slot: u32) -> anyhow::Result<StatValue> {
+        let per_cpu = self.map.get(&slot, 0)?;
+        Ok(per_cpu.iter().fold(StatValue::default(), |a, v| StatValue {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+        }))
     }
 
     /// Events the datapath could not send (the EVENTS ring was full).

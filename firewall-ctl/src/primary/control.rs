@@ -94,9 +94,12 @@ pub(super) async fn ftp_control(
         let _ = leg.sock().set_keepalive(true);
     }
     let lines = match &ctx.lines {
-        Some(maps) if ctx.kernel_lines => {
-            KernelLines::join(maps, client_side.0.get_ref(), server_side.0.get_ref())
-        }
+        Some(maps) if ctx.kernel_lines => KernelLines::join(
+            maps,
+            &ctx.stats,
+            client_side.0.get_ref(),
+            server_side.0.get_ref(),
+        ),
         _ => None,
     };
     relay(client_side, server_side, control, live, lines).await;
@@ -116,7 +119,7 @@ pub(super) async fn resume(h: Handed, ctx: &Interception, live: Live) -> anyhow:
         }
     };
     let lines = match (h.lines, &ctx.lines) {
-        (Some(l), Some(maps)) => Some(KernelLines::resume(maps, l, ctx.kernel_lines)),
+        (Some(l), Some(maps)) => Some(KernelLines::resume(maps, &ctx.stats, l, ctx.kernel_lines)),
         (Some(_), None) => bail!("its lines were forwarded in the kernel, whose maps are gone"),
         (None, _) => None,
     };

@@ -13,13 +13,19 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd as _},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::LineMaps;
+use crate::{
+    datapath::{JoinError, LineMaps},
+    ftp::FtpStats,
+};
 
 /// How long the daemon's bytes wait for the kernel's forwarded ones to
 /// reach an idle socket (all sent and acknowledged). They take microseconds;
@@ -56,9 +62,13 @@ pub struct HandedLines {
     pub written: [u64; 2],
 }
 
+/// At most one warning this often that every slot is taken.
+const EXHAUSTED_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// A connection whose plain lines the kernel forwards.
 pub(super) struct KernelLines {
     maps: Arc<LineMaps>,
+    stats: Arc<FtpStats>,
     h: HandedLines,
     /// Whether to offer directions back (false: the daemon keeps them, as
     /// with a connection resumed by a daemon configured without).
@@ -106,16 +116,18 @@ fn queued(fd: &impl AsFd) -> std::io::Result<(u64, bool)> {
 }
 
 impl KernelLines {
-    /// Puts a new connection's sockets into kernel forwarding; None (logged)
-    /// when that cannot be done: the daemon then forwards every line.
+    /// Puts a new connection's sockets into kernel forwarding; None (logged,
+    /// counted) when that cannot be done: the daemon then forwards every line.
     pub(super) fn join(
         maps: &Arc<LineMaps>,
+        stats: &Arc<FtpStats>,
         client: &impl AsFd,
         server: &impl AsFd,
     ) -> Option<Self> {
         match maps.join(client.as_fd(), server.as_fd()) {
-            Ok((slots, cookies)) => Some(Self {
+            Ok((slots, cookies)) => Some(Self::counted(Self {
                 maps: maps.clone(),
+                stats: stats.clone(),
                 h: HandedLines {
                     slots,
                     cookies,
@@ -126,24 +138,40 @@ impl KernelLines {
                 handed_over: false,
                 flushed_to: [0; 2],
                 waiting_since: [None; 2],
-            }),
+            })),
+            Err(JoinError::Exhausted) => {
+                let n = stats.kernel_slots_exhausted.fetch_add(1, Relaxed) + 1;
+                warn_exhausted(n);
+                None
+            }
             Err(e) => {
-                log::debug!("FTP control lines stay with the daemon: {e:#}");
+                log::warn!("FTP control lines stay with the daemon: {e}");
                 None
             }
         }
     }
 
     /// Goes on with a connection a previous daemon handed over.
-    pub(super) fn resume(maps: &Arc<LineMaps>, h: HandedLines, offering: bool) -> Self {
-        Self {
+    pub(super) fn resume(
+        maps: &Arc<LineMaps>,
+        stats: &Arc<FtpStats>,
+        h: HandedLines,
+        offering: bool,
+    ) -> Self {
+        Self::counted(Self {
             maps: maps.clone(),
+            stats: stats.clone(),
             h,
             offering,
             handed_over: false,
             flushed_to: [0; 2],
             waiting_since: [None; 2],
-        }
+        })
+    }
+
+    fn counted(self) -> Self {
+        self.stats.kernel_line_connections.fetch_add(1, Relaxed);
+        self
     }
 
     pub(super) fn read(&mut self, side: Side, n: usize) {
@@ -224,8 +252,30 @@ impl KernelLines {
 
 impl Drop for KernelLines {
     fn drop(&mut self) {
+        self.stats.kernel_line_connections.fetch_sub(1, Relaxed);
         if !self.handed_over {
             self.maps.leave(self.h.slots, self.h.cookies);
         }
+    }
+}
+
+/// Warns that every slot is taken, at most once per `EXHAUSTED_WARN_EVERY`
+/// (a full table stays full for many connections); `total` is the count of
+/// connections it happened to so far.
+fn warn_exhausted(total: u64) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
+    let last = LAST.load(Relaxed);
+    if (last == 0 || now >= last + EXHAUSTED_WARN_EVERY.as_secs())
+        && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
+    {
+        log::warn!(
+            "FTP control lines: all {} kernel slots are taken ({} control connections): new \
+             control connections' lines go through the daemon ({total} so far; \
+             ftp_kernel_slots_exhausted_total)",
+            firewall_common::ftp_lines::LINE_SLOT_COUNT,
+            firewall_common::ftp_lines::LINE_SLOT_COUNT / 2,
+        );
     }
 }
