@@ -3,17 +3,20 @@
 //! ends or is handed over.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::bail;
-use tokio::io::unix::AsyncFdReadyGuard;
+use tokio::{
+    io::unix::AsyncFdReadyGuard,
+    net::{TcpSocket, TcpStream},
+};
 
 use super::{
     kernel_lines::{KernelLines, Side},
-    sockets::{connected, out_of_descriptors, reset, shutdown_write, start_connect, Leg, TOO_MANY},
+    sockets::{out_of_descriptors, reset, shutdown_write, Leg, TOO_MANY},
     Handed, Interception, Live,
 };
 use crate::ftp::{Control, FtpStats, Output, Secondaries};
@@ -40,28 +43,15 @@ type OpenControl = fn(
     crate::flags::ConnFlags,
 ) -> Result<Control, firewall_core::error::ApiError>;
 
-/// A control connection accepted and let through by the filter, whose
-/// connection to the server is under way.
-pub(super) struct Opening {
-    client_side: Leg,
-    control: Control,
-    connecting: std::net::TcpStream,
-    client: SocketAddrV4,
-    server: SocketAddrV4,
-}
-
-/// Opens a control connection the moment it is accepted, before its task
-/// runs: the filter's verdict, then the connection to the server, so that
-/// the server's handshake (and its greeting) is not kept waiting behind
-/// whatever else the proxy's thread has to do first.
-pub(super) fn open(
-    client_stream: std::net::TcpStream,
+pub(super) async fn ftp_control(
+    client_stream: TcpStream,
     client: SocketAddrV4,
     server: SocketAddrV4,
     ctx: &Interception,
+    live: Live,
     published: bool,
-) -> anyhow::Result<Opening> {
-    let client_side = Leg::new(client_stream, true)?;
+) -> anyhow::Result<()> {
+    let client_side = Leg::new(client_stream.into_std()?, true)?;
     let (open, from) = if published {
         (Control::published as OpenControl, ctx.internal)
     } else {
@@ -85,55 +75,20 @@ pub(super) fn open(
             bail!("not filtered: {e}");
         }
     };
-    match start_connect(from, server) {
-        Ok(connecting) => Ok(Opening {
-            client_side,
-            control,
-            connecting,
-            client,
-            server,
-        }),
-        Err(e) => Err(refuse(&client_side, client, server, e)),
-    }
-}
-
-/// Tells the client why its control connection ends: 421 when the
-/// daemon is out of descriptors, a reset as from an unreachable server
-/// otherwise.
-fn refuse(
-    client_side: &Leg,
-    client: SocketAddrV4,
-    server: SocketAddrV4,
-    e: std::io::Error,
-) -> anyhow::Error {
-    if out_of_descriptors(&e) {
-        log::error!("ftp {client} → {server}: out of file descriptors: refused with 421");
-        client_side.try_write(TOO_MANY);
-    } else {
-        reset(client_side.sock());
-    }
-    anyhow::anyhow!("connecting to the server: {e}")
-}
-
-/// Waits for the server to answer, then relays and filters the connection.
-pub(super) async fn ftp_control(
-    opening: Opening,
-    ctx: &Interception,
-    live: Live,
-) -> anyhow::Result<()> {
-    let Opening {
-        client_side,
-        control,
-        connecting,
-        client,
-        server,
-    } = opening;
-    let server_stream = match connected(connecting, CONNECT_TIMEOUT).await {
+    let server_stream = match connect_server(from, server).await {
         Ok(s) => s,
-        Err(e) => return Err(refuse(&client_side, client, server, e)),
+        Err(e) if out_of_descriptors(&e) => {
+            log::error!("ftp {client} → {server}: out of file descriptors: refused with 421");
+            client_side.try_write(TOO_MANY);
+            bail!("connecting to the server: {e}");
+        }
+        Err(e) => {
+            reset(client_side.sock());
+            bail!("connecting to the server: {e}");
+        }
     };
     log::debug!("ftp {client} → {server}: intercepted");
-    let server_side = Leg::new(server_stream, false)?;
+    let server_side = Leg::new(server_stream.into_std()?, false)?;
     for leg in [&client_side, &server_side] {
         let _ = leg.sock().set_nodelay(true);
         let _ = leg.sock().set_keepalive(true);
@@ -412,5 +367,19 @@ fn after_read(
             *open = false;
             other.shut = true;
         }
+    }
+}
+
+/// Connects to the server from `from` (the firewall's external address, or
+/// its internal one for a published server).
+async fn connect_server(from: Ipv4Addr, server: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.into(), 0))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(server.into())).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer in {CONNECT_TIMEOUT:?}"),
+        )),
     }
 }

@@ -319,23 +319,12 @@ async fn serve(
             }
         };
         let dialled = dialled(stream.local_addr(), server);
-        let opening = stream
-            .into_std()
-            .map_err(anyhow::Error::from)
-            .and_then(|s| control::open(s, client, server, &ctx, published.is_some()));
-        let opening = match opening {
-            Ok(o) => o,
-            Err(e) => {
-                log::info!("ftp {client} → {server}: {e:#}");
-                continue;
-            }
-        };
         let (ctx, live) = (
             ctx.clone(),
             Live::new(&ho, client, dialled, published.is_some()),
         );
         spawn_control(client, server, async move {
-            ftp_control(opening, &ctx, live).await
+            ftp_control(stream, client, server, &ctx, live, published.is_some()).await
         });
     }
 }

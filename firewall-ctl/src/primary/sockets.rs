@@ -3,13 +3,9 @@
 //! drained, writes of what the socket takes now, and a descriptor in
 //! reserve for when there are none.
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    os::fd::AsRawFd as _,
-    time::Duration,
-};
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 use tokio::{
     io::{
         unix::{AsyncFd, AsyncFdReadyGuard},
@@ -158,69 +154,6 @@ impl Leg {
     }
 }
 
-/// Starts connecting to `server` from `from` (the firewall's external
-/// address, or its internal one for a published server; a port the kernel picks at
-/// connect time: IP_BIND_ADDRESS_NO_PORT lets one local port serve many
-/// servers, where a port bound first would be the socket's alone and the
-/// ephemeral range would bound the connections from `from`).
-pub(super) fn start_connect(
-    from: Ipv4Addr,
-    server: SocketAddrV4,
-) -> std::io::Result<std::net::TcpStream> {
-    let socket = Socket::new(
-        Domain::IPV4,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket, an int option of its size.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    socket.bind(&SocketAddrV4::new(from, 0).into())?;
-    match socket.connect(&server.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into())
-}
-
-/// Waits until a connection `start_connect` started is made (or failed),
-/// at most `timeout`.
-pub(super) async fn connected(
-    stream: std::net::TcpStream,
-    timeout: Duration,
-) -> std::io::Result<std::net::TcpStream> {
-    // SAFETY: the AsyncFd owns the stream, so its fd stays open and the
-    // same for as long as the AsyncFd lives.
-    let fd = unsafe { AsyncFd::register_with_interest(stream, Interest::WRITABLE) }
-        .map_err(|e| e.into_parts().1)?;
-    match tokio::time::timeout(timeout, fd.writable()).await {
-        Ok(ready) => drop(ready?),
-        Err(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer in {timeout:?}"),
-            ))
-        }
-    }
-    let stream = fd.into_inner();
-    match stream.take_error()? {
-        Some(e) => Err(e),
-        None => Ok(stream),
-    }
-}
-
 /// Ends a connection with a reset, as an unreachable server would.
 pub(super) fn reset(sock: SockRef<'_>) {
     let _ = sock.set_linger(Some(Duration::ZERO));
@@ -228,30 +161,4 @@ pub(super) fn reset(sock: SockRef<'_>) {
 
 pub(super) fn shutdown_write(sock: SockRef<'_>) {
     let _ = sock.shutdown(std::net::Shutdown::Write);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_connection_started_at_accept_time_is_made_or_refused() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let std::net::SocketAddr::V4(at) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
-        let from = Ipv4Addr::LOCALHOST;
-        let stream = connected(start_connect(from, at).unwrap(), Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert_eq!(stream.peer_addr().unwrap(), at.into());
-        // The kernel picked the local port at connect time.
-        assert_ne!(stream.local_addr().unwrap().port(), 0);
-        drop(listener);
-        let refused = match start_connect(from, at) {
-            Ok(s) => connected(s, Duration::from_secs(5)).await.unwrap_err(),
-            Err(e) => e,
-        };
-        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
-    }
 }
