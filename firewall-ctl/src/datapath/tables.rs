@@ -60,8 +60,7 @@ impl Stats {
 
     /// Events the datapath could not send (the EVENTS ring was full).
     pub fn events_lost(&self) -> anyhow::Result<u64> {
-        let per_cpu = self.map.get(&firewall_common::stats::EVENTS_LOST_SLOT, 0)?;
-        Ok(per_cpu.iter().map(|v| v.packets).sum())
+        Ok(self.sum(firewall_common::stats::EVENTS_LOST_SLOT)?.packets)
     }
 }
 

@@ -13,10 +13,7 @@
 
 use std::{
     os::fd::{AsFd, AsRawFd as _},
-    sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
-        Arc,
-    },
+    sync::{atomic::Ordering::Relaxed, Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -263,13 +260,16 @@ impl Drop for KernelLines {
 /// (a full table stays full for many connections); `total` is the count of
 /// connections it happened to so far.
 fn warn_exhausted(total: u64) {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
-    let last = LAST.load(Relaxed);
-    if (last == 0 || now >= last + EXHAUSTED_WARN_EVERY.as_secs())
-        && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
-    {
+    static WARNED: Mutex<Option<Instant>> = Mutex::new(None);
+    let due = {
+        let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+        let due = warned.is_none_or(|t| t.elapsed() >= EXHAUSTED_WARN_EVERY);
+        if due {
+            *warned = Some(Instant::now());
+        }
+        due
+    };
+    if due {
         log::warn!(
             "FTP control lines: all {} kernel slots are taken ({} control connections): new \
              control connections' lines go through the daemon ({total} so far; \
