@@ -14,6 +14,7 @@ pub mod icmp;
 pub mod intercept;
 pub mod pinhole;
 pub mod rules;
+pub mod seqadj;
 pub mod stats;
 pub mod tftp;
 pub mod wall;
