@@ -42,6 +42,10 @@ pub enum FlowAction {
     Forward = 0,
     /// Drop (counted). Used to block a flow without removing its entry.
     Drop = 1,
+    /// Forward as `Forward`, for a connection read in place: its segments
+    /// are numbered as the daemon's rewrites say, and what is not a plain
+    /// line goes to the daemon (`inplace`).
+    InPlace = 2,
 }
 
 impl FlowAction {
@@ -49,6 +53,7 @@ impl FlowAction {
         match v {
             0 => Some(Self::Forward),
             1 => Some(Self::Drop),
+            2 => Some(Self::InPlace),
             _ => None,
         }
     }

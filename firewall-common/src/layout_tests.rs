@@ -4,8 +4,8 @@
 //! not hold.
 
 use super::{
-    flow::*, frag::*, ftp_lines::*, icmp::*, intercept::*, pinhole::*, rules::*, stats::*, tftp::*,
-    wall::*,
+    flow::*, frag::*, ftp_lines::*, icmp::*, inplace::*, intercept::*, pinhole::*, rules::*,
+    seqadj::*, stats::*, tftp::*, wall::*,
 };
 
 /// The size of the field `f` picks out of a `T`.
@@ -26,6 +26,45 @@ macro_rules! fills {
 
 #[test]
 fn shared_types_have_no_hidden_padding() {
+    fills!(SeqAdjust {
+        floor,
+        start,
+        end,
+        before,
+        after
+    });
+    fills!(InPlaceDir {
+        kernel,
+        next,
+        diverted,
+        acked,
+        acked_set,
+        started
+    });
+    fills!(InPlaceState { dir });
+    fills!(Offer {
+        valid,
+        next,
+        diverted,
+        _pad
+    });
+    fills!(InPlaceAdjust { adjust, offer });
+    fills!(SegmentHead {
+        client,
+        dir,
+        diverted,
+        acked,
+        acked_set,
+        src_addr,
+        dst_addr,
+        src_port,
+        dst_port,
+        tcp_len,
+        data_len,
+        payload_len,
+        _pad
+    });
+    fills!(InPlaceSegment { head, tcp, data });
     fills!(LineState {
         kernel,
         budget,

@@ -11,6 +11,7 @@ pub mod flow;
 pub mod frag;
 pub mod ftp_lines;
 pub mod icmp;
+pub mod inplace;
 pub mod intercept;
 pub mod pinhole;
 pub mod rules;
@@ -50,6 +51,17 @@ pub mod map_names {
     pub const LINE_SOCKS: &str = "LINE_SOCKS";
     pub const LINE_SLOTS: &str = "LINE_SLOTS";
     pub const LINE_STATE: &str = "LINE_STATE";
+    /// FTP control connections forwarded in place: the ports, each
+    /// connection's state (the datapath's) and translation (the daemon's),
+    /// and the segments handed to the daemon (a ring).
+    pub const INPLACE_PORTS: &str = "INPLACE_PORTS";
+    pub const INPLACE: &str = "INPLACE";
+    pub const INPLACE_ADJUST: &str = "INPLACE_ADJUST";
+    pub const INPLACE_SEGMENTS: &str = "INPLACE_SEGMENTS";
+    /// The programs the pipeline tail-calls for them, at XDP and at TC
+    /// (slot 0 of each; not pinned).
+    pub const INPLACE_PROGS_XDP: &str = "INPLACE_PROGS_XDP";
+    pub const INPLACE_PROGS_TC: &str = "INPLACE_PROGS_TC";
     /// SYNs being intercepted (not pinned: they live with the daemon).
     pub const INTERCEPTING: &str = "INTERCEPTING";
     /// The daemon's interception listener (a SOCKMAP, not pinned).
@@ -79,6 +91,8 @@ pub mod map_sizes {
     pub const UDP_MAPPINGS: u32 = 65_536;
     /// SYNs on their way to the interception listener.
     pub const INTERCEPTING: u32 = 16_384;
+    /// FTP control connections forwarded in place.
+    pub const INPLACE: u32 = 65_536;
 }
 
 /// Names of the programs in the eBPF object.
@@ -90,6 +104,9 @@ pub mod program_names {
     /// sk_lookup in the firewall's network namespace: intercepted SYNs to
     /// the daemon's listener.
     pub const SK_LOOKUP_INTERCEPT: &str = "sk_lookup_intercept";
+    /// Connections read in place, tail-called from the pipeline (XDP, TC).
+    pub const XDP_INPLACE: &str = "xdp_inplace";
+    pub const TC_INPLACE: &str = "tc_inplace";
     /// The datapath at tcx ingress (`--xdp-mode tc`).
     pub const TC_FORWARD_INTERNAL: &str = "tc_forward_internal";
     pub const TC_FORWARD_EXTERNAL: &str = "tc_forward_external";

@@ -59,6 +59,7 @@ pub enum RewriteError {
 }
 
 /// One direction's translation (a map value: `#[repr(C)]`, no padding).
+/// All zeros (`Default`) is the identity for any numbers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SeqAdjust {
@@ -99,11 +100,12 @@ impl SeqAdjust {
         }
     }
 
-    /// Whether no rewrite changed the stream's length so far (the datapath
-    /// then need not touch sequence numbers at all).
+    /// Whether nothing was rewritten yet (the datapath then need not look
+    /// at numbers at all). A rewrite of the same length is not nothing: a
+    /// segment sent again over it must still go to the rewriter.
     #[inline(always)]
     pub const fn is_identity(&self) -> bool {
-        self.before == 0 && self.after == 0
+        self.start == self.end && self.before == 0 && self.after == 0
     }
 
     /// Where the sender's segment `[seq, seq + len)` lies. A segment of no

@@ -11,6 +11,14 @@ fn nothing_rewritten_passes_as_it_is() {
     assert_eq!(a.span(1000, 20), Span::After);
     assert_eq!(a.seq_out(1000, Span::After), 1000);
     assert_eq!(a.ack_in(1020), 1020);
+    assert!(SeqAdjust::default().is_identity());
+    let mut same = SeqAdjust::new(0);
+    same.rewrite(10, 20, 10).unwrap();
+    assert!(
+        !same.is_identity(),
+        "the stretch still goes to the rewriter"
+    );
+    assert_eq!(same.span(10, 10), Span::Rewriter);
 }
 
 #[test]

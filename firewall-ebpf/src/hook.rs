@@ -3,7 +3,7 @@
 //! reached, translated and sent on, and the verdicts' values.
 
 use aya_ebpf::EbpfContext;
-use firewall_common::{flow::FlowValue, stats::Counter};
+use firewall_common::{csum::Wsum, flow::FlowValue, stats::Counter};
 
 use crate::{fib::NextHop, parse::Packet};
 
@@ -12,6 +12,7 @@ pub trait Hook: EbpfContext {
     type Action: Copy;
     /// On to the stack.
     const PASS: Self::Action;
+
     const DROP: Self::Action;
     /// Sends the packet out of `ifindex`; None when the helper refused.
     fn redirect(&self, ifindex: u32) -> Option<Self::Action>;
@@ -32,6 +33,18 @@ pub trait Hook: EbpfContext {
     /// Rewrites addresses, ports and TTL as the flow says, checksums fixed.
     fn translate(&self, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter>;
     fn set_macs(&self, pkt: &Packet, hop: &NextHop) -> Result<(), Counter>;
+    /// Goes on in this hook's program for connections read in place
+    /// (`inplace::process`); returns only if that program is missing.
+    fn tail_call_in_place(&self);
+    /// Copies `len` bytes of the packet from `offset` to `dst`; false when
+    /// the packet is shorter (`dst` must have room for `len`).
+    fn load(&self, offset: usize, dst: *mut u8, len: u32) -> bool;
+    /// Writes `len` bytes from `src` into the packet at `offset` (no
+    /// checksum is touched); false when the packet is shorter.
+    fn store(&self, offset: usize, src: *const u8, len: u32) -> bool;
+    /// The L4 checksum field at `check_off` updated for fields changed in
+    /// place (outside the pseudo header) by `diff`, after `translate`.
+    fn l4_csum_diff(&self, check_off: usize, diff: Wsum) -> Result<(), Counter>;
     /// A VLAN tag the NIC took off into the skb (TC): redirected, the frame
     /// would leave tagged.
     fn vlan_offloaded(&self) -> bool {

@@ -16,6 +16,7 @@ mod frag;
 mod ftp_lines;
 mod hook;
 mod icmp_error;
+mod inplace;
 mod intercept;
 mod nat;
 mod parse;

@@ -12,7 +12,9 @@ use firewall_common::{
     IPPROTO_UDP,
 };
 
-use crate::{events, fib, flow, frag, hook::Hook, icmp_error, parse, pinhole, stats, tftp, wall};
+use crate::{
+    events, fib, flow, frag, hook::Hook, icmp_error, inplace, parse, pinhole, stats, tftp, wall,
+};
 
 /// Outcome of processing: the counter, and for redirects the egress interface.
 pub struct Outcome {
@@ -142,10 +144,33 @@ fn forward<H: Hook>(
 ) -> Outcome {
     // SAFETY: a FLOWS entry found or created for this packet.
     let flow = unsafe { &*flow_ptr };
-    if FlowAction::from_u32(flow.action) != Some(FlowAction::Forward) {
-        // Drop, or an action this datapath does not know: fail closed.
-        return Counter::DropFlowAction.into();
+    if flow.action != FlowAction::Forward as u32 {
+        if flow.action != FlowAction::InPlace as u32 {
+            // Drop, or an action this datapath does not know: fail closed.
+            return Counter::DropFlowAction.into();
+        }
+        if counter == Counter::Redirected {
+            // A program of its own, which the verifier checks on its own
+            // (`inplace::process`); it does not return here.
+            ctx.tail_call_in_place();
+            return Counter::DropInPlaceState.into();
+        }
+        // The SYN that made the connection: nothing to renumber yet.
     }
+    send_on::<H, false>(ctx, pkt, flow_ptr, counter)
+}
+
+/// Translated and sent on (`IN_PLACE`: with the numbers `inplace::decide`
+/// left for it).
+#[inline(always)]
+pub fn send_on<H: Hook, const IN_PLACE: bool>(
+    ctx: &H,
+    pkt: &parse::Packet,
+    flow_ptr: *mut firewall_common::flow::FlowValue,
+    counter: Counter,
+) -> Outcome {
+    // SAFETY: a FLOWS entry found or created for this packet.
+    let flow = unsafe { &*flow_ptr };
     if pkt.ttl <= 1 {
         return Counter::PassTtlExceeded.into();
     }
@@ -168,6 +193,11 @@ fn forward<H: Hook>(
     };
     if let Err(c) = ctx.translate(pkt, flow) {
         return c.into();
+    }
+    if IN_PLACE {
+        if let Err(c) = inplace::apply(ctx, pkt.l4_off) {
+            return c.into();
+        }
     }
     if let Err(c) = ctx.set_macs(pkt, &hop) {
         return c.into();

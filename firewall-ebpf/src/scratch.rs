@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use firewall_common::{flow::FlowValue, icmp::ErrorRewrite};
 
-use crate::fib::NextHop;
+use crate::{fib::NextHop, inplace::Renumber};
 
 #[repr(C)]
 pub struct Scratch {
@@ -23,6 +23,14 @@ pub struct Scratch {
     pub icmp: ErrorRewrite,
     pub hop: NextHop,
     pub icmp_egress: u32,
+    /// A connection read in place: a line to judge, and its segment's new
+    /// numbers between `inplace::decide` and `inplace::apply`.
+    pub line: [u8; firewall_common::ftp_lines::KERNEL_LINE_MAX],
+    /// A connection's state being made (`inplace::start`).
+    pub inplace: firewall_common::inplace::InPlaceState,
+    /// A segment for the daemon, its record's head.
+    pub head: firewall_common::inplace::SegmentHead,
+    pub renumber: Renumber,
 }
 
 #[btf_map]

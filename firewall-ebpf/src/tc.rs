@@ -7,16 +7,17 @@
 
 use aya_ebpf::{
     bindings::{tcx_action_base, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::generated::bpf_redirect,
+    helpers::generated::{bpf_redirect, bpf_skb_load_bytes, bpf_skb_store_bytes},
     macros::classifier,
     programs::TcContext,
+    EbpfContext as _,
 };
-use firewall_common::{flow::FlowValue, pinhole::side, stats::Counter};
+use firewall_common::{csum::Wsum, flow::FlowValue, pinhole::side, stats::Counter};
 
 use crate::{
     fib::NextHop,
     hook::Hook,
-    nat,
+    inplace, nat,
     parse::Packet,
     pipeline::{finish, process},
 };
@@ -37,6 +38,12 @@ pub fn tc_forward_internal(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_forward_external(ctx: TcContext) -> i32 {
     finish(&ctx, process(&ctx, side::EXTERNAL))
+}
+
+/// Tail-called by both for a connection read in place.
+#[classifier]
+pub fn tc_inplace(ctx: TcContext) -> i32 {
+    finish(&ctx, inplace::process(&ctx))
 }
 
 impl Hook for TcContext {
@@ -91,6 +98,36 @@ impl Hook for TcContext {
     #[inline(always)]
     fn translate(&self, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
         nat::translate_skb(self, pkt, flow)
+    }
+
+    #[inline(always)]
+    fn tail_call_in_place(&self) {
+        // SAFETY: the array holds TC programs only.
+        unsafe { inplace::INPLACE_PROGS_TC.tail_call(self, 0) };
+    }
+
+    #[inline(always)]
+    fn load(&self, offset: usize, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: the helper checks the skb's bounds; the caller gives `dst`
+        // room for `len` bytes.
+        unsafe { bpf_skb_load_bytes(self.as_ptr().cast(), offset as u32, dst.cast(), len) == 0 }
+    }
+
+    #[inline(always)]
+    fn store(&self, offset: usize, src: *const u8, len: u32) -> bool {
+        // SAFETY: the helper checks the skb's bounds; the caller gives `src`
+        // `len` readable bytes.
+        unsafe {
+            bpf_skb_store_bytes(self.as_ptr().cast(), offset as u32, src as *const _, len, 0) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn l4_csum_diff(&self, check_off: usize, diff: Wsum) -> Result<(), Counter> {
+        // Not a pseudo-header field: on a partial checksum the helper
+        // leaves the field alone, as it must.
+        self.l4_csum_replace(check_off, 0, diff.0 as u64, 0)
+            .map_err(|_| Counter::DropChecksum)
     }
 
     #[inline(always)]

@@ -22,7 +22,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use firewall_common::{
-    flow::{flow_kind, FlowKey, FlowValue},
+    flow::{flow_kind, FlowAction, FlowKey, FlowValue},
+    inplace::InPlaceState,
     map_sizes,
     pinhole::side,
     rules::{rule_action, Rule, RULE_BANKS, RULE_SLOTS},
@@ -38,7 +39,7 @@ use crate::{
     fib,
     flow::{self, FLOWS},
     hook::Hook,
-    intercept,
+    inplace, intercept,
     parse::{Bare, Packet},
     scratch, udp_nat,
 };
@@ -179,7 +180,7 @@ fn admit_inner<H: Hook>(ctx: &H, pkt: &Packet, side: u8) -> Result<(), Counter> 
         // Between internal networks (not tracked), or TCP/ICMP that opens nothing.
         return Err(Counter::DropNoFlow);
     }
-    create_flows(ctx, pkt, conf, &mut scratch.flow)
+    create_flows(ctx, pkt, conf, &mut scratch.flow, &mut scratch.inplace)
 }
 
 /// For an IP packet the pipeline does not translate (the counter `parsed`
@@ -289,6 +290,7 @@ fn create_flows<H: Hook>(
     pkt: &Packet,
     conf: &WallConf,
     v: &mut FlowValue,
+    in_place: &mut InPlaceState,
 ) -> Result<(), Counter> {
     let k = &pkt.key;
     // SAFETY: a helper without arguments.
@@ -296,6 +298,11 @@ fn create_flows<H: Hook>(
     // One value on the stack, the reply's first and then the packet's.
     *v = FlowValue::forward(k.dst_addr, k.dst_port, k.src_addr, k.src_port);
     v.kind = flow_kind::PRIMARY;
+    if pkt.syn_only && inplace::wanted(pkt) {
+        // Its state first: without it, its flows would drop every segment.
+        inplace::start(pkt, in_place)?;
+        v.action = FlowAction::InPlace as u32;
+    }
     v.egress_ifindex = ctx.ingress_ifindex();
     // Created counts as seen (the sweeper must not find it idle since boot).
     v.last_seen_ns = now;

@@ -3,14 +3,22 @@
 //! place with incremental checksums (`nat::translate`).
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_redirect, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::generated::{bpf_redirect, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    macros::xdp,
+    programs::XdpContext,
 };
-use firewall_common::{flow::FlowValue, pinhole::side, stats::Counter};
+use firewall_common::{
+    csum::{self, Wsum},
+    flow::FlowValue,
+    pinhole::side,
+    stats::Counter,
+};
 
 use crate::{
     fib::NextHop,
     hook::Hook,
-    nat,
+    inplace, nat,
     parse::Packet,
     pipeline::{finish, process},
 };
@@ -25,6 +33,12 @@ pub fn xdp_internal(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_external(ctx: XdpContext) -> u32 {
     finish(&ctx, process(&ctx, side::EXTERNAL))
+}
+
+/// Tail-called by both for a connection read in place.
+#[xdp]
+pub fn xdp_inplace(ctx: XdpContext) -> u32 {
+    finish(&ctx, inplace::process(&ctx))
 }
 
 impl Hook for XdpContext {
@@ -65,6 +79,38 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn translate(&self, pkt: &Packet, flow: &FlowValue) -> Result<(), Counter> {
         nat::translate(self, pkt, flow)
+    }
+    #[inline(always)]
+    fn tail_call_in_place(&self) {
+        // SAFETY: the array holds XDP programs only.
+        unsafe { inplace::INPLACE_PROGS_XDP.tail_call(self, 0) };
+    }
+    #[inline(always)]
+    fn load(&self, offset: usize, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: the helper checks the packet's bounds; the caller gives
+        // `dst` room for `len` bytes.
+        unsafe { bpf_xdp_load_bytes(self.ctx, offset as u32, dst.cast(), len) == 0 }
+    }
+    #[inline(always)]
+    fn store(&self, offset: usize, src: *const u8, len: u32) -> bool {
+        // SAFETY: the helper checks the packet's bounds; the caller gives
+        // `src` `len` readable bytes.
+        unsafe { bpf_xdp_store_bytes(self.ctx, offset as u32, src as *mut _, len) == 0 }
+    }
+    #[inline(always)]
+    fn l4_csum_diff(&self, check_off: usize, diff: Wsum) -> Result<(), Counter> {
+        // After `translate` the checksum is final (a partial one was
+        // computed in full), so the kernel's csum_replace_by_diff applies.
+        let mut field = [0u8; 2];
+        if !self.load(check_off, field.as_mut_ptr(), 2) {
+            return Err(Counter::DropChecksum);
+        }
+        let sum = diff.add(!(u16::from_ne_bytes(field) as u32)).0 as u64;
+        let field = (!csum::fold(sum)).to_ne_bytes();
+        if !self.store(check_off, field.as_ptr(), 2) {
+            return Err(Counter::DropChecksum);
+        }
+        Ok(())
     }
     #[inline(always)]
     fn set_macs(&self, pkt: &Packet, hop: &NextHop) -> Result<(), Counter> {

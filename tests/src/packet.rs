@@ -31,6 +31,9 @@ pub struct Spec {
     pub partial_checksum: bool,
     /// UDP only: send without checksum (0).
     pub no_udp_checksum: bool,
+    /// TCP sequence and acknowledgment numbers.
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Spec {
@@ -49,6 +52,8 @@ impl Spec {
             tcp_flags: TCP_ACK,
             partial_checksum: false,
             no_udp_checksum: false,
+            seq: 1000,
+            ack: 2000,
         }
     }
 
@@ -88,8 +93,8 @@ impl Spec {
         } else if self.protocol == IPPROTO_TCP {
             l4.extend_from_slice(&self.sport.to_be_bytes());
             l4.extend_from_slice(&self.dport.to_be_bytes());
-            l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&2000u32.to_be_bytes()); // ack
+            l4.extend_from_slice(&self.seq.to_be_bytes());
+            l4.extend_from_slice(&self.ack.to_be_bytes());
             l4.push(5 << 4); // data offset
             l4.push(self.tcp_flags);
             l4.extend_from_slice(&65535u16.to_be_bytes()); // window
@@ -204,6 +209,9 @@ pub struct View {
     pub ip_check: u16,
     pub l4_check: u16,
     pub payload: Vec<u8>,
+    /// TCP sequence and acknowledgment numbers (0 for other protocols).
+    pub seq: u32,
+    pub ack: u32,
 }
 
 /// Parses an untagged IPv4 TCP/UDP frame (as the fixtures produce).
@@ -239,6 +247,16 @@ pub fn view(frame: &[u8]) -> View {
         ip_check: u16::from_be_bytes([ip[10], ip[11]]),
         l4_check: u16::from_be_bytes([l4[check_off], l4[check_off + 1]]),
         payload: l4[hdr..].to_vec(),
+        seq: tcp_word(protocol, l4, 4),
+        ack: tcp_word(protocol, l4, 8),
+    }
+}
+
+fn tcp_word(protocol: u8, l4: &[u8], at: usize) -> u32 {
+    if protocol == IPPROTO_TCP {
+        u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]])
+    } else {
+        0
     }
 }
 

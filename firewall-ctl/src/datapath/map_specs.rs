@@ -5,6 +5,7 @@ use firewall_common::{
     flow::{FlowKey, FlowValue},
     frag::{FragKey, FragValue},
     ftp_lines::LineState,
+    inplace::{InPlaceAdjust, InPlaceState},
     intercept::{InterceptConf, InterceptKey, InterceptValue},
     map_names,
     pinhole::{
@@ -94,6 +95,21 @@ pub(super) const MAPS: &[MapSpec] = &[
         name: map_names::UDP_PORT_OWNERS,
         key_size: 4,
         value_size: size_of::<NatEndpoint>() as u32,
+    },
+    MapSpec {
+        name: map_names::INPLACE_PORTS,
+        key_size: size_of::<InterceptKey>() as u32,
+        value_size: 4,
+    },
+    MapSpec {
+        name: map_names::INPLACE,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<InPlaceState>() as u32,
+    },
+    MapSpec {
+        name: map_names::INPLACE_ADJUST,
+        key_size: size_of::<FlowKey>() as u32,
+        value_size: size_of::<InPlaceAdjust>() as u32,
     },
     MapSpec {
         name: map_names::TFTP_CONF,

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::netif::Interface;
 
+mod inplace_maps;
 mod kernel_maps;
 mod line_maps;
 mod map_specs;
@@ -33,6 +34,7 @@ mod tables;
 mod test_run;
 mod wall;
 
+pub use inplace_maps::{decode_segment, InPlaceMaps};
 pub use kernel_maps::KernelMaps;
 pub use line_maps::{JoinError, LineMaps};
 use map_specs::MAPS;
@@ -166,6 +168,36 @@ fn load_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
     )
 }
 
+/// The programs the pipeline tail-calls for connections read in place,
+/// loaded and put in their slots of INPLACE_PROGS.
+fn load_in_place(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let xdp: &mut Xdp = typed(ebpf, program_names::XDP_INPLACE)?;
+    load_retrying(program_names::XDP_INPLACE, || xdp.load())?;
+    let xdp_fd = xdp
+        .fd()
+        .context("xdp_inplace has no descriptor")?
+        .try_clone()?;
+    let tc: &mut SchedClassifier = typed(ebpf, program_names::TC_INPLACE)?;
+    load_retrying(program_names::TC_INPLACE, || tc.load())?;
+    let tc_fd = tc
+        .fd()
+        .context("tc_inplace has no descriptor")?
+        .try_clone()?;
+    for (name, fd) in [
+        (map_names::INPLACE_PROGS_XDP, &xdp_fd),
+        (map_names::INPLACE_PROGS_TC, &tc_fd),
+    ] {
+        let map = ebpf
+            .map_mut(name)
+            .with_context(|| format!("the eBPF object has no {name} map"))?;
+        let mut progs = aya::maps::ProgramArray::try_from(map).context(name)?;
+        progs
+            .set(0, fd, 0)
+            .with_context(|| format!("filling {name}"))?;
+    }
+    Ok(())
+}
+
 /// Capacities of the maps the configuration sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
@@ -230,6 +262,8 @@ pub struct Datapath {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Establishment events from the datapath; the daemon takes and polls it.
     pub events: Option<RingBuf<MapData>>,
+    /// Segments of FTP control connections read in place, for the daemon.
+    pub segments: Option<RingBuf<MapData>>,
 }
 
 /// Native XDP refused by a driver that cannot run it (no XDP in the driver,
@@ -293,9 +327,16 @@ impl Datapath {
             let tc = tc_program(&mut ebpf, side)?;
             load_retrying(side.tc_program(), || tc.load())?;
         }
+        load_in_place(&mut ebpf)?;
         let events = match ebpf.take_map(map_names::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).context("the EVENTS map is not a ring buffer")?),
             None => bail!("the eBPF object has no EVENTS map"),
+        };
+        let segments = match ebpf.take_map(map_names::INPLACE_SEGMENTS) {
+            Some(m) => Some(
+                RingBuf::try_from(m).context("the INPLACE_SEGMENTS map is not a ring buffer")?,
+            ),
+            None => bail!("the eBPF object has no INPLACE_SEGMENTS map"),
         };
         Ok(Self {
             ebpf,
@@ -303,6 +344,7 @@ impl Datapath {
             links: BTreeMap::new(),
             logger,
             events,
+            segments,
         })
     }
 

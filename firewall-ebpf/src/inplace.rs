@@ -1,0 +1,394 @@
+//! FTP control connections forwarded in place (`firewall_common::inplace`):
+//! a segment of such a connection, already translated, is forwarded with
+//! its sequence and acknowledgment numbers shifted while it is a plain line
+//! at its direction's next byte, and otherwise handed to the daemon through
+//! `INPLACE_SEGMENTS` (the packet dropped; the daemon sends what the filter
+//! makes of it).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap, ProgramArray, RingBuf},
+    macros::btf_map,
+};
+use firewall_common::{
+    csum::Wsum,
+    flow::{FlowAction, FlowKey, FlowValue},
+    ftp_lines::{plain, KERNEL_LINE_MAX},
+    inplace::{
+        InPlaceAdjust, InPlaceDir, InPlaceSegment, InPlaceState, SegmentHead, DIR_COMMANDS,
+        DIR_REPLIES, SEGMENT_DATA_MAX, TCP_HEADER_MAX,
+    },
+    intercept::InterceptKey,
+    map_sizes,
+    seqadj::{seq_before, SeqAdjust, Span},
+    stats::Counter,
+    IPPROTO_TCP,
+};
+
+use crate::{
+    flow,
+    hook::Hook,
+    parse::{self, Packet},
+    pipeline::{send_on, Outcome},
+    scratch, stats,
+};
+
+/// What `decide` leaves for `apply` (in the per-CPU scratch space).
+#[repr(C)]
+pub struct Renumber {
+    /// 1: there is something to write.
+    pub changed: u32,
+    /// Bytes of options to write back from `header` (0: none).
+    pub options_len: u32,
+    /// The checksum's difference (`Wsum`).
+    pub diff: u32,
+    pub _pad: u32,
+    /// The TCP header as it is to leave: its sequence and acknowledgment
+    /// numbers (bytes 4..12) are always written back.
+    pub header: [u8; TCP_HEADER_MAX],
+}
+
+/// Destination ports whose new outbound connections are forwarded in place.
+#[btf_map]
+static INPLACE_PORTS: HashMap<InterceptKey, u32, { map_sizes::INTERCEPT as usize }> =
+    HashMap::new();
+
+/// Each connection's state, by the client's key (the datapath writes it).
+#[btf_map]
+static INPLACE: LruHashMap<FlowKey, InPlaceState, { map_sizes::INPLACE as usize }> =
+    LruHashMap::new();
+
+/// Each connection's translation and offers (the daemon writes them, whole).
+#[btf_map]
+static INPLACE_ADJUST: HashMap<
+    FlowKey,
+    InPlaceAdjust,
+    { map_sizes::INPLACE as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// `xdp_inplace` and `tc_inplace`, each in slot 0 of its own array (a
+/// program array serves programs of one type), filled by the daemon.
+#[btf_map]
+pub static INPLACE_PROGS_XDP: ProgramArray<1> = ProgramArray::new();
+#[btf_map]
+pub static INPLACE_PROGS_TC: ProgramArray<1> = ProgramArray::new();
+
+/// Segments for the daemon.
+#[btf_map]
+static INPLACE_SEGMENTS: RingBuf<InPlaceSegment, { 1024 * 1024 }> = RingBuf::new();
+
+/// Nothing rewritten: what a connection without `INPLACE_ADJUST` has.
+static IDENTITY: SeqAdjust = SeqAdjust {
+    floor: 0,
+    start: 0,
+    end: 0,
+    before: 0,
+    after: 0,
+};
+
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// The packet again from the start, in the program of its own: its flow
+/// says `InPlace` (the pipeline found it so).
+#[inline(always)]
+pub fn process<H: Hook>(ctx: &H) -> Outcome {
+    ctx.prepare();
+    let Ok(pkt) = parse::parse_range(ctx.data(), ctx.data_end(), ctx.len() as usize) else {
+        return Counter::DropMalformed.into();
+    };
+    let Some(flow_ptr) = flow::lookup(&pkt.key) else {
+        return Counter::DropInPlaceState.into();
+    };
+    // SAFETY: a FLOWS entry found for this packet.
+    if unsafe { (*flow_ptr).action } != FlowAction::InPlace as u32 {
+        return Counter::DropFlowAction.into();
+    }
+    match decide(ctx, &pkt, flow_ptr) {
+        Counter::Redirected => {}
+        c => return c.into(),
+    }
+    send_on::<H, true>(ctx, &pkt, flow_ptr, Counter::Redirected)
+}
+
+/// Whether a new outbound connection (its SYN) is to be forwarded in place.
+#[inline(always)]
+pub fn wanted(pkt: &Packet) -> bool {
+    let k = &pkt.key;
+    // SAFETY: a presence check; nothing is read.
+    k.protocol == IPPROTO_TCP
+        && unsafe { INPLACE_PORTS.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) }.is_some()
+}
+
+/// The connection's state, made with its flows from the client's SYN (built
+/// in `st`, scratch space: the wall's stack has no room for it).
+#[inline(always)]
+#[allow(clippy::needless_borrows_for_generic_args)]
+pub fn start(pkt: &Packet, st: &mut InPlaceState) -> Result<(), Counter> {
+    // SAFETY: the parser bounds-checked the whole TCP header at `l4`.
+    let isn = u32::from_be_bytes(unsafe { *(pkt.l4.add(4) as *const [u8; 4]) });
+    st.dir[DIR_COMMANDS] = InPlaceDir {
+        kernel: 1,
+        next: isn.wrapping_add(1),
+        started: 1,
+        ..InPlaceDir::default()
+    };
+    st.dir[DIR_REPLIES] = InPlaceDir {
+        kernel: 1,
+        ..InPlaceDir::default()
+    };
+    // By reference: a copy would take stack room there is not.
+    INPLACE
+        .insert(pkt.key, &*st, 0)
+        .map_err(|_| Counter::DropInPlaceState)
+}
+
+/// A segment of a connection forwarded in place, before its translation:
+/// `Redirected` to forward it (its new numbers left in the scratch space
+/// for `apply`), or the counter that ends it (handed to the daemon, or its
+/// state gone). A function of its own: the many ways through it end in two
+/// outcomes, from which the verifier goes on once each.
+#[inline(never)]
+pub fn decide<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Counter {
+    match decide_inner(ctx, pkt, flow_ptr) {
+        Ok(()) => Counter::Redirected,
+        Err(c) => c,
+    }
+}
+
+#[inline(always)]
+fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Result<(), Counter> {
+    // SAFETY: a FLOWS entry found for this packet.
+    let flow = unsafe { &*flow_ptr };
+    let key = &pkt.key;
+    if key.protocol != IPPROTO_TCP {
+        return Err(Counter::DropInPlaceState);
+    }
+    let sc = scratch::get().ok_or(Counter::DropInPlaceState)?;
+    sc.renumber.changed = 0;
+    // The commands arrive under the client's key; the replies under the
+    // server's, whose translation names the client.
+    let reply = FlowKey::new(
+        IPPROTO_TCP,
+        flow.nat_dst_addr,
+        flow.nat_dst_port,
+        flow.nat_src_addr,
+        flow.nat_src_port,
+    );
+    let (st, dir, client) = match INPLACE.get_ptr_mut(key) {
+        Some(st) => (st, DIR_COMMANDS, *key),
+        None => match INPLACE.get_ptr_mut(reply) {
+            Some(st) => (st, DIR_REPLIES, reply),
+            None => return Err(Counter::DropInPlaceState),
+        },
+    };
+    let off = pkt.l4_off as usize;
+    // Through the helper (a callee cannot rely on the parser's bounds),
+    // into scratch space (the stack has no room).
+    let h = &mut sc.renumber.header;
+    if !ctx.load(off, h.as_mut_ptr(), 20) {
+        return Err(Counter::DropMalformed);
+    }
+    let seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    let ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    let (doff, flags) = (((h[12] >> 4) as usize) << 2, h[13]);
+    let l4_len = pkt.l4_len as usize;
+    if doff < 20 || doff > l4_len {
+        return Err(Counter::DropMalformed);
+    }
+    let payload = (l4_len - doff) as u32;
+    // SAFETY: an entry of a map the datapath alone writes, found above;
+    // directions are written by the CPU that forwards them, and a race
+    // between two CPUs on one connection's direction at worst diverts a
+    // segment the kernel could have forwarded.
+    let st = unsafe { &mut *st };
+    if flags & TCP_FLAG_SYN != 0 {
+        if dir == DIR_REPLIES && st.dir[DIR_REPLIES].started == 0 {
+            st.dir[DIR_REPLIES].next = seq.wrapping_add(1);
+            st.dir[DIR_REPLIES].started = 1;
+        }
+        return Ok(());
+    }
+    // SAFETY: a value the daemon only replaces whole, in a map that frees
+    // replaced values only after every reader is done.
+    let adj = unsafe { INPLACE_ADJUST.get(client) };
+    // References, not copies: the stack has no room for them.
+    let (own, other) = match adj {
+        Some(a) => (&a.adjust[dir], &a.adjust[1 - dir]),
+        None => (&IDENTITY, &IDENTITY),
+    };
+    let d = &mut st.dir[dir];
+    let new_seq = if payload > 0 {
+        if d.kernel == 0 {
+            if let Some(a) = adj {
+                let o = a.offer[dir];
+                if o.valid == 1 && o.diverted == d.diverted {
+                    d.kernel = 1;
+                    d.next = o.next;
+                }
+            }
+        }
+        let span = if own.is_identity() {
+            Span::After
+        } else {
+            own.span(seq, payload)
+        };
+        let last = seq.wrapping_add(payload);
+        let forwarded = d.kernel == 1
+            && d.started == 1
+            && span != Span::Rewriter
+            && ((seq == d.next && is_plain(ctx, &mut sc.line, off + doff, payload, dir))
+                || !seq_before(d.next, last));
+        if !forwarded {
+            d.kernel = 0;
+            d.diverted = d.diverted.wrapping_add(1);
+            sc.head = SegmentHead {
+                client,
+                dir: dir as u32,
+                diverted: d.diverted,
+                acked: d.acked,
+                acked_set: d.acked_set,
+                src_addr: flow.nat_src_addr,
+                dst_addr: flow.nat_dst_addr,
+                src_port: flow.nat_src_port,
+                dst_port: flow.nat_dst_port,
+                tcp_len: doff as u16,
+                data_len: payload.min(SEGMENT_DATA_MAX as u32) as u16,
+                payload_len: payload as u16,
+                _pad: [0; 6],
+            };
+            divert(ctx, &sc.head, off);
+            return Err(Counter::DropFtpDiverted);
+        }
+        if seq == d.next {
+            d.next = last;
+        }
+        own.seq_out(seq, span)
+    } else if own.is_identity() {
+        seq
+    } else {
+        match own.span(seq, 0) {
+            // A bare segment numbered inside a rewritten stretch: as if
+            // after it (acceptable to the receiver either way).
+            Span::Rewriter => own.end.wrapping_add(own.after as u32),
+            span => own.seq_out(seq, span),
+        }
+    };
+    let new_ack = if flags & TCP_FLAG_ACK != 0 {
+        let back = if other.is_identity() {
+            ack
+        } else {
+            other.ack_in(ack)
+        };
+        if other.is_identity() || other.ack_trusted(ack) {
+            let o = &mut st.dir[1 - dir];
+            if o.acked_set == 0 || seq_before(o.acked, back) {
+                o.acked = back;
+                o.acked_set = 1;
+            }
+        }
+        back
+    } else {
+        ack
+    };
+    if new_seq == seq && new_ack == ack {
+        return Ok(());
+    }
+    let r = &mut sc.renumber;
+    r.changed = 1;
+    r.options_len = 0;
+    r.header[4..8].copy_from_slice(&new_seq.to_be_bytes());
+    r.header[8..12].copy_from_slice(&new_ack.to_be_bytes());
+    r.diff = Wsum::default()
+        .replace4(seq.to_be_bytes(), new_seq.to_be_bytes())
+        .replace4(ack.to_be_bytes(), new_ack.to_be_bytes())
+        .0;
+    Ok(())
+}
+
+/// After the translation: the new numbers `decide` left, written, and the
+/// checksum fixed.
+#[inline(always)]
+pub fn apply<H: Hook>(ctx: &H, l4_off: u16) -> Result<(), Counter> {
+    let sc = scratch::get().ok_or(Counter::DropInPlaceState)?;
+    let r = &sc.renumber;
+    if r.changed == 0 {
+        return Ok(());
+    }
+    let off = l4_off as usize;
+    if !ctx.store(off + 4, r.header[4..].as_ptr(), 8) {
+        return Err(Counter::DropMalformed);
+    }
+    let n = bounded(r.options_len, 40);
+    if n > 0 && !ctx.store(off + 20, r.header[20..].as_ptr(), n) {
+        return Err(Counter::DropMalformed);
+    }
+    ctx.l4_csum_diff(off + 16, Wsum(r.diff))
+}
+
+/// `n` if at most `max`, else 0, checked where the verifier sees it: read
+/// back through memory, so that the compiler cannot drop the check for
+/// one it made before on the same value.
+#[inline(always)]
+fn bounded(n: u32, max: u32) -> u32 {
+    // SAFETY: a read of a local.
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    if n > max {
+        0
+    } else {
+        n
+    }
+}
+
+/// Whether the payload is exactly one line the filter would pass as it is.
+/// A function of its own: its loop ends after any number of bytes, and
+/// only the answer goes back, so the verifier goes on from one state, not
+/// from one per length.
+#[inline(never)]
+fn is_plain<H: Hook>(
+    ctx: &H,
+    buf: &mut [u8; KERNEL_LINE_MAX],
+    at: usize,
+    len: u32,
+    dir: usize,
+) -> bool {
+    if len == 0 || len as usize > KERNEL_LINE_MAX {
+        return false;
+    }
+    let n = bounded(len, KERNEL_LINE_MAX as u32);
+    if n == 0 || !ctx.load(at, buf.as_mut_ptr(), n) {
+        return false;
+    }
+    match buf.get(..len as usize) {
+        Some(seg) => plain(dir as u32, seg),
+        None => false,
+    }
+}
+
+/// The segment into the daemon's ring (or, with no room, nowhere: the
+/// sender sends it again). A function of its own: its loads' outcomes
+/// stay here.
+#[inline(never)]
+fn divert<H: Hook>(ctx: &H, head: &SegmentHead, off: usize) {
+    let Some(mut e) = INPLACE_SEGMENTS.reserve(0) else {
+        stats::count_event_lost();
+        return;
+    };
+    let p = e.as_mut_ptr();
+    // SAFETY: `p` is the reserved record, writable until submitted; the
+    // loads write at most the sizes of the arrays they fill (`bounded`).
+    let ok = unsafe {
+        (*p).head = *head;
+        let hdr_len = bounded(head.tcp_len as u32, TCP_HEADER_MAX as u32);
+        hdr_len >= 20 && ctx.load(off, (&raw mut (*p).tcp).cast(), hdr_len) && {
+            let n = bounded(head.data_len as u32, SEGMENT_DATA_MAX as u32);
+            n == 0 || ctx.load(off + hdr_len as usize, (&raw mut (*p).data).cast(), n)
+        }
+    };
+    if ok {
+        e.submit(0);
+    } else {
+        e.discard(0);
+    }
+}

@@ -1,0 +1,249 @@
+//! BPF_PROG_RUN fixtures of FTP control connections forwarded in place (the
+//! datapath's half; the daemon's is not built yet): plain lines at the next
+//! byte are forwarded, anything else goes to the daemon's ring with the
+//! direction; once the daemon offers the direction back with a translation,
+//! sequence and acknowledgment numbers are shifted and checksums kept, at
+//! XDP and at TC.
+
+use firewall_common::{
+    flow::FlowKey,
+    inplace::{InPlaceAdjust, Offer, DIR_COMMANDS, DIR_REPLIES},
+    seqadj::SeqAdjust,
+    stats::Counter,
+    IPPROTO_TCP,
+};
+use firewall_ctl::datapath::{decode_segment, InPlaceMaps, Side};
+use firewall_tests::{
+    fixture::*,
+    packet::{check_checksums, view, Spec, TCP_ACK, TCP_SYN},
+};
+
+const TC_REDIRECT: u32 = 7;
+const CLIENT_PORT: u16 = 40000;
+const CLIENT_ISN: u32 = 1000;
+const SERVER_ISN: u32 = 5000;
+
+fn client_key() -> FlowKey {
+    FlowKey::new(IPPROTO_TCP, CLIENT, CLIENT_PORT, SERVER, 21)
+}
+
+fn command(seq: u32, ack: u32, line: &[u8]) -> Vec<u8> {
+    Spec {
+        seq,
+        ack,
+        payload: line.to_vec(),
+        ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
+    }
+    .build()
+}
+
+fn reply(nat: u16, seq: u32, ack: u32, line: &[u8]) -> Vec<u8> {
+    Spec {
+        seq,
+        ack,
+        payload: line.to_vec(),
+        ..Spec::tcp(SERVER, 21, FW_EXTERNAL, nat)
+    }
+    .build()
+}
+
+/// A fixture with port 21 read in place, and a connection through its
+/// handshake: the NAT port it took.
+fn connected(name: &str) -> (Fixture, u16) {
+    let mut fx = Fixture::new(name).unwrap();
+    fx.raise_wall(1024..=19999).unwrap();
+    InPlaceMaps::open(&fx.pins)
+        .unwrap()
+        .set_ports(&[21])
+        .unwrap();
+    let syn = Spec {
+        tcp_flags: TCP_SYN,
+        seq: CLIENT_ISN,
+        ack: 0,
+        payload: vec![],
+        ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
+    };
+    let r = fx.run(Side::Internal, &syn.build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(fx.counter(Counter::PrimaryEstablished), 1);
+    let nat = view(&r.frame).sport;
+    let synack = Spec {
+        tcp_flags: TCP_SYN | TCP_ACK,
+        seq: SERVER_ISN,
+        ack: CLIENT_ISN + 1,
+        payload: vec![],
+        ..Spec::tcp(SERVER, 21, FW_EXTERNAL, nat)
+    };
+    let r = fx.run(Side::External, &synack.build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    let v = view(&r.frame);
+    assert_eq!(
+        (v.dst, v.dport, v.seq, v.ack),
+        (CLIENT, CLIENT_PORT, SERVER_ISN, CLIENT_ISN + 1)
+    );
+    check_checksums(&r.frame).unwrap();
+    let st = InPlaceMaps::open(&fx.pins)
+        .unwrap()
+        .state(&client_key())
+        .unwrap()
+        .expect("the connection's state");
+    assert_eq!(
+        (st.dir[DIR_COMMANDS].next, st.dir[DIR_REPLIES].next),
+        (CLIENT_ISN + 1, SERVER_ISN + 1)
+    );
+    assert_eq!(st.dir[DIR_REPLIES].started, 1);
+    (fx, nat)
+}
+
+#[test]
+fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
+    let (mut fx, nat) = connected("inplace");
+    let mut c = CLIENT_ISN + 1;
+    let mut s = SERVER_ISN + 1;
+    let banner = b"220 (vsFTPd 3.0.3)\r\n";
+    let r = fx.run(Side::External, &reply(nat, s, c, banner));
+    assert_eq!(r.action, XDP_REDIRECT, "a plain reply");
+    let v = view(&r.frame);
+    assert_eq!((v.dst, v.dport, v.seq, v.ack), (CLIENT, CLIENT_PORT, s, c));
+    check_checksums(&r.frame).unwrap();
+    s += banner.len() as u32;
+    let user = b"USER ftp\r\n";
+    let r = fx.run(Side::Internal, &command(c, s, user));
+    assert_eq!(r.action, XDP_REDIRECT, "a plain command");
+    c += user.len() as u32;
+
+    // An address-bearing command: to the daemon, with the direction.
+    let port = b"PORT 10,1,0,2,156,64\r\n";
+    let r = fx.run(Side::Internal, &command(c, s, port));
+    assert_eq!(r.action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropFtpDiverted), 1);
+    let seg = {
+        let rb = fx.datapath.segments.as_mut().unwrap();
+        let item = rb.next().expect("a segment in the ring");
+        decode_segment(&item).unwrap()
+    };
+    let h = seg.head;
+    assert_eq!(
+        (h.client, h.dir, h.diverted),
+        (client_key(), DIR_COMMANDS as u32, 1)
+    );
+    assert_eq!(
+        (h.src_addr, h.src_port, h.dst_addr, h.dst_port),
+        (FW_EXTERNAL, nat, SERVER, 21)
+    );
+    assert_eq!(&seg.data[..h.data_len as usize], port);
+    assert_eq!(h.payload_len as usize, port.len());
+    assert_eq!(u32::from_be_bytes(seg.tcp[4..8].try_into().unwrap()), c);
+    let pc = c;
+    c += port.len() as u32;
+    // The direction stays with the daemon: a plain line after it too.
+    let noop = b"NOOP\r\n";
+    let r = fx.run(Side::Internal, &command(c, s, noop));
+    assert_eq!(r.action, XDP_DROP);
+    c += noop.len() as u32;
+    let mut maps = InPlaceMaps::open(&fx.pins).unwrap();
+    let st = maps.state(&client_key()).unwrap().unwrap();
+    assert_eq!(
+        (st.dir[DIR_COMMANDS].kernel, st.dir[DIR_COMMANDS].diverted),
+        (0, 2)
+    );
+
+    // The daemon sent the PORT as 27 bytes and the NOOP as it was, and
+    // offers the direction back after them.
+    let mut adjust = SeqAdjust::new(CLIENT_ISN + 1);
+    adjust.rewrite(pc, pc + port.len() as u32, 27).unwrap();
+    let mut a = InPlaceAdjust::default();
+    a.adjust[DIR_COMMANDS] = adjust;
+    a.adjust[DIR_REPLIES] = SeqAdjust::new(SERVER_ISN + 1);
+    a.offer[DIR_COMMANDS] = Offer {
+        valid: 1,
+        next: c,
+        diverted: 2,
+        _pad: 0,
+    };
+    maps.set_adjust(&client_key(), &a).unwrap();
+    let list = b"LIST\r\n";
+    for (side, tc) in [(Side::Internal, false), (Side::Internal, true)] {
+        let frame = command(c, s, list);
+        let r = if tc {
+            fx.run_tc(side, &frame)
+        } else {
+            fx.run(side, &frame)
+        };
+        assert_eq!(
+            r.action,
+            if tc { TC_REDIRECT } else { XDP_REDIRECT },
+            "tc {tc}"
+        );
+        let v = view(&r.frame);
+        assert_eq!(
+            (v.seq, v.ack),
+            (c + 5, s),
+            "shifted by the longer PORT (tc {tc})"
+        );
+        check_checksums(&r.frame).unwrap();
+    }
+    c += list.len() as u32;
+    // The server acknowledges in its numbering: taken back, and recorded.
+    for tc in [false, true] {
+        let frame = reply(nat, s, c + 5, b"150 Here comes the listing.\r\n");
+        let r = if tc {
+            fx.run_tc(Side::External, &frame)
+        } else {
+            fx.run(Side::External, &frame)
+        };
+        assert_eq!(r.action, if tc { TC_REDIRECT } else { XDP_REDIRECT });
+        let v = view(&r.frame);
+        assert_eq!((v.seq, v.ack), (s, c), "tc {tc}");
+        check_checksums(&r.frame).unwrap();
+    }
+    let st = maps.state(&client_key()).unwrap().unwrap();
+    assert_eq!(
+        (st.dir[DIR_COMMANDS].acked, st.dir[DIR_COMMANDS].acked_set),
+        (c, 1)
+    );
+    // An acknowledgment inside the rewritten PORT's output acknowledges
+    // none of it; the PORT sent again goes to the daemon (it sends its
+    // rewrite again).
+    let s = s + 29;
+    let r = fx.run(Side::External, &reply(nat, s, pc + 3, b""));
+    assert_eq!(r.action, XDP_REDIRECT, "a bare acknowledgment");
+    assert_eq!(view(&r.frame).ack, pc);
+    check_checksums(&r.frame).unwrap();
+    let r = fx.run(
+        Side::External,
+        &reply(nat, s + 10, c + 5, b"200 NOOP ok.\r\n"),
+    );
+    assert_eq!(r.action, XDP_DROP, "beyond the next byte: the daemon's");
+    let r = fx.run(Side::Internal, &command(pc, s, port));
+    assert_eq!(r.action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropFtpDiverted), 4);
+}
+
+#[test]
+fn a_connection_not_read_in_place_is_untouched() {
+    let mut fx = Fixture::new("inplace-no").unwrap();
+    fx.raise_wall(1024..=19999).unwrap();
+    InPlaceMaps::open(&fx.pins)
+        .unwrap()
+        .set_ports(&[21])
+        .unwrap();
+    let syn = Spec {
+        tcp_flags: TCP_SYN,
+        payload: vec![],
+        ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 80)
+    };
+    assert_eq!(fx.run(Side::Internal, &syn.build()).action, XDP_REDIRECT);
+    let r = fx.run(
+        Side::Internal,
+        &Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 80).build(),
+    );
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(fx.counter(Counter::DropFtpDiverted), 0);
+    let key = FlowKey::new(IPPROTO_TCP, CLIENT, CLIENT_PORT, SERVER, 80);
+    assert!(InPlaceMaps::open(&fx.pins)
+        .unwrap()
+        .state(&key)
+        .unwrap()
+        .is_none());
+}
