@@ -11,8 +11,8 @@
 //!   datapath, which creates it with the connection's flows;
 //! - `INPLACE_ADJUST` (`InPlaceAdjust`, same key): the daemon, replacing
 //!   the value whole (a hash map without preallocation, so a reader keeps
-//!   the value it found). The datapath reads it; while it is absent nothing
-//!   is shifted.
+//!   the value it found). The datapath reads it, and makes the first one
+//!   (nothing rewritten) with the state.
 //!
 //! The hand-back: the daemon offers a direction back at the sender's byte
 //! `next` for the count of segments it received (`Offer::diverted`); the

@@ -58,7 +58,8 @@ static INPLACE_PORTS: HashMap<InterceptKey, u32, { map_sizes::INTERCEPT as usize
 static INPLACE: LruHashMap<FlowKey, InPlaceState, { map_sizes::INPLACE as usize }> =
     LruHashMap::new();
 
-/// Each connection's translation and offers (the daemon writes them, whole).
+/// Each connection's translation and offers (the daemon writes them, whole;
+/// the datapath makes the first, with nothing rewritten, with the state).
 #[btf_map]
 static INPLACE_ADJUST: HashMap<
     FlowKey,
@@ -77,15 +78,6 @@ pub static INPLACE_PROGS_TC: ProgramArray<1> = ProgramArray::new();
 /// Segments for the daemon.
 #[btf_map]
 static INPLACE_SEGMENTS: RingBuf<InPlaceSegment, { 1024 * 1024 }> = RingBuf::new();
-
-/// Nothing rewritten: what a connection without `INPLACE_ADJUST` has.
-static IDENTITY: SeqAdjust = SeqAdjust {
-    floor: 0,
-    start: 0,
-    end: 0,
-    before: 0,
-    after: 0,
-};
 
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -121,11 +113,19 @@ pub fn wanted(pkt: &Packet) -> bool {
         && unsafe { INPLACE_PORTS.get(InterceptKey::new(IPPROTO_TCP, k.dst_port)) }.is_some()
 }
 
-/// The connection's state, made with its flows from the client's SYN (built
-/// in `st`, scratch space: the wall's stack has no room for it).
+/// A connection's first values, built in scratch space (the wall's stack
+/// has no room for them).
+#[repr(C)]
+pub struct Start {
+    pub state: InPlaceState,
+    pub adjust: InPlaceAdjust,
+}
+
+/// The connection's state, made with its flows from the client's SYN.
 #[inline(always)]
 #[allow(clippy::needless_borrows_for_generic_args)]
-pub fn start(pkt: &Packet, st: &mut InPlaceState) -> Result<(), Counter> {
+pub fn start(pkt: &Packet, new: &mut Start) -> Result<(), Counter> {
+    let st = &mut new.state;
     // SAFETY: the parser bounds-checked the whole TCP header at `l4`.
     let isn = u32::from_be_bytes(unsafe { *(pkt.l4.add(4) as *const [u8; 4]) });
     st.dir[DIR_COMMANDS] = InPlaceDir {
@@ -141,6 +141,12 @@ pub fn start(pkt: &Packet, st: &mut InPlaceState) -> Result<(), Counter> {
     // By reference: a copy would take stack room there is not.
     INPLACE
         .insert(pkt.key, &*st, 0)
+        .map_err(|_| Counter::DropInPlaceState)?;
+    // Nothing rewritten yet; the daemon replaces it. Always there, so
+    // that the datapath has one way through, not two.
+    new.adjust = InPlaceAdjust::default();
+    INPLACE_ADJUST
+        .insert(pkt.key, &new.adjust, 0)
         .map_err(|_| Counter::DropInPlaceState)
 }
 
@@ -150,6 +156,7 @@ pub fn start(pkt: &Packet, st: &mut InPlaceState) -> Result<(), Counter> {
 /// state gone). A function of its own: the many ways through it end in two
 /// outcomes, from which the verifier goes on once each.
 #[inline(never)]
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn decide<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Counter {
     match decide_inner(ctx, pkt, flow_ptr) {
         Ok(()) => Counter::Redirected,
@@ -178,7 +185,7 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
     );
     let (st, dir, client) = match INPLACE.get_ptr_mut(key) {
         Some(st) => (st, DIR_COMMANDS, *key),
-        None => match INPLACE.get_ptr_mut(reply) {
+        None => match INPLACE.get_ptr_mut(&reply) {
             Some(st) => (st, DIR_REPLIES, reply),
             None => return Err(Counter::DropInPlaceState),
         },
@@ -212,22 +219,17 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
     }
     // SAFETY: a value the daemon only replaces whole, in a map that frees
     // replaced values only after every reader is done.
-    let adj = unsafe { INPLACE_ADJUST.get(client) };
-    // References, not copies: the stack has no room for them.
-    let (own, other) = match adj {
-        Some(a) => (&a.adjust[dir], &a.adjust[1 - dir]),
-        None => (&IDENTITY, &IDENTITY),
+    let Some(a) = (unsafe { INPLACE_ADJUST.get(&client) }) else {
+        return Err(Counter::DropInPlaceState);
     };
+    // References, not copies: the stack has no room for them.
+    let (own, other) = (&a.adjust[dir], &a.adjust[1 - dir]);
     let d = &mut st.dir[dir];
     let new_seq = if payload > 0 {
-        if d.kernel == 0 {
-            if let Some(a) = adj {
-                let o = a.offer[dir];
-                if o.valid == 1 && o.diverted == d.diverted {
-                    d.kernel = 1;
-                    d.next = o.next;
-                }
-            }
+        let o = &a.offer[dir];
+        if d.kernel == 0 && o.valid == 1 && o.diverted == d.diverted {
+            d.kernel = 1;
+            d.next = o.next;
         }
         let span = if own.is_identity() {
             Span::After

@@ -27,7 +27,7 @@ pub struct Scratch {
     /// numbers between `inplace::decide` and `inplace::apply`.
     pub line: [u8; firewall_common::ftp_lines::KERNEL_LINE_MAX],
     /// A connection's state being made (`inplace::start`).
-    pub inplace: firewall_common::inplace::InPlaceState,
+    pub inplace: crate::inplace::Start,
     /// A segment for the daemon, its record's head.
     pub head: firewall_common::inplace::SegmentHead,
     pub renumber: Renumber,

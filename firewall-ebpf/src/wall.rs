@@ -23,7 +23,6 @@ use aya_ebpf::{
 };
 use firewall_common::{
     flow::{flow_kind, FlowAction, FlowKey, FlowValue},
-    inplace::InPlaceState,
     map_sizes,
     pinhole::side,
     rules::{rule_action, Rule, RULE_BANKS, RULE_SLOTS},
@@ -290,7 +289,7 @@ fn create_flows<H: Hook>(
     pkt: &Packet,
     conf: &WallConf,
     v: &mut FlowValue,
-    in_place: &mut InPlaceState,
+    in_place: &mut inplace::Start,
 ) -> Result<(), Counter> {
     let k = &pkt.key;
     // SAFETY: a helper without arguments.
