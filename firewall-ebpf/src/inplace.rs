@@ -20,7 +20,7 @@ use firewall_common::{
     },
     intercept::InterceptKey,
     map_sizes,
-    seqadj::{seq_before, SeqAdjust, Span},
+    seqadj::{seq_before, Span},
     stats::Counter,
     IPPROTO_TCP,
 };
@@ -156,7 +156,6 @@ pub fn start(pkt: &Packet, new: &mut Start) -> Result<(), Counter> {
 /// state gone). A function of its own: the many ways through it end in two
 /// outcomes, from which the verifier goes on once each.
 #[inline(never)]
-#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn decide<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Counter {
     match decide_inner(ctx, pkt, flow_ptr) {
         Ok(()) => Counter::Redirected,
@@ -165,6 +164,8 @@ pub fn decide<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Count
 }
 
 #[inline(always)]
+// By reference: copies of the keys would take stack room there is not.
+#[allow(clippy::needless_borrows_for_generic_args)]
 fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Result<(), Counter> {
     // SAFETY: a FLOWS entry found for this packet.
     let flow = unsafe { &*flow_ptr };
