@@ -80,6 +80,7 @@ pub static INPLACE_PROGS_TC: ProgramArray<1> = ProgramArray::new();
 static INPLACE_SEGMENTS: RingBuf<InPlaceSegment, { 1024 * 1024 }> = RingBuf::new();
 
 const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_OPT_SACK_PERMITTED: u8 = 4;
 const TCP_FLAG_ACK: u8 = 0x10;
 
 /// The packet again from the start, in the program of its own: its flow
@@ -206,6 +207,10 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
         return Err(Counter::DropMalformed);
     }
     let payload = (l4_len - doff) as u32;
+    // Judged here, before the ways through this function part: the
+    // verifier then follows the classifier from a few states, not from
+    // every one that reaches the decision.
+    let plain = is_plain(ctx, &mut sc.line, off + doff, payload, dir);
     // SAFETY: an entry of a map the datapath alone writes, found above;
     // directions are written by the CPU that forwards them, and a race
     // between two CPUs on one connection's direction at worst diverts a
@@ -215,6 +220,12 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
         if dir == DIR_REPLIES && st.dir[DIR_REPLIES].started == 0 {
             st.dir[DIR_REPLIES].next = seq.wrapping_add(1);
             st.dir[DIR_REPLIES].started = 1;
+        }
+        if dir == DIR_REPLIES {
+            // Without SACK-permitted in the SYN-ACK neither end sends SACK
+            // blocks, whose edges would need taking back like the
+            // acknowledgment (RFC 2018).
+            strip_sack_permitted(ctx, &mut sc.renumber, off, doff as u32);
         }
         return Ok(());
     }
@@ -241,8 +252,7 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
         let forwarded = d.kernel == 1
             && d.started == 1
             && span != Span::Rewriter
-            && ((seq == d.next && is_plain(ctx, &mut sc.line, off + doff, payload, dir))
-                || !seq_before(d.next, last));
+            && ((seq == d.next && plain) || !seq_before(d.next, last));
         if !forwarded {
             d.kernel = 0;
             d.diverted = d.diverted.wrapping_add(1);
@@ -328,6 +338,59 @@ pub fn apply<H: Hook>(ctx: &H, l4_off: u16) -> Result<(), Counter> {
         return Err(Counter::DropMalformed);
     }
     ctx.l4_csum_diff(off + 16, Wsum(r.diff))
+}
+
+/// Turns a SACK-permitted option in the segment's TCP options into two NOPs,
+/// for `apply` to write (`r`: the header, how many option bytes, the
+/// checksum's difference). A function of its own, as `is_plain`; its loop
+/// steps over at most 20 options.
+#[inline(never)]
+fn strip_sack_permitted<H: Hook>(ctx: &H, r: &mut Renumber, off: usize, doff: u32) {
+    let whole = bounded(doff, TCP_HEADER_MAX as u32);
+    if whole <= 20 || !ctx.load(off, r.header.as_mut_ptr(), whole) {
+        return;
+    }
+    let doff = whole as usize;
+    let mut at = 20;
+    for _ in 0..20 {
+        if at + 1 >= doff {
+            return;
+        }
+        let (Some(&kind), Some(&len)) = (r.header.get(at), r.header.get(at + 1)) else {
+            return;
+        };
+        if kind == 0 {
+            return;
+        }
+        if kind == 1 {
+            at += 1;
+            continue;
+        }
+        if kind == TCP_OPT_SACK_PERMITTED {
+            break;
+        }
+        if len < 2 {
+            return;
+        }
+        at += len as usize;
+    }
+    let Some(option) = r.header.get_mut(at..at + 2) else {
+        return;
+    };
+    if option[0] != TCP_OPT_SACK_PERMITTED {
+        return;
+    }
+    option.fill(1);
+    // (4, 2) became (1, 1); at an odd offset the two bytes straddle two
+    // 16-bit words of the checksum, each in the other half.
+    let (old, new) = if at % 2 == 0 {
+        ([TCP_OPT_SACK_PERMITTED, 2], [1, 1])
+    } else {
+        ([2, TCP_OPT_SACK_PERMITTED], [1, 1])
+    };
+    r.changed = 1;
+    r.options_len = whole - 20;
+    r.diff = Wsum::default().replace2(old, new).0;
 }
 
 /// `n` if at most `max`, else 0, checked where the verifier sees it: read

@@ -34,6 +34,8 @@ pub struct Spec {
     /// TCP sequence and acknowledgment numbers.
     pub seq: u32,
     pub ack: u32,
+    /// TCP options (a multiple of 4 bytes).
+    pub tcp_options: Vec<u8>,
 }
 
 impl Spec {
@@ -54,6 +56,7 @@ impl Spec {
             no_udp_checksum: false,
             seq: 1000,
             ack: 2000,
+            tcp_options: vec![],
         }
     }
 
@@ -95,10 +98,11 @@ impl Spec {
             l4.extend_from_slice(&self.dport.to_be_bytes());
             l4.extend_from_slice(&self.seq.to_be_bytes());
             l4.extend_from_slice(&self.ack.to_be_bytes());
-            l4.push(5 << 4); // data offset
+            l4.push(((5 + self.tcp_options.len() / 4) as u8) << 4); // data offset
             l4.push(self.tcp_flags);
             l4.extend_from_slice(&65535u16.to_be_bytes()); // window
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+            l4.extend_from_slice(&self.tcp_options);
         } else {
             l4.extend_from_slice(&self.sport.to_be_bytes());
             l4.extend_from_slice(&self.dport.to_be_bytes());

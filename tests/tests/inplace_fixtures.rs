@@ -220,6 +220,59 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
     assert_eq!(fx.counter(Counter::DropFtpDiverted), 4);
 }
 
+/// The server's SYN-ACK leaves without SACK-permitted (no SACK blocks on
+/// the connection, whose edges would need renumbering), the rest of its
+/// options as they were, at an even and at an odd offset, XDP and TC.
+#[test]
+fn the_syn_ack_leaves_without_sack_permitted() {
+    let linux = vec![
+        2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+    ];
+    let odd = vec![1, 4, 2, 1];
+    for (i, (options, tc)) in [(linux, false), (odd.clone(), false), (odd, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut fx = Fixture::new(&format!("inplace-sack{i}")).unwrap();
+        fx.raise_wall(1024..=19999).unwrap();
+        InPlaceMaps::open(&fx.pins)
+            .unwrap()
+            .set_ports(&[21])
+            .unwrap();
+        let syn = Spec {
+            tcp_flags: TCP_SYN,
+            seq: CLIENT_ISN,
+            ack: 0,
+            payload: vec![],
+            ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
+        };
+        let r = fx.run(Side::Internal, &syn.build());
+        let nat = view(&r.frame).sport;
+        let synack = Spec {
+            tcp_flags: TCP_SYN | TCP_ACK,
+            seq: SERVER_ISN,
+            ack: CLIENT_ISN + 1,
+            payload: vec![],
+            tcp_options: options.clone(),
+            ..Spec::tcp(SERVER, 21, FW_EXTERNAL, nat)
+        }
+        .build();
+        let r = if tc {
+            fx.run_tc(Side::External, &synack)
+        } else {
+            fx.run(Side::External, &synack)
+        };
+        assert_eq!(r.action, if tc { TC_REDIRECT } else { XDP_REDIRECT });
+        check_checksums(&r.frame).unwrap();
+        let tcp = &r.frame[14 + 20..];
+        let at = options.windows(2).position(|w| w == [4, 2]).unwrap();
+        let mut want = options.clone();
+        want[at] = 1;
+        want[at + 1] = 1;
+        assert_eq!(&tcp[20..20 + options.len()], &want[..], "case {i}");
+    }
+}
+
 #[test]
 fn a_connection_not_read_in_place_is_untouched() {
     let mut fx = Fixture::new("inplace-no").unwrap();
