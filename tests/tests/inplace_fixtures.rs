@@ -12,7 +12,7 @@ use firewall_common::{
     stats::Counter,
     IPPROTO_TCP,
 };
-use firewall_ctl::datapath::{decode_segment, InPlaceMaps, Side};
+use firewall_ctl::datapath::{decode_segment, InPlaceMaps, Side, TestRunOutput};
 use firewall_tests::{
     fixture::*,
     packet::{check_checksums, view, Spec, TCP_ACK, TCP_SYN},
@@ -48,8 +48,9 @@ fn reply(nat: u16, seq: u32, ack: u32, line: &[u8]) -> Vec<u8> {
 }
 
 /// A fixture with port 21 read in place, and a connection through its
-/// handshake: the NAT port it took.
-fn connected(name: &str) -> (Fixture, u16) {
+/// handshake, the server's SYN-ACK with `options`, at TC if `tc`: the NAT
+/// port it took and the SYN-ACK as it left.
+fn handshake(name: &str, options: &[u8], tc: bool) -> (Fixture, u16, TestRunOutput) {
     let mut fx = Fixture::new(name).unwrap();
     fx.raise_wall(1024..=19999).unwrap();
     InPlaceMaps::open(&fx.pins)
@@ -72,16 +73,28 @@ fn connected(name: &str) -> (Fixture, u16) {
         seq: SERVER_ISN,
         ack: CLIENT_ISN + 1,
         payload: vec![],
+        tcp_options: options.to_vec(),
         ..Spec::tcp(SERVER, 21, FW_EXTERNAL, nat)
+    }
+    .build();
+    let r = if tc {
+        fx.run_tc(Side::External, &synack)
+    } else {
+        fx.run(Side::External, &synack)
     };
-    let r = fx.run(Side::External, &synack.build());
-    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(r.action, if tc { TC_REDIRECT } else { XDP_REDIRECT });
+    check_checksums(&r.frame).unwrap();
+    (fx, nat, r)
+}
+
+/// Through the handshake at XDP, the state checked: the NAT port.
+fn connected(name: &str) -> (Fixture, u16) {
+    let (fx, nat, r) = handshake(name, &[], false);
     let v = view(&r.frame);
     assert_eq!(
         (v.dst, v.dport, v.seq, v.ack),
         (CLIENT, CLIENT_PORT, SERVER_ISN, CLIENT_ISN + 1)
     );
-    check_checksums(&r.frame).unwrap();
     let st = InPlaceMaps::open(&fx.pins)
         .unwrap()
         .state(&client_key())
@@ -233,37 +246,7 @@ fn the_syn_ack_leaves_without_sack_permitted() {
         .into_iter()
         .enumerate()
     {
-        let mut fx = Fixture::new(&format!("inplace-sack{i}")).unwrap();
-        fx.raise_wall(1024..=19999).unwrap();
-        InPlaceMaps::open(&fx.pins)
-            .unwrap()
-            .set_ports(&[21])
-            .unwrap();
-        let syn = Spec {
-            tcp_flags: TCP_SYN,
-            seq: CLIENT_ISN,
-            ack: 0,
-            payload: vec![],
-            ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
-        };
-        let r = fx.run(Side::Internal, &syn.build());
-        let nat = view(&r.frame).sport;
-        let synack = Spec {
-            tcp_flags: TCP_SYN | TCP_ACK,
-            seq: SERVER_ISN,
-            ack: CLIENT_ISN + 1,
-            payload: vec![],
-            tcp_options: options.clone(),
-            ..Spec::tcp(SERVER, 21, FW_EXTERNAL, nat)
-        }
-        .build();
-        let r = if tc {
-            fx.run_tc(Side::External, &synack)
-        } else {
-            fx.run(Side::External, &synack)
-        };
-        assert_eq!(r.action, if tc { TC_REDIRECT } else { XDP_REDIRECT });
-        check_checksums(&r.frame).unwrap();
+        let (_fx, _, r) = handshake(&format!("inplace-sack{i}"), &options, tc);
         let tcp = &r.frame[14 + 20..];
         let at = options.windows(2).position(|w| w == [4, 2]).unwrap();
         let mut want = options.clone();
