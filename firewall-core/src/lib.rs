@@ -16,6 +16,7 @@ pub mod maps;
 pub mod policy;
 pub mod ports;
 pub mod relay;
+pub mod segment;
 pub mod stream_rewrite;
 pub mod sweeper;
 pub mod timeouts;
