@@ -92,7 +92,7 @@ counters! {
     DropRule = 42, Drop, "drop_rule", "a new outbound connection no access rule allows (a deny rule matched, or none did)";
     TftpEstablished = 43, Redirect, "redirect_tftp_established", "a TFTP server's first answer from its transfer port, to the endpoint that asked it: tracked, its flows created, translated";
     DropFtpDiverted = 44, Drop, "drop_ftp_diverted", "a segment of an FTP control connection forwarded in place that is not a plain line at its direction's next byte: handed to the daemon, which sends what the filter makes of it";
-    DropInPlaceState = 45, Drop, "drop_ftp_inplace_state", "a segment of an FTP control connection forwarded in place whose state is gone, or could not be made";
+    DropInPlaceState = 45, Drop, "drop_ftp_inplace_state", "a segment of an FTP control connection forwarded in place whose state is gone, or could not be made (also a SYN to it carrying data or fragmented: bytes that could not be judged)";
 }
 
 /// Number of slots in the STATS map.

@@ -183,6 +183,10 @@ impl StreamRewrite {
                 continue;
             }
             match &r.sent {
+                // Sent on as they come now. To do before a hostile sender
+                // meets it: they may differ from what went out the first
+                // time (the datapath forwarded those), so they must be
+                // compared with it (a digest of what went out) or refused.
                 Sent::Kept(offset) => {
                     let lo = if seq_before(seq, r.start) {
                         r.start

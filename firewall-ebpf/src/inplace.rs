@@ -13,14 +13,15 @@ use aya_ebpf::{
 use firewall_common::{
     csum::Wsum,
     flow::{FlowAction, FlowKey, FlowValue},
+    frag::Fragment,
     ftp_lines::{plain, KERNEL_LINE_MAX},
     inplace::{
-        InPlaceAdjust, InPlaceDir, InPlaceSegment, InPlaceState, SegmentHead, DIR_COMMANDS,
+        InPlaceAdjust, InPlaceDir, InPlaceSegment, InPlaceState, Offer, SegmentHead, DIR_COMMANDS,
         DIR_REPLIES, SEGMENT_DATA_MAX, TCP_HEADER_MAX,
     },
     intercept::InterceptKey,
     map_sizes,
-    seqadj::{seq_before, Span},
+    seqadj::{seq_before, SeqAdjust, Span},
     stats::Counter,
     IPPROTO_TCP,
 };
@@ -30,7 +31,8 @@ use crate::{
     hook::Hook,
     parse::{self, Packet},
     pipeline::{send_on, Outcome},
-    scratch, stats,
+    scratch::{self, Scratch},
+    stats,
 };
 
 /// What `decide` leaves for `apply` (in the per-CPU scratch space).
@@ -107,7 +109,7 @@ pub fn process<H: Hook>(ctx: &H) -> Outcome {
 
 /// Whether a new outbound connection (its SYN) is to be forwarded in place.
 #[inline(always)]
-pub fn wanted(pkt: &Packet) -> bool {
+fn wanted(pkt: &Packet) -> bool {
     let k = &pkt.key;
     // SAFETY: a presence check; nothing is read.
     k.protocol == IPPROTO_TCP
@@ -120,15 +122,60 @@ pub fn wanted(pkt: &Packet) -> bool {
 pub struct Start {
     pub state: InPlaceState,
     pub adjust: InPlaceAdjust,
+    /// The reply entry's key, and a byte of the SYN's header.
+    pub reply: FlowKey,
+    pub byte: [u8; 8],
+}
+
+/// For a new outbound connection whose reply entry is in `FLOWS` and whose
+/// forward entry `v` is about to be: if it is to be read in place, its state
+/// made and both entries marked `InPlace`. `Redirected` to go on, else the
+/// counter that drops its SYN. (Called after the port search: what the
+/// verifier follows twice from here on is the last insert only.)
+#[inline(always)]
+pub fn mark<H: Hook>(ctx: &H, pkt: &Packet, new: &mut Start, v: &mut FlowValue) -> Counter {
+    if !pkt.syn_only || !wanted(pkt) {
+        return Counter::Redirected;
+    }
+    if let Err(c) = start(ctx, pkt, new) {
+        return c;
+    }
+    let k = &pkt.key;
+    new.reply = FlowKey::new(
+        k.protocol,
+        k.dst_addr,
+        k.dst_port,
+        v.nat_src_addr,
+        v.nat_src_port,
+    );
+    let Some(reply) = flow::lookup(&new.reply) else {
+        return Counter::DropInPlaceState;
+    };
+    // SAFETY: the FLOWS entry the wall made a moment ago for this SYN,
+    // which no packet uses yet (the SYN has not left).
+    unsafe { (*reply).action = FlowAction::InPlace as u32 };
+    v.action = FlowAction::InPlace as u32;
+    Counter::Redirected
 }
 
 /// The connection's state, made with its flows from the client's SYN.
 #[inline(always)]
 #[allow(clippy::needless_borrows_for_generic_args)]
-pub fn start(pkt: &Packet, new: &mut Start) -> Result<(), Counter> {
+fn start<H: Hook>(ctx: &H, pkt: &Packet, new: &mut Start) -> Result<(), Counter> {
     let st = &mut new.state;
     // SAFETY: the parser bounds-checked the whole TCP header at `l4`.
     let isn = u32::from_be_bytes(unsafe { *(pkt.l4.add(4) as *const [u8; 4]) });
+    // Its data offset through the helper (what the verifier knows of `l4`
+    // here ends before it).
+    if !ctx.load(pkt.l4_off as usize + 12, new.byte.as_mut_ptr(), 1) {
+        return Err(Counter::DropMalformed);
+    }
+    let doff = ((new.byte[0] >> 4) as u16) << 2;
+    if pkt.l4_len > doff || pkt.fragment != Fragment::Whole {
+        // Data in the SYN (TCP Fast Open), or a fragment: bytes that could
+        // not be judged. The client tries again without.
+        return Err(Counter::DropInPlaceState);
+    }
     st.dir[DIR_COMMANDS] = InPlaceDir {
         kernel: 1,
         next: isn.wrapping_add(1),
@@ -173,6 +220,12 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
     let key = &pkt.key;
     if key.protocol != IPPROTO_TCP {
         return Err(Counter::DropInPlaceState);
+    }
+    if pkt.fragment != Fragment::Whole {
+        // Its bytes cannot all be judged here (later fragments carry the
+        // rest of the segment): never forwarded, and its later fragments,
+        // whose first was not, are dropped with it (`drop_fragment`).
+        return Err(Counter::DropFragment);
     }
     let sc = scratch::get().ok_or(Counter::DropInPlaceState)?;
     sc.renumber.changed = 0;
@@ -234,74 +287,39 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
     let Some(a) = (unsafe { INPLACE_ADJUST.get(&client) }) else {
         return Err(Counter::DropInPlaceState);
     };
-    // References, not copies: the stack has no room for them.
-    let (own, other) = (&a.adjust[dir], &a.adjust[1 - dir]);
-    let d = &mut st.dir[dir];
+    // The parts below are functions of their own: the verifier follows each
+    // one's ways through once, not every combination of them.
     let new_seq = if payload > 0 {
-        let o = &a.offer[dir];
-        if d.kernel == 0 && o.valid == 1 && o.diverted == d.diverted {
-            d.kernel = 1;
-            d.next = o.next;
-        }
-        let span = if own.is_identity() {
-            Span::After
-        } else {
-            own.span(seq, payload)
+        sc.head = SegmentHead {
+            client,
+            dir: dir as u32,
+            diverted: 0,
+            acked: 0,
+            acked_set: 0,
+            src_addr: flow.nat_src_addr,
+            dst_addr: flow.nat_dst_addr,
+            src_port: flow.nat_src_port,
+            dst_port: flow.nat_dst_port,
+            tcp_len: doff as u16,
+            data_len: payload.min(SEGMENT_DATA_MAX as u32) as u16,
+            payload_len: payload as u16,
+            _pad: [0; 6],
         };
-        let last = seq.wrapping_add(payload);
-        let forwarded = d.kernel == 1
-            && d.started == 1
-            && span != Span::Rewriter
-            && ((seq == d.next && plain) || !seq_before(d.next, last));
-        if !forwarded {
-            d.kernel = 0;
-            d.diverted = d.diverted.wrapping_add(1);
-            sc.head = SegmentHead {
-                client,
-                dir: dir as u32,
-                diverted: d.diverted,
-                acked: d.acked,
-                acked_set: d.acked_set,
-                src_addr: flow.nat_src_addr,
-                dst_addr: flow.nat_dst_addr,
-                src_port: flow.nat_src_port,
-                dst_port: flow.nat_dst_port,
-                tcp_len: doff as u16,
-                data_len: payload.min(SEGMENT_DATA_MAX as u32) as u16,
-                payload_len: payload as u16,
-                _pad: [0; 6],
-            };
+        sc.seq = seq;
+        sc.plain = plain as u32;
+        let sc_ptr: *mut Scratch = sc;
+        let out = data_seq(&raw mut st.dir[dir], &a.offer[dir], &a.adjust[dir], sc_ptr);
+        if out > u32::MAX as u64 {
+            // Here, not in `data_seq`: one call deep less (the stack).
             divert(ctx, &sc.head, off);
             return Err(Counter::DropFtpDiverted);
         }
-        if seq == d.next {
-            d.next = last;
-        }
-        own.seq_out(seq, span)
-    } else if own.is_identity() {
-        seq
+        out as u32
     } else {
-        match own.span(seq, 0) {
-            // A bare segment numbered inside a rewritten stretch: as if
-            // after it (acceptable to the receiver either way).
-            Span::Rewriter => own.end.wrapping_add(own.after as u32),
-            span => own.seq_out(seq, span),
-        }
+        bare_seq(&a.adjust[dir], seq)
     };
     let new_ack = if flags & TCP_FLAG_ACK != 0 {
-        let back = if other.is_identity() {
-            ack
-        } else {
-            other.ack_in(ack)
-        };
-        if other.is_identity() || other.ack_trusted(ack) {
-            let o = &mut st.dir[1 - dir];
-            if o.acked_set == 0 || seq_before(o.acked, back) {
-                o.acked = back;
-                o.acked_set = 1;
-            }
-        }
-        back
+        take_back_ack(&raw mut st.dir[1 - dir], &a.adjust[1 - dir], ack)
     } else {
         ack
     };
@@ -338,6 +356,73 @@ pub fn apply<H: Hook>(ctx: &H, l4_off: u16) -> Result<(), Counter> {
         return Err(Counter::DropMalformed);
     }
     ctx.l4_csum_diff(off + 16, Wsum(r.diff))
+}
+
+/// A segment with payload (its head and numbers in `sc`): its new sequence
+/// number if the kernel forwards it, or above `u32::MAX` if it goes to the
+/// daemon (the direction with it; the head completed).
+#[inline(never)]
+fn data_seq(d: *mut InPlaceDir, offer: &Offer, own: &SeqAdjust, sc: *mut Scratch) -> u64 {
+    // SAFETY: the connection's direction and this CPU's scratch space, which
+    // the caller does not touch until this returns.
+    let (d, sc) = unsafe { (&mut *d, &mut *sc) };
+    let (seq, payload) = (sc.seq, sc.head.payload_len as u32);
+    if d.kernel == 0 && offer.valid == 1 && offer.diverted == d.diverted {
+        d.kernel = 1;
+        d.next = offer.next;
+    }
+    let span = if own.is_identity() {
+        Span::After
+    } else {
+        own.span(seq, payload)
+    };
+    // Only new bytes, in order: a segment sent again may carry other bytes
+    // than the first time, which a receiver that missed the first (a bad
+    // checksum is enough) would take unjudged; the daemon, which knows what
+    // was sent, answers it.
+    let forwarded =
+        d.kernel == 1 && d.started == 1 && span != Span::Rewriter && seq == d.next && sc.plain == 1;
+    if !forwarded {
+        d.kernel = 0;
+        d.diverted = d.diverted.wrapping_add(1);
+        sc.head.diverted = d.diverted;
+        sc.head.acked = d.acked;
+        sc.head.acked_set = d.acked_set;
+        return u64::MAX;
+    }
+    d.next = seq.wrapping_add(payload);
+    own.seq_out(seq, span) as u64
+}
+
+/// A segment without payload: its new sequence number.
+#[inline(never)]
+fn bare_seq(own: &SeqAdjust, seq: u32) -> u32 {
+    if own.is_identity() {
+        return seq;
+    }
+    match own.span(seq, 0) {
+        // Numbered inside a rewritten stretch: as if after it (acceptable
+        // to the receiver either way).
+        Span::Rewriter => own.end.wrapping_add(own.after as u32),
+        span => own.seq_out(seq, span),
+    }
+}
+
+/// An acknowledgment of the other direction's bytes, taken back by its
+/// translation; the highest taken back exactly is recorded in `o`.
+#[inline(never)]
+fn take_back_ack(o: *mut InPlaceDir, other: &SeqAdjust, ack: u32) -> u32 {
+    let identity = other.is_identity();
+    let back = if identity { ack } else { other.ack_in(ack) };
+    if identity || other.ack_trusted(ack) {
+        // SAFETY: the connection's other direction (see `decide`).
+        let o = unsafe { &mut *o };
+        if o.acked_set == 0 || seq_before(o.acked, back) {
+            o.acked = back;
+            o.acked_set = 1;
+        }
+    }
+    back
 }
 
 /// Turns a SACK-permitted option in the segment's TCP options into two NOPs,

@@ -28,8 +28,11 @@ pub struct Scratch {
     pub line: [u8; firewall_common::ftp_lines::KERNEL_LINE_MAX],
     /// A connection's state being made (`inplace::start`).
     pub inplace: crate::inplace::Start,
-    /// A segment for the daemon, its record's head.
+    /// A segment read in place: its record's head (for the daemon, if it
+    /// goes there), sequence number, and whether it is a plain line.
     pub head: firewall_common::inplace::SegmentHead,
+    pub seq: u32,
+    pub plain: u32,
     pub renumber: Renumber,
 }
 

@@ -22,7 +22,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use firewall_common::{
-    flow::{flow_kind, FlowAction, FlowKey, FlowValue},
+    flow::{flow_kind, FlowKey, FlowValue},
     map_sizes,
     pinhole::side,
     rules::{rule_action, Rule, RULE_BANKS, RULE_SLOTS},
@@ -297,11 +297,6 @@ fn create_flows<H: Hook>(
     // One value on the stack, the reply's first and then the packet's.
     *v = FlowValue::forward(k.dst_addr, k.dst_port, k.src_addr, k.src_port);
     v.kind = flow_kind::PRIMARY;
-    if pkt.syn_only && inplace::wanted(pkt) {
-        // Its state first: without it, its flows would drop every segment.
-        inplace::start(pkt, in_place)?;
-        v.action = FlowAction::InPlace as u32;
-    }
     v.egress_ifindex = ctx.ingress_ifindex();
     // Created counts as seen (the sweeper must not find it idle since boot).
     v.last_seen_ns = now;
@@ -356,6 +351,13 @@ fn create_flows<H: Hook>(
     v.nat_dst_addr = k.dst_addr;
     v.nat_dst_port = k.dst_port;
     v.egress_ifindex = conf.external_ifindex;
+    // A connection to be read in place: its state, and both entries say
+    // so. Decided after the port search, so that the verifier does not
+    // follow the search once for each kind of flow.
+    match inplace::mark(ctx, pkt, in_place, v) {
+        Counter::Redirected => {}
+        c => return Err(c),
+    }
     flow::insert(k, v)
 }
 

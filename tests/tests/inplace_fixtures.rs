@@ -47,16 +47,23 @@ fn reply(nat: u16, seq: u32, ack: u32, line: &[u8]) -> Vec<u8> {
     .build()
 }
 
-/// A fixture with port 21 read in place, and a connection through its
-/// handshake, the server's SYN-ACK with `options`, at TC if `tc`: the NAT
-/// port it took and the SYN-ACK as it left.
-fn handshake(name: &str, options: &[u8], tc: bool) -> (Fixture, u16, TestRunOutput) {
+/// A fixture with port 21 read in place.
+fn in_place(name: &str) -> Fixture {
     let mut fx = Fixture::new(name).unwrap();
+    fx.datapath.load_in_place().unwrap();
     fx.raise_wall(1024..=19999).unwrap();
     InPlaceMaps::open(&fx.pins)
         .unwrap()
         .set_ports(&[21])
         .unwrap();
+    fx
+}
+
+/// A fixture with port 21 read in place, and a connection through its
+/// handshake, the server's SYN-ACK with `options`, at TC if `tc`: the NAT
+/// port it took and the SYN-ACK as it left.
+fn handshake(name: &str, options: &[u8], tc: bool) -> (Fixture, u16, TestRunOutput) {
+    let mut fx = in_place(name);
     let syn = Spec {
         tcp_flags: TCP_SYN,
         seq: CLIENT_ISN,
@@ -175,13 +182,13 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
         _pad: 0,
     };
     maps.set_adjust(&client_key(), &a).unwrap();
-    let list = b"LIST\r\n";
-    for (side, tc) in [(Side::Internal, false), (Side::Internal, true)] {
-        let frame = command(c, s, list);
+    // Renumbered at XDP and at TC.
+    for (line, tc) in [(&b"LIST\r\n"[..], false), (&b"PWD\r\n"[..], true)] {
+        let frame = command(c, s, line);
         let r = if tc {
-            fx.run_tc(side, &frame)
+            fx.run_tc(Side::Internal, &frame)
         } else {
-            fx.run(side, &frame)
+            fx.run(Side::Internal, &frame)
         };
         assert_eq!(
             r.action,
@@ -195,11 +202,14 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
             "shifted by the longer PORT (tc {tc})"
         );
         check_checksums(&r.frame).unwrap();
+        c += line.len() as u32;
     }
-    c += list.len() as u32;
     // The server acknowledges in its numbering: taken back, and recorded.
-    for tc in [false, true] {
-        let frame = reply(nat, s, c + 5, b"150 Here comes the listing.\r\n");
+    for (line, tc) in [
+        (&b"150 Here comes the listing.\r\n"[..], false),
+        (&b"257 \"/\"\r\n"[..], true),
+    ] {
+        let frame = reply(nat, s, c + 5, line);
         let r = if tc {
             fx.run_tc(Side::External, &frame)
         } else {
@@ -209,6 +219,7 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
         let v = view(&r.frame);
         assert_eq!((v.seq, v.ack), (s, c), "tc {tc}");
         check_checksums(&r.frame).unwrap();
+        s += line.len() as u32;
     }
     let st = maps.state(&client_key()).unwrap().unwrap();
     assert_eq!(
@@ -218,7 +229,6 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
     // An acknowledgment inside the rewritten PORT's output acknowledges
     // none of it; the PORT sent again goes to the daemon (it sends its
     // rewrite again).
-    let s = s + 29;
     let r = fx.run(Side::External, &reply(nat, s, pc + 3, b""));
     assert_eq!(r.action, XDP_REDIRECT, "a bare acknowledgment");
     assert_eq!(view(&r.frame).ack, pc);
@@ -231,6 +241,39 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
     let r = fx.run(Side::Internal, &command(pc, s, port));
     assert_eq!(r.action, XDP_DROP);
     assert_eq!(fx.counter(Counter::DropFtpDiverted), 4);
+    // A line the kernel forwarded, sent again: the daemon's too (it may
+    // carry other bytes than the first time).
+    let r = fx.run(Side::Internal, &command(c - 5, s, b"PWD\r\n"));
+    assert_eq!(r.action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropFtpDiverted), 5);
+}
+
+/// A SYN with data (TCP Fast Open) opens no connection read in place.
+#[test]
+fn a_syn_with_data_opens_nothing() {
+    let mut fx = in_place("inplace-tfo");
+    let syn = Spec {
+        tcp_flags: TCP_SYN,
+        payload: b"PORT 10,1,0,2,156,64\r\n".to_vec(),
+        ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
+    };
+    assert_eq!(fx.run(Side::Internal, &syn.build()).action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropInPlaceState), 1);
+}
+
+/// A fragment of a segment read in place is never forwarded: its bytes
+/// cannot all be judged.
+#[test]
+fn fragments_are_not_forwarded() {
+    let (mut fx, _) = connected("inplace-frag");
+    let first = Spec {
+        seq: CLIENT_ISN + 1,
+        payload: b"USER ftp\r\n".to_vec(),
+        frag: 0x2000,
+        ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
+    };
+    assert_eq!(fx.run(Side::Internal, &first.build()).action, XDP_DROP);
+    assert_eq!(fx.counter(Counter::DropFragment), 1);
 }
 
 /// The server's SYN-ACK leaves without SACK-permitted (no SACK blocks on
@@ -258,12 +301,7 @@ fn the_syn_ack_leaves_without_sack_permitted() {
 
 #[test]
 fn a_connection_not_read_in_place_is_untouched() {
-    let mut fx = Fixture::new("inplace-no").unwrap();
-    fx.raise_wall(1024..=19999).unwrap();
-    InPlaceMaps::open(&fx.pins)
-        .unwrap()
-        .set_ports(&[21])
-        .unwrap();
+    let mut fx = in_place("inplace-no");
     let syn = Spec {
         tcp_flags: TCP_SYN,
         payload: vec![],

@@ -168,8 +168,19 @@ fn load_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
     )
 }
 
+impl Datapath {
+    /// Loads the programs the pipeline tail-calls for connections read in
+    /// place and puts them in their program arrays. Not part of `load`:
+    /// nothing turns reading in place on yet (the daemon's half is not
+    /// built), and verifying them takes the kernel several seconds, which
+    /// every `up` would pay; the fixtures call it.
+    pub fn load_in_place(&mut self) -> anyhow::Result<()> {
+        load_in_place(&mut self.ebpf)
+    }
+}
+
 /// The programs the pipeline tail-calls for connections read in place,
-/// loaded and put in their slots of INPLACE_PROGS.
+/// loaded and put in their slots of INPLACE_PROGS_*.
 fn load_in_place(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let xdp: &mut Xdp = typed(ebpf, program_names::XDP_INPLACE)?;
     load_retrying(program_names::XDP_INPLACE, || xdp.load())?;
@@ -327,7 +338,6 @@ impl Datapath {
             let tc = tc_program(&mut ebpf, side)?;
             load_retrying(side.tc_program(), || tc.load())?;
         }
-        load_in_place(&mut ebpf)?;
         let events = match ebpf.take_map(map_names::EVENTS) {
             Some(m) => Some(RingBuf::try_from(m).context("the EVENTS map is not a ring buffer")?),
             None => bail!("the eBPF object has no EVENTS map"),
