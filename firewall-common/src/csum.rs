@@ -235,6 +235,14 @@ impl Wsum {
 
     /// A 2-byte field changing from `old` to `new`, both as the packet holds
     /// them (the helpers' size 2, which widens each to 32 bits).
+    /// The kernel's `csum_replace_by_diff`: a final checksum `field`, as the
+    /// packet holds it, updated by this difference.
+    #[inline(always)]
+    pub const fn apply(self, field: [u8; 2]) -> [u8; 2] {
+        let sum = self.add(!(u16::from_ne_bytes(field) as u32)).0 as u64;
+        (!fold(sum)).to_ne_bytes()
+    }
+
     #[inline(always)]
     pub const fn replace2(self, old: [u8; 2], new: [u8; 2]) -> Self {
         self.add(!(u16::from_ne_bytes(old) as u32))
@@ -246,10 +254,8 @@ impl Wsum {
 mod wsum_tests {
     use super::*;
 
-    /// The kernel's `csum_replace_by_diff` on a field as the packet holds it.
     fn by_diff(field: [u8; 2], diff: Wsum) -> [u8; 2] {
-        let sum = diff.add(!(u16::from_ne_bytes(field) as u32)).0 as u64;
-        (!fold(sum)).to_ne_bytes()
+        diff.apply(field)
     }
 
     proptest::proptest! {

@@ -136,6 +136,20 @@ impl SeqAdjust {
         }
     }
 
+    /// The receiver's number for a segment without payload (a bare ACK, a
+    /// FIN): one numbered inside a rewritten stretch is put after its
+    /// output, which the receiver accepts either way.
+    #[inline(always)]
+    pub const fn seq_out_bare(&self, seq: u32) -> u32 {
+        if self.is_identity() {
+            return seq;
+        }
+        match self.span(seq, 0) {
+            Span::Rewriter => shift(self.end, self.after),
+            span => self.seq_out(seq, span),
+        }
+    }
+
     /// The sender's number for an acknowledgment (or a SACK edge) the
     /// receiver sent: never more than the receiver has of the sender's
     /// bytes.

@@ -90,6 +90,16 @@ fn rewrites_go_forward_and_stay_small() {
 }
 
 #[test]
+fn a_bare_segment_inside_a_stretch_goes_after_it() {
+    let mut a = SeqAdjust::new(0);
+    assert_eq!(a.seq_out_bare(7), 7, "nothing rewritten");
+    a.rewrite(10, 20, 25).unwrap();
+    assert_eq!(a.seq_out_bare(5), 5);
+    assert_eq!(a.seq_out_bare(15), 35);
+    assert_eq!(a.seq_out_bare(20), 35);
+}
+
+#[test]
 fn numbers_wrap() {
     let first = u32::MAX - 15;
     let mut a = SeqAdjust::new(first);

@@ -270,11 +270,12 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
     // segment the kernel could have forwarded.
     let st = unsafe { &mut *st };
     if flags & TCP_FLAG_SYN != 0 {
-        if dir == DIR_REPLIES && st.dir[DIR_REPLIES].started == 0 {
-            st.dir[DIR_REPLIES].next = seq.wrapping_add(1);
-            st.dir[DIR_REPLIES].started = 1;
-        }
         if dir == DIR_REPLIES {
+            let d = &mut st.dir[DIR_REPLIES];
+            if d.started == 0 {
+                d.next = seq.wrapping_add(1);
+                d.started = 1;
+            }
             // Without SACK-permitted in the SYN-ACK neither end sends SACK
             // blocks, whose edges would need taking back like the
             // acknowledgment (RFC 2018).
@@ -394,18 +395,11 @@ fn data_seq(d: *mut InPlaceDir, offer: &Offer, own: &SeqAdjust, sc: *mut Scratch
     own.seq_out(seq, span) as u64
 }
 
-/// A segment without payload: its new sequence number.
+/// A segment without payload: its new sequence number (a function of its
+/// own, for the verifier).
 #[inline(never)]
 fn bare_seq(own: &SeqAdjust, seq: u32) -> u32 {
-    if own.is_identity() {
-        return seq;
-    }
-    match own.span(seq, 0) {
-        // Numbered inside a rewritten stretch: as if after it (acceptable
-        // to the receiver either way).
-        Span::Rewriter => own.end.wrapping_add(own.after as u32),
-        span => own.seq_out(seq, span),
-    }
+    own.seq_out_bare(seq)
 }
 
 /// An acknowledgment of the other direction's bytes, taken back by its

@@ -8,12 +8,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use firewall_common::{
-    csum::{self, Wsum},
-    flow::FlowValue,
-    pinhole::side,
-    stats::Counter,
-};
+use firewall_common::{csum::Wsum, flow::FlowValue, pinhole::side, stats::Counter};
 
 use crate::{
     fib::NextHop,
@@ -105,8 +100,7 @@ impl Hook for XdpContext {
         if !self.load(check_off, field.as_mut_ptr(), 2) {
             return Err(Counter::DropChecksum);
         }
-        let sum = diff.add(!(u16::from_ne_bytes(field) as u32)).0 as u64;
-        let field = (!csum::fold(sum)).to_ne_bytes();
+        let field = diff.apply(field);
         if !self.store(check_off, field.as_ptr(), 2) {
             return Err(Counter::DropChecksum);
         }
