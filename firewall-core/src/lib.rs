@@ -12,6 +12,7 @@ pub mod error;
 pub mod filters;
 pub mod flags;
 pub mod ftp;
+pub mod in_place;
 pub mod maps;
 pub mod policy;
 pub mod ports;

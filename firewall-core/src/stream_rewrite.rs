@@ -67,6 +67,10 @@ impl From<RewriteError> for StreamError {
     }
 }
 
+/// How far back a direction taken over without a known acknowledgment
+/// answers bytes sent again (a quarter of the sequence space).
+const KEPT_UNKNOWN: u32 = 1 << 30;
+
 /// What is remembered of the receiver's unacknowledged bytes, at most.
 pub const HISTORY_MAX: usize = 256 * 1024;
 
@@ -114,6 +118,33 @@ impl StreamRewrite {
             acked: first,
             history: VecDeque::new(),
             history_bytes: 0,
+        }
+    }
+
+    /// Taken over from the datapath, which forwarded the sender's bytes
+    /// before `first` as they came; the receiver has those before `acked`
+    /// (None: not known). Bytes between the two sent again are sent on as
+    /// they come (nothing was rewritten before `first`).
+    pub fn taken_over(acked: Option<u32>, first: u32) -> Self {
+        let mut s = Self::new(first);
+        // Unknown: as far back as sequence arithmetic reaches safely.
+        let from = acked.unwrap_or(first.wrapping_sub(KEPT_UNKNOWN));
+        if seq_before(from, first) {
+            s.acked = from;
+            s.remember(Region {
+                start: from,
+                end: first,
+                sent: Sent::Kept(0),
+            });
+        }
+        s
+    }
+
+    /// The receiver acknowledged the sender's bytes before `acked` (an
+    /// acknowledgment taken back exactly, in a segment the daemon sends on).
+    pub fn acknowledged(&mut self, acked: u32) {
+        if seq_before(self.acked, acked) {
+            self.acked = acked;
         }
     }
 

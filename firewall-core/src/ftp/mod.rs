@@ -53,6 +53,11 @@ use lines::{Lines, Piece, Replies, Reply};
 pub use openings::Opening;
 use syntax::{host_port, parse_eprt, parse_epsv, parse_host_port, parse_pasv, Eprt};
 
+/// What a connection forwarded in place sends the server for a command the
+/// filter refused: a verb no server implements, which it answers with an
+/// error (500); the client reads that error as the answer to its command.
+pub const REFUSED_COMMAND: &[u8] = b"XFWREFUSED\r\n";
+
 /// The protocol name of FTP's connections (its rule in `[[protocols]]`).
 pub const PROTOCOL: &str = "ftp";
 
@@ -160,6 +165,11 @@ pub struct Control {
     extra_flags: ConnFlags,
     /// A published server's: the client outside, the server inside.
     published: bool,
+    /// Forwarded in place (the connection is not terminated): a refused
+    /// command goes on as `REFUSED_COMMAND`, which the server answers with
+    /// an error, instead of a reply the filter would put in the server's
+    /// stream.
+    in_place: bool,
     from_client: Lines,
     from_server: Lines,
     replies: Replies,
@@ -268,6 +278,7 @@ impl Control {
             external: state.external,
             extra_flags: state.extra_flags,
             published: state.published,
+            in_place: false,
             from_client: state.from_client,
             from_server: state.from_server,
             replies: state.replies,
@@ -288,6 +299,23 @@ impl Control {
         extra_flags: ConnFlags,
     ) -> Result<Self, ApiError> {
         Self::with_role(api, stats, (client, server), external, extra_flags, false)
+    }
+
+    /// An outbound control connection forwarded in place: the datapath
+    /// forwards its plain lines and hands the others here, one direction's
+    /// bytes at a time (`firewall_core::in_place`). Commands and replies
+    /// each come out in their own direction only.
+    pub fn in_place(
+        api: Arc<dyn Secondaries>,
+        stats: Arc<FtpStats>,
+        client: SocketAddrV4,
+        server: SocketAddrV4,
+        external: Ipv4Addr,
+        extra_flags: ConnFlags,
+    ) -> Result<Self, ApiError> {
+        let mut c = Self::with_role(api, stats, (client, server), external, extra_flags, false)?;
+        c.in_place = true;
+        Ok(c)
     }
 
     /// A control connection to a published server: `client` outside,
@@ -322,6 +350,7 @@ impl Control {
             external,
             extra_flags,
             published,
+            in_place: false,
             from_client: Lines::default(),
             from_server: Lines::default(),
             replies: Replies::default(),
@@ -363,6 +392,16 @@ impl Control {
     /// MAX_LINE is dropped as it arrives).
     pub fn buffered(&self) -> usize {
         self.from_client.pending() + self.from_server.pending()
+    }
+
+    /// Bytes held for an unfinished line of the client's commands
+    /// (`commands`) or of the server's replies.
+    pub fn held(&self, commands: bool) -> usize {
+        if commands {
+            self.from_client.pending()
+        } else {
+            self.from_server.pending()
+        }
     }
 
     /// Whether the filter is between two lines of the client's commands
@@ -487,8 +526,21 @@ impl Control {
             self.server,
             bounce.map(|a| format!(" naming {a}")).unwrap_or_default()
         );
-        out.to_client.extend_from_slice(reply.as_bytes());
-        out.to_client.extend_from_slice(b"\r\n");
+        self.refused_command(reply, out);
+    }
+
+    /// The answer to a command the filter does not forward: `reply` to the
+    /// client, or in place, a command the server refuses in its stead (the
+    /// replies stay the server's, in order).
+    pub(super) fn refused_command(&mut self, reply: &str, out: &mut Output) {
+        if self.in_place {
+            out.to_server.extend_from_slice(REFUSED_COMMAND);
+        } else {
+            out.to_client.extend_from_slice(reply.as_bytes());
+            if !reply.ends_with('\n') {
+                out.to_client.extend_from_slice(b"\r\n");
+            }
+        }
     }
 
     fn refuse_reply(&mut self, what: &str, out: &mut Output) {
@@ -571,7 +623,7 @@ impl Drop for Control {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod tests_kernel_lines;
 #[cfg(test)]

@@ -55,7 +55,10 @@ impl Control {
                 };
                 out.to_server.extend_from_slice(cmd.as_bytes());
             }
-            Err(e) => self.call_failed("data connection", &e, out),
+            Err(e) => {
+                let reply = self.call_failed("data connection", &e);
+                self.refused_command(&reply, out);
+            }
         }
     }
 
@@ -97,7 +100,10 @@ impl Control {
                 };
                 out.to_client.extend_from_slice(reply.as_bytes());
             }
-            Err(e) => self.call_failed("passive connection", &e, out),
+            Err(e) => {
+                let reply = self.call_failed("passive connection", &e);
+                out.to_client.extend_from_slice(reply.as_bytes());
+            }
         }
     }
 
@@ -207,7 +213,8 @@ impl Control {
         Ok((r.actions[0].id, r.internal_address))
     }
 
-    fn call_failed(&mut self, what: &str, e: &ApiError, out: &mut Output) {
+    /// Counts and logs a failed call; the reply that says so.
+    fn call_failed(&mut self, what: &str, e: &ApiError) -> String {
         self.tally.failed += 1;
         self.stats.failed_calls.fetch_add(1, Relaxed);
         log::warn!(
@@ -215,8 +222,7 @@ impl Control {
             self.client,
             self.server
         );
-        let reply = format!("425 Can't open {what}: {}.\r\n", e.message);
-        out.to_client.extend_from_slice(reply.as_bytes());
+        format!("425 Can't open {what}: {}.\r\n", e.message)
     }
 }
 

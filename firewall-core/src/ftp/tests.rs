@@ -7,21 +7,21 @@ use crate::{
     policy::Transport,
 };
 
-const CLIENT: &str = "10.1.0.2:40000";
-const SERVER: &str = "10.2.0.2:21";
-pub(super) const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+pub(crate) const CLIENT: &str = "10.1.0.2:40000";
+pub(crate) const SERVER: &str = "10.2.0.2:21";
+pub(crate) const EXT: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
 pub(super) const INT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
 
 /// Records the calls; answers like the engine would.
 #[derive(Default)]
-pub(super) struct Fake {
+pub(crate) struct Fake {
     pub(super) sessions: Mutex<Vec<Ipv4Addr>>,
-    pub(super) binds: Mutex<Vec<BindRequest>>,
-    pub(super) redirects: Mutex<Vec<RedirectRequest>>,
+    pub(crate) binds: Mutex<Vec<BindRequest>>,
+    pub(crate) redirects: Mutex<Vec<RedirectRequest>>,
     /// The internal ports asked of `redirect_connections_at`.
     redirects_at: Mutex<Vec<u16>>,
-    withdrawn: Mutex<Vec<u64>>,
-    fail: Mutex<bool>,
+    pub(crate) withdrawn: Mutex<Vec<u64>>,
+    pub(crate) fail: Mutex<bool>,
 }
 
 impl Secondaries for Fake {

@@ -1,0 +1,192 @@
+use std::sync::Arc;
+
+use firewall_common::inplace::{DIR_COMMANDS, DIR_REPLIES};
+
+use super::*;
+use crate::{
+    flags::ConnFlags,
+    ftp::{
+        tests::{Fake, CLIENT, EXT, SERVER},
+        FtpStats, REFUSED_COMMAND,
+    },
+};
+
+fn connection() -> (Connection, Arc<Fake>) {
+    let fake = Arc::new(Fake::default());
+    let c = Control::in_place(
+        fake.clone(),
+        Arc::new(FtpStats::default()),
+        CLIENT.parse().unwrap(),
+        SERVER.parse().unwrap(),
+        EXT,
+        ConnFlags::empty(),
+    )
+    .unwrap();
+    (Connection::new(c), fake)
+}
+
+/// A segment of `dir` at `seq` that the datapath diverted at its `next`
+/// (`kernel_next`), the `n`th of its direction.
+fn seg(dir: usize, seq: u32, kernel_next: u32, n: u32, data: &[u8]) -> Segment<'_> {
+    Segment {
+        dir,
+        seq,
+        ack: 5000,
+        fin: false,
+        data,
+        diverted: n,
+        acked: Some(kernel_next),
+        kernel_next,
+        mss: 1400,
+    }
+}
+
+fn data(p: &Packet) -> (u32, &[u8], bool) {
+    match p {
+        Packet::Data {
+            seq, payload, fin, ..
+        } => (*seq, payload, *fin),
+        other => panic!("not data: {other:?}"),
+    }
+}
+
+#[test]
+fn a_port_command_is_rewritten_and_the_direction_offered_back() {
+    let (mut c, fake) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    let r = c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    assert_eq!(fake.binds.lock().unwrap().len(), 1);
+    assert_eq!(r.packets.len(), 1);
+    let (seq, out, fin) = data(&r.packets[0]);
+    assert_eq!(
+        (seq, out, fin),
+        (1000, &b"PORT 10,2,0,1,156,65\r\n"[..], false)
+    );
+    // Three bytes longer from here on; the kernel may take over at the end.
+    let a = r.adjust.adjust[DIR_COMMANDS];
+    assert_eq!(a.after, 3);
+    assert_eq!(
+        a.seq_out_bare(1000 + port.len() as u32),
+        1003 + port.len() as u32
+    );
+    assert!(r.adjust.adjust[DIR_REPLIES].is_identity());
+    let o = r.adjust.offer[DIR_COMMANDS];
+    assert_eq!(
+        (o.valid, o.next, o.diverted),
+        (1, 1000 + port.len() as u32, 1)
+    );
+    assert_eq!(r.adjust.offer[DIR_REPLIES].valid, 0);
+}
+
+#[test]
+fn a_refused_command_goes_on_as_one_the_server_refuses() {
+    let (mut c, fake) = connection();
+    // Another host's address: a bounce.
+    let r = c
+        .segment(&seg(DIR_COMMANDS, 1000, 1000, 1, b"PORT 10,9,9,9,4,1\r\n"))
+        .unwrap();
+    assert!(fake.binds.lock().unwrap().is_empty());
+    let (seq, out, _) = data(&r.packets[0]);
+    assert_eq!((seq, out), (1000, REFUSED_COMMAND));
+    assert_eq!(r.adjust.offer[DIR_COMMANDS].valid, 1);
+    // And when the call fails (no port free), the same.
+    *fake.fail.lock().unwrap() = true;
+    let at = 1000 + 19;
+    let r = c
+        .segment(&seg(DIR_COMMANDS, at, at, 2, b"PORT 10,1,0,2,4,1\r\n"))
+        .unwrap();
+    assert_eq!(data(&r.packets[0]).1, REFUSED_COMMAND);
+}
+
+#[test]
+fn a_passive_reply_is_rewritten_in_its_direction() {
+    let (mut c, fake) = connection();
+    let reply = b"229 Entering Extended Passive Mode (|||30000|)\r\n";
+    let r = c.segment(&seg(DIR_REPLIES, 7000, 7000, 1, reply)).unwrap();
+    assert_eq!(fake.redirects.lock().unwrap().len(), 1);
+    let (seq, out, _) = data(&r.packets[0]);
+    assert_eq!(seq, 7000);
+    assert_eq!(out, b"229 Entering Extended Passive Mode (|||50001|)\r\n");
+    assert_eq!(r.adjust.offer[DIR_REPLIES].valid, 1);
+    assert_eq!(r.adjust.offer[DIR_COMMANDS].valid, 0);
+}
+
+#[test]
+fn a_line_in_pieces_is_held_until_whole_and_not_offered_meanwhile() {
+    let (mut c, _) = connection();
+    let r = c
+        .segment(&seg(DIR_COMMANDS, 1000, 1000, 1, b"PORT 10,1,"))
+        .unwrap();
+    assert!(r.packets.is_empty());
+    assert_eq!(r.adjust.offer[DIR_COMMANDS].valid, 0);
+    let r = c
+        .segment(&seg(DIR_COMMANDS, 1010, 1000, 2, b"0,2,4,1\r\n"))
+        .unwrap();
+    let (seq, out, _) = data(&r.packets[0]);
+    assert_eq!((seq, out), (1000, &b"PORT 10,2,0,1,156,65\r\n"[..]));
+    assert_eq!(r.adjust.offer[DIR_COMMANDS].diverted, 2);
+}
+
+#[test]
+fn bytes_the_kernel_forwarded_after_an_offer_are_accounted() {
+    let (mut c, _) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    // The kernel took the offer and forwarded `TYPE I\r\n` (8 bytes) itself,
+    // shifted by 3; the next PORT is diverted after it.
+    let at = 1000 + port.len() as u32 + 8;
+    let r = c
+        .segment(&seg(DIR_COMMANDS, at, at, 2, b"PORT 10,1,0,2,4,2\r\n"))
+        .unwrap();
+    let (seq, out, _) = data(&r.packets[0]);
+    assert_eq!(seq, at + 3);
+    assert_eq!(out, b"PORT 10,2,0,1,156,66\r\n");
+    assert_eq!(r.adjust.adjust[DIR_COMMANDS].after, 6);
+}
+
+#[test]
+fn an_acknowledgment_is_taken_back_for_its_sender() {
+    let (mut c, _) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    // The server's reply acknowledges the rewritten output (22 bytes).
+    let mut s = seg(DIR_REPLIES, 7000, 7000, 1, b"227 x (10,2,0,2,117,48)\r\n");
+    s.ack = 1022;
+    let r = c.segment(&s).unwrap();
+    match &r.packets[0] {
+        Packet::Data { ack, .. } => assert_eq!(*ack, 1000 + port.len() as u32),
+        p => panic!("{p:?}"),
+    }
+}
+
+#[test]
+fn a_fin_goes_on_the_piece_that_ends_the_bytes() {
+    let (mut c, _) = connection();
+    let mut s = seg(DIR_COMMANDS, 1000, 1000, 1, b"PORT 10,1,0,2,4,1\r\n");
+    s.fin = true;
+    let r = c.segment(&s).unwrap();
+    assert!(data(&r.packets[0]).2);
+    // Not while part of a line is held.
+    let (mut c, _) = connection();
+    let mut s = seg(DIR_COMMANDS, 1000, 1000, 1, b"PORT 10");
+    s.fin = true;
+    assert!(c.segment(&s).unwrap().packets.is_empty());
+}
+
+#[test]
+fn bytes_sent_again_are_answered_as_they_went_out() {
+    let (mut c, _) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    let first = c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    let again = c.segment(&seg(DIR_COMMANDS, 1000, 1000, 2, port)).unwrap();
+    assert_eq!(first.packets, again.packets);
+}
+
+#[test]
+fn unused_openings_end_with_the_connection() {
+    let (mut c, fake) = connection();
+    c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, b"PORT 10,1,0,2,4,1\r\n"))
+        .unwrap();
+    c.finish();
+    assert_eq!(fake.withdrawn.lock().unwrap().len(), 1);
+}
