@@ -70,15 +70,20 @@ pub struct Connection {
     /// Each direction, from its first segment handed over.
     dirs: [Option<StreamRewrite>; 2],
     offers: [Offer; 2],
+    /// The translation found published when the connection was first seen
+    /// (a previous daemon's), which each direction goes on from.
+    inherited: InPlaceAdjust,
 }
 
 impl Connection {
-    /// `control` made with `Control::in_place`.
-    pub fn new(control: Control) -> Self {
+    /// `control` made with `Control::in_place`; `published` the
+    /// connection's translation as the datapath has it now.
+    pub fn new(control: Control, published: InPlaceAdjust) -> Self {
         Self {
             control,
             dirs: [None, None],
             offers: [Offer::default(); 2],
+            inherited: published,
         }
     }
 
@@ -90,7 +95,7 @@ impl Connection {
     pub fn adjust(&self) -> InPlaceAdjust {
         let mut a = InPlaceAdjust {
             offer: self.offers,
-            ..InPlaceAdjust::default()
+            ..self.inherited
         };
         for (d, rw) in self.dirs.iter().enumerate() {
             if let Some(rw) = rw {
@@ -104,8 +109,9 @@ impl Connection {
     pub fn segment(&mut self, s: &Segment) -> Result<Reaction, StreamError> {
         let d = s.dir & 1;
         let commands = d == DIR_COMMANDS;
-        let rw =
-            self.dirs[d].get_or_insert_with(|| StreamRewrite::taken_over(s.acked, s.kernel_next));
+        let inherited = self.inherited.adjust[d];
+        let rw = self.dirs[d]
+            .get_or_insert_with(|| StreamRewrite::taken_over(inherited, s.acked, s.kernel_next));
         // Bytes the kernel forwarded since the last offer was taken.
         rw.resume_at(s.kernel_next);
         let filter = &mut Dir {

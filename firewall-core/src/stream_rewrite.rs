@@ -122,19 +122,27 @@ impl StreamRewrite {
     }
 
     /// Taken over from the datapath, which forwarded the sender's bytes
-    /// before `first` as they came; the receiver has those before `acked`
-    /// (None: not known). Bytes between the two sent again are sent on as
-    /// they come (nothing was rewritten before `first`).
-    pub fn taken_over(acked: Option<u32>, first: u32) -> Self {
+    /// before `first` as they came, translated by `adjust` (the identity
+    /// unless a previous daemon rewrote some); the receiver has those
+    /// before `acked` (None: not known). Bytes between the two, after the
+    /// last rewritten stretch, are sent on as they come if sent again.
+    pub fn taken_over(adjust: SeqAdjust, acked: Option<u32>, first: u32) -> Self {
         let mut s = Self::new(first);
+        let identity = adjust.is_identity();
+        if !identity {
+            s.adjust = adjust;
+        }
         // Unknown: as far back as sequence arithmetic reaches safely.
-        let from = acked.unwrap_or(first.wrapping_sub(KEPT_UNKNOWN));
+        let mut from = acked.unwrap_or(first.wrapping_sub(KEPT_UNKNOWN));
+        if !identity && seq_before(from, adjust.end) {
+            from = adjust.end;
+        }
         if seq_before(from, first) {
             s.acked = from;
             s.remember(Region {
                 start: from,
                 end: first,
-                sent: Sent::Kept(0),
+                sent: Sent::Kept(s.adjust.after),
             });
         }
         s

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod engine_owner;
+pub mod in_place;
 pub mod lock;
 pub mod logging;
 pub mod mapops;

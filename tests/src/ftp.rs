@@ -12,6 +12,7 @@ use std::{
 use anyhow::{bail, Context as _};
 
 use crate::{
+    daemon::LabRun,
     lab::{addr, Ns},
     traffic::{wait_listening, Peer},
 };
@@ -366,4 +367,69 @@ pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(100));
     }
     false
+}
+
+/// A file in the temporary directory, named for the lab run.
+pub fn scratch(run: &LabRun, name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}-{name}", run.lab.prefix))
+}
+
+/// A counter of the FTP filter (`status`'s `ftp`).
+pub fn ftp_stat(run: &LabRun, key: &str) -> u64 {
+    run.fw.status()["ftp"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no ftp.{key}"))
+}
+
+/// Every client, active and passive: download, listing and upload, checked
+/// byte for byte; the data connections are pinholes (kernel or user mode).
+/// Each client's control connection is counted by the filter.
+pub fn every_client(run: &LabRun, server: &FtpServer) {
+    let file = server
+        .random_file("small.bin", 3 * 1024 * 1024 + 17)
+        .unwrap();
+    let want = sha256(&file);
+    for (i, c) in Client::ALL.iter().enumerate() {
+        let got = scratch(run, &format!("dl{i}"));
+        check(c.name(), &c.download(&run.lab.client, "small.bin", &got));
+        assert_eq!(sha256(&got), want, "{}", c.name());
+        let _ = std::fs::remove_file(&got);
+        let listing = c.list(&run.lab.client);
+        check(c.name(), &listing);
+        assert!(
+            String::from_utf8_lossy(&listing.stdout).contains("small.bin"),
+            "{}",
+            c.name()
+        );
+        let up = format!("up{i}.bin");
+        check(c.name(), &c.upload(&run.lab.client, &file, &up));
+        assert_eq!(sha256(&server.uploaded(&up)), want, "{}", c.name());
+    }
+    // Four active and four passive clients, three transfers each.
+    assert!(ftp_stat(run, "active_opened") >= 12);
+    assert!(ftp_stat(run, "passive_opened") >= 12);
+    assert_eq!(ftp_stat(run, "bounces_refused"), 0);
+    assert_eq!(ftp_stat(run, "control_connections"), 24);
+}
+
+/// An ftplib client sends PORT/EPRT naming another internal host, an
+/// external third party, a privileged port and port 0, each of which must
+/// be answered with a 500, then a NOOP (the session goes on) and QUIT.
+pub fn bounce_attempts(ns: &Ns) -> Output {
+    python(
+        ns,
+        &format!(
+            "f=ftplib.FTP('{server}', timeout=30); f.login()\n\
+             for cmd in ['PORT 10,1,0,3,0,25', 'PORT 10,2,0,3,0,25', 'PORT 10,1,0,2,0,22', 'EPRT |1|10.1.0.3|2525|', 'PORT 10,1,0,2,0,0']:\n\
+             \x20   try:\n\
+             \x20       r = f.sendcmd(cmd)\n\
+             \x20       sys.exit('not refused: ' + cmd + ' -> ' + r)\n\
+             \x20   except ftplib.error_perm as e:\n\
+             \x20       print(cmd, '->', e)\n\
+             \x20       assert str(e).startswith('500'), e\n\
+             print('NOOP ->', f.sendcmd('NOOP'))\n\
+             f.quit()",
+            server = addr::SERVER
+        ),
+    )
 }

@@ -2,54 +2,14 @@
 //! connection, real clients (curl, lftp, ftplib) against vsftpd, active and
 //! passive, kernel and user mode, and the bounce attempts refused.
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{check, eventually, python, sha256, Client, FtpServer},
+    ftp::{bounce_attempts, check, eventually, every_client, ftp_stat, python, scratch, sha256, Client, FtpServer},
     lab::addr,
     traffic::{wait_listening, Peer},
 };
-
-fn scratch(run: &LabRun, name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("{}-{name}", run.lab.prefix))
-}
-
-fn ftp_stat(run: &LabRun, key: &str) -> u64 {
-    run.fw.status()["ftp"][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no ftp.{key}"))
-}
-
-/// Every client, active and passive: download, listing and upload, checked
-/// byte for byte; the data connections are pinholes (kernel or user mode).
-fn every_client(run: &LabRun, server: &FtpServer) {
-    let file = server
-        .random_file("small.bin", 3 * 1024 * 1024 + 17)
-        .unwrap();
-    let want = sha256(&file);
-    for (i, c) in Client::ALL.iter().enumerate() {
-        let got = scratch(run, &format!("dl{i}"));
-        check(c.name(), &c.download(&run.lab.client, "small.bin", &got));
-        assert_eq!(sha256(&got), want, "{}", c.name());
-        let _ = std::fs::remove_file(&got);
-        let listing = c.list(&run.lab.client);
-        check(c.name(), &listing);
-        assert!(
-            String::from_utf8_lossy(&listing.stdout).contains("small.bin"),
-            "{}",
-            c.name()
-        );
-        let up = format!("up{i}.bin");
-        check(c.name(), &c.upload(&run.lab.client, &file, &up));
-        assert_eq!(sha256(&server.uploaded(&up)), want, "{}", c.name());
-    }
-    // Four active and four passive clients, three transfers each.
-    assert!(ftp_stat(run, "active_opened") >= 12);
-    assert!(ftp_stat(run, "passive_opened") >= 12);
-    assert_eq!(ftp_stat(run, "bounces_refused"), 0);
-    assert_eq!(ftp_stat(run, "control_connections"), 24);
-}
 
 #[test]
 fn every_client_downloads_lists_and_uploads_in_kernel_mode() {
@@ -238,21 +198,7 @@ fn bounces_are_refused_and_counted() {
     let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     // Client side: PORT/EPRT naming another internal host, an external third
     // party, or a privileged port. Each answered 5xx by the firewall.
-    let out = python(
-        &run.lab.client,
-        &format!(
-            "f=ftplib.FTP('{server}', timeout=30); f.login()\n\
-             for cmd in ['PORT 10,1,0,3,0,25', 'PORT 10,2,0,3,0,25', 'PORT 10,1,0,2,0,22', 'EPRT |1|10.1.0.3|2525|', 'PORT 10,1,0,2,0,0']:\n\
-             \x20   try:\n\
-             \x20       r = f.sendcmd(cmd)\n\
-             \x20       sys.exit('not refused: ' + cmd + ' -> ' + r)\n\
-             \x20   except ftplib.error_perm as e:\n\
-             \x20       print(cmd, '->', e)\n\
-             \x20       assert str(e).startswith('500'), e\n\
-             f.quit()",
-            server = addr::SERVER
-        ),
-    );
+    let out = bounce_attempts(&run.lab.client);
     check("bounce attempts", &out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("only your own address"));
     assert_eq!(ftp_stat(&run, "bounces_refused"), 3);

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use firewall_common::inplace::{DIR_COMMANDS, DIR_REPLIES};
+use firewall_common::inplace::{InPlaceAdjust, DIR_COMMANDS, DIR_REPLIES};
 
 use super::*;
 use crate::{
@@ -11,18 +11,22 @@ use crate::{
     },
 };
 
-fn connection() -> (Connection, Arc<Fake>) {
-    let fake = Arc::new(Fake::default());
-    let c = Control::in_place(
-        fake.clone(),
+fn control(fake: Arc<Fake>) -> Control {
+    Control::in_place(
+        fake,
         Arc::new(FtpStats::default()),
         CLIENT.parse().unwrap(),
         SERVER.parse().unwrap(),
         EXT,
         ConnFlags::empty(),
     )
-    .unwrap();
-    (Connection::new(c), fake)
+    .unwrap()
+}
+
+fn connection() -> (Connection, Arc<Fake>) {
+    let fake = Arc::new(Fake::default());
+    let c = control(fake.clone());
+    (Connection::new(c, InPlaceAdjust::default()), fake)
 }
 
 /// A segment of `dir` at `seq` that the datapath diverted at its `next`
@@ -189,4 +193,19 @@ fn unused_openings_end_with_the_connection() {
         .unwrap();
     c.finish();
     assert_eq!(fake.withdrawn.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_connection_taken_up_goes_on_from_the_published_translation() {
+    let (mut c, _) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    let r = c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    // A new daemon finds the translation published and the kernel further on.
+    let mut next = Connection::new(control(Arc::new(Fake::default())), r.adjust);
+    let at = 1000 + port.len() as u32 + 8;
+    let r2 = next
+        .segment(&seg(DIR_COMMANDS, at, at, 2, b"PORT 10,1,0,2,4,2\r\n"))
+        .unwrap();
+    assert_eq!(data(&r2.packets[0]).0, at + 3);
+    assert_eq!(r2.adjust.adjust[DIR_COMMANDS].after, 6);
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Deserialize;
 
-use super::types::{AllowedAddresses, DataConnections, Network, PortRange, Timeout};
+use super::types::{AllowedAddresses, ControlMode, DataConnections, Network, PortRange, Timeout};
 use crate::policy::Transport;
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +77,9 @@ pub(super) struct FtpFile {
     /// Where plain control lines are forwarded (the same two words).
     #[serde(default)]
     pub control_lines: DataConnections,
+    /// How outbound control connections are read.
+    #[serde(default)]
+    pub control: ControlMode,
 }
 
 #[derive(Debug, Default, Deserialize)]

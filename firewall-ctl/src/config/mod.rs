@@ -28,7 +28,7 @@ mod types;
 
 use file::File;
 pub use rules::{AccessRule, Action, RuleProtocol};
-pub use types::{DataConnections, Network, PortRange, Timeout, TIMEOUT_RANGE};
+pub use types::{ControlMode, DataConnections, Network, PortRange, Timeout, TIMEOUT_RANGE};
 
 /// The validated configuration the daemon runs with.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -83,6 +83,9 @@ pub struct Config {
     /// they are) are forwarded by the kernel between the proxy's sockets
     /// (`[ftp] control_lines = "kernel"`, the default).
     pub ftp_kernel_lines: bool,
+    /// Outbound control connections are forwarded in place by the
+    /// datapath, not terminated (`[ftp] control = "in-place"`).
+    pub ftp_in_place: bool,
     /// Server ports of the TFTP helper (`[tftp] ports`); empty: off.
     pub tftp_ports: Vec<u16>,
     /// Mark that makes policy routing deliver intercepted segments locally.
@@ -467,6 +470,7 @@ impl Config {
         let tftp_ports = helpers::tftp_ports(&file.tftp)?;
         let ftp_user_mode = file.ftp.data_connections == DataConnections::User;
         let ftp_kernel_lines = file.ftp.control_lines == DataConnections::Kernel;
+        let ftp_in_place = file.ftp.control == ControlMode::InPlace;
         let fwmark = file.interception.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
             return Err(err(
@@ -499,6 +503,7 @@ impl Config {
             ftp_ports,
             ftp_user_mode,
             ftp_kernel_lines,
+            ftp_in_place,
             tftp_ports,
             fwmark,
             route_table,

@@ -12,7 +12,7 @@ impl Config {
         let ftp_published = |c: &Config| -> Vec<super::Published> {
             c.published.iter().filter(|p| p.ftp).cloned().collect()
         };
-        let restart_only: [(&str, bool); 15] = [
+        let restart_only: [(&str, bool); 16] = [
             // Their listeners belong to the FTP filter's interception.
             (
                 "publish (an FTP server)",
@@ -43,6 +43,7 @@ impl Config {
                 "ftp.control_lines",
                 self.ftp_kernel_lines != new.ftp_kernel_lines,
             ),
+            ("ftp.control", self.ftp_in_place != new.ftp_in_place),
             (
                 "scan.block_executables",
                 self.block_executables != new.block_executables,

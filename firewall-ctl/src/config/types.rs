@@ -146,6 +146,19 @@ pub enum DataConnections {
     User,
 }
 
+/// How the FTP filter reads outbound control connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlMode {
+    /// Terminated by the daemon, which connects to the server itself (the
+    /// default).
+    #[default]
+    Proxy,
+    /// Forwarded by the datapath, which hands the daemon the lines the
+    /// filter acts on.
+    InPlace,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,18 @@ impl FtpCalls {
     }
 }
 
+impl FtpCalls {
+    /// The calls of the running daemon's FTP filter.
+    pub(super) fn for_daemon(shared: &super::Shared) -> Self {
+        Self::new(
+            shared.engine.clone(),
+            shared.neighbours.clone(),
+            shared.internal.index,
+            shared.sessions_closed.clone(),
+        )
+    }
+}
+
 impl Secondaries for FtpCalls {
     fn session(&self, client: Ipv4Addr) -> Result<u64, ApiError> {
         self.sessions.get_or_open(client, || {

@@ -36,6 +36,7 @@ use crate::{
 mod api_server;
 mod attach;
 mod ftp_calls;
+mod ftp_in_place;
 mod handover;
 mod metrics;
 mod notify;
@@ -305,25 +306,37 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             return Err(e.context("starting the interception of primary connections"));
         }
     };
-    let raised = wall::raise(
-        &pins,
-        &config,
-        &internal,
-        &external,
-        &mut state.saved_sysctls,
-    );
-    // Written either way: what was changed before a failure is restored too.
-    let raised = raised.and(state.write());
-    if let Err(e) = raised {
-        if let Some(p) = interception_task {
-            p.stop();
+    let started = ftp_in_place::start(&mut dp, &config, &shared)
+        .context("reading FTP control connections in place")
+        .and_then(|task| {
+            let raised = wall::raise(
+                &pins,
+                &config,
+                &internal,
+                &external,
+                &mut state.saved_sysctls,
+            );
+            // Written either way: what was changed before a failure is
+            // restored too.
+            match raised.and(state.write()) {
+                Ok(()) => Ok(task),
+                // (The in-place thread stops as `task` goes.)
+                Err(e) => Err(e.context("raising the wall")),
+            }
+        });
+    let in_place_task = match started {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(p) = interception_task {
+                p.stop();
+            }
+            engine.stop();
+            drop(dp);
+            let _ = teardown(&pins, Some(&state));
+            let _ = fs::remove_file(&opts.socket);
+            return Err(e);
         }
-        engine.stop();
-        drop(dp);
-        let _ = teardown(&pins, Some(&state));
-        let _ = fs::remove_file(&opts.socket);
-        return Err(e.context("raising the wall"));
-    }
+    };
     log::info!(
         "firewall up: internal {} (ifindex {}), external {} (ifindex {}), XDP {:?}; API on {}",
         internal.name,
@@ -404,6 +417,9 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
+    // Its thread ends (connections read in place go on in the kernel: the
+    // next daemon takes them up where their lines need it).
+    drop(in_place_task);
     engine.stop();
     // The socket file goes last, so that `down`, which waits for it to
     // disappear, sees a finished teardown.
@@ -457,8 +473,14 @@ fn start_interception(
     state.write()?;
     delivery.install()?;
     let (listener, at) = primary::listener()?;
-    let ports: Vec<(InterceptKey, InterceptValue)> = config
-        .ftp_ports
+    // Read in place, outbound control connections are not intercepted
+    // (`ftp_in_place`); published servers' still are.
+    let intercepted: &[u16] = if config.ftp_in_place {
+        &[]
+    } else {
+        &config.ftp_ports
+    };
+    let ports: Vec<(InterceptKey, InterceptValue)> = intercepted
         .iter()
         .map(|p| {
             (
@@ -505,12 +527,7 @@ fn start_interception(
     }
     let (lines, kernel_lines) = kernel_lines(dp, config, &resumed)?;
     let ctx = Arc::new(Interception {
-        api: Arc::new(FtpCalls::new(
-            shared.engine.clone(),
-            shared.neighbours.clone(),
-            shared.internal.index,
-            shared.sessions_closed.clone(),
-        )),
+        api: Arc::new(FtpCalls::for_daemon(shared)),
         stats: shared.ftp.clone(),
         external: config.external_addresses[0],
         internal: internal_addr,
@@ -521,7 +538,7 @@ fn start_interception(
     });
     log::info!(
         "FTP filter on: TCP ports {:?} from {} intercepted (listener {at}, fwmark {:#x}, table {})",
-        config.ftp_ports,
+        intercepted,
         internal.name,
         config.fwmark,
         config.route_table

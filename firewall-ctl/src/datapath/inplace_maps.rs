@@ -54,6 +54,15 @@ impl InPlaceMaps {
         }
     }
 
+    /// The connection's translation and offers as published.
+    pub fn adjust(&self, client: &FlowKey) -> anyhow::Result<Option<InPlaceAdjust>> {
+        match self.adjust.get(client, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Replaces the connection's translation and offers (the datapath reads
     /// the old value or the new, never a mixture).
     pub fn set_adjust(&mut self, client: &FlowKey, adjust: &InPlaceAdjust) -> anyhow::Result<()> {

@@ -4,12 +4,13 @@ use std::net::Ipv4Addr;
 
 use firewall_common::{
     flow::{FlowKey, FlowValue},
+    inplace::{InPlaceAdjust, InPlaceState},
     pinhole::{BusyClientKey, BusyClientValue, PinholeKey, PinholeValue},
 };
 use firewall_core::maps::{MapError, MapResult, Maps};
 
 use super::{
-    tables::{BusyClients, FlowTable, PeerFilters, PinholeTable},
+    tables::{BusyClients, FlowTable, PeerFilters, PinholeTable, Table},
     PinPaths,
 };
 
@@ -19,6 +20,10 @@ pub struct KernelMaps {
     pub pinholes: PinholeTable,
     pub peers: PeerFilters,
     pub busy: BusyClients,
+    /// The state and translation of FTP control connections forwarded in
+    /// place, keyed by their client's flow key: they go with the flows.
+    inplace_state: Table<FlowKey, InPlaceState>,
+    inplace_adjust: Table<FlowKey, InPlaceAdjust>,
 }
 
 impl KernelMaps {
@@ -28,6 +33,8 @@ impl KernelMaps {
             pinholes: PinholeTable::open(pins)?,
             peers: PeerFilters::open(pins)?,
             busy: BusyClients::open(pins)?,
+            inplace_state: Table::open(pins)?,
+            inplace_adjust: Table::open(pins)?,
         })
     }
 }
@@ -63,10 +70,17 @@ impl Maps for KernelMaps {
         self.flows.get(key).map_err(other)
     }
     fn del_flow(&mut self, key: &FlowKey) -> MapResult<bool> {
-        self.flows.remove(key).map_err(other)
+        let was = self.flows.remove(key).map_err(other)?;
+        self.inplace_adjust.remove(key).map_err(other)?;
+        self.inplace_state.remove(key).map_err(other)?;
+        Ok(was)
     }
     fn del_flows(&mut self, keys: &[FlowKey]) -> MapResult<usize> {
-        self.flows.remove_many(keys).map_err(other)
+        let n = self.flows.remove_many(keys).map_err(other)?;
+        // Both directions' keys: the client's is the one these have.
+        self.inplace_adjust.remove_many(keys).map_err(other)?;
+        self.inplace_state.remove_many(keys).map_err(other)?;
+        Ok(n)
     }
     fn flows(&self) -> MapResult<Vec<(FlowKey, FlowValue)>> {
         self.flows.all().map_err(other)

@@ -171,9 +171,8 @@ fn load_error(name: &str, e: aya::programs::ProgramError) -> anyhow::Error {
 impl Datapath {
     /// Loads the programs the pipeline tail-calls for connections read in
     /// place and puts them in their program arrays. Not part of `load`:
-    /// nothing turns reading in place on yet (the daemon's half is not
-    /// built), and verifying them takes the kernel several seconds, which
-    /// every `up` would pay; the fixtures call it.
+    /// verifying them takes the kernel seconds, which only a configuration
+    /// that reads control connections in place pays (`[ftp] control`).
     pub fn load_in_place(&mut self) -> anyhow::Result<()> {
         load_in_place(&mut self.ebpf)
     }

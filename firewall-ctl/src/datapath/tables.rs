@@ -7,6 +7,7 @@ use aya::maps::{
 };
 use firewall_common::{
     flow::{FlowKey, FlowValue},
+    inplace::{InPlaceAdjust, InPlaceState},
     intercept::{InterceptConf, InterceptKey, InterceptValue},
     map_names,
     pinhole::{
@@ -129,6 +130,8 @@ impl TableValue for FlowValue {
 }
 
 impl TableValue for PinholeValue {}
+impl TableValue for InPlaceState {}
+impl TableValue for InPlaceAdjust {}
 impl TableValue for BusyClientValue {}
 
 /// The flow table: the call the engine uses to install, read and remove flows.
@@ -147,6 +150,14 @@ impl TableName for Table<FlowKey, FlowValue> {
 
 impl TableName for Table<PinholeKey, PinholeValue> {
     const NAME: &'static str = map_names::PINHOLES;
+}
+
+impl TableName for Table<FlowKey, InPlaceState> {
+    const NAME: &'static str = map_names::INPLACE;
+}
+
+impl TableName for Table<FlowKey, InPlaceAdjust> {
+    const NAME: &'static str = map_names::INPLACE_ADJUST;
 }
 
 /// Clients at their quota of concurrent TCP secondaries.

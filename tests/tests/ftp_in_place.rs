@@ -1,0 +1,44 @@
+//! FTP control connections forwarded in place (`[ftp] control =
+//! "in-place"`): the datapath forwards the plain lines, the daemon gets
+//! the others from it and sends what the filter makes of them; real
+//! clients against vsftpd, active and passive, and bounces refused.
+
+use firewall_tests::{
+    daemon::LabRun,
+    ftp::{bounce_attempts, check, every_client, ftp_stat, FtpServer},
+};
+
+const IN_PLACE: &str = "[ftp]\ncontrol = \"in-place\"\n";
+
+#[test]
+fn every_client_downloads_lists_and_uploads_through_connections_read_in_place() {
+    let run = LabRun::with_config("ftpip", IN_PLACE);
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    every_client(&run, &server);
+    // Nothing intercepted: the control connections were forwarded, and
+    // only the lines the filter acts on went to the daemon.
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
+    let diverted = run.fw.counter("drop_ftp_diverted");
+    assert!(diverted >= 24, "{diverted} segments handed to the daemon");
+    assert!(run.fw.counter("redirect_pinhole_established") >= 24);
+}
+
+#[test]
+fn bounces_are_refused_in_place() {
+    let run = LabRun::with_config("ftpipb", IN_PLACE);
+    let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    // The refused command reaches the server as one it refuses: the client
+    // reads the server's 5xx as the answer to its PORT, and the session
+    // goes on.
+    let out = bounce_attempts(&run.lab.client);
+    check("bounce attempts in place", &out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOOP -> 200"));
+    assert_eq!(ftp_stat(&run, "bounces_refused"), 3);
+    assert_eq!(ftp_stat(&run, "commands_refused"), 2);
+    assert_eq!(ftp_stat(&run, "active_opened"), 0);
+    assert!(run.fw.list("pinholes").is_empty());
+    assert!(run
+        .fw
+        .log_text()
+        .contains("refused PORT naming 10.1.0.3:25"));
+}
