@@ -52,6 +52,28 @@ pub struct InPlaceDir {
     /// 1 once `next` is known: the commands' from the client's SYN, the
     /// replies' from the server's SYN-ACK.
     pub started: u32,
+    /// Lines the datapath forwarded, in all; the last `LINE_MARKS` of them
+    /// are in `lines` (the `marks % LINE_MARKS`th slot is the next to take).
+    pub marks: u32,
+    /// The direction's first byte once `started` (its sender's initial
+    /// sequence number plus one): the commands' names the connection, which
+    /// a new one reusing the flows (the client's port) changes.
+    pub first: u32,
+    pub lines: [LineMark; LINE_MARKS],
+}
+
+/// Lines forwarded by the datapath each direction remembers: the daemon
+/// answers a sender that sends one of them again with its bytes at exactly
+/// its place (see `stream_rewrite`), and sends on nothing else it cannot
+/// compare with what went out.
+pub const LINE_MARKS: usize = 8;
+
+/// Where a line the datapath forwarded lies (the sender's numbers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LineMark {
+    pub seq: u32,
+    pub len: u32,
 }
 
 /// Value of `INPLACE`.
@@ -107,7 +129,10 @@ pub struct SegmentHead {
     /// Bytes of `data`, and of the segment's payload in all.
     pub data_len: u16,
     pub payload_len: u16,
-    pub _pad: [u8; 6],
+    pub _pad: u16,
+    /// The connection's `first` of the commands when it was handed over:
+    /// a segment of an earlier connection on the same flows has another.
+    pub conn: u32,
 }
 
 /// A record of `INPLACE_SEGMENTS`: a segment handed to the daemon.
@@ -128,8 +153,8 @@ mod pod {
     unsafe impl aya::Pod for super::InPlaceSegment {}
 }
 
-const _: () = assert!(core::mem::size_of::<InPlaceDir>() == 24);
-const _: () = assert!(core::mem::size_of::<InPlaceState>() == 48);
+const _: () = assert!(core::mem::size_of::<InPlaceDir>() == 32 + 8 * LINE_MARKS);
+const _: () = assert!(core::mem::size_of::<InPlaceState>() == 2 * (32 + 8 * LINE_MARKS));
 const _: () = assert!(core::mem::size_of::<InPlaceAdjust>() == 72);
 const _: () = assert!(
     core::mem::size_of::<InPlaceSegment>()

@@ -39,8 +39,12 @@ fn shared_types_have_no_hidden_padding() {
         diverted,
         acked,
         acked_set,
-        started
+        started,
+        marks,
+        first,
+        lines
     });
+    fills!(LineMark { seq, len });
     fills!(InPlaceState { dir });
     fills!(Offer {
         valid,
@@ -62,7 +66,8 @@ fn shared_types_have_no_hidden_padding() {
         tcp_len,
         data_len,
         payload_len,
-        _pad
+        _pad,
+        conn
     });
     fills!(InPlaceSegment { head, tcp, data });
     fills!(LineState {

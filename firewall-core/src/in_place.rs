@@ -12,7 +12,10 @@
 //! `next`, shifted by the translation, until it diverts again; the daemon
 //! learns how far it went from the direction's state (`kernel_next`).
 
-use firewall_common::inplace::{InPlaceAdjust, Offer, DIR_COMMANDS};
+use firewall_common::{
+    ftp_lines,
+    inplace::{InPlaceAdjust, LineMark, Offer, DIR_COMMANDS},
+};
 
 use crate::{
     ftp::{Control, Output},
@@ -39,6 +42,9 @@ pub struct Segment<'a> {
     pub kernel_next: u32,
     /// Longest payload to send in one packet.
     pub mss: usize,
+    /// Where the last lines the datapath forwarded in this direction lie
+    /// (its state's `lines`).
+    pub forwarded: &'a [LineMark],
 }
 
 /// A packet to send for a segment.
@@ -119,7 +125,7 @@ impl Connection {
             commands,
         };
         let acked = s.acked.unwrap_or(s.seq);
-        let sends = rw.segment(s.seq, s.data, filter, s.mss, acked)?;
+        let sends = rw.segment(s.seq, s.data, filter, s.mss, acked, s.forwarded)?;
         let end = s.seq.wrapping_add(s.data.len() as u32);
         let fin = s.fin && rw.next() == end && self.control.held(commands) == 0;
         let own = *rw.adjust();
@@ -216,6 +222,15 @@ impl LineFilter for Dir<'_> {
 
     fn held(&self) -> usize {
         self.control.held(self.commands)
+    }
+
+    fn plain(&self, line: &[u8]) -> bool {
+        let role = if self.commands {
+            ftp_lines::ROLE_COMMANDS
+        } else {
+            ftp_lines::ROLE_REPLIES
+        };
+        ftp_lines::plain(role, line)
     }
 }
 

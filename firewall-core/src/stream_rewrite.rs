@@ -6,22 +6,29 @@
 //! The sender's bytes keep their numbers; the receiver's are translated by a
 //! [`SeqAdjust`], which this side keeps and the datapath applies to what it
 //! forwards itself. Bytes are *accounted* once the filter has written them
-//! out: a line the filter holds part of is neither sent on nor acknowledged
-//! (the receiver's acknowledgments, translated back, stop before it), so the
-//! sender sends it again until the line is whole. A segment beyond the next
+//! out: a line the filter holds part of is not sent on, nor acknowledged
+//! until its sender sends it again while the receiver has everything before
+//! it (a sender may wait for that acknowledgment before sending the rest of
+//! the line). A segment beyond the next
 //! expected byte (one before it was lost) is not kept: the sender sends it
 //! again after the missing one.
 //!
 //! What the receiver was sent is remembered until the datapath has seen the
 //! receiver acknowledge it (`acked`, which counts only acknowledgments the
 //! adjustment takes back exactly): any of the sender's bytes sent again is
-//! answered from there — kept bytes shifted as they were, a rewritten
-//! stretch's output again, whole.
+//! answered from there — a rewritten stretch's output again, whole; bytes
+//! the datapath forwarded as below.
+//!
+//! Bytes the datapath forwarded itself and the sender sends again are
+//! answered only as whole lines at the places the datapath recorded
+//! (`LineMark`), each still a line the datapath would forward: this side
+//! never saw them, so it cannot send what went out the first time.
 //!
 //! What this guarantees, checked by the property test under loss,
-//! duplication, reordering and any segmentation: the receiver gets exactly
-//! the filter's output (bytes sent for the same receiver numbers are always
-//! the same bytes), and gets all of it.
+//! duplication, reordering and any segmentation of new bytes (bytes sent
+//! again from their first segments' boundaries, as TCP senders do): the
+//! receiver gets exactly the filter's output (bytes sent for the same
+//! receiver numbers are always the same bytes), and gets all of it.
 //!
 //! The caller publishes [`StreamRewrite::adjust`] to the datapath before it
 //! sends what a segment returned: the receiver's acknowledgments of the new
@@ -29,7 +36,10 @@
 
 use std::collections::VecDeque;
 
-use firewall_common::seqadj::{seq_before, RewriteError, SeqAdjust};
+use firewall_common::{
+    inplace::LineMark,
+    seqadj::{seq_before, RewriteError, SeqAdjust},
+};
 
 /// A filter of one direction's bytes, working in lines.
 pub trait LineFilter {
@@ -38,6 +48,9 @@ pub trait LineFilter {
     fn feed(&mut self, data: &[u8], out: &mut Vec<u8>);
     /// Bytes taken but not written out yet (the start of a line).
     fn held(&self) -> usize;
+    /// Whether `line` (one segment's bytes) is a line the datapath forwards
+    /// as it is: one the filter would pass unchanged, whole.
+    fn plain(&self, line: &[u8]) -> bool;
 }
 
 /// What to send for a segment the datapath handed over.
@@ -188,7 +201,8 @@ impl StreamRewrite {
     /// A segment of the sender's, `data` at its sequence number `seq`:
     /// what to send in its place, each piece at most `mss` bytes. `acked`
     /// is the highest acknowledgment the datapath took back exactly (the
-    /// sender's numbers): what is before it the receiver has.
+    /// sender's numbers): what is before it the receiver has. `forwarded`:
+    /// where the last lines the datapath forwarded itself lie.
     pub fn segment<F: LineFilter>(
         &mut self,
         seq: u32,
@@ -196,6 +210,7 @@ impl StreamRewrite {
         filter: &mut F,
         mss: usize,
         acked: u32,
+        forwarded: &[LineMark],
     ) -> Result<Vec<Send>, StreamError> {
         let mss = mss.max(1);
         let len = u32::try_from(data.len()).map_err(|_| StreamError::TooLong)?;
@@ -222,19 +237,43 @@ impl StreamRewrite {
                 continue;
             }
             match &r.sent {
-                // Sent on as they come now. To do before a hostile sender
-                // meets it: they may differ from what went out the first
-                // time (the datapath forwarded those), so they must be
-                // compared with it (a digest of what went out) or refused.
+                // Bytes the datapath forwarded, which this side never saw:
+                // only whole lines it forwarded, at exactly their place,
+                // that are still lines it would forward, go on. Whatever a
+                // receiver puts together of them and of what it got the
+                // first time is then whole plain lines; bytes at other
+                // boundaries could spell a command the filter never read.
                 Sent::Kept(offset) => {
-                    let lo = if seq_before(seq, r.start) {
-                        r.start
-                    } else {
-                        seq
-                    };
-                    let hi = if seq_before(r.end, last) { r.end } else { last };
-                    let bytes = &data[lo.wrapping_sub(seq) as usize..hi.wrapping_sub(seq) as usize];
-                    push_data(&mut sends, lo.wrapping_add(*offset as u32), bytes, mss);
+                    let mut answered = false;
+                    for m in forwarded {
+                        let end = m.seq.wrapping_add(m.len);
+                        let inside =
+                            |lo: u32, hi: u32| !seq_before(m.seq, lo) && !seq_before(hi, end);
+                        if m.len == 0 || !inside(r.start, r.end) || !inside(seq, last) {
+                            continue;
+                        }
+                        let line =
+                            &data[m.seq.wrapping_sub(seq) as usize..end.wrapping_sub(seq) as usize];
+                        if filter.plain(line) {
+                            push_data(&mut sends, m.seq.wrapping_add(*offset as u32), line, mss);
+                            answered = true;
+                        }
+                    }
+                    if !answered {
+                        // Nothing to send: an empty segment at those bytes
+                        // makes the receiver acknowledge what it has (RFC
+                        // 9293 3.10.7.4), through the datapath to the
+                        // sender, who may have missed it.
+                        let lo = if seq_before(seq, r.start) {
+                            r.start
+                        } else {
+                            seq
+                        };
+                        sends.push(Send::Data {
+                            seq: lo.wrapping_add(*offset as u32),
+                            bytes: Vec::new(),
+                        });
+                    }
                 }
                 Sent::Rewritten { at, out } if !out.is_empty() => {
                     push_data(&mut sends, *at, out, mss)
@@ -246,6 +285,7 @@ impl StreamRewrite {
                 }
             }
         }
+        let nothing_new = !seq_before(self.next, last);
         // New bytes, if the segment reaches the next expected one.
         if !seq_before(self.next, seq) && seq_before(self.next, last) {
             let mut out = Vec::new();
@@ -273,6 +313,19 @@ impl StreamRewrite {
                     sent: Sent::Rewritten { at, out },
                 });
             }
+        }
+        // The start of a line the filter holds, sent again with nothing
+        // new: its sender waits for their acknowledgment before it sends
+        // the rest (Nagle's algorithm does, after a small segment). With
+        // nothing before them missing at the receiver they are
+        // acknowledged: the filter has them, and writes them out with the
+        // rest of the line.
+        if nothing_new
+            && seq_before(self.accounted, self.next)
+            && !seq_before(seq, self.accounted)
+            && !seq_before(self.acked, self.accounted)
+        {
+            sends.push(Send::Ack { ack: self.next });
         }
         if self.history_bytes > HISTORY_MAX {
             return Err(StreamError::Unacknowledged);

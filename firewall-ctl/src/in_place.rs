@@ -109,6 +109,8 @@ struct Conn {
     c: Connection,
     /// The client's translated endpoint (the server sees this).
     nat: SocketAddrV4,
+    /// The commands' first byte: which connection on these flows.
+    first: u32,
     last: Instant,
     segments: u64,
 }
@@ -157,8 +159,26 @@ impl Reader {
             log::warn!("ftp in place: a malformed record (direction {dir}, TCP header {hlen})");
             return;
         }
+        let state = match self.maps.state(&key) {
+            Ok(Some(st)) => st,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("ftp in place: reading INPLACE: {e:#}");
+                return;
+            }
+        };
+        // Which connection on these flows: a client that reused its port
+        // opened a new one (the datapath started its state afresh), and
+        // segments of the old one still in the ring are for nothing.
+        let current = state.dir[DIR_COMMANDS].first;
+        if h.conn != current {
+            return;
+        }
+        if self.conns.get(&key).is_some_and(|c| c.first != current) {
+            self.forget(&key);
+        }
         if !self.conns.contains_key(&key) {
-            match self.open(&key) {
+            match self.open(&key, current) {
                 Ok(Some(conn)) => {
                     self.conns.insert(key, conn);
                 }
@@ -169,14 +189,8 @@ impl Reader {
                 }
             }
         }
-        let kernel_next = match self.maps.state(&key) {
-            Ok(Some(st)) => Some(st.dir[dir].next),
-            Ok(None) => None,
-            Err(e) => {
-                log::warn!("ftp in place: reading INPLACE: {e:#}");
-                None
-            }
-        };
+        let kernel_next = state.dir[dir].next;
+        let forwarded = state.dir[dir].lines;
         let tcp = &seg.tcp[..hlen];
         let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
         let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
@@ -191,8 +205,9 @@ impl Reader {
             data,
             diverted: h.diverted,
             acked: (h.acked_set != 0).then_some(h.acked),
-            kernel_next: kernel_next.unwrap_or(seq),
+            kernel_next,
             mss: (h.payload_len as usize).max(MSS_MIN),
+            forwarded: &forwarded,
         };
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
@@ -225,7 +240,7 @@ impl Reader {
     }
 
     /// A connection seen for the first time: its filter, from its flows.
-    fn open(&mut self, key: &FlowKey) -> anyhow::Result<Option<Conn>> {
+    fn open(&mut self, key: &FlowKey, first: u32) -> anyhow::Result<Option<Conn>> {
         let Some(flow) = self.flows.get(key)? else {
             // Its flows went before its last segments were read.
             return Ok(None);
@@ -246,6 +261,7 @@ impl Reader {
         Ok(Some(Conn {
             c: Connection::new(control, published),
             nat: SocketAddrV4::new(external, flow.nat_src_port),
+            first,
             last: Instant::now(),
             segments: 0,
         }))
@@ -335,6 +351,15 @@ impl Reader {
     }
 
     fn close(&mut self, key: &FlowKey) {
+        self.forget(key);
+        if let Err(e) = self.maps.remove(key) {
+            log::warn!("ftp in place: removing its state: {e:#}");
+        }
+    }
+
+    /// The connection ends here (its map entries stay, for a new one on
+    /// the same flows or for the sweeper).
+    fn forget(&mut self, key: &FlowKey) {
         if let Some(mut conn) = self.conns.remove(key) {
             conn.c.finish();
             log::info!(
@@ -343,9 +368,6 @@ impl Reader {
                 conn.segments,
                 conn.c.control().summary()
             );
-        }
-        if let Err(e) = self.maps.remove(key) {
-            log::warn!("ftp in place: removing its state: {e:#}");
         }
     }
 }

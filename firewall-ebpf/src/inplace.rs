@@ -16,8 +16,8 @@ use firewall_common::{
     frag::Fragment,
     ftp_lines::{plain, KERNEL_LINE_MAX},
     inplace::{
-        InPlaceAdjust, InPlaceDir, InPlaceSegment, InPlaceState, Offer, SegmentHead, DIR_COMMANDS,
-        DIR_REPLIES, SEGMENT_DATA_MAX, TCP_HEADER_MAX,
+        InPlaceAdjust, InPlaceDir, InPlaceSegment, InPlaceState, LineMark, Offer, SegmentHead,
+        DIR_COMMANDS, DIR_REPLIES, LINE_MARKS, SEGMENT_DATA_MAX, TCP_HEADER_MAX,
     },
     intercept::InterceptKey,
     map_sizes,
@@ -180,6 +180,7 @@ fn start<H: Hook>(ctx: &H, pkt: &Packet, new: &mut Start) -> Result<(), Counter>
         kernel: 1,
         next: isn.wrapping_add(1),
         started: 1,
+        first: isn.wrapping_add(1),
         ..InPlaceDir::default()
     };
     st.dir[DIR_REPLIES] = InPlaceDir {
@@ -274,12 +275,18 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
             let d = &mut st.dir[DIR_REPLIES];
             if d.started == 0 {
                 d.next = seq.wrapping_add(1);
+                d.first = d.next;
                 d.started = 1;
             }
             // Without SACK-permitted in the SYN-ACK neither end sends SACK
             // blocks, whose edges would need taking back like the
             // acknowledgment (RFC 2018).
             strip_sack_permitted(ctx, &mut sc.renumber, off, doff as u32);
+        } else if flags & TCP_FLAG_ACK == 0 && st.dir[DIR_COMMANDS].first != seq.wrapping_add(1) {
+            // A new connection on the flows of one that ended (the client
+            // reused its port while they wait out their closing time): its
+            // state and translation start afresh.
+            restart(&raw mut *st, seq, &client);
         }
         return Ok(());
     }
@@ -304,7 +311,8 @@ fn decide_inner<H: Hook>(ctx: &H, pkt: &Packet, flow_ptr: *mut FlowValue) -> Res
             tcp_len: doff as u16,
             data_len: payload.min(SEGMENT_DATA_MAX as u32) as u16,
             payload_len: payload as u16,
-            _pad: [0; 6],
+            _pad: 0,
+            conn: st.dir[DIR_COMMANDS].first,
         };
         sc.seq = seq;
         sc.plain = plain as u32;
@@ -392,7 +400,40 @@ fn data_seq(d: *mut InPlaceDir, offer: &Offer, own: &SeqAdjust, sc: *mut Scratch
         return u64::MAX;
     }
     d.next = seq.wrapping_add(payload);
+    // Where the line lay, for the daemon to answer it sent again.
+    if let Some(m) = d.lines.get_mut(d.marks as usize % LINE_MARKS) {
+        *m = LineMark { seq, len: payload };
+    }
+    d.marks = d.marks.wrapping_add(1);
     own.seq_out(seq, span) as u64
+}
+
+/// The state of a connection opened anew on the same flows by the client's
+/// SYN `seq`, and its translation back to nothing rewritten. (Field by
+/// field: a whole `InPlaceDir` would take stack room there is not.)
+#[inline(never)]
+fn restart(st: *mut InPlaceState, seq: u32, client: &FlowKey) {
+    // SAFETY: the connection's entry in INPLACE (see `decide`).
+    let st = unsafe { &mut *st };
+    for (i, d) in st.dir.iter_mut().enumerate() {
+        let commands = i == DIR_COMMANDS;
+        d.kernel = 1;
+        d.next = if commands { seq.wrapping_add(1) } else { 0 };
+        d.diverted = 0;
+        d.acked = 0;
+        d.acked_set = 0;
+        d.started = commands as u32;
+        d.marks = 0;
+        d.first = d.next;
+        for m in d.lines.iter_mut() {
+            m.len = 0;
+        }
+    }
+    if let Some(a) = INPLACE_ADJUST.get_ptr_mut(client) {
+        // SAFETY: the connection's entry; the daemon replaces it whole, and
+        // has nothing to say of a connection that has just begun.
+        unsafe { *a = InPlaceAdjust::default() };
+    }
 }
 
 /// A segment without payload: its new sequence number (a function of its

@@ -433,3 +433,21 @@ pub fn bounce_attempts(ns: &Ns) -> Output {
         ),
     )
 }
+
+/// curl (passive and active), ftplib (active) and lftp (passive) each
+/// download `name` from the lab's server through `run`'s firewall, checked
+/// byte for byte against `file`.
+pub fn four_clients_download(run: &LabRun, file: &Path, name: &str) {
+    let want = sha256(file);
+    for c in [
+        Client::CurlPassive,
+        Client::CurlActive,
+        Client::FtplibActive,
+        Client::LftpPassive,
+    ] {
+        let got = scratch(run, name);
+        check(c.name(), &c.download(&run.lab.client, name, &got));
+        assert_eq!(sha256(&got), want, "{}", c.name());
+        let _ = std::fs::remove_file(&got);
+    }
+}

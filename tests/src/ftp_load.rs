@@ -279,6 +279,58 @@ fn epsv_port(line: &str) -> Option<u16> {
     inner.trim_matches('|').parse().ok()
 }
 
+/// `sessions` short sessions (4 KiB `small.bin` from the lab's server), at
+/// most `concurrency` at a time.
+pub fn short_sessions(mode: DataMode, concurrency: usize, sessions: u64) -> Load {
+    Load {
+        server: SocketAddrV4::new(crate::lab::addr::SERVER.parse().expect("address"), 21),
+        file: "small.bin".into(),
+        size: 4096,
+        mode,
+        concurrency,
+        sessions: Some(sessions),
+        duration: None,
+        step_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A thousand sequential sessions and 640 at concurrency 64, with EPSV and
+/// with PORT, through `run`'s firewall: every one succeeds, each control
+/// connection is counted, no call fails, no data connection is refused
+/// for the quota, and none is left established.
+pub fn many_sessions_all_succeed(lab_run: &crate::daemon::LabRun, server: &crate::ftp::FtpServer) {
+    use crate::ftp::{eventually, ftp_stat};
+    server.random_file("small.bin", 4096).expect("small.bin");
+    let mut total = 0;
+    for mode in [DataMode::Passive, DataMode::Active] {
+        for (concurrency, sessions) in [(1, 1000), (64, 640)] {
+            let out = run(
+                &lab_run.lab.client,
+                &short_sessions(mode, concurrency, sessions),
+            )
+            .expect("the load");
+            assert_eq!(
+                (out.completed, out.failed),
+                (sessions, 0),
+                "{} at concurrency {concurrency}: {:?}",
+                mode.name(),
+                out.errors
+            );
+            total += sessions;
+        }
+    }
+    assert_eq!(ftp_stat(lab_run, "control_connections"), total);
+    assert_eq!(ftp_stat(lab_run, "failed_calls"), 0);
+    assert_eq!(lab_run.fw.counter("drop_client_quota"), 0);
+    // Every data connection was counted against the quota only while live:
+    // once their teardown is seen, nothing is left established.
+    assert!(eventually(5, || lab_run
+        .fw
+        .list("connections")
+        .iter()
+        .all(|c| c["state"] == "terminated")));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,10 @@ use std::{process::Stdio, time::Duration};
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{bounce_attempts, check, eventually, every_client, ftp_stat, python, scratch, sha256, Client, FtpServer},
+    ftp::{
+        bounce_attempts, check, eventually, every_client, four_clients_download, ftp_stat, python,
+        scratch, sha256, Client, FtpServer,
+    },
     lab::addr,
     traffic::{wait_listening, Peer},
 };
@@ -401,18 +404,8 @@ fn the_tc_datapath_carries_ftp_too() {
     let run = LabRun::start("ftptc", &["--xdp-mode", "tc"]);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     let file = server.random_file("tc.bin", 64 * 1024 * 1024 + 5).unwrap();
+    four_clients_download(&run, &file, "tc.bin");
     let want = sha256(&file);
-    for c in [
-        Client::CurlPassive,
-        Client::CurlActive,
-        Client::FtplibActive,
-        Client::LftpPassive,
-    ] {
-        let got = scratch(&run, "tc");
-        check(c.name(), &c.download(&run.lab.client, "tc.bin", &got));
-        assert_eq!(sha256(&got), want, "{}", c.name());
-        let _ = std::fs::remove_file(&got);
-    }
     check(
         "upload",
         &Client::CurlActive.upload(&run.lab.client, &file, "tc-up.bin"),

@@ -5,7 +5,8 @@
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{bounce_attempts, check, every_client, ftp_stat, FtpServer},
+    ftp::{bounce_attempts, check, every_client, four_clients_download, ftp_stat, FtpServer},
+    ftp_load::many_sessions_all_succeed,
 };
 
 const IN_PLACE: &str = "[ftp]\ncontrol = \"in-place\"\n";
@@ -41,4 +42,29 @@ fn bounces_are_refused_in_place() {
         .fw
         .log_text()
         .contains("refused PORT naming 10.1.0.3:25"));
+}
+
+#[test]
+fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed_in_place() {
+    let run = LabRun::with_config("ftpipmany", IN_PLACE);
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    many_sessions_all_succeed(&run, &server);
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
+}
+
+#[test]
+fn the_tc_datapath_reads_in_place_too() {
+    let cfg = std::env::temp_dir().join(format!("ftpiptc-{}.toml", std::process::id()));
+    std::fs::write(&cfg, IN_PLACE).unwrap();
+    let run = LabRun::start(
+        "ftpiptc",
+        &["--xdp-mode", "tc", "--config", cfg.to_str().unwrap()],
+    );
+    let _ = std::fs::remove_file(&cfg);
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    let file = server.random_file("tc.bin", 8 * 1024 * 1024 + 5).unwrap();
+    four_clients_download(&run, &file, "tc.bin");
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
+    assert!(run.fw.counter("drop_ftp_diverted") >= 4);
+    assert!(run.fw.status()["interfaces"][0]["xdp_program"] == "tc_forward_internal");
 }

@@ -5,63 +5,18 @@
 //! socket left behind by `down`, and the client's session closed between
 //! sessions.
 
-use std::time::Duration;
-
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{check, eventually, python, sha256, FtpServer},
-    ftp_load::{self, DataMode, Load},
+    ftp::{check, ftp_stat, python, sha256, FtpServer},
+    ftp_load::{self, many_sessions_all_succeed, DataMode},
     lab::{addr, Ns},
 };
-
-fn load(mode: DataMode, concurrency: usize, sessions: u64) -> Load {
-    Load {
-        server: format!("{}:21", addr::SERVER).parse().unwrap(),
-        file: "small.bin".into(),
-        size: 4096,
-        mode,
-        concurrency,
-        sessions: Some(sessions),
-        duration: None,
-        step_timeout: Duration::from_secs(10),
-    }
-}
-
-fn ftp_stat(run: &LabRun, key: &str) -> u64 {
-    run.fw.status()["ftp"][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no ftp.{key}"))
-}
 
 #[test]
 fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed() {
     let run = LabRun::start("ftpmany", &[]);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
-    server.random_file("small.bin", 4096).unwrap();
-    let mut total = 0;
-    for mode in [DataMode::Passive, DataMode::Active] {
-        for (concurrency, sessions) in [(1, 1000), (64, 640)] {
-            let out = ftp_load::run(&run.lab.client, &load(mode, concurrency, sessions)).unwrap();
-            assert_eq!(
-                (out.completed, out.failed),
-                (sessions, 0),
-                "{} at concurrency {concurrency}: {:?}",
-                mode.name(),
-                out.errors
-            );
-            total += sessions;
-        }
-    }
-    assert_eq!(ftp_stat(&run, "control_connections"), total);
-    assert_eq!(ftp_stat(&run, "failed_calls"), 0);
-    assert_eq!(run.fw.counter("drop_client_quota"), 0);
-    // Every data connection was counted against the quota only while live:
-    // once their teardown is seen, nothing is left established.
-    assert!(eventually(5, || run
-        .fw
-        .list("connections")
-        .iter()
-        .all(|c| c["state"] == "terminated")));
+    many_sessions_all_succeed(&run, &server);
 }
 
 /// Python: a control connection from `port` that lets the server (and so
@@ -99,7 +54,11 @@ fn sessions_go_on_after_the_clients_session_is_closed() {
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     server.random_file("small.bin", 4096).unwrap();
     let some = |n| {
-        let out = ftp_load::run(&run.lab.client, &load(DataMode::Passive, 1, n)).unwrap();
+        let out = ftp_load::run(
+            &run.lab.client,
+            &ftp_load::short_sessions(DataMode::Passive, 1, n),
+        )
+        .unwrap();
         assert_eq!((out.completed, out.failed), (n, 0), "{:?}", out.errors);
     };
     some(5);

@@ -1,13 +1,14 @@
 //! BPF_PROG_RUN fixtures of FTP control connections forwarded in place (the
-//! datapath's half; the daemon's is not built yet): plain lines at the next
-//! byte are forwarded, anything else goes to the daemon's ring with the
+//! datapath's half): plain lines at the next byte are forwarded and their
+//! places recorded, anything else goes to the daemon's ring with the
 //! direction; once the daemon offers the direction back with a translation,
 //! sequence and acknowledgment numbers are shifted and checksums kept, at
-//! XDP and at TC.
+//! XDP and at TC; a new connection on the flows of an old one starts
+//! afresh.
 
 use firewall_common::{
     flow::FlowKey,
-    inplace::{InPlaceAdjust, Offer, DIR_COMMANDS, DIR_REPLIES},
+    inplace::{InPlaceAdjust, LineMark, Offer, DIR_COMMANDS, DIR_REPLIES},
     seqadj::SeqAdjust,
     stats::Counter,
     IPPROTO_TCP,
@@ -246,6 +247,79 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
     let r = fx.run(Side::Internal, &command(c - 5, s, b"PWD\r\n"));
     assert_eq!(r.action, XDP_DROP);
     assert_eq!(fx.counter(Counter::DropFtpDiverted), 5);
+}
+
+#[test]
+fn forwarded_lines_are_recorded_and_a_new_connection_on_the_flows_starts_afresh() {
+    let (mut fx, nat) = connected("inplace-again");
+    let (c, s) = (CLIENT_ISN + 1, SERVER_ISN + 1);
+    let user = b"USER ftp\r\n";
+    let r = fx.run(Side::Internal, &command(c, s, user));
+    assert_eq!(r.action, XDP_REDIRECT);
+    let mut maps = InPlaceMaps::open(&fx.pins).unwrap();
+    let d = maps.state(&client_key()).unwrap().unwrap().dir[DIR_COMMANDS];
+    assert_eq!((d.first, d.marks), (c, 1));
+    assert_eq!(
+        d.lines[0],
+        LineMark {
+            seq: c,
+            len: user.len() as u32
+        }
+    );
+    // The daemon rewrote something since.
+    let mut a = InPlaceAdjust::default();
+    a.adjust[DIR_COMMANDS] = SeqAdjust::new(c);
+    a.adjust[DIR_COMMANDS].rewrite(c + 10, c + 20, 25).unwrap();
+    maps.set_adjust(&client_key(), &a).unwrap();
+    // The client's new connection from the same port (its ISN another):
+    // the state and translation start afresh; a SYN sent again changes
+    // nothing more.
+    let isn = 90_000;
+    for _ in 0..2 {
+        let syn = Spec {
+            tcp_flags: TCP_SYN,
+            seq: isn,
+            ack: 0,
+            payload: vec![],
+            ..Spec::tcp(CLIENT, CLIENT_PORT, SERVER, 21)
+        };
+        let r = fx.run(Side::Internal, &syn.build());
+        assert_eq!(r.action, XDP_REDIRECT);
+        assert_eq!((view(&r.frame).sport, view(&r.frame).seq), (nat, isn));
+    }
+    let st = maps.state(&client_key()).unwrap().unwrap();
+    let (d, r) = (st.dir[DIR_COMMANDS], st.dir[DIR_REPLIES]);
+    assert_eq!(
+        (
+            d.kernel,
+            d.next,
+            d.first,
+            d.diverted,
+            d.marks,
+            d.lines[0].len
+        ),
+        (1, isn + 1, isn + 1, 0, 0, 0)
+    );
+    assert_eq!((r.kernel, r.started), (1, 0));
+    assert_eq!(
+        maps.adjust(&client_key()).unwrap(),
+        Some(InPlaceAdjust::default())
+    );
+    // Its segments handed over name it.
+    let synack = Spec {
+        tcp_flags: TCP_SYN | TCP_ACK,
+        seq: 70_000,
+        ack: isn + 1,
+        payload: vec![],
+        ..Spec::tcp(SERVER, 21, FW_EXTERNAL, nat)
+    };
+    assert_eq!(fx.run(Side::External, &synack.build()).action, XDP_REDIRECT);
+    let r = fx.run(Side::Internal, &command(isn + 1, 70_001, b"PORT 1\r\n"));
+    assert_eq!(r.action, XDP_DROP);
+    let rb = fx.datapath.segments.as_mut().unwrap();
+    let item = rb.next().expect("a segment in the ring");
+    let h = decode_segment(&item).unwrap().head;
+    assert_eq!((h.conn, h.diverted), (isn + 1, 1));
 }
 
 /// A SYN with data (TCP Fast Open) opens no connection read in place.

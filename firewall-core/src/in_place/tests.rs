@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use firewall_common::inplace::{InPlaceAdjust, DIR_COMMANDS, DIR_REPLIES};
+use firewall_common::inplace::{InPlaceAdjust, LineMark, DIR_COMMANDS, DIR_REPLIES};
 
 use super::*;
 use crate::{
@@ -42,6 +42,7 @@ fn seg(dir: usize, seq: u32, kernel_next: u32, n: u32, data: &[u8]) -> Segment<'
         acked: Some(kernel_next),
         kernel_next,
         mss: 1400,
+        forwarded: &[],
     }
 }
 
@@ -208,4 +209,28 @@ fn a_connection_taken_up_goes_on_from_the_published_translation() {
         .unwrap();
     assert_eq!(data(&r2.packets[0]).0, at + 3);
     assert_eq!(r2.adjust.adjust[DIR_COMMANDS].after, 6);
+}
+
+#[test]
+fn a_line_the_kernel_forwarded_sent_again_goes_on_only_where_it_lay() {
+    let (mut c, _) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    // The kernel forwarded `TYPE I` after the PORT (shifted by 3), then the
+    // client sends it again: it goes on where it went, as it is.
+    let at = 1000 + port.len() as u32;
+    let marks = [LineMark { seq: at, len: 8 }];
+    let mut s = seg(DIR_COMMANDS, at, at + 8, 2, b"TYPE I\r\n");
+    s.forwarded = &marks;
+    s.acked = Some(at);
+    let r = c.segment(&s).unwrap();
+    assert_eq!(data(&r.packets[0]), (at + 3, &b"TYPE I\r\n"[..], false));
+    // Other bytes in its place that are no plain line: none of them (an
+    // empty segment only, for the server to say what it has).
+    let mut s = seg(DIR_COMMANDS, at, at + 8, 3, b"PORT 1\r\n");
+    s.forwarded = &marks;
+    s.acked = Some(at);
+    let r = c.segment(&s).unwrap();
+    assert_eq!(r.packets.len(), 1);
+    assert_eq!(data(&r.packets[0]), (at + 3, &b""[..], false));
 }

@@ -15,6 +15,9 @@ pub(crate) enum Setup {
     /// both firewall interfaces (`tc_bench_forward`: new MACs, redirect):
     /// the bound of any datapath at that hook, not a firewall.
     TcBound,
+    /// Kernel mode with FTP control connections forwarded in place
+    /// (`[ftp] control = "in-place"`) instead of proxied.
+    InPlace,
 }
 
 impl Setup {
@@ -34,6 +37,7 @@ impl Setup {
             Setup::Netfilter => "netfilter",
             Setup::Plain => "plain",
             Setup::TcBound => "tc-bound",
+            Setup::InPlace => "in-place",
         }
     }
 }
@@ -69,13 +73,16 @@ pub(crate) fn prepare(lab: &Lab, setup: Setup) -> anyhow::Result<Prepared> {
     let fw = match setup {
         Setup::Kernel => Some(Firewall::up(lab, &[])?),
         Setup::KernelTc => Some(Firewall::up(lab, &["--xdp-mode", "tc"])?),
-        Setup::User => {
-            let cfg = std::env::temp_dir().join(format!("{}-user.toml", lab.prefix));
-            std::fs::write(&cfg, "[ftp]\ndata_connections = \"user\"\n")?;
-            let fw = Firewall::up(lab, &["--config", cfg.to_str().expect("utf-8")]);
-            let _ = std::fs::remove_file(&cfg);
-            Some(fw?)
-        }
+        Setup::User => Some(up_with_config(
+            lab,
+            "user",
+            "[ftp]\ndata_connections = \"user\"\n",
+        )?),
+        Setup::InPlace => Some(up_with_config(
+            lab,
+            "in-place",
+            "[ftp]\ncontrol = \"in-place\"\n",
+        )?),
         Setup::Netfilter => {
             lab.fw.sh("modprobe nf_conntrack_ftp 2>/dev/null; modprobe nf_nat_ftp 2>/dev/null; sysctl -qw net.ipv4.conf.all.forwarding=1")?;
             let path = std::env::temp_dir().join(format!("{}-fw.nft", lab.prefix));
@@ -95,6 +102,15 @@ pub(crate) fn prepare(lab: &Lab, setup: Setup) -> anyhow::Result<Prepared> {
     };
     prime_neighbours(lab);
     Ok(Prepared { setup, fw })
+}
+
+/// The firewall up with `config` (written to a file named for `name`).
+fn up_with_config(lab: &Lab, name: &str, config: &str) -> anyhow::Result<Firewall> {
+    let cfg = std::env::temp_dir().join(format!("{}-{name}.toml", lab.prefix));
+    std::fs::write(&cfg, config)?;
+    let fw = Firewall::up(lab, &["--config", cfg.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&cfg);
+    fw
 }
 
 impl Prepared {
