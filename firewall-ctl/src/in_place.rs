@@ -161,6 +161,7 @@ impl Reader {
         }
         let state = match self.maps.state(&key) {
             Ok(Some(st)) => st,
+            // Gone with its flows.
             Ok(None) => return,
             Err(e) => {
                 log::warn!("ftp in place: reading INPLACE: {e:#}");
@@ -344,7 +345,8 @@ impl Reader {
                         c.last = Instant::now();
                     }
                 }
-                Ok(None) => self.close(&key),
+                // Its map entries went with the flows (the sweeper).
+                Ok(None) => self.forget(&key),
                 Err(e) => log::warn!("ftp in place: reading FLOWS: {e:#}"),
             }
         }

@@ -2,7 +2,7 @@
 //! connections, flows that outlive their connection's ports, a pinhole in
 //! use as its control connection ends, and timers that cost what is due.
 
-use firewall_common::flow::tcp_seen;
+use firewall_common::flow::{tcp_seen, FlowValue};
 
 use super::tests::{
     bind, bound, cfg, engine, engine_with, established, established_through, kind, pinhole, reason,
@@ -291,4 +291,37 @@ fn a_session_may_have_only_so_many_pinholes_waiting() {
         kind(e.bind_for_client(&bind(s, &["10.1.0.2:6002"]))),
         ErrorKind::Exhausted
     );
+}
+
+#[test]
+fn an_expired_flow_taken_up_again_after_it_was_read_stays() {
+    // A wall flow (no owner) both ways, closed by FIN long ago.
+    let (mut e, _) = engine();
+    let f = FlowKey::new(IPPROTO_TCP, [10, 1, 0, 2], 40000, [10, 2, 0, 2], 21);
+    let r = FlowKey::new(IPPROTO_TCP, [10, 2, 0, 2], 21, [10, 2, 0, 1], 5000);
+    let value = |nat_src: ([u8; 4], u16), nat_dst: ([u8; 4], u16)| FlowValue {
+        nat_src_addr: nat_src.0,
+        nat_src_port: nat_src.1,
+        nat_dst_addr: nat_dst.0,
+        nat_dst_port: nat_dst.1,
+        tcp_flags_seen: tcp_seen::FIN,
+        last_seen_ns: T0,
+        packets: 3,
+        ..Default::default()
+    };
+    let fv = value(([10, 2, 0, 1], 5000), ([10, 2, 0, 2], 21));
+    let rv = value(([10, 2, 0, 2], 21), ([10, 1, 0, 2], 40000));
+    e.maps_mut().flows.insert(f, fv);
+    e.maps_mut().flows.insert(r, rv);
+    let now = T0 + 20 * S;
+    let batch = [(f, fv), (r, rv)];
+    // Read as expired; then a new connection's SYN takes the client's entry
+    // up before the tick removes it: neither entry goes.
+    e.maps_mut().flows.get_mut(&f).unwrap().last_seen_ns = now + 1;
+    e.timers_apply(now, &Readings::new(), &batch).unwrap();
+    assert_eq!(e.maps().flows.len(), 2);
+    // Not taken up: both go.
+    e.timers_apply(now + 20 * S, &Readings::new(), &batch)
+        .unwrap();
+    assert!(e.maps().flows.is_empty());
 }

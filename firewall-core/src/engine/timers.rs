@@ -125,7 +125,7 @@ impl<M: Maps> Engine<M> {
             }
         }
         self.sweep_batch(batch, now_ns, &mut gone);
-        self.remove_flows(gone)
+        self.remove_flows(gone, now_ns)
     }
 
     /// The whole tick at once, reading through `Maps` (tests and in-process
@@ -296,10 +296,35 @@ impl<M: Maps> Engine<M> {
     }
 
     /// Deletes expired flows (one batch), counts them, and ends the
-    /// connections that had them.
-    pub(super) fn remove_flows(&mut self, gone: Vec<(FlowKey, Expiry)>) -> Result<(), ApiError> {
+    /// connections that had them. A flow that carried a packet after the
+    /// tick began (`now_ns`) stays: it was read before a new connection
+    /// took it up (a SYN reusing its 5-tuple), and deleting it would end
+    /// that connection.
+    pub(super) fn remove_flows(
+        &mut self,
+        mut gone: Vec<(FlowKey, Expiry)>,
+        now_ns: u64,
+    ) -> Result<(), ApiError> {
         if gone.is_empty() {
             return Ok(());
+        }
+        // Both entries of such a flow stay (the answers' one may not have
+        // carried a packet yet).
+        let mut used = Vec::new();
+        for (key, _) in &gone {
+            if let Some(v) = self.maps.get_flow(key)? {
+                if v.last_seen_ns > now_ns {
+                    used.push(*key);
+                    used.push(sweeper::reply_key(key, &v));
+                }
+            }
+        }
+        if !used.is_empty() {
+            log::debug!("{} expired flows used again since read: kept", used.len());
+            gone.retain(|(k, _)| !used.contains(k));
+            if gone.is_empty() {
+                return Ok(());
+            }
         }
         let keys: Vec<FlowKey> = gone.iter().map(|(k, _)| *k).collect();
         self.maps.del_flows(&keys)?;

@@ -75,6 +75,9 @@ impl InPlaceMaps {
         for r in [self.state.remove(client), self.adjust.remove(client)] {
             match r {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                // (aya reports a missing key to delete as the syscall's ENOENT.)
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(e) => return Err(e.into()),
             }
         }
