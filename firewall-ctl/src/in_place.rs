@@ -225,14 +225,19 @@ impl Reader {
         };
         // Published before sending: the receiver's acknowledgments of what
         // is sent must find the translation that numbers it.
-        if let Err(e) = self.maps.set_adjust(&key, &reaction.adjust) {
-            log::warn!(
-                "ftp in place {}: publishing its translation: {e:#}",
-                endpoints(&key)
-            );
-            return;
-        }
         let nat = conn.nat;
+        match self.maps.set_adjust(&key, &reaction.adjust) {
+            Ok(true) => {}
+            // Its flows went meanwhile (the sweeper): nothing to send for it.
+            Ok(false) => return self.forget(&key),
+            Err(e) => {
+                log::warn!(
+                    "ftp in place {}: publishing its translation: {e:#}",
+                    endpoints(&key)
+                );
+                return;
+            }
+        }
         for p in &reaction.packets {
             if let Err(e) = self.send(h, tcp, &key, nat, p) {
                 log::debug!("ftp in place {}: a packet not sent: {e:#}", endpoints(&key));

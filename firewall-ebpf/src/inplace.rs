@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, ProgramArray, RingBuf},
+    btf_maps::{HashMap, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use firewall_common::{
@@ -56,9 +56,16 @@ static INPLACE_PORTS: HashMap<InterceptKey, u32, { map_sizes::INTERCEPT as usize
     HashMap::new();
 
 /// Each connection's state, by the client's key (the datapath writes it).
+/// Not an LRU: one would evict live connections' entries (the kernel's LRU
+/// lists are per CPU and may run dry while others hold free nodes); the
+/// sweeper deletes them with the connection's flows.
 #[btf_map]
-static INPLACE: LruHashMap<FlowKey, InPlaceState, { map_sizes::INPLACE as usize }> =
-    LruHashMap::new();
+static INPLACE: HashMap<
+    FlowKey,
+    InPlaceState,
+    { map_sizes::INPLACE as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 /// Each connection's translation and offers (the daemon writes them, whole;
 /// the datapath makes the first, with nothing rewritten, with the state).
@@ -149,6 +156,9 @@ pub fn mark<H: Hook>(ctx: &H, pkt: &Packet, new: &mut Start, v: &mut FlowValue) 
         v.nat_src_port,
     );
     let Some(reply) = flow::lookup(&new.reply) else {
+        // The SYN goes no further: nothing may be left of it.
+        let _ = INPLACE.remove(&pkt.key);
+        let _ = INPLACE_ADJUST.remove(&pkt.key);
         return Counter::DropInPlaceState;
     };
     // SAFETY: the FLOWS entry the wall made a moment ago for this SYN,

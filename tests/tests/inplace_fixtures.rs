@@ -182,7 +182,7 @@ fn plain_lines_are_forwarded_and_the_rest_goes_to_the_daemon() {
         diverted: 2,
         _pad: 0,
     };
-    maps.set_adjust(&client_key(), &a).unwrap();
+    assert!(maps.set_adjust(&client_key(), &a).unwrap());
     // Renumbered at XDP and at TC.
     for (line, tc) in [(&b"LIST\r\n"[..], false), (&b"PWD\r\n"[..], true)] {
         let frame = command(c, s, line);
@@ -270,7 +270,7 @@ fn forwarded_lines_are_recorded_and_a_new_connection_on_the_flows_starts_afresh(
     let mut a = InPlaceAdjust::default();
     a.adjust[DIR_COMMANDS] = SeqAdjust::new(c);
     a.adjust[DIR_COMMANDS].rewrite(c + 10, c + 20, 25).unwrap();
-    maps.set_adjust(&client_key(), &a).unwrap();
+    assert!(maps.set_adjust(&client_key(), &a).unwrap());
     // The client's new connection from the same port (its ISN another):
     // the state and translation start afresh; a SYN sent again changes
     // nothing more.

@@ -64,10 +64,20 @@ impl InPlaceMaps {
     }
 
     /// Replaces the connection's translation and offers (the datapath reads
-    /// the old value or the new, never a mixture).
-    pub fn set_adjust(&mut self, client: &FlowKey, adjust: &InPlaceAdjust) -> anyhow::Result<()> {
-        self.adjust.insert(client, adjust, 0)?;
-        Ok(())
+    /// the old value or the new, never a mixture). Never creates the entry:
+    /// one the sweeper removed with the flows stays removed (false).
+    pub fn set_adjust(&mut self, client: &FlowKey, adjust: &InPlaceAdjust) -> anyhow::Result<bool> {
+        // "Only if the key exists" (BPF_EXIST in linux/bpf.h).
+        const BPF_EXIST: u64 = 2;
+        match self.adjust.insert(client, adjust, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Forgets the connection (both maps; absent entries are no error).
