@@ -140,6 +140,8 @@ pub struct Start {
 /// counter that drops its SYN. (Called after the port search: what the
 /// verifier follows twice from here on is the last insert only.)
 #[inline(always)]
+// By reference: copies of the keys would take stack room there is not.
+#[allow(clippy::needless_borrows_for_generic_args)]
 pub fn mark<H: Hook>(ctx: &H, pkt: &Packet, new: &mut Start, v: &mut FlowValue) -> Counter {
     if !pkt.syn_only || !wanted(pkt) {
         return Counter::Redirected;

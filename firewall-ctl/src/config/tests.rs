@@ -149,6 +149,20 @@ fn plain_control_lines_go_through_the_kernel_unless_asked_otherwise() {
 }
 
 #[test]
+fn control_connections_are_proxied_unless_read_in_place() {
+    let (i, e) = ifs();
+    assert!(!Config::defaults(&i, &e).unwrap().ftp_in_place);
+    let proxy = Config::parse("[ftp]\ncontrol = \"proxy\"", &i, &e).unwrap();
+    assert!(!proxy.ftp_in_place);
+    let in_place = Config::parse("[ftp]\ncontrol = \"in-place\"", &i, &e).unwrap();
+    assert!(in_place.ftp_in_place);
+    assert!(in_place.ftp_kernel_lines, "the other settings as they were");
+    // Only a restart changes it (the programs, the interception).
+    let err = proxy.reload_changes(&in_place).unwrap_err();
+    assert!(err.to_string().contains("ftp.control"), "{err}");
+}
+
+#[test]
 fn errors_name_the_key() {
     let (i, e) = ifs();
     let cases = [
@@ -189,6 +203,7 @@ fn errors_name_the_key() {
         ("[ftp]\nport = 21", "unknown field `port`"),
         ("[ftp]\ndata_connections = \"fast\"", "ftp.data_connections"),
         ("[ftp]\ncontrol_lines = \"fast\"", "ftp.control_lines"),
+        ("[ftp]\ncontrol = \"inplace\"", "ftp.control"),
         ("[timeouts]\nudp_idle = \"5 parsecs\"", "timeouts.udp_idle"),
         ("[timeouts]\nudp_mapping = 60", "RFC 4787's minimum of 120 s"),
         ("[timeouts]\nudp_idle = 600\nudp_mapping = 300", "shorter than timeouts.udp_idle"),

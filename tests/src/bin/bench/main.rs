@@ -11,7 +11,8 @@
 //! 3. Control plane: calls per second and latency, in-process and through the
 //!    API; whether a pinhole is live when its call returns.
 //! 4. Scale: map memory and lookup cost from 1 k to 1 M pinholes and flows.
-//! 5. FTP session rate: many short sessions from one client host, with
+//! 5. FTP session rate: many short sessions from one client host, the
+//!    default configuration and control connections read in place, with
 //!    netfilter and plain routing in the same run (`sessions.rs`).
 //! 6. Primary connections through the wall (RFC 9693): new connections per
 //!    second, CPU per connection, TCP bulk and small packets of established
@@ -205,7 +206,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         scale(opts, &mut r).context("scale")?;
     }
     if opts.runs("sessions") {
-        println!("[5/6] FTP session rate (default configuration, netfilter, plain)");
+        println!("[5/6] FTP session rate (default configuration, in place, netfilter, plain)");
         sessions::run(opts, &mut r).context("FTP sessions")?;
     }
     if opts.runs("primary") {

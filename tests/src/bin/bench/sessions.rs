@@ -1,7 +1,7 @@
 //! Section 5, the FTP session rate: many short sessions (log in, EPSV or
 //! PORT, RETR a 4 KiB file, QUIT) from one client host, at several
-//! concurrencies, through the firewall with its default configuration,
-//! netfilter and plain routing.
+//! concurrencies, through the firewall with its default configuration and
+//! with control connections read in place, netfilter and plain routing.
 
 use std::time::Duration;
 
@@ -136,7 +136,10 @@ pub fn report(r: &Results, o: &mut String) {
     if !r.figures.iter().any(|f| f.section == SECTION) {
         return;
     }
-    let _ = writeln!(o, "\n## 5. FTP session rate (default configuration)\n");
+    let _ = writeln!(
+        o,
+        "\n## 5. FTP session rate (default configuration; control connections in place)\n"
+    );
     let _ = writeln!(
         o,
         "Short sessions (log in, EPSV or PORT, RETR 4 KiB, QUIT) from one client host; ratios to netfilter in this run.\n"
