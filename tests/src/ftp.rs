@@ -451,3 +451,20 @@ pub fn four_clients_download(run: &LabRun, file: &Path, name: &str) {
         let _ = std::fs::remove_file(&got);
     }
 }
+
+/// `bounce_attempts` through `run`'s firewall, whose output must contain
+/// `answer`: three bounces and two other refusals counted, nothing opened,
+/// the first bounce logged.
+pub fn bounces_refused(run: &LabRun, answer: &str) {
+    let out = bounce_attempts(&run.lab.client);
+    check("bounce attempts", &out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(answer));
+    assert_eq!(ftp_stat(run, "bounces_refused"), 3);
+    assert_eq!(ftp_stat(run, "commands_refused"), 2);
+    assert_eq!(ftp_stat(run, "active_opened"), 0);
+    assert!(run.fw.list("pinholes").is_empty());
+    assert!(run
+        .fw
+        .log_text()
+        .contains("refused PORT naming 10.1.0.3:25"));
+}

@@ -44,10 +44,12 @@ use crate::{
     flags::ConnFlags,
 };
 
+mod handover;
 mod lines;
 mod openings;
 mod syntax;
 
+pub use handover::ControlState;
 pub use lines::MAX_LINE;
 use lines::{Lines, Piece, Replies, Reply};
 pub use openings::Opening;
@@ -191,42 +193,6 @@ struct Tally {
     failed: u32,
 }
 
-/// A control connection's filter state between two reads, as a restarting
-/// daemon hands it to the next one (with the connection's two sockets).
-/// The calls' ids are not in it: the next daemon's engine starts afresh.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ControlState {
-    pub client: SocketAddrV4,
-    pub server: SocketAddrV4,
-    pub external: Ipv4Addr,
-    extra_flags: ConnFlags,
-    #[serde(default)]
-    pub published: bool,
-    from_client: Lines,
-    from_server: Lines,
-    replies: Replies,
-    dropping_reply: bool,
-    tally: Tally,
-    /// Openings announced but not yet used, to be made again by the next
-    /// daemon (see `ControlState::keep_pending`).
-    #[serde(default)]
-    pending: Vec<Opening>,
-}
-
-impl ControlState {
-    /// The openings handed on with the connection.
-    pub fn pending(&self) -> &[Opening] {
-        &self.pending
-    }
-
-    /// Keeps only the openings `waiting` says no connection has used (asked
-    /// of the engine as late as possible: one used meanwhile would be made
-    /// again for nothing, and expire).
-    pub fn keep_pending(&mut self, waiting: impl Fn(u64) -> bool) {
-        self.pending.retain(|o| waiting(o.id()));
-    }
-}
-
 impl Control {
     /// The client, as it connected.
     pub fn client(&self) -> SocketAddrV4 {
@@ -236,58 +202,6 @@ impl Control {
     /// The server, as the client dialled it.
     pub fn server(&self) -> SocketAddrV4 {
         self.server
-    }
-
-    /// What the next daemon needs to go on filtering this connection. The
-    /// pinholes it made stay the engine's (whatever became a connection
-    /// stays in the kernel; unused ones go with the engine, and the next
-    /// daemon makes them again: `ControlState::keep_pending`).
-    pub fn hand_over(mut self) -> ControlState {
-        let pending = std::mem::take(&mut self.opened);
-        ControlState {
-            client: self.client,
-            server: self.server,
-            external: self.external,
-            extra_flags: self.extra_flags,
-            published: self.published,
-            from_client: std::mem::take(&mut self.from_client),
-            from_server: std::mem::take(&mut self.from_server),
-            replies: std::mem::take(&mut self.replies),
-            dropping_reply: self.dropping_reply,
-            tally: self.tally,
-            pending,
-        }
-    }
-
-    /// Goes on filtering a connection a previous daemon handed over, in a
-    /// session of this daemon's engine (not counted again as a new control
-    /// connection), with the openings it announced that were not used yet
-    /// made again where they were announced.
-    pub fn resume(
-        api: Arc<dyn Secondaries>,
-        stats: Arc<FtpStats>,
-        state: ControlState,
-    ) -> Result<Self, ApiError> {
-        let session = api.session(*session_host(state.published, &state.client, &state.server))?;
-        let mut c = Self {
-            api,
-            stats,
-            session,
-            client: state.client,
-            server: state.server,
-            external: state.external,
-            extra_flags: state.extra_flags,
-            published: state.published,
-            in_place: false,
-            from_client: state.from_client,
-            from_server: state.from_server,
-            replies: state.replies,
-            dropping_reply: state.dropping_reply,
-            opened: Vec::new(),
-            tally: state.tally,
-        };
-        c.reopen(state.pending);
-        Ok(c)
     }
 
     pub fn new(
@@ -313,7 +227,7 @@ impl Control {
         external: Ipv4Addr,
         extra_flags: ConnFlags,
     ) -> Result<Self, ApiError> {
-        let mut c = Self::with_role(api, stats, (client, server), external, extra_flags, false)?;
+        let mut c = Self::new(api, stats, client, server, external, extra_flags)?;
         c.in_place = true;
         Ok(c)
     }

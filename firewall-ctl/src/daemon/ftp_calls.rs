@@ -33,32 +33,15 @@ pub(super) struct FtpCalls {
 }
 
 impl FtpCalls {
-    /// `sessions_closed`: the engine's count of closed sessions
-    /// (`Engine::sessions_closed`).
-    pub(super) fn new(
-        engine: EngineHandle<KernelMaps>,
-        neighbours: Arc<Resolver>,
-        internal_ifindex: u32,
-        sessions_closed: Arc<AtomicU64>,
-    ) -> Self {
-        Self {
-            engine,
-            neighbours,
-            internal_ifindex,
-            sessions: Sessions::new(sessions_closed),
-        }
-    }
-}
-
-impl FtpCalls {
-    /// The calls of the running daemon's FTP filter.
+    /// The calls of the running daemon's FTP filter (its count of closed
+    /// sessions: `Engine::sessions_closed`).
     pub(super) fn for_daemon(shared: &super::Shared) -> Self {
-        Self::new(
-            shared.engine.clone(),
-            shared.neighbours.clone(),
-            shared.internal.index,
-            shared.sessions_closed.clone(),
-        )
+        Self {
+            engine: shared.engine.clone(),
+            neighbours: shared.neighbours.clone(),
+            internal_ifindex: shared.internal.index,
+            sessions: Sessions::new(shared.sessions_closed.clone()),
+        }
     }
 }
 

@@ -11,22 +11,21 @@ use firewall_common::{
     map_names, IPPROTO_TCP,
 };
 
-use super::PinPaths;
+use super::{tables::Table, PinPaths};
 
 pub struct InPlaceMaps {
     ports: HashMap<MapData, InterceptKey, u32>,
-    state: HashMap<MapData, FlowKey, InPlaceState>,
-    adjust: HashMap<MapData, FlowKey, InPlaceAdjust>,
+    state: Table<FlowKey, InPlaceState>,
+    adjust: Table<FlowKey, InPlaceAdjust>,
 }
 
 impl InPlaceMaps {
     pub fn open(pins: &PinPaths) -> anyhow::Result<Self> {
-        let open =
-            |name: &str| -> anyhow::Result<Map> { Ok(Map::from_map_data(pins.open_map(name)?)?) };
+        let ports = Map::from_map_data(pins.open_map(map_names::INPLACE_PORTS)?)?;
         Ok(Self {
-            ports: HashMap::try_from(open(map_names::INPLACE_PORTS)?)?,
-            state: HashMap::try_from(open(map_names::INPLACE)?)?,
-            adjust: HashMap::try_from(open(map_names::INPLACE_ADJUST)?)?,
+            ports: HashMap::try_from(ports)?,
+            state: Table::open(pins)?,
+            adjust: Table::open(pins)?,
         })
     }
 
@@ -47,50 +46,25 @@ impl InPlaceMaps {
 
     /// The datapath's state of the connection whose client's key is `client`.
     pub fn state(&self, client: &FlowKey) -> anyhow::Result<Option<InPlaceState>> {
-        match self.state.get(client, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.state.get(client)
     }
 
     /// The connection's translation and offers as published.
     pub fn adjust(&self, client: &FlowKey) -> anyhow::Result<Option<InPlaceAdjust>> {
-        match self.adjust.get(client, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        self.adjust.get(client)
     }
 
     /// Replaces the connection's translation and offers (the datapath reads
     /// the old value or the new, never a mixture). Never creates the entry:
     /// one the sweeper removed with the flows stays removed (false).
     pub fn set_adjust(&mut self, client: &FlowKey, adjust: &InPlaceAdjust) -> anyhow::Result<bool> {
-        // "Only if the key exists" (BPF_EXIST in linux/bpf.h).
-        const BPF_EXIST: u64 = 2;
-        match self.adjust.insert(client, adjust, BPF_EXIST) {
-            Ok(()) => Ok(true),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.adjust.replace(client, adjust)
     }
 
     /// Forgets the connection (both maps; absent entries are no error).
     pub fn remove(&mut self, client: &FlowKey) -> anyhow::Result<()> {
-        for r in [self.state.remove(client), self.adjust.remove(client)] {
-            match r {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                // (aya reports a missing key to delete as the syscall's ENOENT.)
-                Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.state.remove(client)?;
+        self.adjust.remove(client)?;
         Ok(())
     }
 }

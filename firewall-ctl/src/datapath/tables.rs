@@ -286,7 +286,12 @@ where
     pub fn remove(&mut self, key: &K) -> anyhow::Result<bool> {
         match self.map.remove(key) {
             Ok(()) => Ok(true),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            // (aya reports a missing key to delete as the syscall's ENOENT.)
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e.into()),
         }
     }
