@@ -97,6 +97,11 @@ impl Connection {
         &self.control
     }
 
+    /// The filter, for a restarting daemon to hand over (`Control::hand_over`).
+    pub fn into_control(self) -> Control {
+        self.control
+    }
+
     /// The translation and offers as the datapath is to have them.
     pub fn adjust(&self) -> InPlaceAdjust {
         let mut a = InPlaceAdjust {

@@ -77,6 +77,19 @@ pub fn reply_key(key: &FlowKey, value: &FlowValue) -> FlowKey {
     )
 }
 
+/// Whether the TCP connection of a flow `value` and its pair `peer` has
+/// ended: RST in either direction, or FIN in both.
+pub fn tcp_ended(value: &FlowValue, peer: Option<&FlowValue>) -> bool {
+    let seen = |f: u8| {
+        let mine = value.tcp_flags_seen & f != 0;
+        let theirs = peer.is_some_and(|p| p.tcp_flags_seen & f != 0);
+        (mine, theirs)
+    };
+    let (rst_mine, rst_theirs) = seen(tcp_seen::RST);
+    let (fin_mine, fin_theirs) = seen(tcp_seen::FIN);
+    rst_mine || rst_theirs || (fin_mine && fin_theirs)
+}
+
 /// The entries to remove at monotonic time `now_ns`, each with its reason.
 pub fn expired(
     entries: &[(FlowKey, FlowValue)],
@@ -95,13 +108,9 @@ pub fn expired(
         });
         let idle_ns = now_ns.saturating_sub(last_seen);
         let reason = if key.protocol == IPPROTO_TCP {
-            let rst = value.tcp_flags_seen & tcp_seen::RST != 0
-                || peer.is_some_and(|p| p.tcp_flags_seen & tcp_seen::RST != 0);
-            let fin_both = value.tcp_flags_seen & tcp_seen::FIN != 0
-                && peer.is_some_and(|p| p.tcp_flags_seen & tcp_seen::FIN != 0);
             // One direction never carried a packet: a SYN nobody answered.
             let unanswered = peer.is_some_and(|p| p.packets == 0 || value.packets == 0);
-            if (rst || fin_both) && idle_ns >= t.tcp_closing.as_nanos() as u64 {
+            if tcp_ended(value, peer.copied()) && idle_ns >= t.tcp_closing.as_nanos() as u64 {
                 Some(Expiry::TcpClosed)
             } else if unanswered && idle_ns >= t.tcp_transitory.as_nanos() as u64 {
                 Some(Expiry::TcpUnanswered)

@@ -4,7 +4,7 @@
 //! through its filter (`firewall_core::in_place`), publishes the
 //! translation and offers (`INPLACE_ADJUST`), then sends what the filter
 //! made of them through a raw socket. A connection is forgotten when its
-//! flows are gone (the sweeper removes its map entries with them).
+//! flows say it ended (RST, or FIN both ways) or are gone.
 //!
 //! Its own thread: the filter's calls into the engine wait for the
 //! engine's answer, and nothing else waits on this.
@@ -24,32 +24,42 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use firewall_common::{
-    flow::FlowKey,
-    inplace::{InPlaceSegment, SegmentHead, DIR_COMMANDS},
+    flow::{FlowKey, FlowValue},
+    inplace::{InPlaceAdjust, InPlaceSegment, SegmentHead, DIR_COMMANDS},
+    IPPROTO_TCP,
 };
 use firewall_core::{
     in_place::{Connection, Packet, Segment},
     segment::{self, Piece},
+    sweeper,
 };
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
     datapath::{decode_segment, FlowTable, InPlaceMaps, PinPaths},
     flags::ConnFlags,
-    ftp::{Control, FtpStats, Secondaries},
+    ftp::{Control, ControlState, FtpStats, Secondaries},
 };
 
 /// How often the thread looks up from the ring when nothing comes.
 const POLL: Duration = Duration::from_millis(100);
-/// A connection idle this long is checked for its flows, at most this often.
+/// A connection idle this long is checked for its flows' end, each at most
+/// this often.
 const IDLE_CHECK: Duration = Duration::from_secs(2);
+/// How often the idle connections are looked for.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Smallest payload per packet the daemon cuts output into (RFC 1122's
 /// default MSS); a segment's own length when larger.
 const MSS_MIN: usize = 536;
-/// The window announced in an acknowledgment the daemon makes up for the
-/// sender (its receiver's own is not known here; an FTP control
-/// connection never fills it).
-const ACK_WINDOW: u16 = 0xffff;
+/// The window field of an acknowledgment the daemon makes up for a sender
+/// before it has seen one of the receiver's own: small, as its scale is
+/// not known here (1 KiB unscaled, 128 KiB at Linux's usual scale of 7),
+/// and soon replaced by the receiver's next acknowledgment. A large one
+/// (0xffff is 64 MiB at a scale of 10) lets the sender send far past what
+/// the receiver takes, and its retransmissions of lines the kernel
+/// forwarded can stall the direction.
+const ACK_WINDOW_UNKNOWN: u16 = 1024;
 
 /// What the thread needs from the daemon.
 pub struct Context {
@@ -59,14 +69,34 @@ pub struct Context {
     pub extra_flags: ConnFlags,
 }
 
-/// The running thread; stopped when dropped.
+/// A connection's filter as a restarting daemon hands it to the next one:
+/// its openings not yet used (made again where they were announced) and
+/// its role; the next daemon reads on from the translation the datapath
+/// has (`firewall_core::in_place`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Handed {
+    /// The commands' first byte: which connection on its flows.
+    pub first: u32,
+    pub state: ControlState,
+}
+
+/// The running thread; stopped when dropped (its connections' unused
+/// openings withdrawn), or handed over.
 pub struct InPlace {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    hand_over: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<Handed>>>,
 }
 
 impl InPlace {
-    pub fn start(ring: RingBuf<MapData>, pins: &PinPaths, ctx: Context) -> anyhow::Result<Self> {
+    /// The thread, taking up first the connections a previous daemon
+    /// handed over.
+    pub fn start(
+        ring: RingBuf<MapData>,
+        pins: &PinPaths,
+        ctx: Context,
+        resumed: Vec<Handed>,
+    ) -> anyhow::Result<Self> {
         let raw = Socket::new(
             Domain::IPV4,
             Type::RAW,
@@ -85,23 +115,41 @@ impl InPlace {
             checked: Instant::now(),
         };
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let hand_over = Arc::new(AtomicBool::new(false));
+        let (flag, handing) = (stop.clone(), hand_over.clone());
         let thread = std::thread::Builder::new()
             .name("ftp-in-place".into())
-            .spawn(move || reader.run(&flag))?;
+            .spawn(move || {
+                let mut reader = reader;
+                reader.resume(resumed);
+                reader.run(&flag, &handing)
+            })?;
         Ok(Self {
             stop,
+            hand_over,
             thread: Some(thread),
         })
+    }
+
+    /// Stops the thread and returns its connections' filters for the next
+    /// daemon, nothing withdrawn.
+    pub fn hand_over(mut self) -> Vec<Handed> {
+        self.hand_over.store(true, Relaxed);
+        self.stop_thread()
+    }
+
+    fn stop_thread(&mut self) -> Vec<Handed> {
+        self.stop.store(true, Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
     }
 }
 
 impl Drop for InPlace {
     fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop_thread();
     }
 }
 
@@ -113,6 +161,33 @@ struct Conn {
     first: u32,
     last: Instant,
     segments: u64,
+    /// `ftp`, with its endpoints, as the proxy's (every record about it in).
+    span: tracing::Span,
+    /// The window field of the last segment seen from each direction's
+    /// sender: what it announces for the other direction, in its scale.
+    windows: [Option<u16>; 2],
+}
+
+impl Conn {
+    fn new(
+        control: Control,
+        published: InPlaceAdjust,
+        flow: &FlowValue,
+        key: &FlowKey,
+        first: u32,
+    ) -> Self {
+        let client = SocketAddrV4::new(key.src_addr.into(), key.src_port);
+        let server = SocketAddrV4::new(key.dst_addr.into(), key.dst_port);
+        Self {
+            c: Connection::new(control, published),
+            nat: SocketAddrV4::new(flow.nat_src_addr.into(), flow.nat_src_port),
+            first,
+            last: Instant::now(),
+            segments: 0,
+            span: tracing::info_span!("ftp", %client, %server),
+            windows: [None; 2],
+        }
+    }
 }
 
 struct Reader {
@@ -126,7 +201,47 @@ struct Reader {
 }
 
 impl Reader {
-    fn run(mut self, stop: &AtomicBool) {
+    /// Takes up the connections a previous daemon handed over (their flows
+    /// still there).
+    fn resume(&mut self, resumed: Vec<Handed>) {
+        let n = resumed.len();
+        for h in resumed {
+            let (client, server) = (h.state.client, h.state.server);
+            let key = FlowKey::new(
+                IPPROTO_TCP,
+                client.ip().octets(),
+                client.port(),
+                server.ip().octets(),
+                server.port(),
+            );
+            match self.take_up(&key, h) {
+                Ok(Some(conn)) => {
+                    self.conns.insert(key, conn);
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("ftp in place {client} → {server}: not taken over: {e:#}"),
+            }
+        }
+        if n > 0 {
+            log::info!(
+                "{} of {n} FTP control connections read in place taken over from the previous daemon",
+                self.conns.len()
+            );
+        }
+    }
+
+    /// A handed-over connection whose flows are still there: its filter
+    /// again, from the translation the datapath has.
+    fn take_up(&mut self, key: &FlowKey, h: Handed) -> anyhow::Result<Option<Conn>> {
+        let Some(flow) = self.flows.get(key)? else {
+            return Ok(None);
+        };
+        let control = Control::resume(self.ctx.api.clone(), self.ctx.stats.clone(), h.state)?;
+        let published = self.maps.adjust(key)?.unwrap_or_default();
+        Ok(Some(Conn::new(control, published, &flow, key, h.first)))
+    }
+
+    fn run(mut self, stop: &AtomicBool, hand_over: &AtomicBool) -> Vec<Handed> {
         let fd = self.ring.as_raw_fd();
         while !stop.load(Relaxed) {
             wait_readable(fd, POLL);
@@ -140,14 +255,25 @@ impl Reader {
                     None => log::warn!("ftp in place: a record of INPLACE_SEGMENTS too short"),
                 }
             }
-            if self.checked.elapsed() >= IDLE_CHECK {
+            if self.checked.elapsed() >= CHECK_EVERY {
                 self.end_closed();
                 self.checked = Instant::now();
             }
         }
+        if hand_over.load(Relaxed) {
+            return self
+                .conns
+                .drain()
+                .map(|(_, conn)| Handed {
+                    first: conn.first,
+                    state: conn.c.into_control().hand_over().between_lines(),
+                })
+                .collect();
+        }
         for (_, mut conn) in self.conns.drain() {
             conn.c.finish();
         }
+        Vec::new()
     }
 
     fn segment(&mut self, seg: &InPlaceSegment) {
@@ -190,6 +316,8 @@ impl Reader {
                 }
             }
         }
+        let span = self.conns.get(&key).map(|c| c.span.clone());
+        let _in_span = span.as_ref().map(|s| s.enter());
         let kernel_next = state.dir[dir].next;
         let forwarded = state.dir[dir].lines;
         let tcp = &seg.tcp[..hlen];
@@ -215,6 +343,10 @@ impl Reader {
         };
         conn.last = Instant::now();
         conn.segments += 1;
+        conn.windows[dir] = Some(u16::from_be_bytes([tcp[14], tcp[15]]));
+        // The receiver's own window, for an acknowledgment made up in its
+        // name.
+        let window = conn.windows[1 - dir].unwrap_or(ACK_WINDOW_UNKNOWN);
         let reaction = match conn.c.segment(&s) {
             Ok(r) => r,
             Err(e) => {
@@ -239,7 +371,7 @@ impl Reader {
             }
         }
         for p in &reaction.packets {
-            if let Err(e) = self.send(h, tcp, &key, nat, p) {
+            if let Err(e) = self.send(h, tcp, (&key, nat), window, p) {
                 log::debug!("ftp in place {}: a packet not sent: {e:#}", endpoints(&key));
             }
         }
@@ -264,21 +396,18 @@ impl Reader {
         )?;
         // A previous daemon's translation, if it rewrote some.
         let published = self.maps.adjust(key)?.unwrap_or_default();
-        Ok(Some(Conn {
-            c: Connection::new(control, published),
-            nat: SocketAddrV4::new(external, flow.nat_src_port),
-            first,
-            last: Instant::now(),
-            segments: 0,
-        }))
+        Ok(Some(Conn::new(control, published, &flow, key, first)))
     }
 
+    /// Sends `p` for the segment `h`/`tcp` of the connection `key`
+    /// (translated to `nat`); `window`: the receiver's, for an
+    /// acknowledgment made up in its name.
     fn send(
         &self,
         h: &SegmentHead,
         tcp: &[u8],
-        key: &FlowKey,
-        nat: SocketAddrV4,
+        (key, nat): (&FlowKey, SocketAddrV4),
+        window: u16,
         p: &Packet,
     ) -> anyhow::Result<()> {
         let (pkt, dst) = match p {
@@ -318,7 +447,7 @@ impl Reader {
                 let mut hdr = [0u8; 20];
                 hdr[12] = 5 << 4;
                 hdr[13] = 0x10;
-                hdr[14..16].copy_from_slice(&ACK_WINDOW.to_be_bytes());
+                hdr[14..16].copy_from_slice(&window.to_be_bytes());
                 let piece = Piece {
                     seq: *seq,
                     ack: *ack,
@@ -344,17 +473,29 @@ impl Reader {
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
-            match self.flows.get(&key) {
-                Ok(Some(_)) => {
+            match self.ended(&key) {
+                Ok(false) => {
                     if let Some(c) = self.conns.get_mut(&key) {
                         c.last = Instant::now();
                     }
                 }
-                // Its map entries went with the flows (the sweeper).
-                Ok(None) => self.forget(&key),
+                Ok(true) => self.forget(&key),
                 Err(e) => log::warn!("ftp in place: reading FLOWS: {e:#}"),
             }
         }
+    }
+
+    /// Whether the connection on `key`'s flows has ended: the flows are
+    /// gone (the sweeper took its map entries with them), or RST or FIN
+    /// both ways went through — so its unused openings go seconds after
+    /// the close, not when the flows are swept. A segment of it handed
+    /// over later takes it up again.
+    fn ended(&self, key: &FlowKey) -> anyhow::Result<bool> {
+        let Some(value) = self.flows.get(key)? else {
+            return Ok(true);
+        };
+        let peer = self.flows.get(&sweeper::reply_key(key, &value))?;
+        Ok(sweeper::tcp_ended(&value, peer.as_ref()))
     }
 
     fn close(&mut self, key: &FlowKey) {
@@ -368,9 +509,10 @@ impl Reader {
     /// the same flows or for the sweeper).
     fn forget(&mut self, key: &FlowKey) {
         if let Some(mut conn) = self.conns.remove(key) {
+            let _in_span = conn.span.clone().entered();
             conn.c.finish();
             log::info!(
-                "ftp in place {}: ended after {} segments through the daemon: {}",
+                "ftp in place {}: closed after {} segments through the daemon: {}",
                 endpoints(key),
                 conn.segments,
                 conn.c.control().summary()

@@ -222,7 +222,12 @@ impl LabRun {
 impl LabRun {
     /// Like `start`, with a configuration file of the given text.
     pub fn with_config(tag: &str, toml: &str) -> Self {
-        let (run, path) = Self::with_config_file(tag, toml);
+        Self::with_config_and_args(tag, toml, &[])
+    }
+
+    /// `with_config`, and more `up` arguments.
+    pub fn with_config_and_args(tag: &str, toml: &str, extra: &[&str]) -> Self {
+        let (run, path) = Self::with_config_file_and_args(tag, toml, extra);
         std::fs::remove_file(&path).ok();
         run
     }
@@ -230,10 +235,20 @@ impl LabRun {
     /// `with_config`, the file kept for the test to change and reload (and
     /// remove).
     pub fn with_config_file(tag: &str, toml: &str) -> (Self, std::path::PathBuf) {
+        Self::with_config_file_and_args(tag, toml, &[])
+    }
+
+    fn with_config_file_and_args(
+        tag: &str,
+        toml: &str,
+        extra: &[&str],
+    ) -> (Self, std::path::PathBuf) {
         let path =
             std::env::temp_dir().join(format!("{}-{tag}.toml", crate::lab::unique_prefix("cfg")));
         std::fs::write(&path, toml).expect("writing the config");
-        let run = Self::start(tag, &["--config", path.to_str().expect("utf-8")]);
+        let mut args = vec!["--config", path.to_str().expect("utf-8")];
+        args.extend_from_slice(extra);
+        let run = Self::start(tag, &args);
         (run, path)
     }
 }

@@ -17,6 +17,10 @@ use crate::{
     traffic::{wait_listening, Peer},
 };
 
+/// The configuration that proxies outbound FTP control connections (the
+/// default reads them in place).
+pub const PROXY: &str = "[ftp]\ncontrol = \"proxy\"\n";
+
 /// vsftpd on the lab's server (anonymous, downloads from `root`, uploads to
 /// `root/incoming`, active and passive mode); stopped when dropped.
 pub struct FtpServer {

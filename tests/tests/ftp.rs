@@ -1,6 +1,8 @@
-//! The FTP filter end to end: transparent interception of the control
-//! connection, real clients (curl, lftp, ftplib) against vsftpd, active and
-//! passive, kernel and user mode, and the bounce attempts refused.
+//! The FTP filter end to end: control connections proxied (`control =
+//! "proxy"`; the default reads them in place, `ftp_in_place.rs`) or in the
+//! default mode where the test is about both, real clients (curl, lftp,
+//! ftplib) against vsftpd, active and passive, kernel and user mode, and the
+//! bounce attempts refused.
 
 use std::{process::Stdio, time::Duration};
 
@@ -8,7 +10,7 @@ use firewall_tests::{
     daemon::LabRun,
     ftp::{
         bounces_refused, check, eventually, every_client, four_clients_download, ftp_stat, python,
-        scratch, sha256, Client, FtpServer,
+        scratch, sha256, Client, FtpServer, PROXY,
     },
     lab::addr,
     traffic::{wait_listening, Peer},
@@ -16,7 +18,7 @@ use firewall_tests::{
 
 #[test]
 fn every_client_downloads_lists_and_uploads_in_kernel_mode() {
-    let run = LabRun::start("ftpk", &[]);
+    let run = LabRun::with_config("ftpk", PROXY);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     every_client(&run, &server);
     // Each data connection was opened by its first packet in XDP.
@@ -197,7 +199,7 @@ fn many_transfers_rest_and_abor_on_one_control_connection() {
 
 #[test]
 fn bounces_are_refused_and_counted() {
-    let run = LabRun::start("ftpbnc", &[]);
+    let run = LabRun::with_config("ftpbnc", PROXY);
     let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     // Client side: PORT/EPRT naming another internal host, an external third
     // party, or a privileged port. Each answered 5xx by the firewall.
@@ -255,7 +257,16 @@ fn a_server_steering_passive_mode_elsewhere_is_refused() {
 
 #[test]
 fn unused_pinholes_end_with_the_control_connection() {
-    let run = LabRun::start("ftpend", &[]);
+    // Read in place, its end is read from its flows (FIN both ways).
+    unused_pinholes_end(&LabRun::start("ftpend", &[]));
+}
+
+#[test]
+fn unused_pinholes_end_with_the_proxied_control_connection() {
+    unused_pinholes_end(&LabRun::with_config("ftpendp", PROXY));
+}
+
+fn unused_pinholes_end(run: &LabRun) {
     let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     let out = python(
         &run.lab.client,
@@ -391,7 +402,7 @@ fn down_removes_the_policy_routing() {
 #[test]
 fn the_tc_datapath_carries_ftp_too() {
     // `--xdp-mode tc`: the same pipeline at tcx ingress (GSO kept on veth).
-    let run = LabRun::start("ftptc", &["--xdp-mode", "tc"]);
+    let run = LabRun::with_config_and_args("ftptc", PROXY, &["--xdp-mode", "tc"]);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     let file = server.random_file("tc.bin", 64 * 1024 * 1024 + 5).unwrap();
     four_clients_download(&run, &file, "tc.bin");

@@ -1,16 +1,17 @@
 //! 10,000 idle FTP control connections through a daemon started under the
-//! usual soft limit of 1024 open files. A test binary of its own: it lowers
-//! its own soft limit, which the daemon it starts inherits.
+//! usual soft limit of 1024 open files, read in place (the default) and
+//! proxied. A test binary of its own: it lowers its own soft limit, which
+//! the daemon it starts inherits.
 //!
-//! Each control connection holds two sockets in the daemon (the client's
-//! leg and the server's), so 10,000 need a hard limit above 20,000. Where
-//! the hard limit is lower and cannot be raised (no CAP_SYS_RESOURCE, as on
-//! the CI machines, whose hard limit is 20,000), the test opens as many as
-//! the hard limit allows and says so.
+//! Proxied, each control connection holds two sockets in the daemon (the
+//! client's leg and the server's), so 10,000 need a hard limit above
+//! 20,000. Where the hard limit is lower and cannot be raised (no
+//! CAP_SYS_RESOURCE, as on the CI machines, whose hard limit is 20,000), the
+//! test opens as many as the hard limit allows and says so.
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::check,
+    ftp::{check, PROXY},
     lab::addr,
     traffic::{wait_listening, Peer},
 };
@@ -20,7 +21,27 @@ const WANTED: u64 = 10_000;
 const RESERVE: u64 = 400;
 
 #[test]
-fn ten_thousand_idle_control_connections_under_a_1024_soft_limit() {
+fn ten_thousand_idle_control_connections_read_in_place_under_a_1024_soft_limit() {
+    let (connections, run, _server) = idle_connections("ftpidle", None);
+    // Forwarded in place: nothing intercepted, two flows each, and no
+    // descriptor taken.
+    let status = run.fw.status();
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
+    let flows = status["maps"][0]["entries"].as_u64().unwrap();
+    assert!(flows >= 2 * connections, "{flows} flows");
+    assert!(!run.fw.log_text().contains("out of file descriptors"));
+}
+
+#[test]
+fn ten_thousand_idle_control_connections_proxied_under_a_1024_soft_limit() {
+    let (connections, run, _server) = idle_connections("ftpidlep", Some(PROXY));
+    proxied(connections, &run);
+}
+
+/// Starts a daemon (with `config`) under a soft limit of 1024 and has as
+/// many idle control connections as the hard limit allows go through it;
+/// how many, the run and the server (which never closes its side).
+fn idle_connections(tag: &str, config: Option<&str>) -> (u64, LabRun, Peer) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     // What systemd gives a service by default: a soft limit of 1024 and a
     // high hard limit.
@@ -36,7 +57,10 @@ fn ten_thousand_idle_control_connections_under_a_1024_soft_limit() {
              {connections} control connections instead of {WANTED}"
         );
     }
-    let run = LabRun::start("ftpidle", &[]);
+    let run = match config {
+        Some(toml) => LabRun::with_config(tag, toml),
+        None => LabRun::start(tag, &[]),
+    };
     assert!(
         run.fw.log_text().contains("soft limit raised from 1024"),
         "{}",
@@ -63,7 +87,7 @@ asyncio.run(main())
         ),
     )
     .unwrap();
-    let _server = Peer::new(
+    let server = Peer::new(
         run.lab
             .server
             .spawn(&format!(
@@ -117,6 +141,10 @@ asyncio.run(main())
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    (connections, run, server)
+}
+
+fn proxied(connections: u64, run: &LabRun) {
     // Through the firewall, each one intercepted, and it still answers.
     let status = run.fw.status();
     assert!(status["ftp"]["control_connections"].as_u64().unwrap() >= connections);

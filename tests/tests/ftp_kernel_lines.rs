@@ -1,10 +1,11 @@
-//! FTP control lines forwarded in the kernel (`[ftp] control_lines`): a
-//! scripted client and server exchange lines in every shape — one line per
-//! segment, several in one, a line split over two, refused and rewritten
-//! commands, multi-line replies, bursts past the kernel's budget — and both
-//! ends must see exactly what the filter alone would have let through, in
-//! order; the same script with the daemon forwarding every line must give
-//! the same bytes.
+//! FTP control lines forwarded in the kernel: a scripted client and server
+//! exchange lines in every shape — one line per segment, several in one, a
+//! line split over two, refused and rewritten commands, multi-line replies,
+//! bursts past the kernel's budget — and both ends must see exactly what
+//! the filter alone would have let through, in order: read in place (the
+//! default; a refused command reaches the server as `XFWREFUSED`), and
+//! proxied (`[ftp] control_lines`), where the same script with the daemon
+//! forwarding every line must give the same bytes.
 
 use std::{
     process::Stdio,
@@ -13,7 +14,7 @@ use std::{
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{check, python},
+    ftp::{check, python, PROXY},
     lab::addr,
     traffic::{wait_listening, Peer},
 };
@@ -96,14 +97,15 @@ s.sendall(b"QUIT\r\n"); replies(1)
 const PORT: &str = "PORT 10,2,0,1,*";
 
 /// What the server must have received: the script without the refused
-/// PORT, the client's own PORT with the firewall's address.
-fn server_must_get(got: &str) -> Result<(), String> {
-    let mut want = vec![
-        "NOOP 1", "NOOP 2", "NOOP 3", "NOOP 4", "NOOP 5", "NOOP 6", PORT,
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
+/// PORT (in place, `XFWREFUSED` in its stead), the client's own PORT with
+/// the firewall's address.
+fn server_must_get(got: &str, in_place: bool) -> Result<(), String> {
+    let mut want = vec!["NOOP 1", "NOOP 2", "NOOP 3", "NOOP 4", "NOOP 5"];
+    if in_place {
+        want.push("XFWREFUSED");
+    }
+    want.extend(["NOOP 6", PORT]);
+    let mut want: Vec<String> = want.into_iter().map(String::from).collect();
     want.extend((7..47).map(|i| format!("NOOP {i}")));
     want.extend(["FEAT", "NOOP 47", "TWO", "SPLIT"].map(String::from));
     want.extend((48..148).map(|i| format!("NOOP {i}")));
@@ -135,11 +137,13 @@ fn matches(lines: &[&str], want: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-fn client_must_get(out: &str) -> Result<(), String> {
+/// What the client must have read: the refused PORT answered by the
+/// firewall's 500, or in place by the server's answer to `XFWREFUSED`.
+fn client_must_get(out: &str, in_place: bool) -> Result<(), String> {
     let mut want: Vec<String> = ["220 scripted", "200 1", "200 2", "200 3", "200 4", "200 5"]
         .map(String::from)
         .to_vec();
-    want.push("500 *".into());
+    want.push(if in_place { "502 XFWREFUSED" } else { "500 *" }.into());
     want.extend(["200 6", "200 port"].map(String::from));
     want.extend((7..47).map(|i| format!("200 {i}")));
     want.extend(
@@ -216,22 +220,28 @@ fn client(run: &LabRun, code: &str) -> std::process::Output {
     )
 }
 
-/// Runs the script through a firewall with `config`; the number of lines
-/// the kernel forwarded.
-fn script(tag: &str, config: &str) -> u64 {
+/// Runs the script through a firewall with `config`; the run.
+fn script(tag: &str, config: &str) -> LabRun {
+    let in_place = !config.contains(PROXY);
     let run = LabRun::with_config(tag, config);
     let (_server, got) = scripted_server(&run);
     let out = client(&run, CLIENT);
     check("the scripted client", &out);
     let replies = String::from_utf8_lossy(&out.stdout).into_owned();
-    if let Err(e) = client_must_get(&replies) {
+    if let Err(e) = client_must_get(&replies, in_place) {
         panic!("{tag}: the client: {e}");
     }
     let received = std::fs::read(&got).unwrap();
     let _ = std::fs::remove_file(&got);
-    if let Err(e) = server_must_get(&String::from_utf8_lossy(&received)) {
+    if let Err(e) = server_must_get(&String::from_utf8_lossy(&received), in_place) {
         panic!("{tag}: the server: {e}");
     }
+    run
+}
+
+/// `script` proxied; the number of lines the kernel forwarded.
+fn script_proxied(tag: &str, config: &str) -> u64 {
+    let run = script(tag, &format!("{PROXY}{config}"));
     // The connection ended: its slots are free again.
     let deadline = Instant::now() + Duration::from_secs(10);
     while run.fw.status()["ftp"]["kernel_line_connections"] != 0 {
@@ -242,14 +252,23 @@ fn script(tag: &str, config: &str) -> u64 {
 }
 
 #[test]
+fn lines_in_every_shape_arrive_as_the_filter_reads_them_in_order_read_in_place() {
+    let run = script("ftpipl", "");
+    // Lines in several to a segment or split, and every PORT, went through
+    // the daemon; the others through the kernel.
+    assert!(run.fw.counter("drop_ftp_diverted") >= 120);
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
+}
+
+#[test]
 fn lines_in_every_shape_arrive_as_the_filter_reads_them_in_order() {
-    let in_kernel = script("ftpkl", "");
+    let in_kernel = script_proxied("ftpkl", "");
     // 300-odd lines each way; most are plain and one to a segment.
     assert!(
         in_kernel >= 200,
         "only {in_kernel} lines forwarded in the kernel"
     );
-    let in_daemon = script("ftpul", "[ftp]\ncontrol_lines = \"user\"\n");
+    let in_daemon = script_proxied("ftpul", "control_lines = \"user\"\n");
     assert_eq!(
         in_daemon, 0,
         "control_lines = \"user\": the daemon forwards every line"
@@ -268,12 +287,18 @@ fn slow_reader(tag: &str, config: &str) -> u64 {
 }
 
 #[test]
+fn a_client_that_stops_reading_gets_every_reply_in_order_read_in_place() {
+    // Its segments carry 100 lines each: all go through the daemon.
+    slow_reader("ftpslowip", "");
+}
+
+#[test]
 fn a_client_that_stops_reading_gets_every_reply_in_order() {
-    assert!(slow_reader("ftpslowk", "") > 0);
+    assert!(slow_reader("ftpslowk", PROXY) > 0);
     // The daemon alone must not stall either: replies go on while the
     // commands wait for the server.
     assert_eq!(
-        slow_reader("ftpslowu", "[ftp]\ncontrol_lines = \"user\"\n"),
+        slow_reader("ftpslowu", &format!("{PROXY}control_lines = \"user\"\n")),
         0
     );
 }

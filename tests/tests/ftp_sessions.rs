@@ -7,7 +7,7 @@
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{check, ftp_stat, python, sha256, FtpServer},
+    ftp::{check, ftp_stat, python, sha256, FtpServer, PROXY},
     ftp_load::{self, many_sessions_all_succeed, DataMode},
     lab::{addr, Ns},
 };
@@ -15,6 +15,15 @@ use firewall_tests::{
 #[test]
 fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed() {
     let run = LabRun::start("ftpmany", &[]);
+    let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
+    many_sessions_all_succeed(&run, &server);
+    // Read in place: nothing intercepted.
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
+}
+
+#[test]
+fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed_through_the_proxy() {
+    let run = LabRun::with_config("ftpmanyp", PROXY);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     many_sessions_all_succeed(&run, &server);
 }
@@ -72,19 +81,33 @@ fn sessions_go_on_after_the_clients_session_is_closed() {
 
 #[test]
 fn a_client_reusing_its_port_connects_at_once_and_down_leaves_no_socket() {
-    let mut run = LabRun::start("ftpreuse", &[]);
+    // Read in place (the default), the firewall holds no socket at all:
+    // the SYN on the old connection's flows starts the new connection.
+    reusing_a_port(LabRun::start("ftpreuse", &[]), false);
+}
+
+#[test]
+fn a_client_reusing_its_port_connects_at_once_through_the_proxy() {
+    reusing_a_port(LabRun::with_config("ftpreusep", PROXY), true);
+}
+
+fn reusing_a_port(mut run: LabRun, proxy: bool) {
     let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     check(
         "first session",
         &python(&run.lab.client, &session_from_port(41000)),
     );
-    // The firewall's leg to the client waits out TIME_WAIT.
     let tw = run
         .lab
         .fw
         .sh("ss -Htan state time-wait '( sport = :21 )'")
         .unwrap();
-    assert!(tw.contains(":41000"), "{tw}");
+    if proxy {
+        // The firewall's leg to the client waits out TIME_WAIT.
+        assert!(tw.contains(":41000"), "{tw}");
+    } else {
+        assert!(tw.trim().is_empty(), "{tw}");
+    }
     let (syn_retrans, rsts) = (
         nstat(&run.lab.client, "TcpExtTCPSynRetrans"),
         nstat(&run.lab.client, "TcpOutRsts"),
@@ -193,8 +216,26 @@ fn a_transfer_outlives_its_control_connection() {
 
 #[test]
 fn a_client_over_its_quota_is_told_425() {
-    // A quota of 2 live data connections per client.
-    let run = LabRun::with_config("ftpquota", "[policy]\nclient_quota = 2\n");
+    // Read in place (the default), a refused PORT reaches the server as a
+    // command it refuses (the filter writes only in a line's own
+    // direction), so the client reads the server's 500 for it.
+    over_quota(
+        &LabRun::with_config("ftpquota", "[policy]\nclient_quota = 2\n"),
+        "500",
+    );
+}
+
+#[test]
+fn a_client_over_its_quota_is_told_425_by_the_proxy() {
+    over_quota(
+        &LabRun::with_config("ftpquotap", &format!("[policy]\nclient_quota = 2\n{PROXY}")),
+        "425",
+    );
+}
+
+/// A quota of 2 live data connections per client: a third session's PASV
+/// is answered 425 and its PORT `port_answer`, until one of the two ends.
+fn over_quota(run: &LabRun, port_answer: &str) {
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     server.random_file("big.bin", 64 << 20).unwrap();
     let out = python(
@@ -215,7 +256,7 @@ fn a_client_over_its_quota_is_told_425() {
              \x20   print('refused:', e)\n\
              try:\n\
              \x20   third.sendport('{client}', 40500); sys.exit('PORT not refused')\n\
-             except ftplib.error_temp as e:\n\
+             except (ftplib.error_temp, ftplib.error_perm) as e:\n\
              \x20   print('refused:', e)\n\
              # One ends: below the quota again, at once.\n\
              f, conn = held.pop(); conn.close(); f.close()\n\
@@ -233,11 +274,12 @@ fn a_client_over_its_quota_is_told_425() {
     );
     check("quota", &out);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("refused: 425").count(), 2, "{text}");
+    assert!(text.contains("refused: 425 Can't open passive"), "{text}");
+    assert!(text.contains(&format!("refused: {port_answer}")), "{text}");
     assert!(text.contains("quota of 2"), "{text}");
     assert!(text.contains("accepted: 227"), "{text}");
     // Two refusals, and the retries until the end of the held connection was read.
-    assert!(ftp_stat(&run, "failed_calls") >= 2);
+    assert!(ftp_stat(run, "failed_calls") >= 2);
     // Refused at the call: no SYN was dropped in the datapath.
     assert_eq!(run.fw.counter("drop_client_quota"), 0);
 }

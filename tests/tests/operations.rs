@@ -210,19 +210,24 @@ fn logs_are_structured_records_with_spans() {
         let out = fw.ctl(&[verb, &c["id"].to_string()]);
         assert!(out.status.success(), "{out:?}");
     }
-    let text = fw.log_text();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
-    let client = addr::CLIENT;
-    // The control connection's end, inside its span.
-    let ftp_end = records.iter().find(|r| {
+    // The control connection's end, inside its span (read in place, the
+    // daemon learns of it from its flows within seconds).
+    let is_ftp_end = |r: &serde_json::Value| {
         r["span"]["name"] == "ftp"
             && r["message"]
                 .as_str()
                 .is_some_and(|m| m.contains("closed after"))
-    });
+    };
+    let parse = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+    firewall_tests::ftp::eventually(10, || parse(&fw.log_text()).iter().any(is_ftp_end));
+    let text = fw.log_text();
+    let records = parse(&text);
+    let client = addr::CLIENT;
+    let ftp_end = records.iter().find(|r| is_ftp_end(r));
     let ftp_end = ftp_end.unwrap_or_else(|| panic!("no record in an ftp span: {text}"));
     assert!(
         ftp_end["span"]["client"]

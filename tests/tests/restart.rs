@@ -17,7 +17,7 @@ use std::{
 
 use firewall_tests::{
     daemon::ctl_binary,
-    ftp::{eventually, sha256, FtpServer},
+    ftp::{eventually, sha256, FtpServer, PROXY},
     lab::{addr, Lab, Ns},
     notify::ServiceManager,
     traffic::{prime_neighbours, Peer},
@@ -25,7 +25,7 @@ use firewall_tests::{
 
 /// `firewall-ctl up` as systemd runs it: `--keep-datapath`, NOTIFY_SOCKET,
 /// and the stored descriptors from fd 3 on with their names.
-fn start_daemon(ns: &Ns, sm: &ServiceManager, log: &PathBuf) -> Child {
+fn start_daemon(ns: &Ns, sm: &ServiceManager, log: &PathBuf, config: &str) -> Child {
     // Above the range they go to, so that no dup2 overwrites another.
     let high: Vec<RawFd> = sm
         .store
@@ -39,7 +39,7 @@ fn start_daemon(ns: &Ns, sm: &ServiceManager, log: &PathBuf) -> Child {
     cmd.args([
         "-c",
         &format!(
-            "export LISTEN_PID=$$; exec {} up --internal {} --external {} --keep-datapath",
+            "export LISTEN_PID=$$; exec {} up --internal {} --external {} --keep-datapath --config {config}",
             ctl_binary().display(),
             addr::IF_INTERNAL,
             addr::IF_EXTERNAL
@@ -157,13 +157,31 @@ impl Drop for Daemon {
 
 #[test]
 fn ftp_clients_do_not_notice_a_restart() {
+    // Read in place (the default): the control connections are the
+    // datapath's; the next daemon takes each up at its next segment handed
+    // over, from the translation published in INPLACE_ADJUST.
+    ftp_restart("rst", "");
+}
+
+#[test]
+fn ftp_clients_do_not_notice_a_restart_of_the_proxy() {
+    // Proxied: the stored sockets and each connection's state go to the
+    // next daemon.
+    ftp_restart("rstp", PROXY);
+}
+
+fn ftp_restart(tag: &str, toml: &str) {
+    let proxy = toml == PROXY;
     firewall_tests::require_root();
     let _turn = firewall_tests::exclusive();
-    let lab = Lab::create(&firewall_tests::lab::unique_prefix("rst")).unwrap();
+    let lab = Lab::create(&firewall_tests::lab::unique_prefix(tag)).unwrap();
     let log = std::env::temp_dir().join(format!("{}-daemon.log", lab.prefix));
     let _ = std::fs::remove_file(&log);
+    let config = std::env::temp_dir().join(format!("{}-config.toml", lab.prefix));
+    std::fs::write(&config, toml).unwrap();
+    let config = config.display().to_string();
     let mut sm = ServiceManager::new(&lab.prefix);
-    let mut daemon = Daemon(Some(start_daemon(&lab.fw, &sm, &log)));
+    let mut daemon = Daemon(Some(start_daemon(&lab.fw, &sm, &log, &config)));
     sm.until("READY=1", 30, &log);
     prime_neighbours(&lab);
 
@@ -229,8 +247,9 @@ fn ftp_clients_do_not_notice_a_restart() {
         controls.push(std::fs::read_to_string(&marker).unwrap());
         let _ = std::fs::remove_file(marker);
     }
+    let kind = if proxy { "intercepted" } else { "outbound" };
     for c in &controls {
-        assert_eq!(primary_kind(c), "intercepted", "{c}");
+        assert_eq!(primary_kind(c), kind, "{c}");
     }
     for n in ["passive", "active", "lftp-big"] {
         assert!(
@@ -269,14 +288,18 @@ fn ftp_clients_do_not_notice_a_restart() {
             .iter()
             .filter(|n| n.starts_with("ftp-client-"))
             .count(),
-        5,
-        "five control connections stored: {stored:?}"
+        if proxy { 5 } else { 0 },
+        "control connections stored: {stored:?}"
     );
-    daemon.0 = Some(start_daemon(&lab.fw, &sm, &log));
+    daemon.0 = Some(start_daemon(&lab.fw, &sm, &log, &config));
     sm.until("READY=1", 30, &log);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
-        text.contains("5 FTP control connections taken over from the previous daemon"),
+        text.contains(if proxy {
+            "5 FTP control connections taken over from the previous daemon"
+        } else {
+            "5 of 5 FTP control connections read in place taken over from the previous daemon"
+        }),
         "{text}"
     );
     assert!(
@@ -285,7 +308,7 @@ fn ftp_clients_do_not_notice_a_restart() {
     );
     // GetConnectionFlags knows them in the new daemon too.
     for c in &controls {
-        assert_eq!(primary_kind(c), "intercepted", "{c}");
+        assert_eq!(primary_kind(c), kind, "{c}");
     }
     std::fs::write(&go, b"").unwrap();
 
@@ -316,4 +339,5 @@ fn ftp_clients_do_not_notice_a_restart() {
         sm.store.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&config);
 }

@@ -32,6 +32,9 @@ pub struct ControlState {
     /// daemon (see `ControlState::keep_pending`).
     #[serde(default)]
     pending: Vec<Opening>,
+    /// Read in place (`Control::in_place`).
+    #[serde(default)]
+    in_place: bool,
 }
 
 impl ControlState {
@@ -45,6 +48,18 @@ impl ControlState {
     /// again for nothing, and expire).
     pub fn keep_pending(&mut self, waiting: impl Fn(u64) -> bool) {
         self.pending.retain(|o| waiting(o.id()));
+    }
+
+    /// Without the lines it was reading: a connection read in place is
+    /// taken up by the next daemon from the translation the datapath has
+    /// (`firewall_core::in_place`), where the sender sends again whatever
+    /// the filter held.
+    pub fn between_lines(mut self) -> Self {
+        self.from_client = Lines::default();
+        self.from_server = Lines::default();
+        self.replies = Replies::default();
+        self.dropping_reply = false;
+        self
     }
 }
 
@@ -67,6 +82,7 @@ impl Control {
             dropping_reply: self.dropping_reply,
             tally: self.tally,
             pending,
+            in_place: self.in_place,
         }
     }
 
@@ -89,7 +105,7 @@ impl Control {
             external: state.external,
             extra_flags: state.extra_flags,
             published: state.published,
-            in_place: false,
+            in_place: state.in_place,
             from_client: state.from_client,
             from_server: state.from_server,
             replies: state.replies,

@@ -234,3 +234,29 @@ fn a_line_the_kernel_forwarded_sent_again_goes_on_only_where_it_lay() {
     assert_eq!(r.packets.len(), 1);
     assert_eq!(data(&r.packets[0]), (at + 3, &b""[..], false));
 }
+
+#[test]
+fn a_restarting_daemon_hands_over_the_openings_and_the_role() {
+    let (mut c, fake) = connection();
+    let port = b"PORT 10,1,0,2,4,1\r\n";
+    c.segment(&seg(DIR_COMMANDS, 1000, 1000, 1, port)).unwrap();
+    let state = c.into_control().hand_over().between_lines();
+    assert!(
+        fake.withdrawn.lock().unwrap().is_empty(),
+        "nothing withdrawn at a hand-over"
+    );
+    let json = serde_json::to_string(&state).unwrap();
+    let state: crate::ftp::ControlState = serde_json::from_str(&json).unwrap();
+    // The next daemon: the opening made again where it was announced, and
+    // a refusal still goes on in the commands' own direction.
+    let next = Control::resume(fake.clone(), Arc::new(FtpStats::default()), state).unwrap();
+    let binds = fake.binds.lock().unwrap().clone();
+    assert_eq!(binds.len(), 2);
+    assert_eq!(binds[1].proxy, Some("10.2.0.1:40001".parse().unwrap()));
+    let mut c = Connection::new(next, InPlaceAdjust::default());
+    let at = 1000 + port.len() as u32;
+    let r = c
+        .segment(&seg(DIR_COMMANDS, at, at, 2, b"PORT 10,9,9,9,4,1\r\n"))
+        .unwrap();
+    assert_eq!(data(&r.packets[0]).1, REFUSED_COMMAND);
+}

@@ -16,10 +16,12 @@ use super::{ftp_calls::FtpCalls, Shared};
 /// for them, with the daemon's thread reading what they hand over; or,
 /// when the configuration does not ask for it, no port marked (a previous
 /// daemon's pinned ports cleared).
+/// `resumed`: the connections a previous daemon handed over.
 pub(super) fn start(
     dp: &mut Datapath,
     config: &Config,
     shared: &Arc<Shared>,
+    resumed: Vec<in_place::Handed>,
 ) -> anyhow::Result<Option<InPlace>> {
     let mut maps = InPlaceMaps::open(dp.pins())?;
     if !config.ftp_in_place || config.ftp_ports.is_empty() {
@@ -42,7 +44,7 @@ pub(super) fn start(
             ConnFlags::empty()
         },
     };
-    let task = InPlace::start(ring, dp.pins(), ctx)?;
+    let task = InPlace::start(ring, dp.pins(), ctx, resumed)?;
     maps.set_ports(&config.ftp_ports)?;
     log::info!(
         "FTP control connections to TCP ports {:?} forwarded in place (the datapath hands the daemon the lines the filter acts on)",

@@ -4,8 +4,11 @@
 //! memfd with the filter's states; systemd passes them to the next daemon
 //! (`LISTEN_FDS`, `LISTEN_FDNAMES`), which filters on from where the old one
 //! stopped and removes them from the store. Clients notice nothing: their
-//! segments wait in the kernel's socket buffers meanwhile. Without a service
-//! manager (no NOTIFY_SOCKET) the connections end with the daemon.
+//! segments wait in the kernel's socket buffers meanwhile. Connections read
+//! in place have no socket: one memfd carries their filters (the openings
+//! they announced), and the datapath forwards their plain lines meanwhile.
+//! Without a service manager (no NOTIFY_SOCKET) the connections end with
+//! the daemon.
 
 use std::{
     collections::BTreeMap,
@@ -21,11 +24,21 @@ use crate::{
     datapath::KernelMaps,
     engine_owner::EngineHandle,
     ftp::ControlState,
+    in_place,
     primary::{Handed, HandedLines},
 };
 
 /// The memfd with the filter states.
 const STATES: &str = "ftp-states";
+/// The memfd with the filters of connections read in place.
+const IN_PLACE_STATES: &str = "ftp-in-place-states";
+
+/// What a previous daemon left in the store.
+#[derive(Default)]
+pub(super) struct Taken {
+    pub proxied: Vec<Handed>,
+    pub in_place: Vec<in_place::Handed>,
+}
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -58,10 +71,13 @@ pub(super) fn client_sockets(handed: &[Handed]) -> Vec<(SocketAddrV4, SocketAddr
 /// Asked once all connections stopped, so that as few as possible are used
 /// between this answer and the next daemon's start (one that is made again
 /// for nothing expires with its timeout).
-pub(super) async fn keep_pending(handed: &mut [Handed], engine: &EngineHandle<KernelMaps>) {
-    let ids: Vec<u64> = handed
+pub(super) async fn keep_pending(
+    mut states: Vec<&mut ControlState>,
+    engine: &EngineHandle<KernelMaps>,
+) {
+    let ids: Vec<u64> = states
         .iter()
-        .flat_map(|h| h.state.pending().iter().map(|o| o.id()))
+        .flat_map(|s| s.pending().iter().map(|o| o.id()))
         .collect();
     if ids.is_empty() {
         return;
@@ -73,8 +89,8 @@ pub(super) async fn keep_pending(handed: &mut [Handed], engine: &EngineHandle<Ke
             Vec::new()
         }
     };
-    for h in handed.iter_mut() {
-        h.state.keep_pending(|id| waiting.contains(&id));
+    for s in states.iter_mut() {
+        s.keep_pending(|id| waiting.contains(&id));
     }
     if !waiting.is_empty() {
         log::info!(
@@ -104,19 +120,33 @@ pub(super) fn store(handed: Vec<Handed>) -> anyhow::Result<usize> {
             lines: h.lines,
         });
     }
+    store_json(STATES, &entries)?;
+    Ok(entries.len())
+}
+
+/// Stores the filters of the connections read in place; returns how many.
+pub(super) fn store_in_place(handed: &[in_place::Handed]) -> anyhow::Result<usize> {
+    if !handed.is_empty() {
+        store_json(IN_PLACE_STATES, handed)?;
+    }
+    Ok(handed.len())
+}
+
+/// Stores `value` as JSON in a memfd named `name`.
+fn store_json(name: &str, value: &(impl Serialize + ?Sized)) -> anyhow::Result<()> {
     let fd = nix::sys::memfd::memfd_create(
         c"firewall-ftp-states",
         nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
     )?;
     let mut file = std::fs::File::from(fd);
-    file.write_all(&serde_json::to_vec(&entries)?)?;
-    store_fd(STATES, file.as_fd())?;
-    Ok(entries.len())
+    file.write_all(&serde_json::to_vec(value)?)?;
+    store_fd(name, file.as_fd())?;
+    Ok(())
 }
 
 /// Takes the connections a previous daemon stored, and has the store
 /// forget them (the next restart stores what is alive then).
-pub(super) fn take() -> Vec<Handed> {
+pub(super) fn take() -> Taken {
     let fds: BTreeMap<String, OwnedFd> = match sd_notify::listen_fds_with_names() {
         // SAFETY: the service manager passed these descriptors to this
         // process (LISTEN_PID checked); each is owned once, here.
@@ -125,28 +155,44 @@ pub(super) fn take() -> Vec<Handed> {
             .collect(),
         Err(e) => {
             log::warn!("descriptors from the service manager: {e}");
-            return Vec::new();
+            return Taken::default();
         }
     };
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
     if fds.is_empty() {
-        return Vec::new();
+        return Taken::default();
     }
     for name in fds.keys() {
         let _ = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
     }
     let mut fds = fds;
+    let in_place = match fds.remove(IN_PLACE_STATES).map(read_states) {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => {
+            log::warn!("the previous daemon's in-place FTP states are unreadable ({e:#}): their unused openings are lost");
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
     let entries: Vec<Entry> = match fds.remove(STATES).map(read_states) {
         Some(Ok(e)) => e,
         Some(Err(e)) => {
             log::warn!("the previous daemon's FTP states are unreadable ({e:#}): its control connections end");
-            return Vec::new();
+            return Taken {
+                proxied: Vec::new(),
+                in_place,
+            };
         }
         None => {
-            log::warn!("descriptors without the previous daemon's FTP states: ignored");
-            return Vec::new();
+            if !fds.is_empty() {
+                log::warn!("descriptors without the previous daemon's FTP states: ignored");
+            }
+            return Taken {
+                proxied: Vec::new(),
+                in_place,
+            };
         }
     };
     let handed: Vec<Handed> = entries
@@ -166,10 +212,13 @@ pub(super) fn take() -> Vec<Handed> {
         "{} FTP control connections taken over from the previous daemon",
         handed.len()
     );
-    handed
+    Taken {
+        proxied: handed,
+        in_place,
+    }
 }
 
-fn read_states(fd: OwnedFd) -> anyhow::Result<Vec<Entry>> {
+fn read_states<T: serde::de::DeserializeOwned>(fd: OwnedFd) -> anyhow::Result<Vec<T>> {
     let mut file = std::fs::File::from(fd);
     file.rewind()?;
     let mut text = String::new();

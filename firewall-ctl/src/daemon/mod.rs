@@ -293,7 +293,13 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // Control connections a restarting daemon left in systemd's store.
     let resumed = handover::take();
     let interception_task = match interception::start(
-        &mut dp, &config, &internal, &external, &shared, &mut state, resumed,
+        &mut dp,
+        &config,
+        &internal,
+        &external,
+        &shared,
+        &mut state,
+        resumed.proxied,
     ) {
         Ok(t) => t,
         Err(e) => {
@@ -304,7 +310,7 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             return Err(e.context("starting the interception of primary connections"));
         }
     };
-    let started = ftp_in_place::start(&mut dp, &config, &shared)
+    let started = ftp_in_place::start(&mut dp, &config, &shared, resumed.in_place)
         .context("reading FTP control connections in place")
         .and_then(|task| {
             let raised = wall::raise(
@@ -389,10 +395,29 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     // A restart under systemd (the datapath stays): the control connections
     // go to its store for the next daemon instead of ending.
     let mut kept_sockets = Vec::new();
+    let handing_over = keep && notify::enabled();
+    // The in-place thread stops first: its filters call the engine.
+    let mut in_place_handed = match in_place_task {
+        Some(t) if handing_over => t.hand_over(),
+        // Its thread ends, its connections' unused openings withdrawn
+        // (connections read in place go on in the kernel either way).
+        t => {
+            drop(t);
+            Vec::new()
+        }
+    };
     if let Some(p) = interception_task {
-        if keep && notify::enabled() {
+        if handing_over {
             let mut handed = p.hand_over();
-            handover::keep_pending(&mut handed, &engine).await;
+            handover::keep_pending(
+                handed
+                    .iter_mut()
+                    .map(|h| &mut h.state)
+                    .chain(in_place_handed.iter_mut().map(|h| &mut h.state))
+                    .collect(),
+                &engine,
+            )
+            .await;
             kept_sockets = handover::client_sockets(&handed);
             match handover::store(handed) {
                 Ok(0) => {}
@@ -408,6 +433,15 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             p.stop();
         }
     }
+    match handover::store_in_place(&in_place_handed) {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "{n} FTP control connections read in place handed to the service manager's store"
+        ),
+        Err(e) => log::warn!(
+            "handing the FTP control connections read in place over failed ({e:#}): their unused openings are lost"
+        ),
+    }
     // Stops accepting API connections too (the listener goes with its task).
     for t in &tasks {
         t.abort();
@@ -415,9 +449,6 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
     for t in tasks {
         let _ = t.await;
     }
-    // Its thread ends (connections read in place go on in the kernel: the
-    // next daemon takes them up where their lines need it).
-    drop(in_place_task);
     engine.stop();
     // The socket file goes last, so that `down`, which waits for it to
     // disappear, sees a finished teardown.

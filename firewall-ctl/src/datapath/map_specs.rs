@@ -111,6 +111,20 @@ pub(super) const MAPS: &[MapSpec] = &[
         key_size: size_of::<FlowKey>() as u32,
         value_size: size_of::<InPlaceAdjust>() as u32,
     },
+    // Pinned so that their programs stay in them while no daemon runs
+    // (`--keep-datapath`): the kernel empties a program array when the last
+    // descriptor to it closes, and the pipeline's tail call would then fail
+    // for every segment of a connection read in place.
+    MapSpec {
+        name: map_names::INPLACE_PROGS_XDP,
+        key_size: 4,
+        value_size: 4,
+    },
+    MapSpec {
+        name: map_names::INPLACE_PROGS_TC,
+        key_size: 4,
+        value_size: 4,
+    },
     MapSpec {
         name: map_names::TFTP_CONF,
         key_size: 4,
