@@ -18,8 +18,10 @@ use crate::{
 };
 
 /// The configuration that proxies outbound FTP control connections (the
-/// default reads them in place).
+/// default), named where a test is about the proxy itself.
 pub const PROXY: &str = "[ftp]\ncontrol = \"proxy\"\n";
+/// The configuration that reads them in place.
+pub const IN_PLACE: &str = "[ftp]\ncontrol = \"in-place\"\n";
 
 /// vsftpd on the lab's server (anonymous, downloads from `root`, uploads to
 /// `root/incoming`, active and passive mode); stopped when dropped.

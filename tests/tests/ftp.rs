@@ -1,8 +1,8 @@
-//! The FTP filter end to end: control connections proxied (`control =
-//! "proxy"`; the default reads them in place, `ftp_in_place.rs`) or in the
-//! default mode where the test is about both, real clients (curl, lftp,
-//! ftplib) against vsftpd, active and passive, kernel and user mode, and the
-//! bounce attempts refused.
+//! The FTP filter end to end: control connections proxied (the default;
+//! `control = "proxy"` named where the test is about the proxy itself, and
+//! read in place too where it is about both, `ftp_in_place.rs` for the
+//! rest), real clients (curl, lftp, ftplib) against vsftpd, active and
+//! passive, kernel and user mode, and the bounce attempts refused.
 
 use std::{process::Stdio, time::Duration};
 
@@ -10,7 +10,7 @@ use firewall_tests::{
     daemon::LabRun,
     ftp::{
         bounces_refused, check, eventually, every_client, four_clients_download, ftp_stat, python,
-        scratch, sha256, Client, FtpServer, PROXY,
+        scratch, sha256, Client, FtpServer, IN_PLACE, PROXY,
     },
     lab::addr,
     traffic::{wait_listening, Peer},
@@ -257,13 +257,13 @@ fn a_server_steering_passive_mode_elsewhere_is_refused() {
 
 #[test]
 fn unused_pinholes_end_with_the_control_connection() {
-    // Read in place, its end is read from its flows (FIN both ways).
     unused_pinholes_end(&LabRun::start("ftpend", &[]));
 }
 
 #[test]
-fn unused_pinholes_end_with_the_proxied_control_connection() {
-    unused_pinholes_end(&LabRun::with_config("ftpendp", PROXY));
+fn unused_pinholes_end_with_the_control_connection_read_in_place() {
+    // Its end is read from its flows (FIN both ways).
+    unused_pinholes_end(&LabRun::with_config("ftpendip", IN_PLACE));
 }
 
 fn unused_pinholes_end(run: &LabRun) {

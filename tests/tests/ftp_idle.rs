@@ -1,6 +1,6 @@
 //! 10,000 idle FTP control connections through a daemon started under the
-//! usual soft limit of 1024 open files, read in place (the default) and
-//! proxied. A test binary of its own: it lowers its own soft limit, which
+//! usual soft limit of 1024 open files, proxied (the default) and read in
+//! place. A test binary of its own: it lowers its own soft limit, which
 //! the daemon it starts inherits.
 //!
 //! Proxied, each control connection holds two sockets in the daemon (the
@@ -11,7 +11,7 @@
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{check, PROXY},
+    ftp::{check, IN_PLACE},
     lab::addr,
     traffic::{wait_listening, Peer},
 };
@@ -22,7 +22,7 @@ const RESERVE: u64 = 400;
 
 #[test]
 fn ten_thousand_idle_control_connections_read_in_place_under_a_1024_soft_limit() {
-    let (connections, run, _server) = idle_connections("ftpidle", None);
+    let (connections, run, _server) = idle_connections("ftpidleip", Some(IN_PLACE));
     // Forwarded in place: nothing intercepted, two flows each, and no
     // descriptor taken.
     let status = run.fw.status();
@@ -34,7 +34,7 @@ fn ten_thousand_idle_control_connections_read_in_place_under_a_1024_soft_limit()
 
 #[test]
 fn ten_thousand_idle_control_connections_proxied_under_a_1024_soft_limit() {
-    let (connections, run, _server) = idle_connections("ftpidlep", Some(PROXY));
+    let (connections, run, _server) = idle_connections("ftpidle", None);
     proxied(connections, &run);
 }
 

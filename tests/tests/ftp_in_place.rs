@@ -1,16 +1,16 @@
 //! FTP control connections forwarded in place (`[ftp] control =
-//! "in-place"`, the default): the datapath forwards the plain lines, the
+//! "in-place"`): the datapath forwards the plain lines, the
 //! daemon gets the others from it and sends what the filter makes of them;
 //! real clients against vsftpd, active and passive, and bounces refused.
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{bounces_refused, every_client, four_clients_download, FtpServer},
+    ftp::{bounces_refused, every_client, four_clients_download, FtpServer, IN_PLACE},
 };
 
 #[test]
 fn every_client_downloads_lists_and_uploads_through_connections_read_in_place() {
-    let run = LabRun::start("ftpip", &[]);
+    let run = LabRun::with_config("ftpip", IN_PLACE);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     every_client(&run, &server);
     // Nothing intercepted: the control connections were forwarded, and
@@ -23,7 +23,7 @@ fn every_client_downloads_lists_and_uploads_through_connections_read_in_place() 
 
 #[test]
 fn bounces_are_refused_in_place() {
-    let run = LabRun::start("ftpipb", &[]);
+    let run = LabRun::with_config("ftpipb", IN_PLACE);
     let _server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     // The refused command reaches the server as one it refuses: the client
     // reads the server's 5xx as the answer to its PORT, and the session
@@ -33,7 +33,7 @@ fn bounces_are_refused_in_place() {
 
 #[test]
 fn the_tc_datapath_reads_in_place_too() {
-    let run = LabRun::start("ftpiptc", &["--xdp-mode", "tc"]);
+    let run = LabRun::with_config_and_args("ftpiptc", IN_PLACE, &["--xdp-mode", "tc"]);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     let file = server.random_file("tc.bin", 8 * 1024 * 1024 + 5).unwrap();
     four_clients_download(&run, &file, "tc.bin");

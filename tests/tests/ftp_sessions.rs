@@ -7,7 +7,7 @@
 
 use firewall_tests::{
     daemon::LabRun,
-    ftp::{check, ftp_stat, python, sha256, FtpServer, PROXY},
+    ftp::{check, ftp_stat, python, sha256, FtpServer, IN_PLACE},
     ftp_load::{self, many_sessions_all_succeed, DataMode},
     lab::{addr, Ns},
 };
@@ -17,15 +17,15 @@ fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed() {
     let run = LabRun::start("ftpmany", &[]);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     many_sessions_all_succeed(&run, &server);
-    // Read in place: nothing intercepted.
-    assert_eq!(run.fw.counter("pass_intercepted"), 0);
 }
 
 #[test]
-fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed_through_the_proxy() {
-    let run = LabRun::with_config("ftpmanyp", PROXY);
+fn a_thousand_sequential_and_64_concurrent_sessions_all_succeed_read_in_place() {
+    let run = LabRun::with_config("ftpmanyip", IN_PLACE);
     let server = FtpServer::start(&run.lab.server, &run.lab.prefix).unwrap();
     many_sessions_all_succeed(&run, &server);
+    // Nothing intercepted.
+    assert_eq!(run.fw.counter("pass_intercepted"), 0);
 }
 
 /// Python: a control connection from `port` that lets the server (and so
@@ -81,14 +81,14 @@ fn sessions_go_on_after_the_clients_session_is_closed() {
 
 #[test]
 fn a_client_reusing_its_port_connects_at_once_and_down_leaves_no_socket() {
-    // Read in place (the default), the firewall holds no socket at all:
-    // the SYN on the old connection's flows starts the new connection.
-    reusing_a_port(LabRun::start("ftpreuse", &[]), false);
+    reusing_a_port(LabRun::start("ftpreuse", &[]), true);
 }
 
 #[test]
-fn a_client_reusing_its_port_connects_at_once_through_the_proxy() {
-    reusing_a_port(LabRun::with_config("ftpreusep", PROXY), true);
+fn a_client_reusing_its_port_connects_at_once_read_in_place() {
+    // The firewall holds no socket at all: the SYN on the old connection's
+    // flows starts the new connection.
+    reusing_a_port(LabRun::with_config("ftpreuseip", IN_PLACE), false);
 }
 
 fn reusing_a_port(mut run: LabRun, proxy: bool) {
@@ -216,20 +216,23 @@ fn a_transfer_outlives_its_control_connection() {
 
 #[test]
 fn a_client_over_its_quota_is_told_425() {
-    // Read in place (the default), a refused PORT reaches the server as a
-    // command it refuses (the filter writes only in a line's own
-    // direction), so the client reads the server's 500 for it.
     over_quota(
         &LabRun::with_config("ftpquota", "[policy]\nclient_quota = 2\n"),
-        "500",
+        "425",
     );
 }
 
 #[test]
-fn a_client_over_its_quota_is_told_425_by_the_proxy() {
+fn a_client_over_its_quota_is_told_425_for_pasv_read_in_place() {
+    // A refused PORT reaches the server as a command it refuses (the
+    // filter writes only in a line's own direction), so the client reads
+    // the server's 500 for it.
     over_quota(
-        &LabRun::with_config("ftpquotap", &format!("[policy]\nclient_quota = 2\n{PROXY}")),
-        "425",
+        &LabRun::with_config(
+            "ftpquotaip",
+            &format!("[policy]\nclient_quota = 2\n{IN_PLACE}"),
+        ),
+        "500",
     );
 }
 

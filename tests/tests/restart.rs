@@ -17,7 +17,7 @@ use std::{
 
 use firewall_tests::{
     daemon::ctl_binary,
-    ftp::{eventually, sha256, FtpServer, PROXY},
+    ftp::{eventually, sha256, FtpServer, IN_PLACE},
     lab::{addr, Lab, Ns},
     notify::ServiceManager,
     traffic::{prime_neighbours, Peer},
@@ -157,21 +157,21 @@ impl Drop for Daemon {
 
 #[test]
 fn ftp_clients_do_not_notice_a_restart() {
-    // Read in place (the default): the control connections are the
-    // datapath's; the next daemon takes each up at its next segment handed
-    // over, from the translation published in INPLACE_ADJUST.
+    // Proxied (the default): the stored sockets and each connection's state
+    // go to the next daemon.
     ftp_restart("rst", "");
 }
 
 #[test]
-fn ftp_clients_do_not_notice_a_restart_of_the_proxy() {
-    // Proxied: the stored sockets and each connection's state go to the
-    // next daemon.
-    ftp_restart("rstp", PROXY);
+fn ftp_clients_do_not_notice_a_restart_read_in_place() {
+    // The control connections are the datapath's; the next daemon takes
+    // each up at its next segment handed over, from the translation
+    // published in INPLACE_ADJUST, and makes again the openings handed over.
+    ftp_restart("rstip", IN_PLACE);
 }
 
 fn ftp_restart(tag: &str, toml: &str) {
-    let proxy = toml == PROXY;
+    let proxy = toml != IN_PLACE;
     firewall_tests::require_root();
     let _turn = firewall_tests::exclusive();
     let lab = Lab::create(&firewall_tests::lab::unique_prefix(tag)).unwrap();

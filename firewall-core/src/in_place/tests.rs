@@ -260,3 +260,28 @@ fn a_restarting_daemon_hands_over_the_openings_and_the_role() {
         .unwrap();
     assert_eq!(data(&r.packets[0]).1, REFUSED_COMMAND);
 }
+
+#[test]
+fn a_first_line_the_kernel_forwarded_and_lost_goes_on_when_sent_again() {
+    // The banner: the datapath forwarded it (and recorded it) but the
+    // packet was lost after it (no neighbour yet); the server sends it
+    // again, the first segment of the direction the daemon sees.
+    let (mut c, _) = connection();
+    let banner = b"220 (vsFTPd 3.0.3)\r\n";
+    let marks = [LineMark {
+        seq: 7000,
+        len: banner.len() as u32,
+    }];
+    let end = 7000 + banner.len() as u32;
+    for acked in [None, Some(7000)] {
+        let mut s = seg(DIR_REPLIES, 7000, end, 1, banner);
+        s.forwarded = &marks;
+        s.acked = acked;
+        let r = c.segment(&s).unwrap();
+        assert_eq!(
+            data(&r.packets[0]),
+            (7000, &banner[..], false),
+            "acked {acked:?}"
+        );
+    }
+}

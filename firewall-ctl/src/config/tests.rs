@@ -149,9 +149,9 @@ fn plain_control_lines_go_through_the_kernel_unless_asked_otherwise() {
 }
 
 #[test]
-fn control_connections_are_read_in_place_unless_proxied() {
+fn control_connections_are_proxied_unless_read_in_place() {
     let (i, e) = ifs();
-    assert!(Config::defaults(&i, &e).unwrap().ftp_in_place);
+    assert!(!Config::defaults(&i, &e).unwrap().ftp_in_place);
     let proxy = Config::parse("[ftp]\ncontrol = \"proxy\"", &i, &e).unwrap();
     assert!(!proxy.ftp_in_place);
     let in_place = Config::parse("[ftp]\ncontrol = \"in-place\"", &i, &e).unwrap();

@@ -150,11 +150,12 @@ pub enum DataConnections {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ControlMode {
-    /// Terminated by the daemon, which connects to the server itself.
+    /// Terminated by the daemon, which connects to the server itself (the
+    /// default).
+    #[default]
     Proxy,
     /// Forwarded by the datapath, which hands the daemon the lines the
-    /// filter acts on (the default).
-    #[default]
+    /// filter acts on.
     InPlace,
 }
 
