@@ -154,6 +154,20 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_tcp_connection_ends_at_rst_or_fin_both_ways() {
+        let with = |flags: u8| FlowValue {
+            tcp_flags_seen: flags,
+            ..FlowValue::default()
+        };
+        let (fin, rst) = (tcp_seen::FIN, tcp_seen::RST);
+        assert!(!tcp_ended(&with(fin), Some(&with(0))), "FIN one way");
+        assert!(!tcp_ended(&with(fin), None), "FIN one way, no pair");
+        assert!(tcp_ended(&with(fin), Some(&with(fin))));
+        assert!(tcp_ended(&with(0), Some(&with(rst))));
+        assert!(tcp_ended(&with(rst), None));
+    }
+
     const S: u64 = 1_000_000_000;
 
     fn t() -> Timeouts {

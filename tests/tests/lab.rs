@@ -343,8 +343,8 @@ fn a_crashed_daemon_leaves_forwarding_up_and_down_or_up_take_over() {
     assert_eq!(report["stopped_daemon"], false);
     assert_eq!(
         report["removed_pins"].as_array().unwrap().len(),
-        24,
-        "two links and twenty-two maps: {report}"
+        26,
+        "two links and twenty-four maps: {report}"
     );
     let link: Value = serde_json::from_str(
         &lab.fw

@@ -293,15 +293,18 @@ fn ftp_restart(tag: &str, toml: &str) {
     );
     daemon.0 = Some(start_daemon(&lab.fw, &sm, &log, &config));
     sm.until("READY=1", 30, &log);
+    // Read in place, the daemon's thread takes them up on its own (before
+    // it reads any segment), READY=1 perhaps first.
+    let taken = if proxy {
+        "5 FTP control connections taken over from the previous daemon"
+    } else {
+        "5 of 5 FTP control connections read in place taken over from the previous daemon"
+    };
+    eventually(5, || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains(taken))
+    });
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        text.contains(if proxy {
-            "5 FTP control connections taken over from the previous daemon"
-        } else {
-            "5 of 5 FTP control connections read in place taken over from the previous daemon"
-        }),
-        "{text}"
-    );
+    assert!(text.contains(taken), "{text}");
     assert!(
         text.contains("2 announced data connections not yet opened handed over"),
         "{text}"

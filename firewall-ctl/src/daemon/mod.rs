@@ -406,41 +406,44 @@ pub async fn run(opts: UpOptions) -> anyhow::Result<()> {
             Vec::new()
         }
     };
-    if let Some(p) = interception_task {
-        if handing_over {
-            let mut handed = p.hand_over();
-            handover::keep_pending(
-                handed
-                    .iter_mut()
-                    .map(|h| &mut h.state)
-                    .chain(in_place_handed.iter_mut().map(|h| &mut h.state))
-                    .collect(),
-                &engine,
-            )
-            .await;
-            kept_sockets = handover::client_sockets(&handed);
-            match handover::store(handed) {
-                Ok(0) => {}
-                Ok(n) => {
-                    log::info!("{n} FTP control connections handed to the service manager's store")
-                }
-                Err(e) => {
-                    kept_sockets.clear();
-                    log::warn!("handing the FTP control connections over failed ({e:#}): they end");
-                }
-            }
-        } else {
+    let mut handed = match interception_task {
+        Some(p) if handing_over => p.hand_over(),
+        Some(p) => {
             p.stop();
+            Vec::new()
         }
-    }
-    match handover::store_in_place(&in_place_handed) {
-        Ok(0) => {}
-        Ok(n) => log::info!(
-            "{n} FTP control connections read in place handed to the service manager's store"
-        ),
-        Err(e) => log::warn!(
-            "handing the FTP control connections read in place over failed ({e:#}): their unused openings are lost"
-        ),
+        None => Vec::new(),
+    };
+    if handing_over {
+        handover::keep_pending(
+            handed
+                .iter_mut()
+                .map(|h| &mut h.state)
+                .chain(in_place_handed.iter_mut().map(|h| &mut h.state))
+                .collect(),
+            &engine,
+        )
+        .await;
+        kept_sockets = handover::client_sockets(&handed);
+        match handover::store(handed) {
+            Ok(0) => {}
+            Ok(n) => {
+                log::info!("{n} FTP control connections handed to the service manager's store")
+            }
+            Err(e) => {
+                kept_sockets.clear();
+                log::warn!("handing the FTP control connections over failed ({e:#}): they end");
+            }
+        }
+        match handover::store_in_place(&in_place_handed) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "{n} FTP control connections read in place handed to the service manager's store"
+            ),
+            Err(e) => log::warn!(
+                "handing the FTP control connections read in place over failed ({e:#}): their unused openings are lost"
+            ),
+        }
     }
     // Stops accepting API connections too (the listener goes with its task).
     for t in &tasks {
