@@ -277,8 +277,19 @@ fn over_quota(run: &LabRun, port_answer: &str) {
     );
     check("quota", &out);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("refused: 425 Can't open passive"), "{text}");
-    assert!(text.contains(&format!("refused: {port_answer}")), "{text}");
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("refused: "))
+        .collect();
+    assert_eq!(refused.len(), 2, "{text}");
+    assert!(
+        refused[0].starts_with("refused: 425 Can't open passive"),
+        "{text}"
+    );
+    assert!(
+        refused[1].starts_with(&format!("refused: {port_answer}")),
+        "{text}"
+    );
     assert!(text.contains("quota of 2"), "{text}");
     assert!(text.contains("accepted: 227"), "{text}");
     // Two refusals, and the retries until the end of the held connection was read.
