@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{
+    api::ApiError,
     datapath::{decode_segment, FlowTable, InPlaceMaps, PinPaths},
     flags::ConnFlags,
     ftp::{Control, ControlState, FtpStats, Secondaries},
@@ -233,12 +234,27 @@ impl Reader {
     /// A handed-over connection whose flows are still there: its filter
     /// again, from the translation the datapath has.
     fn take_up(&mut self, key: &FlowKey, h: Handed) -> anyhow::Result<Option<Conn>> {
+        let first = h.first;
+        self.conn(key, first, |ctx, _| {
+            Control::resume(ctx.api.clone(), ctx.stats.clone(), h.state)
+        })
+    }
+
+    /// The connection on `key`'s flows with the filter `make` gives, from
+    /// the translation the datapath has (a previous daemon's, if it
+    /// rewrote some); none when its flows are gone.
+    fn conn(
+        &self,
+        key: &FlowKey,
+        first: u32,
+        make: impl FnOnce(&Context, &FlowValue) -> Result<Control, ApiError>,
+    ) -> anyhow::Result<Option<Conn>> {
         let Some(flow) = self.flows.get(key)? else {
             return Ok(None);
         };
-        let control = Control::resume(self.ctx.api.clone(), self.ctx.stats.clone(), h.state)?;
+        let control = make(&self.ctx, &flow)?;
         let published = self.maps.adjust(key)?.unwrap_or_default();
-        Ok(Some(Conn::new(control, published, &flow, key, h.first)))
+        Ok(Some(Conn::new(control, published, &flow, key, first)))
     }
 
     fn run(mut self, stop: &AtomicBool, hand_over: &AtomicBool) -> Vec<Handed> {
@@ -379,24 +395,17 @@ impl Reader {
 
     /// A connection seen for the first time: its filter, from its flows.
     fn open(&mut self, key: &FlowKey, first: u32) -> anyhow::Result<Option<Conn>> {
-        let Some(flow) = self.flows.get(key)? else {
-            // Its flows went before its last segments were read.
-            return Ok(None);
-        };
-        let client = SocketAddrV4::new(key.src_addr.into(), key.src_port);
-        let server = SocketAddrV4::new(key.dst_addr.into(), key.dst_port);
-        let external = Ipv4Addr::from(flow.nat_src_addr);
-        let control = Control::in_place(
-            self.ctx.api.clone(),
-            self.ctx.stats.clone(),
-            client,
-            server,
-            external,
-            self.ctx.extra_flags,
-        )?;
-        // A previous daemon's translation, if it rewrote some.
-        let published = self.maps.adjust(key)?.unwrap_or_default();
-        Ok(Some(Conn::new(control, published, &flow, key, first)))
+        // None: its flows went before its last segments were read.
+        self.conn(key, first, |ctx, flow| {
+            Control::in_place(
+                ctx.api.clone(),
+                ctx.stats.clone(),
+                SocketAddrV4::new(key.src_addr.into(), key.src_port),
+                SocketAddrV4::new(key.dst_addr.into(), key.dst_port),
+                Ipv4Addr::from(flow.nat_src_addr),
+                ctx.extra_flags,
+            )
+        })
     }
 
     /// Sends `p` for the segment `h`/`tcp` of the connection `key`
